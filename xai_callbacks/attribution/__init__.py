@@ -1,0 +1,160 @@
+"""Explainers: ``explain(model, x, target, method=NAME, **options) -> relevance shaped like x``.
+
+Every method is registered under one name (see :func:`available_methods`) and called through
+:func:`explain`, which validates the input, runs the method inside the do-no-harm
+:func:`~xai_callbacks.guard.model_guard`, chunks the batch, and checks the result.
+
+>>> from xai_callbacks.attribution import explain
+>>> R = explain(model, x, target=y, method="lrp.epsilon_plus_flat")
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..guard import model_guard, unwrap_model
+
+__all__ = ["explain", "available_methods", "register_method", "method_options", "model_scores",
+           "ExplainerFn"]
+
+ExplainerFn = Callable[..., torch.Tensor]
+_METHODS: dict[str, ExplainerFn] = {}
+
+
+def register_method(name: str) -> Callable[[ExplainerFn], ExplainerFn]:
+    """Register ``fn(model, x, target, **options) -> Tensor`` under ``name``.
+
+    ``fn`` receives the unwrapped model in eval mode inside the guard, ``x`` as a detached fp32
+    clone on the model's device and ``target`` as a LongTensor of shape (B,).
+    """
+
+    def deco(fn: ExplainerFn) -> ExplainerFn:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is already registered")
+        _METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+def available_methods() -> list[str]:
+    """Names accepted by ``explain(..., method=...)``."""
+    return sorted(_METHODS)
+
+
+def method_options(method: str) -> dict[str, object]:
+    """The options a method accepts, with their defaults."""
+    fn = _lookup(method)
+    params = list(inspect.signature(fn).parameters.values())[3:]
+    return {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY or p.default is not p.empty}
+
+
+def _lookup(method: str) -> ExplainerFn:
+    if method not in _METHODS:
+        raise ValueError(f"unknown attribution method {method!r}; valid: {available_methods()}")
+    return _METHODS[method]
+
+
+def model_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Forward ``x`` and check the output is a (B, n_classes) tensor of scores."""
+    out = model(x)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the model must return scores of shape (batch, n_classes) = ({x.shape[0]}, K); "
+                         f"got {shape}")
+    return out
+
+
+def _check_target(target: torch.Tensor, n_classes: int) -> None:
+    bad = (target < 0) | (target >= n_classes)
+    if bad.any():
+        raise ValueError(f"target {target[bad].tolist()} out of range: the model has {n_classes} classes, "
+                         f"valid targets are 0..{n_classes - 1}")
+
+
+class CheckedForward:
+    """``model`` as a callable that validates its scores and the target on the first call."""
+
+    def __init__(self, model: nn.Module, target: torch.Tensor):
+        self.model, self.target, self.checked = model, target, False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = model_scores(self.model, x)
+        if not self.checked:
+            _check_target(self.target, out.shape[1])
+            self.checked = True
+        return out
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _as_target(target, x: torch.Tensor) -> torch.Tensor:
+    b = x.shape[0]
+    if isinstance(target, int) and not isinstance(target, bool):
+        return torch.full((b,), target, dtype=torch.long, device=x.device)
+    if isinstance(target, torch.Tensor) and not target.is_floating_point() and not target.is_complex():
+        target = target.to(device=x.device, dtype=torch.long).reshape(-1)
+        if target.numel() == 1:
+            return target.expand(b).clone()
+        if target.numel() == b:
+            return target
+    raise ValueError(f"target must be an int, a LongTensor of shape ({b},) or None (the predicted class); "
+                     f"got {target!r:.80}")
+
+
+def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "saliency", *,
+            batch_size: int | None = None, seed: int = 0, **options) -> torch.Tensor:
+    """Relevance of each input element for ``target``, shaped like ``x``, on the model's device.
+
+    Args:
+        model: a classifier returning scores of shape (batch, n_classes); DDP / compiled
+            wrappers are unwrapped.
+        x: a batch of inputs (B, ...); must be finite.
+        target: the explained class: an int, a LongTensor (B,), or None for the predicted class.
+        method: a name from :func:`available_methods`.
+        batch_size: explain at most this many samples per call to the method (memory bound).
+        seed: seed of the random draws inside the method (SmoothGrad noise, RISE masks); the
+            global RNG state is restored afterwards.
+        **options: the method's options, see :func:`method_options`.
+    """
+    fn = _lookup(method)
+    valid = method_options(method)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid: {sorted(valid)}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+        raise ValueError(f"x must be a floating-point tensor of shape (batch, ...), got "
+                         f"{type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"x contains {int((~torch.isfinite(x)).sum())} non-finite value(s) (NaN or inf); "
+                         "attributions need finite inputs")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+    device = model_device(unwrap_model(model))
+    x = x.detach().to(device=device, dtype=torch.float32).clone()
+    with model_guard(model, seed=seed) as module:
+        if target is None:
+            with torch.no_grad():
+                target = model_scores(module, x).argmax(dim=1)
+        target = _as_target(target, x)
+        step = batch_size or x.shape[0]
+        parts = [fn(module, x[i:i + step].detach().requires_grad_(True), target[i:i + step], **options)
+                 for i in range(0, x.shape[0], step)]
+    relevance = torch.cat(parts).detach().float()
+    if relevance.shape != x.shape:
+        raise RuntimeError(f"method {method!r} returned shape {tuple(relevance.shape)} for input "
+                           f"{tuple(x.shape)}; this is a bug in the method")
+    return relevance
+
+
+# Register the built-in methods (imports at the end: they use register_method).
+from . import gradient, cam, lrp, perturbation  # noqa: E402,F401

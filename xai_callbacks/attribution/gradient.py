@@ -1,0 +1,59 @@
+"""Gradient family, computed by captum: saliency, input x gradient, integrated gradients,
+SmoothGrad, guided backprop."""
+from __future__ import annotations
+
+import warnings
+
+import captum.attr as ca
+import torch
+
+from . import CheckedForward, register_method
+from ..guard import input_gradient
+
+
+@register_method("saliency")
+def saliency(model, x, target, *, abs: bool = False) -> torch.Tensor:
+    """Gradient of the target score w.r.t. the input (Simonyan et al.); ``abs=True`` for |grad|."""
+    return ca.Saliency(CheckedForward(model, target)).attribute(x, target=target, abs=abs)
+
+
+@register_method("input_x_gradient")
+def input_x_gradient(model, x, target) -> torch.Tensor:
+    """Input times gradient."""
+    return ca.InputXGradient(CheckedForward(model, target)).attribute(x, target=target)
+
+
+@register_method("integrated_gradients")
+def integrated_gradients(model, x, target, *, n_steps: int = 32, baseline: float | torch.Tensor = 0.0,
+                         internal_batch_size: int | None = None, method: str = "gausslegendre") -> torch.Tensor:
+    """Integrated gradients (Sundararajan et al.) from ``baseline`` to ``x`` in ``n_steps`` steps."""
+    return ca.IntegratedGradients(CheckedForward(model, target)).attribute(
+        x, baselines=baseline, target=target, n_steps=n_steps, method=method,
+        internal_batch_size=internal_batch_size)
+
+
+@register_method("smoothgrad")
+def smoothgrad(model, x, target, *, n_samples: int = 16, noise_level: float = 0.15,
+               samples_per_pass: int = 16) -> torch.Tensor:
+    """SmoothGrad (Smilkov et al.): mean gradient under Gaussian noise of std
+    ``noise_level * (max(x) - min(x))`` per sample; ``samples_per_pass`` noisy copies of the batch
+    go through the model at once. Noise comes from the seeded, forked RNG."""
+    flat = x.detach().flatten(1)
+    std = (noise_level * (flat.amax(1) - flat.amin(1))).view(-1, *[1] * (x.dim() - 1))
+    forward = CheckedForward(model, target)
+    total = torch.zeros_like(x)
+    for start in range(0, n_samples, samples_per_pass):
+        k = min(samples_per_pass, n_samples - start)
+        noisy = (x.detach() + std * torch.randn(k, *x.shape, device=x.device)).flatten(0, 1).requires_grad_(True)
+        scores = forward(noisy).gather(1, target.repeat(k)[:, None])
+        total += input_gradient(scores, noisy).view(k, *x.shape).sum(0)
+    return total / n_samples
+
+
+@register_method("guided_backprop")
+def guided_backprop(model, x, target) -> torch.Tensor:
+    """Guided backpropagation (Springenberg et al.): only positive gradients pass ReLUs backwards."""
+    CheckedForward(model, target)(x[:1])  # validate scores and target before captum's hooks
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
+        return ca.GuidedBackprop(model).attribute(x, target=target)

@@ -1,0 +1,99 @@
+"""The do-no-harm contract: explanations observe training, they never change it.
+
+Every call into a model made by this library goes through :func:`model_guard`. It
+
+* unwraps DDP / ``torch.compile`` / other ``.module`` wrappers and yields the original module,
+* switches to eval mode and restores every submodule's own ``training`` flag afterwards,
+* leaves ``inference_mode`` and ``no_grad``, enables grad, disables autocast (fp32),
+* forks and restores the global RNG states (torch CPU and CUDA, numpy, ``random``),
+* checks on exit that no forward / backward hook was left behind on any submodule.
+
+Gradients are taken with ``torch.autograd.grad`` w.r.t. inputs only (see
+:func:`input_gradient`), so parameters' ``.grad`` stays untouched; eval mode means BatchNorm
+running statistics are not updated.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["unwrap_model", "model_guard", "rng_guard", "input_gradient", "hook_count"]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Return the original module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def hook_count(model: nn.Module) -> int:
+    """Number of module hooks registered anywhere in ``model`` (forward, pre-forward, backward)."""
+    n = 0
+    for m in model.modules():
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks)
+        n += len(m._backward_hooks) + len(getattr(m, "_backward_pre_hooks", {}))
+    return n
+
+
+@contextlib.contextmanager
+def rng_guard(seed: int | None = None) -> Iterator[None]:
+    """Fork the global torch (CPU and all CUDA devices), numpy and ``random`` states.
+
+    Whatever the body draws (a DataLoader iterator's base seed, captum's noise, dropout) is
+    forgotten on exit, so training sees the same random stream as without the callback.
+    With ``seed`` the body itself runs from that seed (deterministic explanations).
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            if seed is not None:
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+@contextlib.contextmanager
+def model_guard(model: nn.Module, seed: int | None = 0) -> Iterator[nn.Module]:
+    """Context for one explainer call on ``model``; yields the unwrapped module in eval mode."""
+    module = unwrap_model(model)
+    flags = [(m, m.training) for m in module.modules()]
+    hooks_before = hook_count(module)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        for device_type in ("cpu", "cuda"):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        stack.enter_context(rng_guard(seed))
+        module.eval()
+        try:
+            yield module
+        finally:
+            for m, flag in flags:
+                m.training = flag
+    left = hook_count(module) - hooks_before
+    if left:
+        raise RuntimeError(f"an explainer left {left} hook(s) on the model; this is a bug in the explainer")
+
+
+def input_gradient(outputs: torch.Tensor, inputs: torch.Tensor, grad_outputs: torch.Tensor | None = None,
+                   create_graph: bool = False) -> torch.Tensor:
+    """Gradient of ``outputs`` w.r.t. ``inputs`` only: parameters' ``.grad`` is never written."""
+    if grad_outputs is None:
+        grad_outputs = torch.ones_like(outputs)
+    (grad,) = torch.autograd.grad(outputs, inputs, grad_outputs=grad_outputs, create_graph=create_graph)
+    return grad

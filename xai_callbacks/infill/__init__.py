@@ -1,0 +1,129 @@
+"""Infillers: ``(x, keep) -> x`` with the dropped part (``keep == 0``) filled.
+
+``keep`` is a mask in [0, 1] broadcastable to ``x`` (1 keeps the pixel, 0 removes it; values in
+between blend). Every perturbation explainer and every perturbation metric removes evidence
+through one of these, so the way evidence is removed is one choice, named in logged keys.
+
+>>> fill = get_infiller("blur", sigma=2.0)
+>>> x_removed = fill(x, keep)
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Infiller", "ConstantInfiller", "BlurInfiller", "NoiseInfiller", "get_infiller",
+           "available_infillers", "register_infiller"]
+
+
+class Infiller:
+    """Base class. Subclasses implement :meth:`fill`, the content put where ``keep == 0``."""
+
+    name: str = "infiller"
+
+    def fill(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        keep = keep.to(dtype=x.dtype, device=x.device)
+        return x * keep + self.fill_masked(x, keep) * (1 - keep)
+
+    def fill_masked(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Content for the removed part; mask-aware infillers (the GAN) override this."""
+        return self.fill(x)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class ConstantInfiller(Infiller):
+    """Fill with a constant (``value``) or with each sample's per-channel mean (``value="mean"``)."""
+
+    def __init__(self, value: float | str = 0.0):
+        if not (isinstance(value, (int, float)) or value == "mean"):
+            raise ValueError(f"ConstantInfiller value must be a number or 'mean', got {value!r}")
+        self.value = value
+        self.name = "mean" if value == "mean" else f"constant{value:g}"
+
+    def fill(self, x):
+        if self.value == "mean":
+            dims = tuple(range(2, x.dim()))
+            return x.mean(dim=dims, keepdim=True).expand_as(x)
+        return torch.full_like(x, float(self.value))
+
+
+class BlurInfiller(Infiller):
+    """Fill with a Gaussian blur of the input (Fong & Vedaldi's blur perturbation)."""
+
+    def __init__(self, sigma: float = 2.0):
+        if sigma <= 0:
+            raise ValueError(f"BlurInfiller sigma must be > 0, got {sigma}")
+        self.sigma = float(sigma)
+        self.name = f"blur{self.sigma:g}"
+
+    def fill(self, x):
+        return gaussian_blur(x, self.sigma)
+
+
+class NoiseInfiller(Infiller):
+    """Fill with uniform noise in ``[low, high]`` drawn from an own, seeded generator."""
+
+    def __init__(self, low: float = 0.0, high: float = 1.0, seed: int = 0):
+        if not high > low:
+            raise ValueError(f"NoiseInfiller needs high > low, got low={low}, high={high}")
+        self.low, self.high, self.seed = float(low), float(high), seed
+        self.name = "noise"
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def fill(self, x):
+        gen = self._generators.get(x.device)
+        if gen is None:
+            gen = self._generators[x.device] = torch.Generator(device=x.device).manual_seed(self.seed)
+        u = torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        return self.low + (self.high - self.low) * u
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur over the last two dimensions of a (B, C, H, W) tensor."""
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    h = F.pad(x, (radius, radius, 0, 0), mode="reflect" if x.shape[-1] > radius else "replicate")
+    h = F.conv2d(h, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    v = F.pad(h, (0, 0, radius, radius), mode="reflect" if x.shape[-2] > radius else "replicate")
+    return F.conv2d(v, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+_REGISTRY: dict[str, Callable[..., Infiller]] = {
+    "constant": ConstantInfiller,
+    "blur": BlurInfiller,
+    "noise": NoiseInfiller,
+}
+
+
+def register_infiller(name: str, factory: Callable[..., Infiller]) -> None:
+    """Register an infiller factory under ``name`` (e.g. the GAN inpainter)."""
+    _REGISTRY[name] = factory
+
+
+def available_infillers() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_infiller(spec: str | Infiller | None = "constant", **options) -> Infiller:
+    """An infiller from a name (``constant``, ``blur``, ``noise``, ...) or an instance (returned as is)."""
+    if spec is None:
+        spec = "constant"
+    if isinstance(spec, Infiller):
+        return spec
+    if callable(spec) and not isinstance(spec, str):
+        raise TypeError(f"infiller must be a name in {available_infillers()} or an Infiller instance, "
+                        f"got {type(spec).__name__}; subclass xai_callbacks.infill.Infiller")
+    if spec not in _REGISTRY:
+        raise ValueError(f"unknown infiller {spec!r}; valid: {available_infillers()}")
+    return _REGISTRY[spec](**options)

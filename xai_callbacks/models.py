@@ -1,0 +1,78 @@
+"""The demo's small CNN and a LightningModule that trains any classifier on (x, y) batches."""
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from zennit.layer import Sum
+
+from .data import unpack_batch
+
+__all__ = ["DemoCNN", "ResidualBlock", "Classifier"]
+
+
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the identity; the addition is a zennit ``Sum`` so LRP sees it."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.sum = Sum()
+        self.relu2 = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(self.sum(torch.stack([h, x], dim=-1)))
+
+
+class DemoCNN(nn.Module):
+    """A small CNN with BatchNorm, in-place ReLUs, a residual block and Dropout (32x32 inputs)."""
+
+    def __init__(self, in_channels: int = 1, n_classes: int = 10, width: int = 16, image_size: int = 32,
+                 dropout: float = 0.2):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
+            ResidualBlock(2 * width),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.BatchNorm2d(4 * width), nn.ReLU(inplace=True),
+            nn.AvgPool2d(image_size // 4),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * width, n_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class Classifier(pl.LightningModule):
+    """Trains ``model`` with cross-entropy and Adam; logs ``train/loss``, ``val/loss``, ``val/acc``."""
+
+    def __init__(self, model: nn.Module | None = None, lr: float = 1e-3):
+        super().__init__()
+        self.model = model if model is not None else DemoCNN()
+        self.lr = lr
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = unpack_batch(batch)
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y, _ = unpack_batch(batch)
+        logits = self(x)
+        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log("val/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
