@@ -140,8 +140,10 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "salie
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
     device = model_device(unwrap_model(model))
-    x = x.detach().to(device=device, dtype=torch.float32).clone()
     with model_guard(model, seed=seed) as module:
+        # cloned inside the guard: under an outer inference_mode a clone taken outside would be an
+        # inference tensor, which autograd refuses
+        x = x.detach().to(device=device, dtype=torch.float32).clone()
         if target is None:
             with torch.no_grad():
                 target = model_scores(module, x).argmax(dim=1)
