@@ -1,0 +1,82 @@
+"""AttributionCallback: heatmaps of a fixed probe set, every N epochs, to W&B and disk."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .. import render, sinks
+from ..attribution import available_methods, explain
+from ..attribution import method_options as options_of
+from ..guard import model_guard
+from .base import ExplanationCallback
+
+__all__ = ["AttributionCallback"]
+
+
+class AttributionCallback(ExplanationCallback):
+    """Compute attributions on a fixed probe set and log them.
+
+    Per method, a panel ``xai/heatmaps/<method>`` of input / overlay pairs (signed relevance,
+    red positive, blue negative; caption: dataset index, label, prediction, its probability), one
+    table ``xai/heatmap_table`` (sample id, label, prediction, method, image), and all heatmaps
+    of the epoch in ``<run dir>/xai/heatmaps/epoch_NNNN.npz``. The latest heatmaps stay in
+    :attr:`heatmaps` for other callbacks and notebooks.
+
+    Args:
+        methods: attribution method names (see ``xai_callbacks.attribution.available_methods``).
+        method_options: per-method options, e.g. ``{"integrated_gradients": {"n_steps": 64}}``.
+        n_images: how many probe samples are rendered per method (all are saved to disk).
+        batch_size: samples per explainer call (None: the whole probe set at once).
+        save_heatmaps: write the ``.npz`` file each time.
+        every_n_epochs, probe_size, probe_seed, on_error: see :class:`ExplanationCallback`.
+    """
+
+    def __init__(self, methods: Sequence[str] = ("saliency", "lrp.epsilon_plus_flat"),
+                 method_options: Mapping[str, Mapping] | None = None, n_images: int = 16,
+                 batch_size: int | None = None, save_heatmaps: bool = True, every_n_epochs: int = 1,
+                 probe_size: int = 64, probe_seed: int = 0, on_error: str = "warn"):
+        super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, probe_seed=probe_seed,
+                         on_error=on_error)
+        methods = [methods] if isinstance(methods, str) else list(methods)
+        unknown = [m for m in methods if m not in available_methods()]
+        if not methods or unknown:
+            raise ValueError(f"unknown attribution method(s) {unknown or methods}; valid: {available_methods()}")
+        self.method_options = {m: dict(o) for m, o in (method_options or {}).items()}
+        for m, opts in self.method_options.items():
+            if m not in methods:
+                raise ValueError(f"method_options given for {m!r}, which is not in methods {methods}")
+            bad = sorted(set(opts) - set(options_of(m)))
+            if bad:
+                raise ValueError(f"unknown option(s) {bad} for method {m!r}; valid: {sorted(options_of(m))}")
+        self.methods, self.n_images, self.batch_size, self.save_heatmaps = methods, n_images, batch_size, save_heatmaps
+        self.heatmaps: dict[str, torch.Tensor] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(methods=self.methods)
+
+    def run(self, trainer, pl_module) -> None:
+        probe = self.probe(trainer, pl_module)
+        with model_guard(pl_module) as model:
+            probs = model(probe.x.clone()).softmax(dim=1)
+        score, pred = probs.max(dim=1)
+        self.heatmaps = {m: explain(pl_module, probe.x, probe.y, method=m, batch_size=self.batch_size,
+                                    **self.method_options.get(m, {})) for m in self.methods}
+        if not trainer.is_global_zero:
+            return
+        n = min(self.n_images, len(probe.y))
+        idx, y, pred, score = (probe.indices.tolist(), probe.y.tolist(), pred.tolist(), score.tolist())
+        captions = [f"#{idx[i]} label {y[i]} pred {pred[i]} ({score[i]:.2f})" for i in range(n)]
+        rows = []
+        for method, heat in self.heatmaps.items():
+            images = [render.panel(probe.x[i], heat[i]) for i in range(n)]
+            sinks.log_images(trainer, f"xai/heatmaps/{method}", images, captions)
+            rows += [[idx[i], y[i], pred[i], method, images[i]] for i in range(n)]
+        sinks.log_table(trainer, "xai/heatmap_table", ["sample_id", "label", "prediction", "method", "image"], rows)
+        if self.save_heatmaps:
+            sinks.save_npz(trainer, f"xai/heatmaps/epoch_{trainer.current_epoch:04d}.npz",
+                           indices=probe.indices.numpy(), labels=probe.y.cpu().numpy(),
+                           predictions=np.asarray(pred), **{m: h.cpu().numpy() for m, h in self.heatmaps.items()})
+

@@ -1,0 +1,149 @@
+"""What every explanation callback shares: schedule, probe set, error policy."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data.dataloader import default_collate
+
+from .. import sinks
+from ..data import unpack_batch
+from ..guard import rng_guard
+
+__all__ = ["ExplanationCallback", "Probe", "select_probe", "val_dataloader"]
+
+ON_ERROR = ("warn", "raise")
+
+
+@dataclass
+class Probe:
+    """The fixed probe samples: inputs, labels, optional masks and their dataset indices."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    masks: dict[str, torch.Tensor]
+    indices: torch.Tensor
+
+
+def val_dataloader(trainer) -> DataLoader:
+    """The trainer's (first) validation dataloader."""
+    loaders = trainer.val_dataloaders
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    if loaders is None:
+        raise RuntimeError("explanation callbacks need validation data: pass val_dataloaders or a datamodule "
+                           "with val_dataloader() to fit / validate")
+    return loaders
+
+
+def _labels(dataset, candidates: np.ndarray) -> np.ndarray:
+    for name in ("targets", "labels"):
+        labels = getattr(dataset, name, None)
+        if labels is not None and len(labels) == len(dataset):
+            return np.asarray(torch.as_tensor(labels))[candidates]
+    return np.array([int(unpack_batch(default_collate([dataset[int(i)]])).y) for i in candidates])
+
+
+def select_probe(dataset, size: int, seed: int) -> list[int]:
+    """``size`` dataset indices, seeded and stratified by class (round robin over classes).
+
+    Labels come from ``dataset.targets`` / ``dataset.labels`` when present; otherwise only a
+    seeded candidate subset (20x the size) is read, never the whole dataset.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(dataset)
+    candidates = rng.permutation(n)
+    if not hasattr(dataset, "targets") and not hasattr(dataset, "labels"):
+        candidates = candidates[: 20 * size]
+    labels = _labels(dataset, candidates)
+    per_class = [list(candidates[labels == c]) for c in np.unique(labels)]
+    chosen: list[int] = []
+    while len(chosen) < min(size, len(candidates)):
+        for members in per_class:
+            if members and len(chosen) < size:
+                chosen.append(int(members.pop(0)))
+    return sorted(chosen)
+
+
+class ExplanationCallback(pl.Callback):
+    """Base class of the explanation callbacks.
+
+    Subclasses implement :meth:`run`; it is called in ``on_validation_epoch_end`` every
+    ``every_n_epochs`` epochs (never during the sanity check), inside ``rng_guard`` so the
+    global RNG streams of training are untouched.
+
+    Args:
+        every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``.
+        probe_size: number of validation samples in the fixed probe set.
+        probe_seed: seed of the probe set's stratified draw.
+        on_error: ``"warn"``: a failure warns, is counted (logged as ``xai/errors``) and training
+            goes on; ``"raise"``: it fails the run.
+    """
+
+    def __init__(self, every_n_epochs: int = 1, probe_size: int = 64, probe_seed: int = 0, on_error: str = "warn"):
+        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be an int >= 1, got {every_n_epochs!r}")
+        if not isinstance(probe_size, int) or probe_size < 1:
+            raise ValueError(f"probe_size must be an int >= 1, got {probe_size!r}")
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.every_n_epochs, self.probe_size, self.probe_seed, self.on_error = (
+            every_n_epochs, probe_size, probe_seed, on_error)
+        self.probe_indices: list[int] | None = None
+        self.errors = 0
+        self._probe: Probe | None = None
+
+    # -- what subclasses implement -------------------------------------------------------
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        raise NotImplementedError
+
+    # -- schedule and error policy --------------------------------------------------------
+    def should_run(self, trainer: pl.Trainer) -> bool:
+        return not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self.should_run(trainer):
+            self.run_safely(trainer, pl_module, self.run)
+
+    def run_safely(self, trainer, pl_module, fn) -> None:
+        """Call ``fn(trainer, pl_module)`` under the RNG guard with the ``on_error`` policy."""
+        try:
+            with rng_guard():
+                fn(trainer, pl_module)
+        except Exception as err:
+            if self.on_error == "raise":
+                raise
+            self.errors += 1
+            warnings.warn(f"{type(self).__name__} failed at epoch {trainer.current_epoch}: "
+                          f"{type(err).__name__}: {err}; training goes on (on_error='warn')", stacklevel=2)
+        total = sum(cb.errors for cb in trainer.callbacks if isinstance(cb, ExplanationCallback))
+        sinks.log_metrics(trainer, {"xai/errors": float(total)})
+
+    # -- probe set -------------------------------------------------------------------------
+    def probe(self, trainer, pl_module) -> Probe:
+        """The probe set on the module's device: chosen once, kept in ``state_dict``."""
+        if self._probe is None:
+            loader = val_dataloader(trainer)
+            if self.probe_indices is None:
+                self.probe_indices = select_probe(loader.dataset, self.probe_size, self.probe_seed)
+            collate = loader.collate_fn or default_collate
+            x, y, masks = unpack_batch(collate([loader.dataset[i] for i in self.probe_indices]))
+            if y is None:
+                raise ValueError("the probe set needs labels: batches must be (x, y, ...) or dicts with 'y'")
+            dev = pl_module.device
+            self._probe = Probe(x.to(dev), torch.as_tensor(y).to(dev), {k: v.to(dev) for k, v in masks.items()},
+                                torch.tensor(self.probe_indices))
+        return self._probe
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"probe_indices": self.probe_indices, "errors": self.errors}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.probe_indices = state_dict.get("probe_indices")
+        self.errors = state_dict.get("errors", 0)
+        self._probe = None

@@ -1,0 +1,159 @@
+"""Where callback results go: W&B when a ``WandbLogger`` is attached, TensorBoard images when a
+``TensorBoardLogger`` is, files under the run's directory otherwise.
+
+Everything here writes on global rank 0 only, except :func:`log_scalars`, which goes through
+``pl_module.log(..., sync_dist=True)`` on every rank so EarlyStopping / ModelCheckpoint can
+monitor the values. No function passes ``step=`` to ``wandb.log`` (W&B silently drops lower
+steps); the trainer's step travels as ``trainer/global_step``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+__all__ = ["log_scalars", "log_metrics", "log_images", "log_table", "log_line_plot", "log_summary", "run_dir",
+           "save_npz", "wandb_loggers"]
+
+
+def wandb_loggers(trainer) -> list[WandbLogger]:
+    return [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+
+
+def _has_image_logger(trainer) -> bool:
+    return any(isinstance(lg, (WandbLogger, TensorBoardLogger)) for lg in trainer.loggers)
+
+
+def run_dir(trainer) -> Path:
+    """The run's directory: the W&B run folder (``wandb/<run>/``), else the trainer's log dir."""
+    for lg in wandb_loggers(trainer):
+        return Path(lg.experiment.dir).parent
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def _safe(key: str) -> str:
+    return key.replace("/", "__")
+
+
+def log_scalars(pl_module, values: Mapping[str, float]) -> None:
+    """Scalars through ``pl_module.log`` on every rank, reduced across ranks (monitorable)."""
+    for key, value in values.items():
+        pl_module.log(key, float(value), sync_dist=True, on_epoch=True, on_step=False)
+
+
+def log_metrics(trainer, values: Mapping[str, float]) -> None:
+    """Scalars straight to every logger (rank 0), for values outside ``self.log``'s hooks."""
+    if trainer.is_global_zero:
+        for lg in trainer.loggers:
+            lg.log_metrics(dict(values), step=trainer.global_step)
+
+
+def log_images(trainer, key: str, images: Sequence[np.ndarray], captions: Sequence[str] | None = None) -> None:
+    """A panel of HxWx3 uint8 images under ``key``."""
+    if not trainer.is_global_zero or not images:
+        return
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger):
+            lg.log_image(key=key, images=list(images), caption=list(captions) if captions else None,
+                         step=trainer.global_step)
+        elif isinstance(lg, TensorBoardLogger):
+            for i, img in enumerate(images):
+                lg.experiment.add_image(f"{key}/{i}", img, trainer.global_step, dataformats="HWC")
+    if not _has_image_logger(trainer):
+        from PIL import Image
+
+        folder = run_dir(trainer) / "media" / _safe(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images):
+            Image.fromarray(img).save(folder / f"epoch{trainer.current_epoch:04d}_{i:03d}.png")
+
+
+def log_table(trainer, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A table; cells holding HxWx3 uint8 arrays become images (PNG files without W&B)."""
+    if not trainer.is_global_zero:
+        return
+    wandbs = wandb_loggers(trainer)
+    if wandbs:
+        import wandb
+
+        data = [[wandb.Image(c) if isinstance(c, np.ndarray) else c for c in row] for row in rows]
+        for lg in wandbs:
+            lg.log_table(key=key, columns=list(columns), data=data, step=trainer.global_step)
+        return
+    from PIL import Image
+
+    folder = run_dir(trainer) / "tables" / f"{_safe(key)}_epoch{trainer.current_epoch:04d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "table.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for r, row in enumerate(rows):
+            cells = []
+            for c, cell in enumerate(row):
+                if isinstance(cell, np.ndarray):
+                    name = f"r{r:04d}c{c}.png"
+                    Image.fromarray(cell).save(folder / name)
+                    cell = name
+                cells.append(cell)
+            writer.writerow(cells)
+
+
+def log_line_plot(trainer, key: str, x: Sequence[float], ys: Mapping[str, Sequence[float]], title: str = "",
+                  xname: str = "x") -> None:
+    """Several named curves over a shared ``x``: a W&B line plot, else a matplotlib PNG."""
+    if not trainer.is_global_zero:
+        return
+    wandbs = wandb_loggers(trainer)
+    if wandbs:
+        import wandb
+
+        plot = wandb.plot.line_series(xs=list(map(float, x)), ys=[list(map(float, y)) for y in ys.values()],
+                                      keys=list(ys), title=title or key, xname=xname)
+        for lg in wandbs:
+            lg.experiment.log({key: plot, "trainer/global_step": trainer.global_step})
+        return
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, y in ys.items():
+        ax.plot(list(x), list(y), label=name)
+    ax.set_xlabel(xname)
+    ax.set_title(title or key)
+    ax.legend()
+    folder = run_dir(trainer) / "media" / _safe(key)
+    folder.mkdir(parents=True, exist_ok=True)
+    fig.savefig(folder / f"epoch{trainer.current_epoch:04d}.png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+
+
+def log_summary(trainer, values: Mapping[str, Any]) -> None:
+    """Run-level values: the W&B summary, and ``summary.json`` in the run directory."""
+    if not trainer.is_global_zero:
+        return
+    for lg in wandb_loggers(trainer):
+        lg.experiment.summary.update(dict(values))
+    path = run_dir(trainer) / "summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(path.read_text()) if path.exists() else {}
+    old.update(values)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(old, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def save_npz(trainer, relpath: str, **arrays: np.ndarray) -> Path | None:
+    """Compressed arrays at ``run_dir / relpath`` (rank 0); returns the path."""
+    if not trainer.is_global_zero:
+        return None
+    path = run_dir(trainer) / relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    return path
