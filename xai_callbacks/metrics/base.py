@@ -1,0 +1,255 @@
+"""Shared pieces of the explanation-quality metrics: input checks, batched scoring of perturbed
+inputs on the model's device, rank and similarity helpers, and the torchmetrics base class.
+
+Conventions used by every metric:
+
+* ``x`` is a batch of images (B, C, H, W); ``relevance`` is shaped like ``x`` or (B, 1, H, W) or
+  (B, H, W). Metrics work on *pixel* relevance, the sum over channels (B, H, W); removing a pixel
+  removes all its channels.
+* ``target`` is the explained class: an int or a LongTensor (B,).
+* Every call into the model goes through :func:`~xai_callbacks.guard.model_guard` (eval mode,
+  fp32, no parameter gradients, global RNG untouched); explanations of perturbed inputs go
+  through :func:`~xai_callbacks.attribution.explain`.
+* Perturbed copies of all samples (and all steps) are stacked into batches of ``batch_size``
+  and scored on the model's device; nothing leaves the device inside the loop.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+from torchmetrics import Metric
+
+from ..attribution import _as_target, explain, model_device, model_scores
+from ..guard import model_guard, unwrap_model
+from ..infill import Infiller, get_infiller
+
+__all__ = ["ExplanationMetric", "CurveResult", "check_inputs", "pixel_relevance", "check_masks",
+           "stacked_scores", "explain_stacked", "spearman", "pearson", "cosine", "SIMILARITIES", "OUTPUTS"]
+
+OUTPUTS = ("probability", "logit")
+
+
+class CurveResult(NamedTuple):
+    """Result of a curve metric: ``scores`` (B,), ``curves`` (B, P) and the x axis ``fractions`` (P,)."""
+
+    scores: torch.Tensor
+    curves: torch.Tensor
+    fractions: torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------- checks
+def check_inputs(x: torch.Tensor, relevance: torch.Tensor | None = None, name: str = "metric") -> None:
+    """Raise a ValueError naming the problem if ``x`` is not a finite (B, C, H, W) float batch or
+    ``relevance`` is not a finite heatmap of shape (B, C, H, W), (B, 1, H, W) or (B, H, W)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
+        got = f"{type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}"
+        raise ValueError(f"{name}: x must be a float tensor of images (B, C, H, W), got {got}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name}: x contains {int((~torch.isfinite(x)).sum())} non-finite value(s)")
+    if relevance is None:
+        return
+    b, c, h, w = x.shape
+    valid = [(b, c, h, w), (b, 1, h, w), (b, h, w)]
+    if not isinstance(relevance, torch.Tensor) or tuple(relevance.shape) not in valid:
+        got = tuple(relevance.shape) if isinstance(relevance, torch.Tensor) else type(relevance).__name__
+        raise ValueError(f"{name}: relevance (heatmap) of shape {got} does not fit x of shape {tuple(x.shape)}; "
+                         f"valid shapes: {sorted(set(valid))}")
+    bad = ~torch.isfinite(relevance)
+    if bad.any():
+        raise ValueError(f"{name}: relevance contains {int(bad.sum())} NaN/inf value(s) in sample(s) "
+                         f"{bad.flatten(1).any(1).nonzero().flatten().tolist()[:10]}; heatmaps must be finite")
+
+
+def pixel_relevance(relevance: torch.Tensor) -> torch.Tensor:
+    """Relevance per pixel (B, H, W): the sum over channels of a (B, C, H, W) heatmap."""
+    relevance = relevance.detach().float()
+    return relevance.sum(1) if relevance.dim() == 4 else relevance
+
+
+def check_masks(masks: torch.Tensor | None, x: torch.Tensor, name: str) -> torch.Tensor:
+    """Ground-truth masks as a boolean (B, H, W) tensor; a clear error if missing or misshaped."""
+    if masks is None:
+        raise ValueError(f"{name} is a localisation metric and needs ground-truth masks (B, H, W) or (B, 1, H, W), "
+                         "e.g. the demo data's 'object_mask'; got masks=None")
+    b, _, h, w = x.shape
+    if not isinstance(masks, torch.Tensor) or masks.dim() not in (3, 4) or masks.shape[0] != b \
+            or tuple(masks.shape[-2:]) != (h, w):
+        got = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
+        raise ValueError(f"{name}: masks of shape {got} do not fit x of shape {tuple(x.shape)}; "
+                         f"valid: ({b}, {h}, {w}) or ({b}, C, {h}, {w})")
+    masks = masks.to(x.device).bool()
+    return masks.any(1) if masks.dim() == 4 else masks
+
+
+def check_choice(value, valid, what: str, name: str):
+    if value not in valid:
+        raise ValueError(f"{name}: unknown {what} {value!r}; valid: {list(valid)}")
+    return value
+
+
+# ------------------------------------------------------------------------------------ model calls
+def _target_score(out: torch.Tensor, target: torch.Tensor, output: str) -> torch.Tensor:
+    if output == "probability":
+        out = out.softmax(dim=1)
+    return out.gather(1, target[:, None])[:, 0]
+
+
+def stacked_scores(model: nn.Module, make_inputs: Callable[[torch.Tensor], torch.Tensor], n: int,
+                   target: torch.Tensor, output: str = "probability", batch_size: int = 256) -> torch.Tensor:
+    """Target scores of ``n`` perturbed inputs built in chunks of at most ``batch_size``.
+
+    ``make_inputs(idx)`` returns the perturbed inputs of the flat indices ``idx`` (a LongTensor
+    on the model's device); ``target`` (n,) gives each one's explained class. The model runs
+    inside the guard under ``no_grad``; the result (n,) stays on the model's device.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = model_device(unwrap_model(model))
+    scores = torch.empty(n, device=device)
+    with model_guard(model) as module, torch.no_grad():
+        for start in range(0, n, batch_size):
+            idx = torch.arange(start, min(n, start + batch_size), device=device)
+            scores[idx] = _target_score(model_scores(module, make_inputs(idx)), target[idx], output)
+    return scores
+
+
+def explain_stacked(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, method: str,
+                    method_options: dict | None, batch_size: int) -> torch.Tensor:
+    """Pixel relevance (N, H, W) of a stack of inputs, explained ``batch_size`` at a time."""
+    return pixel_relevance(explain(model, inputs, target, method=method, batch_size=batch_size,
+                                   **(method_options or {})))
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of the unwrapped model that shares (does not copy) a Lightning trainer reference."""
+    module = unwrap_model(model)
+    trainer = getattr(module, "_trainer", None)
+    return copy.deepcopy(module, memo={id(trainer): trainer} if trainer is not None else {})
+
+
+def prepare(model: nn.Module, x: torch.Tensor, target, relevance: torch.Tensor | None, name: str):
+    """Check inputs; move x, target and pixel relevance to the model's device."""
+    check_inputs(x, relevance, name)
+    device = model_device(unwrap_model(model)) if model is not None else x.device
+    x = x.detach().to(device=device, dtype=torch.float32)
+    if target is None:
+        with model_guard(model) as module, torch.no_grad():
+            target = model_scores(module, x).argmax(1)
+    target = _as_target(target, x)
+    r = pixel_relevance(relevance).to(device) if relevance is not None else None
+    return x, target, r
+
+
+def resolve_infiller(infiller) -> Infiller:
+    return get_infiller(infiller)
+
+
+# ---------------------------------------------------------------------------- ranks, similarities
+def ranks(v: torch.Tensor) -> torch.Tensor:
+    """Ordinal ranks (0 = smallest) along the last dimension."""
+    order = v.argsort(dim=-1, stable=True)
+    r = torch.empty_like(order)
+    r.scatter_(-1, order, torch.arange(v.shape[-1], device=v.device).expand_as(order))
+    return r
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of the rows of (B, N) tensors (NaN for a constant row)."""
+    a = a.double() - a.double().mean(-1, keepdim=True)
+    b = b.double() - b.double().mean(-1, keepdim=True)
+    return ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).float()
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation of the rows of (B, N) tensors (ordinal ranks; ties broken by position)."""
+    return pearson(ranks(a).float(), ranks(b).float())
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of the rows of (B, N) tensors."""
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).float()
+
+
+SIMILARITIES = {"spearman": spearman, "pearson": pearson, "cosine": cosine}
+
+
+# ------------------------------------------------------------------------------------ base class
+class ExplanationMetric(Metric):
+    """Base class: a torchmetrics ``Metric`` accumulating per-sample scores of explanations.
+
+    ``update(x, target, relevance, masks=None)`` scores one batch; ``compute()`` returns the
+    mean over all finite per-sample scores seen (non-finite ones, e.g. the correlation of a
+    constant heatmap, are counted in ``n_skipped``). States are sums with
+    ``dist_reduce_fx="sum"``, so the mean is exact across DDP ranks. Curve metrics also sum
+    their curves (``curve_total``); :meth:`compute_curve` returns the mean curve.
+
+    Args:
+        model: the explained classifier (kept by reference, not registered as a submodule, so
+            the metric's state_dict and ``.to()`` do not touch it); None for metrics that need
+            no model (complexity, localisation).
+        n_curve_points: length of the curve a curve metric accumulates (0: no curve).
+        **kwargs: passed to ``torchmetrics.Metric`` (e.g. ``dist_sync_on_step``).
+    """
+
+    name: str = "metric"
+    needs_model: bool = True
+    needs_masks: bool = False
+    needs_method: bool = False
+    full_state_update = False
+
+    def __init__(self, model: nn.Module | None = None, n_curve_points: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.n_curve_points = n_curve_points
+        if self.needs_model and not isinstance(model, nn.Module):
+            raise ValueError(f"{self.name} needs the model (an nn.Module); got {type(model).__name__}")
+        self._model_ref = (model,)
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("n_skipped", torch.tensor(0.0), dist_reduce_fx="sum")
+        if self.n_curve_points:
+            self.add_state("curve_total", torch.zeros(self.n_curve_points), dist_reduce_fx="sum")
+            self.add_state("curve_count", torch.tensor(0.0), dist_reduce_fx="sum")
+            self.fractions = None
+
+    @property
+    def model(self) -> nn.Module | None:
+        return self._model_ref[0]
+
+    @property
+    def key(self) -> str:
+        """The name under which this metric is logged (``xai/<method>/<key>``)."""
+        return self.name
+
+    def scores(self, x, target, relevance, masks=None):  # pragma: no cover - abstract
+        """Per-sample scores (B,) or a :class:`CurveResult`; implemented by each metric."""
+        raise NotImplementedError
+
+    def update(self, x: torch.Tensor, target, relevance: torch.Tensor, masks: torch.Tensor | None = None) -> None:
+        """Score a batch: ``x`` (B, C, H, W), ``target`` int or (B,), ``relevance`` the heatmaps
+        of ``x`` for ``target``, ``masks`` ground truth (B, H, W) for localisation metrics."""
+        if self.needs_masks and masks is None:
+            check_masks(None, x, self.name)
+        result = self.scores(x, target, relevance, masks)
+        s = result.scores if isinstance(result, CurveResult) else result
+        s = s.detach().to(self.total.device, torch.float32)
+        finite = torch.isfinite(s)
+        self.total += s[finite].sum()
+        self.count += finite.sum()
+        self.n_skipped += (~finite).sum()
+        if isinstance(result, CurveResult):
+            self.curve_total += result.curves.detach().to(self.curve_total.device, torch.float32).sum(0)
+            self.curve_count += result.curves.shape[0]
+            self.fractions = result.fractions.detach().cpu()
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
+
+    def compute_curve(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fractions, mean curve) of a curve metric."""
+        if not self.n_curve_points:
+            raise ValueError(f"{self.name} has no curve")
+        with self.sync_context(should_sync=self._to_sync):  # sum over DDP ranks, restore after
+            return self.fractions, self.curve_total / self.curve_count
