@@ -1,0 +1,221 @@
+"""omegaconf structured configs: YAML + dotlist overrides -> Trainer, module, data, callbacks.
+
+Each callback's config is derived from its constructor's signature (one place for names,
+types and defaults), so a wrong key or a wrong type is caught with the key, the value and what
+is valid before anything runs.
+
+    run:        seed, data, model, trainer, logger, callbacks
+    callbacks:  attribution | metrics | spray | inpainter | gate  (absent or null: not used)
+"""
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import importlib
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = ["CALLBACKS", "ConfigError", "RunConfig", "callback_config", "load_config", "build_callbacks", "build"]
+
+# config name -> "module:Class"; imported lazily so each callback's dependencies load on use only
+CALLBACKS: dict[str, str] = {
+    "attribution": "xai_callbacks.callbacks.attribution:AttributionCallback",
+    "metrics": "xai_callbacks.callbacks.metrics:ExplanationMetricsCallback",
+    "spray": "xai_callbacks.callbacks.spray:SpRAyCallback",
+    "inpainter": "xai_callbacks.callbacks.inpainter:InpainterCallback",
+    "gate": "xai_callbacks.callbacks.gate:ExplanationGate",
+}
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot be used; the message names it and what is valid."""
+
+
+def _load_class(path: str):
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+_PRIMITIVES = (int, float, str, bool)
+
+
+def _omegaconf_type(tp) -> Any:
+    """The closest type omegaconf can check for a constructor annotation (``Any`` if none)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp in _PRIMITIVES:
+        return tp
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        converted = [_omegaconf_type(a) for a in inner]
+        if any(c is Any for c in converted):
+            return Any
+        core = converted[0] if len(converted) == 1 else Union[tuple(converted)]
+        return Optional[core] if len(inner) < len(args) else core
+    if origin in (list, tuple, collections.abc.Sequence) and args:
+        item = _omegaconf_type(args[0])
+        return List[item] if item in _PRIMITIVES else List[Any]
+    if origin in (dict, collections.abc.Mapping) and args:
+        value = _omegaconf_type(args[1])
+        return Dict[str, value if value in _PRIMITIVES else Any]
+    return Any
+
+
+def callback_config(cls) -> type:
+    """A dataclass with one field per constructor argument of ``cls`` (same names and defaults)."""
+    hints = typing.get_type_hints(cls.__init__)
+    fields = []
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        tp = _omegaconf_type(hints.get(name, Any))
+        default = p.default
+        if isinstance(default, (tuple, list, dict)):
+            value = list(default) if isinstance(default, tuple) else default
+            fields.append((name, tp, field(default_factory=lambda v=value: type(v)(v))))
+        elif default is inspect.Parameter.empty:
+            fields.append((name, tp))
+        else:
+            fields.append((name, tp, field(default=default)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Config", fields)
+
+
+@dataclass
+class DataConfig:
+    """Arguments of :class:`xai_callbacks.data.ShortcutDigitsDataModule`."""
+    batch_size: int = 64
+    num_workers: int = 0
+    size: int = 32
+    artifact_class: Optional[int] = 0
+    artifact_fraction: float = 0.25
+    artifact_kind: str = "checker"
+    artifact_size: int = 5
+    artifact_position: List[int] = field(default_factory=lambda: [1, 1])
+    val_fraction: float = 0.3
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """The demo classifier: :class:`xai_callbacks.models.DemoCNN` trained by ``Classifier``."""
+    width: int = 16
+    dropout: float = 0.2
+    lr: float = 3e-3
+
+
+@dataclass
+class LoggerConfig:
+    """``kind``: wandb (offline unless ``offline: false``), tensorboard, csv or none."""
+    kind: str = "wandb"
+    project: str = "xai-callbacks"
+    save_dir: str = "runs"
+    name: Optional[str] = None
+    offline: bool = True
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: Dict[str, Any] = field(default_factory=lambda: {"max_epochs": 8})
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: Dict[str, Any] = field(default_factory=dict)
+
+
+LOGGER_KINDS = ("wandb", "tensorboard", "csv", "none")
+
+
+def _error(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None)
+    return ConfigError(f"{source}: {getattr(err, 'msg', str(err)).splitlines()[0]} (key: {key})")
+
+
+def _check_callbacks(callbacks: DictConfig, source: str) -> dict[str, Any]:
+    built = {}
+    for name, values in callbacks.items():
+        if name not in CALLBACKS:
+            raise ConfigError(f"{source}: unknown callback 'callbacks.{name}'; valid: {sorted(CALLBACKS)}")
+        if values is None:
+            continue
+        schema = OmegaConf.structured(callback_config(_load_class(CALLBACKS[name])))
+        try:
+            built[name] = OmegaConf.to_container(OmegaConf.merge(schema, values))
+        except OmegaConfBaseException as err:
+            valid = sorted(schema.keys())
+            raise ConfigError(f"{source}: in callbacks.{name}: {getattr(err, 'msg', err).splitlines()[0]} "
+                              f"(key: callbacks.{name}.{getattr(err, 'full_key', '')}); valid keys: {valid}") from None
+    return built
+
+
+def _check_trainer(trainer: dict, source: str) -> None:
+    import lightning.pytorch as pl
+
+    valid = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "logger", "callbacks"}
+    bad = sorted(set(trainer) - valid)
+    if bad:
+        raise ConfigError(f"{source}: unknown trainer key(s) {bad}; valid: {sorted(valid)}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The run config from a YAML file (optional) and ``key=value`` overrides, validated."""
+    source = str(path) if path else "config"
+    cfg = OmegaConf.structured(RunConfig)
+    try:
+        if path is not None:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got {bad}")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise _error(err, source) from None
+    if cfg.logger.kind not in LOGGER_KINDS:
+        raise ConfigError(f"{source}: logger.kind={cfg.logger.kind!r} is not valid; valid: {list(LOGGER_KINDS)}")
+    _check_trainer(cfg.trainer, source)
+    _check_callbacks(cfg.callbacks, source)
+    return cfg
+
+
+def build_callbacks(callbacks: DictConfig | dict) -> list:
+    """Callback objects from the ``callbacks`` section (validated)."""
+    cfg = callbacks if isinstance(callbacks, DictConfig) else OmegaConf.create(callbacks)
+    return [_load_class(CALLBACKS[name])(**kwargs) for name, kwargs in _check_callbacks(cfg, "callbacks").items()]
+
+
+def _logger(cfg: LoggerConfig):
+    from lightning.pytorch import loggers
+
+    Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
+    if cfg.kind == "wandb":
+        return loggers.WandbLogger(project=cfg.project, save_dir=cfg.save_dir, name=cfg.name, offline=cfg.offline)
+    if cfg.kind == "tensorboard":
+        return loggers.TensorBoardLogger(save_dir=cfg.save_dir, name=cfg.name or cfg.project)
+    if cfg.kind == "csv":
+        return loggers.CSVLogger(save_dir=cfg.save_dir, name=cfg.name or cfg.project)
+    return False
+
+
+def build(cfg: DictConfig):
+    """``(trainer, module, datamodule)`` for a validated run config."""
+    import lightning.pytorch as pl
+
+    from .data import ShortcutDigitsDataModule
+    from .models import Classifier, DemoCNN
+
+    pl.seed_everything(cfg.seed, verbose=False)
+    data = OmegaConf.to_container(cfg.data)
+    data["artifact_position"] = tuple(data["artifact_position"])
+    datamodule = ShortcutDigitsDataModule(**data)
+    module = Classifier(DemoCNN(width=cfg.model.width, dropout=cfg.model.dropout, image_size=cfg.data.size),
+                        lr=cfg.model.lr)
+    trainer_args = OmegaConf.to_container(cfg.trainer)
+    trainer_args.setdefault("default_root_dir", cfg.logger.save_dir)
+    trainer = pl.Trainer(logger=_logger(cfg.logger), callbacks=build_callbacks(cfg.callbacks), **trainer_args)
+    return trainer, module, datamodule
