@@ -25,10 +25,13 @@ def input_x_gradient(model, x, target) -> torch.Tensor:
 
 @register_method("integrated_gradients")
 def integrated_gradients(model, x, target, *, n_steps: int = 32, baseline: float | torch.Tensor = 0.0,
-                         internal_batch_size: int | None = None, method: str = "gausslegendre") -> torch.Tensor:
-    """Integrated gradients (Sundararajan et al.) from ``baseline`` to ``x`` in ``n_steps`` steps."""
+                         internal_batch_size: int | None = None, integration: str = "gausslegendre") -> torch.Tensor:
+    """Integrated gradients (Sundararajan et al.) from ``baseline`` to ``x`` in ``n_steps`` steps;
+    ``integration`` is captum's quadrature rule ("gausslegendre", "riemann_trapezoid",
+    "riemann_left", "riemann_right", "riemann_middle"). (Not called ``method``: that name is
+    taken by :func:`explain`.)"""
     return ca.IntegratedGradients(CheckedForward(model, target)).attribute(
-        x, baselines=baseline, target=target, n_steps=n_steps, method=method,
+        x, baselines=baseline, target=target, n_steps=n_steps, method=integration,
         internal_batch_size=internal_batch_size)
 
 
