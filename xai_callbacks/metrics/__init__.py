@@ -12,6 +12,8 @@ infiller in it (``pixel_flipping_morf_aopc.blur2``).
 """
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from .axioms import CompletenessError, InputInvarianceError, completeness_error, input_invariance_error
@@ -26,7 +28,7 @@ from .robustness import (AvgSensitivity, LocalLipschitzEstimate, MaxSensitivity,
                          local_lipschitz_estimate, max_sensitivity)
 
 __all__ = [
-    "get_metric", "available_metrics", "metric_class", "ExplanationMetric", "CurveResult",
+    "get_metric", "available_metrics", "metric_class", "metric_options", "ExplanationMetric", "CurveResult",
     "PixelFlipping", "RegionPerturbation", "Insertion", "Deletion", "FaithfulnessCorrelation", "Infidelity",
     "MaxSensitivity", "AvgSensitivity", "LocalLipschitzEstimate",
     "RelevanceMass", "RelevanceRank", "PointingGame", "Sparseness", "Complexity",
@@ -71,6 +73,12 @@ def metric_class(name: str) -> type[ExplanationMetric]:
     return _METRICS[name]
 
 
+def metric_options(name: str) -> list[str]:
+    """The options the metric ``name`` accepts (besides model, method and method_options)."""
+    params = inspect.signature(metric_class(name).__init__).parameters
+    return sorted(p for p in params if p not in ("self", "model", "method", "method_options", "kwargs"))
+
+
 def get_metric(name: str, model: nn.Module | None = None, method: str | None = None,
                method_options: dict | None = None, **options) -> ExplanationMetric:
     """A new metric object.
@@ -84,6 +92,9 @@ def get_metric(name: str, model: nn.Module | None = None, method: str | None = N
         **options: the metric's own options (see its class), e.g. ``order``, ``infiller``, ``n_steps``.
     """
     cls = metric_class(name)
+    bad = sorted(set(options) - set(metric_options(name)))
+    if bad:
+        raise ValueError(f"unknown option(s) {bad} for metric {name!r}; valid: {metric_options(name)}")
     try:
         if cls.needs_method:
             if method is None:

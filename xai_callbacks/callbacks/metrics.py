@@ -1,0 +1,138 @@
+"""ExplanationMetricsCallback: explanation-quality metrics of a fixed probe set, every N epochs."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .. import sinks
+from ..attribution import available_methods, explain
+from ..attribution import method_options as options_of
+from ..metrics import ExplanationMetric, available_metrics, get_metric, metric_options
+from .base import ExplanationCallback
+
+__all__ = ["ExplanationMetricsCallback", "DEFAULT_METRICS"]
+
+DEFAULT_METRICS = ("pixel_flipping", "insertion_auc", "deletion_auc", "max_sensitivity", "relevance_mass",
+                   "sparseness", "complexity")
+
+_CURVE_AXES = {"randomisation_similarity": "randomised layers"}
+
+
+def _metric_specs(metrics) -> list[tuple[str, dict]]:
+    """``[(name, options)]`` from names, ``{"name": ..., **options}`` dicts, or a name -> options mapping."""
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    if isinstance(metrics, Mapping):
+        metrics = [{"name": k, **dict(v or {})} for k, v in metrics.items()]
+    specs = []
+    for item in metrics:
+        if isinstance(item, str):
+            specs.append((item, {}))
+        elif isinstance(item, Mapping) and isinstance(item.get("name"), str):
+            specs.append((item["name"], {k: v for k, v in item.items() if k != "name"}))
+        else:
+            raise ValueError(f"a metric must be a name or a mapping with a 'name' key, got {item!r}")
+    if not specs:
+        raise ValueError(f"metrics is empty; valid names: {available_metrics()}")
+    for name, opts in specs:
+        bad = sorted(set(opts) - set(metric_options(name)))
+        if bad:
+            raise ValueError(f"unknown option(s) {bad} for metric {name!r}; valid: {metric_options(name)}")
+    return specs
+
+
+class ExplanationMetricsCallback(ExplanationCallback):
+    """Score the explanations of a fixed probe set with explanation-quality metrics.
+
+    Every ``every_n_epochs`` epochs, for each method: explain the probe set, update each metric
+    and log ``xai/<method>/<metric key>`` through ``pl_module.log(..., sync_dist=True)`` (so
+    EarlyStopping and ModelCheckpoint can monitor it); the curves of pixel flipping, region
+    perturbation, insertion, deletion and parameter randomisation go to line plots
+    ``xai/curves/<metric key>`` with one line per method; the run summary holds the last values.
+    A metric that fails warns and is counted in ``xai/errors`` (``on_error="warn"``), the others
+    still run. Latest values stay in :attr:`values`.
+
+    Args:
+        methods: attribution method names (see ``xai_callbacks.attribution.available_methods``).
+        metrics: metric names (see ``xai_callbacks.metrics.available_metrics``), or mappings
+            ``{"name": <metric>, **options}`` (e.g. ``{"name": "pixel_flipping", "order": "lerf",
+            "infiller": "blur"}``), or one mapping name -> options.
+        method_options: per-method options, e.g. ``{"integrated_gradients": {"n_steps": 64}}``.
+        mask_key: which ground-truth mask of the batch the localisation metrics use (the demo
+            data has ``object_mask`` and ``artifact_mask``).
+        batch_size: perturbed inputs per forward pass / explainer call, for every metric
+            (a metric's own ``batch_size`` option wins).
+        every_n_epochs, probe_size, probe_seed, on_error: see :class:`ExplanationCallback`.
+    """
+
+    def __init__(self, methods: Sequence[str] = ("saliency",), metrics: Any = DEFAULT_METRICS,
+                 method_options: Mapping[str, Mapping] | None = None, mask_key: str = "object_mask",
+                 batch_size: int = 256, every_n_epochs: int = 1, probe_size: int = 64, probe_seed: int = 0,
+                 on_error: str = "warn"):
+        super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, probe_seed=probe_seed,
+                         on_error=on_error)
+        methods = [methods] if isinstance(methods, str) else list(methods)
+        unknown = [m for m in methods if m not in available_methods()]
+        if not methods or unknown:
+            raise ValueError(f"unknown attribution method(s) {unknown or methods}; valid: {available_methods()}")
+        self.method_options = {m: dict(o) for m, o in (method_options or {}).items()}
+        for m, opts in self.method_options.items():
+            if m not in methods:
+                raise ValueError(f"method_options given for {m!r}, which is not in methods {methods}")
+            bad = sorted(set(opts) - set(options_of(m)))
+            if bad:
+                raise ValueError(f"unknown option(s) {bad} for method {m!r}; valid: {sorted(options_of(m))}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self.methods, self.specs, self.mask_key, self.batch_size = methods, _metric_specs(metrics), mask_key, batch_size
+        self.values: dict[str, float] = {}
+        self._metrics: dict[tuple[str, int], ExplanationMetric] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(methods=self.methods, metrics=[n for n, _ in self.specs])
+
+    def _metric(self, pl_module, method: str, i: int) -> ExplanationMetric:
+        if (method, i) not in self._metrics:
+            name, opts = self.specs[i]
+            if "batch_size" in metric_options(name):
+                opts = {"batch_size": self.batch_size, **opts}
+            self._metrics[method, i] = get_metric(name, model=pl_module, method=method,
+                                                  method_options=self.method_options.get(method), **opts)
+        return self._metrics[method, i].to(pl_module.device)
+
+    def run(self, trainer, pl_module) -> None:
+        probe = self.probe(trainer, pl_module)
+        values: dict[str, float] = {}
+        curves: dict[str, tuple[list[float], dict[str, list[float]]]] = {}
+        for method in self.methods:
+            relevance = explain(pl_module, probe.x, probe.y, method=method, batch_size=self.batch_size,
+                                **self.method_options.get(method, {}))
+            for i in range(len(self.specs)):
+                self.run_safely(trainer, pl_module,
+                                lambda t, m, i=i, method=method: self._score(m, method, i, probe, relevance,
+                                                                            values, curves))
+        self.values = values
+        sinks.log_scalars(pl_module, values)
+        sinks.log_summary(trainer, values)
+        for key, (x, ys) in curves.items():
+            metric_name = key.split(".")[0]
+            sinks.log_line_plot(trainer, f"xai/curves/{key}", x, ys, title=key,
+                                xname=_CURVE_AXES.get(metric_name, "fraction of pixels"))
+
+    def _score(self, pl_module, method, i, probe, relevance, values, curves) -> None:
+        metric = self._metric(pl_module, method, i)
+        masks = None
+        if metric.needs_masks:
+            if self.mask_key not in probe.masks:
+                raise ValueError(f"metric {metric.name!r} needs masks {self.mask_key!r}, but the probe batch has "
+                                 f"masks {sorted(probe.masks)}; set mask_key or provide '<name>_mask' in batches")
+            masks = probe.masks[self.mask_key]
+        metric.reset()
+        metric.update(probe.x, probe.y, relevance, masks)
+        values[f"xai/{method}/{metric.key}"] = float(metric.compute())
+        if metric.n_curve_points:
+            fractions, curve = metric.compute_curve()
+            x, ys = curves.setdefault(metric.key, (fractions.tolist(), {}))
+            ys[method] = curve.tolist()
