@@ -1,0 +1,18 @@
+"""SpRAy (spectral relevance analysis): find a class's prediction strategies by clustering heatmaps.
+
+>>> from xai_callbacks.spray import spray
+>>> result = spray(heatmaps_of_one_class)          # (N, C, H, W) relevance
+>>> result.n_clusters, result.labels, result.flagged
+
+The steps are named as in Lapuschkin et al. (2019) and CoRelAy (:mod:`.pipeline`); the
+suspicion scores are in :mod:`.suspicion`, cluster matching across epochs in :mod:`.tracking`,
+and the ViRelAy database export in :mod:`.virelay`. No Lightning, no W&B here.
+"""
+from .core import SpRAyResult, spray
+from .pipeline import (affinity, check_heatmaps, clustering, eigengap, knn, laplacian, preprocess, prototypes,
+                       spectral_embedding, visualisation_embedding)
+from .suspicion import cluster_suspicion, mask_shares, relevance_distribution, sample_suspicion
+
+__all__ = ["spray", "SpRAyResult", "preprocess", "affinity", "knn", "laplacian", "spectral_embedding", "eigengap",
+           "clustering", "visualisation_embedding", "prototypes", "check_heatmaps", "relevance_distribution",
+           "sample_suspicion", "cluster_suspicion", "mask_shares"]

@@ -1,0 +1,155 @@
+"""``spray(heatmaps, ...) -> SpRAyResult``: the whole SpRAy pipeline for the heatmaps of one class."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import pipeline as _p
+from .suspicion import cluster_suspicion, mask_shares, relevance_distribution, sample_suspicion
+
+__all__ = ["SpRAyResult", "spray"]
+
+
+@dataclass
+class SpRAyResult:
+    """What SpRAy found in the heatmaps of one class (N samples, K clusters).
+
+    Attributes:
+        labels: (N,) cluster of each sample, ``0..K-1`` (``-1``: noise of DBSCAN / HDBSCAN).
+        n_clusters: K.
+        eigenvalues: ascending eigenvalues of the normalised Laplacian (the spectrum).
+        embedding: (N, 2) visualisation embedding (t-SNE by default), or None.
+        spectral_embedding: (N, m) eigenvectors (rows scaled to unit length when so configured).
+        prototypes: (K, ...) mean heatmap of each cluster, shaped like one input heatmap.
+        typical: K arrays of the most typical members' indices (closest to the centroid).
+        cluster_sizes: (K,) members per cluster.
+        suspicion: (N,) per-sample suspicion (see :mod:`xai_callbacks.spray.suspicion`).
+        cluster_suspicion: (K,) per-cluster suspicion.
+        flagged: (K,) bool, ``cluster_suspicion >= threshold``: suspected Clever-Hans strategies.
+        factors: the per-cluster factors ``novelty``, ``compactness``, ``share``, ``excess``.
+        mask_shares: name -> (N,) share of positive relevance on that mask (empty without masks).
+        cluster_mask_shares: name -> (K,) mean of ``mask_shares`` over each cluster's members.
+        params: the parameters of the run (k, n_eigval, clustering, ...).
+    """
+
+    labels: np.ndarray
+    n_clusters: int
+    eigenvalues: np.ndarray
+    embedding: np.ndarray | None
+    spectral_embedding: np.ndarray
+    prototypes: np.ndarray
+    typical: list[np.ndarray]
+    cluster_sizes: np.ndarray
+    suspicion: np.ndarray
+    cluster_suspicion: np.ndarray
+    flagged: np.ndarray
+    factors: dict[str, np.ndarray]
+    mask_shares: dict[str, np.ndarray] = field(default_factory=dict)
+    cluster_mask_shares: dict[str, np.ndarray] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_suspicion(self) -> float:
+        """The largest cluster suspicion (0 without clusters)."""
+        return float(self.cluster_suspicion.max()) if self.n_clusters else 0.0
+
+    @property
+    def suspicious_share(self) -> float:
+        """Share of the samples that sit in flagged clusters."""
+        return float(np.isin(self.labels, np.flatnonzero(self.flagged)).mean()) if len(self.labels) else 0.0
+
+
+def spray(heatmaps, *, masks: dict[str, Any] | None = None,
+          channel_reduce: str | None = "sum", absolute: bool = False, size: int | tuple[int, int] | None = None,
+          normalize: str | None = "l2", k: int = 10, affinity: str = "knn", laplacian: str = "symmetric",
+          n_eigval: int = 32, normalize_rows: bool = True, n_clusters: int | None = None, min_clusters: int = 1,
+          max_clusters: int = 10, cluster_dims: int | None = None, clustering: str = "kmeans",
+          clustering_options: dict[str, Any] | None = None, visualisation: str | None = "tsne",
+          n_typical: int = 5, grid: int = 8, threshold: float = 0.25, seed: int = 0) -> SpRAyResult:
+    """Spectral relevance analysis of the heatmaps of one class.
+
+    Steps: :func:`~.pipeline.preprocess` -> :func:`~.pipeline.affinity` ->
+    :func:`~.pipeline.laplacian` -> :func:`~.pipeline.spectral_embedding` ->
+    :func:`~.pipeline.eigengap` -> :func:`~.pipeline.clustering` ->
+    :func:`~.pipeline.visualisation_embedding`, :func:`~.pipeline.prototypes`, suspicion scores.
+
+    Args:
+        heatmaps: (N, C, H, W) or (N, H, W) relevance of N samples of one class (tensor or array);
+            finite and not constant, N > k.
+        masks: optional name -> masks shaped like the heatmaps (without or with channels), e.g.
+            ``{"object": ..., "artifact": ...}``; adds relevance shares per mask.
+        channel_reduce: ``"sum"`` over channels, or None to keep them (preprocessing).
+        absolute: use ``|R|`` (preprocessing).
+        size: average-pool heatmaps to this side / (height, width) before comparing them.
+        normalize: per-heatmap scaling ``"l2"``, ``"l1"``, ``"max"``, ``"sum"`` or None.
+        k: neighbours of the kNN affinity graph.
+        affinity: ``"knn"`` (binary, as CoRelAy) or ``"knn_rbf"`` (self-tuning Gaussian weights).
+        laplacian: ``"symmetric"`` or ``"random_walk"`` normalisation.
+        n_eigval: eigenpairs of the Laplacian to compute (capped at N - 1).
+        normalize_rows: scale each sample's eigenvector row to unit length.
+        n_clusters: fixed number of clusters; None chooses it by the eigengap.
+        min_clusters: smallest number of clusters the eigengap may choose.
+        max_clusters: largest number of clusters the eigengap may choose.
+        cluster_dims: eigenvectors the clustering sees; None uses the first ``n_clusters``
+            (Ng, Jordan & Weiss); CoRelAy uses all (``cluster_dims=n_eigval``).
+        clustering: ``"kmeans"``, ``"agglomerative"``, ``"dbscan"`` or ``"hdbscan"``.
+        clustering_options: keyword arguments for the scikit-learn estimator (e.g. ``eps``).
+        visualisation: 2-D embedding for plots: ``"tsne"``, ``"pca"``, ``"spectral"`` or None.
+        n_typical: most typical members kept per cluster.
+        grid: side of the pooled relevance maps the suspicion scores compare.
+        threshold: cluster suspicion at or above which a cluster is flagged.
+        seed: seeds the eigensolver's start vector, k-means and t-SNE.
+    """
+    features = _p.preprocess(heatmaps, channel_reduce=channel_reduce, absolute=absolute, size=size,
+                             normalize=normalize)
+    n = features.shape[0]
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if n <= k:
+        raise ValueError(f"SpRAy with k={k} neighbours needs more than {k} heatmaps, got {n}: "
+                         f"collect more samples of this class or lower k")
+    if n_clusters is not None and not 1 <= n_clusters <= n:
+        raise ValueError(f"n_clusters must be None (eigengap) or in [1, {n}], got {n_clusters}")
+    adjacency = _p.affinity(features, k=k, kind=affinity)
+    lap = _p.laplacian(adjacency, kind=laplacian)
+    eigenvalues, vectors = _p.spectral_embedding(lap, n_eigval=n_eigval, seed=seed, normalize_rows=False)
+    if n_clusters is None:
+        n_clusters = _p.eigengap(eigenvalues, min_clusters=min_clusters, max_clusters=max_clusters)
+    dims = cluster_dims or n_clusters
+    chosen = vectors[:, :dims]
+    if normalize_rows:
+        chosen, vectors = _p._unit_rows(chosen), _p._unit_rows(vectors)
+    labels = _p.clustering(chosen, n_clusters, algorithm=clustering, seed=seed, **(clustering_options or {}))
+    labels = _relabel_by_size(labels)
+    embedding = _p.visualisation_embedding(vectors, kind=visualisation, seed=seed)
+    proto, typical = _p.prototypes(heatmaps, labels, chosen, n_typical=n_typical)
+    found = len(proto)
+    dist = relevance_distribution(heatmaps, grid=grid)
+    factors = cluster_suspicion(dist, labels)
+    suspicion = factors.pop("suspicion")
+    shares = mask_shares(heatmaps, masks) if masks else {}
+    cluster_shares = {name: np.array([s[labels == c].mean() for c in range(found)]) for name, s in shares.items()}
+    params = dict(channel_reduce=channel_reduce, absolute=absolute, size=size, normalize=normalize, k=k,
+                  affinity=affinity, laplacian=laplacian, n_eigval=n_eigval, normalize_rows=normalize_rows,
+                  min_clusters=min_clusters, max_clusters=max_clusters, cluster_dims=dims, clustering=clustering,
+                  clustering_options=dict(clustering_options or {}), visualisation=visualisation, grid=grid,
+                  threshold=threshold, seed=seed)
+    return SpRAyResult(labels=labels, n_clusters=found, eigenvalues=eigenvalues, embedding=embedding,
+                       spectral_embedding=vectors.astype(np.float32), prototypes=proto, typical=typical,
+                       cluster_sizes=np.bincount(labels[labels >= 0], minlength=found),
+                       suspicion=sample_suspicion(dist), cluster_suspicion=suspicion,
+                       flagged=suspicion >= threshold, factors=factors, mask_shares=shares,
+                       cluster_mask_shares=cluster_shares, params=params)
+
+
+def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
+    """Renumber clusters ``0..K-1`` by decreasing size (ties by first appearance); keep -1."""
+    valid = labels[labels >= 0]
+    if not len(valid):
+        return labels
+    ids, first, counts = np.unique(valid, return_index=True, return_counts=True)
+    order = ids[np.lexsort((first, -counts))]
+    mapping = {old: new for new, old in enumerate(order)}
+    return np.array([mapping.get(v, -1) for v in labels], dtype=np.int64)

@@ -1,0 +1,344 @@
+"""The SpRAy pipeline, one function per step, named as in the paper and CoRelAy.
+
+``preprocess -> affinity -> laplacian -> spectral_embedding -> eigengap -> clustering``, then
+``visualisation_embedding`` (2-D, for plots), ``prototypes`` and the suspicion scores
+(:mod:`.suspicion`). Memory grows with ``N * k`` (the sparse kNN graph) and ``N * n_eigval``:
+no step builds a dense ``N x N`` matrix (except ``agglomerative`` clustering with a linkage
+other than ``ward``, see :func:`clustering`).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+
+__all__ = ["NORMALIZE", "AFFINITIES", "LAPLACIANS", "CLUSTERINGS", "VISUALISATIONS", "Laplacian",
+           "check_heatmaps", "preprocess", "knn", "affinity", "laplacian", "spectral_embedding", "eigengap",
+           "clustering", "visualisation_embedding", "prototypes"]
+
+NORMALIZE = ("l1", "l2", "max", "sum", None)
+AFFINITIES = ("knn", "knn_rbf")
+LAPLACIANS = ("symmetric", "random_walk")
+CLUSTERINGS = ("kmeans", "agglomerative", "dbscan", "hdbscan")
+VISUALISATIONS = ("tsne", "pca", "spectral", None)
+
+
+def _as_tensor(heatmaps) -> torch.Tensor:
+    if isinstance(heatmaps, np.ndarray):
+        heatmaps = torch.from_numpy(heatmaps)
+    if not isinstance(heatmaps, torch.Tensor):
+        raise TypeError(f"heatmaps must be a torch.Tensor or numpy array, got {type(heatmaps).__name__}")
+    return heatmaps.detach().cpu().float()
+
+
+def check_heatmaps(heatmaps) -> np.ndarray:
+    """Boolean (N,) array: which heatmaps are usable (finite and not constant).
+
+    Args:
+        heatmaps: (N, ...) tensor or array of heatmaps.
+    """
+    h = _as_tensor(heatmaps).flatten(1)
+    finite = torch.isfinite(h).all(1)
+    h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))
+    spread = h.max(1).values - h.min(1).values
+    return (finite & (spread > 0)).numpy()
+
+
+def preprocess(heatmaps, *, channel_reduce: str | None = "sum", absolute: bool = False,
+               size: int | tuple[int, int] | None = None, normalize: str | None = "l2") -> np.ndarray:
+    """Heatmaps (N, C, H, W) or (N, H, W) -> float32 features (N, H' * W') (or (N, C * H' * W')).
+
+    Args:
+        heatmaps: relevance maps of one class; must be finite and not constant.
+        channel_reduce: ``"sum"`` (CoRelAy's ``SumChannel``) or ``None`` (keep channels).
+        absolute: take ``|R|`` first (CoRelAy's ``absspectral`` variant).
+        size: average-pool each map to this (side or (height, width)) before flattening;
+            None keeps the resolution.
+        normalize: per heatmap: ``"l1"`` (divide by sum |R|), ``"l2"`` (unit Euclidean norm, so
+            distances compare shapes like a cosine), ``"max"`` (divide by max |R|), ``"sum"``
+            (divide by the signed sum, CoRelAy's ``Normalize``), or None.
+
+    Raises:
+        ValueError: naming the heatmaps that contain NaN / inf or are constant.
+    """
+    h = _as_tensor(heatmaps)
+    if h.dim() not in (3, 4) or h.shape[0] == 0:
+        raise ValueError(f"heatmaps must have shape (N, C, H, W) or (N, H, W) with N >= 1, got {tuple(h.shape)}")
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    if channel_reduce not in ("sum", None):
+        raise ValueError(f"channel_reduce must be 'sum' or None, got {channel_reduce!r}")
+    ok = check_heatmaps(h)
+    if not ok.all():
+        bad = np.flatnonzero(~ok)
+        raise ValueError(f"{len(bad)} heatmap(s) contain NaN / inf or are constant (indices {bad[:10].tolist()}"
+                         f"{' ...' if len(bad) > 10 else ''}); drop them first (see check_heatmaps)")
+    if h.dim() == 3:
+        h = h[:, None]
+    if absolute:
+        h = h.abs()
+    if channel_reduce == "sum":
+        h = h.sum(1, keepdim=True)
+    if size is not None:
+        h = F.adaptive_avg_pool2d(h, size)
+    x = h.flatten(1)
+    if normalize == "l1":
+        scale = x.abs().sum(1, keepdim=True)
+    elif normalize == "l2":
+        scale = x.norm(dim=1, keepdim=True)
+    elif normalize == "max":
+        scale = x.abs().amax(1, keepdim=True)
+    elif normalize == "sum":
+        scale = x.sum(1, keepdim=True)
+    else:
+        scale = torch.ones(len(x), 1)
+    zero = (scale == 0).flatten()
+    if zero.any():
+        raise ValueError(f"normalize={normalize!r} divides by zero for heatmap(s) "
+                         f"{torch.nonzero(zero).flatten()[:10].tolist()} (their {normalize} is 0 after "
+                         "preprocessing); use another normalize or drop them")
+    return (x / scale).numpy().astype(np.float32, copy=False)
+
+
+def knn(features: np.ndarray, k: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours (Euclidean, self excluded): ``(distances, indices)``, each (N, k).
+
+    Blocked matrix products in torch: memory ``chunk * N`` per block, never ``N x N``.
+
+    Args:
+        features: (N, D) float array.
+        k: neighbours per sample, ``1 <= k <= N - 1``.
+        chunk: rows per block.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    n = x.shape[0]
+    if not 1 <= k <= n - 1:
+        raise ValueError(f"k={k} neighbours need at least k + 1 = {k + 1} samples, got {n}")
+    sq = (x * x).sum(1)
+    dists, idx = [], []
+    for s in range(0, n, chunk):
+        d2 = (sq[s:s + chunk, None] - 2 * x[s:s + chunk] @ x.T + sq[None]).clamp_min_(0)
+        rows = torch.arange(s, min(s + chunk, n))
+        d2[rows - s, rows] = float("inf")  # exclude self, also when duplicates exist
+        val, ind = d2.topk(k, dim=1, largest=False)
+        dists.append(val.sqrt_())
+        idx.append(ind)
+    return torch.cat(dists).numpy().astype(np.float64), torch.cat(idx).numpy()
+
+
+def affinity(features: np.ndarray, k: int = 10, kind: str = "knn", symmetric: bool = True) -> sp.csr_matrix:
+    """Sparse kNN affinity matrix (N, N) with about ``N * k`` non-zeros.
+
+    Args:
+        features: (N, D) preprocessed heatmaps.
+        k: neighbours per sample (CoRelAy default 10).
+        kind: ``"knn"``: binary edges (CoRelAy's ``SparseKNN``); ``"knn_rbf"``: edges weighted
+            ``exp(-d^2 / (sigma_i * sigma_j))`` with sigma_i the distance to the k-th neighbour
+            (self-tuning scale).
+        symmetric: average the matrix with its transpose (an undirected graph).
+    """
+    if kind not in AFFINITIES:
+        raise ValueError(f"affinity kind must be one of {AFFINITIES}, got {kind!r}")
+    n = features.shape[0]
+    dist, idx = knn(features, k)
+    rows = np.repeat(np.arange(n), k)
+    if kind == "knn":
+        values = np.ones(n * k)
+    else:
+        sigma = np.maximum(dist[:, -1], 1e-12)
+        values = np.exp(-dist.ravel() ** 2 / (sigma[rows] * sigma[idx.ravel()]))
+    a = sp.csr_matrix((values, (rows, idx.ravel())), shape=(n, n))
+    if symmetric:
+        a = ((a + a.T) * 0.5).tocsr()
+    return a
+
+
+class Laplacian(NamedTuple):
+    """A normalised graph Laplacian: ``matrix`` is ``L_sym = I - D^-1/2 A D^-1/2`` (sparse),
+    ``degree`` the node degrees, ``kind`` which normalisation the eigenvectors follow."""
+
+    matrix: sp.csr_matrix
+    degree: np.ndarray
+    kind: str
+
+
+def laplacian(adjacency: sp.spmatrix, kind: str = "symmetric") -> Laplacian:
+    """The normalised Laplacian of an affinity matrix.
+
+    Args:
+        adjacency: sparse symmetric non-negative (N, N) affinity.
+        kind: ``"symmetric"`` (``I - D^-1/2 A D^-1/2``, eigenvectors as is) or ``"random_walk"``
+            (``I - D^-1 A``: same eigenvalues, eigenvectors ``D^-1/2 u``).
+    """
+    if kind not in LAPLACIANS:
+        raise ValueError(f"laplacian kind must be one of {LAPLACIANS}, got {kind!r}")
+    a = sp.csr_matrix(adjacency, dtype=np.float64)
+    degree = np.asarray(a.sum(1)).ravel()
+    if (degree <= 0).any():
+        raise ValueError(f"{int((degree <= 0).sum())} node(s) of the affinity graph have no edges")
+    d = sp.diags(degree ** -0.5)
+    return Laplacian((sp.identity(a.shape[0], format="csr") - d @ a @ d).tocsr(), degree, kind)
+
+
+def spectral_embedding(lap: Laplacian, n_eigval: int = 32, seed: int = 0,
+                       normalize_rows: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n_eigval`` smallest eigenvalues (ascending) of the Laplacian and their eigenvectors.
+
+    Uses ``scipy.sparse.linalg.eigsh`` on ``I - L`` (largest algebraic eigenvalues, which ARPACK
+    finds quickly), with a seeded start vector.
+
+    Args:
+        lap: from :func:`laplacian`.
+        n_eigval: number of eigenpairs (CoRelAy default 32); capped at ``N - 1``.
+        seed: seed of the start vector.
+        normalize_rows: scale each sample's row of eigenvectors to unit length (as CoRelAy's
+            ``EigenDecomposition(normalize=True)`` and Ng, Jordan & Weiss do).
+
+    Returns:
+        ``(eigenvalues (m,), eigenvectors (N, m))`` with ``m = min(n_eigval, N - 1)``.
+    """
+    n = lap.matrix.shape[0]
+    if n < 3:
+        raise ValueError(f"a spectral embedding needs at least 3 samples, got {n}")
+    m = min(n_eigval, n - 1)
+    if m < 1:
+        raise ValueError(f"n_eigval must be >= 1, got {n_eigval}")
+    shifted = (sp.identity(n, format="csr") - lap.matrix).tocsr()
+    v0 = np.random.default_rng(seed).uniform(0.5, 1.5, n)
+    try:
+        mu, vec = eigsh(shifted, k=m, which="LA", v0=v0, tol=1e-8)
+    except ArpackNoConvergence:
+        mu, vec = eigsh(shifted, k=m, which="LA", v0=v0, tol=1e-6, ncv=min(n, max(4 * m, 40)), maxiter=50 * n)
+    order = np.argsort(-mu)
+    eigenvalues, vectors = np.clip(1.0 - mu[order], 0.0, 2.0), vec[:, order]
+    if lap.kind == "random_walk":
+        vectors = vectors / np.sqrt(lap.degree)[:, None]
+    # fix each eigenvector's sign (largest-magnitude entry positive) so results are reproducible
+    signs = np.sign(vectors[np.abs(vectors).argmax(0), np.arange(vectors.shape[1])])
+    vectors = vectors * np.where(signs == 0, 1, signs)
+    if normalize_rows:
+        vectors = _unit_rows(vectors)
+    return eigenvalues, vectors
+
+
+def _unit_rows(v: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(v, axis=1, keepdims=True)
+    return v / np.where(norm > 0, norm, 1)
+
+
+def eigengap(eigenvalues: np.ndarray, min_clusters: int = 1, max_clusters: int = 10) -> int:
+    """Number of clusters from the largest gap in the ascending Laplacian spectrum.
+
+    Returns the ``K`` in ``[min_clusters, max_clusters]`` that maximises
+    ``eigenvalues[K] - eigenvalues[K - 1]`` (the gap after the K-th smallest eigenvalue).
+
+    Args:
+        eigenvalues: ascending eigenvalues of the normalised Laplacian.
+        min_clusters: smallest K considered (>= 1).
+        max_clusters: largest K considered; capped at ``len(eigenvalues) - 1``.
+    """
+    ev = np.asarray(eigenvalues, dtype=np.float64)
+    if min_clusters < 1:
+        raise ValueError(f"min_clusters must be >= 1, got {min_clusters}")
+    hi = min(max_clusters, len(ev) - 1)
+    if hi < min_clusters:
+        raise ValueError(f"the eigengap over K in [{min_clusters}, {max_clusters}] needs at least "
+                         f"{min_clusters + 1} eigenvalues, got {len(ev)}")
+    gaps = np.diff(ev)  # gaps[K-1] = ev[K] - ev[K-1]
+    ks = np.arange(min_clusters, hi + 1)
+    return int(ks[np.argmax(gaps[ks - 1])])
+
+
+def clustering(embedding: np.ndarray, n_clusters: int, algorithm: str = "kmeans", seed: int = 0,
+               **options) -> np.ndarray:
+    """Cluster labels (N,) of a spectral embedding; ``-1`` marks noise (DBSCAN / HDBSCAN).
+
+    Args:
+        embedding: (N, d) spectral embedding.
+        n_clusters: clusters for ``kmeans`` / ``agglomerative``; ignored by the density methods.
+        algorithm: ``kmeans`` (scikit-learn, ``n_init=10``), ``agglomerative`` (Ward linkage by
+            default; other linkages build an N x N distance matrix), ``dbscan`` (options ``eps``,
+            default 0.5, and ``min_samples``, default 5) or ``hdbscan`` (scikit-learn's, option
+            ``min_cluster_size``, default 5).
+        seed: random state of k-means.
+        **options: passed to the scikit-learn estimator.
+    """
+    from sklearn import cluster
+
+    if algorithm not in CLUSTERINGS:
+        raise ValueError(f"clustering algorithm must be one of {CLUSTERINGS}, got {algorithm!r}")
+    n = embedding.shape[0]
+    if algorithm in ("kmeans", "agglomerative") and not 1 <= n_clusters <= n:
+        raise ValueError(f"n_clusters must be in [1, {n}] for {n} samples, got {n_clusters}")
+    if algorithm == "kmeans":
+        est = cluster.KMeans(n_clusters=n_clusters, n_init=options.pop("n_init", 10), random_state=seed, **options)
+    elif algorithm == "agglomerative":
+        est = cluster.AgglomerativeClustering(n_clusters=n_clusters, **options)
+    elif algorithm == "dbscan":
+        est = cluster.DBSCAN(**options)
+    else:
+        est = cluster.HDBSCAN(**{"min_cluster_size": 5, **options})
+    return np.asarray(est.fit_predict(embedding), dtype=np.int64)
+
+
+def visualisation_embedding(embedding: np.ndarray, kind: str | None = "tsne", seed: int = 0,
+                            perplexity: float = 30.0) -> np.ndarray | None:
+    """A 2-D embedding of the spectral embedding for plots (None when ``kind`` is None).
+
+    Args:
+        embedding: (N, d) spectral embedding.
+        kind: ``tsne`` (scikit-learn, PCA init), ``pca``, ``spectral`` (the 2nd and 3rd
+            eigenvectors) or None.
+        seed: random state of t-SNE.
+        perplexity: t-SNE perplexity, capped at ``(N - 1) / 3``.
+    """
+    if kind not in VISUALISATIONS:
+        raise ValueError(f"visualisation kind must be one of {VISUALISATIONS}, got {kind!r}")
+    if kind is None:
+        return None
+    n = embedding.shape[0]
+    if kind == "spectral" or embedding.shape[1] < 3 or n < 5:
+        cols = embedding[:, 1:3] if embedding.shape[1] >= 3 else np.pad(embedding, ((0, 0), (0, 2)))[:, :2]
+        return np.ascontiguousarray(cols, dtype=np.float32)
+    if kind == "pca":
+        from sklearn.decomposition import PCA
+
+        return PCA(n_components=2, random_state=seed).fit_transform(embedding).astype(np.float32)
+    from sklearn.manifold import TSNE
+
+    tsne = TSNE(n_components=2, perplexity=min(perplexity, (n - 1) / 3), init="pca", random_state=seed)
+    return tsne.fit_transform(embedding).astype(np.float32)
+
+
+def prototypes(heatmaps, labels: np.ndarray, embedding: np.ndarray, n_typical: int = 5
+               ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Per cluster, the mean heatmap and the most typical members.
+
+    Args:
+        heatmaps: (N, ...) heatmaps (any shape per sample; e.g. the raw (C, H, W) relevance).
+        labels: (N,) cluster labels ``0..K-1`` (``-1`` = noise, left out).
+        embedding: (N, d) the embedding the clusters were found in.
+        n_typical: members per cluster closest to the cluster's centroid in ``embedding``.
+
+    Returns:
+        ``(means (K, ...), typical)``: ``typical[c]`` holds up to ``n_typical`` sample indices,
+        most typical first.
+    """
+    h = _as_tensor(heatmaps).numpy()
+    k = int(labels.max()) + 1 if (labels >= 0).any() else 0
+    means = np.zeros((k,) + h.shape[1:], dtype=np.float32)
+    typical = []
+    for c in range(k):
+        members = np.flatnonzero(labels == c)
+        if len(members) == 0:
+            typical.append(members)
+            continue
+        means[c] = h[members].mean(0)
+        centre = embedding[members].mean(0)
+        d = np.linalg.norm(embedding[members] - centre, axis=1)
+        typical.append(members[np.argsort(d, kind="stable")[:n_typical]])
+    return means, typical
