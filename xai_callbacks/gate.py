@@ -1,0 +1,114 @@
+"""Gate rules over logged explanation values, and the ``gate.json`` report.
+
+A rule says what must hold: ``"spray/suspicious_share < 0.1"``. Its key may hold ``*``
+wildcards (``"spray/*/max_suspicion < 0.5"``), which apply the rule to every matching value, so
+a failure names the concrete key (here: the class). No Lightning here: the callback
+(:class:`xai_callbacks.callbacks.gate.ExplanationGate`) and the CLI both use these functions.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import operator
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+__all__ = ["Rule", "Check", "parse_rule", "evaluate", "read_report", "write_report", "find_report", "REPORT_NAME"]
+
+REPORT_NAME = "gate.json"
+_OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
+        "!=": operator.ne}
+_RULE = re.compile(r"^\s*(?P<key>[^\s<>=!]+)\s*(?P<op><=|>=|==|!=|<|>)\s*(?P<value>[-+0-9.eE]+|nan|inf)\s*$")
+
+
+@dataclass(frozen=True)
+class Rule:
+    key: str
+    op: str
+    threshold: float
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.op} {self.threshold:g}"
+
+    def holds(self, value: float) -> bool:
+        return math.isfinite(value) and _OPS[self.op](value, self.threshold)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One rule applied to one logged value (``value`` None: nothing was logged under ``key``)."""
+    rule: str
+    key: str
+    value: float | None
+    passed: bool
+
+    def to_dict(self) -> dict:
+        return {"rule": self.rule, "key": self.key, "value": self.value, "passed": self.passed}
+
+
+def parse_rule(text: str | Rule) -> Rule:
+    """``"<key> <op> <number>"`` with op in <, <=, >, >=, ==, != -> :class:`Rule`."""
+    if isinstance(text, Rule):
+        return text
+    m = _RULE.match(str(text))
+    if not m:
+        raise ValueError(f"cannot parse gate rule {text!r}: expected '<logged key> <op> <number>' with op in "
+                         f"{list(_OPS)}, e.g. 'spray/suspicious_share < 0.1'")
+    return Rule(m["key"], m["op"], float(m["value"]))
+
+
+def evaluate(rules: Iterable[Rule | str], values: Mapping[str, float]) -> list[Check]:
+    """Every rule against ``values``; a rule whose key matches nothing yields a failed check with
+    ``value=None`` (a gate must not pass on a value that was never logged)."""
+    checks = []
+    for rule in map(parse_rule, rules):
+        keys = sorted(k for k in values if fnmatch.fnmatchcase(k, rule.key)) if "*" in rule.key else (
+            [rule.key] if rule.key in values else [])
+        if not keys:
+            checks.append(Check(str(rule), rule.key, None, False))
+        for key in keys:
+            value = float(values[key])
+            checks.append(Check(str(rule), key, value, rule.holds(value)))
+    return checks
+
+
+def write_report(path: str | Path, rules: Iterable[Rule | str], epochs: list[dict]) -> Path:
+    """``gate.json``: the rules, each checked epoch (values and checks), and the verdict of the last."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    last = epochs[-1] if epochs else None
+    report = {"rules": [str(parse_rule(r)) for r in rules], "epochs": epochs,
+              "verdict": None if last is None else ("pass" if last["passed"] else "fail")}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def find_report(path: str | Path) -> Path:
+    """The report itself, or the newest ``gate.json`` under a run directory."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is neither a gate report nor a run directory")
+    found = sorted(path.rglob(REPORT_NAME), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no {REPORT_NAME} under {path}; was an ExplanationGate in the run?")
+    return found[-1]
+
+
+def read_report(path: str | Path) -> dict:
+    """The parsed report; ``ValueError`` when it is not one."""
+    path = find_report(path)
+    try:
+        report = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("epochs"), list) or "rules" not in report:
+        raise ValueError(f"{path} is not a gate report (needs 'rules' and 'epochs')")
+    return report
