@@ -1,0 +1,211 @@
+"""InpainterCallback: train a GAN inpainter on the batches the model already loads."""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .. import sinks
+from ..data import unpack_batch
+from ..guard import model_guard, rng_guard
+from ..infill import Infiller, get_infiller
+from ..infill.gan import GANInpainter, MaskSampler, masked_l1, save_generator, set_active_infiller, active_infiller
+from .base import ExplanationCallback
+
+__all__ = ["InpainterCallback"]
+
+
+def _all_reduce_grads(module: torch.nn.Module) -> None:
+    """Average ``module``'s gradients across DDP ranks (no-op without a process group)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
+class InpainterCallback(ExplanationCallback):
+    """Train a GAN inpainter G(x, mask, noise) alongside the model, on the same training batches.
+
+    Every ``every_n_steps`` training batches, the batch's inputs (detached) train the inpainter
+    (:class:`~xai_callbacks.infill.gan.GANInpainter`: U-Net G, SN-PatchGAN D, hinge loss, L1
+    warm-up) with its own optimizers and its own ``torch.Generator``, inside ``rng_guard``: the
+    model's parameters, gradients, BatchNorm statistics and the global RNG streams are untouched,
+    so the model trains bit-identically with or without this callback.
+
+    At each scheduled validation epoch end it logs, on the probe set with fixed seeded masks:
+    ``inpainter/l1/<fill>`` and ``inpainter/psnr/<fill>`` (masked-region L1 and PSNR) and
+    ``inpainter/agreement/<fill>`` (share of probe samples whose predicted class is the same on
+    the filled and the original input) for the GAN and each baseline; the epoch's mean training
+    losses ``inpainter/loss_g``, ``inpainter/loss_d``, ``inpainter/l1_hole``; a panel
+    ``inpainter/examples`` (input | mask | GAN fill | first baseline's fill); and G alone in
+    ``<run dir>/inpainter/generator.pt`` (load with ``xai_callbacks.infill.gan.load_generator``).
+
+    Once G has finished its L1 warm-up it is the active infiller: explainers called with
+    ``infiller="auto"`` (the counterfactual explainers' default) use it. :attr:`infiller` gives it.
+    G, D, both optimizers, the generator state and the step count are in ``state_dict``.
+
+    Args:
+        every_n_steps: train on every n-th training batch.
+        width: base width of G and D.
+        value_range: (low, high) of the inputs; G's output is squashed into it. None: unbounded.
+        warmup_steps: inpainter steps of L1-only training before the adversarial terms start.
+        lr_g, lr_d: Adam learning rates of G and D.
+        hole_weight, valid_weight, adv_weight: weights of the hole L1, kept-pixel L1 and hinge terms.
+        mask_sampler: the :class:`~xai_callbacks.infill.gan.MaskSampler` for training and evaluation
+            masks (default: boxes, Bernoulli pixels and low-resolution grids).
+        baselines: infillers compared with the GAN: names (``constant``, ``blur``, ``noise``) or
+            Infiller instances.
+        n_images: probe samples shown in ``inpainter/examples``.
+        save_generator: write G to the run directory at each scheduled epoch.
+        seed: seeds G and D's initialisation, the training masks and noise.
+        every_n_epochs, probe_size, probe_seed, on_error: see :class:`ExplanationCallback`.
+    """
+
+    def __init__(self, every_n_steps: int = 1, width: int = 32, value_range: tuple[float, float] | None = None,
+                 warmup_steps: int = 200, lr_g: float = 2e-3, lr_d: float = 2e-3, hole_weight: float = 1.0,
+                 valid_weight: float = 0.2, adv_weight: float = 0.01, mask_sampler: MaskSampler | None = None,
+                 baselines: Sequence[str | Infiller] = ("constant", "blur", "noise"), n_images: int = 8,
+                 save_generator: bool = True, seed: int = 0, every_n_epochs: int = 1, probe_size: int = 64,
+                 probe_seed: int = 0, on_error: str = "warn"):
+        super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, probe_seed=probe_seed,
+                         on_error=on_error)
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
+        self.every_n_steps = every_n_steps
+        self.options = dict(width=width, value_range=value_range, warmup_steps=warmup_steps, lr_g=lr_g, lr_d=lr_d,
+                            hole_weight=hole_weight, valid_weight=valid_weight, adv_weight=adv_weight, seed=seed)
+        self.mask_sampler = mask_sampler or MaskSampler()
+        self.baselines = [get_infiller(b) for b in baselines]
+        self.n_images, self.save_generator = n_images, save_generator
+        self.inpainter: GANInpainter | None = None
+        self.batches = 0
+        self._pending: dict | None = None
+        self._losses: dict[str, list[float]] = {}
+        self._eval_keep: torch.Tensor | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(seed=self.options["seed"])
+
+    @property
+    def infiller(self):
+        """The current G as a :class:`~xai_callbacks.infill.gan.GANInfiller` (None before the first batch)."""
+        return None if self.inpainter is None else self.inpainter.infiller()
+
+    # -- training ------------------------------------------------------------------------------
+    def _build(self, x: torch.Tensor, device: torch.device) -> None:
+        mask_sampler = self.mask_sampler
+        self.inpainter = GANInpainter(channels=x.shape[1], mask_sampler=mask_sampler, device=device, **self.options)
+        if self._pending is not None:
+            self.inpainter.load_state_dict(self._pending)
+            self._pending = None
+
+    def _train(self, x: torch.Tensor, device: torch.device) -> None:
+        if x.dim() != 4:
+            raise ValueError(f"InpainterCallback trains on image batches (B, C, H, W); got inputs of shape "
+                             f"{tuple(x.shape)}")
+        if self.inpainter is None:
+            self._build(x, device)
+        losses = self.inpainter.train_step(x, grad_sync=_all_reduce_grads)
+        for k, v in losses.items():
+            self._losses.setdefault(k, []).append(v)
+        if self.inpainter.steps >= self.inpainter.warmup_steps and active_infiller() is None:
+            set_active_infiller(self.inpainter.infiller())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+        if (self.batches - 1) % self.every_n_steps:
+            return
+        try:
+            with rng_guard():
+                x = unpack_batch(batch).x.detach()
+                self._train(x, pl_module.device)
+        except Exception as err:
+            if self.on_error == "raise":
+                raise
+            self.errors += 1
+            warnings.warn(f"InpainterCallback training step failed at global step {trainer.global_step}: "
+                          f"{type(err).__name__}: {err}; training goes on (on_error='warn')", stacklevel=2)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        set_active_infiller(None)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        set_active_infiller(None)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def run(self, trainer, pl_module) -> None:
+        if self.inpainter is None:
+            return
+        probe = self.probe(trainer, pl_module)
+        x = probe.x.float()
+        if self._eval_keep is None or self._eval_keep.shape[0] != x.shape[0]:
+            gen = torch.Generator().manual_seed(self.probe_seed)
+            self._eval_keep = self.mask_sampler(x.shape[0], x.shape[2], x.shape[3], gen)
+        keep = self._eval_keep.to(x.device)
+        hole = (1 - keep).expand_as(x)
+        vr = self.options["value_range"]
+        span = (vr[1] - vr[0]) if vr is not None else float(x.max() - x.min()) or 1.0
+        fills = [self.inpainter.infiller(seed=self.probe_seed)] + self.baselines
+        values, filled = {}, {}
+        with model_guard(pl_module) as model, torch.no_grad():
+            pred = model(x.clone()).argmax(dim=1)
+            for f in fills:
+                z = f(x, keep)
+                filled[f.name] = z
+                mse = ((z - x) ** 2 * hole).sum() / hole.sum().clamp_min(1)
+                values[f"inpainter/l1/{f.name}"] = float(masked_l1(z, x, hole))
+                values[f"inpainter/psnr/{f.name}"] = float(10 * torch.log10(span ** 2 / mse.clamp_min(1e-12)))
+                values[f"inpainter/agreement/{f.name}"] = float((model(z).argmax(dim=1) == pred).float().mean())
+        for k, v in self._losses.items():
+            values[f"inpainter/{k}"] = float(np.mean(v))
+        self._losses = {}
+        sinks.log_scalars(pl_module, values)
+        if not trainer.is_global_zero:
+            return
+        n = min(self.n_images, x.shape[0])
+        names = [f.name for f in fills[:2]]
+        images = [self._example(x[i], keep[i], [filled[k][i] for k in names]) for i in range(n)]
+        captions = [f"#{probe.indices[i].item()} input | mask | {' | '.join(names)}" for i in range(n)]
+        sinks.log_images(trainer, "inpainter/examples", images, captions)
+        if self.save_generator:
+            save_generator(self.inpainter.generator, sinks.run_dir(trainer) / "inpainter" / "generator.pt")
+
+    @staticmethod
+    def _example(x: torch.Tensor, keep: torch.Tensor, fills: list[torch.Tensor], gap: int = 2) -> np.ndarray:
+        """One row: input | mask (black = removed) | each fill, on the input's own scale."""
+        lo, hi = float(x.min()), float(x.max())
+
+        def rgb(t):
+            a = ((t.float().mean(0) - lo) / (hi - lo if hi > lo else 1.0)).clamp(0, 1).cpu().numpy()
+            return (np.repeat(a[..., None], 3, axis=2) * 255).round().astype(np.uint8)
+
+        mask = (keep.float().mean(0).clamp(0, 1) * 255).round().byte().cpu().numpy()
+        mask = np.repeat(mask[..., None], 3, axis=2)
+        tiles = [rgb(x), mask] + [rgb(f) for f in fills]
+        h = tiles[0].shape[0]
+        sep = np.full((h, gap, 3), 255, np.uint8)
+        row = np.concatenate([t for tile in tiles for t in (tile, sep)][:-1], axis=1)
+        scale = max(1, 96 // h)
+        return row.repeat(scale, axis=0).repeat(scale, axis=1)
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["batches"] = self.batches
+        state["inpainter"] = self.inpainter.state_dict() if self.inpainter is not None else self._pending
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.batches = state_dict.get("batches", 0)
+        saved = state_dict.get("inpainter")
+        if saved is not None and self.inpainter is not None:
+            self.inpainter.load_state_dict(saved)
+        else:
+            self._pending = saved
