@@ -11,8 +11,11 @@ and the ViRelAy database export in :mod:`.virelay`. No Lightning, no W&B here.
 from .core import SpRAyResult, spray
 from .pipeline import (affinity, check_heatmaps, clustering, eigengap, knn, laplacian, preprocess, prototypes,
                        spectral_embedding, visualisation_embedding)
+from .tracking import StrategyTracker, prototype_similarity
+from .virelay import write_virelay
 from .suspicion import cluster_suspicion, mask_shares, relevance_distribution, sample_suspicion
 
 __all__ = ["spray", "SpRAyResult", "preprocess", "affinity", "knn", "laplacian", "spectral_embedding", "eigengap",
            "clustering", "visualisation_embedding", "prototypes", "check_heatmaps", "relevance_distribution",
-           "sample_suspicion", "cluster_suspicion", "mask_shares"]
+           "sample_suspicion", "cluster_suspicion", "mask_shares", "StrategyTracker", "prototype_similarity",
+           "write_virelay"]

@@ -29,6 +29,8 @@ class SpRAyResult:
         cluster_suspicion: (K,) per-cluster suspicion.
         flagged: (K,) bool, ``cluster_suspicion >= threshold``: suspected Clever-Hans strategies.
         factors: the per-cluster factors ``novelty``, ``compactness``, ``share``, ``excess``.
+        signatures: (K, grid * grid) each cluster's mean relevance distribution (what
+            :class:`~xai_callbacks.spray.tracking.StrategyTracker` matches across epochs).
         mask_shares: name -> (N,) share of positive relevance on that mask (empty without masks).
         cluster_mask_shares: name -> (K,) mean of ``mask_shares`` over each cluster's members.
         params: the parameters of the run (k, n_eigval, clustering, ...).
@@ -46,6 +48,7 @@ class SpRAyResult:
     cluster_suspicion: np.ndarray
     flagged: np.ndarray
     factors: dict[str, np.ndarray]
+    signatures: np.ndarray
     mask_shares: dict[str, np.ndarray] = field(default_factory=dict)
     cluster_mask_shares: dict[str, np.ndarray] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
@@ -130,6 +133,7 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None,
     factors = cluster_suspicion(dist, labels)
     suspicion = factors.pop("suspicion")
     shares = mask_shares(heatmaps, masks) if masks else {}
+    signatures = np.stack([dist[labels == c].mean(0) for c in range(found)]) if found else dist[:0]
     cluster_shares = {name: np.array([s[labels == c].mean() for c in range(found)]) for name, s in shares.items()}
     params = dict(channel_reduce=channel_reduce, absolute=absolute, size=size, normalize=normalize, k=k,
                   affinity=affinity, laplacian=laplacian, n_eigval=n_eigval, normalize_rows=normalize_rows,
@@ -140,7 +144,7 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None,
                        spectral_embedding=vectors.astype(np.float32), prototypes=proto, typical=typical,
                        cluster_sizes=np.bincount(labels[labels >= 0], minlength=found),
                        suspicion=sample_suspicion(dist), cluster_suspicion=suspicion,
-                       flagged=suspicion >= threshold, factors=factors, mask_shares=shares,
+                       flagged=suspicion >= threshold, factors=factors, signatures=signatures, mask_shares=shares,
                        cluster_mask_shares=cluster_shares, params=params)
 
 
