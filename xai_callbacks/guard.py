@@ -2,7 +2,8 @@
 
 Every call into a model made by this library goes through :func:`model_guard`. It
 
-* unwraps DDP / ``torch.compile`` / other ``.module`` wrappers and yields the original module,
+* unwraps DDP / ``torch.compile`` wrappers and yields the original module (a LightningModule
+  compiled by the Trainer runs its original, uncompiled ``forward`` inside the guard),
 * switches to eval mode and restores every submodule's own ``training`` flag afterwards,
 * leaves ``inference_mode`` and ``no_grad``, enables grad, disables autocast (fp32),
 * forks and restores the global RNG states (torch CPU and CUDA, numpy, ``random``),
@@ -80,11 +81,18 @@ def model_guard(model: nn.Module, seed: int | None = 0) -> Iterator[nn.Module]:
             stack.enter_context(torch.autocast(device_type, enabled=False))
         stack.enter_context(rng_guard(seed))
         module.eval()
+        # Lightning's compiled modules run a compiled forward; hooks added now would not run there
+        compiled = getattr(module, "_compiler_ctx", None) or {}
+        compiled_forward = module.__dict__.get("forward")
+        if "original_forward" in compiled:
+            module.forward = compiled["original_forward"]
         try:
             yield module
         finally:
             for m, flag in flags:
                 m.training = flag
+            if "original_forward" in compiled:
+                module.forward = compiled_forward
     left = hook_count(module) - hooks_before
     if left:
         raise RuntimeError(f"an explainer left {left} hook(s) on the model; this is a bug in the explainer")

@@ -47,9 +47,10 @@ def epsilon_plus_flat(model, x, target, *, epsilon: float = 1e-6) -> torch.Tenso
 def epsilon_gamma_box(model, x, target, *, low: float | None = None, high: float | None = None,
                       epsilon: float = 1e-6, gamma: float = 0.25) -> torch.Tensor:
     """Epsilon on dense, gamma on convolutions, z^B (box) on the first layer with the input
-    bounds ``low`` / ``high`` (default: the batch's minimum and maximum)."""
-    low = float(x.detach().min()) if low is None else low
-    high = float(x.detach().max()) if high is None else high
+    bounds ``low`` / ``high`` (default: each sample's own minimum and maximum)."""
+    dims = tuple(range(1, x.dim()))
+    low = x.detach().amin(dim=dims, keepdim=True).expand_as(x) if low is None else low
+    high = x.detach().amax(dim=dims, keepdim=True).expand_as(x) if high is None else high
     comp = composites.EpsilonGammaBox(low=low, high=high, epsilon=epsilon, gamma=gamma,
                                       canonizers=default_canonizers(model))
     return lrp(model, x, target, comp)

@@ -1,6 +1,7 @@
 """AttributionCallback: heatmaps of a fixed probe set, every N epochs, to W&B and disk."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -10,7 +11,7 @@ from .. import render, sinks
 from ..attribution import available_methods, explain
 from ..attribution import method_options as options_of
 from ..guard import model_guard
-from .base import ExplanationCallback
+from .base import ExplanationCallback, shard_map
 
 __all__ = ["AttributionCallback"]
 
@@ -22,7 +23,8 @@ class AttributionCallback(ExplanationCallback):
     red positive, blue negative; caption: dataset index, label, prediction, its probability), one
     table ``xai/heatmap_table`` (sample id, label, prediction, method, image), and all heatmaps
     of the epoch in ``<run dir>/xai/heatmaps/epoch_NNNN.npz``. The latest heatmaps stay in
-    :attr:`heatmaps` for other callbacks and notebooks.
+    :attr:`heatmaps` for other callbacks and notebooks. Under DDP each rank explains its share
+    of the probe set and the heatmaps are gathered; only rank 0 logs and writes.
 
     Args:
         methods: attribution method names (see ``xai_callbacks.attribution.available_methods``).
@@ -62,8 +64,9 @@ class AttributionCallback(ExplanationCallback):
         with model_guard(pl_module) as model:
             probs = model(probe.x.clone()).softmax(dim=1)
         score, pred = probs.max(dim=1)
-        self.heatmaps = {m: explain(pl_module, probe.x, probe.y, method=m, batch_size=self.batch_size,
-                                    **self.method_options.get(m, {})) for m in self.methods}
+        self.heatmaps = {m: shard_map(trainer, partial(explain, pl_module, method=m, batch_size=self.batch_size,
+                                                       **self.method_options.get(m, {})), probe.x, probe.y)
+                         for m in self.methods}
         if not trainer.is_global_zero:
             return
         n = min(self.n_images, len(probe.y))

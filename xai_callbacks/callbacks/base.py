@@ -14,7 +14,7 @@ from .. import sinks
 from ..data import unpack_batch
 from ..guard import rng_guard
 
-__all__ = ["ExplanationCallback", "Probe", "select_probe", "val_dataloader"]
+__all__ = ["ExplanationCallback", "Probe", "select_probe", "val_dataloader", "shard_map"]
 
 ON_ERROR = ("warn", "raise")
 
@@ -67,6 +67,23 @@ def select_probe(dataset, size: int, seed: int) -> list[int]:
             if members and len(chosen) < size:
                 chosen.append(int(members.pop(0)))
     return sorted(chosen)
+
+
+def shard_map(trainer, fn, *tensors: torch.Tensor) -> torch.Tensor:
+    """``fn(*tensors)`` with the samples split across DDP ranks, gathered back in order on every rank.
+
+    Rank r takes the r-th contiguous block of ``ceil(n / world_size)`` samples (the last blocks
+    padded with sample 0); ``fn`` must treat samples independently and return a tensor with one
+    row per sample. With one process this is just ``fn(*tensors)``.
+    """
+    world, n = trainer.world_size, tensors[0].shape[0]
+    if world == 1:
+        return fn(*tensors)
+    per = -(-n // world)
+    idx = torch.arange(trainer.global_rank * per, (trainer.global_rank + 1) * per, device=tensors[0].device)
+    idx = torch.where(idx < n, idx, torch.zeros_like(idx))
+    out = fn(*(t[idx] for t in tensors))
+    return trainer.strategy.all_gather(out.contiguous()).flatten(0, 1)[:n]
 
 
 class ExplanationCallback(pl.Callback):
