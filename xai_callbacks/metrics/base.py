@@ -27,7 +27,7 @@ from ..guard import model_guard, unwrap_model
 from ..infill import Infiller, get_infiller
 
 __all__ = ["ExplanationMetric", "CurveResult", "check_inputs", "pixel_relevance", "check_masks",
-           "stacked_scores", "explain_stacked", "spearman", "pearson", "cosine", "SIMILARITIES", "OUTPUTS"]
+           "stacked_scores", "explain_stacked", "blender", "spearman", "pearson", "cosine", "SIMILARITIES", "OUTPUTS"]
 
 OUTPUTS = ("probability", "logit")
 
@@ -145,6 +145,15 @@ def prepare(model: nn.Module, x: torch.Tensor, target, relevance: torch.Tensor |
 
 def resolve_infiller(infiller) -> Infiller:
     return get_infiller(infiller)
+
+
+def blender(infiller: Infiller, x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(idx, keep) -> infiller(x[idx], keep)``; for infillers whose fill does not depend on the
+    mask (constant, blur, noise) the fill of ``x`` is computed once and blended per chunk."""
+    if type(infiller).fill_masked is not Infiller.fill_masked:  # mask-aware (e.g. the GAN): per chunk
+        return lambda idx, keep: infiller(x[idx], keep)
+    filled = infiller.fill(x)
+    return lambda idx, keep: x[idx] * keep + filled[idx] * (1 - keep)
 
 
 # ---------------------------------------------------------------------------- ranks, similarities

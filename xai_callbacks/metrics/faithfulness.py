@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..infill import Infiller
-from .base import (OUTPUTS, CurveResult, ExplanationMetric, check_choice, pearson, prepare, ranks,
+from .base import (OUTPUTS, CurveResult, ExplanationMetric, blender, check_choice, pearson, prepare, ranks,
                    resolve_infiller, stacked_scores)
 
 __all__ = ["pixel_flipping", "region_perturbation", "insertion_auc", "deletion_auc", "faithfulness_correlation",
@@ -65,12 +65,13 @@ def removal_curve(model: nn.Module, x: torch.Tensor, target: torch.Tensor, r: to
     position = ranks(key)[:, unit_of_pixel]  # (B, H*W): 0 = the first unit to go
     counts = _counts(n_units, n_steps).to(x.device)
     p = counts.numel()
+    blend = blender(infiller, x)
 
     def make(idx):
         i, k = idx // p, idx % p
         done = position[i] < counts[k, None]
         keep = done if insertion else ~done
-        return infiller(x[i], keep.view(-1, 1, h, w).to(x.dtype))
+        return blend(i, keep.view(-1, 1, h, w).to(x.dtype))
 
     scores = stacked_scores(model, make, b * p, target.repeat_interleave(p), output, batch_size).view(b, p)
     return scores, counts.double() / n_units
@@ -172,12 +173,12 @@ def faithfulness_correlation(model: nn.Module, x: torch.Tensor, target, relevanc
         subsets = noise.argsort(-1)[..., :subset_size]
     subsets = subsets.to(x.device)
     runs = subsets.shape[1]
-    fill = resolve_infiller(infiller)
+    blend = blender(resolve_infiller(infiller), x)
 
     def make(idx):
         i, j = idx // runs, idx % runs
         keep = torch.ones(len(idx), h * w, device=x.device).scatter_(1, subsets[i, j], 0.0)
-        return fill(x[i], keep.view(-1, 1, h, w))
+        return blend(i, keep.view(-1, 1, h, w))
 
     base = stacked_scores(model, lambda idx: x[idx], b, target, output, batch_size)
     perturbed = stacked_scores(model, make, b * runs, target.repeat_interleave(runs), output, batch_size)
