@@ -78,7 +78,8 @@ class InpaintGenerator(nn.Module):
         noise (B, noise_channels, H, W) or None (zeros)."""
         cfg = self.config
         if x.dim() != 4 or x.shape[1] != cfg["channels"]:
-            raise ValueError(f"InpaintGenerator expects images (B, {cfg['channels']}, H, W), got {tuple(x.shape)}")
+            raise ValueError(f"InpaintGenerator was built for {cfg['channels']} channels: expects images "
+                             f"(B, {cfg['channels']}, H, W), got {tuple(x.shape)}")
         b, _, h, w = x.shape
         keep = keep.to(x.dtype).expand(b, -1, h, w)
         mask = keep.mean(dim=1, keepdim=True)
@@ -151,6 +152,8 @@ class MaskSampler:
     * ``grid``: cells of a ``g`` x ``g`` grid (g from ``grid_sizes``) removed with probability
       p ~ U(``drop``), upsampled nearest (occlusion / RISE-like patches).
 
+    A drawn mask that keeps nothing is replaced by a ``box`` mask.
+
     Args:
         kinds: the kinds in the mixture.
         weights: mixture weights of the kinds (default equal).
@@ -188,6 +191,9 @@ class MaskSampler:
             sel = (kind == k).nonzero().flatten()
             if len(sel):
                 masks[sel] = getattr(self, f"_{name}")(len(sel), height, width, g)
+        empty = (masks.flatten(1).amax(1) == 0).nonzero().flatten()
+        if len(empty):  # nothing kept: nothing to inpaint from; remove a box instead
+            masks[empty] = self._box(len(empty), height, width, g)
         return masks
 
     def _uniform(self, n, lo, hi, g):
