@@ -67,8 +67,8 @@ class SpRAyResult:
 def spray(heatmaps, *, masks: dict[str, Any] | None = None,
           channel_reduce: str | None = "sum", absolute: bool = False, size: int | tuple[int, int] | None = None,
           normalize: str | None = "l2", k: int = 10, affinity: str = "knn", laplacian: str = "symmetric",
-          n_eigval: int = 32, normalize_rows: bool = True, n_clusters: int | None = None, min_clusters: int = 1,
-          max_clusters: int = 10, cluster_dims: int | None = None, clustering: str = "kmeans",
+          n_eigval: int = 32, normalize_rows: bool = True, n_clusters: int | None = None, min_clusters: int = 2,
+          max_clusters: int = 10, eigengap_eps: float | None = 0.01, cluster_dims: int | None = None, clustering: str = "kmeans",
           clustering_options: dict[str, Any] | None = None, visualisation: str | None = "tsne",
           n_typical: int = 5, grid: int = 8, threshold: float = 0.25, seed: int = 0) -> SpRAyResult:
     """Spectral relevance analysis of the heatmaps of one class.
@@ -95,6 +95,7 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None,
         n_clusters: fixed number of clusters; None chooses it by the eigengap.
         min_clusters: smallest number of clusters the eigengap may choose.
         max_clusters: largest number of clusters the eigengap may choose.
+        eigengap_eps: the eigengap compares ``log(eigenvalue + eps)``; None: absolute gaps.
         cluster_dims: eigenvectors the clustering sees; None uses the first ``n_clusters``
             (Ng, Jordan & Weiss); CoRelAy uses all (``cluster_dims=n_eigval``).
         clustering: ``"kmeans"``, ``"agglomerative"``, ``"dbscan"`` or ``"hdbscan"``.
@@ -119,7 +120,8 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None,
     lap = _p.laplacian(adjacency, kind=laplacian)
     eigenvalues, vectors = _p.spectral_embedding(lap, n_eigval=n_eigval, seed=seed, normalize_rows=False)
     if n_clusters is None:
-        n_clusters = _p.eigengap(eigenvalues, min_clusters=min_clusters, max_clusters=max_clusters)
+        n_clusters = _p.eigengap(eigenvalues, min_clusters=min_clusters, max_clusters=max_clusters,
+                                 eps=eigengap_eps)
     dims = cluster_dims or n_clusters
     chosen = vectors[:, :dims]
     if normalize_rows:
@@ -137,7 +139,8 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None,
     cluster_shares = {name: np.array([s[labels == c].mean() for c in range(found)]) for name, s in shares.items()}
     params = dict(channel_reduce=channel_reduce, absolute=absolute, size=size, normalize=normalize, k=k,
                   affinity=affinity, laplacian=laplacian, n_eigval=n_eigval, normalize_rows=normalize_rows,
-                  min_clusters=min_clusters, max_clusters=max_clusters, cluster_dims=dims, clustering=clustering,
+                  min_clusters=min_clusters, max_clusters=max_clusters, eigengap_eps=eigengap_eps,
+                  cluster_dims=dims, clustering=clustering,
                   clustering_options=dict(clustering_options or {}), visualisation=visualisation, grid=grid,
                   threshold=threshold, seed=seed)
     return SpRAyResult(labels=labels, n_clusters=found, eigenvalues=eigenvalues, embedding=embedding,

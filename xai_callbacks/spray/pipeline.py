@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
+import scipy.sparse.csgraph  # noqa: F401  (sp.csgraph)
 import torch
 import torch.nn.functional as F
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
@@ -189,7 +190,9 @@ def spectral_embedding(lap: Laplacian, n_eigval: int = 32, seed: int = 0,
     """The ``n_eigval`` smallest eigenvalues (ascending) of the Laplacian and their eigenvectors.
 
     Uses ``scipy.sparse.linalg.eigsh`` on ``I - L`` (largest algebraic eigenvalues, which ARPACK
-    finds quickly), with a seeded start vector.
+    finds quickly), with a seeded start vector, per connected component of the graph (so the
+    eigenvalue 0 keeps its multiplicity); components of at most ``max(2 * n_eigval + 1, 64)``
+    nodes are solved densely (their size, not N, bounds that memory).
 
     Args:
         lap: from :func:`laplacian`.
@@ -204,17 +207,25 @@ def spectral_embedding(lap: Laplacian, n_eigval: int = 32, seed: int = 0,
     n = lap.matrix.shape[0]
     if n < 3:
         raise ValueError(f"a spectral embedding needs at least 3 samples, got {n}")
-    m = min(n_eigval, n - 1)
-    if m < 1:
+    if n_eigval < 1:
         raise ValueError(f"n_eigval must be >= 1, got {n_eigval}")
-    shifted = (sp.identity(n, format="csr") - lap.matrix).tocsr()
-    v0 = np.random.default_rng(seed).uniform(0.5, 1.5, n)
-    try:
-        mu, vec = eigsh(shifted, k=m, which="LA", v0=v0, tol=1e-8)
-    except ArpackNoConvergence:
-        mu, vec = eigsh(shifted, k=m, which="LA", v0=v0, tol=1e-6, ncv=min(n, max(4 * m, 40)), maxiter=50 * n)
-    order = np.argsort(-mu)
-    eigenvalues, vectors = np.clip(1.0 - mu[order], 0.0, 2.0), vec[:, order]
+    m = min(n_eigval, n - 1)
+    # The spectrum of a disconnected graph is the union of its components' spectra; solving per
+    # component keeps eigenvalue 0 with its full multiplicity (one per component), which a single
+    # Lanczos run can miss.
+    n_comp, comp = sp.csgraph.connected_components(lap.matrix, directed=False)
+    values, parts = [], []
+    for j in range(n_comp):
+        nodes = np.flatnonzero(comp == j)
+        block = (sp.identity(len(nodes), format="csr") - lap.matrix[nodes][:, nodes]).tocsr()
+        mu, vec = _largest_eigenpairs(block, min(m, len(nodes)), seed)
+        full = np.zeros((n, len(mu)))
+        full[nodes] = vec
+        values.append(1.0 - mu)
+        parts.append(full)
+    ev, vectors = np.concatenate(values), np.concatenate(parts, axis=1)
+    order = np.argsort(ev, kind="stable")[:m]
+    eigenvalues, vectors = np.clip(ev[order], 0.0, 2.0), vectors[:, order]
     if lap.kind == "random_walk":
         vectors = vectors / np.sqrt(lap.degree)[:, None]
     # fix each eigenvector's sign (largest-magnitude entry positive) so results are reproducible
@@ -225,30 +236,50 @@ def spectral_embedding(lap: Laplacian, n_eigval: int = 32, seed: int = 0,
     return eigenvalues, vectors
 
 
+def _largest_eigenpairs(matrix: sp.csr_matrix, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``m`` largest eigenpairs of a symmetric sparse matrix: ARPACK, dense for tiny ones."""
+    n = matrix.shape[0]
+    if n <= max(2 * m + 1, 64):
+        mu, vec = np.linalg.eigh(matrix.toarray())
+        return mu[::-1][:m], vec[:, ::-1][:, :m]
+    v0 = np.random.default_rng(seed).uniform(0.5, 1.5, n)
+    try:
+        return eigsh(matrix, k=m, which="LA", v0=v0, tol=1e-10)
+    except ArpackNoConvergence:
+        return eigsh(matrix, k=m, which="LA", v0=v0, tol=1e-8, ncv=min(n, max(4 * m, 40)), maxiter=100 * n)
+
+
 def _unit_rows(v: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(v, axis=1, keepdims=True)
     return v / np.where(norm > 0, norm, 1)
 
 
-def eigengap(eigenvalues: np.ndarray, min_clusters: int = 1, max_clusters: int = 10) -> int:
+def eigengap(eigenvalues: np.ndarray, min_clusters: int = 1, max_clusters: int = 10,
+             eps: float | None = 0.01) -> int:
     """Number of clusters from the largest gap in the ascending Laplacian spectrum.
 
-    Returns the ``K`` in ``[min_clusters, max_clusters]`` that maximises
-    ``eigenvalues[K] - eigenvalues[K - 1]`` (the gap after the K-th smallest eigenvalue).
+    Returns the ``K`` in ``[min_clusters, max_clusters]`` that maximises the gap after the K-th
+    smallest eigenvalue, ``log(ev[K] + eps) - log(ev[K-1] + eps)``: a gap counts relative to
+    the eigenvalues around it, so the jump from (near) zero to the first clearly positive
+    eigenvalue wins over the wider but relatively smaller gaps higher up the spectrum.
 
     Args:
         eigenvalues: ascending eigenvalues of the normalised Laplacian.
         min_clusters: smallest K considered (>= 1).
         max_clusters: largest K considered; capped at ``len(eigenvalues) - 1``.
+        eps: eigenvalues well below ``eps`` count as zero; None compares absolute gaps
+            ``ev[K] - ev[K-1]`` (the textbook heuristic).
     """
     ev = np.asarray(eigenvalues, dtype=np.float64)
     if min_clusters < 1:
         raise ValueError(f"min_clusters must be >= 1, got {min_clusters}")
+    if eps is not None and eps <= 0:
+        raise ValueError(f"eps must be > 0 or None, got {eps}")
     hi = min(max_clusters, len(ev) - 1)
     if hi < min_clusters:
         raise ValueError(f"the eigengap over K in [{min_clusters}, {max_clusters}] needs at least "
                          f"{min_clusters + 1} eigenvalues, got {len(ev)}")
-    gaps = np.diff(ev)  # gaps[K-1] = ev[K] - ev[K-1]
+    gaps = np.diff(ev if eps is None else np.log(np.clip(ev, 0, None) + eps))  # gaps[K-1]: after the K-th
     ks = np.arange(min_clusters, hi + 1)
     return int(ks[np.argmax(gaps[ks - 1])])
 
@@ -281,7 +312,7 @@ def clustering(embedding: np.ndarray, n_clusters: int, algorithm: str = "kmeans"
     elif algorithm == "dbscan":
         est = cluster.DBSCAN(**options)
     else:
-        est = cluster.HDBSCAN(**{"min_cluster_size": 5, **options})
+        est = cluster.HDBSCAN(**{"min_cluster_size": 5, "copy": True, **options})
     return np.asarray(est.fit_predict(embedding), dtype=np.int64)
 
 

@@ -4,9 +4,12 @@ All scores work on *relevance distributions*: the positive, channel-summed relev
 heatmap, average-pooled to a ``grid x grid`` map and scaled to sum 1 (``P_i``). With ``u = 1 /
 grid**2`` the share of a uniform map per cell:
 
-* **sample suspicion** ``s_i = sum_p P_i(p) * w(p)`` with ``w(p) = max(0, 1 - M(p) / u)`` and
-  ``M`` the per-cell median of ``P`` over the class (robust to a minority strategy): the share of
-  the sample's relevance that lies where the class's majority puts less than uniform relevance.
+* **sample suspicion** ``s_i = max_p w(p) * (P_i(p) - M(p)) / (MAD(p) + u / 10)``: the most
+  anomalous relevance the sample puts where the class's majority does not look, as a robust
+  z-score. ``M`` and ``MAD`` are the per-cell median and median absolute deviation of ``P`` over
+  the class (robust to a minority strategy), ``w(p) = max(0, 1 - M(p) / u)`` is 1 where the
+  majority puts no relevance and 0 where it puts at least uniform relevance. Unbounded; a few
+  units is ordinary variation, tens mean relevance on a spot the class otherwise ignores.
 * **cluster suspicion** ``S_c = novelty_c * compactness_c * (1 - share_c)``, each in [0, 1]:
 
   - ``D_c = max(0, mean_c P - mean_rest P)``: the relevance the cluster adds over the rest of
@@ -59,10 +62,12 @@ def relevance_distribution(heatmaps, grid: int = 8) -> np.ndarray:
 
 
 def sample_suspicion(dist: np.ndarray) -> np.ndarray:
-    """Per-sample suspicion (N,) in [0, 1] from :func:`relevance_distribution` of one class."""
+    """Per-sample suspicion (N,) (a robust z-score >= 0) from :func:`relevance_distribution` of one class."""
     u = 1.0 / dist.shape[1]
-    weight = np.clip(1.0 - np.median(dist, axis=0) / u, 0.0, 1.0)
-    return dist @ weight
+    median = np.median(dist, axis=0)
+    mad = np.median(np.abs(dist - median), axis=0)
+    weight = np.clip(1.0 - median / u, 0.0, 1.0)
+    return np.clip((weight * (dist - median) / (mad + 0.1 * u)).max(1), 0.0, None)
 
 
 def cluster_suspicion(dist: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
