@@ -1,0 +1,312 @@
+"""SpRAyCallback: spectral relevance analysis of validation heatmaps per class, every N epochs."""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data.dataloader import default_collate
+
+from .. import render, sinks
+from ..attribution import available_methods, explain
+from ..data import unpack_batch
+from ..guard import model_guard
+from ..spray import SpRAyResult, StrategyTracker, check_heatmaps, spray, write_virelay
+from .base import ExplanationCallback, val_dataloader
+
+__all__ = ["SpRAyCallback", "select_per_class"]
+
+_MASK_SUFFIX = "_mask"
+
+
+def _dataset_labels(dataset, candidates: np.ndarray) -> np.ndarray:
+    for name in ("targets", "labels"):
+        labels = getattr(dataset, name, None)
+        if labels is not None and len(labels) == len(dataset):
+            return np.asarray(torch.as_tensor(labels)).reshape(-1)[candidates]
+    return np.array([int(unpack_batch(default_collate([dataset[int(i)]])).y) for i in candidates])
+
+
+def select_per_class(dataset, classes: Sequence[int] | None, max_per_class: int, seed: int) -> list[int]:
+    """Up to ``max_per_class`` dataset indices of each class, seeded; sorted.
+
+    Labels come from ``dataset.targets`` / ``dataset.labels`` when present; otherwise a seeded
+    candidate subset (``20 * max_per_class`` per class wanted) is read, never the whole dataset.
+
+    Args:
+        dataset: a map-style dataset of ``(x, y, ...)`` tuples or dicts with ``x`` / ``y``.
+        classes: the classes to sample; None: every class found.
+        max_per_class: samples per class at most.
+        seed: seed of the draw.
+    """
+    candidates = np.random.default_rng(seed).permutation(len(dataset))
+    if not any(getattr(dataset, n, None) is not None for n in ("targets", "labels")):
+        candidates = candidates[: 20 * max_per_class * (len(classes) if classes else 10)]
+    labels = _dataset_labels(dataset, candidates)
+    wanted = sorted(set(labels.tolist())) if classes is None else list(classes)
+    chosen = [candidates[labels == c][:max_per_class] for c in wanted]
+    return sorted(int(i) for part in chosen for i in part)
+
+
+class SpRAyCallback(ExplanationCallback):
+    """Find each class's prediction strategies, and Clever-Hans candidates, while the model trains.
+
+    Every ``every_n_epochs`` validation epochs: explain a fixed, seeded sample of the validation
+    set (up to ``max_per_class`` per class, chosen once by dataset index and kept in
+    ``state_dict``; each DDP rank explains its share, the heatmaps are gathered with
+    ``trainer.strategy.all_gather``), run :func:`xai_callbacks.spray.spray` per class on rank 0,
+    match the clusters to the strategies of earlier epochs (:class:`StrategyTracker`: a strategy
+    keeps its id), and log per class:
+
+    * ``spray/<class>/eigenvalues``: the Laplacian spectrum (line plot);
+    * ``spray/<class>/embedding``: a table of the 2-D embedding (sample id, x, y, strategy,
+      suspicion, mask shares) for W&B's interactive scatter, and ``spray/<class>/scatter``, the
+      same as a picture coloured by strategy (flagged strategies ringed);
+    * ``spray/<class>/prototypes``: each strategy's mean heatmap;
+    * ``spray/<class>/clusters``: a table (strategy, size, share, suspicion, flagged, novelty,
+      compactness, object / artifact share with masks, prototype, typical members);
+    * ``spray/<class>/strategy_share``: each strategy's share of the class over epochs;
+    * scalars ``spray/<class>/n_clusters``, ``spray/<class>/max_suspicion`` and
+      ``spray/suspicious_share`` (share of analysed samples in flagged clusters), logged on every
+      rank so callbacks can monitor them;
+
+    and writes the epoch's ViRelAy databases to ``<run dir>/spray/epoch_NNNN/``. A class with
+    too few usable heatmaps (NaN, constant, or not more than ``k``) is skipped with a warning
+    counted in ``xai/errors``. The latest results stay in :attr:`results` and
+    :attr:`strategy_ids`.
+
+    Args:
+        method: attribution method (see ``xai_callbacks.attribution.available_methods``).
+        method_options: options of the method.
+        classes: class ids to analyse; None: every class in the validation set.
+        class_names: optional class id -> name used in logged keys (default: the id).
+        max_per_class: validation samples explained per class.
+        target: explain the ``"label"`` (true class, as SpRAy does) or the ``"prediction"``.
+        spray_options: keyword arguments of :func:`~xai_callbacks.spray.spray` (``k``,
+            ``n_eigval``, ``clustering``, ``threshold``, ``visualisation``, ...).
+        min_similarity: prototype similarity needed to continue a strategy's id.
+        batch_size: samples per explainer call (None: a rank's whole share at once).
+        save_virelay: write the ViRelAy databases each time.
+        n_typical: typical members shown per strategy.
+        every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``.
+        seed: seed of the per-class sample and of SpRAy.
+        on_error: ``"warn"`` (count in ``xai/errors``, training goes on) or ``"raise"``.
+    """
+
+    def __init__(self, method: str = "lrp.epsilon_plus_flat", method_options: Mapping[str, Any] | None = None,
+                 classes: Sequence[int] | None = None, class_names: Mapping[int, str] | None = None,
+                 max_per_class: int = 100, target: str = "label", spray_options: Mapping[str, Any] | None = None,
+                 min_similarity: float = 0.8, batch_size: int | None = 256, save_virelay: bool = True,
+                 n_typical: int = 5, every_n_epochs: int = 1, seed: int = 0, on_error: str = "warn"):
+        super().__init__(every_n_epochs=every_n_epochs, probe_size=max(1, int(max_per_class)), probe_seed=seed,
+                         on_error=on_error)
+        if method not in available_methods():
+            raise ValueError(f"unknown attribution method {method!r}; valid: {available_methods()}")
+        if target not in ("label", "prediction"):
+            raise ValueError(f"target must be 'label' or 'prediction', got {target!r}")
+        if not isinstance(max_per_class, int) or max_per_class < 2:
+            raise ValueError(f"max_per_class must be an int >= 2, got {max_per_class!r}")
+        options = dict(spray_options or {})
+        bad = sorted(set(options) - set(spray.__kwdefaults__) | ({"masks", "n_typical"} & set(options)))
+        if bad:
+            raise ValueError(f"unknown spray_options {bad}; valid: "
+                             f"{sorted(set(spray.__kwdefaults__) - {'masks', 'n_typical'})}")
+        self.method, self.method_options, self.target = method, dict(method_options or {}), target
+        self.classes = None if classes is None else [int(c) for c in classes]
+        self.class_names = {int(k): str(v) for k, v in (class_names or {}).items()}
+        self.max_per_class, self.spray_options, self.min_similarity = max_per_class, options, min_similarity
+        self.batch_size, self.save_virelay, self.n_typical, self.seed = batch_size, save_virelay, n_typical, seed
+        self.sample_indices: list[int] | None = None
+        self.trackers: dict[int, StrategyTracker] = {}
+        self.results: dict[int, SpRAyResult] = {}
+        self.strategy_ids: dict[int, list[int]] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.method, classes=self.classes)
+
+    def name_of(self, class_id: int) -> str:
+        """The class's name in logged keys."""
+        return self.class_names.get(class_id, str(class_id))
+
+    # -- collection ----------------------------------------------------------------------------
+    def _collect(self, trainer, pl_module) -> dict[str, torch.Tensor]:
+        """Explain this rank's share of the sample and gather everything from all ranks (CPU)."""
+        loader = val_dataloader(trainer)
+        if self.sample_indices is None:
+            self.sample_indices = select_per_class(loader.dataset, self.classes, self.max_per_class, self.seed)
+        if not self.sample_indices:
+            raise ValueError(f"the validation set has no samples of classes {self.classes}")
+        world, rank = trainer.world_size, trainer.global_rank
+        share = -(-len(self.sample_indices) // world)
+        mine = self.sample_indices[rank::world]
+        valid = torch.zeros(share, dtype=torch.bool)
+        valid[: len(mine)] = True
+        mine = mine + [self.sample_indices[0]] * (share - len(mine))  # pad to equal shares for all_gather
+        collate = loader.collate_fn or default_collate
+        x, y, masks = unpack_batch(collate([loader.dataset[i] for i in mine]))
+        if y is None:
+            raise ValueError("SpRAy needs labels: batches must be (x, y, ...) or dicts with 'y'")
+        dev = pl_module.device
+        x, y = x.to(dev), torch.as_tensor(y).to(dev).long()
+        with model_guard(pl_module) as model:
+            scores = model(x.clone()).float()
+        target = y if self.target == "label" else scores.argmax(1)
+        heat = explain(pl_module, x, target, method=self.method, batch_size=self.batch_size, **self.method_options)
+        local = {"x": x.float(), "heatmaps": heat, "labels": y, "scores": scores.detach(),
+                 "indices": torch.tensor(mine, device=dev), "valid": valid.to(dev)}
+        local.update({f"mask:{k}": v.to(dev).float() for k, v in masks.items()})
+        if world == 1:
+            return {k: v.cpu() for k, v in local.items()}
+        gathered = {}
+        for k, v in local.items():
+            g = trainer.strategy.all_gather(v)  # (world, share, ...)
+            gathered[k] = g.transpose(0, 1).reshape(-1, *v.shape[1:]).cpu()  # interleave back to rank order
+        keep = gathered.pop("valid").bool()
+        return {k: v[keep] for k, v in gathered.items()}
+
+    # -- one epoch -------------------------------------------------------------------------------
+    def run(self, trainer, pl_module) -> None:
+        data = self._collect(trainer, pl_module)
+        scalars: dict[str, float] = {}
+        problems: list[str] = []
+        failure = ""
+        if trainer.is_global_zero:
+            try:
+                scalars, problems = self._analyse(trainer, data)
+            except Exception as err:  # reported after the broadcast, so all ranks stay in step
+                failure = f"{type(err).__name__}: {err}"
+        if trainer.world_size > 1:
+            scalars, problems, failure = trainer.strategy.broadcast((scalars, problems, failure), src=0)
+        if failure:
+            if self.on_error == "raise":
+                raise RuntimeError(f"SpRAy analysis failed at epoch {trainer.current_epoch}: {failure}")
+            problems.append(failure)
+        for p in problems:
+            self.errors += 1
+            warnings.warn(f"SpRAyCallback at epoch {trainer.current_epoch}: {p}", stacklevel=2)
+        sinks.log_scalars(pl_module, scalars)
+
+    def _analyse(self, trainer, data: dict[str, torch.Tensor]) -> tuple[dict[str, float], list[str]]:
+        labels = data["labels"].numpy()
+        masks = {k.split(":", 1)[1].removesuffix(_MASK_SUFFIX): v for k, v in data.items() if k.startswith("mask:")}
+        classes = self.classes if self.classes is not None else sorted(set(labels.tolist()))
+        ok = check_heatmaps(data["heatmaps"])
+        options = {"seed": self.seed, **self.spray_options}
+        k = options.get("k", spray.__kwdefaults__["k"])
+        scalars, problems, results, rows_of = {}, [], {}, {}
+        flagged_samples = analysed = 0
+        epoch = trainer.current_epoch
+        for c in classes:
+            name = self.name_of(c)
+            rows = np.flatnonzero((labels == c) & ok)
+            bad = int(((labels == c) & ~ok).sum())
+            if bad:
+                problems.append(f"class {name}: {bad} heatmap(s) are NaN / inf or constant and were left out")
+            if len(rows) <= k:
+                problems.append(f"class {name}: {len(rows)} usable heatmap(s), SpRAy with k={k} needs more than {k}; "
+                                "skipped (raise max_per_class or lower spray_options['k'])")
+                continue
+            result = spray(data["heatmaps"][rows], masks={m: v[rows] for m, v in masks.items()} or None,
+                           n_typical=self.n_typical, **options)
+            tracker = self.trackers.setdefault(c, StrategyTracker(self.min_similarity))
+            ids = tracker.update(result.signatures, result.factors["share"], epoch)
+            results[c], rows_of[c], self.strategy_ids[c] = result, rows, ids
+            scalars[f"spray/{name}/n_clusters"] = float(result.n_clusters)
+            scalars[f"spray/{name}/max_suspicion"] = result.max_suspicion
+            flagged_samples += int(np.isin(result.labels, np.flatnonzero(result.flagged)).sum())
+            analysed += len(rows)
+            self._log_class(trainer, c, result, ids, tracker, data, rows)
+        self.results = results
+        if analysed:
+            scalars["spray/suspicious_share"] = flagged_samples / analysed
+        if self.save_virelay and results:
+            write_virelay(sinks.run_dir(trainer) / "spray" / f"epoch_{epoch:04d}", data["heatmaps"], labels,
+                          {c: (rows_of[c], r) for c, r in results.items()}, indices=data["indices"],
+                          inputs=data["x"], predictions=data["scores"], class_names=self.class_names or None,
+                          strategy_ids=self.strategy_ids, attribution_method=self.method)
+        return scalars, problems
+
+    # -- logging ---------------------------------------------------------------------------------
+    def _log_class(self, trainer, c: int, r: SpRAyResult, ids: list[int], tracker: StrategyTracker,
+                   data: dict[str, torch.Tensor], rows: np.ndarray) -> None:
+        name = self.name_of(c)
+        key = f"spray/{name}"
+        x, heat, idx = data["x"][rows], data["heatmaps"][rows], data["indices"][rows].tolist()
+        sinks.log_line_plot(trainer, f"{key}/eigenvalues", list(range(1, len(r.eigenvalues) + 1)),
+                            {"eigenvalue": r.eigenvalues.tolist()}, title=f"class {name}: Laplacian spectrum "
+                            f"({r.n_clusters} clusters by eigengap)", xname="index")
+        strategy = np.array([ids[lab] if lab >= 0 else -1 for lab in r.labels])
+        if r.embedding is not None:
+            shares = list(r.mask_shares)
+            table = [[idx[i], float(r.embedding[i, 0]), float(r.embedding[i, 1]), int(strategy[i]),
+                      float(r.suspicion[i])] + [float(r.mask_shares[m][i]) for m in shares] for i in range(len(rows))]
+            sinks.log_table(trainer, f"{key}/embedding", ["sample_id", "x", "y", "strategy", "suspicion"]
+                            + [f"{m}_share" for m in shares], table)
+            flagged_ids = {ids[j] for j in np.flatnonzero(r.flagged)}
+            sinks.log_images(trainer, f"{key}/scatter", [_scatter_rgb(r.embedding, strategy, flagged_ids, name)],
+                             [f"class {name}, epoch {trainer.current_epoch}"])
+        scale = max(1, 96 // heat.shape[-1])
+        protos = [_upscale(render.heatmap_rgb(p), scale) for p in r.prototypes]
+        captions = [f"strategy {ids[j]}: {r.cluster_sizes[j]} samples ({r.factors['share'][j]:.0%}), suspicion "
+                    f"{r.cluster_suspicion[j]:.2f}{' FLAGGED' if r.flagged[j] else ''}" for j in range(r.n_clusters)]
+        sinks.log_images(trainer, f"{key}/prototypes", protos, captions)
+        masks = list(r.cluster_mask_shares)
+        columns = ["strategy", "size", "share", "suspicion", "flagged", "novelty", "compactness"] + \
+            [f"{m}_share" for m in masks] + ["prototype", "typical", "typical_ids"]
+        table = []
+        for j in range(r.n_clusters):
+            members = r.typical[j]
+            strip = np.concatenate([_upscale(render.overlay(x[i], heat[i]), scale) for i in members], axis=1)
+            table.append([ids[j], int(r.cluster_sizes[j]), float(r.factors["share"][j]),
+                          float(r.cluster_suspicion[j]), bool(r.flagged[j]), float(r.factors["novelty"][j]),
+                          float(r.factors["compactness"][j])] + [float(r.cluster_mask_shares[m][j]) for m in masks]
+                         + [protos[j], strip, " ".join(str(idx[i]) for i in members)])
+        sinks.log_table(trainer, f"{key}/clusters", columns, table)
+        epochs, curves = tracker.share_curves()
+        sinks.log_line_plot(trainer, f"{key}/strategy_share", epochs, curves,
+                            title=f"class {name}: share of each strategy", xname="epoch")
+
+    # -- checkpointing ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(sample_indices=self.sample_indices,
+                     trackers={int(c): t.state_dict() for c, t in self.trackers.items()})
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.sample_indices = state_dict.get("sample_indices")
+        self.trackers = {}
+        for c, s in state_dict.get("trackers", {}).items():
+            self.trackers[int(c)] = StrategyTracker(self.min_similarity)
+            self.trackers[int(c)].load_state_dict(s)
+
+
+def _upscale(img: np.ndarray, scale: int) -> np.ndarray:
+    return img.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else img
+
+
+def _scatter_rgb(embedding: np.ndarray, strategy: np.ndarray, flagged: set[int], name: str) -> np.ndarray:
+    """The 2-D embedding coloured by strategy, flagged strategies ringed in red, as HxWx3 uint8."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
+    cmap = plt.get_cmap("tab10")
+    for sid in sorted(set(strategy.tolist())):
+        m = strategy == sid
+        ax.scatter(embedding[m, 0], embedding[m, 1], s=12, color="lightgrey" if sid < 0 else cmap(sid % 10),
+                   edgecolors="red" if sid in flagged else "none", linewidths=1.0,
+                   label=("noise" if sid < 0 else f"strategy {sid}") + (" (flagged)" if sid in flagged else ""))
+    ax.set_title(f"class {name}")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=6, loc="best")
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return img
