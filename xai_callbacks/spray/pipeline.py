@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
-__all__ = ["NORMALIZE", "AFFINITIES", "LAPLACIANS", "CLUSTERINGS", "VISUALISATIONS", "Laplacian",
+__all__ = ["as_array", "pool", "NORMALIZE", "AFFINITIES", "LAPLACIANS", "CLUSTERINGS", "VISUALISATIONS", "Laplacian",
            "check_heatmaps", "preprocess", "knn", "affinity", "laplacian", "spectral_embedding", "eigengap",
            "clustering", "visualisation_embedding", "prototypes"]
 
@@ -28,12 +28,22 @@ CLUSTERINGS = ("kmeans", "agglomerative", "dbscan", "hdbscan")
 VISUALISATIONS = ("tsne", "pca", "spectral", None)
 
 
-def _as_tensor(heatmaps) -> torch.Tensor:
-    if isinstance(heatmaps, np.ndarray):
-        heatmaps = torch.from_numpy(heatmaps)
-    if not isinstance(heatmaps, torch.Tensor):
+def as_array(heatmaps) -> np.ndarray:
+    """Heatmaps as a float32 numpy array (tensors are detached and moved to the CPU)."""
+    if isinstance(heatmaps, torch.Tensor):
+        heatmaps = heatmaps.detach().cpu().float().numpy()
+    if not isinstance(heatmaps, np.ndarray):
         raise TypeError(f"heatmaps must be a torch.Tensor or numpy array, got {type(heatmaps).__name__}")
-    return heatmaps.detach().cpu().float()
+    return heatmaps.astype(np.float32, copy=False)
+
+
+def pool(maps: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Average-pool (N, C, H, W) maps to (N, C, *size) (block means; adaptive pooling otherwise)."""
+    th, tw = (size, size) if isinstance(size, int) else size
+    n, c, h, w = maps.shape
+    if h % th == 0 and w % tw == 0:
+        return maps.reshape(n, c, th, h // th, tw, w // tw).mean((3, 5))
+    return F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(maps)), (th, tw)).numpy()
 
 
 def check_heatmaps(heatmaps) -> np.ndarray:
@@ -42,11 +52,10 @@ def check_heatmaps(heatmaps) -> np.ndarray:
     Args:
         heatmaps: (N, ...) tensor or array of heatmaps.
     """
-    h = _as_tensor(heatmaps).flatten(1)
-    finite = torch.isfinite(h).all(1)
-    h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))
-    spread = h.max(1).values - h.min(1).values
-    return (finite & (spread > 0)).numpy()
+    h = as_array(heatmaps).reshape(len(heatmaps), -1)
+    finite = np.isfinite(h).all(1)
+    h = np.where(np.isfinite(h), h, 0.0)
+    return finite & (h.max(1) - h.min(1) > 0)
 
 
 def preprocess(heatmaps, *, channel_reduce: str | None = "sum", absolute: bool = False,
@@ -66,8 +75,8 @@ def preprocess(heatmaps, *, channel_reduce: str | None = "sum", absolute: bool =
     Raises:
         ValueError: naming the heatmaps that contain NaN / inf or are constant.
     """
-    h = _as_tensor(heatmaps)
-    if h.dim() not in (3, 4) or h.shape[0] == 0:
+    h = as_array(heatmaps)
+    if h.ndim not in (3, 4) or h.shape[0] == 0:
         raise ValueError(f"heatmaps must have shape (N, C, H, W) or (N, H, W) with N >= 1, got {tuple(h.shape)}")
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
@@ -78,31 +87,30 @@ def preprocess(heatmaps, *, channel_reduce: str | None = "sum", absolute: bool =
         bad = np.flatnonzero(~ok)
         raise ValueError(f"{len(bad)} heatmap(s) contain NaN / inf or are constant (indices {bad[:10].tolist()}"
                          f"{' ...' if len(bad) > 10 else ''}); drop them first (see check_heatmaps)")
-    if h.dim() == 3:
+    if h.ndim == 3:
         h = h[:, None]
     if absolute:
-        h = h.abs()
+        h = np.abs(h)
     if channel_reduce == "sum":
-        h = h.sum(1, keepdim=True)
+        h = h.sum(1, keepdims=True)
     if size is not None:
-        h = F.adaptive_avg_pool2d(h, size)
-    x = h.flatten(1)
+        h = pool(h, size)
+    x = h.reshape(len(h), -1)
     if normalize == "l1":
-        scale = x.abs().sum(1, keepdim=True)
+        scale = np.abs(x).sum(1, keepdims=True)
     elif normalize == "l2":
-        scale = x.norm(dim=1, keepdim=True)
+        scale = np.linalg.norm(x, axis=1, keepdims=True)
     elif normalize == "max":
-        scale = x.abs().amax(1, keepdim=True)
+        scale = np.abs(x).max(1, keepdims=True)
     elif normalize == "sum":
-        scale = x.sum(1, keepdim=True)
+        scale = x.sum(1, keepdims=True)
     else:
-        scale = torch.ones(len(x), 1)
-    zero = (scale == 0).flatten()
-    if zero.any():
-        raise ValueError(f"normalize={normalize!r} divides by zero for heatmap(s) "
-                         f"{torch.nonzero(zero).flatten()[:10].tolist()} (their {normalize} is 0 after "
-                         "preprocessing); use another normalize or drop them")
-    return (x / scale).numpy().astype(np.float32, copy=False)
+        scale = np.ones((len(x), 1), np.float32)
+    zero = np.flatnonzero(scale.ravel() == 0)
+    if len(zero):
+        raise ValueError(f"normalize={normalize!r} divides by zero for heatmap(s) {zero[:10].tolist()} (their "
+                         f"{normalize} is 0 after preprocessing); use another normalize or drop them")
+    return (x / scale).astype(np.float32, copy=False)
 
 
 def knn(features: np.ndarray, k: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
@@ -313,7 +321,10 @@ def clustering(embedding: np.ndarray, n_clusters: int, algorithm: str = "kmeans"
         est = cluster.DBSCAN(**options)
     else:
         est = cluster.HDBSCAN(**{"min_cluster_size": 5, "copy": True, **options})
-    return np.asarray(est.fit_predict(embedding), dtype=np.int64)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="openmp"):  # see visualisation_embedding
+        return np.asarray(est.fit_predict(embedding), dtype=np.int64)
 
 
 def visualisation_embedding(embedding: np.ndarray, kind: str | None = "tsne", seed: int = 0,
@@ -340,9 +351,13 @@ def visualisation_embedding(embedding: np.ndarray, kind: str | None = "tsne", se
 
         return PCA(n_components=2, random_state=seed).fit_transform(embedding).astype(np.float32)
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     tsne = TSNE(n_components=2, perplexity=min(perplexity, (n - 1) / 3), init="pca", random_state=seed)
-    return tsne.fit_transform(embedding).astype(np.float32)
+    # scikit-learn's OpenMP threads next to torch's oversubscribe the cores: measured 100x slower
+    # for 55 samples inside a Lightning run on 2 cores; one thread is fast at these sizes
+    with threadpool_limits(limits=1, user_api="openmp"):
+        return tsne.fit_transform(embedding).astype(np.float32)
 
 
 def prototypes(heatmaps, labels: np.ndarray, embedding: np.ndarray, n_typical: int = 5
@@ -359,7 +374,7 @@ def prototypes(heatmaps, labels: np.ndarray, embedding: np.ndarray, n_typical: i
         ``(means (K, ...), typical)``: ``typical[c]`` holds up to ``n_typical`` sample indices,
         most typical first.
     """
-    h = _as_tensor(heatmaps).numpy()
+    h = as_array(heatmaps)
     k = int(labels.max()) + 1 if (labels >= 0).any() else 0
     means = np.zeros((k,) + h.shape[1:], dtype=np.float32)
     typical = []

@@ -28,8 +28,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from .pipeline import as_array, pool
 
 __all__ = ["relevance_distribution", "sample_suspicion", "cluster_suspicion", "mask_shares"]
 
@@ -43,22 +43,21 @@ def relevance_distribution(heatmaps, grid: int = 8) -> np.ndarray:
         heatmaps: (N, C, H, W) or (N, H, W) tensor or array.
         grid: side of the pooled map.
     """
-    h = torch.as_tensor(np.asarray(heatmaps) if not isinstance(heatmaps, torch.Tensor) else heatmaps)
-    h = h.detach().cpu().double()
-    if h.dim() == 3:
+    h = as_array(heatmaps).astype(np.float64)
+    if h.ndim == 3:
         h = h[:, None]
-    if h.dim() != 4:
+    if h.ndim != 4:
         raise ValueError(f"heatmaps must have shape (N, C, H, W) or (N, H, W), got {tuple(h.shape)}")
-    r = h.sum(1, keepdim=True)
-    pos = r.clamp_min(0)
-    none = pos.flatten(1).sum(1) == 0
-    pos[none] = r[none].abs()
-    p = F.adaptive_avg_pool2d(pos, grid).flatten(1)
-    total = p.sum(1, keepdim=True)
+    r = h.sum(1, keepdims=True)
+    pos = np.clip(r, 0, None)
+    none = pos.reshape(len(pos), -1).sum(1) == 0
+    pos[none] = np.abs(r[none])
+    p = pool(pos, grid).reshape(len(pos), -1)
+    total = p.sum(1, keepdims=True)
     if (total == 0).any():
-        bad = torch.nonzero(total.flatten() == 0).flatten()[:10].tolist()
-        raise ValueError(f"heatmap(s) {bad} are all zero: no relevance distribution")
-    return (p / total).numpy()
+        raise ValueError(f"heatmap(s) {np.flatnonzero(total.ravel() == 0)[:10].tolist()} are all zero: "
+                         "no relevance distribution")
+    return p / total
 
 
 def sample_suspicion(dist: np.ndarray) -> np.ndarray:
@@ -107,19 +106,18 @@ def mask_shares(heatmaps, masks: dict[str, object]) -> dict[str, np.ndarray]:
         masks: name -> (N, H, W), (N, 1, H, W) or (N, C, H, W) masks in [0, 1] (e.g.
             ``{"object": ..., "artifact": ...}``).
     """
-    h = torch.as_tensor(np.asarray(heatmaps) if not isinstance(heatmaps, torch.Tensor) else heatmaps)
-    h = h.detach().cpu().double()
-    if h.dim() == 3:
+    h = as_array(heatmaps).astype(np.float64)
+    if h.ndim == 3:
         h = h[:, None]
-    pos = h.sum(1).clamp_min(0)
-    total = pos.flatten(1).sum(1).clamp_min(1e-30)
+    pos = np.clip(h.sum(1), 0, None)
+    total = np.maximum(pos.reshape(len(pos), -1).sum(1), 1e-30)
     shares = {}
     for name, m in masks.items():
-        m = torch.as_tensor(np.asarray(m) if not isinstance(m, torch.Tensor) else m).detach().cpu().double()
-        if m.dim() == 4:
-            m = m.amax(1)
+        m = as_array(m).astype(np.float64)
+        if m.ndim == 4:
+            m = m.max(1)
         if m.shape != pos.shape:
             raise ValueError(f"mask {name!r} has shape {tuple(m.shape)}; expected (N, H, W) = {tuple(pos.shape)} "
                              "(or with a channel axis) to match the heatmaps")
-        shares[name] = ((pos * m).flatten(1).sum(1) / total).numpy()
+        shares[name] = (pos * m).reshape(len(pos), -1).sum(1) / total
     return shares
