@@ -153,9 +153,9 @@ def _optimize(param: torch.Tensor, loss_fn, steps: int, lr: float, clamp: bool) 
 
 @register_method("meaningful_perturbation")
 def meaningful_perturbation(model, x, target, *, game: str = "deletion", infiller: str | Infiller = "auto",
-                            steps: int = 100, lr: float = 0.1, l1: float = 0.5, tv: float = 0.2,
+                            steps: int = 50, lr: float = 0.1, l1: float = 0.5, tv: float = 0.2,
                             tv_beta: float = 3.0, mask_size: int | tuple[int, int] = 8, jitter: int = 2,
-                            n_samples: int = 2, output: str = "probability", mask_seed: int = 0) -> torch.Tensor:
+                            n_samples: int = 1, output: str = "probability", mask_seed: int = 0) -> torch.Tensor:
     """Meaningful perturbation (Fong & Vedaldi 2017) on images (B, C, H, W).
 
     A mask m in [0, 1] (1 = keep) at ``mask_size``, bilinearly upsampled and shifted by a random
@@ -234,8 +234,8 @@ def _fido(model, x, target, game, infiller, steps, lr, l1, tv, temperature, n_sa
 
 
 @register_method("fido.ssr")
-def fido_ssr(model, x, target, *, infiller: str | Infiller = "auto", steps: int = 100, lr: float = 0.1,
-             l1: float = 2.0, tv: float = 0.0, temperature: float = 0.1, n_samples: int = 4,
+def fido_ssr(model, x, target, *, infiller: str | Infiller = "auto", steps: int = 50, lr: float = 0.1,
+             l1: float = 2.0, tv: float = 0.0, temperature: float = 0.1, n_samples: int = 2,
              mask_size: int | tuple[int, int] | None = None, components: torch.Tensor | None = None,
              output: str = "log_probability", mask_seed: int = 0) -> torch.Tensor:
     """FIDO smallest sufficient region (Chang et al. 2019): learn keep probabilities p = sigmoid(theta)
@@ -258,8 +258,8 @@ def fido_ssr(model, x, target, *, infiller: str | Infiller = "auto", steps: int 
 
 
 @register_method("fido.sdr")
-def fido_sdr(model, x, target, *, infiller: str | Infiller = "auto", steps: int = 100, lr: float = 0.1,
-             l1: float = 2.0, tv: float = 0.0, temperature: float = 0.1, n_samples: int = 4,
+def fido_sdr(model, x, target, *, infiller: str | Infiller = "auto", steps: int = 50, lr: float = 0.1,
+             l1: float = 2.0, tv: float = 0.0, temperature: float = 0.1, n_samples: int = 2,
              mask_size: int | tuple[int, int] | None = None, components: torch.Tensor | None = None,
              output: str = "log_probability", mask_seed: int = 0) -> torch.Tensor:
     """FIDO smallest destroying region (Chang et al. 2019): learn drop probabilities p = sigmoid(theta)
@@ -272,8 +272,8 @@ def fido_sdr(model, x, target, *, infiller: str | Infiller = "auto", steps: int 
 # ----------------------------------------------------------------------------- RDE
 
 @register_method("rde")
-def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller = "auto", steps: int = 100,
-        lr: float | None = None, l1: float = 1.0, temperature: float = 0.1, n_samples: int = 4,
+def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller = "auto", steps: int = 50,
+        lr: float | None = None, l1: float = 1.0, temperature: float = 0.1, n_samples: int = 2,
         mask_size: int | tuple[int, int] | None = None, components: torch.Tensor | None = None,
         max_components: int = 8, perturbation_batch: int = 512, mask_seed: int = 0) -> torch.Tensor:
     """Rate-distortion explanation (MacDonald et al. 2019; Heiss et al. 2020) on pre-softmax scores.

@@ -66,7 +66,7 @@ class InpainterCallback(ExplanationCallback):
         every_n_epochs, probe_size, probe_seed, on_error: see :class:`ExplanationCallback`.
     """
 
-    def __init__(self, every_n_steps: int = 1, width: int = 32, value_range: tuple[float, float] | None = None,
+    def __init__(self, every_n_steps: int = 1, width: int = 16, value_range: tuple[float, float] | None = None,
                  warmup_steps: int = 200, lr_g: float = 2e-3, lr_d: float = 2e-3, hole_weight: float = 1.0,
                  valid_weight: float = 0.2, adv_weight: float = 0.01, mask_sampler: MaskSampler | None = None,
                  baselines: Sequence[str | Infiller] = ("constant", "blur", "noise"), n_images: int = 8,

@@ -54,7 +54,7 @@ class InpaintGenerator(nn.Module):
             None leaves the output unbounded.
     """
 
-    def __init__(self, channels: int = 1, width: int = 32, noise_channels: int = 1,
+    def __init__(self, channels: int = 1, width: int = 16, noise_channels: int = 1,
                  value_range: tuple[float, float] | None = None):
         super().__init__()
         if channels < 1 or width < 1 or noise_channels < 0:
@@ -111,7 +111,7 @@ class PatchDiscriminator(nn.Module):
         n_layers: number of stride-2 layers.
     """
 
-    def __init__(self, channels: int = 1, width: int = 32, n_layers: int = 3):
+    def __init__(self, channels: int = 1, width: int = 16, n_layers: int = 3):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"PatchDiscriminator n_layers must be >= 1, got {n_layers}")
@@ -246,7 +246,7 @@ class GANInpainter:
         device: where G and D live.
     """
 
-    def __init__(self, channels: int = 1, width: int = 32, value_range: tuple[float, float] | None = None,
+    def __init__(self, channels: int = 1, width: int = 16, value_range: tuple[float, float] | None = None,
                  noise_channels: int = 1, lr_g: float = 2e-3, lr_d: float = 2e-3, hole_weight: float = 1.0,
                  valid_weight: float = 0.2, adv_weight: float = 0.01, warmup_steps: int = 200,
                  mask_sampler: MaskSampler | None = None, seed: int = 0, device: torch.device | str = "cpu"):
