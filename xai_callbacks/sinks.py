@@ -33,7 +33,12 @@ def run_dir(trainer) -> Path:
     """The run's directory: the W&B run folder (``wandb/<run>/``), else the trainer's log dir."""
     for lg in wandb_loggers(trainer):
         return Path(lg.experiment.dir).parent
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    # like trainer.log_dir, but without its broadcast: this runs on rank 0 alone
+    for lg in trainer.loggers:
+        folder = getattr(lg, "log_dir", None) or lg.save_dir
+        if folder:
+            return Path(folder)
+    return Path(trainer.default_root_dir)
 
 
 def _safe(key: str) -> str:

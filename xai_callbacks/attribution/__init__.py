@@ -102,7 +102,7 @@ def _as_target(target, x: torch.Tensor) -> torch.Tensor:
     if isinstance(target, int) and not isinstance(target, bool):
         return torch.full((b,), target, dtype=torch.long, device=x.device)
     if isinstance(target, torch.Tensor) and not target.is_floating_point() and not target.is_complex():
-        target = target.to(device=x.device, dtype=torch.long).reshape(-1)
+        target = target.to(device=x.device, dtype=torch.long).reshape(-1).clone()  # may be an inference tensor
         if target.numel() == 1:
             return target.expand(b).clone()
         if target.numel() == b:

@@ -148,7 +148,8 @@ class ExplanationCallback(pl.Callback):
             if self.probe_indices is None:
                 self.probe_indices = select_probe(loader.dataset, self.probe_size, self.probe_seed)
             collate = loader.collate_fn or default_collate
-            x, y, masks = unpack_batch(collate([loader.dataset[i] for i in self.probe_indices]))
+            with torch.inference_mode(False):  # cached across fit / validate: no inference tensors
+                x, y, masks = unpack_batch(collate([loader.dataset[i] for i in self.probe_indices]))
             if y is None:
                 raise ValueError("the probe set needs labels: batches must be (x, y, ...) or dicts with 'y'")
             dev = pl_module.device
