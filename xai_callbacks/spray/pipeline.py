@@ -52,7 +52,10 @@ def check_heatmaps(heatmaps) -> np.ndarray:
     Args:
         heatmaps: (N, ...) tensor or array of heatmaps.
     """
-    h = as_array(heatmaps).reshape(len(heatmaps), -1)
+    h = as_array(heatmaps)
+    if len(h) == 0:
+        return np.zeros(0, dtype=bool)
+    h = h.reshape(len(h), -1)
     finite = np.isfinite(h).all(1)
     h = np.where(np.isfinite(h), h, 0.0)
     return finite & (h.max(1) - h.min(1) > 0)

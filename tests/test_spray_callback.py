@@ -1,0 +1,165 @@
+"""SpRAyCallback in real Trainers: the demo's watermark is found, clean data flags nothing,
+W&B read-back, ViRelAy files, strategy ids across epochs, bad input never stops training."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from conftest import make_trainer
+from xai_callbacks.callbacks.spray import SpRAyCallback, select_per_class
+from xai_callbacks.data import ShortcutDigitsDataModule
+from xai_callbacks.models import Classifier, DemoCNN
+from xai_callbacks.wandb_records import history
+
+EPOCHS = 3
+
+
+def small_module(seed=0):
+    torch.manual_seed(seed)
+    return Classifier(DemoCNN(width=8), lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def artifact_run(tmp_path_factory):
+    """The demo: 25% of class 0 carry a watermark; SpRAy on classes 0 and 1 every epoch, W&B offline."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    tmp = tmp_path_factory.mktemp("spray_artifact")
+    logger = WandbLogger(project="xai-callbacks-tests", save_dir=str(tmp), offline=True)
+    cb = SpRAyCallback(classes=[0, 1], max_per_class=60)
+    dm = ShortcutDigitsDataModule()
+    trainer = make_trainer(tmp, [cb], logger=logger, max_epochs=EPOCHS)
+    trainer.fit(small_module(), dm)
+    run = os.path.dirname(logger.experiment.dir)
+    wandb.finish()
+    return cb, dm, run
+
+
+def watermark_truth(cb, dm, class_id=0):
+    idx = np.array(cb.sample_indices)
+    labels = dm.val_set.targets.numpy()[idx]
+    return dm.val_set.has_artifact.numpy()[idx][labels == class_id]
+
+
+def test_demo_watermark_is_one_flagged_cluster_and_suspicion_ranks_it(artifact_run):
+    cb, dm, _ = artifact_run
+    has = watermark_truth(cb, dm)
+    r = cb.results[0]
+    assert has.sum() >= 10 and len(has) == len(r.labels)
+    jaccard = [(has & (r.labels == c)).sum() / (has | (r.labels == c)).sum() for c in range(r.n_clusters)]
+    best = int(np.argmax(jaccard))
+    members = r.labels == best
+    assert (has & members).sum() / members.sum() >= 0.9, "purity"
+    assert (has & members).sum() / has.sum() >= 0.9, "recall"
+    assert roc_auc_score(has, r.suspicion) >= 0.95
+    assert r.flagged[best]
+    assert not np.delete(r.flagged, best).any(), "a cluster without the watermark was flagged"
+    assert not cb.results[1].flagged.any()
+    # masks from the batch: the flagged strategy's relevance sits on the artifact, the rest's does not
+    assert r.cluster_mask_shares["artifact"][best] > 0.02 > np.delete(r.cluster_mask_shares["artifact"], best).max()
+
+
+def test_strategy_keeps_its_id_across_epochs(artifact_run):
+    cb, _, _ = artifact_run
+    r, ids = cb.results[0], cb.strategy_ids[0]
+    flagged_id = ids[int(np.flatnonzero(r.flagged)[0])]
+    history_of = cb.trackers[0].history[flagged_id]
+    assert sorted(history_of)[-2:] == [EPOCHS - 2, EPOCHS - 1], "the watermark strategy was not matched"
+    assert history_of[EPOCHS - 1] == pytest.approx(r.factors["share"][ids.index(flagged_id)])
+
+
+def test_wandb_run_has_spray_scalars_plots_tables_images(artifact_run):
+    _, _, run = artifact_run
+    rows = history(run)
+
+    def logged(key, kind=None):
+        return [r for r in rows if key in r or (kind and r.get(f"{key}/_type") == kind)]
+
+    for key in ("spray/0/n_clusters", "spray/0/max_suspicion", "spray/1/n_clusters", "spray/suspicious_share"):
+        assert len([r for r in rows if key in r]) == EPOCHS, key
+    last = [r for r in rows if "spray/0/max_suspicion" in r][-1]
+    assert last["spray/0/max_suspicion"] >= 0.25 and 0 < last["spray/suspicious_share"] < 0.5
+    for cls in ("0", "1"):
+        assert len(logged(f"spray/{cls}/clusters", "table-file")) == EPOCHS
+        assert len(logged(f"spray/{cls}/embedding", "table-file")) == EPOCHS
+        assert len(logged(f"spray/{cls}/prototypes", "images/separated")) == EPOCHS
+        assert len(logged(f"spray/{cls}/scatter", "images/separated")) == EPOCHS
+        assert len([r for r in rows if any(k.startswith(f"spray/{cls}/eigenvalues") for k in r)]) == EPOCHS
+        assert len([r for r in rows if any(k.startswith(f"spray/{cls}/strategy_share") for k in r)]) == EPOCHS
+    assert [r["xai/errors"] for r in rows if "xai/errors" in r] == [0] * EPOCHS
+
+
+def test_virelay_databases_written_each_epoch(artifact_run):
+    cb, _, run = artifact_run
+    for epoch in range(EPOCHS):
+        folder = os.path.join(run, "spray", f"epoch_{epoch:04d}")
+        with h5py.File(os.path.join(folder, "analysis.h5")) as f:
+            assert sorted(f) == ["00000000", "00000001"]
+            g = f["00000000"]
+            n = len(g["index"])
+            assert g["embedding/spectral"].shape[0] == n and g["embedding/tsne"].shape == (n, 2)
+            (name,) = list(g["cluster"])
+            assert name.startswith("kmeans-") and g["cluster"][name].shape == (n,)
+        with h5py.File(os.path.join(folder, "attribution.h5")) as f:
+            assert f["attribution"].shape == (len(cb.sample_indices), 1, 32, 32)
+            assert sorted(f["dataset_index"][:].tolist()) == cb.sample_indices
+        assert os.path.exists(os.path.join(folder, "input.h5")) and os.path.exists(os.path.join(folder, "project.yaml"))
+
+
+def test_state_dict_round_trip(artifact_run):
+    cb, _, _ = artifact_run
+    clone = SpRAyCallback(classes=[0, 1], max_per_class=60)
+    clone.load_state_dict(cb.state_dict())
+    assert clone.sample_indices == cb.sample_indices
+    assert clone.trackers[0].history == cb.trackers[0].history and clone.trackers[0].next_id == cb.trackers[0].next_id
+
+
+def test_clean_data_flags_no_cluster(tmp_path):
+    """The same demo without the watermark: train as above, then one SpRAy pass over all classes."""
+    dm, module = ShortcutDigitsDataModule(artifact_class=None), small_module()
+    make_trainer(tmp_path, max_epochs=EPOCHS).fit(module, dm)
+    cb = SpRAyCallback(max_per_class=60, spray_options={"visualisation": None}, save_virelay=False)
+    trainer = make_trainer(tmp_path, [cb])
+    trainer.validate(module, dm)
+    assert sorted(cb.results) == list(range(10))
+    for c, r in cb.results.items():
+        assert r.n_clusters >= 2 and not r.flagged.any(), f"class {c}: cluster suspicion {r.cluster_suspicion}"
+    assert trainer.callback_metrics["spray/suspicious_share"] == 0
+
+
+def test_too_few_and_constant_heatmaps_warn_count_and_training_goes_on(tmp_path):
+    cb = SpRAyCallback(classes=[0, 1], max_per_class=8, save_virelay=False)  # k = 10 needs > 10 per class
+    trainer = make_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2, limit_val_batches=2)
+    with pytest.warns(UserWarning, match=r"class 0: 8 usable heatmap\(s\), SpRAy with k=10 needs more than 10"):
+        trainer.fit(small_module(), ShortcutDigitsDataModule())
+    assert cb.errors == 2 and trainer.current_epoch == 1 and cb.results == {}
+    # a model whose scores do not depend on the input: constant (zero) saliency maps
+    module = small_module()
+    torch.nn.init.zeros_(module.model.head[-1].weight)
+    cb = SpRAyCallback(method="saliency", classes=[3], max_per_class=20, save_virelay=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [cb]).validate(module, ShortcutDigitsDataModule())
+    text = " ".join(str(w.message) for w in caught)
+    assert "class 3: 20 heatmap(s) are NaN / inf or constant and were left out" in text and cb.errors == 2
+
+
+def test_bad_arguments_and_sample_selection():
+    with pytest.raises(ValueError, match="unknown spray_options"):
+        SpRAyCallback(spray_options={"kk": 3})
+    with pytest.raises(ValueError, match="unknown attribution method"):
+        SpRAyCallback(method="nope")
+    _, val = ShortcutDigitsDataModule(), None
+    from xai_callbacks.data import make_shortcut_digits
+
+    _, val = make_shortcut_digits()
+    picked = select_per_class(val, [0, 5], 7, seed=1)
+    assert picked == select_per_class(val, [0, 5], 7, seed=1) != select_per_class(val, [0, 5], 7, seed=2)
+    assert sorted(np.bincount(val.targets.numpy()[picked], minlength=10)[[0, 5]].tolist()) == [7, 7]
