@@ -1,5 +1,10 @@
 """Lightning callbacks: when, where and what is logged; the work is done by the core packages."""
 from .attribution import AttributionCallback
 from .base import ExplanationCallback, Probe
+from .gate import ExplanationGate, GateFailure
+from .inpainter import InpainterCallback
+from .metrics import ExplanationMetricsCallback
+from .spray import SpRAyCallback
 
-__all__ = ["ExplanationCallback", "Probe", "AttributionCallback"]
+__all__ = ["ExplanationCallback", "Probe", "AttributionCallback", "ExplanationMetricsCallback", "SpRAyCallback",
+           "InpainterCallback", "ExplanationGate", "GateFailure"]

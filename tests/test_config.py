@@ -1,0 +1,65 @@
+"""Configs: validation errors, the demo command, and LightningCLI YAML."""
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from xai_callbacks import AttributionCallback, ExplanationGate, SpRAyCallback
+from xai_callbacks.cli import main
+from xai_callbacks.config import ConfigError, build_callbacks, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "clever_hans.yaml")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("callbacks.attribution.probe_sise=3", r"Key 'probe_sise' not in .*key: callbacks.attribution.probe_sise.*valid keys: \[.*'probe_size'"),
+    ("callbacks.attribution.probe_size=many", r"Value 'many' .* Integer \(key: callbacks.attribution.probe_size\)"),
+    ("callbacks.explain.methods=[saliency]", r"unknown callback 'callbacks.explain'; valid: \['attribution'"),
+    ("trainer.max_epoch=3", r"unknown trainer key\(s\) \['max_epoch'\]; valid: .*'max_epochs'"),
+    ("logger.kind=mlflow", r"logger.kind='mlflow' is not valid; valid: \['wandb'"),
+    ("data.artifact_fraction=lots", r"Value 'lots' .* Float \(key: data.artifact_fraction\)"),
+    ("no_equals_sign", r"overrides must look like key=value"),
+])
+def test_wrong_keys_and_types_name_key_value_and_what_is_valid(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEMO, [override])
+
+
+def test_every_shipped_config_loads():
+    for path in glob.glob(os.path.join(ROOT, "configs", "*.yaml")):
+        if os.path.basename(path) != "lightning_cli.yaml":
+            callbacks = build_callbacks(load_config(path).callbacks)
+            assert callbacks, path
+
+
+def test_callbacks_built_from_config_get_their_arguments():
+    cbs = build_callbacks({"attribution": {"methods": ["gradcam"], "probe_size": 8},
+                           "gate": {"rules": ["val/acc > 0.5"], "action": "raise"}})
+    assert isinstance(cbs[0], AttributionCallback) and cbs[0].methods == ["gradcam"] and cbs[0].probe_size == 8
+    assert isinstance(cbs[1], ExplanationGate) and cbs[1].action == "raise"
+
+
+def test_demo_command_writes_an_offline_wandb_run(tmp_path, capsys):
+    code = main(["fit", "--config", DEMO, "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+                 "trainer.enable_progress_bar=false", f"logger.save_dir={tmp_path}",
+                 "callbacks.attribution.methods=[saliency]", "callbacks.attribution.probe_size=10"])
+    assert code == 0
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(runs) == 1
+    out = capsys.readouterr().out
+    assert "run written to" in out and "wandb sync" in out
+    assert main(["fit", "--config", DEMO, "trainer.max_epoch=1"]) == 2
+
+
+def test_callbacks_work_from_lightning_cli_yaml():
+    from lightning.pytorch.cli import LightningCLI
+
+    cli = LightningCLI(args=["--config", os.path.join(ROOT, "configs", "lightning_cli.yaml"),
+                             "--trainer.logger=false"], run=False, save_config_callback=None)
+    kinds = {type(cb) for cb in cli.trainer.callbacks}
+    assert {AttributionCallback, SpRAyCallback, ExplanationGate} <= kinds
+    gate = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ExplanationGate))
+    assert [str(r) for r in gate.rules] == ["spray/suspicious_share < 0.1"] and gate.action == "warn"
