@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -56,8 +56,8 @@ class InpainterCallback(ExplanationCallback):
         warmup_steps: inpainter steps of L1-only training before the adversarial terms start.
         lr_g, lr_d: Adam learning rates of G and D.
         hole_weight, valid_weight, adv_weight: weights of the hole L1, kept-pixel L1 and hinge terms.
-        mask_sampler: the :class:`~xai_callbacks.infill.gan.MaskSampler` for training and evaluation
-            masks (default: boxes, Bernoulli pixels and low-resolution grids).
+        mask_sampler: the :class:`~xai_callbacks.infill.gan.MaskSampler` (or a dict of its arguments)
+            for training and evaluation masks (default: boxes, Bernoulli pixels and low-resolution grids).
         baselines: infillers compared with the GAN: names (``constant``, ``blur``, ``noise``) or
             Infiller instances.
         n_images: probe samples shown in ``inpainter/examples``.
@@ -68,7 +68,7 @@ class InpainterCallback(ExplanationCallback):
 
     def __init__(self, every_n_steps: int = 1, width: int = 16, value_range: tuple[float, float] | None = None,
                  warmup_steps: int = 200, lr_g: float = 2e-3, lr_d: float = 2e-3, hole_weight: float = 1.0,
-                 valid_weight: float = 0.2, adv_weight: float = 0.01, mask_sampler: MaskSampler | None = None,
+                 valid_weight: float = 0.2, adv_weight: float = 0.01, mask_sampler: MaskSampler | Mapping | None = None,
                  baselines: Sequence[str | Infiller] = ("constant", "blur", "noise"), n_images: int = 8,
                  save_generator: bool = True, seed: int = 0, every_n_epochs: int = 1, probe_size: int = 64,
                  probe_seed: int = 0, on_error: str = "warn"):
@@ -79,6 +79,8 @@ class InpainterCallback(ExplanationCallback):
         self.every_n_steps = every_n_steps
         self.options = dict(width=width, value_range=value_range, warmup_steps=warmup_steps, lr_g=lr_g, lr_d=lr_d,
                             hole_weight=hole_weight, valid_weight=valid_weight, adv_weight=adv_weight, seed=seed)
+        if isinstance(mask_sampler, Mapping):
+            mask_sampler = MaskSampler(**mask_sampler)
         self.mask_sampler = mask_sampler or MaskSampler()
         self.baselines = [get_infiller(b) for b in baselines]
         self.n_images, self.save_generator = n_images, save_generator
