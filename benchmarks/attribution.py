@@ -105,8 +105,9 @@ def direct_call(method: str, model_name: str, model: nn.Module, x: torch.Tensor,
             canonizers = canonizers_for(model_name)
             composite = {
                 "lrp.epsilon_plus_flat": lambda: EpsilonPlusFlat(canonizers=canonizers),
-                "lrp.epsilon_gamma_box": lambda: EpsilonGammaBox(low=float(x.min()), high=float(x.max()),
-                                                                 canonizers=canonizers),
+                "lrp.epsilon_gamma_box": lambda: EpsilonGammaBox(  # each sample's own bounds, as ours
+                    low=x.amin(dim=(1, 2, 3), keepdim=True).expand_as(x),
+                    high=x.amax(dim=(1, 2, 3), keepdim=True).expand_as(x), canonizers=canonizers),
                 "lrp.epsilon_alpha2_beta1": lambda: EpsilonAlpha2Beta1(canonizers=canonizers),
             }[method]()
             with Gradient(model=model, composite=composite) as attributor:

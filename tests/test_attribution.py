@@ -213,10 +213,12 @@ def zennit_reference(method: str, model: nn.Module, x: torch.Tensor, target: tor
         canonizers = [ResNetCanonizer()]
     else:
         canonizers = [SequentialMergeBatchNorm()]
+    # the box bounds of the first layer: each sample's own minimum and maximum
+    low = x.amin(dim=(1, 2, 3), keepdim=True).expand_as(x)
+    high = x.amax(dim=(1, 2, 3), keepdim=True).expand_as(x)
     composite = {
         "lrp.epsilon_plus_flat": lambda: EpsilonPlusFlat(canonizers=canonizers),
-        "lrp.epsilon_gamma_box": lambda: EpsilonGammaBox(low=float(x.min()), high=float(x.max()),
-                                                         canonizers=canonizers),
+        "lrp.epsilon_gamma_box": lambda: EpsilonGammaBox(low=low, high=high, canonizers=canonizers),
         "lrp.epsilon_alpha2_beta1": lambda: EpsilonAlpha2Beta1(canonizers=canonizers),
     }[method]()
     with Gradient(model=model, composite=composite) as attributor:
