@@ -133,3 +133,14 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="mask_size"):
         explain(AdditiveModel(torch.arange(4) % 2, torch.ones(2)), torch.rand(2, 4), 1, method="fido.sdr",
                 mask_size=2)
+
+
+def test_matching_pursuit_over_a_coarse_pixel_grid(region_data):
+    model, x, inside = region_data
+    r = explain(model, x[:2], 1, method="rde", variant="matching_pursuit", mask_size=4, infiller="constant",
+                max_components=2, n_samples=1)
+    assert r.shape == (2, 1, 32, 32)
+    cells = r[:, 0, 4::8, 4::8]                        # values at the centres of the 8x8 cells
+    # cell (0, 0) holds 36 of the region's 100 pixels, more than any other cell
+    assert (cells.flatten(1).argmax(1) == 0).all(), cells
+    assert (cells[:, 2:, :] == 0).all() and (cells[:, :, 2:] == 0).all(), "cells off the region stay at 0"

@@ -379,4 +379,4 @@ def _matching_pursuit(forward, fill, space, x, target, reference, n_samples, max
         gain[rows, best] = current - d[best, rows]
         selected[rows, best] = True
         current = d[best, rows]
-    return space.relevance(gain)
+    return space.relevance(gain.view(b, *space.shape))
