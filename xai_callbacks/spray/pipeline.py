@@ -116,26 +116,31 @@ def preprocess(heatmaps, *, channel_reduce: str | None = "sum", absolute: bool =
     return (x / scale).astype(np.float32, copy=False)
 
 
-def knn(features: np.ndarray, k: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def knn(features: np.ndarray, k: int, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours (Euclidean, self excluded): ``(distances, indices)``, each (N, k).
 
-    Blocked matrix products in torch: memory ``chunk * N`` per block, never ``N x N``.
+    Blocked matrix products in torch into one reused ``chunk x N`` buffer, never ``N x N``.
 
     Args:
         features: (N, D) float array.
         k: neighbours per sample, ``1 <= k <= N - 1``.
-        chunk: rows per block.
+        chunk: rows per block; None: as many as fit a buffer of 2**25 distances (128 MiB).
     """
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     n = x.shape[0]
     if not 1 <= k <= n - 1:
         raise ValueError(f"k={k} neighbours need at least k + 1 = {k + 1} samples, got {n}")
+    chunk = chunk or max(64, min(n, 2**25 // n))
     sq = (x * x).sum(1)
+    buf = torch.empty(min(chunk, n), n)
     dists, idx = [], []
     for s in range(0, n, chunk):
-        d2 = (sq[s:s + chunk, None] - 2 * x[s:s + chunk] @ x.T + sq[None]).clamp_min_(0)
-        rows = torch.arange(s, min(s + chunk, n))
-        d2[rows - s, rows] = float("inf")  # exclude self, also when duplicates exist
+        rows = min(chunk, n - s)
+        d2 = buf[:rows]
+        torch.mm(x[s:s + rows], x.T, out=d2)  # squared distances, in place: |a|^2 - 2 a.b + |b|^2
+        d2.mul_(-2).add_(sq[None]).add_(sq[s:s + rows, None]).clamp_min_(0)
+        own = torch.arange(rows)
+        d2[own, own + s] = float("inf")  # exclude self, also when duplicates exist
         val, ind = d2.topk(k, dim=1, largest=False)
         dists.append(val.sqrt_())
         idx.append(ind)
@@ -225,18 +230,20 @@ def spectral_embedding(lap: Laplacian, n_eigval: int = 32, seed: int = 0,
     # component keeps eigenvalue 0 with its full multiplicity (one per component), which a single
     # Lanczos run can miss.
     n_comp, comp = sp.csgraph.connected_components(lap.matrix, directed=False)
-    values, parts = [], []
+    values, pairs = [], []
     for j in range(n_comp):
         nodes = np.flatnonzero(comp == j)
         block = (sp.identity(len(nodes), format="csr") - lap.matrix[nodes][:, nodes]).tocsr()
         mu, vec = _largest_eigenpairs(block, min(m, len(nodes)), seed)
-        full = np.zeros((n, len(mu)))
-        full[nodes] = vec
         values.append(1.0 - mu)
-        parts.append(full)
-    ev, vectors = np.concatenate(values), np.concatenate(parts, axis=1)
+        pairs += [(nodes, vec[:, i]) for i in range(len(mu))]
+    ev = np.concatenate(values)
     order = np.argsort(ev, kind="stable")[:m]
-    eigenvalues, vectors = np.clip(ev[order], 0.0, 2.0), vectors[:, order]
+    eigenvalues = np.clip(ev[order], 0.0, 2.0)
+    vectors = np.zeros((n, m))
+    for col, i in enumerate(order):
+        nodes, vec = pairs[i]
+        vectors[nodes, col] = vec
     if lap.kind == "random_walk":
         vectors = vectors / np.sqrt(lap.degree)[:, None]
     # fix each eigenvector's sign (largest-magnitude entry positive) so results are reproducible
@@ -255,7 +262,7 @@ def _largest_eigenpairs(matrix: sp.csr_matrix, m: int, seed: int) -> tuple[np.nd
         return mu[::-1][:m], vec[:, ::-1][:, :m]
     v0 = np.random.default_rng(seed).uniform(0.5, 1.5, n)
     try:
-        return eigsh(matrix, k=m, which="LA", v0=v0, tol=1e-10)
+        return eigsh(matrix, k=m, which="LA", v0=v0)
     except ArpackNoConvergence:
         return eigsh(matrix, k=m, which="LA", v0=v0, tol=1e-8, ncv=min(n, max(4 * m, 40)), maxiter=100 * n)
 
