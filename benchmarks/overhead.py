@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
 import warnings
 
@@ -105,7 +106,7 @@ def default_set(max_per_class: int):
 def fit(module, data, callbacks, device, epochs, batches):
     timer = EpochTimer()
     trainer = pl.Trainer(accelerator=device, devices=1, max_epochs=epochs, limit_train_batches=batches,
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         logger=False, default_root_dir=tempfile.mkdtemp(prefix="xai-overhead-"), enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer, *callbacks])
     trainer.fit(module, data)
     return timer
