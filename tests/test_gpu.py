@@ -1,0 +1,56 @@
+"""On a CUDA device: every explainer matches its CPU result, and the callbacks run in a GPU Trainer.
+
+Skipped where no GPU is present (CI has none); run on a GPU machine with
+``python -m pytest tests/test_gpu.py``.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_trainer
+from xai_callbacks import AttributionCallback, ExplanationGate, ExplanationMetricsCallback
+from xai_callbacks.attribution import available_methods, explain
+from xai_callbacks.data import ShortcutDigitsDataModule
+from xai_callbacks.guard import hook_count
+from xai_callbacks.models import Classifier, DemoCNN
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CHEAP = {"integrated_gradients": {"n_steps": 8}, "smoothgrad": {"n_samples": 4}, "rise": {"n_masks": 64},
+         "occlusion": {"window": 8}, "meaningful_perturbation": {"steps": 20}, "fido.ssr": {"steps": 20},
+         "fido.sdr": {"steps": 20}, "rde": {"steps": 20}}
+RANDOM = {"smoothgrad", "meaningful_perturbation", "fido.ssr", "fido.sdr", "rde"}  # device RNG streams differ
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_explainers_on_cuda_match_cpu_and_leave_no_trace(method, digits):
+    torch.manual_seed(0)
+    cpu_model = DemoCNN(width=8).train()
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    x, y = digits[1].x[:8], digits[1].targets[:8]
+    options = CHEAP.get(method, {})
+    on_cpu = explain(cpu_model, x, y, method=method, **options)
+    buffers = {k: v.clone() for k, v in gpu_model.state_dict().items()}
+    on_gpu = explain(gpu_model, x.cuda(), y.cuda(), method=method, **options)
+    assert on_gpu.device.type == "cuda" and on_gpu.shape == x.shape and torch.isfinite(on_gpu).all()
+    assert hook_count(gpu_model) == 0 and gpu_model.training
+    assert all(torch.equal(buffers[k], v) for k, v in gpu_model.state_dict().items())
+    if method not in RANDOM:
+        cos = torch.nn.functional.cosine_similarity(on_gpu.cpu().flatten(1), on_cpu.flatten(1), dim=1)
+        zero = (on_gpu.cpu().flatten(1).abs().amax(1) == 0) & (on_cpu.flatten(1).abs().amax(1) == 0)
+        assert torch.where(zero, torch.ones_like(cos), cos).min() > 0.999, method
+
+
+def test_callbacks_in_a_gpu_trainer(tmp_path):
+    torch.manual_seed(0)
+    attribution = AttributionCallback(methods=["saliency", "lrp.epsilon_gamma_box", "occlusion"], probe_size=32)
+    metrics = ExplanationMetricsCallback(methods=["saliency"], metrics=["pixel_flipping", "sparseness"], probe_size=32)
+    gate = ExplanationGate(rules=["xai/saliency/sparseness >= 0"], action="raise")
+    trainer = make_trainer(tmp_path, [attribution, metrics, gate], accelerator="gpu", max_epochs=2,
+                           limit_train_batches=5, precision="bf16-mixed")
+    trainer.fit(Classifier(DemoCNN(width=8)), ShortcutDigitsDataModule())
+    assert attribution.errors == metrics.errors == 0 and gate.passed is True
+    assert all(h.device.type == "cuda" and h.dtype == torch.float32 for h in attribution.heatmaps.values())
