@@ -141,8 +141,8 @@ class SpRAyCallback(ExplanationCallback):
         world, rank = trainer.world_size, trainer.global_rank
         share = -(-len(self.sample_indices) // world)
         mine = self.sample_indices[rank::world]
-        valid = torch.zeros(share, dtype=torch.bool)
-        valid[: len(mine)] = True
+        valid = torch.zeros(share, dtype=torch.long)  # long, not bool: gloo gathers no bools
+        valid[: len(mine)] = 1
         mine = mine + [self.sample_indices[0]] * (share - len(mine))  # pad to equal shares for all_gather
         collate = loader.collate_fn or default_collate
         x, y, masks = unpack_batch(collate([loader.dataset[i] for i in mine]))
