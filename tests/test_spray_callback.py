@@ -12,7 +12,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from conftest import make_trainer
+from xai_callbacks.callbacks.gate import ExplanationGate
 from xai_callbacks.callbacks.spray import SpRAyCallback, select_per_class
+from xai_callbacks.cli import main
 from xai_callbacks.data import ShortcutDigitsDataModule
 from xai_callbacks.models import Classifier, DemoCNN
 from xai_callbacks.wandb_records import history
@@ -34,9 +36,11 @@ def artifact_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("spray_artifact")
     logger = WandbLogger(project="xai-callbacks-tests", save_dir=str(tmp), offline=True)
     cb = SpRAyCallback(classes=[0, 1], max_per_class=60)
+    gate = ExplanationGate(action="warn")  # the default rule: no SpRAy cluster flagged
     dm = ShortcutDigitsDataModule()
-    trainer = make_trainer(tmp, [cb], logger=logger, max_epochs=EPOCHS)
-    trainer.fit(small_module(), dm)
+    trainer = make_trainer(tmp, [cb, gate], logger=logger, max_epochs=EPOCHS)
+    with pytest.warns(UserWarning, match="explanation gate failed"):
+        trainer.fit(small_module(), dm)
     run = os.path.dirname(logger.experiment.dir)
     wandb.finish()
     return cb, dm, run
@@ -126,12 +130,26 @@ def test_clean_data_flags_no_cluster(tmp_path):
     dm, module = ShortcutDigitsDataModule(artifact_class=None), small_module()
     make_trainer(tmp_path, max_epochs=EPOCHS).fit(module, dm)
     cb = SpRAyCallback(max_per_class=60, spray_options={"visualisation": None}, save_virelay=False)
-    trainer = make_trainer(tmp_path, [cb])
+    gate = ExplanationGate(action="raise")
+    trainer = make_trainer(tmp_path, [cb, gate])
     trainer.validate(module, dm)
     assert sorted(cb.results) == list(range(10))
     for c, r in cb.results.items():
         assert r.n_clusters >= 2 and not r.flagged.any(), f"class {c}: cluster suspicion {r.cluster_suspicion}"
     assert trainer.callback_metrics["spray/suspicious_share"] == 0
+    # the default gate passes, in the run and in CI
+    assert gate.passed is True and len(gate.epochs[-1]["checks"]) == 10
+    assert main(["gate", str(tmp_path)]) == 0
+
+
+def test_default_gate_fails_the_shortcut_demo_naming_class_and_strategy(artifact_run, capsys):
+    cb, _, run = artifact_run
+    assert main(["gate", run]) == 1
+    out = capsys.readouterr().out
+    flagged = cb.strategy_ids[0][int(np.flatnonzero(cb.results[0].flagged)[0])]
+    assert f"FAILED: spray/0/max_suspicion = " in out
+    assert f"suspicious_strategy={flagged}" in out  # the flagged cluster, by its strategy id
+    assert "spray/1/max_suspicion" in out and "FAILED: spray/1" not in out
 
 
 def test_too_few_and_constant_heatmaps_warn_count_and_training_goes_on(tmp_path):

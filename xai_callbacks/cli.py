@@ -50,7 +50,7 @@ def _load_rules(path: str) -> list[str]:
 
 
 def _gate(args) -> int:
-    from .gate import evaluate, parse_rule, read_report
+    from .gate import describe, evaluate, parse_rule, read_report
 
     try:
         report = read_report(args.report)
@@ -73,6 +73,8 @@ def _gate(args) -> int:
         print("xai-callbacks gate: some rules name values the run never logged", file=sys.stderr)
         return 2
     failed = [c for c in checks if not c.passed]
+    for c in failed:
+        print(f"FAILED: {describe(c, last['values'])}")
     print(f"gate: {len(checks) - len(failed)} check(s) passed, {len(failed)} failed")
     return 1 if failed else 0
 

@@ -17,7 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-__all__ = ["Rule", "Check", "parse_rule", "evaluate", "read_report", "write_report", "find_report", "REPORT_NAME"]
+__all__ = ["Rule", "Check", "parse_rule", "evaluate", "context", "describe", "read_report", "write_report",
+           "find_report", "REPORT_NAME", "DEFAULT_RULES"]
+
+# no SpRAy cluster flagged (SpRAy flags clusters with suspicion >= 0.25); a failure names the class
+DEFAULT_RULES = ("spray/*/max_suspicion < 0.25",)
 
 REPORT_NAME = "gate.json"
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
@@ -74,6 +78,20 @@ def evaluate(rules: Iterable[Rule | str], values: Mapping[str, float]) -> list[C
             value = float(values[key])
             checks.append(Check(str(rule), key, value, rule.holds(value)))
     return checks
+
+
+def context(key: str, values: Mapping[str, float]) -> dict[str, float]:
+    """The other values logged beside ``key`` (same parent path), e.g. a SpRAy class's strategy id."""
+    parent = key.rsplit("/", 1)[0] + "/"
+    return {k[len(parent):]: v for k, v in sorted(values.items()) if k.startswith(parent) and k != key
+            and "/" not in k[len(parent):]}
+
+
+def describe(check: Check, values: Mapping[str, float]) -> str:
+    """``"<key> = <value> breaks '<rule>' (<sibling values>)"`` for a failed check."""
+    value = "not logged" if check.value is None else f"{check.value:.4g}"
+    around = ", ".join(f"{k}={v:.4g}" for k, v in context(check.key, values).items())
+    return f"{check.key} = {value} breaks '{check.rule}'" + (f" ({around})" if around else "")
 
 
 def write_report(path: str | Path, rules: Iterable[Rule | str], epochs: list[dict]) -> Path:

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 
 from .. import sinks
-from ..gate import REPORT_NAME, evaluate, parse_rule, write_report
+from ..gate import DEFAULT_RULES, REPORT_NAME, describe, evaluate, parse_rule, write_report
 
 __all__ = ["ExplanationGate", "GateFailure"]
 
@@ -32,7 +32,9 @@ class ExplanationGate(pl.Callback):
 
     Args:
         rules: rules such as ``"spray/suspicious_share < 0.1"`` or
-            ``"spray/*/max_suspicion < 0.5"`` (``*`` matches any part of a key).
+            ``"spray/*/max_suspicion < 0.25"`` (``*`` matches any part of a key; the default:
+            no SpRAy cluster is flagged in any class). A failure names the key and the values
+            logged beside it (for SpRAy: the class and its most suspicious strategy).
         action: on failure ``"warn"``, ``"stop"`` (``trainer.should_stop``) or ``"raise"``
             (:class:`GateFailure` naming the failed rules and values).
         every_n_epochs: check on epochs where ``current_epoch % every_n_epochs == 0``, and
@@ -40,7 +42,7 @@ class ExplanationGate(pl.Callback):
         missing: what a rule whose key was never logged does: ``"fail"`` or ``"skip"``.
     """
 
-    def __init__(self, rules: Sequence[str] = ("spray/suspicious_share < 0.1",), action: str = "stop",
+    def __init__(self, rules: Sequence[str] = DEFAULT_RULES, action: str = "stop",
                  every_n_epochs: int = 1, missing: str = "skip"):
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
@@ -85,7 +87,7 @@ class ExplanationGate(pl.Callback):
             sinks.log_summary(trainer, summary)
         if not failed_anywhere:
             return
-        reasons = "; ".join(f"{c.key} = {_fmt(c.value)} breaks '{c.rule}'" for c in failed) or "on another rank"
+        reasons = "; ".join(describe(c, values) for c in failed) or "on another rank"
         message = f"explanation gate failed at epoch {trainer.current_epoch}: {reasons}"
         if trainer.is_global_zero:
             self._alert(trainer, message)
@@ -107,6 +109,3 @@ class ExplanationGate(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.epochs = list(state_dict.get("epochs", []))
 
-
-def _fmt(value: float | None) -> str:
-    return "not logged" if value is None else f"{value:.4g}"

@@ -67,7 +67,8 @@ class SpRAyCallback(ExplanationCallback):
     * ``spray/<class>/clusters``: a table (strategy, size, share, suspicion, flagged, novelty,
       compactness, object / artifact share with masks, prototype, typical members);
     * ``spray/<class>/strategy_share``: each strategy's share of the class over epochs;
-    * scalars ``spray/<class>/n_clusters``, ``spray/<class>/max_suspicion`` and
+    * scalars ``spray/<class>/n_clusters``, ``spray/<class>/max_suspicion``,
+      ``spray/<class>/suspicious_strategy`` (id of the most suspicious strategy) and
       ``spray/suspicious_share`` (share of analysed samples in flagged clusters), logged on every
       rank so callbacks can monitor them;
 
@@ -215,6 +216,7 @@ class SpRAyCallback(ExplanationCallback):
             results[c], rows_of[c], self.strategy_ids[c] = result, rows, ids
             scalars[f"spray/{name}/n_clusters"] = float(result.n_clusters)
             scalars[f"spray/{name}/max_suspicion"] = result.max_suspicion
+            scalars[f"spray/{name}/suspicious_strategy"] = float(ids[int(np.argmax(result.cluster_suspicion))])
             flagged_samples += int(np.isin(result.labels, np.flatnonzero(result.flagged)).sum())
             analysed += len(rows)
             self._log_class(trainer, c, result, ids, tracker, data, rows)
