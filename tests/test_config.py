@@ -28,11 +28,19 @@ def test_wrong_keys_and_types_name_key_value_and_what_is_valid(override, message
         load_config(DEMO, [override])
 
 
+RUN_CONFIGS = ["clever_hans.yaml", "gate_only.yaml"]
+LIGHTNING_CLI_CONFIGS = ["lightning_cli.yaml", "resnet18_cifar.yaml"]
+
+
 def test_every_shipped_config_loads():
-    for path in glob.glob(os.path.join(ROOT, "configs", "*.yaml")):
-        if os.path.basename(path) != "lightning_cli.yaml":
-            callbacks = build_callbacks(load_config(path).callbacks)
-            assert callbacks, path
+    shipped = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+    assert shipped == sorted(RUN_CONFIGS + LIGHTNING_CLI_CONFIGS + ["gate_rules.yaml"])
+    for name in RUN_CONFIGS:
+        callbacks = build_callbacks(load_config(os.path.join(ROOT, "configs", name)).callbacks)
+        assert any(isinstance(cb, ExplanationGate) for cb in callbacks), name
+    from xai_callbacks.cli import _load_rules
+
+    assert "spray/*/max_suspicion < 0.25" in _load_rules(os.path.join(ROOT, "configs", "gate_rules.yaml"))
 
 
 def test_callbacks_built_from_config_get_their_arguments():
@@ -52,6 +60,17 @@ def test_demo_command_writes_an_offline_wandb_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "run written to" in out and "wandb sync" in out
     assert main(["fit", "--config", DEMO, "trainer.max_epoch=1"]) == 2
+
+
+def test_resnet18_config_builds_a_torchvision_resnet_with_the_callbacks():
+    from lightning.pytorch.cli import LightningCLI
+    from torchvision.models import ResNet
+
+    cli = LightningCLI(args=["--config", os.path.join(ROOT, "configs", "resnet18_cifar.yaml"), "--trainer.logger=false",
+                             "--data.class_path=xai_callbacks.data.ShortcutDigitsDataModule"],
+                       run=False, save_config_callback=None)
+    assert isinstance(cli.model.model, ResNet) and cli.model.model.fc.out_features == 10
+    assert {"AttributionCallback", "SpRAyCallback", "ExplanationGate"} <= {type(c).__name__ for c in cli.trainer.callbacks}
 
 
 def test_callbacks_work_from_lightning_cli_yaml():
