@@ -46,6 +46,8 @@ EXPLAINERS = [
 def timed(fn) -> float:
     t = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - t
 
 
@@ -68,14 +70,15 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=16, help="width of G and D")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(args.batch, 1, 32, 32, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
+    x = torch.rand(args.batch, 1, 32, 32, generator=g).to(args.device)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(args.device)
 
-    model = DemoCNN()
+    model = DemoCNN().to(args.device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def model_step():
@@ -84,11 +87,12 @@ def main() -> None:
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    print(f"# inpainter training, batch {args.batch}x1x32x32, G/D width {args.width}, {args.threads} threads")
+    print(f"# inpainter training, batch {args.batch}x1x32x32, G/D width {args.width}, device {args.device}, "
+          f"{args.threads} threads")
     print("| phase | inpainter step / model step | inpainter step (ms) |")
     print("|---|---:|---:|")
     for phase, warmup in (("L1 warm-up", 10 ** 9), ("adversarial", 0)):
-        inp = GANInpainter(width=args.width, value_range=(0, 1), warmup_steps=warmup)
+        inp = GANInpainter(width=args.width, value_range=(0, 1), warmup_steps=warmup, device=args.device)
         ratio, t = median_ratio(lambda: inp.train_step(x), model_step, args.repeats)
         print(f"| {phase} | {ratio:.2f} | {1000 * t:.1f} |")
 
@@ -101,7 +105,7 @@ def main() -> None:
         out = model(xi).gather(1, target[:, None]).sum()
         torch.autograd.grad(out, xi)
 
-    gan = GANInpainter(width=args.width, value_range=(0, 1)).infiller()
+    gan = GANInpainter(width=args.width, value_range=(0, 1), device=args.device).infiller()
     print(f"\n# counterfactual explainers, {args.explain_batch} samples of 1x32x32, DemoCNN, default options")
     print("| method | options | infiller | per sample / (fwd+bwd per sample) | call (s) |")
     print("|---|---|---|---:|---:|")
