@@ -133,13 +133,16 @@ def fwd_bwd(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable
 def seconds(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def bench_model(model_name: str, methods: list[str], repeats: int, warmup: int) -> list[dict]:
+def bench_model(model_name: str, methods: list[str], repeats: int, warmup: int, device: str) -> list[dict]:
     """Per method: in each repeat, one fwd+bwd, one call of ours and one direct call, in rotating
     order; ratios are taken within a repeat (same load on the machine) and their median reported."""
     model, x = build(model_name)
+    model, x = model.to(device), x.to(device)
     with torch.no_grad():
         target = model(x).argmax(1)
     base_fn = fwd_bwd(model, x, target)
@@ -195,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per method (median of ratios)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per method before timing")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     bad = sorted(set(methods) - set(METHODS))
@@ -207,9 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     start, load_before = time.perf_counter(), os.getloadavg()[0]
     rows = []
     for name in [m for m in args.models.split(",") if m]:
-        rows += bench_model(name, methods, args.repeats, args.warmup)
+        rows += bench_model(name, methods, args.repeats, args.warmup, args.device)
 
-    print(f"torch {torch.__version__}, {args.threads} threads, CPU, {args.repeats} repeats (warm-up {args.warmup}), "
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.device}, {args.repeats} repeats (warm-up {args.warmup}), "
           "median of per-repeat ratios; unit: one forward+backward of the same model and batch; "
           f"1-min load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, {os.cpu_count()} CPUs\n")
     print("| model | batch | method | fwd+bwd (ms) | ours / fwd+bwd | direct / fwd+bwd | ours / direct |")
