@@ -69,7 +69,7 @@ def rng_guard(seed: int | None = None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def model_guard(model: nn.Module, seed: int | None = 0) -> Iterator[nn.Module]:
+def model_guard(model: nn.Module, seed: int | None = None) -> Iterator[nn.Module]:
     """Context for one explainer call on ``model``; yields the unwrapped module in eval mode."""
     module = unwrap_model(model)
     flags = [(m, m.training) for m in module.modules()]

@@ -9,6 +9,7 @@ Every method is registered under one name (see :func:`available_methods`) and ca
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Callable
 
@@ -47,9 +48,13 @@ def available_methods() -> list[str]:
 
 def method_options(method: str) -> dict[str, object]:
     """The options a method accepts, with their defaults."""
-    fn = _lookup(method)
+    return dict(_options(_lookup(method)))
+
+
+@functools.lru_cache(maxsize=None)
+def _options(fn: ExplainerFn) -> tuple[tuple[str, object], ...]:
     params = list(inspect.signature(fn).parameters.values())[3:]
-    return {p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY or p.default is not p.empty}
+    return tuple((p.name, p.default) for p in params if p.kind == p.KEYWORD_ONLY or p.default is not p.empty)
 
 
 def _lookup(method: str) -> ExplainerFn:
@@ -112,7 +117,7 @@ def _as_target(target, x: torch.Tensor) -> torch.Tensor:
 
 
 def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "saliency", *,
-            batch_size: int | None = None, seed: int = 0, **options) -> torch.Tensor:
+            batch_size: int | None = None, **options) -> torch.Tensor:
     """Relevance of each input element for ``target``, shaped like ``x``, on the model's device.
 
     Args:
@@ -122,8 +127,6 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "salie
         target: the explained class: an int, a LongTensor (B,), or None for the predicted class.
         method: a name from :func:`available_methods`.
         batch_size: explain at most this many samples per call to the method (memory bound).
-        seed: seed of the random draws inside the method (SmoothGrad noise, RISE masks); the
-            global RNG state is restored afterwards.
         **options: the method's options, see :func:`method_options`.
     """
     fn = _lookup(method)
@@ -140,7 +143,7 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "salie
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
     device = model_device(unwrap_model(model))
-    with model_guard(model, seed=seed) as module:
+    with model_guard(model) as module:
         # cloned inside the guard: under an outer inference_mode a clone taken outside would be an
         # inference tensor, which autograd refuses
         x = x.detach().to(device=device, dtype=torch.float32).clone()

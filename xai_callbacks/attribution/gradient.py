@@ -37,17 +37,19 @@ def integrated_gradients(model, x, target, *, n_steps: int = 32, baseline: float
 
 @register_method("smoothgrad")
 def smoothgrad(model, x, target, *, n_samples: int = 16, noise_level: float = 0.15,
-               samples_per_pass: int = 16) -> torch.Tensor:
+               samples_per_pass: int = 16, noise_seed: int = 0) -> torch.Tensor:
     """SmoothGrad (Smilkov et al.): mean gradient under Gaussian noise of std
     ``noise_level * (max(x) - min(x))`` per sample; ``samples_per_pass`` noisy copies of the batch
-    go through the model at once. Noise comes from the seeded, forked RNG."""
+    go through the model at once. Noise comes from an own generator seeded with ``noise_seed``."""
     flat = x.detach().flatten(1)
     std = (noise_level * (flat.amax(1) - flat.amin(1))).view(-1, *[1] * (x.dim() - 1))
     forward = CheckedForward(model, target)
+    gen = torch.Generator(device=x.device).manual_seed(noise_seed)
     total = torch.zeros_like(x)
     for start in range(0, n_samples, samples_per_pass):
         k = min(samples_per_pass, n_samples - start)
-        noisy = (x.detach() + std * torch.randn(k, *x.shape, device=x.device)).flatten(0, 1).requires_grad_(True)
+        noise = torch.randn(k, *x.shape, device=x.device, generator=gen)
+        noisy = (x.detach() + std * noise).flatten(0, 1).requires_grad_(True)
         scores = forward(noisy).gather(1, target.repeat(k)[:, None])
         total += input_gradient(scores, noisy).view(k, *x.shape).sum(0)
     return total / n_samples
