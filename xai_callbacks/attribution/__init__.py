@@ -18,7 +18,7 @@ from torch import nn
 
 from ..guard import model_guard, unwrap_model
 
-__all__ = ["explain", "available_methods", "register_method", "method_options", "model_scores",
+__all__ = ["explain", "available_methods", "register_method", "method_options", "check_methods", "model_scores",
            "ExplainerFn"]
 
 ExplainerFn = Callable[..., torch.Tensor]
@@ -49,6 +49,23 @@ def available_methods() -> list[str]:
 def method_options(method: str) -> dict[str, object]:
     """The options a method accepts, with their defaults."""
     return dict(_options(_lookup(method)))
+
+
+def check_methods(methods, options=None) -> tuple[list[str], dict[str, dict]]:
+    """Validated ``(methods, per-method options)`` for a callback: names must be registered and
+    options must be ones the method takes; raises ``ValueError`` naming what is valid."""
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    unknown = [m for m in methods if m not in _METHODS]
+    if not methods or unknown:
+        raise ValueError(f"unknown attribution method(s) {unknown or methods}; valid: {available_methods()}")
+    options = {m: dict(o) for m, o in (options or {}).items()}
+    for m, opts in options.items():
+        if m not in methods:
+            raise ValueError(f"method_options given for {m!r}, which is not in methods {methods}")
+        bad = sorted(set(opts) - set(method_options(m)))
+        if bad:
+            raise ValueError(f"unknown option(s) {bad} for method {m!r}; valid: {sorted(method_options(m))}")
+    return methods, options
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,8 +8,7 @@ import numpy as np
 import torch
 
 from .. import render, sinks
-from ..attribution import available_methods, explain
-from ..attribution import method_options as options_of
+from ..attribution import check_methods, explain
 from ..guard import model_guard
 from .base import ExplanationCallback, shard_map
 
@@ -41,17 +40,7 @@ class AttributionCallback(ExplanationCallback):
                  probe_size: int = 64, probe_seed: int = 0, on_error: str = "warn"):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, probe_seed=probe_seed,
                          on_error=on_error)
-        methods = [methods] if isinstance(methods, str) else list(methods)
-        unknown = [m for m in methods if m not in available_methods()]
-        if not methods or unknown:
-            raise ValueError(f"unknown attribution method(s) {unknown or methods}; valid: {available_methods()}")
-        self.method_options = {m: dict(o) for m, o in (method_options or {}).items()}
-        for m, opts in self.method_options.items():
-            if m not in methods:
-                raise ValueError(f"method_options given for {m!r}, which is not in methods {methods}")
-            bad = sorted(set(opts) - set(options_of(m)))
-            if bad:
-                raise ValueError(f"unknown option(s) {bad} for method {m!r}; valid: {sorted(options_of(m))}")
+        methods, self.method_options = check_methods(methods, method_options)
         self.methods, self.n_images, self.batch_size, self.save_heatmaps = methods, n_images, batch_size, save_heatmaps
         self.heatmaps: dict[str, torch.Tensor] = {}
 

@@ -6,8 +6,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .. import sinks
-from ..attribution import available_methods, explain
-from ..attribution import method_options as options_of
+from ..attribution import check_methods, explain
 from ..metrics import ExplanationMetric, available_metrics, get_metric, metric_options
 from .base import ExplanationCallback
 
@@ -73,17 +72,7 @@ class ExplanationMetricsCallback(ExplanationCallback):
                  on_error: str = "warn"):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, probe_seed=probe_seed,
                          on_error=on_error)
-        methods = [methods] if isinstance(methods, str) else list(methods)
-        unknown = [m for m in methods if m not in available_methods()]
-        if not methods or unknown:
-            raise ValueError(f"unknown attribution method(s) {unknown or methods}; valid: {available_methods()}")
-        self.method_options = {m: dict(o) for m, o in (method_options or {}).items()}
-        for m, opts in self.method_options.items():
-            if m not in methods:
-                raise ValueError(f"method_options given for {m!r}, which is not in methods {methods}")
-            bad = sorted(set(opts) - set(options_of(m)))
-            if bad:
-                raise ValueError(f"unknown option(s) {bad} for method {m!r}; valid: {sorted(options_of(m))}")
+        methods, self.method_options = check_methods(methods, method_options)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.methods, self.specs, self.mask_key, self.batch_size = methods, _metric_specs(metrics), mask_key, batch_size

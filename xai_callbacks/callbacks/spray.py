@@ -9,7 +9,7 @@ import torch
 from torch.utils.data.dataloader import default_collate
 
 from .. import render, sinks
-from ..attribution import available_methods, explain
+from ..attribution import check_methods, explain
 from ..data import unpack_batch
 from ..guard import model_guard
 from ..spray import SpRAyResult, StrategyTracker, check_heatmaps, spray, write_virelay
@@ -102,8 +102,7 @@ class SpRAyCallback(ExplanationCallback):
                  n_typical: int = 5, every_n_epochs: int = 1, seed: int = 0, on_error: str = "warn"):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=max(1, int(max_per_class)), probe_seed=seed,
                          on_error=on_error)
-        if method not in available_methods():
-            raise ValueError(f"unknown attribution method {method!r}; valid: {available_methods()}")
+        (method,), checked = check_methods([method], {method: method_options or {}})
         if target not in ("label", "prediction"):
             raise ValueError(f"target must be 'label' or 'prediction', got {target!r}")
         if not isinstance(max_per_class, int) or max_per_class < 2:
@@ -113,7 +112,7 @@ class SpRAyCallback(ExplanationCallback):
         if bad:
             raise ValueError(f"unknown spray_options {bad}; valid: "
                              f"{sorted(set(spray.__kwdefaults__) - {'masks', 'n_typical'})}")
-        self.method, self.method_options, self.target = method, dict(method_options or {}), target
+        self.method, self.method_options, self.target = method, checked[method], target
         self.classes = None if classes is None else [int(c) for c in classes]
         self.class_names = {int(k): str(v) for k, v in (class_names or {}).items()}
         self.max_per_class, self.spray_options, self.min_similarity = max_per_class, options, min_similarity
