@@ -64,7 +64,7 @@ def _gate(args) -> int:
     checks = evaluate(rules, last["values"])
     width = max(len(c.key) for c in checks)
     print(f"gate report of epoch {last['epoch']} (step {last.get('step', '?')})")
-    print(f"{'value':{width}s}  {'':>10s}  rule")
+    print(f"{'key':{width}s}  {'value':>10s}  rule")
     for c in checks:
         verdict = "pass" if c.passed else ("NOT LOGGED" if c.value is None else "FAIL")
         value = "-" if c.value is None else f"{c.value:.4g}"
