@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from xai_callbacks.callbacks.attribution import AttributionCallback
 from xai_callbacks.callbacks.gate import ExplanationGate
 from xai_callbacks.callbacks.metrics import ExplanationMetricsCallback
+from xai_callbacks.callbacks.spray import SpRAyCallback
 from xai_callbacks.data import ShortcutDigitsDataModule
 from xai_callbacks.models import Classifier, DemoCNN
 
@@ -31,10 +32,11 @@ def main(out: str, devices: int) -> None:
     module = Classifier(DemoCNN(width=8))
     attribution = AttributionCallback(methods=METHODS, method_options={"occlusion": {"window": 8}}, probe_size=10)
     metrics = ExplanationMetricsCallback(methods=["saliency"], metrics=["sparseness", "relevance_mass"], probe_size=10)
+    spray = SpRAyCallback(classes=[0, 1], max_per_class=15, save_virelay=False, spray_options={"visualisation": None})
     gate = ExplanationGate(rules=["val/acc > 2"], action="stop")  # can never pass: every rank must stop
     common = dict(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    validate = pl.Trainer(logger=CSVLogger(out, name="validate", version=0), callbacks=[attribution, metrics], **common)
+    validate = pl.Trainer(logger=CSVLogger(out, name="validate", version=0), callbacks=[attribution, metrics, spray], **common)
     validate.validate(module, ShortcutDigitsDataModule(batch_size=50), verbose=False)
     values = {k: float(v) for k, v in validate.callback_metrics.items()}
 
@@ -44,6 +46,7 @@ def main(out: str, devices: int) -> None:
     with open(os.path.join(out, f"rank{fit.global_rank}.json"), "w") as f:
         json.dump({"world_size": fit.world_size, "probe_indices": attribution.probe_indices,
                    "heatmap_sums": {m: float(h.sum()) for m, h in attribution.heatmaps.items()},
+                   "spray_labels": {c: r.labels.tolist() for c, r in spray.results.items()},
                    "values": values, "stopped_at_epoch": fit.current_epoch, "gate_passed": gate.passed}, f)
 
 

@@ -41,6 +41,10 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     for key in ("xai/saliency/sparseness", "xai/saliency/relevance_mass"):
         assert ranks[0]["values"][key] == pytest.approx(single["values"][key], rel=1e-5)
         assert ranks[1]["values"][key] == pytest.approx(single["values"][key], rel=1e-5)
+    # SpRAy: the same clusters from heatmaps explained on two ranks and gathered
+    assert ranks[0]["spray_labels"] == single["spray_labels"] and set(single["spray_labels"]) == {"0", "1"}
+    for key in ("spray/0/n_clusters", "spray/1/max_suspicion", "spray/suspicious_share"):
+        assert ranks[1]["values"][key] == pytest.approx(single["values"][key], rel=1e-4), key
     # the gate's decision is taken on all ranks together: both stop after the first epoch
     assert [r["stopped_at_epoch"] for r in ranks] == [1, 1] and single["stopped_at_epoch"] == 1
     assert [r["gate_passed"] for r in ranks] == [False, False]

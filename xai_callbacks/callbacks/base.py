@@ -69,12 +69,12 @@ def select_probe(dataset, size: int, seed: int) -> list[int]:
     return sorted(chosen)
 
 
-def shard_map(trainer, fn, *tensors: torch.Tensor) -> torch.Tensor:
+def shard_map(trainer, fn, *tensors: torch.Tensor):
     """``fn(*tensors)`` with the samples split across DDP ranks, gathered back in order on every rank.
 
     Rank r takes the r-th contiguous block of ``ceil(n / world_size)`` samples (the last blocks
-    padded with sample 0); ``fn`` must treat samples independently and return a tensor with one
-    row per sample. With one process this is just ``fn(*tensors)``.
+    padded with sample 0); ``fn`` must treat samples independently and return a tensor, or a dict
+    of tensors, with one row per sample. With one process this is just ``fn(*tensors)``.
     """
     world, n = trainer.world_size, tensors[0].shape[0]
     if world == 1:
@@ -83,7 +83,11 @@ def shard_map(trainer, fn, *tensors: torch.Tensor) -> torch.Tensor:
     idx = torch.arange(trainer.global_rank * per, (trainer.global_rank + 1) * per, device=tensors[0].device)
     idx = torch.where(idx < n, idx, torch.zeros_like(idx))
     out = fn(*(t[idx] for t in tensors))
-    return trainer.strategy.all_gather(out.contiguous()).flatten(0, 1)[:n]
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        return trainer.strategy.all_gather(t.contiguous()).flatten(0, 1)[:n]
+
+    return {k: gather(v) for k, v in out.items()} if isinstance(out, dict) else gather(out)
 
 
 class ExplanationCallback(pl.Callback):

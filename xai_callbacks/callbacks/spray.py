@@ -13,7 +13,7 @@ from ..attribution import check_methods, explain
 from ..data import unpack_batch
 from ..guard import model_guard
 from ..spray import SpRAyResult, StrategyTracker, check_heatmaps, spray, write_virelay
-from .base import ExplanationCallback, val_dataloader
+from .base import ExplanationCallback, shard_map, val_dataloader
 
 __all__ = ["SpRAyCallback", "select_per_class"]
 
@@ -132,39 +132,32 @@ class SpRAyCallback(ExplanationCallback):
 
     # -- collection ----------------------------------------------------------------------------
     def _collect(self, trainer, pl_module) -> dict[str, torch.Tensor]:
-        """Explain this rank's share of the sample and gather everything from all ranks (CPU)."""
+        """Explain the per-class sample (split across DDP ranks, gathered on all), on the CPU."""
         loader = val_dataloader(trainer)
         if self.sample_indices is None:
             self.sample_indices = select_per_class(loader.dataset, self.classes, self.max_per_class, self.seed)
         if not self.sample_indices:
             raise ValueError(f"the validation set has no samples of classes {self.classes}")
-        world, rank = trainer.world_size, trainer.global_rank
-        share = -(-len(self.sample_indices) // world)
-        mine = self.sample_indices[rank::world]
-        valid = torch.zeros(share, dtype=torch.long)  # long, not bool: gloo gathers no bools
-        valid[: len(mine)] = 1
-        mine = mine + [self.sample_indices[0]] * (share - len(mine))  # pad to equal shares for all_gather
         collate = loader.collate_fn or default_collate
-        x, y, masks = unpack_batch(collate([loader.dataset[i] for i in mine]))
-        if y is None:
-            raise ValueError("SpRAy needs labels: batches must be (x, y, ...) or dicts with 'y'")
         dev = pl_module.device
-        x, y = x.to(dev), torch.as_tensor(y).to(dev).long()
-        with model_guard(pl_module) as model:
-            scores = model(x.clone()).float()
-        target = y if self.target == "label" else scores.argmax(1)
-        heat = explain(pl_module, x, target, method=self.method, batch_size=self.batch_size, **self.method_options)
-        local = {"x": x.float(), "heatmaps": heat, "labels": y, "scores": scores.detach(),
-                 "indices": torch.tensor(mine, device=dev), "valid": valid.to(dev)}
-        local.update({f"mask:{k}": v.to(dev).float() for k, v in masks.items()})
-        if world == 1:
-            return {k: v.cpu() for k, v in local.items()}
-        gathered = {}
-        for k, v in local.items():
-            g = trainer.strategy.all_gather(v)  # (world, share, ...)
-            gathered[k] = g.transpose(0, 1).reshape(-1, *v.shape[1:]).cpu()  # interleave back to rank order
-        keep = gathered.pop("valid").bool()
-        return {k: v[keep] for k, v in gathered.items()}
+
+        def explain_share(idx: torch.Tensor) -> dict[str, torch.Tensor]:
+            x, y, masks = unpack_batch(collate([loader.dataset[i] for i in idx.tolist()]))
+            if y is None:
+                raise ValueError("SpRAy needs labels: batches must be (x, y, ...) or dicts with 'y'")
+            x, y = x.to(dev), torch.as_tensor(y).to(dev).long()
+            with model_guard(pl_module) as model:
+                scores = model(x.clone()).float()
+            target = y if self.target == "label" else scores.argmax(1)
+            heat = explain(pl_module, x, target, method=self.method, batch_size=self.batch_size,
+                           **self.method_options)
+            out = {"x": x.float(), "heatmaps": heat, "labels": y, "scores": scores.detach(), "indices": idx}
+            out.update({f"mask:{k}": v.to(dev).float() for k, v in masks.items()})
+            return out
+
+        # each DDP rank explains its share; everything is gathered on every rank
+        data = shard_map(trainer, explain_share, torch.tensor(self.sample_indices, device=dev))
+        return {k: v.cpu() for k, v in data.items()}
 
     # -- one epoch -------------------------------------------------------------------------------
     def run(self, trainer, pl_module) -> None:
