@@ -210,3 +210,15 @@ def test_callback_errors_warn_and_training_goes_on(digits, tmp_path):
     assert cb.errors == 6 and cb.inpainter is None
     with pytest.raises(ValueError, match="every_n_steps"):
         InpainterCallback(every_n_steps=0)
+
+
+def test_gan_by_name_is_the_inpainter_being_trained():
+    with pytest.raises(ValueError, match="needs a trained generator"):
+        get_infiller("gan")
+    trained = GANInpainter(width=4).infiller()
+    set_active_infiller(trained)
+    try:
+        assert get_infiller("gan") is trained
+    finally:
+        set_active_infiller(None)
+    assert isinstance(get_infiller("gan", generator=InpaintGenerator(1, width=4)), GANInfiller)

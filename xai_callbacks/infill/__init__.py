@@ -127,3 +127,6 @@ def get_infiller(spec: str | Infiller | None = "constant", **options) -> Infille
     if spec not in _REGISTRY:
         raise ValueError(f"unknown infiller {spec!r}; valid: {available_infillers()}")
     return _REGISTRY[spec](**options)
+
+
+from . import gan  # noqa: E402,F401  (registers "gan")

@@ -441,4 +441,12 @@ def resolve_infiller(spec: str | Infiller | None) -> Infiller:
     return get_infiller(spec)
 
 
-register_infiller("gan", GANInfiller)
+def _gan_infiller(generator: InpaintGenerator | str | Path | None = None, seed: int = 0) -> Infiller:
+    """``get_infiller("gan")``: the inpainter being trained by an InpainterCallback when no
+    generator is given, else a :class:`GANInfiller` of ``generator``."""
+    if generator is None and active_infiller() is not None:
+        return active_infiller()
+    return GANInfiller(generator, seed)
+
+
+register_infiller("gan", _gan_infiller)
