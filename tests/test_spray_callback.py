@@ -147,7 +147,7 @@ def test_default_gate_fails_the_shortcut_demo_naming_class_and_strategy(artifact
     assert main(["gate", run]) == 1
     out = capsys.readouterr().out
     flagged = cb.strategy_ids[0][int(np.flatnonzero(cb.results[0].flagged)[0])]
-    assert f"FAILED: spray/0/max_suspicion = " in out
+    assert "FAILED: spray/0/max_suspicion = " in out
     assert f"suspicious_strategy={flagged}" in out  # the flagged cluster, by its strategy id
     assert "spray/1/max_suspicion" in out and "FAILED: spray/1" not in out
 

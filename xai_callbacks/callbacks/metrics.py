@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-import torch
 
 from .. import sinks
 from ..attribution import check_methods, explain

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..infill import Infiller
+from .faithfulness import _Perturbation
 from .base import (OUTPUTS, ExplanationMetric, check_choice, copy_model, explain_stacked, prepare,
                    resolve_infiller, stacked_scores)
 
@@ -109,7 +110,7 @@ def input_invariance_error(model: nn.Module, x: torch.Tensor, target, relevance:
     return (rs - r).flatten(1).norm(dim=1) / r.flatten(1).norm(dim=1)
 
 
-class CompletenessError(ExplanationMetric):
+class CompletenessError(_Perturbation):
     """Completeness error, logged as ``completeness_error.<infiller>``; arguments as in
     :func:`completeness_error`."""
 
@@ -118,14 +119,7 @@ class CompletenessError(ExplanationMetric):
 
     def __init__(self, model: nn.Module, infiller: str | Infiller = "constant", output: str = "logit",
                  batch_size: int = 256, **kwargs):
-        super().__init__(model, **kwargs)
-        self.infiller = resolve_infiller(infiller)
-        self.output = check_choice(output, OUTPUTS, "output", self.name)
-        self.batch_size = batch_size
-
-    @property
-    def key(self) -> str:
-        return f"{self.name}.{self.infiller.name}"
+        super().__init__(model, infiller, output, batch_size, **kwargs)
 
     def scores(self, x, target, relevance, masks=None):
         return completeness_error(self.model, x, target, relevance, infiller=self.infiller, output=self.output,
