@@ -167,3 +167,17 @@ def test_bad_arguments_name_what_is_valid():
         AttributionCallback(on_error="ignore")
     with pytest.raises(ValueError, match="every_n_epochs"):
         AttributionCallback(every_n_epochs=0)
+
+
+def test_tensorboard_logger_gets_the_heatmap_images(tmp_path):
+    pytest.importorskip("tensorboard")
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    cb = AttributionCallback(methods=["saliency"], probe_size=10, n_images=3)
+    make_trainer(tmp_path, [cb], logger=logger, max_epochs=1, limit_train_batches=2).fit(
+        small_module(), ShortcutDigitsDataModule())
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert events.Tags()["images"] == [f"xai/heatmaps/saliency/{i}" for i in range(3)]
