@@ -130,17 +130,22 @@ class ExplanationCallback(pl.Callback):
         if self.should_run(trainer):
             self.run_safely(trainer, pl_module, self.run)
 
-    def run_safely(self, trainer, pl_module, fn) -> None:
-        """Call ``fn(trainer, pl_module)`` under the RNG guard with the ``on_error`` policy."""
+    def guarded(self, what: str, fn, *args) -> None:
+        """Call ``fn(*args)`` under the RNG guard with the ``on_error`` policy: raise, or warn
+        ``"<Callback> <what>: <error>"`` and count the failure in :attr:`errors`."""
         try:
             with rng_guard():
-                fn(trainer, pl_module)
+                fn(*args)
         except Exception as err:
             if self.on_error == "raise":
                 raise
             self.errors += 1
-            warnings.warn(f"{type(self).__name__} failed at epoch {trainer.current_epoch}: "
-                          f"{type(err).__name__}: {err}; training goes on (on_error='warn')", stacklevel=2)
+            warnings.warn(f"{type(self).__name__} {what}: {type(err).__name__}: {err}; training goes on "
+                          "(on_error='warn')", stacklevel=3)
+
+    def run_safely(self, trainer, pl_module, fn) -> None:
+        """:meth:`guarded` ``fn(trainer, pl_module)``, then log all explanation callbacks' failures."""
+        self.guarded(f"failed at epoch {trainer.current_epoch}", fn, trainer, pl_module)
         total = sum(cb.errors for cb in trainer.callbacks if isinstance(cb, ExplanationCallback))
         sinks.log_metrics(trainer, {"xai/errors": float(total)})
 

@@ -1,7 +1,6 @@
 """InpainterCallback: train a GAN inpainter on the batches the model already loads."""
 from __future__ import annotations
 
-import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -9,7 +8,7 @@ import torch
 
 from .. import sinks
 from ..data import unpack_batch
-from ..guard import model_guard, rng_guard
+from ..guard import model_guard
 from ..infill import Infiller, get_infiller
 from ..infill.gan import GANInpainter, MaskSampler, masked_l1, save_generator, set_active_infiller, active_infiller
 from .base import ExplanationCallback
@@ -123,16 +122,9 @@ class InpainterCallback(ExplanationCallback):
         self.batches += 1
         if (self.batches - 1) % self.every_n_steps:
             return
-        try:
-            with rng_guard():
-                x = unpack_batch(batch).x.detach()
-                self._train(x, pl_module.device)
-        except Exception as err:
-            if self.on_error == "raise":
-                raise
-            self.errors += 1
-            warnings.warn(f"InpainterCallback training step failed at global step {trainer.global_step}: "
-                          f"{type(err).__name__}: {err}; training goes on (on_error='warn')", stacklevel=2)
+        # not run_safely: xai/errors is logged per epoch, not per training batch
+        self.guarded(f"training step failed at global step {trainer.global_step}",
+                     lambda: self._train(unpack_batch(batch).x.detach(), pl_module.device))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         set_active_infiller(None)
