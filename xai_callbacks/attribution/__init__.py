@@ -140,12 +140,16 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "salie
     Args:
         model: a classifier returning scores of shape (batch, n_classes); DDP / compiled
             wrappers are unwrapped.
-        x: a batch of inputs (B, ...); must be finite.
+        x: a batch of inputs (B, ...); must be finite. Integer token ids (B, L) are explained
+            through the model's ``nn.Embedding`` and give one relevance per token, (B, L).
         target: the explained class: an int, a LongTensor (B,), or None for the predicted class.
         method: a name from :func:`available_methods`.
         batch_size: explain at most this many samples per call to the method (memory bound).
         **options: the method's options, see :func:`method_options`.
     """
+    if isinstance(x, torch.Tensor) and x.dtype in (torch.int32, torch.int64):  # token ids: see embedding.py
+        from .embedding import explain_tokens
+        return explain_tokens(model, x, target, method, batch_size=batch_size, **options)
     fn = _lookup(method)
     valid = method_options(method)
     unknown = sorted(set(options) - set(valid))

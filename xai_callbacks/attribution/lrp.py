@@ -86,15 +86,44 @@ def traced_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tupl
     return pairs
 
 
+class DenseNetHeadCanonizer(canonizers.AttributeCanonizer):
+    """torchvision's DenseNet applies its final ReLU and average pooling as functions, which no
+    LRP rule sees: the pooling would spread relevance evenly over positions and the ReLU's
+    gradient would drop what lands on negative features. While registered, the DenseNet runs them
+    as modules (``head_relu``, ``head_pool``), so they get the composites' rules (pass, norm)."""
+
+    def __init__(self):
+        super().__init__(self.attributes)
+
+    @staticmethod
+    def attributes(name: str, module: nn.Module) -> dict | None:
+        from torchvision.models.densenet import DenseNet
+
+        if not isinstance(module, DenseNet):
+            return None
+        relu, pool = nn.ReLU(), nn.AdaptiveAvgPool2d(1)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return module.classifier(torch.flatten(pool(relu(module.features(x))), 1))
+
+        return {"head_relu": relu, "head_pool": pool, "forward": forward}
+
+    def copy(self):
+        return DenseNetHeadCanonizer()
+
+
 def default_canonizers(model: nn.Module, example: torch.Tensor) -> list:
     """The canonizers for ``model``: zennit's ResNet canonizer for torchvision ResNets, else
-    :class:`TracedMergeBatchNorm` traced with ``example``."""
+    :class:`TracedMergeBatchNorm` traced with ``example`` (after :class:`DenseNetHeadCanonizer`
+    on torchvision DenseNets)."""
+    from torchvision.models.densenet import DenseNet
     from torchvision.models.resnet import BasicBlock, Bottleneck
     from zennit.torchvision import ResNetCanonizer
 
     if any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
         return [ResNetCanonizer()]
-    return [TracedMergeBatchNorm(example[:1].detach())]
+    head = [DenseNetHeadCanonizer()] if any(isinstance(m, DenseNet) for m in model.modules()) else []
+    return head + [TracedMergeBatchNorm(example[:1].detach())]
 
 
 def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, make_composite,

@@ -47,13 +47,18 @@ def _architecture(model: nn.Module) -> str:
     return type(inner if isinstance(inner, nn.Module) else model).__name__
 
 
-def applicable_methods(model: nn.Module) -> list[str]:
-    """The registered methods that apply to ``model``'s architecture."""
+def applicable_methods(model: nn.Module, tokens: bool = False) -> list[str]:
+    """The registered methods that apply to ``model``'s architecture; with ``tokens`` (or when
+    ``model`` is an :class:`~.embedding.EmbeddingInput`) to token ids through its embedding."""
     from . import available_methods
+    from .embedding import GRADIENT_METHODS, EmbeddingInput
 
+    tokens = tokens or isinstance(model, EmbeddingInput)
     transformer = bool(transformer_layers(model))
     out = []
     for m in available_methods():
+        if tokens and m not in GRADIENT_METHODS and not m.startswith("lrp."):
+            continue
         if transformer and m.startswith("lrp.") and m != "lrp.cp":
             continue
         if m == "attention_rollout" and not _has_class_token_attention(model):
