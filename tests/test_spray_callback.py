@@ -109,10 +109,10 @@ def test_virelay_databases_written_each_epoch(artifact_run):
             g = f["00000000"]
             n = len(g["index"])
             assert g["embedding/spectral"].shape[0] == n and g["embedding/tsne"].shape == (n, 2)
-            (name,) = list(g["cluster"])
-            assert name.startswith("kmeans-") and g["cluster"][name].shape == (n,)
+            assert list(g["cluster"])[:3] == ["eigengap", "flagged", "kmeans-02"]
+            assert g["cluster/eigengap"].shape == (n,)
         with h5py.File(os.path.join(folder, "attribution.h5")) as f:
-            assert f["attribution"].shape == (len(cb.sample_indices), 1, 32, 32)
+            assert f["relevance"].shape == (len(cb.sample_indices), 1, 32, 32)
             assert sorted(f["dataset_index"][:].tolist()) == cb.sample_indices
         assert os.path.exists(os.path.join(folder, "input.h5")) and os.path.exists(os.path.join(folder, "project.yaml"))
 
