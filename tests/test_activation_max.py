@@ -15,7 +15,7 @@ from xai_callbacks.activation_max import GaussianDensity, activation_maximizatio
 from xai_callbacks.data import ShortcutDigitsDataModule
 from xai_callbacks.guard import hook_count
 from xai_callbacks.models import Classifier, DemoCNN
-from xai_callbacks.wandb_records import history
+from wandb_records import history, read_records
 
 
 def linear(seed: int = 0) -> nn.Module:
@@ -106,13 +106,26 @@ def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
         assert torch.equal(without[key], with_cb[key]), f"{key} differs"
 
 
+def finished_history(run: str, timeout: float = 60.0) -> list[dict]:
+    """The run's history once its record file holds the exit record (the W&B service may still
+    be writing when ``finish`` returns on a loaded machine)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(r.WhichOneof("record_type") == "exit" for r in read_records(run)):
+            break
+        time.sleep(0.5)
+    return history(run)
+
+
 def test_grids_are_logged_to_wandb_every_epoch(tmp_path, wandb_logger):
     cb = ActivationMaximizationCallback(variants=["plain", "expert"], classes=[0, 5, 7], steps=3, scale=1,
                                         density_samples=64)
     _train(tmp_path, [cb], logger=wandb_logger)
     run = os.path.dirname(wandb_logger.experiment.dir)
     wandb_logger.experiment.finish()  # this run, whatever wandb.run is
-    rows = history(run)
+    rows = finished_history(run)
     for variant in ("plain", "expert"):
         grids = [r for r in rows if r.get(f"xai/activation_max/{variant}/_type") == "images/separated"]
         assert len(grids) == 2, f"{variant}: one grid per epoch expected"

@@ -156,14 +156,14 @@ def test_smooth_mprt_leaves_the_model_untouched(case):  # noqa: F811
     ("road", road, {"percentages": (10, 50)}), ("irof", irof, {"n_segments": 20}),
     ("selectivity", selectivity, {"patch_size": 4}),
     ("sensitivity_n", sensitivity_n, {"fractions": (0.1, 0.3), "n_runs": 8}),
-    ("smooth_mprt_similarity", smooth_mprt, {"n_samples": 2}),
+    ("smooth_mprt", smooth_mprt, {"n_samples": 2}),
 ])
 def test_metric_classes_accumulate_their_functional_twin(case, name, fn, options):  # noqa: F811
     """update() on two chunks gives the mean of the functional scores of the same chunks (noise
     and random subsets are drawn per call, so a chunk's scores depend on its batch)."""
     model, x, y, r, _ = case
     m = get_metric(name, model=model, method="saliency", **options)
-    extra = {"method": "saliency"} if name == "smooth_mprt_similarity" else {}
+    extra = {"method": "saliency"} if name == "smooth_mprt" else {}
     parts = []
     for sl in (slice(0, 3), slice(3, 6)):
         m.update(x[sl], y[sl], r[sl])
@@ -186,4 +186,4 @@ def test_errors_name_what_is_valid(case):  # noqa: F811
     with pytest.raises(ValueError, match=r"fractions in \(0, 1\]"):
         sensitivity_n(model, x, y, r, fractions=(0.0,))
     with pytest.raises(ValueError, match="needs method="):
-        get_metric("smooth_mprt_similarity", model=model)
+        get_metric("smooth_mprt", model=model)

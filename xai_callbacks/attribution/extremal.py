@@ -20,10 +20,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import CheckedForward, register_method
-from .counterfactual import _OUTPUTS, _optimize, _target_scores
-from ..infill import Infiller, gaussian_blur
-from ..infill.gan import resolve_infiller
+from . import register_method
+from .counterfactual import _OUTPUTS, _optimize
+from ..infill import Infiller, gaussian_blur, get_infiller
+from ..scoring import target_scores
 
 __all__ = ["extremal_masks", "extremal_perturbation"]
 
@@ -51,8 +51,8 @@ def extremal_masks(model, x, target, *, areas=(0.05, 0.1, 0.2), game: str = "pre
         raise ValueError(f"extremal_perturbation output must be one of {list(_OUTPUTS)}, got {output!r}")
     b, _, h, w = x.shape
     n_areas = len(areas)
-    fill, forward = resolve_infiller(infiller), CheckedForward(model, target)
-    x_rep, t_rep = x.detach().repeat(n_areas, 1, 1, 1), target.repeat(n_areas)   # area-major: (A * B, ...)
+    fill = get_infiller(infiller)
+    x_rep = x.detach().repeat(n_areas, 1, 1, 1)   # area-major (A * B, ...): copies of the batch, as targets expect
     n_pixels = h * w
     step_fn = torch.zeros(n_areas, n_pixels, device=x.device)
     for k, a in enumerate(areas):
@@ -68,9 +68,9 @@ def extremal_masks(model, x, target, *, areas=(0.05, 0.1, 0.2), game: str = "pre
         m = masks(p)
         reward = 0.0
         if game in ("preservation", "dual"):
-            reward = reward + _target_scores(forward(fill(x_rep, m)), t_rep, output)
+            reward = reward + target_scores(model(fill(x_rep, m)), target, output)
         if game in ("deletion", "dual"):
-            reward = reward - _target_scores(forward(fill(x_rep, 1 - m)), t_rep, output)
+            reward = reward - target_scores(model(fill(x_rep, 1 - m)), target, output)
         area = ((m.flatten(1).sort(dim=1).values - step_fn) ** 2).mean(1)
         return (-reward + area_weight * area).sum()
 
@@ -80,7 +80,7 @@ def extremal_masks(model, x, target, *, areas=(0.05, 0.1, 0.2), game: str = "pre
         return masks(p).view(n_areas, b, 1, h, w).transpose(0, 1)
 
 
-@register_method("extremal_perturbation")
+@register_method("extremal_perturbation", target_functions=True)
 def extremal_perturbation(model, x, target, *, areas: tuple[float, ...] | list[float] | float = (0.05, 0.1, 0.2),
                           game: str = "preservation", infiller: str | Infiller = "auto", steps: int = 100,
                           lr: float = 0.05, mask_step: int = 4, smoothing: float = 1.0, area_weight: float = 300.0,

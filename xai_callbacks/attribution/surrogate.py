@@ -74,7 +74,8 @@ def _surrogate(explainer_cls, model, x, target, *, features, patch_size, n_segme
         raise ValueError(f"lime / kernel_shap blend with a fixed baseline image; infiller {fill.name!r} depends on "
                          "the mask; use constant, blur or noise")
     if n_samples < 1 or perturbations_per_eval < 1:
-        raise ValueError(f"n_samples and perturbations_per_eval must be >= 1, got {n_samples}, {perturbations_per_eval}")
+        raise ValueError(f"n_samples and perturbations_per_eval must be >= 1, got {n_samples}, "
+                         f"{perturbations_per_eval}")
     masks = feature_mask(x, features, patch_size, n_segments, compactness)
     forward = CheckedForward(model, target)
     forward(x[:1])

@@ -28,9 +28,10 @@ class ActivationMaximizationCallback(ExplanationCallback):
     ``plain`` (l2 penalty), ``gaussian`` (expert: a Gaussian density fitted once to
     ``density_samples`` training inputs, drawn by seeded indices, never by iterating a
     dataloader), ``generator`` (expert: the generator of a running
-    :class:`~xai_callbacks.callbacks.inpainter.InpainterCallback`), and ``expert``: the generator
-    when an inpainter is trained, else the Gaussian. Runs on rank 0 only; training is untouched
-    (guarded model, gradients w.r.t. the optimised input only, forked RNG).
+    :class:`~xai_callbacks.callbacks.inpainter.InpainterCallback`, once past its warm-up), and
+    ``expert``: the generator when the inpainter is trained, else the Gaussian. Runs on rank 0
+    only; training is untouched (guarded model, gradients w.r.t. the optimised input only,
+    forked RNG).
 
     Args:
         classes: the classes to visualise (None: all the model's outputs).
@@ -54,7 +55,7 @@ class ActivationMaximizationCallback(ExplanationCallback):
                  l2: float = 0.05, prior_weight: float = 1.0, steps: int = 100, lr: float = 0.05,
                  output: str = "log_probability", density_samples: int = 512, shrinkage: float = 0.1,
                  scale: int = 2, seed: int = 0, every_n_epochs: int = 1, on_error: str = "warn"):
-        super().__init__(every_n_epochs=every_n_epochs, probe_size=1, probe_seed=seed, on_error=on_error)
+        super().__init__(every_n_epochs=every_n_epochs, probe_size=1, seed=seed, on_error=on_error)
         variants = [variants] if isinstance(variants, str) else list(variants)
         bad = [v for v in variants if v not in VARIANTS]
         if bad or not variants:
@@ -65,7 +66,7 @@ class ActivationMaximizationCallback(ExplanationCallback):
         self.variants, self.output = variants, output
         self.options = dict(l2=l2, steps=steps, lr=lr, output=output, seed=seed)
         self.prior_weight, self.density_samples, self.shrinkage = prior_weight, density_samples, shrinkage
-        self.scale, self.seed = scale, seed
+        self.scale = scale
         self.density: GaussianDensity | None = None
         self.images: dict[str, torch.Tensor] = {}
         self.scores: dict[str, torch.Tensor] = {}
@@ -88,14 +89,11 @@ class ActivationMaximizationCallback(ExplanationCallback):
             self.density = GaussianDensity(torch.as_tensor(x).float(), shrinkage=self.shrinkage)
         return self.density
 
-    @staticmethod
-    def _generator(trainer):
-        from .inpainter import InpainterCallback
-
-        for cb in trainer.callbacks:
-            if isinstance(cb, InpainterCallback) and cb.inpainter is not None:
-                return cb.inpainter.generator
-        return None
+    def _generator(self, trainer):
+        """The generator of this trainer's inpainter once it has finished its warm-up, or None."""
+        gan = self.gan_infiller(trainer)
+        generator = getattr(gan, "generator", None)
+        return generator if isinstance(generator, torch.nn.Module) else None
 
     # -- work ----------------------------------------------------------------------------------
     def run(self, trainer, pl_module) -> None:

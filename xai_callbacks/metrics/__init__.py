@@ -59,7 +59,7 @@ _METRICS: dict[str, type[ExplanationMetric]] = {
     "pointing_game": PointingGame,
     "sparseness": Sparseness,
     "complexity": Complexity,
-    "randomisation_similarity": ModelParameterRandomisation,
+    "model_parameter_randomisation": ModelParameterRandomisation,
     "random_logit_similarity": RandomLogit,
     "completeness_error": CompletenessError,
     "input_invariance_error": InputInvarianceError,
@@ -67,7 +67,7 @@ _METRICS: dict[str, type[ExplanationMetric]] = {
     "irof": IROF,
     "selectivity": Selectivity,
     "sensitivity_n": SensitivityN,
-    "smooth_mprt_similarity": SmoothMPRT,
+    "smooth_mprt": SmoothMPRT,
 }
 
 

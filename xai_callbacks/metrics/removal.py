@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..infill import Infiller
-from .base import (OUTPUTS, CurveResult, blender, check_choice, pearson, prepare, ranks, resolve_infiller,
-                   stacked_scores)
+from ..infill import Infiller, blender, get_infiller
+from ..scoring import score_perturbed
+from .base import OUTPUTS, CurveResult, check_choice, pearson, prepare, ranks
 from .faithfulness import _Perturbation, removal_curve
 
 __all__ = ["superpixels", "irof", "selectivity", "sensitivity_n", "IROF", "Selectivity", "SensitivityN"]
@@ -65,7 +65,8 @@ def irof(model: nn.Module, x: torch.Tensor, target, relevance: torch.Tensor, *, 
     check_choice(output, OUTPUTS, "output", "irof")
     x, target, r = prepare(model, x, target, relevance, "irof")
     b, _, h, w = x.shape
-    seg = superpixels(x, n_segments, compactness) if segments is None else torch.as_tensor(segments).to(x.device)
+    seg = superpixels(x, n_segments, compactness) if segments is None else \
+        torch.as_tensor(segments, device=x.device)
     if tuple(seg.shape) != (b, h, w) or seg.is_floating_point():
         raise ValueError(f"irof: segments must be integer ids of shape {(b, h, w)}, got {tuple(seg.shape)}")
     seg = seg.long().flatten(1)
@@ -75,15 +76,17 @@ def irof(model: nn.Module, x: torch.Tensor, target, relevance: torch.Tensor, *, 
     sizes = torch.zeros(b, s_max, device=x.device).scatter_add_(1, seg, torch.ones_like(r.flatten(1)))
     mean = torch.where(sizes > 0, sums / sizes.clamp_min(1), torch.full_like(sums, -float("inf")))
     position = ranks(-mean).gather(1, seg)                               # (B, H*W): segment's removal rank
-    blend = blender(resolve_infiller(infiller), x)
+    blend = blender(get_infiller(infiller), x)
 
     def make(idx):
         i, k = idx // s_max, idx % s_max + 1
         keep = position[i] >= k[:, None]
         return blend(i, keep.view(-1, 1, h, w).to(x.dtype))
 
-    base = stacked_scores(model, lambda idx: x[idx], b, target, output, batch_size)
-    curve = stacked_scores(model, make, b * s_max, target.repeat_interleave(s_max), output, batch_size).view(b, s_max)
+    samples = torch.arange(b, device=x.device)
+    base = score_perturbed(model, lambda idx: x[idx], samples, target, output=output, batch_size=batch_size)
+    curve = score_perturbed(model, make, samples.repeat_interleave(s_max), target, output=output,
+                            batch_size=batch_size).view(b, s_max)
     valid = torch.arange(1, s_max + 1, device=x.device)[None] <= n_seg[:, None]
     curve = (curve / base[:, None]) * valid
     return n_seg.double() - torch.trapezoid(curve.double(), dx=1.0, dim=1)
@@ -97,7 +100,7 @@ def selectivity(model: nn.Module, x: torch.Tensor, target, relevance: torch.Tens
     check_choice(output, OUTPUTS, "output", "selectivity")
     x, target, r = prepare(model, x, target, relevance, "selectivity")
     curve, fractions = removal_curve(model, x, target, r, order="morf", patch_size=patch_size, n_steps=None,
-                                     infiller=resolve_infiller(infiller), output=output, batch_size=batch_size)
+                                     infiller=get_infiller(infiller), output=output, batch_size=batch_size)
     return CurveResult(torch.trapezoid(curve[:, 1:].double(), dx=1.0, dim=1).float(), curve, fractions)
 
 
@@ -130,8 +133,9 @@ def sensitivity_n(model: nn.Module, x: torch.Tensor, target, relevance: torch.Te
         sizes = [max(1, round(f * h * w)) for f in fractions]
         subsets = [torch.rand(b, n_runs, h * w, generator=gen, device=x.device).argsort(-1)[..., :n] for n in sizes]
     subsets = [s.to(x.device) for s in subsets]
-    blend = blender(resolve_infiller(infiller), x)
-    base = stacked_scores(model, lambda idx: x[idx], b, target, output, batch_size)
+    blend = blender(get_infiller(infiller), x)
+    samples = torch.arange(b, device=x.device)
+    base = score_perturbed(model, lambda idx: x[idx], samples, target, output=output, batch_size=batch_size)
     corrs = []
     for sub in subsets:
         runs = sub.shape[1]
@@ -141,7 +145,8 @@ def sensitivity_n(model: nn.Module, x: torch.Tensor, target, relevance: torch.Te
             keep = torch.ones(len(idx), h * w, device=x.device).scatter_(1, sub[i, j], 0.0)
             return blend(i, keep.view(-1, 1, h, w))
 
-        perturbed = stacked_scores(model, make, b * runs, target.repeat_interleave(runs), output, batch_size)
+        perturbed = score_perturbed(model, make, samples.repeat_interleave(runs), target, output=output,
+                                    batch_size=batch_size)
         drops = base[:, None] - perturbed.view(b, runs)
         sums = r.flatten(1).gather(1, sub.flatten(1)).view(b, runs, -1).sum(-1)
         corrs.append(pearson(sums, drops))
@@ -190,6 +195,7 @@ class SensitivityN(_Perturbation):
     correlation per subset size via :meth:`compute_curve`. Arguments as in :func:`sensitivity_n`."""
 
     name = "sensitivity_n"
+    curve_axis = "subset size (fraction of pixels)"
     higher_is_better = True
 
     def __init__(self, model: nn.Module, fractions: Sequence[float] = (0.01, 0.03, 0.1, 0.3), n_runs: int = 32,

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..attribution import model_device, model_scores
 from ..guard import model_guard, unwrap_model
+from ..scoring import check_class_target, score_perturbed
 from .base import CurveResult, ExplanationMetric, check_choice, prepare, ranks
 
 __all__ = ["noisy_linear_imputation", "road", "ROAD"]
@@ -86,20 +87,23 @@ def noisy_linear_imputation(x: torch.Tensor, removed: torch.Tensor, noise: float
     return x * (1 - r) + v * r
 
 
-def _curve_scores(model: nn.Module, make_inputs, n: int, target: torch.Tensor, output: str,
+def _curve_scores(model: nn.Module, make_inputs, sample_of: torch.Tensor, target, output: str,
                   batch_size: int) -> torch.Tensor:
+    if output != "accuracy":
+        return score_perturbed(model, make_inputs, sample_of, target, output=output, batch_size=batch_size)
+    if not isinstance(target, torch.Tensor):
+        raise ValueError("road output='accuracy' needs class-index targets; use output='logit' with a target function")
     device = model_device(unwrap_model(model))
-    scores = torch.empty(n, device=device)
+    n = sample_of.shape[0]
     with model_guard(model) as module, torch.no_grad():
+        scores = torch.empty(n, device=device)
         for start in range(0, n, batch_size):
             idx = torch.arange(start, min(n, start + batch_size), device=device)
             out = model_scores(module, make_inputs(idx))
-            t = target[idx]
-            if output == "accuracy":
-                scores[idx] = (out.argmax(1) == t).float()
-            else:
-                out = out.softmax(1) if output == "probability" else out
-                scores[idx] = out.gather(1, t[:, None])[:, 0]
+            t = target[sample_of[idx]]
+            if start == 0:
+                check_class_target(out, t)
+            scores[idx] = (out.argmax(1) == t).float()
     return scores
 
 
@@ -142,7 +146,8 @@ def road(model: nn.Module, x: torch.Tensor, target, relevance: torch.Tensor, *, 
         removed = (position[i] < counts[k, None]).view(-1, 1, h, w)
         return noisy_linear_imputation(x[i], removed, noise, gen)
 
-    curves = _curve_scores(model, make, b * n_p, target.repeat_interleave(n_p), output, batch_size).view(b, n_p)
+    sample_of = torch.arange(b, device=x.device).repeat_interleave(n_p)
+    curves = _curve_scores(model, make, sample_of, target, output, batch_size).view(b, n_p)
     return CurveResult(curves.mean(1), curves, torch.tensor(percentages, dtype=torch.float64) / 100)
 
 

@@ -86,10 +86,11 @@ def smooth_mprt(model: nn.Module, x: torch.Tensor, target, relevance: torch.Tens
 
 
 class SmoothMPRT(ExplanationMetric):
-    """sMPRT, logged as ``smooth_mprt_similarity`` (lower is better); the per-layer curve via
-    :meth:`compute_curve`. Arguments as in :func:`smooth_mprt`."""
+    """sMPRT, logged as ``smooth_mprt`` (the mean similarity of the denoised heatmaps; lower is
+    better); the per-layer curve via :meth:`compute_curve`. Arguments as in :func:`smooth_mprt`."""
 
-    name = "smooth_mprt_similarity"
+    name = "smooth_mprt"
+    curve_axis = "randomised layers"
     needs_method = True
     higher_is_better = False
 
