@@ -49,6 +49,28 @@ def test_road_matches_quantus(case):  # noqa: F811
     close(ours.scores, ours.curves.mean(1))
 
 
+def test_road_accuracy_curve_matches_quantus_where_predictions_flip():
+    """Class 0 scores a bright square of varying brightness, class 1 is a constant: removing the
+    square flips the prediction at a different percentage for each sample."""
+    model = Linear(bias=True)
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.weight[0].view(8, 8)[2:6, 2:6] = 1.0
+        model.fc.bias.copy_(torch.tensor([0.0, 6.0, -100.0]))
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    x = 0.05 * torch.rand(8, 1, 8, 8, generator=g)
+    x[:, :, 2:6, 2:6] += torch.linspace(0.45, 1.2, 8).view(8, 1, 1, 1)
+    y = model(x).argmax(1).detach()
+    r = explain(model, x, y, method="input_x_gradient") + 1e-3 * torch.rand(8, 1, 8, 8, generator=g)
+    pct = [5, 10, 15, 20, 25, 30]
+    ref = quantus.ROAD(percentages=pct, noise=0.0, disable_warnings=True)(
+        model=model, x_batch=x.numpy(), y_batch=y.numpy(), a_batch=r.numpy(), device="cpu")
+    ours = road(model, x, y, r, percentages=pct, noise=0.0)
+    close(ours.curves.mean(0), [ref[p] for p in pct])
+    assert len(set(ours.curves.mean(0).tolist())) >= 3  # the curve is not flat
+
+
 def test_road_morf_drops_the_score_of_a_region_model_lerf_keeps_it():
     """Class 0 scores the sum of a bright square; removing the square (MoRF of the exact
     contributions) imputes it from its dark surroundings, removing anything else changes nothing."""
