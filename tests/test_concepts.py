@@ -61,3 +61,22 @@ def test_errors_name_what_is_valid():
         concept_relevance(model, x, 0, layer="conv9")
     with pytest.raises(ValueError, match=r"channels must be in 0\.\.7"):
         conditional_heatmaps(model, x, 0, "2", torch.tensor([8]))
+
+
+def test_callback_logs_top_concepts_per_class_in_a_trainer(tmp_path):
+    import lightning.pytorch as pl
+
+    from conftest import make_trainer
+    from xai_callbacks import ConceptRelevanceCallback
+    from xai_callbacks.data import ShortcutDigitsDataModule
+    from xai_callbacks.models import Classifier
+
+    pl.seed_everything(0, verbose=False)
+    module = Classifier(DemoCNN(width=8))
+    cb = ConceptRelevanceCallback(layer="model.features.4", n_concepts=2, n_references=3, probe_size=20)
+    trainer = make_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(module, ShortcutDigitsDataModule(batch_size=32))
+    assert cb.errors == 0 and cb.relevance.shape == (20, 16)
+    assert sorted(cb.concepts) == list(range(10)) and all(len(ch) == 2 for ch in cb.concepts.values())
+    pngs = sorted((tmp_path).rglob("*.png"))
+    assert any("concepts" in str(p) for p in pngs) and hook_count(module) == 0
