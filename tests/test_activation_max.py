@@ -32,6 +32,18 @@ def test_plain_optimum_of_a_linear_logit_is_w_over_2_l2():
     torch.testing.assert_close(score, model(x).gather(1, torch.arange(3)[:, None])[:, 0].detach())
 
 
+def test_neuron_variant_maximises_a_channel_of_a_layer():
+    """The output channels of the last layer as neurons: the same optimum as the logit."""
+    model, l2 = linear(), 0.5
+    x, score = activation_maximization(model, [2, 0], (1, 4, 4), l2=l2, layer="1", steps=400, lr=0.05)
+    w = model[1].weight.detach()[[2, 0]]
+    torch.testing.assert_close(x.flatten(1), w / (2 * l2), rtol=1e-2, atol=1e-3)
+    with pytest.raises(ValueError, match=r"layer 'fc' not found"):
+        activation_maximization(model, [0], (1, 4, 4), layer="fc")
+    with pytest.raises(ValueError, match=r"has 3 channels"):
+        activation_maximization(model, [5], (1, 4, 4), layer="1")
+
+
 def test_gaussian_expert_optimum_is_mean_plus_covariance_times_w():
     """max_x w_c x + log N(x; mu, Sigma)  =>  x* = mu + Sigma w_c."""
     model = linear(1)

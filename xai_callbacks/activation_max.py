@@ -82,12 +82,14 @@ def activation_maximization(model: nn.Module, classes: Sequence[int] | torch.Ten
                             l2: float = 0.05, density: GaussianDensity | None = None, prior_weight: float = 1.0,
                             generator: nn.Module | None = None, noise_channels: int | None = None,
                             steps: int = 100, lr: float = 0.05, output: str = "log_probability",
-                            init_std: float = 0.01, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs (K, *shape) that maximise each class's score, and their scores (K,).
+                            init_std: float = 0.01, seed: int = 0, layer: str | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs (K, *shape) that maximise each class's score (or each chosen neuron's activation),
+    and those scores (K,).
 
     Args:
         model: classifier returning (B, n_classes) scores.
-        classes: the K classes.
+        classes: the K classes, or with ``layer`` the K channels of that layer.
         shape: the shape of one input, e.g. (C, H, W).
         l2: weight of ``||x||^2`` (plain), or of ``||z||^2`` (generator).
         density: expert variant with this Gaussian (replaces the l2 penalty, starts at its mean).
@@ -99,9 +101,12 @@ def activation_maximization(model: nn.Module, classes: Sequence[int] | torch.Ten
         output: ``log_probability`` or ``logit`` of the class.
         init_std: std of the random start (plain around 0; generator: ``z``).
         seed: seed of the start (an own generator; the global RNG is not used).
+        layer: a module name: maximise the mean activation of channel ``classes[k]`` of its
+            output (a neuron or feature map) instead of a class score (``output`` is then unused).
 
     Raises:
-        ValueError: bad options, or both ``density`` and ``generator`` given.
+        ValueError: bad options, an unknown layer or channel, or both ``density`` and
+            ``generator`` given.
     """
     if output not in AM_OUTPUTS:
         raise ValueError(f"activation_maximization output must be one of {list(AM_OUTPUTS)}, got {output!r}")
@@ -124,6 +129,31 @@ def activation_maximization(model: nn.Module, classes: Sequence[int] | torch.Ten
         else:
             start = init_std * torch.randn((k, *shape), generator=gen)
         param = start.to(device).requires_grad_(True)
+        if layer is not None:
+            modules = dict(module.named_modules())
+            if layer not in modules or not layer:
+                raise ValueError(f"activation_maximization layer {layer!r} not found; module names: "
+                                 f"{[n for n in modules if n][:40]}")
+
+        def objective_scores(x):
+            if layer is None:
+                return _class_scores(model_scores(module, x), classes, output)
+            seen = []
+
+            def keep_output(module_, inputs, out):
+                seen.append(out)
+
+            handle = modules[layer].register_forward_hook(keep_output)
+            try:
+                module(x)
+            finally:
+                handle.remove()
+            act = seen[0]
+            if int(classes.max()) >= act.shape[1]:
+                raise ValueError(f"layer {layer!r} has {act.shape[1]} channels; got channels {classes.tolist()}")
+            return act.gather(1, classes.view(-1, *([1] * (act.dim() - 1))).expand(-1, 1, *act.shape[2:])) \
+                .flatten(1).mean(1)
+
         opt = torch.optim.Adam([param], lr=lr)
         with model_guard(generator) if generator is not None else contextlib.nullcontext() as g:
             blank = torch.zeros((k, *shape), device=device)
@@ -133,7 +163,7 @@ def activation_maximization(model: nn.Module, classes: Sequence[int] | torch.Ten
 
             for _ in range(steps):
                 x = decode(param)
-                score = _class_scores(model_scores(module, x), classes, output)
+                score = objective_scores(x)
                 if density is not None:
                     objective = score + prior_weight * density.log_prob(x)
                 else:
@@ -142,5 +172,5 @@ def activation_maximization(model: nn.Module, classes: Sequence[int] | torch.Ten
                 opt.step()
             with torch.no_grad():
                 x = decode(param)
-                score = _class_scores(model_scores(module, x), classes, output)
+                score = objective_scores(x)
     return x.detach(), score.detach()

@@ -43,6 +43,8 @@ class ActivationMaximizationCallback(ExplanationCallback):
         density_samples: training inputs the Gaussian is fitted to.
         shrinkage: covariance shrinkage of the Gaussian.
         scale: integer upscaling of each image in the grid.
+        layer: a module name: visualise the channels ``classes`` of its output (neurons / feature
+            maps, mean activation) instead of classes; ``classes`` is then required.
         seed: seed of the start points and of the density samples.
         every_n_epochs, on_error: see :class:`ExplanationCallback` (the probe set is only used
             for the input shape and as the density's data when no training data is reachable).
@@ -54,7 +56,8 @@ class ActivationMaximizationCallback(ExplanationCallback):
     def __init__(self, classes: Sequence[int] | None = None, variants: Sequence[str] = ("plain", "expert"),
                  l2: float = 0.05, prior_weight: float = 1.0, steps: int = 100, lr: float = 0.05,
                  output: str = "log_probability", density_samples: int = 512, shrinkage: float = 0.1,
-                 scale: int = 2, seed: int = 0, every_n_epochs: int = 1, on_error: str = "warn"):
+                 scale: int = 2, layer: str | None = None, seed: int = 0, every_n_epochs: int = 1,
+                 on_error: str = "warn"):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=1, seed=seed, on_error=on_error)
         variants = [variants] if isinstance(variants, str) else list(variants)
         bad = [v for v in variants if v not in VARIANTS]
@@ -62,9 +65,11 @@ class ActivationMaximizationCallback(ExplanationCallback):
             raise ValueError(f"unknown activation maximisation variant(s) {bad or variants}; valid: {list(VARIANTS)}")
         if output not in AM_OUTPUTS:
             raise ValueError(f"output must be one of {list(AM_OUTPUTS)}, got {output!r}")
+        if layer is not None and not classes:
+            raise ValueError(f"layer={layer!r} needs classes=[channel, ...]: the channels to visualise")
         self.classes = None if classes is None else [int(c) for c in classes]
         self.variants, self.output = variants, output
-        self.options = dict(l2=l2, steps=steps, lr=lr, output=output, seed=seed)
+        self.options = dict(l2=l2, steps=steps, lr=lr, output=output, seed=seed, layer=layer)
         self.prior_weight, self.density_samples, self.shrinkage = prior_weight, density_samples, shrinkage
         self.scale = scale
         self.density: GaussianDensity | None = None
@@ -118,7 +123,8 @@ class ActivationMaximizationCallback(ExplanationCallback):
                 extra = dict(generator=generator)
             images, scores = activation_maximization(pl_module, classes, tuple(x.shape[1:]), **self.options, **extra)
             self.images[variant], self.scores[variant], self.kinds[variant] = images.cpu(), scores.cpu(), kind
-            caption = f"{kind}: " + ", ".join(f"class {c} ({s:.2f})" for c, s in zip(classes, scores.tolist()))
+            unit = "class" if self.options["layer"] is None else f"{self.options['layer']} channel"
+            caption = f"{kind}: " + ", ".join(f"{unit} {c} ({s:.2f})" for c, s in zip(classes, scores.tolist()))
             sinks.log_images(trainer, f"xai/activation_max/{variant}", [self._grid(images)], [caption])
 
     def _grid(self, images: torch.Tensor, gap: int = 2) -> np.ndarray:
