@@ -28,11 +28,13 @@ def test_noisy_linear_imputation_matches_quantus():
     x = torch.rand(2, 3, 12, 10, generator=g)
     removed = torch.rand(2, 1, 12, 10, generator=g) < 0.4
     removed[1, :, :6] = True  # a large hole touching the border
-    ours = noisy_linear_imputation(x, removed, noise=0.0, tol=1e-10)
+    ours = noisy_linear_imputation(x, removed, noise=0.0, solver="direct")
+    cg = noisy_linear_imputation(x, removed, noise=0.0, tol=1e-10, solver="cg")
     for i in range(2):
         idx = removed[i, 0].flatten().nonzero().flatten().numpy()
         ref = q_nli(x[i].double().numpy(), idx, noise=0.0)
         close(ours[i], ref, rel=1e-5, abs_=1e-6)
+        close(cg[i], ref, rel=1e-5, abs_=1e-6)
     assert torch.equal(ours[~removed.expand_as(x)], x[~removed.expand_as(x)])  # kept pixels untouched
     noisy = noisy_linear_imputation(x, removed, noise=0.5, generator=torch.Generator().manual_seed(1))
     assert 0.3 < float((noisy - ours)[removed.expand_as(x)].std()) < 0.7
