@@ -301,6 +301,22 @@ def test_lrp_composite_errors_name_what_is_valid():
         explain(model, x, 0, method="lrp.composite", output="probability")
 
 
+# ------------------------------------------------------------------------------ target functions
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_a_regression_target_function_gives_the_class_index_explanation(method):
+    """A one-output regressor explained through regression_target() equals explaining its
+    output 0 as a class (the methods see the target function's score as that output)."""
+    from xai_callbacks.scoring import regression_target
+
+    torch.manual_seed(0)
+    reg = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                        nn.Linear(16, 1)).eval()
+    x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    opts = {**FAST.get(method, {}), **({"alpha": 0.0} if method == "lime" else {})}
+    by_function = explain(reg, x, regression_target(), method=method, **opts)
+    torch.testing.assert_close(by_function, explain(reg, x, 0, method=method, **opts))
+
+
 # ------------------------------------------------------------------------------ the do-no-harm guard
 @pytest.mark.parametrize("method", NEW_METHODS)
 def test_guard_leaves_model_and_rng_untouched(training_cnn, method):  # noqa: F811

@@ -31,9 +31,32 @@ from zennit.layer import Sum
 from zennit.rules import Norm, Pass
 from zennit.types import AvgPool, BatchNorm, Convolution, Linear
 
-from . import CheckedForward, register_method
+from . import CheckedForward, TargetModel, register_method
+from ..scoring import target_scores
 
 __all__ = ["deeplift", "deconvnet", "excitation_backprop", "contrastive_excitation_backprop", "Excitation"]
+
+
+class _ScoredModel(nn.Module):
+    """A target function's model with the model as a registered child, so captum's
+    ``model.apply`` reaches its ReLUs (a :class:`TargetModel` keeps it unregistered)."""
+
+    def __init__(self, model: TargetModel):
+        super().__init__()
+        self.model, self.target = model.inner, model.target
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return target_scores(self.model(x), self.target)[:, None]
+
+
+def _for_captum(model: nn.Module) -> nn.Module:
+    return _ScoredModel(model) if isinstance(model, TargetModel) else model
+
+
+def _validate(model, x: torch.Tensor, target: torch.Tensor) -> None:
+    """Check the scores and the target on the whole batch before captum puts its hooks on."""
+    with torch.no_grad():
+        CheckedForward(model, target)(x)
 
 
 @register_method("deeplift")
@@ -41,20 +64,20 @@ def deeplift(model, x, target, *, baseline: float | torch.Tensor = 0.0) -> torch
     """DeepLIFT (Shrikumar et al. 2017) with the rescale rule, by captum: contributions of
     ``x - baseline`` that sum to ``f(x) - f(baseline)``. ReLUs must be modules (not
     ``torch.relu`` calls) and each used once, as captum requires."""
-    CheckedForward(model, target)(x[:1])  # validate scores and target before captum's hooks
+    _validate(model, x, target)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Setting forward, backward hooks")
-        return ca.DeepLift(model).attribute(x, baselines=baseline, target=target)
+        return ca.DeepLift(_for_captum(model)).attribute(x, baselines=baseline, target=target)
 
 
 @register_method("deconvnet")
 def deconvnet(model, x, target) -> torch.Tensor:
     """Deconvnet (Zeiler & Fergus 2014), by captum: ReLUs pass the positive part of the signal
     from above, whatever the forward activation."""
-    CheckedForward(model, target)(x[:1])
+    _validate(model, x, target)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
-        return ca.Deconvolution(model).attribute(x, target=target)
+        return ca.Deconvolution(_for_captum(model)).attribute(x, target=target)
 
 
 class Excitation(BasicHook):

@@ -296,13 +296,16 @@ def lrp_composite(model, x, target, *, rules: dict | None = None, output: str = 
     """
     if output not in LRP_OUTPUTS:
         raise ValueError(f"lrp.composite output must be one of {list(LRP_OUTPUTS)}, got {output!r}")
-    refuse_transformer(model, "lrp.composite", "zennit's composites have no rules for attention and LayerNorm")
+    from . import TargetModel
+
+    # a target function's model (TargetModel) calls the model itself: rules and canonizers go there
+    root = model.inner if isinstance(model, TargetModel) else model
+    refuse_transformer(root, "lrp.composite", "zennit's composites have no rules for attention and LayerNorm")
     forward = CheckedForward(model, target)
-    with preserve_values(model):
-        composite = config_composite(model, DEFAULT_LRP_RULES if rules is None else rules, x,
-                                     canonizers=default_canonizers(model, x))
-        with composite.context(model) as modified:
-            forward.model = modified
+    with preserve_values(root):
+        composite = config_composite(root, DEFAULT_LRP_RULES if rules is None else rules, x,
+                                     canonizers=default_canonizers(root, x))
+        with composite.context(root):
             x = x.requires_grad_(True)
             out = forward(x)
             if output == "logit":

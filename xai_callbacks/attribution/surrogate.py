@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from captum._utils.models.linear_model import SkLearnLasso, SkLearnLinearRegression
 
-from . import CheckedForward, register_method
+from . import CheckedForward, TargetModel, register_method
+from ..scoring import select
 from ..guard import rng_guard
 from ..infill import Infiller, get_infiller
 
@@ -77,14 +78,17 @@ def _surrogate(explainer_cls, model, x, target, *, features, patch_size, n_segme
         raise ValueError(f"n_samples and perturbations_per_eval must be >= 1, got {n_samples}, "
                          f"{perturbations_per_eval}")
     masks = feature_mask(x, features, patch_size, n_segments, compactness)
-    forward = CheckedForward(model, target)
-    forward(x[:1])
+    with torch.no_grad():
+        CheckedForward(model, target)(x)  # scores and target checked on the whole batch
     baselines = fill.fill(x.detach())
-    explainer = explainer_cls(forward, **explainer_kwargs)
     out = []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(Lasso|converge|Attempting to construct).*")
         for i in range(x.shape[0]):
+            sample_model = model
+            if isinstance(model, TargetModel):  # a target function: bound to this sample alone
+                sample_model = TargetModel(model.inner, select(model.target, torch.tensor([i])))
+            explainer = explainer_cls(sample_model, **explainer_kwargs)
             with rng_guard(seed):
                 out.append(explainer.attribute(x[i:i + 1].detach(), baselines=baselines[i:i + 1],
                                                target=target[i:i + 1], feature_mask=masks[i:i + 1],
