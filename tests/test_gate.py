@@ -13,7 +13,7 @@ from xai_callbacks.cli import main
 from xai_callbacks.data import ShortcutDigitsDataModule
 from xai_callbacks.gate import evaluate, parse_rule
 from xai_callbacks.models import Classifier, DemoCNN
-from xai_callbacks.wandb_records import read_records
+from wandb_records import read_records
 
 
 def module():

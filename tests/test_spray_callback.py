@@ -17,7 +17,7 @@ from xai_callbacks.callbacks.spray import SpRAyCallback, select_per_class
 from xai_callbacks.cli import main
 from xai_callbacks.data import ShortcutDigitsDataModule
 from xai_callbacks.models import Classifier, DemoCNN
-from xai_callbacks.wandb_records import history
+from wandb_records import history
 
 EPOCHS = 3
 

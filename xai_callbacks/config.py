@@ -137,6 +137,39 @@ def _error(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: {getattr(err, 'msg', str(err)).splitlines()[0]} (key: {key})")
 
 
+# old name -> new name, still loaded for one release with a DeprecationWarning
+RENAMED_KEYS = {"probe_seed": "seed", "mask_seed": "seed", "perturbation_batch": "batch_size"}
+RENAMED_METRICS = {"randomisation_similarity": "model_parameter_randomisation"}
+
+
+def _in_metrics(where: str) -> bool:
+    """Whether ``where`` (``callbacks.<callback>.<key>...``) is the metrics list of a callback."""
+    return where.split(".")[2:3] == ["metrics"]
+
+
+def _renamed(value: Any, where: str) -> Any:
+    """``value`` with deprecated keys (at any depth) and metric names replaced by their new names."""
+    import warnings
+
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            new = RENAMED_METRICS.get(k, k) if _in_metrics(where) else RENAMED_KEYS.get(k, k)
+            if new != k:
+                if new in value:
+                    raise ConfigError(f"{where}: both {k!r} and its new name {new!r} are given; keep {new!r}")
+                warnings.warn(f"{where}: {k!r} is deprecated, use {new!r}", DeprecationWarning, stacklevel=4)
+            out[new] = _renamed(v, f"{where}.{new}")
+        return out
+    if isinstance(value, list):
+        return [_renamed(v, where) for v in value]
+    if isinstance(value, str) and value in RENAMED_METRICS and _in_metrics(where):
+        warnings.warn(f"{where}: metric {value!r} is deprecated, use {RENAMED_METRICS[value]!r}", DeprecationWarning,
+                      stacklevel=4)
+        return RENAMED_METRICS[value]
+    return value
+
+
 def _check_callbacks(callbacks: DictConfig, source: str) -> dict[str, Any]:
     built = {}
     for name, values in callbacks.items():
@@ -144,6 +177,8 @@ def _check_callbacks(callbacks: DictConfig, source: str) -> dict[str, Any]:
             raise ConfigError(f"{source}: unknown callback 'callbacks.{name}'; valid: {sorted(CALLBACKS)}")
         if values is None:
             continue
+        if isinstance(values, DictConfig):
+            values = OmegaConf.create(_renamed(OmegaConf.to_container(values), f"callbacks.{name}"))
         schema = OmegaConf.structured(callback_config(_load_class(CALLBACKS[name])))
         try:
             built[name] = OmegaConf.to_container(OmegaConf.merge(schema, values))

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["unwrap_model", "model_guard", "rng_guard", "input_gradient", "hook_count", "ModelSnapshot",
-           "preserve_values"]
+__all__ = ["unwrap_model", "model_guard", "rng_guard", "grad_fp32", "input_gradient", "hook_count",
+           "ModelSnapshot", "preserve_values"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -142,6 +142,17 @@ def preserve_values(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def grad_fp32() -> Iterator[None]:
+    """Leave ``inference_mode`` and ``no_grad``, enable grad, and turn autocast off (fp32)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        for device_type in ("cpu", "cuda"):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
+@contextlib.contextmanager
 def model_guard(model: nn.Module, seed: int | None = None) -> Iterator[nn.Module]:
     """Context for one explainer call on ``model``; yields the unwrapped module in eval mode."""
     module = unwrap_model(model)
@@ -149,10 +160,7 @@ def model_guard(model: nn.Module, seed: int | None = None) -> Iterator[nn.Module
     hooks_before = hook_count(module)
     snapshot = ModelSnapshot(module)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(torch.enable_grad())
-        for device_type in ("cpu", "cuda"):
-            stack.enter_context(torch.autocast(device_type, enabled=False))
+        stack.enter_context(grad_fp32())
         stack.enter_context(rng_guard(seed))
         module.eval()
         # Lightning's compiled modules run a compiled forward; hooks added now would not run there

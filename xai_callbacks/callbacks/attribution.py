@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .. import render, sinks
-from ..attribution import check_methods, explain
+from ..attribution import check_methods, explain, method_options
 from ..guard import model_guard
 from .base import ExplanationCallback, shard_map
 
@@ -36,14 +36,14 @@ class AttributionCallback(ExplanationCallback):
         save_heatmaps: write the ``.npz`` file each time.
         vocab: how token ids are shown in token panels: a sequence of strings indexed by id, a
             function id -> string, or None (the ids themselves).
-        every_n_epochs, probe_size, probe_seed, on_error: see :class:`ExplanationCallback`.
+        every_n_epochs, probe_size, seed, on_error: see :class:`ExplanationCallback`.
     """
 
     def __init__(self, methods: Sequence[str] = ("saliency", "lrp.epsilon_plus_flat"),
                  method_options: Mapping[str, Mapping] | None = None, n_images: int = 16,
                  batch_size: int | None = None, save_heatmaps: bool = True, every_n_epochs: int = 1,
-                 probe_size: int = 64, probe_seed: int = 0, on_error: str = "warn", vocab=None):
-        super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, probe_seed=probe_seed,
+                 probe_size: int = 64, seed: int = 0, on_error: str = "warn", vocab=None):
+        super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, seed=seed,
                          on_error=on_error)
         methods, self.method_options = check_methods(methods, method_options)
         self.methods, self.n_images, self.batch_size, self.save_heatmaps = methods, n_images, batch_size, save_heatmaps
@@ -59,9 +59,10 @@ class AttributionCallback(ExplanationCallback):
         with model_guard(pl_module) as model:
             probs = model(probe.x.clone()).softmax(dim=1)
         score, pred = probs.max(dim=1)
-        self.heatmaps = {m: shard_map(trainer, partial(explain, pl_module, method=m, batch_size=self.batch_size,
-                                                       **self.method_options.get(m, {})), probe.x, probe.y)
-                         for m in self.methods}
+        self.heatmaps = {m: shard_map(trainer, partial(explain, pl_module, method=m, **{
+            "batch_size": self.batch_size,
+            **self.resolve_infillers(trainer, self.method_options.get(m, {}), method_options(m))}), probe.x, probe.y)
+            for m in self.methods}
         if not trainer.is_global_zero:
             return
         n = min(self.n_images, len(probe.y))

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data.dataloader import default_collate
 
 from .. import render, sinks
-from ..attribution import check_methods, explain
+from ..attribution import check_methods, explain, method_options
 from ..data import unpack_batch
 from ..guard import model_guard
 from ..spray import SpRAyResult, StrategyTracker, check_heatmaps, spray, write_virelay
@@ -100,7 +100,7 @@ class SpRAyCallback(ExplanationCallback):
                  max_per_class: int = 100, target: str = "label", spray_options: Mapping[str, Any] | None = None,
                  min_similarity: float = 0.8, batch_size: int | None = 256, save_virelay: bool = True,
                  n_typical: int = 5, every_n_epochs: int = 1, seed: int = 0, on_error: str = "warn"):
-        super().__init__(every_n_epochs=every_n_epochs, probe_size=max(1, int(max_per_class)), probe_seed=seed,
+        super().__init__(every_n_epochs=every_n_epochs, probe_size=max(1, int(max_per_class)), seed=seed,
                          on_error=on_error)
         (method,), checked = check_methods([method], {method: method_options or {}})
         if target not in ("label", "prediction"):
@@ -149,8 +149,9 @@ class SpRAyCallback(ExplanationCallback):
             with model_guard(pl_module) as model:
                 scores = model(x.clone()).float()
             target = y if self.target == "label" else scores.argmax(1)
-            heat = explain(pl_module, x, target, method=self.method, batch_size=self.batch_size,
-                           **self.method_options)
+            heat = explain(pl_module, x, target, method=self.method, **{
+                "batch_size": self.batch_size,
+                **self.resolve_infillers(trainer, self.method_options, method_options(self.method))})
             out = {"x": x.float(), "heatmaps": heat, "labels": y, "scores": scores.detach(), "indices": idx}
             out.update({f"mask:{k}": v.to(dev).float() for k, v in masks.items()})
             return out
