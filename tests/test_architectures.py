@@ -301,7 +301,7 @@ def test_callback_logs_tokens_highlighted_by_relevance_to_wandb(tmp_path, wandb_
     from conftest import make_trainer
     from xai_callbacks import AttributionCallback
     from xai_callbacks.models import Classifier
-    from xai_callbacks.wandb_records import history
+    from wandb_records import history
 
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 50, (48, 7), generator=g)

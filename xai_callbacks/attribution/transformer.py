@@ -43,8 +43,13 @@ def transformer_layers(model: nn.Module) -> list[str]:
 
 
 def _architecture(model: nn.Module) -> str:
-    inner = getattr(model, "model", None)  # a LightningModule holding the network as .model
-    return type(inner if isinstance(inner, nn.Module) else model).__name__
+    """The name of the network inside wrappers (a LightningModule's ``.model``, a target or
+    embedding wrapper's ``.inner`` / ``.model``)."""
+    for attr in ("inner", "model"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module):
+            return _architecture(inner)
+    return type(model).__name__
 
 
 def applicable_methods(model: nn.Module, tokens: bool = False) -> list[str]:
