@@ -28,6 +28,7 @@ __all__ = ["MethodNotApplicableError", "ConservativeTransformerLRP", "transforme
            "refuse_transformer", "token_grid"]
 
 _EPS = 1e-10
+TRANSFORMER_LRP = ("lrp.cp", "lrp.attn")
 
 
 class MethodNotApplicableError(ValueError):
@@ -64,7 +65,7 @@ def applicable_methods(model: nn.Module, tokens: bool = False) -> list[str]:
     for m in available_methods():
         if tokens and m not in GRADIENT_METHODS and not m.startswith("lrp."):
             continue
-        if transformer and m.startswith("lrp.") and m != "lrp.cp":
+        if transformer and m.startswith("lrp.") and m not in TRANSFORMER_LRP:
             continue
         if m == "attention_rollout" and not _has_class_token_attention(model):
             continue
@@ -119,6 +120,23 @@ def _layer_norm_cp(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return y
 
 
+class _DivideGradient(torch.autograd.Function):
+    """Identity forward; backward divides the gradient by ``factor`` (the uniform rule's share)."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / ctx.factor, None
+
+
+def _is_activation(t) -> bool:
+    return isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.requires_grad
+
+
 class ConservativeTransformerLRP(TorchFunctionMode):
     """Within this mode, gradient x input of a transformer is its CP-LRP relevance: softmax
     outputs and LayerNorm's standard deviation are constants (no gradient), query and key of
@@ -145,6 +163,28 @@ class ConservativeTransformerLRP(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class AttentionLRP(ConservativeTransformerLRP):
+    """Within this mode, gradient x input of a transformer is its AttnLRP relevance (Achtibat et
+    al. 2024): LayerNorm and activations as in CP-LRP; the softmax keeps its gradient (which, as
+    gradient x input, is AttnLRP's softmax rule); each product of two activations (query x key,
+    attention x value) gives each factor half of the relevance (uniform rule): queries and keys
+    of fused attention get a quarter, values a half. Forward values are unchanged."""
+
+    _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm}  # both factors non-parameters
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._SOFTMAX:
+            return func(*args, **kwargs)
+        if func in self._MATMUL and len(args) == 2 and all(map(_is_activation, args)):
+            return func(*(_DivideGradient.apply(a, 2.0) for a in args), **kwargs)
+        if func is F.multi_head_attention_forward or func is F.scaled_dot_product_attention:
+            query, key, value, *rest = args
+            return func(_DivideGradient.apply(query, 4.0), _DivideGradient.apply(key, 4.0),
+                        _DivideGradient.apply(value, 2.0), *rest, **kwargs)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
 @register_method("lrp.cp")
 def conservative_lrp(model, x, target) -> torch.Tensor:
     """CP-LRP for transformers (attention weights and LayerNorm scale as constants, identity rule
@@ -153,6 +193,19 @@ def conservative_lrp(model, x, target) -> torch.Tensor:
     model the relevance sums to it. On a network without attention this is LRP-0."""
     forward = CheckedForward(model, target)
     with ConservativeTransformerLRP():
+        out = forward(x)
+    onehot = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
+    return x.detach() * input_gradient(out, x, grad_outputs=onehot)
+
+
+@register_method("lrp.attn")
+def attention_lrp(model, x, target) -> torch.Tensor:
+    """AttnLRP for transformers (uniform rule on products of activations, softmax rule through
+    its gradient, LayerNorm scale constant, identity rule on GELU / SiLU, LRP-0 on linear and
+    convolution layers), as gradient x input under :class:`AttentionLRP`. Not exactly
+    conservative: the softmax rule keeps the share of its implicit bias."""
+    forward = CheckedForward(model, target)
+    with AttentionLRP():
         out = forward(x)
     onehot = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
     return x.detach() * input_gradient(out, x, grad_outputs=onehot)
