@@ -12,6 +12,7 @@ Iterative methods run with few steps (see ``FAST``): the table is about correctn
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 
@@ -111,15 +112,18 @@ def main() -> None:
     methods = args.methods or available_methods()
     x = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     print(f"# {args.batch} x 3 x {args.size} x {args.size} inputs, random weights, CPU, {args.threads} threads\n")
-    print("| method | " + " | ".join(names) + " |")
-    print("|---|" + "---|" * len(names))
     table = {}
     costs = {}
     for name in names:
         torch.manual_seed(0)
         model = randomise_batchnorm(builders[name]()).eval()
-        table[name] = {m: cell(model, x, m) for m in methods}
+        table[name] = {}
+        for m in methods:
+            table[name][m] = cell(model, x, m)
+            print(f"{name} {m}: {table[name][m]}", file=sys.stderr, flush=True)
         costs[name] = snapshot_cost(model, x)
+    print("| method | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
     for m in methods:
         print(f"| {m} | " + " | ".join(table[n][m] for n in names) + " |")
     print("\nguard's per-call snapshot (references, no copies) vs one saliency call:")
