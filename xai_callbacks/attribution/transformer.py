@@ -1,5 +1,5 @@
-"""Transformers: conservative LRP (``lrp.cp``), Grad-CAM on tokens, attention rollout, and the
-error a method raises on an architecture it does not apply to.
+"""Transformers: LRP for attention and LayerNorm (``lrp.cp``, ``lrp.attn``), Grad-CAM on token
+grids, attention rollout, and the error a method raises on an architecture it does not apply to.
 
 ``lrp.cp`` is CP-LRP (Ali et al. 2022, "XAI for Transformers: better explanations through
 conservative propagation") computed as gradient x input of a modified forward pass: the
@@ -10,7 +10,8 @@ The modification is a :class:`torch.overrides.TorchFunctionMode` active for one 
 it applies to any model built from ``F.layer_norm``, ``F.softmax``, ``F.gelu``,
 ``F.multi_head_attention_forward`` and ``F.scaled_dot_product_attention`` (torchvision ViT and
 Swin, ``nn.TransformerEncoder``) and changes nothing outside that pass: no module or class is
-patched.
+patched. ``lrp.attn`` is AttnLRP (Achtibat et al. 2024) in the same way (:class:`AttentionLRP`).
+Both agree with the lxt package's rules, which patch torchvision's classes process-wide instead.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from torch.overrides import TorchFunctionMode
 from . import CheckedForward, register_method
 from ..guard import input_gradient
 
-__all__ = ["MethodNotApplicableError", "ConservativeTransformerLRP", "transformer_layers", "applicable_methods",
-           "refuse_transformer", "token_grid"]
+__all__ = ["MethodNotApplicableError", "ConservativeTransformerLRP", "AttentionLRP", "transformer_layers",
+           "applicable_methods", "refuse_transformer", "token_grid"]
 
 _EPS = 1e-10
 TRANSFORMER_LRP = ("lrp.cp", "lrp.attn")
