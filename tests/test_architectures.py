@@ -300,6 +300,17 @@ def test_token_relevance_is_one_per_token_and_chunking_does_not_change_it(method
         torch.testing.assert_close(chunked, rel)
 
 
+def test_token_relevance_under_lightning_validation_contexts():
+    """Lightning validates under no_grad (in fit) and inference_mode (standalone validate)."""
+    model = TextTransformer()
+    expected = explain(model, TOKENS, 1, method="lrp.cp")
+    for outer in (torch.inference_mode, torch.no_grad):
+        with outer():
+            tokens = TOKENS.clone()  # an inference tensor under inference_mode, like Lightning's batches
+            rel = explain(model, tokens, 1, method="lrp.cp")
+        torch.testing.assert_close(rel, expected)
+
+
 def test_token_input_x_gradient_equals_captum_on_the_embedding_layer():
     ca = pytest.importorskip("captum.attr")
     model = TextTransformer().eval()
