@@ -220,7 +220,7 @@ class SpRAyCallback(ExplanationCallback):
             write_virelay(sinks.run_dir(trainer) / "spray" / f"epoch_{epoch:04d}", data["heatmaps"], labels,
                           {c: (rows_of[c], r) for c, r in results.items()}, indices=data["indices"],
                           inputs=data["x"], predictions=data["scores"], class_names=self.class_names or None,
-                          strategy_ids=self.strategy_ids, attribution_method=self.method)
+                          strategy_ids=self.strategy_ids, attribution_method=self.method, target=self.target)
         return scalars, problems
 
     # -- logging ---------------------------------------------------------------------------------
