@@ -169,9 +169,11 @@ def test_written_project_answers_200_through_virelays_server(tmp_path):
                     "heatmaps": len(labels) * 8 * 2}
 
 
-def test_callback_project_opens_in_virelay(tmp_path):
-    """The files SpRAyCallback writes while training (single-channel digits) open in ViRelAy."""
+def test_callback_project_opens_in_virelay(tmp_path, capsys):
+    """The files SpRAyCallback writes while training (single-channel digits) open in ViRelAy; its
+    work shows in the progress bar class by class."""
     from conftest import make_trainer
+    from lightning.pytorch.callbacks import TQDMProgressBar
 
     from xai_callbacks import SpRAyCallback
     from xai_callbacks.data import ShortcutDigitsDataModule
@@ -182,7 +184,9 @@ def test_callback_project_opens_in_virelay(tmp_path):
     module = Classifier(DemoCNN(width=4, image_size=32))
     cb = SpRAyCallback(classes=[0, 1, 2], max_per_class=12, target="prediction", on_error="raise",
                        spray_options={"k": 4, "visualisation": None, "max_clusters": 4})
-    make_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2).fit(module, dm)
+    make_trainer(tmp_path, [cb, TQDMProgressBar()], max_epochs=1, limit_train_batches=2,
+                 enable_progress_bar=True).fit(module, dm)
+    assert "SpRAyCallback: SpRAy class 2" in capsys.readouterr().out
     (project_yaml,) = sorted(tmp_path.rglob("project.yaml"))
     spec = yaml.safe_load(project_yaml.read_text())["project"]
     assert spec["attributions"]["attribution_strategy"] == "predicted_label"

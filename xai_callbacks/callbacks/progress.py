@@ -74,6 +74,8 @@ class Progress:
 
     def update(self, advance: int = 0, status: str | None = None, total: int | None = None) -> None:
         """Advance by ``advance`` steps, show ``status`` beside the description, or set the ``total``."""
+        if not self.shown:
+            return
         if total is not None:
             self.total = total
         label = self.description + (f": {status}" if status else "")

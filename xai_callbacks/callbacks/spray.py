@@ -156,6 +156,7 @@ class SpRAyCallback(ExplanationCallback):
             out.update({f"mask:{k}": v.to(dev).float() for k, v in masks.items()})
             return out
 
+        self.progress.update(status=f"explaining {len(self.sample_indices)} samples ({self.method})")
         # each DDP rank explains its share; everything is gathered on every rank
         data = shard_map(trainer, explain_share, torch.tensor(self.sample_indices, device=dev))
         return {k: v.cpu() for k, v in data.items()}
@@ -192,8 +193,9 @@ class SpRAyCallback(ExplanationCallback):
         scalars, problems, results, rows_of = {}, [], {}, {}
         flagged_samples = analysed = 0
         epoch = trainer.current_epoch
-        for c in classes:
+        for i, c in enumerate(classes):
             name = self.name_of(c)
+            self.progress.update(advance=int(i > 0), status=f"SpRAy class {name}", total=len(classes) if i == 0 else None)
             rows = np.flatnonzero((labels == c) & ok)
             bad = int(((labels == c) & ~ok).sum())
             if bad:
