@@ -234,6 +234,8 @@ class SpRAyCallback(ExplanationCallback):
         sinks.log_line_plot(trainer, f"{key}/eigenvalues", list(range(1, len(r.eigenvalues) + 1)),
                             {"eigenvalue": r.eigenvalues.tolist()}, title=f"class {name}: Laplacian spectrum "
                             f"({r.n_clusters} clusters by eigengap)", xname="index")
+        sinks.log_images(trainer, f"{key}/spectrum", [render.spectrum_picture(
+            r.eigenvalues, r.n_clusters, f"class {name}: {r.n_clusters} strategies by the eigengap")], [f"class {name}"])
         strategy = np.array([ids[lab] if lab >= 0 else -1 for lab in r.labels])
         if r.embedding is not None:
             shares = list(r.mask_shares)
@@ -245,7 +247,8 @@ class SpRAyCallback(ExplanationCallback):
             sinks.log_images(trainer, f"{key}/scatter", [_scatter_rgb(r.embedding, strategy, flagged_ids, name)],
                              [f"class {name}, epoch {trainer.current_epoch}"])
         scale = max(1, 96 // heat.shape[-1])
-        protos = [_upscale(render.heatmap_rgb(p), scale) for p in r.prototypes]
+        protos = [render.prototype_picture(p, ids[j], int(r.cluster_sizes[j]), float(r.factors["share"][j]),
+                                           bool(r.flagged[j])) for j, p in enumerate(r.prototypes)]
         captions = [f"strategy {ids[j]}: {r.cluster_sizes[j]} samples ({r.factors['share'][j]:.0%}), suspicion "
                     f"{r.cluster_suspicion[j]:.2f}{' FLAGGED' if r.flagged[j] else ''}" for j in range(r.n_clusters)]
         sinks.log_images(trainer, f"{key}/prototypes", protos, captions)
