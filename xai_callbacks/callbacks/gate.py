@@ -94,7 +94,7 @@ class ExplanationGate(pl.Callback):
             if source in {name for _, name in SOURCES} and source.endswith("Callback") and source not in attached:
                 echo(trainer, f"xai-callbacks gate: rule '{rule}' reads {rule.key}, which {source} logs, and no "
                      f"{source} is attached to the Trainer: the gate will fail at the end of the run unless "
-                     f"something else logs it", log)
+                     f"something else logs it", log, above_bar=False)  # no bar is drawn yet
 
     def on_validation_end(self, trainer, pl_module) -> None:
         last = trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs - 1
