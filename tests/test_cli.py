@@ -92,3 +92,12 @@ def test_gate_imports_no_torch_lightning_or_wandb(report):
     done = subprocess.run([sys.executable, "-c", probe, str(report)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert done.stdout.strip().splitlines()[-1] == "[1, 2] []", done.stderr
+
+
+def test_gate_on_a_run_that_never_validated_fails(tmp_path, capsys):
+    report = write_report(tmp_path / "gate.json", ["spray/*/max_suspicion < 0.25"], [],
+                          final={"epoch": 3, "passed": False, "missing": []})
+    code, out, _ = run(["gate", str(report)], capsys)
+    assert code == 1 and "NOT LOGGED (logged by SpRAyCallback)" in out
+    write_report(tmp_path / "gate.json", ["val/acc > 0.5"], [])
+    assert run(["gate", str(report)], capsys)[0] == 2  # no check at all yet: nothing to judge

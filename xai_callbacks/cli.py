@@ -80,9 +80,10 @@ def _gate(args) -> int:
         rules = [parse_rule(r) for r in (_load_rules(args.rules) if args.rules else report["rules"])]
     except (OSError, ValueError) as err:
         raise UsageError(str(err)) from err
-    if not report["epochs"]:
+    if not report["epochs"] and not report.get("final"):
         raise UsageError(f"{path}: the gate report has no checked epoch yet (did the run reach a validation?)")
-    last = report["epochs"][-1]
+    # a run that ended without any validation still has its end-of-run check: its rules were never logged
+    last = report["epochs"][-1] if report["epochs"] else {"epoch": report["final"]["epoch"], "values": {}}
     seen: dict[str, float] = {}
     for entry in report["epochs"]:
         seen.update(entry["values"])
