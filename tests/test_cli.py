@@ -57,11 +57,15 @@ def bad_inputs(tmp_path, report):
         (["fit", "max_epochs"], r"override 'max_epochs': overrides look like key=value"),
         (["fit", "data.artifact_kind=zigzag"], r"data.artifact_kind='zigzag' is not valid; valid: \["),
         (["fit", "--configg", DEMO], r"unrecognized arguments: --configg"),
+        (["fit", "logger.kind=none", "trainer.max_epochs=-5"], r"override 'trainer.max_epochs=-5': in trainer: `max_epochs`"),
+        (["fit", "logger.kind=none", "model.width=-1"], r"override 'model.width=-1': in model: .*negative dimension"),
     ]
 
 
-def test_every_bad_input_is_one_line_and_exit_2(tmp_path, report, capsys):
+def test_every_bad_input_is_one_line_and_exit_2(tmp_path, report, capsys, monkeypatch):
     import re
+
+    monkeypatch.chdir(tmp_path)  # nothing is written into the repository
 
     for argv, message in bad_inputs(tmp_path, report):
         code, out, err = run(argv, capsys)
