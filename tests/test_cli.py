@@ -105,3 +105,22 @@ def test_gate_on_a_run_that_never_validated_fails(tmp_path, capsys):
     assert code == 1 and "NOT LOGGED (logged by SpRAyCallback)" in out
     write_report(tmp_path / "gate.json", ["val/acc > 0.5"], [])
     assert run(["gate", str(report)], capsys)[0] == 2  # no check at all yet: nothing to judge
+
+
+def test_methods_listing_read_from_the_source_is_the_registry(capsys):
+    from xai_callbacks.attribution import available_methods, method_options
+    from xai_callbacks.cli import _registered_methods
+
+    live = {name: [(k, repr(v)) for k, v in method_options(name).items()] for name in available_methods()}
+    assert _registered_methods() == live  # a method registered other than by @register_method("...") breaks this
+    assert main(["methods"]) == 0
+    static = capsys.readouterr().out
+    assert main(["methods", "--live"]) == 0 and capsys.readouterr().out == static
+
+
+def test_methods_imports_no_torch():
+    probe = ("import sys\nfrom xai_callbacks.cli import main\nmain(['methods'])\n"
+             "print(sorted(m for m in ('torch', 'lightning', 'wandb') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert "saliency" in done.stdout and done.stdout.strip().splitlines()[-1] == "[]", done.stderr
