@@ -13,6 +13,7 @@ from ..attribution import check_methods, explain
 from ..data import unpack_batch
 from ..guard import model_guard
 from ..spray import SpRAyResult, StrategyTracker, check_heatmaps, spray, write_virelay
+from ..spray.evidence import strategy_evidence
 from .base import ExplanationCallback, shard_map, val_dataloader
 
 __all__ = ["SpRAyCallback", "select_per_class"]
@@ -89,6 +90,15 @@ class SpRAyCallback(ExplanationCallback):
         min_similarity: prototype similarity needed to continue a strategy's id.
         batch_size: samples per explainer call (None: a rank's whole share at once).
         save_virelay: write the ViRelAy databases each time.
+        evidence: confirm strategies causally (:func:`~xai_callbacks.spray.evidence.strategy_evidence`):
+            remove each strategy's region from its members, paste it into other classes' analysed
+            samples; the evidence decides which strategies are flagged. False: the heatmap-shape
+            suspicion decides (no model calls after the explanations).
+        infiller: how the evidence removes a region: ``"blur"`` (default), any
+            :mod:`xai_callbacks.infill` name, or an infiller instance such as the trained GAN.
+        evidence_options: keyword arguments of ``strategy_evidence`` (``area``, ``pastes``,
+            ``max_members``, ``min_transfer``, ``min_drop``, ...).
+        max_others: other-class samples (of the analysed ones, a seeded draw) the regions are pasted into.
         n_typical: typical members shown per strategy.
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``.
         seed: seed of the per-class sample and of SpRAy.
@@ -99,7 +109,9 @@ class SpRAyCallback(ExplanationCallback):
                  classes: Sequence[int] | None = None, class_names: Mapping[int, str] | None = None,
                  max_per_class: int = 100, target: str = "label", spray_options: Mapping[str, Any] | None = None,
                  min_similarity: float = 0.8, batch_size: int | None = 256, save_virelay: bool = True,
-                 n_typical: int = 5, every_n_epochs: int = 1, seed: int = 0, on_error: str = "warn"):
+                 n_typical: int = 5, every_n_epochs: int = 1, seed: int = 0, on_error: str = "warn",
+                 evidence: bool = True, infiller: Any = "blur", evidence_options: Mapping[str, Any] | None = None,
+                 max_others: int = 64):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=max(1, int(max_per_class)), probe_seed=seed,
                          on_error=on_error)
         (method,), checked = check_methods([method], {method: method_options or {}})
@@ -117,6 +129,15 @@ class SpRAyCallback(ExplanationCallback):
         self.class_names = {int(k): str(v) for k, v in (class_names or {}).items()}
         self.max_per_class, self.spray_options, self.min_similarity = max_per_class, options, min_similarity
         self.batch_size, self.save_virelay, self.n_typical, self.seed = batch_size, save_virelay, n_typical, seed
+        ev_options = dict(evidence_options or {})
+        bad = sorted(set(ev_options) - set(strategy_evidence.__kwdefaults__) | ({"infiller"} & set(ev_options)))
+        if bad:
+            raise ValueError(f"unknown evidence_options {bad}; valid: "
+                             f"{sorted(set(strategy_evidence.__kwdefaults__) - {'infiller'})}")
+        if not isinstance(max_others, int) or max_others < 1:
+            raise ValueError(f"max_others must be an int >= 1, got {max_others!r}")
+        self.evidence, self.infiller, self.evidence_options = bool(evidence), infiller, ev_options
+        self.max_others = max_others
         self.sample_indices: list[int] | None = None
         self.trackers: dict[int, StrategyTracker] = {}
         self.results: dict[int, SpRAyResult] = {}
@@ -203,12 +224,24 @@ class SpRAyCallback(ExplanationCallback):
                 continue
             result = spray(data["heatmaps"][rows], masks={m: v[rows] for m, v in masks.items()} or None,
                            n_typical=self.n_typical, **options)
+            if self.evidence:
+                self._confirm(trainer, c, result, data, rows, labels)
             tracker = self.trackers.setdefault(c, StrategyTracker(self.min_similarity))
             ids = tracker.update(result.signatures, result.factors["share"], epoch)
             results[c], rows_of[c], self.strategy_ids[c] = result, rows, ids
             scalars[f"spray/{name}/n_clusters"] = float(result.n_clusters)
             scalars[f"spray/{name}/max_suspicion"] = result.max_suspicion
-            scalars[f"spray/{name}/suspicious_strategy"] = float(ids[int(np.argmax(result.cluster_suspicion))])
+            scalars[f"spray/{name}/n_flagged"] = float(result.flagged.sum())
+            ev = result.evidence
+            if ev is not None and ev.checked.any():
+                top = int(np.argmax(np.where(ev.checked, ev.transfer_rate, -1.0)))
+                scalars.update({f"spray/{name}/transfer_rate": float(ev.transfer_rate[top]),
+                                f"spray/{name}/score_drop": float(ev.score_drop[top]),
+                                f"spray/{name}/region_size": float(ev.region_size[top]),
+                                f"spray/{name}/forward_passes": float(ev.forward_passes)})
+            else:
+                top = int(np.argmax(result.cluster_suspicion))
+            scalars[f"spray/{name}/suspicious_strategy"] = float(ids[top])
             flagged_samples += int(np.isin(result.labels, np.flatnonzero(result.flagged)).sum())
             analysed += len(rows)
             self._log_class(trainer, c, result, ids, tracker, data, rows)
@@ -221,6 +254,21 @@ class SpRAyCallback(ExplanationCallback):
                           inputs=data["x"], predictions=data["scores"], class_names=self.class_names or None,
                           strategy_ids=self.strategy_ids, attribution_method=self.method)
         return scalars, problems
+
+    def _confirm(self, trainer, c: int, result: SpRAyResult, data: dict[str, torch.Tensor], rows: np.ndarray,
+                 labels: np.ndarray) -> None:
+        """Causal evidence for the class's strategies; it decides ``result.flagged``."""
+        others = np.flatnonzero(labels != c)
+        if not len(others):
+            raise ValueError(f"class {self.name_of(c)}: no samples of other classes were analysed to paste "
+                             "regions into; analyse more than one class or set evidence=False")
+        rng = np.random.default_rng(self.seed + c)
+        others = np.sort(rng.choice(others, min(self.max_others, len(others)), replace=False))
+        batch = self.batch_size or 256
+        ev = strategy_evidence(trainer.lightning_module, data["x"][rows], data["heatmaps"][rows], result.labels, c,
+                               data["x"][others], infiller=self.infiller, batch_size=batch,
+                               **{"seed": self.seed, **self.evidence_options})
+        result.confirm(ev)
 
     # -- logging ---------------------------------------------------------------------------------
     def _log_class(self, trainer, c: int, r: SpRAyResult, ids: list[int], tracker: StrategyTracker,
