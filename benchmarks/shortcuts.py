@@ -155,11 +155,14 @@ def score(cb, val, shortcut: bool) -> dict:
             out["purity"] = float((has & in_flag).sum() / in_flag.sum()) if in_flag.any() else np.nan
             susp = ev.sample_suspicion if ev is not None else r.suspicion
             out["auc"] = float(roc_auc_score(has, susp)) if 0 < has.sum() < len(has) else np.nan
-            out["clusters"] = [(int(r.cluster_sizes[j]), float(has[r.labels == j].mean()),
-                                float(ev.transfer_rate[j]) if ev is not None else np.nan,
-                                float(ev.score_drop[j]) if ev is not None else np.nan) for j in range(r.n_clusters)]
+            out["clusters"] = [(int(r.cluster_sizes[j]), round(float(has[r.labels == j].mean()), 2),
+                                round(float(r.cluster_suspicion[j]), 2),
+                                round(float(ev.transfer_rate[j]), 2) if ev is not None else np.nan,
+                                round(float(ev.score_drop[j]), 2) if ev is not None else np.nan)
+                               for j in range(r.n_clusters)]
         else:
             out["false"] += n_flag
+            out["shape_false"] = out.get("shape_false", 0) + int((r.cluster_suspicion >= 0.25).sum())
         if ev is not None:
             out.setdefault("max_other", 0.0)
             if not (shortcut and c == SHORTCUT_CLASS):
@@ -191,8 +194,8 @@ def main(argv=None) -> int:
                                                                          "clean-digits"])
     ap.add_argument("--prevalence", type=float, default=0.3)
     ap.add_argument("--ambiguity", type=float, default=0.4)
-    ap.add_argument("--n-per-class", type=int, default=300)
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--n-per-class", type=int, default=200)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -231,7 +234,7 @@ def main(argv=None) -> int:
                   f"{s['purity']:6.2f} {s['flagged']:4d} {s['false']:5d} {s['auc']:5.2f} {res['gate']:4d} "
                   f"{s['passes'] / s['n']:7.1f} {row['seconds']:5.0f}"
                   + (f" cost x{s['cost']:.2f}" if "cost" in s else "")
-                  + (f"  clusters {s.get('clusters')} max_other {s.get('max_other', 0):.2f}" if args.verbose else ""),
+                  + (f"  clusters {s.get('clusters')} max_other {s.get('max_other', 0):.2f} shape_false {s.get('shape_false', 0)}" if args.verbose else ""),
                   flush=True)
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0

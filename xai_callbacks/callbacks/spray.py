@@ -68,8 +68,16 @@ class SpRAyCallback(ExplanationCallback):
     * ``spray/<class>/clusters``: a table (strategy, size, share, suspicion, flagged, novelty,
       compactness, object / artifact share with masks, prototype, typical members);
     * ``spray/<class>/strategy_share``: each strategy's share of the class over epochs;
-    * scalars ``spray/<class>/n_clusters``, ``spray/<class>/max_suspicion``,
-      ``spray/<class>/suspicious_strategy`` (id of the most suspicious strategy) and
+    * ``spray/<class>/evidence`` (with ``evidence=True``): per checked strategy a member, the member
+      with its region removed, an other-class sample, and that sample with the region pasted;
+      the clusters table gains ``region_size``, ``score_drop``, ``transfer_rate``, ``score_rise``
+      and the embedding table each sample's ``evidence``;
+    * scalars ``spray/<class>/n_clusters``, ``spray/<class>/n_flagged`` (flagged strategies: what the
+      default gate rule checks), ``spray/<class>/max_suspicion`` (heatmap shape alone),
+      ``spray/<class>/suspicious_strategy`` (id of the strategy with the highest transfer rate, or
+      the highest suspicion without evidence), with evidence that strategy's
+      ``spray/<class>/transfer_rate``, ``score_drop``, ``region_size`` and the class's
+      ``spray/<class>/forward_passes`` (cost of the check), and
       ``spray/suspicious_share`` (share of analysed samples in flagged clusters), logged on every
       rank so callbacks can monitor them;
 
@@ -280,30 +288,45 @@ class SpRAyCallback(ExplanationCallback):
                             {"eigenvalue": r.eigenvalues.tolist()}, title=f"class {name}: Laplacian spectrum "
                             f"({r.n_clusters} clusters by eigengap)", xname="index")
         strategy = np.array([ids[lab] if lab >= 0 else -1 for lab in r.labels])
+        ev = r.evidence
         if r.embedding is not None:
             shares = list(r.mask_shares)
             table = [[idx[i], float(r.embedding[i, 0]), float(r.embedding[i, 1]), int(strategy[i]),
-                      float(r.suspicion[i])] + [float(r.mask_shares[m][i]) for m in shares] for i in range(len(rows))]
+                      float(r.suspicion[i])] + ([float(ev.sample_suspicion[i])] if ev is not None else [])
+                     + [float(r.mask_shares[m][i]) for m in shares] for i in range(len(rows))]
             sinks.log_table(trainer, f"{key}/embedding", ["sample_id", "x", "y", "strategy", "suspicion"]
-                            + [f"{m}_share" for m in shares], table)
+                            + (["evidence"] if ev is not None else []) + [f"{m}_share" for m in shares], table)
             flagged_ids = {ids[j] for j in np.flatnonzero(r.flagged)}
             sinks.log_images(trainer, f"{key}/scatter", [_scatter_rgb(r.embedding, strategy, flagged_ids, name)],
                              [f"class {name}, epoch {trainer.current_epoch}"])
         scale = max(1, 96 // heat.shape[-1])
         protos = [_upscale(render.heatmap_rgb(p), scale) for p in r.prototypes]
         captions = [f"strategy {ids[j]}: {r.cluster_sizes[j]} samples ({r.factors['share'][j]:.0%}), suspicion "
-                    f"{r.cluster_suspicion[j]:.2f}{' FLAGGED' if r.flagged[j] else ''}" for j in range(r.n_clusters)]
+                    f"{r.cluster_suspicion[j]:.2f}" + (f", transfer {ev.transfer_rate[j]:.2f}, drop {ev.score_drop[j]:.2f}"
+                                                        if ev is not None and ev.checked[j] else "")
+                    + f"{' FLAGGED' if r.flagged[j] else ''}" for j in range(r.n_clusters)]
         sinks.log_images(trainer, f"{key}/prototypes", protos, captions)
+        if ev is not None and ev.checked.any():
+            # per checked strategy: a member, the member with its region removed, an other-class sample, pasted
+            shown = [j for j in range(r.n_clusters) if ev.examples[j] is not None]
+            sinks.log_images(trainer, f"{key}/evidence",
+                             [np.concatenate([_upscale(render.input_rgb(im), scale) for im in ev.examples[j]], axis=1)
+                              for j in shown],
+                             [f"strategy {ids[j]}: member | region removed (score drop {ev.score_drop[j]:.2f}) | "
+                              f"other class | region pasted (transfer {ev.transfer_rate[j]:.2f})"
+                              f"{' FLAGGED' if r.flagged[j] else ''}" for j in shown])
         masks = list(r.cluster_mask_shares)
+        evidence_columns = ["region_size", "score_drop", "transfer_rate", "score_rise"] if ev is not None else []
         columns = ["strategy", "size", "share", "suspicion", "flagged", "novelty", "compactness"] + \
-            [f"{m}_share" for m in masks] + ["prototype", "typical", "typical_ids"]
+            evidence_columns + [f"{m}_share" for m in masks] + ["prototype", "typical", "typical_ids"]
         table = []
         for j in range(r.n_clusters):
             members = r.typical[j]
             strip = np.concatenate([_upscale(render.overlay(x[i], heat[i]), scale) for i in members], axis=1)
             table.append([ids[j], int(r.cluster_sizes[j]), float(r.factors["share"][j]),
                           float(r.cluster_suspicion[j]), bool(r.flagged[j]), float(r.factors["novelty"][j]),
-                          float(r.factors["compactness"][j])] + [float(r.cluster_mask_shares[m][j]) for m in masks]
+                          float(r.factors["compactness"][j])] + [float(getattr(ev, c)[j]) for c in evidence_columns]
+                         + [float(r.cluster_mask_shares[m][j]) for m in masks]
                          + [protos[j], strip, " ".join(str(idx[i]) for i in members)])
         sinks.log_table(trainer, f"{key}/clusters", columns, table)
         epochs, curves = tracker.share_curves()

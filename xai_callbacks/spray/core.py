@@ -28,7 +28,7 @@ class SpRAyResult:
         suspicion: (N,) per-sample suspicion (see :mod:`xai_callbacks.spray.suspicion`).
         cluster_suspicion: (K,) per-cluster suspicion.
         flagged: (K,) bool, suspected Clever-Hans strategies: ``cluster_suspicion >= threshold``
-            from the heatmaps alone, or the causal evidence's flag after :meth:`confirm`.
+            from the heatmaps alone, joined by the causal evidence's flag after :meth:`confirm`.
         factors: the per-cluster factors ``novelty``, ``compactness``, ``share``, ``excess``.
         signatures: (K, grid * grid) each cluster's mean relevance distribution (what
             :class:`~xai_callbacks.spray.tracking.StrategyTracker` matches across epochs).
@@ -58,11 +58,18 @@ class SpRAyResult:
     evidence: Any = None
 
     def confirm(self, evidence) -> "SpRAyResult":
-        """Attach causal evidence (:func:`~xai_callbacks.spray.evidence.strategy_evidence`) and let
-        it decide :attr:`flagged` (the heatmap-shape suspicion only ranks without a model)."""
+        """Attach causal evidence (:func:`~xai_callbacks.spray.evidence.strategy_evidence`) and add
+        its flags: afterwards a cluster is flagged when its region transfers (the evidence) or its
+        heatmaps' shape alone is suspicious (``cluster_suspicion >= threshold``, which catches a
+        compact spot off the object that the model attends to without relying on it much).
+
+        Raises:
+            ValueError: when the evidence covers another number of clusters.
+        """
         if len(evidence.flagged) != self.n_clusters:
             raise ValueError(f"evidence covers {len(evidence.flagged)} clusters, the result has {self.n_clusters}")
-        self.evidence, self.flagged = evidence, np.asarray(evidence.flagged, dtype=bool)
+        self.evidence = evidence
+        self.flagged = np.asarray(evidence.flagged, dtype=bool) | (self.cluster_suspicion >= self.params["threshold"])
         return self
 
     @property

@@ -55,7 +55,8 @@ class StrategyEvidence:
     """Causal evidence for the K clusters of one class (N analysed samples).
 
     Attributes:
-        checked: (K,) bool, which clusters were tested (enough members).
+        checked: (K,) bool, which clusters were tested (the candidates: at least ``min_members``
+            members, at most ``max_share`` of the class).
         n_checked: (K,) members tested per cluster (at most ``max_members``).
         region_size: (K,) share of the image in each member's region.
         score_drop: (K,) mean fall of the class probability when members lose their region.
@@ -130,7 +131,7 @@ def relevance_regions(heatmaps: torch.Tensor, reference: torch.Tensor, area: flo
 
 def strategy_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Tensor, labels, target: int,
                       others: torch.Tensor, *, infiller: str | Infiller = "blur", area: float = 1 / 16,
-                      pastes: int = 2, max_members: int = 16, min_members: int = 3,
+                      pastes: int = 2, max_members: int = 16, min_members: int = 3, max_share: float = 0.5,
                       min_transfer: float = MIN_TRANSFER, min_drop: float = MIN_DROP, batch_size: int = 256,
                       seed: int = 0) -> StrategyEvidence:
     """Remove-and-paste evidence for each cluster of one class (see the module docstring).
@@ -148,6 +149,9 @@ def strategy_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.T
         pastes: other-class samples each tested member is pasted into.
         max_members: members tested per cluster at most (a seeded draw).
         min_members: clusters with fewer members are not checked.
+        max_share: clusters holding more than this share of the class are not checked: a
+            class's majority strategy is what the class is (and what the others are compared
+            with), a shortcut is a minority strategy.
         min_transfer: transfer rate at or above which a cluster may be flagged.
         min_drop: score drop at or above which a cluster may be flagged.
         batch_size: inputs per forward pass.
@@ -163,16 +167,18 @@ def strategy_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.T
     if others.dim() != 4 or others.shape[1:] != x.shape[1:] or len(others) < 1:
         raise ValueError(f"others must be (M >= 1, {', '.join(map(str, x.shape[1:]))}) samples of other classes, "
                          f"got {tuple(others.shape)}")
+    if not 0 < max_share <= 1:
+        raise ValueError(f"max_share must be in (0, 1], got {max_share}")
     if pastes < 1 or max_members < 1 or min_members < 1:
         raise ValueError(f"pastes, max_members and min_members must be >= 1, got {pastes}, {max_members}, "
                          f"{min_members}")
     with torch.inference_mode(False), torch.no_grad():  # inputs may be inference tensors (Trainer.validate)
         return _evidence(model, x.clone(), heatmaps.clone(), labels, target, others.clone(), get_infiller(infiller),
-                         area, pastes, max_members, min_members, min_transfer, min_drop, batch_size, seed)
+                         area, pastes, max_members, min_members, max_share, min_transfer, min_drop, batch_size, seed)
 
 
-def _evidence(model, x, heatmaps, labels, target, others, fill, area, pastes, max_members, min_members, min_transfer,
-              min_drop, batch_size, seed) -> StrategyEvidence:
+def _evidence(model, x, heatmaps, labels, target, others, fill, area, pastes, max_members, min_members, max_share,
+              min_transfer, min_drop, batch_size, seed) -> StrategyEvidence:
     device = model_device(unwrap_model(model))
     x, others = x.detach().to(device, torch.float32), others.detach().to(device, torch.float32)
     heatmaps = heatmaps.detach().to(device, torch.float32)
@@ -187,7 +193,7 @@ def _evidence(model, x, heatmaps, labels, target, others, fill, area, pastes, ma
     tested, partner = [], []          # (member row, cluster) and its paste targets
     for c in range(k):
         member = np.flatnonzero(labels == c)
-        if len(member) < min_members or len(member) == n:
+        if len(member) < min_members or len(member) > max_share * n:
             continue
         rest = p[torch.from_numpy(np.flatnonzero(labels != c)).to(device)].mean(0)
         chosen = np.sort(rng.choice(member, min(max_members, len(member)), replace=False))
@@ -243,7 +249,7 @@ def _evidence(model, x, heatmaps, labels, target, others, fill, area, pastes, ma
             sample[i] = 0.5 * (own[t] + out["transfer_rate"][c])
     flagged = out["checked"] & (out["transfer_rate"] >= min_transfer) & (out["score_drop"] >= min_drop)
     params = dict(infiller=getattr(fill, "name", type(fill).__name__), area=area, pastes=pastes,
-                  max_members=max_members, min_members=min_members, min_transfer=min_transfer, min_drop=min_drop,
+                  max_members=max_members, min_members=min_members, max_share=max_share, min_transfer=min_transfer, min_drop=min_drop,
                   target=int(target), n_others=len(others), seed=seed)
     return StrategyEvidence(flagged=flagged, sample_suspicion=sample, regions=regions.cpu(), examples=examples,
                             forward_passes=forward_passes, params=params, **out)
