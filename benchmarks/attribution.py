@@ -60,8 +60,8 @@ def options(method: str, x: torch.Tensor) -> dict:
         "integrated_gradients": {"n_steps": 32},
         "smoothgrad": {"n_samples": 8, "noise_level": 0.15, "samples_per_pass": 8},
         # 16 windows per image, so occlusion stays within the time budget at 64x64
-        "occlusion": {"window": x.shape[-1] // 4, "perturbation_batch": 256},
-        "rise": {"n_masks": 32, "perturbation_batch": 256},
+        "occlusion": {"window": x.shape[-1] // 4, "batch_size": 256},
+        "rise": {"n_masks": 32, "batch_size": 256},
     }.get(method, {})
 
 
@@ -115,7 +115,7 @@ def direct_call(method: str, model_name: str, model: nn.Module, x: torch.Tensor,
         return lrp
     if method == "occlusion":
         w, c = opts["window"], x.shape[1]
-        per_eval = max(1, opts["perturbation_batch"] // x.shape[0])  # same images per forward as ours
+        per_eval = max(1, opts["batch_size"] // x.shape[0])  # same images per forward as ours
         return lambda: ca.Occlusion(model).attribute(x, sliding_window_shapes=(c, w, w), strides=(c, w, w),
                                                      baselines=0.0, target=target, perturbations_per_eval=per_eval)
     return None

@@ -86,7 +86,7 @@ def main():
                                                                       n_samples=ms_samples, batch_size=bs),
          lambda: explain(model, x.repeat(ms_samples, 1, 1, 1), y.repeat(ms_samples), method="saliency",
                          batch_size=bs)),
-        ("randomisation_similarity", lambda: model_parameter_randomisation(model, x, y, r, method="saliency",
+        ("model_parameter_randomisation", lambda: model_parameter_randomisation(model, x, y, r, method="saliency",
                                                                            batch_size=bs),
          lambda: [explain(model, x, y, method="saliency", batch_size=bs) for _ in parameter_layers(model)]),
         ("random_logit_similarity", lambda: random_logit(model, x, y, r, method="saliency", batch_size=bs),

@@ -159,15 +159,15 @@ def test_smoothgrad_without_noise_is_saliency():
     assert not torch.allclose(noisy, sal, rtol=1e-3, atol=1e-3 * float(sal.abs().max()))
 
 
-def test_rise_reproducible_given_mask_seed_and_independent_of_batch_size():
+def test_rise_reproducible_given_seed_and_independent_of_batch_size():
     model, x = demo_cnn(), torch.randn(4, 1, 32, 32)
-    opts = dict(n_masks=40, mask_seed=7, perturbation_batch=64)
+    opts = dict(n_masks=40, seed=7, batch_size=64)
     a = explain(model, x, 1, method="rise", **opts)
     b = explain(model, x, 1, method="rise", **opts)
     assert torch.equal(a, b)
-    c = explain(model, x, 1, method="rise", batch_size=1, **dict(opts, perturbation_batch=7))
+    c = explain(model, x, 1, method="rise", **dict(opts, batch_size=7))
     assert_equal_attr(c, a, rtol=1e-5)
-    d = explain(model, x, 1, method="rise", **dict(opts, mask_seed=8))
+    d = explain(model, x, 1, method="rise", **dict(opts, seed=8))
     assert not torch.allclose(d, a, rtol=1e-3)
 
 
@@ -314,7 +314,7 @@ def test_gradcam_unknown_layer_lists_the_conv_layers(cnn_and_batch):
 
 def test_wrong_input_type_is_rejected(cnn_and_batch):
     model, x = cnn_and_batch
-    with pytest.raises(ValueError, match="floating-point tensor"):
+    with pytest.raises(ValueError, match="integer token ids.*nn.Embedding.*floating-point inputs"):
         explain(model, (x * 10).long(), 0, method="saliency")
 
 

@@ -16,7 +16,7 @@ from xai_callbacks import AttributionCallback
 from xai_callbacks.callbacks.base import select_probe
 from xai_callbacks.data import ShortcutDigitsDataModule
 from xai_callbacks.models import Classifier, DemoCNN
-from xai_callbacks.wandb_records import history
+from wandb_records import history
 
 
 def small_module(seed=0):
@@ -90,7 +90,7 @@ def test_probe_set_is_stratified_and_survives_resume(tmp_path, digits):
     trainer.save_checkpoint(ckpt)
     assert torch.load(ckpt, weights_only=False)["callbacks"][cb.state_key]["probe_indices"] == cb.probe_indices
 
-    resumed = AttributionCallback(methods="saliency", probe_size=30, probe_seed=99, save_heatmaps=False)
+    resumed = AttributionCallback(methods="saliency", probe_size=30, seed=99, save_heatmaps=False)
     trainer = make_trainer(tmp_path, [resumed], max_epochs=2, limit_train_batches=2)
     trainer.fit(small_module(), ShortcutDigitsDataModule(), ckpt_path=str(ckpt))
     assert resumed.probe_indices == cb.probe_indices  # restored, not redrawn with the new seed

@@ -7,7 +7,8 @@ from torch import nn
 
 from xai_callbacks.attribution import available_methods, explain
 from xai_callbacks.infill import NoiseInfiller
-from xai_callbacks.infill.gan import GANInpainter, set_active_infiller
+from xai_callbacks.infill import get_infiller
+from xai_callbacks.infill.gan import GANInpainter
 
 REGION = (slice(2, 12), slice(2, 12))
 
@@ -102,7 +103,7 @@ def test_matching_pursuit_picks_the_decisive_components():
     assert torch.allclose(one[0], many[0], atol=1e-6)
 
 
-def test_gan_infiller_passed_or_active_is_used_and_gradients_reach_the_mask(region_data):
+def test_gan_infiller_passed_or_auto_is_used_and_gradients_reach_the_mask(region_data):
     model, x, _ = region_data
     x = x[:2]
     inp = GANInpainter(width=4, value_range=(0, 1), seed=0)
@@ -111,11 +112,8 @@ def test_gan_infiller_passed_or_active_is_used_and_gradients_reach_the_mask(regi
     assert torch.isfinite(r).all() and not torch.allclose(r, torch.full_like(r, 0.5))
     assert all(p.grad is None for p in inp.generator.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, inp.generator.parameters()))
-    set_active_infiller(inp.infiller(seed=5))
-    try:
-        auto = explain(model, x, 1, method="rde", steps=3, n_samples=2)
-    finally:
-        set_active_infiller(None)
+    auto = explain(model, x, 1, method="rde", steps=3, n_samples=2,
+                   infiller=get_infiller("auto", gan=inp.infiller(seed=5)))
     explicit = explain(model, x, 1, method="rde", steps=3, n_samples=2, infiller=inp.infiller(seed=5))
     assert torch.equal(auto, explicit)
 

@@ -2,6 +2,8 @@
 callback's do-no-harm contract with real Lightning Trainers."""
 from __future__ import annotations
 
+import types
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -11,9 +13,8 @@ from xai_callbacks.callbacks.inpainter import InpainterCallback
 from xai_callbacks.data import make_shortcut_digits
 from xai_callbacks.guard import hook_count
 from xai_callbacks.infill import get_infiller
-from xai_callbacks.infill.gan import (GANInfiller, GANInpainter, InpaintGenerator, MaskSampler, active_infiller,
-                                      load_generator, masked_l1, resolve_infiller, save_generator,
-                                      set_active_infiller)
+from xai_callbacks.infill.gan import (GANInfiller, GANInpainter, InpaintGenerator, MaskSampler, load_generator,
+                                      masked_l1, save_generator)
 from xai_callbacks.models import Classifier, DemoCNN
 
 
@@ -169,7 +170,7 @@ def test_model_bit_identical_with_callback_and_logs(digits, tmp_path):
     assert len(pngs) == 2 * 2, pngs
     g = load_generator(next((tmp_path / "b").rglob("inpainter/generator.pt")))
     assert all(torch.equal(p, q) for p, q in zip(g.parameters(), cb.inpainter.generator.parameters()))
-    assert active_infiller() is None, "the active GAN is cleared when fit ends"
+    assert cb.trained_infiller is cb.trained_infiller and cb.trained_infiller.generator is cb.inpainter.generator
 
 
 def test_callback_resume_restores_inpainter_exactly(digits, tmp_path):
@@ -191,15 +192,16 @@ def test_callback_resume_restores_inpainter_exactly(digits, tmp_path):
 
 
 def test_auto_infiller_is_the_gan_after_warmup_then_blur():
-    set_active_infiller(None)
-    assert resolve_infiller("auto").name.startswith("blur")
-    inp = GANInpainter(width=4, warmup_steps=1)
-    set_active_infiller(inp.infiller())
-    try:
-        assert resolve_infiller("auto").name == "gan"
-        assert resolve_infiller("noise").name == "noise"
-    finally:
-        set_active_infiller(None)
+    assert get_infiller("auto").name.startswith("blur")
+    cb = InpainterCallback(width=4, warmup_steps=1)
+    assert cb.trained_infiller is None
+    cb._train(torch.rand(2, 1, 16, 16), torch.device("cpu"))
+    trainer = types.SimpleNamespace(callbacks=[cb])
+    resolved = cb.resolve_infillers(trainer, {}, {"infiller": "auto"})["infiller"]
+    assert resolved is cb.trained_infiller and resolved.name == "gan"
+    assert cb.resolve_infillers(trainer, {"infiller": "noise"})["infiller"] == "noise"
+    assert get_infiller("auto", gan=cb.trained_infiller) is cb.trained_infiller
+    assert get_infiller("noise", gan=cb.trained_infiller).name == "noise"
 
 
 def test_callback_errors_warn_and_training_goes_on(digits, tmp_path):
@@ -216,9 +218,5 @@ def test_gan_by_name_is_the_inpainter_being_trained():
     with pytest.raises(ValueError, match="needs a trained generator"):
         get_infiller("gan")
     trained = GANInpainter(width=4).infiller()
-    set_active_infiller(trained)
-    try:
-        assert get_infiller("gan") is trained
-    finally:
-        set_active_infiller(None)
+    assert get_infiller("gan", gan=trained) is trained
     assert isinstance(get_infiller("gan", generator=InpaintGenerator(1, width=4)), GANInfiller)

@@ -36,7 +36,7 @@ def fit(tmp_path, loaders, callback, logger=None, extra=()):
 
 
 def test_scalars_curves_and_summary_reach_wandb(tmp_path, loaders, wandb_logger):
-    from xai_callbacks.wandb_records import history
+    from wandb_records import history
 
     logger = wandb_logger
     cb = ExplanationMetricsCallback(methods=["saliency"], probe_size=10, metrics=[

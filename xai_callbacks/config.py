@@ -137,6 +137,39 @@ def _error(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: {getattr(err, 'msg', str(err)).splitlines()[0]} (key: {key})")
 
 
+# old name -> new name, still loaded for one release with a DeprecationWarning
+RENAMED_KEYS = {"probe_seed": "seed", "mask_seed": "seed", "perturbation_batch": "batch_size"}
+RENAMED_METRICS = {"randomisation_similarity": "model_parameter_randomisation"}
+
+
+def _in_metrics(where: str) -> bool:
+    """Whether ``where`` (``callbacks.<callback>.<key>...``) is the metrics list of a callback."""
+    return where.split(".")[2:3] == ["metrics"]
+
+
+def _renamed(value: Any, where: str) -> Any:
+    """``value`` with deprecated keys (at any depth) and metric names replaced by their new names."""
+    import warnings
+
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            new = RENAMED_METRICS.get(k, k) if _in_metrics(where) else RENAMED_KEYS.get(k, k)
+            if new != k:
+                if new in value:
+                    raise ConfigError(f"{where}: both {k!r} and its new name {new!r} are given; keep {new!r}")
+                warnings.warn(f"{where}: {k!r} is deprecated, use {new!r}", DeprecationWarning, stacklevel=4)
+            out[new] = _renamed(v, f"{where}.{new}")
+        return out
+    if isinstance(value, list):
+        return [_renamed(v, where) for v in value]
+    if isinstance(value, str) and value in RENAMED_METRICS and _in_metrics(where):
+        warnings.warn(f"{where}: metric {value!r} is deprecated, use {RENAMED_METRICS[value]!r}", DeprecationWarning,
+                      stacklevel=4)
+        return RENAMED_METRICS[value]
+    return value
+
+
 def _check_callbacks(callbacks: DictConfig, source: str) -> dict[str, Any]:
     built = {}
     for name, values in callbacks.items():
@@ -144,6 +177,8 @@ def _check_callbacks(callbacks: DictConfig, source: str) -> dict[str, Any]:
             raise ConfigError(f"{source}: unknown callback 'callbacks.{name}'; valid: {sorted(CALLBACKS)}")
         if values is None:
             continue
+        if isinstance(values, DictConfig):
+            values = OmegaConf.create(_renamed(OmegaConf.to_container(values), f"callbacks.{name}"))
         schema = OmegaConf.structured(callback_config(_load_class(CALLBACKS[name])))
         try:
             built[name] = OmegaConf.to_container(OmegaConf.merge(schema, values))
@@ -163,23 +198,75 @@ def _check_trainer(trainer: dict, source: str) -> None:
         raise ConfigError(f"{source}: unknown trainer key(s) {bad}; valid: {sorted(valid)}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The run config from a YAML file (optional) and ``key=value`` overrides, validated."""
-    source = str(path) if path else "config"
-    cfg = OmegaConf.structured(RunConfig)
-    try:
-        if path is not None:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must look like key=value, got {bad}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as err:
-        raise _error(err, source) from None
+def _override_source(section: str, path, overrides) -> str:
+    """What set ``section`` (``callbacks.spray``, ``data``): the overrides touching it, else the file."""
+    touching = [o for o in overrides if o.split("=", 1)[0].strip().lstrip("+~") == section
+                or o.split("=", 1)[0].strip().lstrip("+~").startswith(section + ".")
+                or section.startswith(o.split("=", 1)[0].strip().lstrip("+~") + ".")]
+    if touching:
+        return "override " + ", ".join(repr(o) for o in touching)
+    return str(path) if path else "config"
+
+
+def _validate(cfg: DictConfig, source: str) -> dict[str, Any]:
+    from . import data
+
+    kinds = getattr(data, "ARTIFACT_KINDS", None)
+    if kinds and cfg.data.artifact_kind not in kinds:
+        raise ConfigError(f"{source}: data.artifact_kind={cfg.data.artifact_kind!r} is not valid; valid: {list(kinds)}")
     if cfg.logger.kind not in LOGGER_KINDS:
         raise ConfigError(f"{source}: logger.kind={cfg.logger.kind!r} is not valid; valid: {list(LOGGER_KINDS)}")
     _check_trainer(cfg.trainer, source)
-    _check_callbacks(cfg.callbacks, source)
+    return _check_callbacks(cfg.callbacks, source)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The run config from a YAML file (optional) and ``key=value`` overrides, validated.
+
+    The file is checked first, then each override in turn, so an error names its source: the
+    file, or the override (``override 'callbacks.attribution.methods=[saliency,gradcamm]'``).
+    Each callback is also constructed once, so values its constructor rejects (an unknown
+    attribution method) are caught here too.
+
+    Args:
+        path: YAML file (None: defaults and overrides only).
+        overrides: dotlist overrides such as ``trainer.max_epochs=3``.
+
+    Raises:
+        ConfigError: a missing or unreadable file, a malformed override, an unknown key, a wrong
+            type or a value a constructor rejects; the message names the source, the key and
+            what is valid.
+    """
+    import yaml
+
+    cfg = OmegaConf.structured(RunConfig)
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} does not exist" if not Path(path).exists()
+                              else f"config {path} is not a file")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        except OmegaConfBaseException as err:
+            raise _error(err, str(path)) from None
+        except (yaml.YAMLError, ValueError, TypeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"{path}: not a valid YAML run config ({first})") from None
+    built = _validate(cfg, str(path) if path else "config")
+    for o in overrides:
+        source = f"override {o!r}"
+        if "=" not in o or not o.split("=", 1)[0].strip():
+            raise ConfigError(f"{source}: overrides look like key=value, e.g. trainer.max_epochs=3")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o]))
+        except OmegaConfBaseException as err:
+            raise _error(err, source) from None
+        built = _validate(cfg, source)
+    for name, kwargs in built.items():
+        try:
+            _load_class(CALLBACKS[name])(**kwargs)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{_override_source(f'callbacks.{name}', path, overrides)}: in callbacks.{name}: "
+                              f"{err}") from None
     return cfg
 
 
@@ -202,20 +289,37 @@ def _logger(cfg: LoggerConfig):
     return False
 
 
-def build(cfg: DictConfig):
-    """``(trainer, module, datamodule)`` for a validated run config."""
+def build(cfg: DictConfig, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()):
+    """``(trainer, module, datamodule)`` for a validated run config.
+
+    Args:
+        cfg: the config from :func:`load_config`.
+        path, overrides: where ``cfg`` came from, only to name the source of an error.
+
+    Raises:
+        ConfigError: a value a constructor rejects (data, model, trainer, logger, callbacks),
+            naming the section and the override or file that set it.
+    """
     import lightning.pytorch as pl
 
     from .data import ShortcutDigitsDataModule
     from .models import Classifier, DemoCNN
 
+    def make(section: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{_override_source(section, path, overrides)}: in {section}: {err}") from None
+
     pl.seed_everything(cfg.seed, verbose=False)
     data = OmegaConf.to_container(cfg.data)
     data["artifact_position"] = tuple(data["artifact_position"])
-    datamodule = ShortcutDigitsDataModule(**data)
-    module = Classifier(DemoCNN(width=cfg.model.width, dropout=cfg.model.dropout, image_size=cfg.data.size),
-                        lr=cfg.model.lr)
+    datamodule = make("data", ShortcutDigitsDataModule, **data)
+    net = make("model", DemoCNN, width=cfg.model.width, dropout=cfg.model.dropout, image_size=cfg.data.size)
+    module = make("model", Classifier, net, lr=cfg.model.lr)
     trainer_args = OmegaConf.to_container(cfg.trainer)
     trainer_args.setdefault("default_root_dir", cfg.logger.save_dir)
-    trainer = pl.Trainer(logger=_logger(cfg.logger), callbacks=build_callbacks(cfg.callbacks), **trainer_args)
+    callbacks = make("callbacks", build_callbacks, cfg.callbacks)
+    trainer = make("trainer", pl.Trainer, logger=make("logger", _logger, cfg.logger), callbacks=callbacks,
+                   **trainer_args)
     return trainer, module, datamodule

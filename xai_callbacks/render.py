@@ -64,3 +64,31 @@ def panel(x, relevance, scale: int | None = None, gap: int = 2) -> np.ndarray:
     sep = np.full((h, gap, 3), 255, np.uint8)
     img = np.concatenate([left, sep, right], axis=1)
     return img.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def tokens_html(tokens, relevance, percentile: float = 99.5, cmap: str = "bwr") -> str:
+    """A line of tokens as HTML, each on a background coloured by its relevance (zero white, the
+    ``percentile`` of |R| full red for positive, full blue for negative); hovering shows the value.
+
+    Args:
+        tokens: the token strings (L,).
+        relevance: one relevance per token, (L,).
+        percentile: the |R| percentile that saturates the colour.
+        cmap: a diverging matplotlib colormap name.
+    Raises ``ValueError`` when the lengths differ."""
+    import html
+
+    from matplotlib import colormaps
+
+    r = (relevance.detach().float().cpu().numpy() if isinstance(relevance, torch.Tensor)
+         else np.asarray(relevance, dtype=np.float32)).reshape(-1)
+    if len(tokens) != len(r):
+        raise ValueError(f"{len(tokens)} tokens but {len(r)} relevance values")
+    scale = np.percentile(np.abs(r), percentile) if len(r) else 0.0
+    scale = scale if np.isfinite(scale) and scale > 0 else (np.abs(r).max() if len(r) else 0.0)
+    unit = np.clip(r / scale, -1, 1) if scale > 0 else np.zeros_like(r)
+    colours = (colormaps[cmap]((unit + 1) / 2)[:, :3] * 255).round().astype(int)
+    spans = [f'<span title="{v:.4g}" style="background-color: rgb({c[0]},{c[1]},{c[2]}); padding: 1px 2px; '
+             f'margin: 1px; border-radius: 3px">{html.escape(str(t))}</span>'
+             for t, v, c in zip(tokens, r, colours)]
+    return '<div style="font-family: monospace; line-height: 1.8">' + " ".join(spans) + "</div>"

@@ -17,25 +17,39 @@ import torch
 from torch import nn
 
 from ..guard import model_guard, unwrap_model
+from ..scoring import Target, as_target, check_class_target, select, target_scores
 
 __all__ = ["explain", "available_methods", "register_method", "method_options", "check_methods", "model_scores",
-           "ExplainerFn"]
+           "ExplainerFn", "TargetModel"]
 
 ExplainerFn = Callable[..., torch.Tensor]
 _METHODS: dict[str, ExplainerFn] = {}
+_TARGET_FUNCTIONS: set[str] = set()  # methods that score a Target themselves
 
 
-def register_method(name: str) -> Callable[[ExplainerFn], ExplainerFn]:
+def register_method(name: str, target_functions: bool = False) -> Callable[[ExplainerFn], ExplainerFn]:
     """Register ``fn(model, x, target, **options) -> Tensor`` under ``name``.
 
     ``fn`` receives the unwrapped model in eval mode inside the guard, ``x`` as a detached fp32
     clone on the model's device and ``target`` as a LongTensor of shape (B,).
+
+    Args:
+        name: the registry key.
+        target_functions: True if ``fn`` scores its outputs with
+            :func:`~xai_callbacks.scoring.target_scores` and so also takes a
+            :class:`~xai_callbacks.scoring.Target`; otherwise :func:`explain` hands it a
+            :class:`TargetModel` (the selected score as a one-class output) and target 0.
+
+    Raises:
+        ValueError: ``name`` is already registered.
     """
 
     def deco(fn: ExplainerFn) -> ExplainerFn:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered")
         _METHODS[name] = fn
+        if target_functions:
+            _TARGET_FUNCTIONS.add(name)
         return fn
 
     return deco
@@ -86,15 +100,8 @@ def model_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"the model must return scores of shape (batch, n_classes) = ({x.shape[0]}, K); "
-                         f"got {shape}")
+                         f"got {shape}; for other outputs pass target=<function (output, batch) -> (B,) scores>")
     return out
-
-
-def _check_target(target: torch.Tensor, n_classes: int) -> None:
-    bad = (target < 0) | (target >= n_classes)
-    if bad.any():
-        raise ValueError(f"target {target[bad].tolist()} out of range: the model has {n_classes} classes, "
-                         f"valid targets are 0..{n_classes - 1}")
 
 
 class CheckedForward:
@@ -104,11 +111,28 @@ class CheckedForward:
         self.model, self.target, self.checked = model, target, False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = model_scores(self.model, x)
+        out = self.model(x)
         if not self.checked:
-            _check_target(self.target, out.shape[1])
+            check_class_target(out, self.target)
             self.checked = True
         return out
+
+
+class TargetModel(nn.Module):
+    """``model`` followed by a target function: outputs the selected score as (N, 1), so methods
+    written for class indices explain any target with class 0. Its submodules are the model's
+    own, under the model's own names (hooks, canonizers and layer names see the model)."""
+
+    def __init__(self, model: nn.Module, target: Target):
+        super().__init__()
+        self.__dict__["inner"] = model  # not registered: named_modules below yields the model's own
+        self.target = target
+
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        return self.inner.named_modules(memo, prefix, remove_duplicate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return target_scores(self.inner(x), self.target)[:, None]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -119,33 +143,38 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _as_target(target, x: torch.Tensor) -> torch.Tensor:
-    b = x.shape[0]
-    if isinstance(target, int) and not isinstance(target, bool):
-        return torch.full((b,), target, dtype=torch.long, device=x.device)
-    if isinstance(target, torch.Tensor) and not target.is_floating_point() and not target.is_complex():
-        target = target.to(device=x.device, dtype=torch.long).reshape(-1).clone()  # may be an inference tensor
-        if target.numel() == 1:
-            return target.expand(b).clone()
-        if target.numel() == b:
-            return target
-    raise ValueError(f"target must be an int, a LongTensor of shape ({b},) or None (the predicted class); "
-                     f"got {target!r:.80}")
-
-
 def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "saliency", *,
             batch_size: int | None = None, **options) -> torch.Tensor:
     """Relevance of each input element for ``target``, shaped like ``x``, on the model's device.
 
     Args:
-        model: a classifier returning scores of shape (batch, n_classes); DDP / compiled
-            wrappers are unwrapped.
-        x: a batch of inputs (B, ...); must be finite.
-        target: the explained class: an int, a LongTensor (B,), or None for the predicted class.
+        model: the explained model; DDP / compiled wrappers are unwrapped. With class-index
+            targets it must return scores of shape (batch, n_classes).
+        x: a batch of inputs (B, ...); must be finite. Integer token ids (B, L) are explained
+            through the model's ``nn.Embedding`` and give one relevance per token, (B, L).
+        target: the explained class: an int, a LongTensor (B,), or None for the predicted class;
+            or a target function ``fn(output, batch) -> (B,)`` scores (called with ``batch=x``) or
+            a :class:`~xai_callbacks.scoring.Target` binding one to a batch, for any other output
+            (see :mod:`xai_callbacks.scoring` for regression, multi-label and segmentation).
         method: a name from :func:`available_methods`.
-        batch_size: explain at most this many samples per call to the method (memory bound).
+        batch_size: at most this many inputs per forward pass: samples per call to the method,
+            and perturbed inputs per forward for methods with a ``batch_size`` option (a method's
+            own ``batch_size`` in ``options`` wins there).
         **options: the method's options, see :func:`method_options`.
+
+    Raises:
+        ValueError: unknown method, bad input, bad target (out of range, wrong shape), or a
+            model output that does not fit the target.
+        TypeError: an option the method does not take.
+
+    Example::
+
+        R = explain(model, x, target=y, method="lrp.epsilon_plus_flat")
+        R = explain(regressor, x, target=regression_target(), method="integrated_gradients")
     """
+    if isinstance(x, torch.Tensor) and x.dtype in (torch.int32, torch.int64):  # token ids: see embedding.py
+        from .embedding import explain_tokens
+        return explain_tokens(model, x, target, method, batch_size=batch_size, **options)
     fn = _lookup(method)
     valid = method_options(method)
     unknown = sorted(set(options) - set(valid))
@@ -159,6 +188,8 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "salie
                          "attributions need finite inputs")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
+    if batch_size is not None and "batch_size" in valid:
+        options.setdefault("batch_size", batch_size)
     device = model_device(unwrap_model(model))
     with model_guard(model) as module:
         # cloned inside the guard: under an outer inference_mode a clone taken outside would be an
@@ -167,10 +198,16 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "salie
         if target is None:
             with torch.no_grad():
                 target = model_scores(module, x).argmax(dim=1)
-        target = _as_target(target, x)
+        target = as_target(target, x.shape[0], x.device, batch=x)
         step = batch_size or x.shape[0]
-        parts = [fn(module, x[i:i + step].detach().requires_grad_(True), target[i:i + step], **options)
-                 for i in range(0, x.shape[0], step)]
+        parts = []
+        for i in range(0, x.shape[0], step):
+            rows = torch.arange(i, min(i + step, x.shape[0]))
+            part_target, part_model = select(target, rows), module
+            if isinstance(part_target, Target) and method not in _TARGET_FUNCTIONS:
+                part_model = TargetModel(module, part_target)
+                part_target = torch.zeros(len(rows), dtype=torch.long, device=x.device)
+            parts.append(fn(part_model, x[i:i + step].detach().requires_grad_(True), part_target, **options))
     relevance = torch.cat(parts).detach().float()
     if relevance.shape != x.shape:
         raise RuntimeError(f"method {method!r} returned shape {tuple(relevance.shape)} for input "

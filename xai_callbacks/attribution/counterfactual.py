@@ -12,10 +12,14 @@
   matching pursuit over few components (``"matching_pursuit"``). Masks act on pixels or on
   user-given component groups (``components``).
 
-Removed evidence is filled through :mod:`xai_callbacks.infill`; ``infiller="auto"`` uses the GAN
-inpainter while an :class:`~xai_callbacks.callbacks.inpainter.InpainterCallback` trains one, blur
-otherwise. Everything is batched over samples and Monte-Carlo mask samples; masks and noise come
-from an own generator seeded with ``mask_seed``. Gradients are taken with
+Inputs are images (B, C, H, W) or signals (B, C, L) (a mask over positions shared by the
+channels, optionally at a lower resolution ``mask_size`` and upsampled), or any shape with one
+mask entry per element (tabular rows (B, F)) or per ``components`` group. Removed evidence is
+filled through :mod:`xai_callbacks.infill`; ``infiller="auto"`` is blur unless an Infiller is
+passed (the callbacks pass the GAN an :class:`~xai_callbacks.callbacks.inpainter.InpainterCallback`
+trains). Targets are scored by :func:`~xai_callbacks.scoring.target_scores` (class indices or a
+target function). Everything is batched over samples and Monte-Carlo mask samples; masks and
+noise come from an own generator seeded with ``seed``. Gradients are taken with
 ``torch.autograd.grad`` w.r.t. the mask parameters only.
 """
 from __future__ import annotations
@@ -23,21 +27,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import CheckedForward, register_method
-from ..infill import Infiller
-from ..infill.gan import resolve_infiller
+from . import register_method
+from ..infill import Infiller, get_infiller
+from ..scoring import score_perturbed, target_scores
 
 __all__ = ["meaningful_perturbation", "fido_ssr", "fido_sdr", "rde", "MaskSpace"]
 
 _OUTPUTS = ("logit", "log_probability", "probability")
-
-
-def _target_scores(out: torch.Tensor, target: torch.Tensor, output: str) -> torch.Tensor:
-    if output == "log_probability":
-        out = out.log_softmax(dim=1)
-    elif output == "probability":
-        out = out.softmax(dim=1)
-    return out.gather(1, target[:, None])[:, 0]
+_MODES = {1: "linear", 2: "bilinear"}
 
 
 class MaskSpace:
@@ -45,15 +42,25 @@ class MaskSpace:
 
     * ``components`` given: an integer tensor shaped like one sample (or broadcastable to it, e.g.
       (H, W) for images) with ids 0..K-1; the mask has K entries per sample, one per group.
-    * else, images (B, C, H, W): one mask over pixels shared by the channels, at ``mask_size``
-      (an int or (h, w); None: full resolution), bilinearly upsampled to (H, W).
-    * else: one mask entry per input element.
+    * else, images (B, C, H, W) or signals (B, C, L): one mask over positions shared by the
+      channels, at ``mask_size`` (an int, or (h, w) for images; None: full resolution), upsampled
+      (bilinear / linear) to the input's positions.
+    * else (tabular rows (B, F), ...): one mask entry per input element.
+
+    Args:
+        x: the explained batch.
+        components: optional group ids, see above.
+        mask_size: optional mask resolution for images and signals.
+
+    Raises:
+        ValueError: bad components, or a ``mask_size`` that does not fit the input.
     """
 
     def __init__(self, x: torch.Tensor, components: torch.Tensor | None = None,
                  mask_size: int | tuple[int, int] | None = None):
         self.sample_shape = tuple(x.shape[1:])
         self.groups = None
+        self.positions: tuple[int, ...] | None = None  # upsampled to these (images, signals)
         if components is not None:
             comp = torch.as_tensor(components, device=x.device)
             if comp.is_floating_point() or comp.is_complex():
@@ -68,20 +75,21 @@ class MaskSpace:
                 raise ValueError(f"component ids must be 0..K-1 with every id used; got ids {ids.tolist()[:20]}")
             self.groups = comp.reshape(-1).long()
             self.shape = (len(ids),)
-        elif x.dim() == 4:
-            h, w = x.shape[2:]
+        elif x.dim() in (3, 4):
+            size = tuple(x.shape[2:])
             if mask_size is None:
-                mask_size = (h, w)
+                mask_size = size
             elif isinstance(mask_size, int):
-                mask_size = (mask_size, mask_size)
-            if not (1 <= mask_size[0] <= h and 1 <= mask_size[1] <= w):
-                raise ValueError(f"mask_size must be between 1 and the image size {(h, w)}, got {mask_size}")
+                mask_size = (mask_size,) * len(size)
+            mask_size = tuple(mask_size)
+            if len(mask_size) != len(size) or not all(1 <= m <= n for m, n in zip(mask_size, size)):
+                raise ValueError(f"mask_size must be between 1 and the input's positions {size}, got {mask_size}")
             self.shape = (1, *mask_size)
-            self.image_size = (h, w)
+            self.positions = size
         else:
             if mask_size is not None:
-                raise ValueError(f"mask_size applies to images (B, C, H, W); got input of shape {(-1, *self.sample_shape)}"
-                                 "; pass components= to group elements")
+                raise ValueError(f"mask_size applies to images (B, C, H, W) and signals (B, C, L); got input of shape "
+                                 f"{(-1, *self.sample_shape)}; pass components= to group elements")
             self.shape = self.sample_shape
 
     @property
@@ -92,15 +100,16 @@ class MaskSpace:
             n *= s
         return n
 
-    def expand(self, m: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Mask (N, *shape) -> keep mask broadcastable to (N, *sample_shape)."""
+    def expand(self, m: torch.Tensor, size: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Mask (N, *shape) -> keep mask broadcastable to (N, *sample_shape) (or to ``size``
+        positions, for jitter)."""
         if self.groups is not None:
             return m[:, self.groups].view(m.shape[0], *self.sample_shape)
-        if len(self.shape) == 3 and hasattr(self, "image_size"):
-            size = size or self.image_size
-            if tuple(m.shape[2:]) == tuple(size):
+        if self.positions is not None:
+            size = tuple(size or self.positions)
+            if tuple(m.shape[2:]) == size:
                 return m
-            return F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+            return F.interpolate(m, size=size, mode=_MODES[len(size)], align_corners=False)
         return m
 
     def relevance(self, m: torch.Tensor) -> torch.Tensor:
@@ -109,12 +118,14 @@ class MaskSpace:
 
 
 def _total_variation(m: torch.Tensor, beta: float) -> torch.Tensor:
-    """Per-sample mean of |dm/dy|^beta + |dm/dx|^beta over a (B, 1, h, w) mask."""
-    if m.dim() != 4 or min(m.shape[2:]) < 2:
+    """Per-sample mean of |dm/dy|^beta + |dm/dx|^beta over a (B, 1, h, w) mask (|dm/dt|^beta
+    over a (B, 1, l) signal mask); 0 for other masks."""
+    if m.dim() not in (3, 4) or min(m.shape[2:]) < 2:
         return m.new_zeros(m.shape[0])
-    dy = (m[:, :, 1:, :] - m[:, :, :-1, :]).abs().pow(beta).flatten(1).mean(1)
-    dx = (m[:, :, :, 1:] - m[:, :, :, :-1]).abs().pow(beta).flatten(1).mean(1)
-    return dy + dx
+    total = m.new_zeros(m.shape[0])
+    for axis in range(2, m.dim()):
+        total = total + m.diff(dim=axis).abs().pow(beta).flatten(1).mean(1)
+    return total
 
 
 def _repeat(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -151,15 +162,15 @@ def _optimize(param: torch.Tensor, loss_fn, steps: int, lr: float, clamp: bool) 
 
 # ----------------------------------------------------------------------------- meaningful perturbation
 
-@register_method("meaningful_perturbation")
+@register_method("meaningful_perturbation", target_functions=True)
 def meaningful_perturbation(model, x, target, *, game: str = "deletion", infiller: str | Infiller = "auto",
                             steps: int = 50, lr: float = 0.1, l1: float = 0.5, tv: float = 0.2,
                             tv_beta: float = 3.0, mask_size: int | tuple[int, int] = 8, jitter: int = 2,
-                            n_samples: int = 1, output: str = "probability", mask_seed: int = 0) -> torch.Tensor:
-    """Meaningful perturbation (Fong & Vedaldi 2017) on images (B, C, H, W).
+                            n_samples: int = 1, output: str = "probability", seed: int = 0) -> torch.Tensor:
+    """Meaningful perturbation (Fong & Vedaldi 2017) on images (B, C, H, W) or signals (B, C, L).
 
-    A mask m in [0, 1] (1 = keep) at ``mask_size``, bilinearly upsampled and shifted by a random
-    jitter of up to ``jitter`` pixels per Monte-Carlo sample, starts at 1 and is learned with Adam:
+    A mask m in [0, 1] (1 = keep) at ``mask_size``, upsampled and shifted by a random jitter of up
+    to ``jitter`` positions per axis and Monte-Carlo sample, starts at 1 and is learned with Adam:
 
     * ``game="deletion"``: minimise ``l1`` * mean(1 - m) + ``tv`` * TV_beta(m) + E[score(x with 1 - m removed)];
       relevance = 1 - m (what must be deleted);
@@ -168,35 +179,42 @@ def meaningful_perturbation(model, x, target, *, game: str = "deletion", infille
 
     Args:
         game: ``deletion`` or ``preservation``.
-        infiller: fills removed pixels: a name, an Infiller, or ``auto`` (GAN if one is trained, else blur).
+        infiller: fills removed positions: a name, an Infiller, or ``auto`` (blur unless the GAN is passed).
         steps: Adam steps; lr: Adam learning rate.
         l1: weight of the mask area term; tv: weight of the total variation; tv_beta: its exponent.
-        mask_size: side (or (h, w)) of the learned mask before upsampling.
-        jitter: maximum shift in pixels of the upsampled mask (0: none).
+        mask_size: side (or (h, w)) of the learned mask before upsampling (clipped to the input).
+        jitter: maximum shift in positions of the upsampled mask (0: none).
         n_samples: Monte-Carlo samples (jitter, infiller noise) per step.
-        output: ``probability``, ``log_probability`` or ``logit`` of the target.
-        mask_seed: seed of the own generator for jitter.
+        output: ``probability``, ``log_probability`` or ``logit`` of a class target.
+        seed: seed of the own generator for jitter.
+
+    Raises:
+        ValueError: bad options, or an input that is not images or signals.
     """
     _check_common("meaningful_perturbation", steps, lr, n_samples, output)
     if game not in ("deletion", "preservation"):
         raise ValueError(f"meaningful_perturbation game must be 'deletion' or 'preservation', got {game!r}")
-    if x.dim() != 4:
-        raise ValueError(f"meaningful_perturbation needs images (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"meaningful_perturbation needs images (B, C, H, W) or signals (B, C, L), got shape "
+                         f"{tuple(x.shape)}; for tabular rows use fido.ssr, fido.sdr or rde")
     if jitter < 0:
         raise ValueError(f"meaningful_perturbation jitter must be >= 0, got {jitter}")
+    size = tuple(x.shape[2:])
+    if isinstance(mask_size, int):
+        mask_size = tuple(min(mask_size, n) for n in size)
     space = MaskSpace(x, mask_size=mask_size)
-    fill, forward = resolve_infiller(infiller), CheckedForward(model, target)
-    gen = torch.Generator().manual_seed(mask_seed)
-    b, (h, w) = x.shape[0], x.shape[2:]
-    x_rep, t_rep = _repeat(x.detach(), n_samples), _repeat(target, n_samples)
+    fill = get_infiller(infiller)
+    gen = torch.Generator().manual_seed(seed)
+    b = x.shape[0]
+    x_rep = _repeat(x.detach(), n_samples)
     sign = 1.0 if game == "deletion" else -1.0
 
     def loss_fn(m):
-        big = space.expand(m, size=(h + jitter, w + jitter))
-        dy = torch.randint(0, jitter + 1, (n_samples,), generator=gen).tolist()
-        dx = torch.randint(0, jitter + 1, (n_samples,), generator=gen).tolist()
-        keep = torch.cat([big[:, :, a:a + h, c:c + w] for a, c in zip(dy, dx)])
-        score = _target_scores(forward(fill(x_rep, keep)), t_rep, output).view(n_samples, b).mean(0)
+        big = space.expand(m, size=tuple(n + jitter for n in size))
+        shifts = [torch.randint(0, jitter + 1, (n_samples,), generator=gen).tolist() for _ in size]
+        keep = torch.cat([big[(slice(None), slice(None), *(slice(s[k], s[k] + n) for s, n in zip(shifts, size)))]
+                          for k in range(n_samples)])
+        score = target_scores(model(fill(x_rep, keep)), target, output).view(n_samples, b).mean(0)
         area = (1 - m) if game == "deletion" else m
         per_sample = sign * score + l1 * area.flatten(1).mean(1) + tv * _total_variation(m, tv_beta)
         return per_sample.sum()
@@ -207,22 +225,23 @@ def meaningful_perturbation(model, x, target, *, game: str = "deletion", infille
 
 # ----------------------------------------------------------------------------- FIDO
 
-def _fido(model, x, target, game, infiller, steps, lr, l1, tv, temperature, n_samples, mask_size, components,
-          output, mask_seed):
+def _fido(model, x, target, *, game: str, infiller, steps: int, lr: float, l1: float, tv: float,
+          temperature: float, n_samples: int, mask_size, components, output: str, seed: int) -> torch.Tensor:
+    """FIDO's two games (``game``: ``ssr`` or ``sdr``); arguments as in :func:`fido_ssr`."""
     name = f"fido.{game}"
     _check_common(name, steps, lr, n_samples, output)
     if not temperature > 0:
         raise ValueError(f"{name} temperature must be > 0, got {temperature}")
     space = MaskSpace(x, components=components, mask_size=mask_size)
-    fill, forward = resolve_infiller(infiller), CheckedForward(model, target)
-    gen = torch.Generator().manual_seed(mask_seed)
+    fill = get_infiller(infiller)
+    gen = torch.Generator().manual_seed(seed)
     b = x.shape[0]
-    x_rep, t_rep = _repeat(x.detach(), n_samples), _repeat(target, n_samples)
+    x_rep = _repeat(x.detach(), n_samples)
 
     def loss_fn(theta):
         s = _concrete(theta, temperature, n_samples, gen)      # 1 = selected region
         keep = space.expand(s if game == "ssr" else 1 - s)
-        score = _target_scores(forward(fill(x_rep, keep)), t_rep, output).view(n_samples, b).mean(0)
+        score = target_scores(model(fill(x_rep, keep)), target, output).view(n_samples, b).mean(0)
         p = torch.sigmoid(theta)
         per_sample = (-score if game == "ssr" else score) + l1 * p.flatten(1).mean(1)
         if tv:
@@ -233,53 +252,61 @@ def _fido(model, x, target, game, infiller, steps, lr, l1, tv, temperature, n_sa
     return space.relevance(torch.sigmoid(theta))
 
 
-@register_method("fido.ssr")
+@register_method("fido.ssr", target_functions=True)
 def fido_ssr(model, x, target, *, infiller: str | Infiller = "auto", steps: int = 50, lr: float = 0.1,
              l1: float = 2.0, tv: float = 0.0, temperature: float = 0.1, n_samples: int = 2,
              mask_size: int | tuple[int, int] | None = None, components: torch.Tensor | None = None,
-             output: str = "log_probability", mask_seed: int = 0) -> torch.Tensor:
+             output: str = "log_probability", seed: int = 0) -> torch.Tensor:
     """FIDO smallest sufficient region (Chang et al. 2019): learn keep probabilities p = sigmoid(theta)
     of a Bernoulli-concrete mask s (1 = keep) so that E[score(x with s kept, rest infilled)] stays
-    high while ``l1`` * mean(p) (+ ``tv`` * TV(p)) stays small. Relevance = p.
+    high while ``l1`` * mean(p) (+ ``tv`` * TV(p)) stays small. Relevance = p. Images, signals,
+    tabular rows (one entry per feature) or ``components`` groups.
 
     Args:
-        infiller: fills the dropped part: a name, an Infiller, or ``auto`` (GAN if trained, else blur).
+        infiller: fills the dropped part: a name, an Infiller, or ``auto`` (blur unless the GAN is passed).
         steps: Adam steps on theta (initialised at p = 0.5); lr: Adam learning rate.
-        l1: weight of the mean keep probability; tv: weight of the total variation of p (images).
+        l1: weight of the mean keep probability; tv: weight of the total variation of p (images, signals).
         temperature: temperature of the concrete relaxation.
         n_samples: Monte-Carlo mask samples per step.
-        mask_size: side (or (h, w)) of the mask for images, bilinearly upsampled; None: full size.
+        mask_size: side (or (h, w)) of the mask for images / length for signals, upsampled; None: full size.
         components: integer group ids shaped like one sample (or broadcastable): one mask entry per group.
-        output: ``log_probability``, ``probability`` or ``logit`` of the target.
-        mask_seed: seed of the own generator for the concrete samples.
+        output: ``log_probability``, ``probability`` or ``logit`` of a class target.
+        seed: seed of the own generator for the concrete samples.
+
+    Raises:
+        ValueError: bad options, components or mask_size.
     """
-    return _fido(model, x, target, "ssr", infiller, steps, lr, l1, tv, temperature, n_samples, mask_size,
-                 components, output, mask_seed)
+    return _fido(model, x, target, game="ssr", infiller=infiller, steps=steps, lr=lr, l1=l1, tv=tv,
+                 temperature=temperature, n_samples=n_samples, mask_size=mask_size, components=components,
+                 output=output, seed=seed)
 
 
-@register_method("fido.sdr")
+@register_method("fido.sdr", target_functions=True)
 def fido_sdr(model, x, target, *, infiller: str | Infiller = "auto", steps: int = 50, lr: float = 0.1,
              l1: float = 2.0, tv: float = 0.0, temperature: float = 0.1, n_samples: int = 2,
              mask_size: int | tuple[int, int] | None = None, components: torch.Tensor | None = None,
-             output: str = "log_probability", mask_seed: int = 0) -> torch.Tensor:
+             output: str = "log_probability", seed: int = 0) -> torch.Tensor:
     """FIDO smallest destroying region (Chang et al. 2019): learn drop probabilities p = sigmoid(theta)
     of a Bernoulli-concrete mask s (1 = drop) so that E[score(x with s infilled)] falls while
-    ``l1`` * mean(p) (+ ``tv`` * TV(p)) stays small. Relevance = p. Arguments as in ``fido.ssr``."""
-    return _fido(model, x, target, "sdr", infiller, steps, lr, l1, tv, temperature, n_samples, mask_size,
-                 components, output, mask_seed)
+    ``l1`` * mean(p) (+ ``tv`` * TV(p)) stays small. Relevance = p. Arguments and errors as in
+    ``fido.ssr``."""
+    return _fido(model, x, target, game="sdr", infiller=infiller, steps=steps, lr=lr, l1=l1, tv=tv,
+                 temperature=temperature, n_samples=n_samples, mask_size=mask_size, components=components,
+                 output=output, seed=seed)
 
 
 # ----------------------------------------------------------------------------- RDE
 
-@register_method("rde")
+@register_method("rde", target_functions=True)
 def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller = "auto", steps: int = 50,
         lr: float | None = None, l1: float = 1.0, temperature: float = 0.1, n_samples: int = 2,
         mask_size: int | tuple[int, int] | None = None, components: torch.Tensor | None = None,
-        max_components: int = 8, perturbation_batch: int = 512, mask_seed: int = 0) -> torch.Tensor:
+        max_components: int = 8, batch_size: int = 512, seed: int = 0) -> torch.Tensor:
     """Rate-distortion explanation (MacDonald et al. 2019; Heiss et al. 2020) on pre-softmax scores.
 
     Distortion D(s) = 0.5 E[(f_c(x) - f_c(z))^2] with z = x on the kept part (s = 1) and infilled
-    elsewhere; the rate is the mask's L1 norm (per-sample mean, weight ``l1``).
+    elsewhere; the rate is the mask's L1 norm (per-sample mean, weight ``l1``). ``f_c`` is the
+    target's logit, or a target function's score.
 
     * ``variant="relaxed"``: s in [0, 1], initialised at 1, Adam with clamping; relevance = s.
     * ``variant="concrete"``: s ~ Bernoulli-concrete(sigmoid(theta), ``temperature``); relevance = sigmoid(theta).
@@ -294,38 +321,40 @@ def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller 
 
     Args:
         variant: ``relaxed``, ``concrete`` or ``matching_pursuit``.
-        infiller: fills the dropped part: a name, an Infiller, or ``auto`` (GAN if trained, else blur).
+        infiller: fills the dropped part: a name, an Infiller, or ``auto`` (blur unless the GAN is passed).
         steps: Adam steps (relaxed / concrete); lr: Adam learning rate (None: 0.05 on s for relaxed,
             0.5 on theta for concrete).
         l1: weight of the rate term (relaxed / concrete).
         temperature: temperature of the concrete relaxation.
         n_samples: Monte-Carlo samples of the infiller (and concrete mask) per evaluation.
-        mask_size: side (or (h, w)) of the mask for images, bilinearly upsampled; None: full size.
+        mask_size: side (or (h, w)) of the mask for images / length for signals, upsampled; None: full size.
         components: integer group ids shaped like one sample (or broadcastable): one mask entry per group.
         max_components: matching pursuit: how many components to add.
-        perturbation_batch: matching pursuit: inputs per forward pass.
-        mask_seed: seed of the own generator for concrete samples.
+        batch_size: matching pursuit: inputs per forward pass.
+        seed: seed of the own generator for concrete samples.
+
+    Raises:
+        ValueError: bad options, components or mask_size; matching pursuit over more than 256 entries.
     """
     lr = lr if lr is not None else (0.5 if variant == "concrete" else 0.05)
     _check_common("rde", steps, lr, n_samples)
     if variant not in ("relaxed", "concrete", "matching_pursuit"):
         raise ValueError(f"rde variant must be 'relaxed', 'concrete' or 'matching_pursuit', got {variant!r}")
     space = MaskSpace(x, components=components, mask_size=mask_size)
-    fill, forward = resolve_infiller(infiller), CheckedForward(model, target)
+    fill = get_infiller(infiller)
     b = x.shape[0]
     with torch.no_grad():
-        reference = _target_scores(forward(x), target, "logit")
+        reference = target_scores(model(x), target, "logit")
     if variant == "matching_pursuit":
-        return _matching_pursuit(forward, fill, space, x, target, reference, n_samples, max_components,
-                                 perturbation_batch)
+        return _matching_pursuit(model, fill, space, x, target, reference, n_samples, max_components, batch_size)
     if not temperature > 0:
         raise ValueError(f"rde temperature must be > 0, got {temperature}")
-    gen = torch.Generator().manual_seed(mask_seed)
-    x_rep, t_rep, ref_rep = _repeat(x.detach(), n_samples), _repeat(target, n_samples), _repeat(reference, n_samples)
+    gen = torch.Generator().manual_seed(seed)
+    x_rep, ref_rep = _repeat(x.detach(), n_samples), _repeat(reference, n_samples)
 
     def distortion(keep_param):
         keep = space.expand(keep_param)
-        scores = _target_scores(forward(fill(x_rep, keep)), t_rep, "logit")
+        scores = target_scores(model(fill(x_rep, keep)), target, "logit", check=False)
         return (0.5 * (ref_rep - scores) ** 2).view(n_samples, b).mean(0)
 
     if variant == "relaxed":
@@ -343,7 +372,7 @@ def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller 
     return space.relevance(torch.sigmoid(theta))
 
 
-def _matching_pursuit(forward, fill, space, x, target, reference, n_samples, max_components, perturbation_batch):
+def _matching_pursuit(model, fill, space, x, target, reference, n_samples, max_components, batch_size):
     k = space.size
     if k > 256:
         raise ValueError(f"rde matching pursuit tests every one of the {k} mask entries per round; pass "
@@ -355,19 +384,18 @@ def _matching_pursuit(forward, fill, space, x, target, reference, n_samples, max
     gain = torch.zeros(b, k, device=x.device)
     eye = torch.eye(k, dtype=torch.bool, device=x.device)
 
-    def distortion(sel):  # sel (N, B, K) bool -> (N, B)
-        n = sel.shape[0]
-        flat = sel.reshape(n * b, k)
-        idx = torch.arange(b, device=x.device).repeat(n)
-        out = torch.empty(n_samples, n * b, device=x.device)
-        with torch.no_grad():
-            for r in range(n_samples):
-                for start in range(0, n * b, perturbation_batch):
-                    part = slice(start, start + perturbation_batch)
-                    keep = space.expand(flat[part].float().view(-1, *space.shape))
-                    scores = _target_scores(forward(fill(x[idx[part]], keep)), target[idx[part]], "logit")
-                    out[r, part] = 0.5 * (reference[idx[part]] - scores) ** 2
-        return out.mean(0).view(n, b)
+    def distortion(sel):  # sel (N, B, K) bool -> (N, B); n_samples passes over the N * B inputs
+        flat = sel.reshape(-1, k)
+        nb = flat.shape[0]
+        sample_of = torch.arange(n_samples * nb, device=x.device) % b
+
+        def make(idx):
+            keep = space.expand(flat[idx % nb].float().view(-1, *space.shape))
+            return fill(x[idx % b], keep)
+
+        scores = score_perturbed(model, make, sample_of, target, output="logit", batch_size=batch_size)
+        d = 0.5 * (reference[sample_of] - scores) ** 2
+        return d.view(n_samples, nb).mean(0).view(sel.shape[0], b)
 
     current = distortion(selected[None])[0]
     for _ in range(min(max_components, k)):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import numpy as np
@@ -13,6 +14,7 @@ from torch.utils.data.dataloader import default_collate
 from .. import sinks
 from ..data import unpack_batch
 from ..guard import rng_guard
+from ..infill import get_infiller
 
 __all__ = ["ExplanationCallback", "Probe", "select_probe", "val_dataloader", "shard_map"]
 
@@ -100,20 +102,19 @@ class ExplanationCallback(pl.Callback):
     Args:
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``.
         probe_size: number of validation samples in the fixed probe set.
-        probe_seed: seed of the probe set's stratified draw.
+        seed: seed of the probe set's stratified draw (and of the callback's own random draws).
         on_error: ``"warn"``: a failure warns, is counted (logged as ``xai/errors``) and training
             goes on; ``"raise"``: it fails the run.
     """
 
-    def __init__(self, every_n_epochs: int = 1, probe_size: int = 64, probe_seed: int = 0, on_error: str = "warn"):
+    def __init__(self, every_n_epochs: int = 1, probe_size: int = 64, seed: int = 0, on_error: str = "warn"):
         if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be an int >= 1, got {every_n_epochs!r}")
         if not isinstance(probe_size, int) or probe_size < 1:
             raise ValueError(f"probe_size must be an int >= 1, got {probe_size!r}")
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        self.every_n_epochs, self.probe_size, self.probe_seed, self.on_error = (
-            every_n_epochs, probe_size, probe_seed, on_error)
+        self.every_n_epochs, self.probe_size, self.seed, self.on_error = every_n_epochs, probe_size, seed, on_error
         self.probe_indices: list[int] | None = None
         self.errors = 0
         self._probe: Probe | None = None
@@ -149,13 +150,35 @@ class ExplanationCallback(pl.Callback):
         total = sum(cb.errors for cb in trainer.callbacks if isinstance(cb, ExplanationCallback))
         sinks.log_metrics(trainer, {"xai/errors": float(total)})
 
+    # -- infillers -------------------------------------------------------------------------
+    @staticmethod
+    def gan_infiller(trainer):
+        """The GAN infiller an :class:`~xai_callbacks.callbacks.inpainter.InpainterCallback` of this
+        trainer has trained past its warm-up, or None."""
+        for cb in trainer.callbacks:
+            gan = getattr(cb, "trained_infiller", None)
+            if gan is not None:
+                return gan
+        return None
+
+    def resolve_infillers(self, trainer, options: Mapping[str, Any],
+                          defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """``options`` with an ``infiller`` of ``"auto"`` or ``"gan"`` (given, or the default in
+        ``defaults``) replaced by the infiller it means now: :func:`~xai_callbacks.infill.get_infiller`
+        with this trainer's GAN. So the GAN reaches explainers and metrics as an argument."""
+        options = dict(options)
+        spec = options.get("infiller", (defaults or {}).get("infiller"))
+        if isinstance(spec, str) and spec in ("auto", "gan"):
+            options["infiller"] = get_infiller(spec, gan=self.gan_infiller(trainer))
+        return options
+
     # -- probe set -------------------------------------------------------------------------
     def probe(self, trainer, pl_module) -> Probe:
         """The probe set on the module's device: chosen once, kept in ``state_dict``."""
         if self._probe is None:
             loader = val_dataloader(trainer)
             if self.probe_indices is None:
-                self.probe_indices = select_probe(loader.dataset, self.probe_size, self.probe_seed)
+                self.probe_indices = select_probe(loader.dataset, self.probe_size, self.seed)
             collate = loader.collate_fn or default_collate
             with torch.inference_mode(False):  # cached across fit / validate: no inference tensors
                 x, y, masks = unpack_batch(collate([loader.dataset[i] for i in self.probe_indices]))

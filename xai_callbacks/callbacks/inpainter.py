@@ -10,7 +10,7 @@ from .. import sinks
 from ..data import unpack_batch
 from ..guard import model_guard
 from ..infill import Infiller, get_infiller
-from ..infill.gan import GANInpainter, MaskSampler, masked_l1, save_generator, set_active_infiller, active_infiller
+from ..infill.gan import GANInfiller, GANInpainter, MaskSampler, masked_l1, save_generator
 from .base import ExplanationCallback
 
 __all__ = ["InpainterCallback"]
@@ -44,8 +44,10 @@ class InpainterCallback(ExplanationCallback):
     ``inpainter/examples`` (input | mask | GAN fill | first baseline's fill); and G alone in
     ``<run dir>/inpainter/generator.pt`` (load with ``xai_callbacks.infill.gan.load_generator``).
 
-    Once G has finished its L1 warm-up it is the active infiller: explainers called with
-    ``infiller="auto"`` (the counterfactual explainers' default) use it. :attr:`infiller` gives it.
+    Once G has finished its L1 warm-up, :attr:`trained_infiller` gives it, and the other explanation
+    callbacks of the same trainer hand it to explainers and metrics whose ``infiller`` option is
+    ``"auto"`` (the counterfactual explainers' default) or ``"gan"``: through that argument, never a
+    global (see :meth:`ExplanationCallback.resolve_infillers`). :attr:`infiller` gives G at any time.
     G, D, both optimizers, the generator state and the step count are in ``state_dict``.
 
     Args:
@@ -61,8 +63,9 @@ class InpainterCallback(ExplanationCallback):
             Infiller instances.
         n_images: probe samples shown in ``inpainter/examples``.
         save_generator: write G to the run directory at each scheduled epoch.
-        seed: seeds G and D's initialisation, the training masks and noise.
-        every_n_epochs, probe_size, probe_seed, on_error: see :class:`ExplanationCallback`.
+        seed: seeds G and D's initialisation, the training masks and noise, the probe set and the
+            evaluation masks.
+        every_n_epochs, probe_size, on_error: see :class:`ExplanationCallback`.
     """
 
     def __init__(self, every_n_steps: int = 1, width: int = 16, value_range: tuple[float, float] | None = None,
@@ -70,8 +73,8 @@ class InpainterCallback(ExplanationCallback):
                  valid_weight: float = 0.2, adv_weight: float = 0.01, mask_sampler: MaskSampler | Mapping | None = None,
                  baselines: Sequence[str | Infiller] = ("constant", "blur", "noise"), n_images: int = 8,
                  save_generator: bool = True, seed: int = 0, every_n_epochs: int = 1, probe_size: int = 64,
-                 probe_seed: int = 0, on_error: str = "warn"):
-        super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, probe_seed=probe_seed,
+                 on_error: str = "warn"):
+        super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, seed=seed,
                          on_error=on_error)
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
@@ -88,15 +91,27 @@ class InpainterCallback(ExplanationCallback):
         self._pending: dict | None = None
         self._losses: dict[str, list[float]] = {}
         self._eval_keep: torch.Tensor | None = None
+        self._trained: GANInfiller | None = None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(seed=self.options["seed"])
 
     @property
-    def infiller(self):
+    def infiller(self) -> GANInfiller | None:
         """The current G as a :class:`~xai_callbacks.infill.gan.GANInfiller` (None before the first batch)."""
         return None if self.inpainter is None else self.inpainter.infiller()
+
+    @property
+    def trained_infiller(self) -> GANInfiller | None:
+        """G as an infiller once its L1 warm-up is done, else None: what ``"auto"`` resolves to in
+        the other explanation callbacks of this trainer. The same object from call to call (so its
+        noise stream continues), sharing G's parameters."""
+        if self.inpainter is None or self.inpainter.steps < self.inpainter.warmup_steps:
+            return None
+        if self._trained is None:
+            self._trained = self.inpainter.infiller()
+        return self._trained
 
     # -- training ------------------------------------------------------------------------------
     def _build(self, x: torch.Tensor, device: torch.device) -> None:
@@ -115,8 +130,6 @@ class InpainterCallback(ExplanationCallback):
         losses = self.inpainter.train_step(x, grad_sync=_all_reduce_grads)
         for k, v in losses.items():
             self._losses.setdefault(k, []).append(v)
-        if self.inpainter.steps >= self.inpainter.warmup_steps and active_infiller() is None:
-            set_active_infiller(self.inpainter.infiller())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.batches += 1
@@ -126,12 +139,6 @@ class InpainterCallback(ExplanationCallback):
         self.guarded(f"training step failed at global step {trainer.global_step}",
                      lambda: self._train(unpack_batch(batch).x.detach(), pl_module.device))
 
-    def on_fit_end(self, trainer, pl_module) -> None:
-        set_active_infiller(None)
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        set_active_infiller(None)
-
     # -- evaluation ----------------------------------------------------------------------------
     def run(self, trainer, pl_module) -> None:
         if self.inpainter is None:
@@ -139,13 +146,13 @@ class InpainterCallback(ExplanationCallback):
         probe = self.probe(trainer, pl_module)
         x = probe.x.float()
         if self._eval_keep is None or self._eval_keep.shape[0] != x.shape[0]:
-            gen = torch.Generator().manual_seed(self.probe_seed)
+            gen = torch.Generator().manual_seed(self.seed)
             self._eval_keep = self.mask_sampler(x.shape[0], x.shape[2], x.shape[3], gen)
         keep = self._eval_keep.to(x.device)
         hole = (1 - keep).expand_as(x)
         vr = self.options["value_range"]
         span = (vr[1] - vr[0]) if vr is not None else float(x.max() - x.min()) or 1.0
-        fills = [self.inpainter.infiller(seed=self.probe_seed)] + self.baselines
+        fills = [self.inpainter.infiller(seed=self.seed)] + self.baselines
         values, filled = {}, {}
         with model_guard(pl_module) as model, torch.no_grad():
             pred = model(x.clone()).argmax(dim=1)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+import torch
 
 from .. import sinks
-from ..attribution import check_methods, explain
+from ..attribution import check_methods, explain, method_options
 from ..metrics import ExplanationMetric, available_metrics, get_metric, metric_options
 from .base import ExplanationCallback
 
@@ -14,8 +15,6 @@ __all__ = ["ExplanationMetricsCallback", "DEFAULT_METRICS"]
 # faithfulness, robustness and complexity, cheap enough for every epoch and needing no masks
 # (localisation metrics such as relevance_mass need the batch's masks: add them where you have them)
 DEFAULT_METRICS = ("pixel_flipping", "max_sensitivity", "sparseness", "complexity")
-
-_CURVE_AXES = {"randomisation_similarity": "randomised layers"}
 
 
 def _metric_specs(metrics) -> list[tuple[str, dict]]:
@@ -62,14 +61,14 @@ class ExplanationMetricsCallback(ExplanationCallback):
             data has ``object_mask`` and ``artifact_mask``).
         batch_size: perturbed inputs per forward pass / explainer call, for every metric
             (a metric's own ``batch_size`` option wins).
-        every_n_epochs, probe_size, probe_seed, on_error: see :class:`ExplanationCallback`.
+        every_n_epochs, probe_size, seed, on_error: see :class:`ExplanationCallback`.
     """
 
     def __init__(self, methods: Sequence[str] = ("saliency",), metrics: Any = DEFAULT_METRICS,
                  method_options: Mapping[str, Mapping] | None = None, mask_key: str = "object_mask",
-                 batch_size: int = 256, every_n_epochs: int = 1, probe_size: int = 64, probe_seed: int = 0,
+                 batch_size: int = 256, every_n_epochs: int = 1, probe_size: int = 64, seed: int = 0,
                  on_error: str = "warn"):
-        super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, probe_seed=probe_seed,
+        super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, seed=seed,
                          on_error=on_error)
         methods, self.method_options = check_methods(methods, method_options)
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -82,36 +81,40 @@ class ExplanationMetricsCallback(ExplanationCallback):
     def state_key(self) -> str:
         return self._generate_state_key(methods=self.methods, metrics=[n for n, _ in self.specs])
 
-    def _metric(self, pl_module, method: str, i: int) -> ExplanationMetric:
+    def _metric(self, trainer, pl_module, method: str, i: int) -> ExplanationMetric:
         if (method, i) not in self._metrics:
             name, opts = self.specs[i]
             if "batch_size" in metric_options(name):
                 opts = {"batch_size": self.batch_size, **opts}
             self._metrics[method, i] = get_metric(name, model=pl_module, method=method,
-                                                  method_options=self.method_options.get(method), **opts)
-        return self._metrics[method, i].to(pl_module.device)
+                                                  method_options=self.method_options.get(method),
+                                                  **self.resolve_infillers(trainer, opts))
+        metric = self._metrics[method, i]
+        if self.specs[i][1].get("infiller") in ("auto", "gan"):  # the GAN may have finished its warm-up since
+            metric.infiller = self.resolve_infillers(trainer, self.specs[i][1])["infiller"]
+        return metric.to(pl_module.device)
 
     def run(self, trainer, pl_module) -> None:
         probe = self.probe(trainer, pl_module)
         values: dict[str, float] = {}
-        curves: dict[str, tuple[list[float], dict[str, list[float]]]] = {}
-        for method in self.methods:
-            relevance = explain(pl_module, probe.x, probe.y, method=method, batch_size=self.batch_size,
-                                **self.method_options.get(method, {}))
-            for i in range(len(self.specs)):
-                self.run_safely(trainer, pl_module,
-                                lambda t, m, i=i, method=method: self._score(m, method, i, probe, relevance,
-                                                                            values, curves))
+        curves: dict[str, tuple[list[float], dict[str, list[float]], str]] = {}
+        # metric states must not be inference tensors: standalone validate runs under inference_mode
+        with torch.inference_mode(False), torch.no_grad():
+            for method in self.methods:
+                options = self.resolve_infillers(trainer, self.method_options.get(method, {}), method_options(method))
+                relevance = explain(pl_module, probe.x, probe.y, method=method,
+                                    **{"batch_size": self.batch_size, **options})
+                for i in range(len(self.specs)):
+                    self.guarded(f"metric {self.specs[i][0]!r} of {method!r} failed at epoch {trainer.current_epoch}",
+                                 self._score, trainer, pl_module, method, i, probe, relevance, values, curves)
         self.values = values
         sinks.log_scalars(pl_module, values)
         sinks.log_summary(trainer, values)
-        for key, (x, ys) in curves.items():
-            metric_name = key.split(".")[0]
-            sinks.log_line_plot(trainer, f"xai/curves/{key}", x, ys, title=key,
-                                xname=_CURVE_AXES.get(metric_name, "fraction of pixels"))
+        for key, (x, ys, axis) in curves.items():
+            sinks.log_line_plot(trainer, f"xai/curves/{key}", x, ys, title=key, xname=axis)
 
-    def _score(self, pl_module, method, i, probe, relevance, values, curves) -> None:
-        metric = self._metric(pl_module, method, i)
+    def _score(self, trainer, pl_module, method, i, probe, relevance, values, curves) -> None:
+        metric = self._metric(trainer, pl_module, method, i)
         masks = None
         if metric.needs_masks:
             if self.mask_key not in probe.masks:
@@ -123,5 +126,5 @@ class ExplanationMetricsCallback(ExplanationCallback):
         values[f"xai/{method}/{metric.key}"] = float(metric.compute())
         if metric.n_curve_points:
             fractions, curve = metric.compute_curve()
-            x, ys = curves.setdefault(metric.key, (fractions.tolist(), {}))
+            x, ys, _ = curves.setdefault(metric.key, (fractions.tolist(), {}, metric.curve_axis))
             ys[method] = curve.tolist()

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data.dataloader import default_collate
 
 from .. import render, sinks
-from ..attribution import check_methods, explain
+from ..attribution import check_methods, explain, method_options
 from ..data import unpack_batch
 from ..guard import model_guard
 from ..spray import SpRAyResult, StrategyTracker, check_heatmaps, spray, write_virelay
@@ -120,7 +120,7 @@ class SpRAyCallback(ExplanationCallback):
                  n_typical: int = 5, every_n_epochs: int = 1, seed: int = 0, on_error: str = "warn",
                  evidence: bool = True, infiller: Any = "blur", evidence_options: Mapping[str, Any] | None = None,
                  max_others: int = 64):
-        super().__init__(every_n_epochs=every_n_epochs, probe_size=max(1, int(max_per_class)), probe_seed=seed,
+        super().__init__(every_n_epochs=every_n_epochs, probe_size=max(1, int(max_per_class)), seed=seed,
                          on_error=on_error)
         (method,), checked = check_methods([method], {method: method_options or {}})
         if target not in ("label", "prediction"):
@@ -178,8 +178,9 @@ class SpRAyCallback(ExplanationCallback):
             with model_guard(pl_module) as model:
                 scores = model(x.clone()).float()
             target = y if self.target == "label" else scores.argmax(1)
-            heat = explain(pl_module, x, target, method=self.method, batch_size=self.batch_size,
-                           **self.method_options)
+            heat = explain(pl_module, x, target, method=self.method, **{
+                "batch_size": self.batch_size,
+                **self.resolve_infillers(trainer, self.method_options, method_options(self.method))})
             out = {"x": x.float(), "heatmaps": heat, "labels": y, "scores": scores.detach(), "indices": idx}
             out.update({f"mask:{k}": v.to(dev).float() for k, v in masks.items()})
             return out
@@ -260,7 +261,7 @@ class SpRAyCallback(ExplanationCallback):
             write_virelay(sinks.run_dir(trainer) / "spray" / f"epoch_{epoch:04d}", data["heatmaps"], labels,
                           {c: (rows_of[c], r) for c, r in results.items()}, indices=data["indices"],
                           inputs=data["x"], predictions=data["scores"], class_names=self.class_names or None,
-                          strategy_ids=self.strategy_ids, attribution_method=self.method)
+                          strategy_ids=self.strategy_ids, attribution_method=self.method, target=self.target)
         return scalars, problems
 
     def _confirm(self, trainer, c: int, result: SpRAyResult, data: dict[str, torch.Tensor], rows: np.ndarray,

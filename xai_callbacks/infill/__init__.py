@@ -1,8 +1,14 @@
 """Infillers: ``(x, keep) -> x`` with the dropped part (``keep == 0``) filled.
 
-``keep`` is a mask in [0, 1] broadcastable to ``x`` (1 keeps the pixel, 0 removes it; values in
-between blend). Every perturbation explainer and every perturbation metric removes evidence
-through one of these, so the way evidence is removed is one choice, named in logged keys.
+``keep`` is a mask in [0, 1] broadcastable to ``x`` (1 keeps the position, 0 removes it; values
+in between blend). ``x`` is images (B, C, H, W), signals (B, C, L) or tabular rows with a channel
+axis (B, 1, F); blur runs along the position axes (2-D for images, 1-D otherwise). Every
+perturbation explainer and every perturbation metric removes evidence through one of these, so
+the way evidence is removed is one choice, named in logged keys.
+
+:func:`get_infiller` is the one way to turn a name into an infiller. ``"auto"`` is the GAN
+inpainter when one is handed over (``gan=``; the callbacks pass the one an
+:class:`~xai_callbacks.callbacks.inpainter.InpainterCallback` trains), blur otherwise.
 
 >>> fill = get_infiller("blur", sigma=2.0)
 >>> x_removed = fill(x, keep)
@@ -16,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["Infiller", "ConstantInfiller", "BlurInfiller", "NoiseInfiller", "get_infiller",
-           "available_infillers", "register_infiller"]
+           "available_infillers", "register_infiller", "blender", "gaussian_blur"]
 
 
 class Infiller:
@@ -50,7 +56,7 @@ class ConstantInfiller(Infiller):
 
     def fill(self, x):
         if self.value == "mean":
-            dims = tuple(range(2, x.dim()))
+            dims = tuple(range(2, x.dim())) if x.dim() > 2 else (1,)
             return x.mean(dim=dims, keepdim=True).expand_as(x)
         return torch.full_like(x, float(self.value))
 
@@ -87,12 +93,21 @@ class NoiseInfiller(Infiller):
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur over the last two dimensions of a (B, C, H, W) tensor."""
+    """Separable Gaussian blur along the position axes: (H, W) of images (B, C, H, W), L of
+    signals (B, C, L), F of tabular rows (B, F). Raises ValueError for other shapes."""
+    if x.dim() == 2:
+        return gaussian_blur(x[:, None], sigma)[:, 0]
+    if x.dim() not in (3, 4):
+        raise ValueError(f"blur needs images (B, C, H, W), signals (B, C, L) or tabular rows (B, F); got shape "
+                         f"{tuple(x.shape)}")
     radius = max(1, int(math.ceil(3 * sigma)))
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()
     c = x.shape[1]
+    if x.dim() == 3:
+        h = F.pad(x, (radius, radius), mode="reflect" if x.shape[-1] > radius else "replicate")
+        return F.conv1d(h, k.view(1, 1, -1).expand(c, 1, -1), groups=c)
     h = F.pad(x, (radius, radius, 0, 0), mode="reflect" if x.shape[-1] > radius else "replicate")
     h = F.conv2d(h, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
     v = F.pad(h, (0, 0, radius, radius), mode="reflect" if x.shape[-2] > radius else "replicate")
@@ -115,8 +130,22 @@ def available_infillers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_infiller(spec: str | Infiller | None = "constant", **options) -> Infiller:
-    """An infiller from a name (``constant``, ``blur``, ``noise``, ...) or an instance (returned as is)."""
+def get_infiller(spec: str | Infiller | None = "constant", *, gan: Infiller | None = None, **options) -> Infiller:
+    """The one way to get an infiller.
+
+    Args:
+        spec: an Infiller instance (returned as is); a registered name (``constant``, ``blur``,
+            ``noise``, ``gan``, ...); ``"auto"``: ``gan`` if given, else blur (sigma 2); None:
+            ``constant``.
+        gan: the trained GAN infiller to use for ``"auto"`` and ``"gan"`` (the callbacks pass the
+            one their :class:`~xai_callbacks.callbacks.inpainter.InpainterCallback` trains).
+        **options: arguments of the named infiller (e.g. ``sigma`` for blur, ``generator`` for gan).
+
+    Raises:
+        ValueError: an unknown name (the message lists the valid ones), or ``"gan"`` without a
+            trained generator.
+        TypeError: a callable that is not an Infiller.
+    """
     if spec is None:
         spec = "constant"
     if isinstance(spec, Infiller):
@@ -124,9 +153,22 @@ def get_infiller(spec: str | Infiller | None = "constant", **options) -> Infille
     if callable(spec) and not isinstance(spec, str):
         raise TypeError(f"infiller must be a name in {available_infillers()} or an Infiller instance, "
                         f"got {type(spec).__name__}; subclass xai_callbacks.infill.Infiller")
+    if spec == "auto":
+        return gan if gan is not None else BlurInfiller(**{"sigma": 2.0, **options})
+    if spec == "gan" and gan is not None and not options:
+        return gan
     if spec not in _REGISTRY:
-        raise ValueError(f"unknown infiller {spec!r}; valid: {available_infillers()}")
+        raise ValueError(f"unknown infiller {spec!r}; valid: {available_infillers() + ['auto']}")
     return _REGISTRY[spec](**options)
+
+
+def blender(infiller: Infiller, x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(idx, keep) -> infiller(x[idx], keep)``; for infillers whose fill does not depend on the
+    mask (constant, blur, noise) the fill of ``x`` is computed once and blended per chunk."""
+    if type(infiller).fill_masked is not Infiller.fill_masked:  # mask-aware (e.g. the GAN): per chunk
+        return lambda idx, keep: infiller(x[idx], keep)
+    filled = infiller.fill(x)
+    return lambda idx, keep: x[idx] * keep + filled[idx] * (1 - keep)
 
 
 from . import gan  # noqa: E402,F401  (registers "gan")

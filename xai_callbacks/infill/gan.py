@@ -18,7 +18,6 @@ No Lightning, no wandb: tensors in, tensors out.
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Sequence
 
@@ -27,11 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from . import BlurInfiller, Infiller, register_infiller
+from . import Infiller, register_infiller
+from ..guard import grad_fp32, rng_guard
 
 __all__ = ["InpaintGenerator", "PatchDiscriminator", "MaskSampler", "GANInpainter", "GANInfiller",
-           "hinge_d_loss", "hinge_g_loss", "masked_l1", "save_generator", "load_generator",
-           "set_active_infiller", "active_infiller", "resolve_infiller"]
+           "hinge_d_loss", "hinge_g_loss", "masked_l1", "save_generator", "load_generator"]
 
 
 def _conv(cin: int, cout: int, dilation: int = 1, stride: int = 1) -> nn.Sequential:
@@ -257,8 +256,6 @@ class GANInpainter:
                         ("warmup_steps", warmup_steps)):
             if v < 0:
                 raise ValueError(f"GANInpainter {name} must be >= 0, got {v}")
-        from ..guard import rng_guard
-
         with rng_guard(seed):  # initialisation draws do not touch the global RNG streams
             self.generator = InpaintGenerator(channels, width, noise_channels, value_range).to(device)
             self.discriminator = PatchDiscriminator(channels, width).to(device)
@@ -295,11 +292,7 @@ class GANInpainter:
         G, D = self.generator, self.discriminator
         G.train()
         D.train()
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.inference_mode(False))
-            stack.enter_context(torch.enable_grad())
-            for device_type in ("cpu", "cuda"):
-                stack.enter_context(torch.autocast(device_type, enabled=False))
+        with grad_fp32():
             fake = G(x, keep, noise)
             comp = x * keep + fake * (1 - keep)
             losses = {}
@@ -415,38 +408,4 @@ class GANInfiller(Infiller):
         return self.fill_masked(x, torch.zeros_like(x[:, :1]))
 
 
-_ACTIVE: list[Infiller] = []
-
-
-def set_active_infiller(infiller: Infiller | None) -> None:
-    """Make ``infiller`` the one that ``infiller="auto"`` resolves to (None: back to blur).
-    :class:`~xai_callbacks.callbacks.inpainter.InpainterCallback` sets its GAN here during fit."""
-    _ACTIVE.clear()
-    if infiller is not None:
-        _ACTIVE.append(infiller)
-
-
-def active_infiller() -> Infiller | None:
-    """The infiller set by :func:`set_active_infiller`, or None."""
-    return _ACTIVE[0] if _ACTIVE else None
-
-
-def resolve_infiller(spec: str | Infiller | None) -> Infiller:
-    """``"auto"`` (or None) -> the active GAN infiller if an inpainter is being trained, else blur
-    (sigma 2); anything else goes to :func:`~xai_callbacks.infill.get_infiller`."""
-    from . import get_infiller
-
-    if spec is None or (isinstance(spec, str) and spec == "auto"):
-        return active_infiller() or BlurInfiller(2.0)
-    return get_infiller(spec)
-
-
-def _gan_infiller(generator: InpaintGenerator | str | Path | None = None, seed: int = 0) -> Infiller:
-    """``get_infiller("gan")``: the inpainter being trained by an InpainterCallback when no
-    generator is given, else a :class:`GANInfiller` of ``generator``."""
-    if generator is None and active_infiller() is not None:
-        return active_infiller()
-    return GANInfiller(generator, seed)
-
-
-register_infiller("gan", _gan_infiller)
+register_infiller("gan", GANInfiller)

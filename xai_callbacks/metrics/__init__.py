@@ -54,7 +54,7 @@ _METRICS: dict[str, type[ExplanationMetric]] = {
     "pointing_game": PointingGame,
     "sparseness": Sparseness,
     "complexity": Complexity,
-    "randomisation_similarity": ModelParameterRandomisation,
+    "model_parameter_randomisation": ModelParameterRandomisation,
     "random_logit_similarity": RandomLogit,
     "completeness_error": CompletenessError,
     "input_invariance_error": InputInvarianceError,

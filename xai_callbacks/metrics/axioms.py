@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..infill import Infiller
+from ..infill import Infiller, get_infiller
+from ..scoring import score_perturbed
+from .base import OUTPUTS, ExplanationMetric, check_choice, copy_model, explain_stacked, prepare
 from .faithfulness import _Perturbation
-from .base import (OUTPUTS, ExplanationMetric, check_choice, copy_model, explain_stacked, prepare,
-                   resolve_infiller, stacked_scores)
 
 __all__ = ["completeness_error", "input_invariance_error", "shifted_model", "CompletenessError",
            "InputInvarianceError"]
@@ -41,12 +41,12 @@ def completeness_error(model: nn.Module, x: torch.Tensor, target, relevance: tor
     """
     check_choice(output, OUTPUTS, "output", "completeness_error")
     x, target, r = prepare(model, x, target, relevance, "completeness_error")
-    fill = resolve_infiller(infiller)
+    fill = get_infiller(infiller)
     b = x.shape[0]
     zeros = torch.zeros_like(x[:, :1])
-    scores = stacked_scores(model, lambda idx: torch.where(idx[:, None, None, None] < b, x[idx % b],
-                                                            fill(x[idx % b], zeros[idx % b])),
-                            2 * b, target.repeat(2), output, batch_size)
+    scores = score_perturbed(model, lambda idx: torch.where(idx[:, None, None, None] < b, x[idx % b],
+                                                             fill(x[idx % b], zeros[idx % b])),
+                             torch.arange(2 * b) % b, target, output=output, batch_size=batch_size)
     change = scores[:b] - scores[b:]
     return ((r.flatten(1).sum(1) - change).abs() / change.abs()).float()
 

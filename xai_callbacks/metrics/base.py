@@ -6,28 +6,31 @@ Conventions used by every metric:
 * ``x`` is a batch of images (B, C, H, W); ``relevance`` is shaped like ``x`` or (B, 1, H, W) or
   (B, H, W). Metrics work on *pixel* relevance, the sum over channels (B, H, W); removing a pixel
   removes all its channels.
-* ``target`` is the explained class: an int or a LongTensor (B,).
+* ``target`` is the explained class: an int or a LongTensor (B,); or a target function
+  ``fn(output, batch) -> (B,)`` / :class:`~xai_callbacks.scoring.Target` (see
+  :mod:`xai_callbacks.scoring`); the ``output`` option (probability / logit) applies to classes.
 * Every call into the model goes through :func:`~xai_callbacks.guard.model_guard` (eval mode,
   fp32, no parameter gradients, global RNG untouched); explanations of perturbed inputs go
   through :func:`~xai_callbacks.attribution.explain`.
-* Perturbed copies of all samples (and all steps) are stacked into batches of ``batch_size``
-  and scored on the model's device; nothing leaves the device inside the loop.
+* Perturbed copies of all samples (and all steps) are scored by
+  :func:`~xai_callbacks.scoring.score_perturbed`, ``batch_size`` per forward pass on the model's
+  device; nothing leaves the device inside the loop.
 """
 from __future__ import annotations
 
 import copy
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torchmetrics import Metric
 
-from ..attribution import _as_target, explain, model_device, model_scores
+from ..attribution import explain, model_device, model_scores
 from ..guard import model_guard, unwrap_model
-from ..infill import Infiller, get_infiller
+from ..scoring import as_target
 
 __all__ = ["ExplanationMetric", "CurveResult", "check_inputs", "pixel_relevance", "check_masks",
-           "stacked_scores", "explain_stacked", "blender", "spearman", "pearson", "cosine", "SIMILARITIES", "OUTPUTS"]
+           "explain_stacked", "spearman", "pearson", "cosine", "SIMILARITIES", "OUTPUTS"]
 
 OUTPUTS = ("probability", "logit")
 
@@ -91,32 +94,7 @@ def check_choice(value, valid, what: str, name: str):
 
 
 # ------------------------------------------------------------------------------------ model calls
-def _target_score(out: torch.Tensor, target: torch.Tensor, output: str) -> torch.Tensor:
-    if output == "probability":
-        out = out.softmax(dim=1)
-    return out.gather(1, target[:, None])[:, 0]
-
-
-def stacked_scores(model: nn.Module, make_inputs: Callable[[torch.Tensor], torch.Tensor], n: int,
-                   target: torch.Tensor, output: str = "probability", batch_size: int = 256) -> torch.Tensor:
-    """Target scores of ``n`` perturbed inputs built in chunks of at most ``batch_size``.
-
-    ``make_inputs(idx)`` returns the perturbed inputs of the flat indices ``idx`` (a LongTensor
-    on the model's device); ``target`` (n,) gives each one's explained class. The model runs
-    inside the guard under ``no_grad``; the result (n,) stays on the model's device.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = model_device(unwrap_model(model))
-    scores = torch.empty(n, device=device)
-    with model_guard(model) as module, torch.no_grad():
-        for start in range(0, n, batch_size):
-            idx = torch.arange(start, min(n, start + batch_size), device=device)
-            scores[idx] = _target_score(model_scores(module, make_inputs(idx)), target[idx], output)
-    return scores
-
-
-def explain_stacked(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, method: str,
+def explain_stacked(model: nn.Module, inputs: torch.Tensor, target, method: str,
                     method_options: dict | None, batch_size: int) -> torch.Tensor:
     """Pixel relevance (N, H, W) of a stack of inputs, explained ``batch_size`` at a time."""
     return pixel_relevance(explain(model, inputs, target, method=method, batch_size=batch_size,
@@ -138,22 +116,9 @@ def prepare(model: nn.Module, x: torch.Tensor, target, relevance: torch.Tensor |
     if target is None:
         with model_guard(model) as module, torch.no_grad():
             target = model_scores(module, x).argmax(1)
-    target = _as_target(target, x)
+    target = as_target(target, x.shape[0], x.device, batch=x)
     r = pixel_relevance(relevance).to(device) if relevance is not None else None
     return x, target, r
-
-
-def resolve_infiller(infiller) -> Infiller:
-    return get_infiller(infiller)
-
-
-def blender(infiller: Infiller, x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``(idx, keep) -> infiller(x[idx], keep)``; for infillers whose fill does not depend on the
-    mask (constant, blur, noise) the fill of ``x`` is computed once and blended per chunk."""
-    if type(infiller).fill_masked is not Infiller.fill_masked:  # mask-aware (e.g. the GAN): per chunk
-        return lambda idx, keep: infiller(x[idx], keep)
-    filled = infiller.fill(x)
-    return lambda idx, keep: x[idx] * keep + filled[idx] * (1 - keep)
 
 
 # ---------------------------------------------------------------------------- ranks, similarities
@@ -204,6 +169,7 @@ class ExplanationMetric(Metric):
     """
 
     name: str = "metric"
+    curve_axis: str = "fraction of pixels"  # the x axis of a curve metric's curve
     needs_model: bool = True
     needs_masks: bool = False
     needs_method: bool = False

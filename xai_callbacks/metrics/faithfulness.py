@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..infill import Infiller
-from .base import (OUTPUTS, CurveResult, ExplanationMetric, blender, check_choice, pearson, prepare, ranks,
-                   resolve_infiller, stacked_scores)
+from ..infill import Infiller, blender, get_infiller
+from ..scoring import score_perturbed
+from .base import OUTPUTS, CurveResult, ExplanationMetric, check_choice, pearson, prepare, ranks
 
 __all__ = ["pixel_flipping", "region_perturbation", "insertion_auc", "deletion_auc", "faithfulness_correlation",
            "infidelity", "PixelFlipping", "RegionPerturbation", "Insertion", "Deletion",
@@ -73,7 +73,8 @@ def removal_curve(model: nn.Module, x: torch.Tensor, target: torch.Tensor, r: to
         keep = done if insertion else ~done
         return blend(i, keep.view(-1, 1, h, w).to(x.dtype))
 
-    scores = stacked_scores(model, make, b * p, target.repeat_interleave(p), output, batch_size).view(b, p)
+    sample_of = torch.arange(b * p, device=x.device) // p
+    scores = score_perturbed(model, make, sample_of, target, output=output, batch_size=batch_size).view(b, p)
     return scores, counts.double() / n_units
 
 
@@ -101,21 +102,26 @@ def pixel_flipping(model: nn.Module, x: torch.Tensor, target, relevance: torch.T
         output: score the ``probability`` (softmax) or the ``logit`` of the target.
         batch_size: perturbed inputs per forward pass.
     """
-    return region_perturbation(model, x, target, relevance, order=order, patch_size=1, n_steps=n_steps,
-                               infiller=infiller, output=output, batch_size=batch_size, _name="pixel_flipping")
+    return _aopc_curve("pixel_flipping", model, x, target, relevance, order=order, patch_size=1, n_steps=n_steps,
+                       infiller=infiller, output=output, batch_size=batch_size)
 
 
 def region_perturbation(model: nn.Module, x: torch.Tensor, target, relevance: torch.Tensor, *, order: str = "morf",
                         patch_size: int = 4, n_steps: int | None = None, infiller: str | Infiller = "constant",
-                        output: str = "probability", batch_size: int = 256,
-                        _name: str = "region_perturbation") -> CurveResult:
+                        output: str = "probability", batch_size: int = 256) -> CurveResult:
     """Region perturbation: like :func:`pixel_flipping` with non-overlapping ``patch_size`` squares
     ordered by their relevance sum; ``n_steps`` None removes one region per step."""
-    check_choice(order, ORDERS, "order", _name)
-    check_choice(output, OUTPUTS, "output", _name)
-    x, target, r = prepare(model, x, target, relevance, _name)
+    return _aopc_curve("region_perturbation", model, x, target, relevance, order=order, patch_size=patch_size,
+                       n_steps=n_steps, infiller=infiller, output=output, batch_size=batch_size)
+
+
+def _aopc_curve(name: str, model, x, target, relevance, *, order, patch_size, n_steps, infiller, output,
+                batch_size) -> CurveResult:
+    check_choice(order, ORDERS, "order", name)
+    check_choice(output, OUTPUTS, "output", name)
+    x, target, r = prepare(model, x, target, relevance, name)
     curve, fractions = removal_curve(model, x, target, r, order=order, patch_size=patch_size, n_steps=n_steps,
-                                     infiller=resolve_infiller(infiller), output=output, batch_size=batch_size)
+                                     infiller=get_infiller(infiller), output=output, batch_size=batch_size)
     return CurveResult(_aopc(curve), curve, fractions)
 
 
@@ -126,7 +132,7 @@ def deletion_auc(model: nn.Module, x: torch.Tensor, target, relevance: torch.Ten
     check_choice(output, OUTPUTS, "output", "deletion")
     x, target, r = prepare(model, x, target, relevance, "deletion")
     curve, fractions = removal_curve(model, x, target, r, order="morf", patch_size=1, n_steps=n_steps,
-                                     infiller=resolve_infiller(infiller), output=output, batch_size=batch_size)
+                                     infiller=get_infiller(infiller), output=output, batch_size=batch_size)
     return CurveResult(_auc(curve, fractions), curve, fractions)
 
 
@@ -138,7 +144,7 @@ def insertion_auc(model: nn.Module, x: torch.Tensor, target, relevance: torch.Te
     check_choice(output, OUTPUTS, "output", "insertion")
     x, target, r = prepare(model, x, target, relevance, "insertion")
     curve, fractions = removal_curve(model, x, target, r, order="morf", patch_size=1, n_steps=n_steps,
-                                     infiller=resolve_infiller(infiller), output=output, batch_size=batch_size,
+                                     infiller=get_infiller(infiller), output=output, batch_size=batch_size,
                                      insertion=True)
     return CurveResult(_auc(curve, fractions), curve, fractions)
 
@@ -173,15 +179,16 @@ def faithfulness_correlation(model: nn.Module, x: torch.Tensor, target, relevanc
         subsets = noise.argsort(-1)[..., :subset_size]
     subsets = subsets.to(x.device)
     runs = subsets.shape[1]
-    blend = blender(resolve_infiller(infiller), x)
+    blend = blender(get_infiller(infiller), x)
 
     def make(idx):
         i, j = idx // runs, idx % runs
         keep = torch.ones(len(idx), h * w, device=x.device).scatter_(1, subsets[i, j], 0.0)
         return blend(i, keep.view(-1, 1, h, w))
 
-    base = stacked_scores(model, lambda idx: x[idx], b, target, output, batch_size)
-    perturbed = stacked_scores(model, make, b * runs, target.repeat_interleave(runs), output, batch_size)
+    base = score_perturbed(model, lambda idx: x[idx], torch.arange(b), target, output=output, batch_size=batch_size)
+    perturbed = score_perturbed(model, make, torch.arange(b * runs) // runs, target, output=output,
+                                batch_size=batch_size)
     drops = base[:, None] - perturbed.view(b, runs)
     sums = r.flatten(1).gather(1, subsets.flatten(1)).view(b, runs, -1).sum(-1)
     return pearson(sums, drops)
@@ -210,9 +217,9 @@ def infidelity(model: nn.Module, x: torch.Tensor, target, relevance: torch.Tenso
                                                 device=x.device)
     perturbations = perturbations.to(x.device, torch.float32)
     s = perturbations.shape[1]
-    base = stacked_scores(model, lambda idx: x[idx], b, target, output, batch_size)
-    perturbed = stacked_scores(model, lambda idx: x[idx // s] - perturbations.flatten(0, 1)[idx, None],
-                               b * s, target.repeat_interleave(s), output, batch_size).view(b, s)
+    base = score_perturbed(model, lambda idx: x[idx], torch.arange(b), target, output=output, batch_size=batch_size)
+    perturbed = score_perturbed(model, lambda idx: x[idx // s] - perturbations.flatten(0, 1)[idx, None],
+                                torch.arange(b * s) // s, target, output=output, batch_size=batch_size).view(b, s)
     predicted = (perturbations * r[:, None]).flatten(2).sum(-1)
     return ((predicted - (base[:, None] - perturbed)) ** 2).mean(1)
 
@@ -223,7 +230,7 @@ class _Perturbation(ExplanationMetric):
 
     def __init__(self, model, infiller, output, batch_size, n_curve_points=0, **kwargs):
         super().__init__(model, n_curve_points=n_curve_points, **kwargs)
-        self.infiller = resolve_infiller(infiller)
+        self.infiller = get_infiller(infiller)
         self.output = check_choice(output, OUTPUTS, "output", self.name)
         self.batch_size = batch_size
 

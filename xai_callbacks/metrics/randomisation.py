@@ -19,6 +19,7 @@ from torch import nn
 
 from ..attribution import model_scores
 from ..guard import model_guard, rng_guard, unwrap_model
+from ..scoring import Target
 from .base import SIMILARITIES, CurveResult, ExplanationMetric, check_choice, copy_model, explain_stacked, prepare
 
 __all__ = ["parameter_layers", "model_parameter_randomisation", "random_logit", "ModelParameterRandomisation",
@@ -83,6 +84,9 @@ def random_logit(model: nn.Module, x: torch.Tensor, target, relevance: torch.Ten
     class (drawn from ``seed``). Arguments as in :func:`model_parameter_randomisation`."""
     compare = SIMILARITIES[check_choice(similarity, SIMILARITIES, "similarity", "random_logit")]
     x, target, r = prepare(model, x, target, relevance, "random_logit")
+    if isinstance(target, Target):
+        raise ValueError("random_logit compares the heatmaps of two classes and needs class-index targets "
+                         "(an int or a LongTensor (B,)); got a target function")
     with model_guard(model) as module, torch.no_grad():
         n_classes = model_scores(module, x[:1]).shape[1]
     if n_classes < 2:
@@ -94,11 +98,13 @@ def random_logit(model: nn.Module, x: torch.Tensor, target, relevance: torch.Ten
 
 
 class ModelParameterRandomisation(ExplanationMetric):
-    """Model parameter randomisation, logged as ``randomisation_similarity`` (lower is better);
-    the per-layer curve via :meth:`compute_curve`. Arguments as in
+    """Model parameter randomisation, logged as ``model_parameter_randomisation`` (the mean
+    similarity to the original heatmap; lower is better); the per-layer curve via
+    :meth:`compute_curve`, over ``curve_axis`` "randomised layers". Arguments as in
     :func:`model_parameter_randomisation`."""
 
-    name = "randomisation_similarity"
+    name = "model_parameter_randomisation"
+    curve_axis = "randomised layers"
     needs_method = True
     higher_is_better = False
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..scoring import select
 from .base import ExplanationMetric, explain_stacked, prepare
 
 __all__ = ["max_sensitivity", "avg_sensitivity", "local_lipschitz_estimate", "MaxSensitivity",
@@ -24,7 +25,8 @@ def _perturbed_relevance(model, x, target, method, method_options, batch_size, p
     """Pixel relevance (S, B, H, W) of ``x + perturbations[s]`` for every s."""
     s = perturbations.shape[0]
     inputs = (x[None] + perturbations).flatten(0, 1)
-    r = explain_stacked(model, inputs, target.repeat(s), method, method_options, batch_size)
+    rows = torch.arange(x.shape[0]).repeat(s)
+    r = explain_stacked(model, inputs, select(target, rows), method, method_options, batch_size)
     return r.view(s, *x.shape[:1], *r.shape[1:])
 
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from ..attribution import model_device
 from ..guard import unwrap_model
 from ..infill import Infiller, get_infiller
-from ..metrics.base import stacked_scores
+from ..scoring import score_perturbed
 
 __all__ = ["StrategyEvidence", "strategy_evidence", "relevance_regions", "MIN_TRANSFER", "MIN_DROP"]
 
@@ -213,8 +213,9 @@ def _evidence(model, x, heatmaps, labels, target, others, fill, area, pastes, ma
         dst = torch.tensor([int(j) for _, j in pairs], device=device)
 
         def score(make, count):
-            return stacked_scores(model, make, count, torch.full((count,), target, device=device),
-                                  output="probability", batch_size=batch_size)
+            return score_perturbed(model, make, torch.arange(count, device=device),
+                                   torch.full((count,), target, device=device), output="probability",
+                                   batch_size=batch_size)
 
         base_x = score(lambda idx: x[rows[idx]], len(rows))
         base_o = score(lambda idx: others[idx], len(others))
