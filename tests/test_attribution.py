@@ -314,7 +314,7 @@ def test_gradcam_unknown_layer_lists_the_conv_layers(cnn_and_batch):
 
 def test_wrong_input_type_is_rejected(cnn_and_batch):
     model, x = cnn_and_batch
-    with pytest.raises(ValueError, match="floating-point tensor"):
+    with pytest.raises(ValueError, match="integer token ids.*nn.Embedding.*floating-point inputs"):
         explain(model, (x * 10).long(), 0, method="saliency")
 
 

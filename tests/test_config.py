@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 import pytest
 
@@ -21,11 +22,26 @@ DEMO = os.path.join(ROOT, "configs", "clever_hans.yaml")
     ("trainer.max_epoch=3", r"unknown trainer key\(s\) \['max_epoch'\]; valid: .*'max_epochs'"),
     ("logger.kind=mlflow", r"logger.kind='mlflow' is not valid; valid: \['wandb'"),
     ("data.artifact_fraction=lots", r"Value 'lots' .* Float \(key: data.artifact_fraction\)"),
-    ("no_equals_sign", r"overrides must look like key=value"),
+    ("no_equals_sign", r"overrides look like key=value"),
+    ("callbacks.attribution.methods=[saliency,gradcamm]", r"unknown attribution method\(s\) \['gradcamm'\]; valid: \["),
+    ("data.artifact_kind=zigzag", r"data.artifact_kind='zigzag' is not valid; valid: \["),
 ])
 def test_wrong_keys_and_types_name_key_value_and_what_is_valid(override, message):
-    with pytest.raises(ConfigError, match=message):
-        load_config(DEMO, [override])
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(DEMO, ["trainer.max_epochs=2", override])
+    assert str(err.value).startswith(f"override {override!r}: ")  # the override, not the YAML file
+
+
+def test_errors_in_the_file_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("callbacks:\n  spray:\n    method: nope\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: in callbacks.spray: unknown attribution"):
+        load_config(bad, ["trainer.max_epochs=2"])
+    bad.write_text("trainer: [unclosed\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: not a valid YAML run config"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file .*nowhere.yaml does not exist"):
+        load_config(tmp_path / "nowhere.yaml")
 
 
 RUN_CONFIGS = ["clever_hans.yaml", "gate_only.yaml"]

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -33,12 +36,18 @@ def test_rules_parse_and_evaluate_with_wildcards():
     assert checks[-1].value is None  # never logged: fails, never passes silently
 
 
-def test_stop_action_stops_training_writes_report_and_cli_exits_1(tmp_path, capsys):
+def test_stop_action_stops_training_writes_report_and_cli_exits_1(tmp_path, capsys, caplog):
     gate = ExplanationGate(rules=["val/acc > 0.999", "val/loss < 100"], action="stop")
     trainer = make_trainer(tmp_path, [gate], max_epochs=5, limit_train_batches=2)
-    with pytest.warns(UserWarning, match="val/acc = .* breaks 'val/acc > 0.999'.*stopping"):
+    with caplog.at_level(logging.WARNING, logger="xai_callbacks"):
         trainer.fit(module(), ShortcutDigitsDataModule())
     assert trainer.current_epoch == 1 and gate.passed is False  # stopped after the first epoch
+    # one block at the end of the epoch, one at the end of the run, from the gate's own logger
+    blocks = [r for r in caplog.records if "xai-callbacks gate FAILED" in r.getMessage()]
+    assert [r.name for r in blocks] == ["xai_callbacks.callbacks.gate"] * 2
+    assert "at epoch 0" in blocks[0].getMessage() and "at the end of the run" in blocks[1].getMessage()
+    assert "rule 'val/acc > 0.999'" in blocks[0].getMessage() and "training stops" in blocks[0].getMessage()
+    assert "val/loss" not in blocks[0].getMessage().split("beside it")[0]  # only the failed rule
     report = json.loads((tmp_path / "gate.json").read_text())
     assert report["verdict"] == "fail" and report["rules"] == ["val/acc > 0.999", "val/loss < 100"]
     assert [c["passed"] for c in report["epochs"][0]["checks"]] == [False, True]
@@ -52,7 +61,9 @@ def test_stop_action_stops_training_writes_report_and_cli_exits_1(tmp_path, caps
     rules.write_text("rules:\n  - val/loss < 100\n")
     assert main(["gate", str(tmp_path / "gate.json"), "--rules", str(rules)]) == 0
     rules.write_text("rules:\n  - spray/suspicious_share < 0.1\n")
-    assert main(["gate", str(tmp_path), "--rules", str(rules)]) == 2  # never logged: unusable
+    capsys.readouterr()
+    assert main(["gate", str(tmp_path), "--rules", str(rules)]) == 1  # never logged: the gate fails
+    assert "NOT LOGGED (logged by SpRAyCallback)" in capsys.readouterr().out
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "gate.json").write_text("{not json")
     assert main(["gate", str(tmp_path / "bad")]) == 2
@@ -89,3 +100,70 @@ def test_bad_gate_arguments():
         ExplanationGate(action="explode")
     with pytest.raises(ValueError, match="cannot parse gate rule"):
         ExplanationGate(rules=["no operator here"])
+
+
+class LateLogger(pl.Callback):
+    """Logs ``late/value`` from epoch ``start`` on, like a callback that runs every N epochs."""
+
+    def __init__(self, start: int):
+        self.start = start
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch >= self.start:
+            pl_module.log("late/value", 1.0)
+
+
+def test_default_rule_without_spray_fails_at_the_end_naming_key_and_callback(tmp_path, capsys, caplog):
+    gate = ExplanationGate(action="raise")  # the default rule needs SpRAyCallback, which is not attached
+    trainer = make_trainer(tmp_path, [gate], max_epochs=2, limit_train_batches=2)
+    with caplog.at_level(logging.WARNING, logger="xai_callbacks"):
+        with pytest.raises(GateFailure, match=r"end of the run: spray/\*/n_flagged = not logged .*logged by "
+                                              r"SpRAyCallback"):
+            trainer.fit(module(), ShortcutDigitsDataModule())
+    assert trainer.current_epoch == 2  # pending while the run went on, failed at its end
+    assert gate.passed is False and [e["passed"] for e in gate.epochs] == [True, True]
+    messages = [r.getMessage() for r in caplog.records if r.name == "xai_callbacks.callbacks.gate"]
+    assert "no SpRAyCallback is attached" in messages[0]  # said when fitting starts
+    assert "never logged by the end of the run; it is logged by SpRAyCallback" in messages[-1]
+    report = json.loads((tmp_path / "gate.json").read_text())
+    assert report["verdict"] == "fail" and report["final"]["missing"][0]["logged_by"] == "SpRAyCallback"
+    assert main(["gate", str(tmp_path)]) == 1
+    assert "NOT LOGGED (logged by SpRAyCallback)" in capsys.readouterr().out
+
+
+def test_key_logged_only_from_a_later_epoch_is_pending_not_failed(tmp_path):
+    gate = ExplanationGate(rules=["late/value > 0"], action="raise")
+    trainer = make_trainer(tmp_path, [LateLogger(start=1), gate], max_epochs=2, limit_train_batches=2)
+    trainer.fit(module(), ShortcutDigitsDataModule())
+    assert gate.passed is True and [c["value"] for e in gate.epochs for c in e["checks"]] == [None, 1.0]
+    assert main(["gate", str(tmp_path)]) == 0
+
+
+def test_missing_skip_is_an_explicit_opt_out(tmp_path):
+    gate = ExplanationGate(rules=["late/value > 0", "val/loss < 100"], action="raise", missing="skip")
+    make_trainer(tmp_path, [gate], max_epochs=1, limit_train_batches=2).fit(module(), ShortcutDigitsDataModule())
+    assert gate.passed is True and main(["gate", str(tmp_path)]) == 0
+
+
+def test_validate_alone_is_its_own_end_of_run(tmp_path):
+    gate = ExplanationGate(rules=["late/value > 0"], action="raise")
+    with pytest.raises(GateFailure, match="late/value = not logged"):
+        make_trainer(tmp_path, [gate]).validate(module(), ShortcutDigitsDataModule())
+
+
+@pytest.mark.parametrize("bar", ["tqdm", "rich"])
+def test_failure_block_is_printed_above_the_progress_bar(tmp_path, capsys, caplog, bar):
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    gate = ExplanationGate(rules=["val/acc > 2"], action="warn")
+    progress = TQDMProgressBar() if bar == "tqdm" else RichProgressBar()
+    trainer = make_trainer(tmp_path, [gate, progress], max_epochs=1, limit_train_batches=2, limit_val_batches=2,
+                           enable_progress_bar=True)
+    with caplog.at_level(logging.WARNING, logger="xai_callbacks"):
+        trainer.fit(module(), ShortcutDigitsDataModule())
+    out = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", capsys.readouterr().out)  # without the terminal's cursor moves
+    # during the run the bar prints the block on lines of its own; at its end (bars closed) the logger does
+    (line,) = [line for line in out.splitlines() if "xai-callbacks gate FAILED" in line]
+    assert line.lstrip().startswith("==== xai-callbacks gate FAILED at epoch 0")
+    (record,) = [r for r in caplog.records if "gate FAILED" in r.getMessage()]
+    assert "at the end of the run" in record.getMessage() and record.name == "xai_callbacks.callbacks.gate"

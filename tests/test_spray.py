@@ -208,9 +208,9 @@ def test_virelay_export_layout(tmp_path):
     r = spray(h, masks={"artifact": m}, visualisation="pca")
     labels = np.zeros(40, int)
     paths = write_virelay(tmp_path / "db", h, labels, {0: (np.arange(40), r)}, indices=np.arange(100, 140),
-                          inputs=h, strategy_ids={0: list(range(10, 10 + r.n_clusters))})
+                          inputs=h, predictions=np.zeros((40, 2)), strategy_ids={0: list(range(10, 10 + r.n_clusters))})
     with h5py.File(paths["attribution"]) as f:
-        assert f["attribution"].shape == (40, 1, 32, 32) and list(f["dataset_index"][:3]) == [100, 101, 102]
+        assert f["relevance"].shape == (40, 1, 32, 32) and list(f["dataset_index"][:3]) == [100, 101, 102]
     with h5py.File(paths["analysis"]) as f:
         g = f["00000000"]
         assert list(g["index"][:]) == list(range(40))

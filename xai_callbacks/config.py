@@ -198,23 +198,75 @@ def _check_trainer(trainer: dict, source: str) -> None:
         raise ConfigError(f"{source}: unknown trainer key(s) {bad}; valid: {sorted(valid)}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The run config from a YAML file (optional) and ``key=value`` overrides, validated."""
-    source = str(path) if path else "config"
-    cfg = OmegaConf.structured(RunConfig)
-    try:
-        if path is not None:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"overrides must look like key=value, got {bad}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as err:
-        raise _error(err, source) from None
+def _override_source(section: str, path, overrides) -> str:
+    """What set ``section`` (``callbacks.spray``, ``data``): the overrides touching it, else the file."""
+    touching = [o for o in overrides if o.split("=", 1)[0].strip().lstrip("+~") == section
+                or o.split("=", 1)[0].strip().lstrip("+~").startswith(section + ".")
+                or section.startswith(o.split("=", 1)[0].strip().lstrip("+~") + ".")]
+    if touching:
+        return "override " + ", ".join(repr(o) for o in touching)
+    return str(path) if path else "config"
+
+
+def _validate(cfg: DictConfig, source: str) -> dict[str, Any]:
+    from . import data
+
+    kinds = getattr(data, "ARTIFACT_KINDS", None)
+    if kinds and cfg.data.artifact_kind not in kinds:
+        raise ConfigError(f"{source}: data.artifact_kind={cfg.data.artifact_kind!r} is not valid; valid: {list(kinds)}")
     if cfg.logger.kind not in LOGGER_KINDS:
         raise ConfigError(f"{source}: logger.kind={cfg.logger.kind!r} is not valid; valid: {list(LOGGER_KINDS)}")
     _check_trainer(cfg.trainer, source)
-    _check_callbacks(cfg.callbacks, source)
+    return _check_callbacks(cfg.callbacks, source)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The run config from a YAML file (optional) and ``key=value`` overrides, validated.
+
+    The file is checked first, then each override in turn, so an error names its source: the
+    file, or the override (``override 'callbacks.attribution.methods=[saliency,gradcamm]'``).
+    Each callback is also constructed once, so values its constructor rejects (an unknown
+    attribution method) are caught here too.
+
+    Args:
+        path: YAML file (None: defaults and overrides only).
+        overrides: dotlist overrides such as ``trainer.max_epochs=3``.
+
+    Raises:
+        ConfigError: a missing or unreadable file, a malformed override, an unknown key, a wrong
+            type or a value a constructor rejects; the message names the source, the key and
+            what is valid.
+    """
+    import yaml
+
+    cfg = OmegaConf.structured(RunConfig)
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} does not exist" if not Path(path).exists()
+                              else f"config {path} is not a file")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        except OmegaConfBaseException as err:
+            raise _error(err, str(path)) from None
+        except (yaml.YAMLError, ValueError, TypeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"{path}: not a valid YAML run config ({first})") from None
+    built = _validate(cfg, str(path) if path else "config")
+    for o in overrides:
+        source = f"override {o!r}"
+        if "=" not in o or not o.split("=", 1)[0].strip():
+            raise ConfigError(f"{source}: overrides look like key=value, e.g. trainer.max_epochs=3")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o]))
+        except OmegaConfBaseException as err:
+            raise _error(err, source) from None
+        built = _validate(cfg, source)
+    for name, kwargs in built.items():
+        try:
+            _load_class(CALLBACKS[name])(**kwargs)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{_override_source(f'callbacks.{name}', path, overrides)}: in callbacks.{name}: "
+                              f"{err}") from None
     return cfg
 
 
@@ -237,20 +289,39 @@ def _logger(cfg: LoggerConfig):
     return False
 
 
-def build(cfg: DictConfig):
-    """``(trainer, module, datamodule)`` for a validated run config."""
+def build(cfg: DictConfig, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()):
+    """``(trainer, module, datamodule)`` for a validated run config.
+
+    Args:
+        cfg: the config from :func:`load_config`.
+        path, overrides: where ``cfg`` came from, only to name the source of an error.
+
+    Raises:
+        ConfigError: a value a constructor rejects (data, model, trainer, logger, callbacks),
+            naming the section and the override or file that set it.
+    """
     import lightning.pytorch as pl
 
     from .data import ShortcutDigitsDataModule
     from .models import Classifier, DemoCNN
 
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    def make(section: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, TypeError, RuntimeError, MisconfigurationException) as err:
+            raise ConfigError(f"{_override_source(section, path, overrides)}: in {section}: {err}") from None
+
     pl.seed_everything(cfg.seed, verbose=False)
     data = OmegaConf.to_container(cfg.data)
     data["artifact_position"] = tuple(data["artifact_position"])
-    datamodule = ShortcutDigitsDataModule(**data)
-    module = Classifier(DemoCNN(width=cfg.model.width, dropout=cfg.model.dropout, image_size=cfg.data.size),
-                        lr=cfg.model.lr)
+    datamodule = make("data", ShortcutDigitsDataModule, **data)
+    net = make("model", DemoCNN, width=cfg.model.width, dropout=cfg.model.dropout, image_size=cfg.data.size)
+    module = make("model", Classifier, net, lr=cfg.model.lr)
     trainer_args = OmegaConf.to_container(cfg.trainer)
     trainer_args.setdefault("default_root_dir", cfg.logger.save_dir)
-    trainer = pl.Trainer(logger=_logger(cfg.logger), callbacks=build_callbacks(cfg.callbacks), **trainer_args)
+    callbacks = make("callbacks", build_callbacks, cfg.callbacks)
+    trainer = make("trainer", pl.Trainer, logger=make("logger", _logger, cfg.logger), callbacks=callbacks,
+                   **trainer_args)
     return trainer, module, datamodule

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-__all__ = ["Rule", "Check", "parse_rule", "evaluate", "context", "describe", "read_report", "write_report",
-           "find_report", "REPORT_NAME", "DEFAULT_RULES"]
+__all__ = ["Rule", "Check", "parse_rule", "evaluate", "context", "describe", "logged_by", "evidence",
+           "failure_block", "read_report", "write_report", "find_report", "REPORT_NAME", "DEFAULT_RULES"]
 
-# no SpRAy cluster flagged (SpRAy flags clusters with suspicion >= 0.25); a failure names the class
-DEFAULT_RULES = ("spray/*/max_suspicion < 0.25",)
+# no SpRAy strategy flagged in any class (flagged by causal evidence: removal and transfer); a failure names the class
+DEFAULT_RULES = ("spray/*/n_flagged < 1",)
 
 REPORT_NAME = "gate.json"
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
@@ -94,13 +94,82 @@ def describe(check: Check, values: Mapping[str, float]) -> str:
     return f"{check.key} = {value} breaks '{check.rule}'" + (f" ({around})" if around else "")
 
 
-def write_report(path: str | Path, rules: Iterable[Rule | str], epochs: list[dict]) -> Path:
-    """``gate.json``: the rules, each checked epoch (values and checks), and the verdict of the last."""
+# key pattern -> what logs it (first match wins)
+SOURCES = (("spray/*", "SpRAyCallback"), ("xai/heatmaps/*", "AttributionCallback"),
+           ("xai/errors", "any explanation callback"), ("xai/*", "ExplanationMetricsCallback"),
+           ("inpainter/*", "InpainterCallback"), ("gate/*", "ExplanationGate"))
+
+
+def logged_by(key: str) -> str:
+    """Who logs ``key`` (a rule's key, wildcards allowed): an xai-callbacks callback, or the module."""
+    for pattern, source in SOURCES:
+        if fnmatch.fnmatchcase(key, pattern) or fnmatch.fnmatchcase(pattern, key):
+            return source
+    return "the LightningModule (self.log)"
+
+
+def evidence(key: str, run_dir: str | Path | None = None, epoch: int | None = None) -> list[str]:
+    """Where to look at what a failed ``key`` is about: dashboard panels and files of the run."""
+    parts = key.split("/")
+    where = []
+    if parts[0] == "spray" and len(parts) > 2:
+        where.append(f"panels spray/{parts[1]}/clusters, spray/{parts[1]}/prototypes, spray/{parts[1]}/scatter")
+        if run_dir is not None:
+            found = sorted(Path(run_dir).glob("spray/epoch_*/project.yaml"))
+            mine = [p for p in found if epoch is not None and p.parent.name == f"epoch_{epoch:04d}"]
+            if mine or found:
+                where.append(f"ViRelAy: virelay {(mine or found)[-1]}")
+    elif parts[0] == "xai" and len(parts) > 2:
+        where.append(f"panel xai/heatmaps/{parts[1]}")
+    elif parts[0] == "inpainter":
+        where.append("panels inpainter/*")
+    return where
+
+
+def failure_block(checks: Iterable[Check], values: Mapping[str, float], *, epoch: int | None, action: str = "",
+                  run_dir: str | Path | None = None, report: str | Path | None = None, final: bool = False) -> str:
+    """The text a failing gate prints: each failed rule with its key (for SpRAy: the class and its
+    most suspicious strategy), the value, who logs it, and where the evidence is."""
+    failed = [c for c in checks if not c.passed]
+    when = "at the end of the run" if final else f"at epoch {epoch}"
+    lines = [f"==== xai-callbacks gate FAILED {when}: {len(failed)} check(s) ===="]
+    for c in failed:
+        lines.append(f"  rule '{c.rule}'")
+        if c.value is None:
+            lines.append(f"    {c.key}: never logged" + (" by the end of the run" if final else "") +
+                         f"; it is logged by {logged_by(c.key)}: attach it (or drop the rule)")
+            continue
+        parts = c.key.split("/")
+        around = context(c.key, values)
+        if parts[0] == "spray" and len(parts) == 3:
+            strategy = around.get("suspicious_strategy")
+            lines.append(f"    class {parts[1]}" + ("" if strategy is None else f", strategy {int(strategy)}") +
+                         f": {parts[2]} = {c.value:.4g}")
+        else:
+            lines.append(f"    {c.key} = {c.value:.4g}")
+        if around:
+            lines.append("    beside it: " + ", ".join(f"{k}={v:.4g}" for k, v in around.items()))
+        for where in evidence(c.key, run_dir, epoch):
+            lines.append(f"    evidence: {where}")
+    if report is not None:
+        lines.append(f"  report: {report}")
+    if action:
+        lines.append({"warn": "  training goes on (action='warn')", "stop": "  training stops (action='stop')",
+                      "raise": "  the run fails (action='raise')"}.get(action, f"  action: {action}"))
+    return "\n".join(lines)
+
+
+def write_report(path: str | Path, rules: Iterable[Rule | str], epochs: list[dict], final: dict | None = None,
+                 missing: str = "fail") -> Path:
+    """``gate.json``: the rules, each checked epoch (values and checks), the end-of-run check
+    (``final``: rules whose key was never logged), and the verdict (fail when the last checked
+    epoch or the end-of-run check failed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     last = epochs[-1] if epochs else None
-    report = {"rules": [str(parse_rule(r)) for r in rules], "epochs": epochs,
-              "verdict": None if last is None else ("pass" if last["passed"] else "fail")}
+    verdicts = [e["passed"] for e in ([last] if last else []) + ([final] if final else [])]
+    report = {"rules": [str(parse_rule(r)) for r in rules], "missing": missing, "epochs": epochs, "final": final,
+              "verdict": None if not verdicts else ("pass" if all(verdicts) else "fail")}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, path)
@@ -112,8 +181,10 @@ def find_report(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; expected a run directory or a {REPORT_NAME}")
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is neither a gate report nor a run directory")
+        raise FileNotFoundError(f"{path} is neither a {REPORT_NAME} nor a run directory")
     found = sorted(path.rglob(REPORT_NAME), key=lambda p: p.stat().st_mtime)
     if not found:
         raise FileNotFoundError(f"no {REPORT_NAME} under {path}; was an ExplanationGate in the run?")
@@ -126,7 +197,7 @@ def read_report(path: str | Path) -> dict:
     try:
         report = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+        raise ValueError(f"{path} is not valid JSON ({err}); expected a {REPORT_NAME} written by ExplanationGate") from None
     if not isinstance(report, dict) or not isinstance(report.get("epochs"), list) or "rules" not in report:
         raise ValueError(f"{path} is not a gate report (needs 'rules' and 'epochs')")
     return report

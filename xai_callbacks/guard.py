@@ -7,7 +7,12 @@ Every call into a model made by this library goes through :func:`model_guard`. I
 * switches to eval mode and restores every submodule's own ``training`` flag afterwards,
 * leaves ``inference_mode`` and ``no_grad``, enables grad, disables autocast (fp32),
 * forks and restores the global RNG states (torch CPU and CUDA, numpy, ``random``),
-* checks on exit that no forward / backward hook was left behind on any submodule.
+* checks on exit that no forward / backward hook was left behind on any submodule,
+* restores the model's structure and tensors when the body raises (:class:`ModelSnapshot`):
+  every module's attributes, parameters, buffers and submodules as they were (a bias a canonizer
+  added to a convolution is removed, a weight whose ``.data`` it swapped is swapped back). Cheap
+  (references only, no copies) on every call; methods that may write into parameter or buffer
+  storage in place (LRP canonizers) also copy the values first with :func:`preserve_values`.
 
 Gradients are taken with ``torch.autograd.grad`` w.r.t. inputs only (see
 :func:`input_gradient`), so parameters' ``.grad`` stays untouched; eval mode means BatchNorm
@@ -23,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["unwrap_model", "model_guard", "rng_guard", "grad_fp32", "input_gradient", "hook_count"]
+__all__ = ["unwrap_model", "model_guard", "rng_guard", "grad_fp32", "input_gradient", "hook_count",
+           "ModelSnapshot", "preserve_values"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -68,6 +74,82 @@ def rng_guard(seed: int | None = None) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+class ModelSnapshot:
+    """What a failing method could leave behind on ``model``, taken cheaply and restored exactly.
+
+    Always recorded (references, no tensor copies): every submodule's ``__dict__`` (attributes such
+    as an instance-level ``forward`` override), its parameter, buffer, submodule and hook tables, and each
+    parameter's and buffer's ``.data`` tensor (same storage). With ``values=True`` each parameter's
+    and buffer's values are also copied, which protects against in-place writes into their storage.
+
+    Args:
+        model: the module to protect.
+        values: also copy parameter and buffer values (costs one copy of the model's tensors).
+    """
+
+    def __init__(self, model: nn.Module, values: bool = False):
+        self.modules = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+                        for m in model.modules()]
+        self.hooks = [(table, dict(table)) for m, attrs, *_ in self.modules for name in _HOOK_TABLES
+                      if isinstance(table := attrs.get(name), dict)]
+        tensors = {id(t): t for _, _, ps, bs, _ in self.modules for t in (*ps.values(), *bs.values())
+                   if t is not None}
+        self.tensors = [(t, t.data, t.detach().clone() if values else None) for t in tensors.values()]
+
+    def changed(self) -> list[str]:
+        """What differs from the snapshot in the model's weights: parameter tables, parameter and
+        BatchNorm buffer storage, and (where copied) values. Attributes and other buffers are not
+        compared: models may cache things there in forward (rotary tables, masks)."""
+        out = []
+        for m, _, params, buffers, _ in self.modules:
+            if m._parameters.keys() != params.keys() or any(m._parameters[k] is not v for k, v in params.items()):
+                out.append(f"{type(m).__name__} parameters {sorted(set(m._parameters) ^ set(params)) or ''}")
+        weights = {id(t) for _, _, ps, _, _ in self.modules for t in ps.values() if t is not None}
+        weights |= {id(t) for m, _, _, bs, _ in self.modules if isinstance(m, nn.modules.batchnorm._NormBase)
+                    for t in bs.values() if t is not None}
+        for t, data, value in self.tensors:
+            if id(t) not in weights:
+                continue
+            if t.data.data_ptr() != data.data_ptr() or t.shape != data.shape or t.dtype != data.dtype:
+                out.append(f"tensor of shape {tuple(data.shape)} replaced")
+            elif value is not None and not torch.equal(t.data, value):
+                out.append(f"tensor of shape {tuple(data.shape)} written in place")
+        return out
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back every attribute, table entry, storage and (where copied) value."""
+        for m, attrs, params, buffers, modules in self.modules:
+            for table, before in ((m.__dict__, attrs), (m._parameters, params), (m._buffers, buffers),
+                                  (m._modules, modules)):
+                table.clear()
+                table.update(before)
+        for table, before in self.hooks:
+            table.clear()
+            table.update(before)
+        for t, data, value in self.tensors:
+            if value is not None:
+                data.copy_(value)
+            t.data = data
+
+
+@contextlib.contextmanager
+def preserve_values(model: nn.Module) -> Iterator[None]:
+    """Copy every parameter and buffer value of ``model`` before the body and restore them
+    bit-exactly (with the structure) if the body raises. For explainers that modify the model
+    temporarily (LRP canonizers merging BatchNorm); costs one copy of the model's tensors."""
+    snapshot = ModelSnapshot(model, values=True)
+    try:
+        yield
+    except BaseException:
+        snapshot.restore()
+        raise
+
+
 @contextlib.contextmanager
 def grad_fp32() -> Iterator[None]:
     """Leave ``inference_mode`` and ``no_grad``, enable grad, and turn autocast off (fp32)."""
@@ -85,6 +167,7 @@ def model_guard(model: nn.Module, seed: int | None = None) -> Iterator[nn.Module
     module = unwrap_model(model)
     flags = [(m, m.training) for m in module.modules()]
     hooks_before = hook_count(module)
+    snapshot = ModelSnapshot(module)
     with contextlib.ExitStack() as stack:
         stack.enter_context(grad_fp32())
         stack.enter_context(rng_guard(seed))
@@ -96,11 +179,19 @@ def model_guard(model: nn.Module, seed: int | None = None) -> Iterator[nn.Module
             module.forward = compiled["original_forward"]
         try:
             yield module
+        except BaseException:
+            snapshot.restore()
+            raise
         finally:
             for m, flag in flags:
                 m.training = flag
             if "original_forward" in compiled:
                 module.forward = compiled_forward
+    changed = snapshot.changed()
+    if changed:
+        snapshot.restore()
+        raise RuntimeError(f"an explainer changed the model and did not undo it ({'; '.join(changed[:5])}); "
+                           "the change was reverted. This is a bug in the explainer")
     left = hook_count(module) - hooks_before
     if left:
         raise RuntimeError(f"an explainer left {left} hook(s) on the model; this is a bug in the explainer")

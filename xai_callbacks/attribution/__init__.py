@@ -150,7 +150,8 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "salie
     Args:
         model: the explained model; DDP / compiled wrappers are unwrapped. With class-index
             targets it must return scores of shape (batch, n_classes).
-        x: a batch of inputs (B, ...); must be finite.
+        x: a batch of inputs (B, ...); must be finite. Integer token ids (B, L) are explained
+            through the model's ``nn.Embedding`` and give one relevance per token, (B, L).
         target: the explained class: an int, a LongTensor (B,), or None for the predicted class;
             or a target function ``fn(output, batch) -> (B,)`` scores (called with ``batch=x``) or
             a :class:`~xai_callbacks.scoring.Target` binding one to a batch, for any other output
@@ -171,6 +172,9 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "salie
         R = explain(model, x, target=y, method="lrp.epsilon_plus_flat")
         R = explain(regressor, x, target=regression_target(), method="integrated_gradients")
     """
+    if isinstance(x, torch.Tensor) and x.dtype in (torch.int32, torch.int64):  # token ids: see embedding.py
+        from .embedding import explain_tokens
+        return explain_tokens(model, x, target, method, batch_size=batch_size, **options)
     fn = _lookup(method)
     valid = method_options(method)
     unknown = sorted(set(options) - set(valid))
@@ -213,3 +217,4 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "salie
 
 # Register the built-in methods (imports at the end: they use register_method).
 from . import gradient, cam, lrp, perturbation, counterfactual  # noqa: E402,F401
+from . import backprop, surrogate, extremal  # noqa: E402,F401

@@ -1,4 +1,6 @@
-"""Grad-CAM (Selvaraju et al.), computed by captum, upsampled to the input size."""
+"""Grad-CAM (Selvaraju et al.), upsampled to the input size: computed by captum on convolution
+layers; on vision transformers (torchvision ViT, Swin) on the token grid (see
+:func:`~.transformer.gradcam_tokens`), never on their patch-embedding convolution."""
 from __future__ import annotations
 
 import captum.attr as ca
@@ -7,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import CheckedForward, register_method
+from .transformer import _token_layer, gradcam_tokens, not_applicable, transformer_layers
 
 
 def find_layer(model: nn.Module, layer: str | None) -> nn.Module:
@@ -26,8 +29,29 @@ def find_layer(model: nn.Module, layer: str | None) -> nn.Module:
 
 @register_method("gradcam")
 def gradcam(model, x, target, *, layer: str | None = None, relu: bool = True) -> torch.Tensor:
-    """Grad-CAM at ``layer`` (default: the last convolution), bilinearly upsampled to ``x``'s
-    spatial size and repeated over its channels."""
+    """Grad-CAM at ``layer`` (default: the last convolution; on a torchvision ViT the last
+    encoder block's input tokens, on Swin the last feature stage), bilinearly upsampled to
+    ``x``'s spatial size and repeated over its channels. A named layer with (B, T, D) token
+    output is read as a token grid (a leading class token dropped). Raises
+    :class:`~.transformer.MethodNotApplicableError` on other transformers without ``layer``."""
+    if layer is None and transformer_layers(model):
+        found = _token_layer(model)
+        if found is None:
+            raise not_applicable(model, "gradcam", "its default layer (the last convolution) is not where a "
+                                 "transformer's evidence is; pass layer='<module with token or spatial output>'")
+        return gradcam_tokens(model, x, target, *found, relu=relu)
+    if layer is not None:
+        module = find_layer(model, layer)
+        probe = []
+        handle = module.register_forward_hook(lambda m, i, o: probe.append(o.dim() if isinstance(o, torch.Tensor)
+                                                                           else None))
+        try:
+            with torch.no_grad():
+                model(x[:1])
+        finally:
+            handle.remove()
+        if probe and probe[-1] == 3 and x.dim() == 4:
+            return gradcam_tokens(model, x, target, module, "tokens", relu=relu)
     cam = ca.LayerGradCam(CheckedForward(model, target), find_layer(model, layer))
     heat = cam.attribute(x, target=target, relu_attributions=relu)
     if heat.dim() != x.dim():

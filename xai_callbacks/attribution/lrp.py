@@ -1,52 +1,168 @@
 """Layer-wise relevance propagation through zennit's composites and canonizers.
 
 Canonizers are picked from the model: torchvision ResNets get zennit's ``ResNetCanonizer``
-(BatchNorm merged, residual additions as explicit ``Sum`` layers), other models
-``SequentialMergeBatchNorm``. Canonizers merge BatchNorm running statistics, which is valid in
-eval mode only: the guard puts the model in eval mode first. Models with their own residual
-additions should add through ``zennit.layer.Sum`` so the composites see them.
+(BatchNorm merged, residual additions as explicit ``Sum`` layers); other models get
+:class:`TracedMergeBatchNorm`, which merges a BatchNorm into the linear or convolution layer
+before it only where one forward pass shows that the BatchNorm reads exactly that layer's output.
+A BatchNorm after a concatenation (DenseNet) or after a pooling layer is left as it is and gets
+zennit's rule for BatchNorm (relevance passed through unchanged). Canonizers merge BatchNorm
+running statistics, which is valid in eval mode only: the guard puts the model in eval mode
+first; and the model's parameter and buffer values are copied before the canonizers run and put
+back if anything raises (:func:`~xai_callbacks.guard.preserve_values`).
+
+Transformers (attention, LayerNorm) have no zennit rules; the composites here refuse them before
+touching the model and name the methods that apply (``lrp.cp``, see ``transformer.py``).
+Models with their own residual additions should add through ``zennit.layer.Sum`` so the
+composites see them.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 from zennit import composites, canonizers
+from zennit.types import BatchNorm, Linear as ZennitLinear
 
 from . import CheckedForward, TargetModel, register_method
+from ..guard import input_gradient, preserve_values
 from ..scoring import target_scores
-from ..guard import input_gradient
+from .transformer import refuse_transformer
 
 
-def default_canonizers(model: nn.Module) -> list:
+class TracedMergeBatchNorm(canonizers.SequentialMergeBatchNorm):
+    """Merge each BatchNorm into the linear / convolution layer whose output it reads, as found by
+    one forward pass of ``example`` (identity of the tensors passed between the modules), not by
+    the order of the modules in the model. A BatchNorm whose input is a concatenation, a sum, a
+    pooled or otherwise transformed tensor is not merged; neither is one whose linear layer's
+    output is also read by another module.
+
+    Args:
+        example: one input batch (a single sample suffices) to trace the data flow with; None
+            until :func:`lrp` sets the batch being explained.
+    """
+
+    def __init__(self, example: torch.Tensor | None = None):
+        super().__init__()
+        self.example = example
+
+    def copy(self):
+        return canonizers.SequentialMergeBatchNorm()
+
+    def apply(self, root_module: nn.Module) -> list:
+        if self.example is None:
+            raise ValueError("TracedMergeBatchNorm needs an example input to trace the model with")
+        instances = []
+        for linear, norm in traced_batchnorm_pairs(root_module, self.example):
+            instance = self.copy()
+            instance.register((linear,), norm)
+            instances.append(instance)
+        return instances
+
+
+def traced_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[nn.Module, nn.Module]]:
+    """(linear, batchnorm) pairs where the BatchNorm's input is the linear layer's output and no
+    other module reads that output, found by one forward pass of ``example`` without gradients."""
+    outputs, readers = {}, {}  # id(tensor) -> producing linear layer; id(tensor) -> reading modules
+    handles, alive = [], []  # every recorded tensor is kept alive so its id stays unique
+
+    def record(module, inputs, output):
+        for t in inputs:
+            if isinstance(t, torch.Tensor):
+                readers.setdefault(id(t), []).append(module)
+                alive.append(t)
+        if isinstance(module, ZennitLinear) and isinstance(output, torch.Tensor):
+            outputs[id(output)] = module
+            alive.append(output)
+
+    try:
+        for m in model.modules():
+            if not list(m.children()):
+                handles.append(m.register_forward_hook(record))
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    pairs = []
+    for key, linear in outputs.items():
+        mods = readers.get(key, [])
+        if len(mods) == 1 and isinstance(mods[0], BatchNorm) and getattr(linear, "weight", None) is not None:
+            pairs.append((linear, mods[0]))
+    return pairs
+
+
+class DenseNetHeadCanonizer(canonizers.AttributeCanonizer):
+    """torchvision's DenseNet applies its final ReLU and average pooling as functions, which no
+    LRP rule sees: the pooling would spread relevance evenly over positions and the ReLU's
+    gradient would drop what lands on negative features. While registered, the DenseNet runs them
+    as modules (``head_relu``, ``head_pool``), so they get the composites' rules (pass, norm)."""
+
+    def __init__(self):
+        super().__init__(self.attributes)
+
+    @staticmethod
+    def attributes(name: str, module: nn.Module) -> dict | None:
+        from torchvision.models.densenet import DenseNet
+
+        if not isinstance(module, DenseNet):
+            return None
+        relu, pool = nn.ReLU(), nn.AdaptiveAvgPool2d(1)
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            return module.classifier(torch.flatten(pool(relu(module.features(x))), 1))
+
+        return {"head_relu": relu, "head_pool": pool, "forward": forward}
+
+    def copy(self):
+        return DenseNetHeadCanonizer()
+
+
+def default_canonizers(model: nn.Module, example: torch.Tensor | None = None) -> list:
+    """The canonizers for ``model``: zennit's ResNet canonizer for torchvision ResNets, else
+    :class:`TracedMergeBatchNorm` traced with ``example`` (after :class:`DenseNetHeadCanonizer`
+    on torchvision DenseNets; without ``example``, :func:`lrp` traces with the explained batch)."""
+    from torchvision.models.densenet import DenseNet
     from torchvision.models.resnet import BasicBlock, Bottleneck
     from zennit.torchvision import ResNetCanonizer
 
     if any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
         return [ResNetCanonizer()]
-    return [canonizers.SequentialMergeBatchNorm()]
+    head = [DenseNetHeadCanonizer()] if any(isinstance(m, DenseNet) for m in model.modules()) else []
+    return head + [TracedMergeBatchNorm(None if example is None else example[:1].detach())]
 
 
-def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite) -> torch.Tensor:
-    """Relevance of ``x`` for ``target`` under ``composite``; the target logit is the relevance
-    put into the output, so relevance sums to it where the rules conserve."""
+def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite, method: str = "lrp") -> torch.Tensor:
+    """Relevance of ``x`` for ``target`` under ``composite``: a zennit composite, or a function
+    ``canonizers -> composite`` that gets :func:`default_canonizers`. The target logit is the
+    relevance put into the output, so relevance sums to it where the rules conserve.
+    Raises :class:`~.transformer.MethodNotApplicableError` (naming ``method``) for models with
+    layers the composites have no rule for (attention, LayerNorm), before anything on the model
+    is changed."""
+    refuse_transformer(model, method, "zennit's composites have no rules for attention and LayerNorm")
     forward = CheckedForward(model, target)
-    with composite.context(model) as modified:
-        x = x.requires_grad_(True)
-        if isinstance(modified, TargetModel):  # a target function: relevance starts at the model's own output,
-            out = modified.inner(x)             # R = output * d score / d output (sums to a linear score)
-            score = target_scores(out, modified.target)
-        else:
-            forward.model = modified
-            out = forward(x)
-            score = out.gather(1, target[:, None])
-        (d_score,) = torch.autograd.grad(score.sum(), out, retain_graph=True)
-        return input_gradient(out, x, grad_outputs=d_score * out.detach())
+    if not isinstance(composite, composites.Composite):
+        composite = composite(default_canonizers(model, x))
+    for c in composite.canonizers:
+        if isinstance(c, TracedMergeBatchNorm) and c.example is None:
+            c.example = x[:1].detach()
+    with preserve_values(model):
+        with composite.context(model) as modified:
+            x = x.requires_grad_(True)
+            if isinstance(modified, TargetModel):  # a target function: relevance starts at the model's own output,
+                out = modified.inner(x)             # R = output * d score / d output (sums to a linear score)
+                score = target_scores(out, modified.target)
+            else:
+                forward.model = modified
+                out = forward(x)
+                score = out.gather(1, target[:, None])
+            (d_score,) = torch.autograd.grad(score.sum(), out, retain_graph=True)
+            return input_gradient(out, x, grad_outputs=d_score * out.detach())
 
 
 @register_method("lrp.epsilon_plus_flat")
 def epsilon_plus_flat(model, x, target, *, epsilon: float = 1e-6) -> torch.Tensor:
     """Epsilon rule on dense layers, z+ on convolutions, flat rule on the first layer."""
-    return lrp(model, x, target, composites.EpsilonPlusFlat(epsilon=epsilon, canonizers=default_canonizers(model)))
+    return lrp(model, x, target, lambda c: composites.EpsilonPlusFlat(epsilon=epsilon, canonizers=c),
+               "lrp.epsilon_plus_flat")
 
 
 @register_method("lrp.epsilon_gamma_box")
@@ -57,13 +173,156 @@ def epsilon_gamma_box(model, x, target, *, low: float | None = None, high: float
     dims = tuple(range(1, x.dim()))
     low = x.detach().amin(dim=dims, keepdim=True).expand_as(x) if low is None else low
     high = x.detach().amax(dim=dims, keepdim=True).expand_as(x) if high is None else high
-    comp = composites.EpsilonGammaBox(low=low, high=high, epsilon=epsilon, gamma=gamma,
-                                      canonizers=default_canonizers(model))
-    return lrp(model, x, target, comp)
+    return lrp(model, x, target, lambda c: composites.EpsilonGammaBox(low=low, high=high, epsilon=epsilon,
+                                                                       gamma=gamma, canonizers=c),
+               "lrp.epsilon_gamma_box")
 
 
 @register_method("lrp.epsilon_alpha2_beta1")
 def epsilon_alpha2_beta1(model, x, target, *, epsilon: float = 1e-6) -> torch.Tensor:
     """Epsilon on dense layers, alpha=2 beta=1 on convolutions, flat rule on the first layer."""
-    comp = composites.EpsilonAlpha2Beta1(epsilon=epsilon, canonizers=default_canonizers(model))
-    return lrp(model, x, target, comp)
+    return lrp(model, x, target, lambda c: composites.EpsilonAlpha2Beta1(epsilon=epsilon, canonizers=c),
+               "lrp.epsilon_alpha2_beta1")
+
+
+# ----------------------------------------------------------------------------- user-defined composites
+# ``lrp.composite``: a zennit composite built from a config of layer -> rule.
+
+from zennit import rules as _zrules, types as _ztypes  # noqa: E402
+from zennit.composites import LayerMapComposite, NameMapComposite, MixedComposite, layer_map_base  # noqa: E402
+
+#: rule names of ``lrp.composite`` -> zennit rule classes
+LRP_RULES = {
+    "zero": _zrules.Epsilon, "epsilon": _zrules.Epsilon, "gamma": _zrules.Gamma, "alpha_beta": _zrules.AlphaBeta,
+    "zplus": _zrules.ZPlus, "zbox": _zrules.ZBox, "wsquare": _zrules.WSquare, "flat": _zrules.Flat,
+    "pass": _zrules.Pass, "norm": _zrules.Norm,
+}
+#: layer groups a config key may name (besides module names, ``first`` and torch.nn class names)
+LRP_LAYER_GROUPS = {
+    "Convolution": _ztypes.Convolution, "Dense": nn.Linear, "AvgPool": _ztypes.AvgPool,
+    "MaxPool": _ztypes.MaxPool, "BatchNorm": _ztypes.BatchNorm, "Activation": _ztypes.Activation,
+}
+DEFAULT_LRP_RULES = {"first": "flat", "Convolution": "zplus", "Dense": "epsilon"}
+LRP_OUTPUTS = ("logit", "log_odds")
+
+
+def make_rule(spec, x: torch.Tensor | None = None):
+    """A zennit rule from ``"name"`` or ``{"rule": name, **parameters}``.
+
+    ``zero`` is LRP-0 (epsilon 1e-12, a guard against division by zero only); ``zbox`` without
+    ``low`` / ``high`` takes each sample's own minimum and maximum of ``x`` (first layer only).
+
+    Raises:
+        ValueError: unknown rule name or parameter (the valid ones are named).
+    """
+    import inspect
+
+    params = dict(spec) if isinstance(spec, dict) else {"rule": spec}
+    name = params.pop("rule", None)
+    if name not in LRP_RULES:
+        raise ValueError(f"unknown LRP rule {name!r} in {spec!r}; valid: {sorted(LRP_RULES)}")
+    cls = LRP_RULES[name]
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    bad = sorted(set(params) - set(valid))
+    if bad:
+        raise ValueError(f"unknown parameter(s) {bad} for LRP rule {name!r}; valid: {valid}")
+    if name == "zero":
+        params.setdefault("epsilon", 1e-12)
+    if name == "zbox":
+        if x is None and ("low" not in params or "high" not in params):
+            raise ValueError("LRP rule 'zbox' needs low and high")
+        dims = tuple(range(1, x.dim())) if x is not None else ()
+        for key, reduce in (("low", torch.amin), ("high", torch.amax)):
+            value = params.get(key)
+            params[key] = (reduce(x.detach(), dim=dims, keepdim=True).expand_as(x) if value is None
+                           else torch.as_tensor(value, dtype=torch.float32))
+    return cls(**params)
+
+
+def config_composite(model: nn.Module, rules: dict, x: torch.Tensor | None = None, canonizers=()):
+    """A zennit composite from ``rules``: ``{key: rule}`` where ``key`` is a module name of
+    ``model``, ``first`` (the first dense or convolution layer), a layer group (one of
+    ``LRP_LAYER_GROUPS``) or a ``torch.nn`` class name (``Conv2d``, ``Linear``), and ``rule`` as in
+    :func:`make_rule`. Names match before types; types match in the order given. Activations,
+    BatchNorm (after canonizing) and residual sums pass relevance, average pooling normalises it,
+    unless the config says otherwise; layers matched by nothing propagate the gradient.
+    ``x`` is the input batch (for ``zbox`` without bounds); ``canonizers`` are zennit canonizers.
+
+    Raises:
+        ValueError: a key that is neither a module name nor a known layer type, or a bad rule.
+    """
+    if not isinstance(rules, dict) or not rules:
+        raise ValueError(f"lrp.composite rules must be a non-empty dict of layer -> rule, got {rules!r:.80}")
+    modules = dict(model.named_modules())
+    name_map, layer_map = [], []
+    for key, spec in rules.items():
+        rule = make_rule(spec, x)
+        if key == "first":
+            first = next((n for n, m in modules.items() if isinstance(m, _ztypes.Linear)), None)
+            if first is None:
+                raise ValueError("lrp.composite rule for 'first': the model has no dense or convolution layer")
+            name_map.append(((first,), rule))
+        elif key in modules and key:
+            name_map.append(((key,), rule))
+        elif key in LRP_LAYER_GROUPS:
+            layer_map.append((LRP_LAYER_GROUPS[key], rule))
+        elif isinstance(getattr(nn, key, None), type) and issubclass(getattr(nn, key), nn.Module):
+            layer_map.append((getattr(nn, key), rule))
+        else:
+            raise ValueError(f"lrp.composite key {key!r} is neither a module name of the model nor a layer type; "
+                             f"valid: 'first', {sorted(LRP_LAYER_GROUPS)}, torch.nn class names, or module names "
+                             f"{[n for n in modules if n][:30]}")
+    return MixedComposite([NameMapComposite(name_map), LayerMapComposite(layer_map + layer_map_base())],
+                          canonizers=list(canonizers))
+
+
+def log_odds_weights(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Weights g (B, K) such that ``g * logits`` is the relevance put into the logits to explain
+    the log-odds of the target (Montavon et al., chapter 10 of the Explainable AI book).
+
+    The log-odds ``eta_c = -log sum_{c' != c} exp(-(z_c - z_c'))`` is a reverse log-sum-exp pooling
+    over ``d_c' = z_c - z_c'``; min-take-most gives ``R_cc' = d_c' s_c'`` with ``s = softmin(d)``.
+    Through the difference layer with LRP-0 this puts ``z_c`` on the target logit and
+    ``-s_c' z_c'`` on each other one: ``g = onehot(c) - s``, equal to merging the difference into
+    the last layer when that layer uses LRP-0 or epsilon.
+    """
+    onehot = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
+    d = out.gather(1, target[:, None]) - out
+    s = torch.softmax((-d).masked_fill(onehot.bool(), float("-inf")), dim=1)
+    return onehot - s
+
+
+@register_method("lrp.composite")
+def lrp_composite(model, x, target, *, rules: dict | None = None, output: str = "logit") -> torch.Tensor:
+    """LRP with a user-defined composite (zennit rules per layer type or module name).
+
+    Args:
+        rules: ``{key: rule}`` (see :func:`config_composite`); rules are ``zero`` (LRP-0),
+            ``epsilon``, ``gamma``, ``alpha_beta``, ``zplus``, ``zbox`` (z^B, ``low`` / ``high``),
+            ``wsquare``, ``flat``, ``pass``, ``norm``, given as a name or as
+            ``{"rule": name, **zennit parameters}``, e.g. ``{"first": {"rule": "zbox", "low": -1,
+            "high": 1}, "Convolution": {"rule": "gamma", "gamma": 0.25}, "Dense": "epsilon"}``.
+            Default: flat on the first layer, z+ on convolutions, epsilon on dense layers
+            (zennit's EpsilonPlusFlat).
+        output: ``logit`` (relevance of the target logit) or ``log_odds``: relevance of
+            ``log(p_c / (1 - p_c))``, which makes evidence for competing classes negative.
+    """
+    if output not in LRP_OUTPUTS:
+        raise ValueError(f"lrp.composite output must be one of {list(LRP_OUTPUTS)}, got {output!r}")
+    from . import TargetModel
+
+    # a target function's model (TargetModel) calls the model itself: rules and canonizers go there
+    root = model.inner if isinstance(model, TargetModel) else model
+    refuse_transformer(root, "lrp.composite", "zennit's composites have no rules for attention and LayerNorm")
+    forward = CheckedForward(model, target)
+    with preserve_values(root):
+        composite = config_composite(root, DEFAULT_LRP_RULES if rules is None else rules, x,
+                                     canonizers=default_canonizers(root, x))
+        with composite.context(root):
+            x = x.requires_grad_(True)
+            out = forward(x)
+            if output == "logit":
+                weights = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
+            else:
+                weights = log_odds_weights(out.detach(), target)
+            return input_gradient(out, x, grad_outputs=weights * out.detach())

@@ -22,7 +22,10 @@ class AttributionCallback(ExplanationCallback):
     Per method, a panel ``xai/heatmaps/<method>`` of input / overlay pairs (signed relevance,
     red positive, blue negative; caption: dataset index, label, prediction, its probability), one
     table ``xai/heatmap_table`` (sample id, label, prediction, method, image), and all heatmaps
-    of the epoch in ``<run dir>/xai/heatmaps/epoch_NNNN.npz``. The latest heatmaps stay in
+    of the epoch in ``<run dir>/xai/heatmaps/epoch_NNNN.npz``. Token models (integer ids (B, L) as
+    input, explained through their ``nn.Embedding``: one relevance per token) get, per method, an
+    HTML panel ``xai/tokens/<method>`` of the probe texts with each token highlighted by its
+    relevance (an ``.html`` file under ``<run dir>/media`` without W&B). The latest heatmaps stay in
     :attr:`heatmaps` for other callbacks and notebooks. Under DDP each rank explains its share
     of the probe set and the heatmaps are gathered; only rank 0 logs and writes.
 
@@ -32,17 +35,20 @@ class AttributionCallback(ExplanationCallback):
         n_images: how many probe samples are rendered per method (all are saved to disk).
         batch_size: samples per explainer call (None: the whole probe set at once).
         save_heatmaps: write the ``.npz`` file each time.
+        vocab: how token ids are shown in token panels: a sequence of strings indexed by id, a
+            function id -> string, or None (the ids themselves).
         every_n_epochs, probe_size, seed, target, on_error: see :class:`ExplanationCallback`.
     """
 
     def __init__(self, methods: Sequence[str] = ("saliency", "lrp.epsilon_plus_flat"),
                  method_options: Mapping[str, Mapping] | None = None, n_images: int = 16,
                  batch_size: int | None = None, save_heatmaps: bool = True, every_n_epochs: int = 1,
-                 probe_size: int = 64, seed: int = 0, target: Any = "label", on_error: str = "warn"):
+                 probe_size: int = 64, seed: int = 0, target: Any = "label", on_error: str = "warn", vocab=None):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, seed=seed, target=target,
                          on_error=on_error)
         methods, self.method_options = check_methods(methods, method_options)
         self.methods, self.n_images, self.batch_size, self.save_heatmaps = methods, n_images, batch_size, save_heatmaps
+        self.vocab = vocab
         self.heatmaps: dict[str, torch.Tensor] = {}
 
     @property
@@ -71,14 +77,43 @@ class AttributionCallback(ExplanationCallback):
         idx, y, pred, score = (probe.indices.tolist(), probe.y.tolist(), pred.tolist(), score.tolist())
         y = [v if isinstance(v, (int, float)) else str(v)[:24] for v in y]  # multi-label, maps: short text
         captions = [f"#{idx[i]} label {y[i]} pred {pred[i]} ({score[i]:.2f})" for i in range(n)]
+        if probe.x.is_floating_point():
+            self._log_images(trainer, probe, n, idx, y, pred, captions)
+        else:
+            self._log_tokens(trainer, probe.x[:n], captions)
+        if self.save_heatmaps:
+            sinks.save_npz(trainer, f"xai/heatmaps/epoch_{trainer.current_epoch:04d}.npz",
+                           indices=probe.indices.numpy(), labels=probe.y.cpu().numpy(),
+                           predictions=np.asarray(pred), **{m: h.cpu().numpy() for m, h in self.heatmaps.items()})
+
+    def _log_images(self, trainer, probe, n: int, idx: list, y: list, pred: list, captions: list[str]) -> None:
         rows = []
         for method, heat in self.heatmaps.items():
             images = [render.panel(probe.x[i], heat[i]) for i in range(n)]
             sinks.log_images(trainer, f"xai/heatmaps/{method}", images, captions)
             rows += [[idx[i], y[i], pred[i], method, images[i]] for i in range(n)]
         sinks.log_table(trainer, "xai/heatmap_table", ["sample_id", "label", "prediction", "method", "image"], rows)
-        if self.save_heatmaps:
-            sinks.save_npz(trainer, f"xai/heatmaps/epoch_{trainer.current_epoch:04d}.npz",
-                           indices=probe.indices.numpy(), labels=probe.y.cpu().numpy(),
-                           predictions=np.asarray(pred), **{m: h.cpu().numpy() for m, h in self.heatmaps.items()})
+
+    def _token_name(self, i: int) -> str:
+        if self.vocab is None:
+            return str(i)
+        return str(self.vocab(i) if callable(self.vocab) else self.vocab[i])
+
+    def _log_tokens(self, trainer, tokens: torch.Tensor, captions: list[str]) -> None:
+        """One HTML panel per method: each probe text's tokens highlighted by their relevance."""
+        texts = [[self._token_name(t) for t in row] for row in tokens.tolist()]
+        for method, heat in self.heatmaps.items():
+            page = "".join(f"<p><b>{c}</b></p>{render.tokens_html(t, heat[i])}"
+                           for i, (c, t) in enumerate(zip(captions, texts)))
+            key = f"xai/tokens/{method}"
+            wandbs = sinks.wandb_loggers(trainer)
+            if wandbs:
+                import wandb
+
+                for lg in wandbs:
+                    lg.log_metrics({key: wandb.Html(page)}, step=trainer.global_step)
+            else:
+                folder = sinks.run_dir(trainer) / "media" / key.replace("/", "__")
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"epoch{trainer.current_epoch:04d}.html").write_text(page)
 

@@ -128,6 +128,7 @@ class ExplanationMetricsCallback(ExplanationCallback):
                                                  partial(explain, method=method,
                                                          **{"batch_size": self.batch_size, **options}), pl_module, x, t)
                 for i, (name, _) in enumerate(self.specs):
+                    self.progress.update(status=f"{method}: {name}")
                     what = f"metric {name!r} of {method!r} failed at epoch {epoch}"
                     scored = ok and self.guarded(what, self._update, trainer, pl_module, method, i, x, t, relevance,
                                                  masks)[0]

@@ -1,0 +1,388 @@
+"""The risky cells of the architecture matrix (the full matrix is ``benchmarks/architectures.py``):
+LRP on DenseNet, LRP / Grad-CAM / attention rollout on vision transformers, token models.
+Tiny configurations of the torchvision classes, random weights, CPU."""
+from __future__ import annotations
+
+import pathlib
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from xai_callbacks.attribution import explain
+from xai_callbacks.attribution.transformer import MethodNotApplicableError
+from xai_callbacks.guard import hook_count
+
+tv = pytest.importorskip("torchvision.models")
+from torchvision.models.swin_transformer import SwinTransformer  # noqa: E402
+from torchvision.models.vision_transformer import VisionTransformer  # noqa: E402
+
+ZENNIT_LRP = ["lrp.epsilon_plus_flat", "lrp.epsilon_gamma_box", "lrp.epsilon_alpha2_beta1"]
+
+
+def densenet(bias_free: bool = False) -> nn.Module:
+    """A tiny torchvision DenseNet with non-trivial BatchNorm statistics; ``bias_free`` zeroes
+    every BatchNorm's mean and shift and the classifier's bias (BatchNorm is then a pure scale)."""
+    torch.manual_seed(0)
+    model = tv.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=5)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.running_mean.copy_(0 if bias_free else torch.randn(m.num_features, generator=g) * 0.2)
+                m.bias.copy_(0 if bias_free else torch.randn(m.num_features, generator=g) * 0.1)
+        model.classifier.bias.zero_() if bias_free else None
+    return model.eval()
+
+
+def vit(bias_free: bool = False, num_layers: int = 2) -> nn.Module:
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=num_layers, num_heads=2, hidden_dim=32,
+                              mlp_dim=64, num_classes=10)
+    return _randomise(model, bias_free).eval()
+
+
+def swin(bias_free: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
+                            num_classes=10)
+    return _randomise(model, bias_free).eval()
+
+
+def _randomise(model: nn.Module, bias_free: bool) -> nn.Module:
+    """torchvision zero-initialises the ViT head; give it weights. ``bias_free`` zeroes every
+    bias, the class token and the position embedding (constants that absorb relevance)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if bias_free and (n.endswith("bias") or "class_token" in n or "pos_embedding" in n):
+                p.zero_()
+            elif n.startswith("heads"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def assert_conserved(relevance: torch.Tensor, model: nn.Module, x: torch.Tensor, target: int, rtol: float):
+    with torch.no_grad():
+        logit = model(x)[:, target]
+    total = relevance.flatten(1).sum(1)
+    torch.testing.assert_close(total, logit, rtol=rtol, atol=rtol * float(logit.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------
+# DenseNet: BatchNorm after concatenations
+
+
+@pytest.mark.parametrize("method", ZENNIT_LRP + ["lrp.cp"])
+def test_densenet_lrp_conserves_relevance_and_leaves_the_model_untouched(method):
+    """alpha2-beta1 is not conservative where a neuron has no negative contributions: it only runs."""
+    model, x = densenet(bias_free=True), torch.rand(2, 3, 16, 16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rel = explain(model, x, 2, method=method)
+    assert rel.shape == x.shape and torch.isfinite(rel).all() and rel.abs().sum() > 0
+    if method != "lrp.epsilon_alpha2_beta1":
+        assert_conserved(rel, model, x, 2, rtol=1e-3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert hook_count(model) == 0
+
+
+def test_densenet_lrp_equals_zennit_with_the_valid_merges_named():
+    """The traced merge finds exactly the valid (conv, BatchNorm) pairs: conv0 -> norm0 and each
+    layer's conv1 -> norm2; the BatchNorms after concatenations stay (zennit's pass rule)."""
+    from zennit.canonizers import NamedMergeBatchNorm
+    from zennit.composites import EpsilonPlusFlat
+
+    from xai_callbacks.attribution.lrp import DenseNetHeadCanonizer
+
+    model, x = densenet(), torch.rand(2, 3, 16, 16)
+    names = [((n.replace("norm2", "conv1"),), n) for n, _ in model.named_modules() if n.endswith("norm2")]
+    merges = NamedMergeBatchNorm([(("features.conv0",), "features.norm0")] + names)
+    composite = EpsilonPlusFlat(canonizers=[DenseNetHeadCanonizer(), merges])
+    xr = x.clone().requires_grad_(True)
+    with composite.context(model) as modified:
+        out = modified(xr)
+        (ref,) = torch.autograd.grad(out, xr, grad_outputs=torch.zeros_like(out).index_fill_(1, torch.tensor([2]),
+                                                                                          1.0) * out.detach())
+    ours = explain(model, x, 2, method="lrp.epsilon_plus_flat")
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------
+# vision transformers
+
+
+@pytest.mark.parametrize("make", [vit, swin], ids=["vit", "swin"])
+def test_cp_lrp_conserves_relevance_on_bias_free_transformers(make):
+    model, x = make(bias_free=True), torch.rand(2, 3, 32, 32)
+    rel = explain(model, x, 3, method="lrp.cp")
+    assert rel.abs().sum() > 0
+    assert_conserved(rel, model, x, 3, rtol=1e-4)
+
+
+@pytest.fixture()
+def lxt_patches(monkeypatch):
+    """lxt's efficient patches, imported without its package ``__init__`` (which imports every
+    Hugging Face model it knows); the classes it patches are restored afterwards."""
+    lxt = pytest.importorskip("lxt")
+    stub = types.ModuleType("lxt.efficient")
+    stub.__path__ = [str(pathlib.Path(lxt.__file__).parent / "efficient")]
+    monkeypatch.setitem(sys.modules, "lxt.efficient", stub)
+    for name in ("lxt.efficient.patches", "lxt.efficient.rules"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import lxt.efficient.patches as patches
+
+    yield patches
+    for name in ("lxt.efficient.patches", "lxt.efficient.rules"):
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("method", ["lrp.cp", "lrp.attn"])
+def test_transformer_lrp_on_vit_equals_lxt(lxt_patches, method):
+    """lxt's rules for torchvision's ViT patch the GELU, LayerNorm and MultiheadAttention
+    classes (lxt's CP-LRP map; for AttnLRP its uniform rule, ``divide_gradient``, on query, key
+    and value as lxt does for Hugging Face attention); ours changes only one forward pass. Same
+    relevance, with biases."""
+    p = lxt_patches
+    from lxt.efficient.rules import divide_gradient
+
+    def attn_lrp_forward(self, query, key, value, *args, **kwargs):
+        return self.original_forward(divide_gradient(query, 4), divide_gradient(key, 4), divide_gradient(value, 2),
+                                     *args, **kwargs)
+
+    model, x = vit(), torch.rand(2, 3, 32, 32)
+    ours = explain(model, x, 3, method=method)
+    attention = p.cp_multi_head_attention_forward if method == "lrp.cp" else attn_lrp_forward
+    patched = {nn.GELU: (p.non_linear_forward, True), nn.LayerNorm: (p.layer_norm_forward, False),
+               nn.MultiheadAttention: (attention, True)}
+    saved = {cls: cls.forward for cls in patched}
+    try:
+        for cls, (fn, keep) in patched.items():
+            p.patch_method(fn, cls, keep_original=keep)
+        xr = x.clone().requires_grad_(True)
+        model(xr)[:, 3].sum().backward()
+        ref = (xr * xr.grad).detach()
+    finally:
+        for cls, fn in saved.items():
+            cls.forward = fn
+            if "original_forward" in cls.__dict__:
+                del cls.original_forward
+    assert nn.LayerNorm.forward is saved[nn.LayerNorm]
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+class Bilinear(nn.Module):
+    """logits = head(flatten(q k^T)) with q, k bias-free projections of the tokens: homogeneous
+    of degree 2 in the input, so gradient x input sums to twice the logit."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.head = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False), nn.Linear(9, 2, bias=False)
+
+    def forward(self, x):
+        return self.head(self.q(x).matmul(self.k(x).transpose(-1, -2)).flatten(1))
+
+
+def test_attn_lrp_uniform_rule_conserves_a_product_of_activations():
+    model, x = Bilinear(), torch.randn(2, 3, 4)
+    with torch.no_grad():
+        logit = model(x)[:, 1]
+    total = explain(model, x, 1, method="lrp.attn").flatten(1).sum(1)
+    torch.testing.assert_close(total, logit, rtol=1e-4, atol=1e-6)
+    plain = explain(model, x, 1, method="input_x_gradient").flatten(1).sum(1)
+    torch.testing.assert_close(plain, 2 * logit, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [vit, swin], ids=["vit", "swin"])
+@pytest.mark.parametrize("method", ZENNIT_LRP)
+def test_zennit_lrp_on_transformers_names_architecture_method_and_alternatives(make, method):
+    model = make()
+    with pytest.raises(MethodNotApplicableError) as err:
+        explain(model, torch.rand(1, 3, 32, 32), 0, method=method)
+    msg = str(err.value)
+    assert type(model).__name__ in msg and repr(method) in msg and "lrp.cp" in msg and "saliency" in msg
+
+
+def test_vit_gradcam_reads_the_token_grid_not_the_patch_embedding():
+    """Reference computed here by hand: gradients and activations of the last block's input
+    tokens, class token dropped, 4x4 grid, channel weights = mean gradient."""
+    import torch.nn.functional as F
+
+    model, x = vit(), torch.rand(2, 3, 32, 32)
+    layer, acts = model.encoder.layers[-1].ln_1, []
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        acts.append(output)
+
+    h = layer.register_forward_hook(keep)
+    model(x)[:, 3].sum().backward()
+    h.remove()
+    a, g = acts[0][:, 1:], acts[0].grad[:, 1:]  # (B, 16, D)
+    cam = ((g.mean(1, keepdim=True) * a).sum(-1)).clamp(min=0).reshape(2, 1, 4, 4)
+    ref = F.interpolate(cam.detach(), size=(32, 32), mode="bilinear", align_corners=False).expand(2, 3, 32, 32)
+    ours = explain(model, x, 3, method="gradcam")
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
+    conv_cam = explain(model, x, 3, method="gradcam", layer="conv_proj")
+    assert not torch.allclose(ours, conv_cam)
+
+
+def test_swin_gradcam_runs_on_its_feature_grid():
+    model, x = swin(), torch.rand(2, 3, 32, 32)
+    rel = explain(model, x, 3, method="gradcam", relu=False)
+    assert rel.shape == x.shape and torch.isfinite(rel).all() and rel.abs().sum() > 0
+
+
+def test_attention_rollout_of_one_layer_without_residual_is_the_class_token_attention():
+    model, x = vit(num_layers=1), torch.rand(2, 3, 32, 32)
+    block = model.encoder.layers[0]
+    with torch.no_grad():
+        tokens = model._process_input(x)
+        tokens = torch.cat([model.class_token.expand(2, -1, -1), tokens], 1) + model.encoder.pos_embedding
+        z = block.ln_1(tokens)
+        _, w = block.self_attention(z, z, z, need_weights=True, average_attn_weights=True)
+    expected = torch.nn.functional.interpolate(w[:, 0, 1:].reshape(2, 1, 4, 4), size=(32, 32), mode="bilinear",
+                                               align_corners=False).expand(2, 3, 32, 32)
+    ours = explain(model, x, 0, method="attention_rollout", residual=0.0)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_rollout_refuses_swin_and_cnns():
+    for model in (swin(), densenet()):
+        with pytest.raises(MethodNotApplicableError, match=type(model).__name__):
+            explain(model, torch.rand(1, 3, 32, 32), 0, method="attention_rollout")
+
+
+# ---------------------------------------------------------------------------------------------
+# token models
+
+
+class BagOfEmbeddings(nn.Module):
+    def __init__(self, bias: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(50, 8)
+        self.net = nn.Sequential(nn.Linear(8, 16, bias=bias), nn.ReLU(), nn.Linear(16, 4, bias=bias))
+
+    def forward(self, tokens):
+        return self.net(self.embedding(tokens)).mean(1)
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, bias: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding = nn.Embedding(50, 16)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True, activation="gelu", bias=bias)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(16, 4, bias=bias)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.embedding(tokens)).mean(1))
+
+
+TOKENS = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "integrated_gradients", "smoothgrad",
+                                    "guided_backprop", "lrp.cp"])
+def test_token_relevance_is_one_per_token_and_chunking_does_not_change_it(method):
+    """SmoothGrad's noise depends on the chunk's shape: only its shape is compared."""
+    model = TextTransformer()
+    opts = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"n_samples": 3}}.get(method, {})
+    rel = explain(model, TOKENS, 1, method=method, **opts)
+    assert rel.shape == TOKENS.shape and torch.isfinite(rel).all() and rel.abs().sum() > 0
+    chunked = explain(model, TOKENS, 1, method=method, batch_size=2, **opts)
+    if method != "smoothgrad":
+        torch.testing.assert_close(chunked, rel)
+
+
+def test_token_relevance_under_lightning_validation_contexts():
+    """Lightning validates under no_grad (in fit) and inference_mode (standalone validate)."""
+    model = TextTransformer()
+    expected = explain(model, TOKENS, 1, method="lrp.cp")
+    for outer in (torch.inference_mode, torch.no_grad):
+        with outer():
+            tokens = TOKENS.clone()  # an inference tensor under inference_mode, like Lightning's batches
+            rel = explain(model, tokens, 1, method="lrp.cp")
+        torch.testing.assert_close(rel, expected)
+
+
+def test_token_input_x_gradient_equals_captum_on_the_embedding_layer():
+    ca = pytest.importorskip("captum.attr")
+    model = TextTransformer().eval()
+    ref = ca.LayerGradientXActivation(model, model.embedding).attribute(TOKENS, target=1).sum(-1)
+    torch.testing.assert_close(explain(model, TOKENS, 1, method="input_x_gradient"), ref.detach())
+
+
+@pytest.mark.parametrize("model,method", [(BagOfEmbeddings(bias=False), "lrp.epsilon_plus_flat"),
+                                          (TextTransformer(bias=False), "lrp.cp")], ids=["bag-lrp", "transformer-cp"])
+def test_token_lrp_conserves_relevance_on_bias_free_models(model, method):
+    rel = explain(model, TOKENS, 2, method=method)
+    assert_conserved(rel, model.eval(), TOKENS, 2, rtol=1e-4)
+
+
+def test_token_input_to_image_methods_and_models_without_embedding_is_refused():
+    with pytest.raises(MethodNotApplicableError, match="'occlusion' does not apply to token ids"):
+        explain(BagOfEmbeddings(), TOKENS, 0, method="occlusion")
+    with pytest.raises(ValueError, match="nn.Embedding"):
+        explain(nn.Sequential(nn.Flatten(), nn.Linear(7, 2)), TOKENS, 0, method="saliency")
+    with pytest.raises(ValueError, match="0..49"):
+        explain(BagOfEmbeddings(), TOKENS + 50, 0, method="saliency")
+
+
+def test_callback_logs_tokens_highlighted_by_relevance_to_wandb(tmp_path, wandb_logger):
+    """A text classifier in a real Trainer: one HTML panel per method and epoch, read back from
+    the offline W&B run, whose tokens are the vocabulary's words coloured by their relevance."""
+    import os
+
+    import wandb
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from conftest import make_trainer
+    from xai_callbacks import AttributionCallback
+    from xai_callbacks.models import Classifier
+    from wandb_records import history
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 50, (48, 7), generator=g)
+    labels = (tokens == 3).any(1).long() + 2 * (tokens == 4).any(1).long()
+    loader = DataLoader(TensorDataset(tokens, labels), batch_size=16)
+    vocab = [f"w{i}" for i in range(50)]
+    cb = AttributionCallback(methods=["saliency", "lrp.cp"], probe_size=8, n_images=3, vocab=vocab)
+    trainer = make_trainer(tmp_path, [cb], logger=wandb_logger, max_epochs=2, limit_train_batches=2)
+    trainer.fit(Classifier(TextTransformer(), lr=1e-3), loader, loader)
+    run = os.path.dirname(wandb_logger.experiment.dir)
+    wandb.finish()
+    assert cb.errors == 0
+    # the offline writer may still be flushing the record file after finish (see the flaky-test
+    # issue): read until both methods' panels of both epochs are there, at most 20 s
+    import time
+
+    deadline = time.monotonic() + 20
+    while True:
+        rows = history(run)
+        if sum("xai/tokens/lrp.cp/_type" in r for r in rows) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for method in ("saliency", "lrp.cp"):
+        panels = [r for r in rows if r.get(f"xai/tokens/{method}/_type") == "html-file"]
+        assert len(panels) == 2, f"{method}: one panel per epoch expected, got {len(panels)}"
+        page = open(os.path.join(run, "files", panels[-1][f"xai/tokens/{method}/path"])).read()
+        assert page.count("<span") == 3 * 7 and "background-color: rgb(" in page and "w" in page
+        assert cb.heatmaps[method].shape == (8, 7)
+
+
+def test_tokens_html_colours_follow_the_relevance_sign():
+    from xai_callbacks.render import tokens_html
+
+    page = tokens_html(["good", "<b>", "bad"], torch.tensor([1.0, 0.0, -1.0]))
+    assert "&lt;b&gt;" in page  # escaped
+    spans = page.split("<span")[1:]
+    red, white, blue = (s[s.index("rgb(") + 4:s.index(")")].split(",") for s in spans)
+    assert int(red[0]) > int(red[2]) and int(blue[2]) > int(blue[0]) and min(map(int, white)) > 240
+    with pytest.raises(ValueError, match="2 tokens but 3"):
+        tokens_html(["a", "b"], [1, 2, 3])

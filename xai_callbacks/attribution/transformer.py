@@ -1,0 +1,315 @@
+"""Transformers: LRP for attention and LayerNorm (``lrp.cp``, ``lrp.attn``), Grad-CAM on token
+grids, attention rollout, and the error a method raises on an architecture it does not apply to.
+
+``lrp.cp`` is CP-LRP (Ali et al. 2022, "XAI for Transformers: better explanations through
+conservative propagation") computed as gradient x input of a modified forward pass: the
+attention weights (softmax) and LayerNorm's standard deviation are treated as constants, and
+element-wise activations (GELU, SiLU) pass relevance unchanged (identity rule, as in AttnLRP).
+Linear and convolution layers then get LRP-0. On a bias-free model relevance is conserved exactly.
+The modification is a :class:`torch.overrides.TorchFunctionMode` active for one forward pass, so
+it applies to any model built from ``F.layer_norm``, ``F.softmax``, ``F.gelu``,
+``F.multi_head_attention_forward`` and ``F.scaled_dot_product_attention`` (torchvision ViT and
+Swin, ``nn.TransformerEncoder``) and changes nothing outside that pass: no module or class is
+patched. ``lrp.attn`` is AttnLRP (Achtibat et al. 2024) in the same way (:class:`AttentionLRP`).
+Both agree with the lxt package's rules, which patch torchvision's classes process-wide instead.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from . import CheckedForward, register_method
+from ..guard import input_gradient
+
+__all__ = ["MethodNotApplicableError", "ConservativeTransformerLRP", "AttentionLRP", "transformer_layers",
+           "applicable_methods", "refuse_transformer", "token_grid"]
+
+_EPS = 1e-10
+TRANSFORMER_LRP = ("lrp.cp", "lrp.attn")
+
+
+class MethodNotApplicableError(ValueError):
+    """A method was asked to explain an architecture it does not apply to; the message names the
+    architecture, the method, why, and the methods that apply."""
+
+
+def transformer_layers(model: nn.Module) -> list[str]:
+    """Names of the layer types in ``model`` that make it a transformer (attention, LayerNorm)."""
+    kinds = {type(m).__name__ for m in model.modules()
+             if isinstance(m, (nn.MultiheadAttention, nn.LayerNorm)) or "Attention" in type(m).__name__}
+    return sorted(kinds)
+
+
+def _architecture(model: nn.Module) -> str:
+    """The name of the network inside wrappers (a LightningModule's ``.model``, a target or
+    embedding wrapper's ``.inner`` / ``.model``)."""
+    for attr in ("inner", "model"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module):
+            return _architecture(inner)
+    return type(model).__name__
+
+
+def applicable_methods(model: nn.Module, tokens: bool = False) -> list[str]:
+    """The registered methods that apply to ``model``'s architecture; with ``tokens`` (or when
+    ``model`` is an :class:`~.embedding.EmbeddingInput`) to token ids through its embedding."""
+    from . import available_methods
+    from .embedding import GRADIENT_METHODS, EmbeddingInput
+
+    tokens = tokens or isinstance(model, EmbeddingInput)
+    transformer = bool(transformer_layers(model))
+    out = []
+    for m in available_methods():
+        if tokens and m not in GRADIENT_METHODS and not m.startswith("lrp."):
+            continue
+        if transformer and m.startswith("lrp.") and m not in TRANSFORMER_LRP:
+            continue
+        if m == "attention_rollout" and not _has_class_token_attention(model):
+            continue
+        if m == "gradcam" and transformer and _token_layer(model) is None:
+            continue
+        out.append(m)
+    return out
+
+
+def not_applicable(model: nn.Module, method: str, reason: str) -> MethodNotApplicableError:
+    arch = _architecture(model)
+    return MethodNotApplicableError(f"method {method!r} does not apply to {arch}: {reason}. "
+                                    f"Methods that apply to {arch}: {applicable_methods(model)}")
+
+
+def refuse_transformer(model: nn.Module, method: str, reason: str) -> None:
+    """Raise :class:`MethodNotApplicableError` if ``model`` is a transformer."""
+    kinds = transformer_layers(model)
+    if kinds:
+        raise not_applicable(model, method, f"{reason} (found {', '.join(kinds)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# CP-LRP as a forward-pass modification
+
+
+class _IdentityRule(torch.autograd.Function):
+    """``fn(x)`` forward; backward scales the gradient by ``fn(x) / x`` so that gradient x input
+    passes relevance unchanged (the identity rule for element-wise activations)."""
+
+    @staticmethod
+    def forward(ctx, x, fn, kwargs):
+        y = fn(x, **kwargs)
+        ctx.save_for_backward(y / (x + _EPS))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ratio,) = ctx.saved_tensors
+        return grad * ratio, None, None
+
+
+def _layer_norm_cp(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = x.mean(dim=dims, keepdim=True)
+    std = (((x - mean) ** 2).mean(dim=dims, keepdim=True) + eps).sqrt()
+    y = (x - mean) / std.detach()
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+class _DivideGradient(torch.autograd.Function):
+    """Identity forward; backward divides the gradient by ``factor`` (the uniform rule's share)."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / ctx.factor, None
+
+
+def _is_activation(t) -> bool:
+    return isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.requires_grad
+
+
+class ConservativeTransformerLRP(TorchFunctionMode):
+    """Within this mode, gradient x input of a transformer is its CP-LRP relevance: softmax
+    outputs and LayerNorm's standard deviation are constants (no gradient), query and key of
+    fused attention get no gradient (so the attention weights are constant), GELU / SiLU use the
+    identity rule. Forward values are unchanged."""
+
+    _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
+    _ACTIVATIONS = {F.gelu, F.silu}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.layer_norm:
+            return _layer_norm_cp(*args, **kwargs)
+        if func in self._SOFTMAX:
+            return func(*args, **kwargs).detach()
+        if func in self._ACTIVATIONS:
+            x, *rest = args
+            if rest:
+                raise TypeError(f"{func.__name__}: pass options by keyword under CP-LRP")
+            return _IdentityRule.apply(x, func, kwargs)
+        if func is F.multi_head_attention_forward or func is F.scaled_dot_product_attention:
+            query, key, *rest = args
+            return func(query.detach(), key.detach(), *rest, **kwargs)
+        return func(*args, **kwargs)
+
+
+class AttentionLRP(ConservativeTransformerLRP):
+    """Within this mode, gradient x input of a transformer is its AttnLRP relevance (Achtibat et
+    al. 2024): LayerNorm and activations as in CP-LRP; the softmax keeps its gradient (which, as
+    gradient x input, is AttnLRP's softmax rule); each product of two activations (query x key,
+    attention x value) gives each factor half of the relevance (uniform rule): queries and keys
+    of fused attention get a quarter, values a half. Forward values are unchanged."""
+
+    _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm}  # both factors non-parameters
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._SOFTMAX:
+            return func(*args, **kwargs)
+        if func in self._MATMUL and len(args) == 2 and all(map(_is_activation, args)):
+            return func(*(_DivideGradient.apply(a, 2.0) for a in args), **kwargs)
+        if func is F.multi_head_attention_forward or func is F.scaled_dot_product_attention:
+            query, key, value, *rest = args
+            return func(_DivideGradient.apply(query, 4.0), _DivideGradient.apply(key, 4.0),
+                        _DivideGradient.apply(value, 2.0), *rest, **kwargs)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+@register_method("lrp.cp")
+def conservative_lrp(model, x, target) -> torch.Tensor:
+    """CP-LRP for transformers (attention weights and LayerNorm scale as constants, identity rule
+    on GELU / SiLU, LRP-0 on linear and convolution layers), as gradient x input under
+    :class:`ConservativeTransformerLRP`. The target logit is the relevance put in; on a bias-free
+    model the relevance sums to it. On a network without attention this is LRP-0."""
+    forward = CheckedForward(model, target)
+    with ConservativeTransformerLRP():
+        out = forward(x)
+    onehot = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
+    return x.detach() * input_gradient(out, x, grad_outputs=onehot)
+
+
+@register_method("lrp.attn")
+def attention_lrp(model, x, target) -> torch.Tensor:
+    """AttnLRP for transformers (uniform rule on products of activations, softmax rule through
+    its gradient, LayerNorm scale constant, identity rule on GELU / SiLU, LRP-0 on linear and
+    convolution layers), as gradient x input under :class:`AttentionLRP`. Not exactly
+    conservative: the softmax rule keeps the share of its implicit bias."""
+    forward = CheckedForward(model, target)
+    with AttentionLRP():
+        out = forward(x)
+    onehot = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
+    return x.detach() * input_gradient(out, x, grad_outputs=onehot)
+
+
+# ---------------------------------------------------------------------------------------------
+# token grids: Grad-CAM on vision transformers, attention rollout
+
+
+def _token_layer(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """(layer, layout) whose output Grad-CAM reads on a known vision transformer, else None.
+    ViT: the last encoder block's first LayerNorm (tokens (B, 1 + h*w, D); the last block's
+    output only feeds the class token forward). Swin: the feature stages (B, h, w, C)."""
+    from torchvision.models.swin_transformer import SwinTransformer
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    net = next((m for m in model.modules() if isinstance(m, (VisionTransformer, SwinTransformer))), None)
+    if isinstance(net, VisionTransformer):
+        return net.encoder.layers[-1].ln_1, "tokens"
+    if isinstance(net, SwinTransformer):
+        return net.features, "channels_last"
+    return None
+
+
+def token_grid(act: torch.Tensor, layout: str) -> torch.Tensor:
+    """Activations of a token layer as a (B, C, h, w) grid. ``layout``: "tokens" for (B, T, D)
+    with T = h*w or 1 + h*w (a class token first, dropped), "channels_last" for (B, h, w, C).
+    Raises ``ValueError`` when the tokens do not form a square grid."""
+    if layout == "channels_last":
+        if act.dim() != 4:
+            raise ValueError(f"expected channels-last activations (B, h, w, C), got {tuple(act.shape)}")
+        return act.permute(0, 3, 1, 2)
+    if act.dim() != 3:
+        raise ValueError(f"expected token activations (B, T, D), got {tuple(act.shape)}")
+    t = act.shape[1]
+    for drop in (1, 0):
+        side = math.isqrt(t - drop)
+        if side * side == t - drop and side > 0:
+            return act[:, drop:].transpose(1, 2).reshape(act.shape[0], act.shape[2], side, side)
+    raise ValueError(f"{t} tokens form neither a square grid nor a class token plus a square grid")
+
+
+def gradcam_tokens(model, x, target, layer: nn.Module, layout: str, relu: bool = True) -> torch.Tensor:
+    """Grad-CAM on a token layer: channel weights are the gradient averaged over the token grid,
+    the map is the weighted sum of the channels, upsampled to ``x``."""
+    acts = []
+    handle = layer.register_forward_hook(lambda m, i, o: acts.append(o))
+    try:
+        out = CheckedForward(model, target)(x)
+    finally:
+        handle.remove()
+    act = acts[-1]
+    score = out.gather(1, target[:, None]).sum()
+    (grad,) = torch.autograd.grad(score, act)
+    a, g = token_grid(act.detach(), layout), token_grid(grad, layout)
+    heat = (g.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1, keepdim=True)
+    heat = heat.clamp(min=0) if relu else heat
+    heat = F.interpolate(heat, size=x.shape[2:], mode="bilinear", align_corners=False)
+    return heat.expand_as(x).contiguous()
+
+
+def _has_class_token_attention(model: nn.Module) -> bool:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return any(isinstance(m, VisionTransformer) for m in model.modules())
+
+
+class _RecordAttention(TorchFunctionMode):
+    """Records the head-averaged attention weights of every ``nn.MultiheadAttention`` call."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            kwargs = {**kwargs, "need_weights": True, "average_attn_weights": True}
+            out, weights = func(*args, **kwargs)
+            self.weights.append(weights.detach())
+            return out, weights
+        return func(*args, **kwargs)
+
+
+@register_method("attention_rollout")
+def attention_rollout(model, x, target, *, residual: float = 0.5) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema 2020) for vision transformers with a class token: the
+    head-averaged attention of each layer mixed with the identity (``residual``: the share of the
+    skip connection), rows renormalised, multiplied through the layers; the class token's row over
+    the patch tokens is the map, upsampled to ``x``. Class-agnostic: ``target`` is not used.
+    Raises :class:`MethodNotApplicableError` for models without a class token (CNNs, Swin)."""
+    if not _has_class_token_attention(model):
+        raise not_applicable(model, "attention_rollout", "it needs a vision transformer with a class token "
+                             "and nn.MultiheadAttention (torchvision VisionTransformer)")
+    record = _RecordAttention()
+    with torch.no_grad(), record:
+        CheckedForward(model, target)(x)
+    rollout = None
+    for w in record.weights:
+        eye = torch.eye(w.shape[-1], device=w.device, dtype=w.dtype)
+        a = residual * eye + (1 - residual) * w
+        a = a / a.sum(dim=-1, keepdim=True)
+        rollout = a if rollout is None else a @ rollout
+    grid = token_grid(rollout[:, :1, :].transpose(1, 2), "tokens")  # (B, 1, h, w) without the class token
+    heat = F.interpolate(grid, size=x.shape[2:], mode="bilinear", align_corners=False)
+    return heat.expand_as(x).contiguous()
