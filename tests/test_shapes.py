@@ -17,6 +17,8 @@ CHEAP = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"n_samples": 2},
          "rise": {"n_masks": 8}, "meaningful_perturbation": {"steps": 2, "mask_size": 4},
          "fido.ssr": {"steps": 2}, "fido.sdr": {"steps": 2}, "rde": {"steps": 2}}
 NOT_TABULAR = {"gradcam": "convolution layer", "meaningful_perturbation": r"images \(B, C, H, W\) or signals"}
+IMAGES_ONLY = {"extremal_perturbation": r"needs images \(B, C, H, W\)", "lime": r"need images \(B, C, H, W\)",
+               "kernel_shap": r"need images \(B, C, H, W\)", "attention_rollout": "does not apply to Sequential"}
 
 
 def signal_model():
@@ -34,8 +36,9 @@ def tabular_model():
 def test_every_method_on_signals_and_tabular_rows(kind, method):
     model, x = (signal_model(), torch.randn(3, 2, 16)) if kind == "signal" else (tabular_model(), torch.randn(3, 10))
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    if kind == "tabular" and method in NOT_TABULAR:
-        with pytest.raises(ValueError, match=NOT_TABULAR[method]):
+    expected = IMAGES_ONLY.get(method) or (NOT_TABULAR.get(method) if kind == "tabular" else None)
+    if expected:
+        with pytest.raises(ValueError, match=expected):
             explain(model, x, 1, method=method, **CHEAP.get(method, {}))
     else:
         r = explain(model, x, 1, method=method, **CHEAP.get(method, {}))
@@ -90,10 +93,19 @@ def test_every_metric_on_signals_and_tabular_rows(kind):
              "local_lipschitz_estimate": {"n_samples": 2}, "pixel_flipping": {"n_steps": 4},
              "region_perturbation": {"n_steps": 4, "patch_size": 2}, "insertion_auc": {"n_steps": 4},
              "deletion_auc": {"n_steps": 4}}
+    ran = []
     for name in available_metrics():
         m = get_metric(name, model=model, method="saliency", **small.get(name, {}))
+        if x.dim() not in m.input_dims:  # image-only metrics name the shape they need
+            with pytest.raises(ValueError, match=r"needs images \(B, C, H, W\)"):
+                m.update(x, y, r, masks=masks)
+            continue
         m.update(x, y, r, masks=masks)
         assert torch.isfinite(m.compute()), name
+        ran.append(name)
+    assert {"pixel_flipping", "region_perturbation", "deletion_auc", "insertion_auc", "faithfulness_correlation",
+            "infidelity", "max_sensitivity", "relevance_mass", "sparseness", "completeness_error",
+            "model_parameter_randomisation", "input_invariance_error"} <= set(ran)
     assert hook_count(model) == 0
 
 

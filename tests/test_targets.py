@@ -164,7 +164,7 @@ def test_callbacks_explain_and_score_multilabel_and_regression_models(tmp_path, 
                  ExplanationMetricsCallback(methods=["saliency"], probe_size=8, target=target, on_error="raise",
                                             metrics=[{"name": "pixel_flipping", "n_steps": 4, "output": "logit"},
                                                      "sparseness"]),
-                 SpRAyCallback(method="saliency", max_per_class=12, target=target, save_virelay=False,
+                 SpRAyCallback(method="saliency", max_per_class=12, target=target, save_virelay=False, evidence=False,
                                spray_options={"k": 3, "visualisation": None}, on_error="raise")]
     with pytest.warns(UserWarning, match="stratified by each sample's first label value"):
         trainer = make_trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=2)

@@ -34,6 +34,8 @@ __all__ = ["ExplanationMetric", "CurveResult", "check_inputs", "pixel_relevance"
            "explain_stacked", "spearman", "pearson", "cosine", "SIMILARITIES", "OUTPUTS"]
 
 OUTPUTS = ("probability", "logit")
+SHAPES = {4: "images (B, C, H, W)", 3: "signals (B, C, L)", 2: "tabular rows (B, F)"}
+ALL_SHAPES = (2, 3, 4)
 
 
 class CurveResult(NamedTuple):
@@ -190,6 +192,7 @@ class ExplanationMetric(Metric):
 
     name: str = "metric"
     curve_axis: str = "fraction of pixels"  # the x axis of a curve metric's curve
+    input_dims: tuple[int, ...] = (4,)      # the input shapes it takes: 4 images, 3 signals, 2 tabular rows
     needs_model: bool = True
     needs_masks: bool = False
     needs_method: bool = False
@@ -225,6 +228,9 @@ class ExplanationMetric(Metric):
     def update(self, x: torch.Tensor, target, relevance: torch.Tensor, masks: torch.Tensor | None = None) -> None:
         """Score a batch: ``x`` (B, C, H, W), ``target`` int or (B,), ``relevance`` the heatmaps
         of ``x`` for ``target``, ``masks`` ground truth (B, H, W) for localisation metrics."""
+        if isinstance(x, torch.Tensor) and x.dim() not in self.input_dims:
+            shapes = " or ".join(SHAPES[d] for d in self.input_dims)
+            raise ValueError(f"{self.name} needs {shapes}; got x of shape {tuple(x.shape)}")
         if self.needs_masks and masks is None:
             check_masks(None, x, self.name)
         result = self.scores(x, target, relevance, masks)
