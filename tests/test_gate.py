@@ -117,7 +117,7 @@ def test_default_rule_without_spray_fails_at_the_end_naming_key_and_callback(tmp
     gate = ExplanationGate(action="raise")  # the default rule needs SpRAyCallback, which is not attached
     trainer = make_trainer(tmp_path, [gate], max_epochs=2, limit_train_batches=2)
     with caplog.at_level(logging.WARNING, logger="xai_callbacks"):
-        with pytest.raises(GateFailure, match=r"end of the run: spray/\*/max_suspicion = not logged .*logged by "
+        with pytest.raises(GateFailure, match=r"end of the run: spray/\*/n_flagged = not logged .*logged by "
                                               r"SpRAyCallback"):
             trainer.fit(module(), ShortcutDigitsDataModule())
     assert trainer.current_epoch == 2  # pending while the run went on, failed at its end

@@ -20,8 +20,8 @@ from typing import Iterable, Mapping
 __all__ = ["Rule", "Check", "parse_rule", "evaluate", "context", "describe", "logged_by", "evidence",
            "failure_block", "read_report", "write_report", "find_report", "REPORT_NAME", "DEFAULT_RULES"]
 
-# no SpRAy cluster flagged (SpRAy flags clusters with suspicion >= 0.25); a failure names the class
-DEFAULT_RULES = ("spray/*/max_suspicion < 0.25",)
+# no SpRAy strategy flagged in any class (flagged by causal evidence: removal and transfer); a failure names the class
+DEFAULT_RULES = ("spray/*/n_flagged < 1",)
 
 REPORT_NAME = "gate.json"
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,

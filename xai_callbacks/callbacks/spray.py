@@ -13,6 +13,7 @@ from ..attribution import check_methods, explain, method_options
 from ..data import unpack_batch
 from ..guard import model_guard
 from ..spray import SpRAyResult, StrategyTracker, check_heatmaps, spray, write_virelay
+from ..spray.evidence import strategy_evidence
 from .base import ExplanationCallback, shard_map, val_dataloader
 
 __all__ = ["SpRAyCallback", "select_per_class"]
@@ -67,8 +68,16 @@ class SpRAyCallback(ExplanationCallback):
     * ``spray/<class>/clusters``: a table (strategy, size, share, suspicion, flagged, novelty,
       compactness, object / artifact share with masks, prototype, typical members);
     * ``spray/<class>/strategy_share``: each strategy's share of the class over epochs;
-    * scalars ``spray/<class>/n_clusters``, ``spray/<class>/max_suspicion``,
-      ``spray/<class>/suspicious_strategy`` (id of the most suspicious strategy) and
+    * ``spray/<class>/evidence`` (with ``evidence=True``): per checked strategy a member, the member
+      with its region removed, an other-class sample, and that sample with the region pasted;
+      the clusters table gains ``region_size``, ``score_drop``, ``transfer_rate``, ``score_rise``
+      and the embedding table each sample's ``evidence``;
+    * scalars ``spray/<class>/n_clusters``, ``spray/<class>/n_flagged`` (flagged strategies: what the
+      default gate rule checks), ``spray/<class>/max_suspicion`` (heatmap shape alone),
+      ``spray/<class>/suspicious_strategy`` (id of the strategy with the highest transfer rate, or
+      the highest suspicion without evidence), with evidence that strategy's
+      ``spray/<class>/transfer_rate``, ``score_drop``, ``region_size`` and the class's
+      ``spray/<class>/forward_passes`` (cost of the check), and
       ``spray/suspicious_share`` (share of analysed samples in flagged clusters), logged on every
       rank so callbacks can monitor them;
 
@@ -89,6 +98,15 @@ class SpRAyCallback(ExplanationCallback):
         min_similarity: prototype similarity needed to continue a strategy's id.
         batch_size: samples per explainer call (None: a rank's whole share at once).
         save_virelay: write the ViRelAy databases each time.
+        evidence: confirm strategies causally (:func:`~xai_callbacks.spray.evidence.strategy_evidence`):
+            remove each strategy's region from its members, paste it into other classes' analysed
+            samples; the evidence decides which strategies are flagged. False: the heatmap-shape
+            suspicion decides (no model calls after the explanations).
+        infiller: how the evidence removes a region: ``"blur"`` (default), any
+            :mod:`xai_callbacks.infill` name, or an infiller instance such as the trained GAN.
+        evidence_options: keyword arguments of ``strategy_evidence`` (``area``, ``pastes``,
+            ``max_members``, ``min_transfer``, ``min_drop``, ...).
+        max_others: other-class samples (of the analysed ones, a seeded draw) the regions are pasted into.
         n_typical: typical members shown per strategy.
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``.
         seed: seed of the per-class sample and of SpRAy.
@@ -99,7 +117,9 @@ class SpRAyCallback(ExplanationCallback):
                  classes: Sequence[int] | None = None, class_names: Mapping[int, str] | None = None,
                  max_per_class: int = 100, target: str = "label", spray_options: Mapping[str, Any] | None = None,
                  min_similarity: float = 0.8, batch_size: int | None = 256, save_virelay: bool = True,
-                 n_typical: int = 5, every_n_epochs: int = 1, seed: int = 0, on_error: str = "warn"):
+                 n_typical: int = 5, every_n_epochs: int = 1, seed: int = 0, on_error: str = "warn",
+                 evidence: bool = True, infiller: Any = "blur", evidence_options: Mapping[str, Any] | None = None,
+                 max_others: int = 64):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=max(1, int(max_per_class)), seed=seed,
                          on_error=on_error)
         (method,), checked = check_methods([method], {method: method_options or {}})
@@ -117,6 +137,15 @@ class SpRAyCallback(ExplanationCallback):
         self.class_names = {int(k): str(v) for k, v in (class_names or {}).items()}
         self.max_per_class, self.spray_options, self.min_similarity = max_per_class, options, min_similarity
         self.batch_size, self.save_virelay, self.n_typical, self.seed = batch_size, save_virelay, n_typical, seed
+        ev_options = dict(evidence_options or {})
+        bad = sorted(set(ev_options) - set(strategy_evidence.__kwdefaults__) | ({"infiller"} & set(ev_options)))
+        if bad:
+            raise ValueError(f"unknown evidence_options {bad}; valid: "
+                             f"{sorted(set(strategy_evidence.__kwdefaults__) - {'infiller'})}")
+        if not isinstance(max_others, int) or max_others < 1:
+            raise ValueError(f"max_others must be an int >= 1, got {max_others!r}")
+        self.evidence, self.infiller, self.evidence_options = bool(evidence), infiller, ev_options
+        self.max_others = max_others
         self.sample_indices: list[int] | None = None
         self.trackers: dict[int, StrategyTracker] = {}
         self.results: dict[int, SpRAyResult] = {}
@@ -206,12 +235,24 @@ class SpRAyCallback(ExplanationCallback):
                 continue
             result = spray(data["heatmaps"][rows], masks={m: v[rows] for m, v in masks.items()} or None,
                            n_typical=self.n_typical, **options)
+            if self.evidence:
+                self._confirm(trainer, c, result, data, rows, labels)
             tracker = self.trackers.setdefault(c, StrategyTracker(self.min_similarity))
             ids = tracker.update(result.signatures, result.factors["share"], epoch)
             results[c], rows_of[c], self.strategy_ids[c] = result, rows, ids
             scalars[f"spray/{name}/n_clusters"] = float(result.n_clusters)
             scalars[f"spray/{name}/max_suspicion"] = result.max_suspicion
-            scalars[f"spray/{name}/suspicious_strategy"] = float(ids[int(np.argmax(result.cluster_suspicion))])
+            scalars[f"spray/{name}/n_flagged"] = float(result.flagged.sum())
+            ev = result.evidence
+            if ev is not None and ev.checked.any():
+                top = int(np.argmax(np.where(ev.checked, ev.transfer_rate, -1.0)))
+                scalars.update({f"spray/{name}/transfer_rate": float(ev.transfer_rate[top]),
+                                f"spray/{name}/score_drop": float(ev.score_drop[top]),
+                                f"spray/{name}/region_size": float(ev.region_size[top]),
+                                f"spray/{name}/forward_passes": float(ev.forward_passes)})
+            else:
+                top = int(np.argmax(result.cluster_suspicion))
+            scalars[f"spray/{name}/suspicious_strategy"] = float(ids[top])
             flagged_samples += int(np.isin(result.labels, np.flatnonzero(result.flagged)).sum())
             analysed += len(rows)
             self._log_class(trainer, c, result, ids, tracker, data, rows)
@@ -225,6 +266,21 @@ class SpRAyCallback(ExplanationCallback):
                           strategy_ids=self.strategy_ids, attribution_method=self.method, target=self.target)
         return scalars, problems
 
+    def _confirm(self, trainer, c: int, result: SpRAyResult, data: dict[str, torch.Tensor], rows: np.ndarray,
+                 labels: np.ndarray) -> None:
+        """Causal evidence for the class's strategies; it decides ``result.flagged``."""
+        others = np.flatnonzero(labels != c)
+        if not len(others):
+            raise ValueError(f"class {self.name_of(c)}: no samples of other classes were analysed to paste "
+                             "regions into; analyse more than one class or set evidence=False")
+        rng = np.random.default_rng(self.seed + c)
+        others = np.sort(rng.choice(others, min(self.max_others, len(others)), replace=False))
+        batch = self.batch_size or 256
+        ev = strategy_evidence(trainer.lightning_module, data["x"][rows], data["heatmaps"][rows], result.labels, c,
+                               data["x"][others], infiller=self.infiller, batch_size=batch,
+                               **{"seed": self.seed, **self.evidence_options})
+        result.confirm(ev)
+
     # -- logging ---------------------------------------------------------------------------------
     def _log_class(self, trainer, c: int, r: SpRAyResult, ids: list[int], tracker: StrategyTracker,
                    data: dict[str, torch.Tensor], rows: np.ndarray) -> None:
@@ -237,12 +293,14 @@ class SpRAyCallback(ExplanationCallback):
         sinks.log_images(trainer, f"{key}/spectrum", [render.spectrum_picture(
             r.eigenvalues, r.n_clusters, f"class {name}: {r.n_clusters} strategies by the eigengap")], [f"class {name}"])
         strategy = np.array([ids[lab] if lab >= 0 else -1 for lab in r.labels])
+        ev = r.evidence
         if r.embedding is not None:
             shares = list(r.mask_shares)
             table = [[idx[i], float(r.embedding[i, 0]), float(r.embedding[i, 1]), int(strategy[i]),
-                      float(r.suspicion[i])] + [float(r.mask_shares[m][i]) for m in shares] for i in range(len(rows))]
+                      float(r.suspicion[i])] + ([float(ev.sample_suspicion[i])] if ev is not None else [])
+                     + [float(r.mask_shares[m][i]) for m in shares] for i in range(len(rows))]
             sinks.log_table(trainer, f"{key}/embedding", ["sample_id", "x", "y", "strategy", "suspicion"]
-                            + [f"{m}_share" for m in shares], table)
+                            + (["evidence"] if ev is not None else []) + [f"{m}_share" for m in shares], table)
             flagged_ids = {ids[j] for j in np.flatnonzero(r.flagged)}
             sinks.log_images(trainer, f"{key}/scatter", [_scatter_rgb(r.embedding, strategy, flagged_ids, name)],
                              [f"class {name}, epoch {trainer.current_epoch}"])
@@ -250,18 +308,31 @@ class SpRAyCallback(ExplanationCallback):
         protos = [render.prototype_picture(p, ids[j], int(r.cluster_sizes[j]), float(r.factors["share"][j]),
                                            bool(r.flagged[j])) for j, p in enumerate(r.prototypes)]
         captions = [f"strategy {ids[j]}: {r.cluster_sizes[j]} samples ({r.factors['share'][j]:.0%}), suspicion "
-                    f"{r.cluster_suspicion[j]:.2f}{' FLAGGED' if r.flagged[j] else ''}" for j in range(r.n_clusters)]
+                    f"{r.cluster_suspicion[j]:.2f}" + (f", transfer {ev.transfer_rate[j]:.2f}, drop {ev.score_drop[j]:.2f}"
+                                                        if ev is not None and ev.checked[j] else "")
+                    + f"{' FLAGGED' if r.flagged[j] else ''}" for j in range(r.n_clusters)]
         sinks.log_images(trainer, f"{key}/prototypes", protos, captions)
+        if ev is not None and ev.checked.any():
+            # per checked strategy: a member, the member with its region removed, an other-class sample, pasted
+            shown = [j for j in range(r.n_clusters) if ev.examples[j] is not None]
+            sinks.log_images(trainer, f"{key}/evidence",
+                             [np.concatenate([_upscale(render.input_rgb(im), scale) for im in ev.examples[j]], axis=1)
+                              for j in shown],
+                             [f"strategy {ids[j]}: member | region removed (score drop {ev.score_drop[j]:.2f}) | "
+                              f"other class | region pasted (transfer {ev.transfer_rate[j]:.2f})"
+                              f"{' FLAGGED' if r.flagged[j] else ''}" for j in shown])
         masks = list(r.cluster_mask_shares)
+        evidence_columns = ["region_size", "score_drop", "transfer_rate", "score_rise"] if ev is not None else []
         columns = ["strategy", "size", "share", "suspicion", "flagged", "novelty", "compactness"] + \
-            [f"{m}_share" for m in masks] + ["prototype", "typical", "typical_ids"]
+            evidence_columns + [f"{m}_share" for m in masks] + ["prototype", "typical", "typical_ids"]
         table = []
         for j in range(r.n_clusters):
             members = r.typical[j]
             strip = np.concatenate([_upscale(render.overlay(x[i], heat[i]), scale) for i in members], axis=1)
             table.append([ids[j], int(r.cluster_sizes[j]), float(r.factors["share"][j]),
                           float(r.cluster_suspicion[j]), bool(r.flagged[j]), float(r.factors["novelty"][j]),
-                          float(r.factors["compactness"][j])] + [float(r.cluster_mask_shares[m][j]) for m in masks]
+                          float(r.factors["compactness"][j])] + [float(getattr(ev, c)[j]) for c in evidence_columns]
+                         + [float(r.cluster_mask_shares[m][j]) for m in masks]
                          + [protos[j], strip, " ".join(str(idx[i]) for i in members)])
         sinks.log_table(trainer, f"{key}/clusters", columns, table)
         epochs, curves = tracker.share_curves()

@@ -1,6 +1,7 @@
 """Offline demo data with a planted Clever-Hans shortcut, and batch unpacking.
 
-:func:`make_shortcut_digits` takes scikit-learn's bundled handwritten digits (real data, no
+Shortcut scenarios on real photographs, with clean controls, are in :mod:`.shortcuts`
+(:func:`make_shortcut_images`). :func:`make_shortcut_digits` takes scikit-learn's bundled handwritten digits (real data, no
 download), upscales them, and stamps a small watermark on a fraction of one class. Every sample
 carries its object mask (the digit's strokes) and its artifact mask (the watermark, empty for
 clean samples), so localisation metrics and SpRAy can be checked against the truth.
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["ShortcutDigits", "make_shortcut_digits", "ShortcutDigitsDataModule", "Batch", "unpack_batch",
-           "ARTIFACT_KINDS"]
+           "ARTIFACT_KINDS", "SHORTCUT_KINDS", "ShortcutImages", "make_shortcut_images", "plant_shortcut"]
 
 ARTIFACT_KINDS = ("square", "checker", "cross")
 
@@ -148,3 +149,6 @@ class ShortcutDigitsDataModule(pl.LightningDataModule):
 
     def val_dataloader(self):
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+
+
+from .shortcuts import SHORTCUT_KINDS, ShortcutImages, make_shortcut_images, plant_shortcut  # noqa: E402

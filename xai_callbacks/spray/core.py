@@ -27,13 +27,16 @@ class SpRAyResult:
         cluster_sizes: (K,) members per cluster.
         suspicion: (N,) per-sample suspicion (see :mod:`xai_callbacks.spray.suspicion`).
         cluster_suspicion: (K,) per-cluster suspicion.
-        flagged: (K,) bool, ``cluster_suspicion >= threshold``: suspected Clever-Hans strategies.
+        flagged: (K,) bool, suspected Clever-Hans strategies: ``cluster_suspicion >= threshold``
+            from the heatmaps alone, joined by the causal evidence's flag after :meth:`confirm`.
         factors: the per-cluster factors ``novelty``, ``compactness``, ``share``, ``excess``.
         signatures: (K, grid * grid) each cluster's mean relevance distribution (what
             :class:`~xai_callbacks.spray.tracking.StrategyTracker` matches across epochs).
         mask_shares: name -> (N,) share of positive relevance on that mask (empty without masks).
         cluster_mask_shares: name -> (K,) mean of ``mask_shares`` over each cluster's members.
         params: the parameters of the run (k, n_eigval, clustering, ...).
+        evidence: the causal evidence per cluster (:class:`~xai_callbacks.spray.evidence.StrategyEvidence`)
+            once :meth:`confirm` ran; None before.
     """
 
     labels: np.ndarray
@@ -52,6 +55,22 @@ class SpRAyResult:
     mask_shares: dict[str, np.ndarray] = field(default_factory=dict)
     cluster_mask_shares: dict[str, np.ndarray] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
+    evidence: Any = None
+
+    def confirm(self, evidence) -> "SpRAyResult":
+        """Attach causal evidence (:func:`~xai_callbacks.spray.evidence.strategy_evidence`) and add
+        its flags: afterwards a cluster is flagged when its region transfers (the evidence) or its
+        heatmaps' shape alone is suspicious (``cluster_suspicion >= threshold``, which catches a
+        compact spot off the object that the model attends to without relying on it much).
+
+        Raises:
+            ValueError: when the evidence covers another number of clusters.
+        """
+        if len(evidence.flagged) != self.n_clusters:
+            raise ValueError(f"evidence covers {len(evidence.flagged)} clusters, the result has {self.n_clusters}")
+        self.evidence = evidence
+        self.flagged = np.asarray(evidence.flagged, dtype=bool) | (self.cluster_suspicion >= self.params["threshold"])
+        return self
 
     @property
     def max_suspicion(self) -> float:

@@ -1,0 +1,244 @@
+"""Shortcut benchmark: does the default SpRAy flag and gate catch real Clever-Hans shortcuts?
+
+Scenarios (``xai_callbacks.data.make_shortcut_images``): crops of real photographs from
+scikit-image (4 classes, 32x32 RGB) with a shortcut on ``--prevalence`` of class 0, one per
+kind (stamp, tags, patch, frame, colour, watermark, background), and their clean controls (the
+same images without the shortcut: one for plain crops, one for the object-on-background
+composites); plus the digits with a stamp and their clean control. Architectures, trained from
+scratch on the CPU: a small CNN (``DemoCNN``), torchvision's ResNet-18 and MobileNetV3-small.
+
+For each scenario x architecture:
+
+1. train (Adam, ``--epochs``);
+2. **intervention** (shortcut scenarios): paste the shortcut onto other classes' validation
+   images (share newly predicted as the shortcut class) and remove it from the shortcut samples
+   (share of those predicted as the class that no longer are). The model *uses* the shortcut
+   when either share is >= 0.2; otherwise the scenario is **void** (not counted as a miss);
+3. run ``SpRAyCallback`` and ``ExplanationGate`` at their defaults in ``Trainer.validate``, then
+   ``xai-callbacks gate RUN`` (its exit code);
+4. score the flag against the truth: recall (share of the analysed shortcut samples in flagged
+   strategies), purity (share of the flagged strategies' samples that carry the shortcut),
+   flagged strategies in the shortcut class, false flags (flagged strategies of other classes,
+   or of any class on a clean control), the ROC AUC of the per-sample suspicion within the
+   shortcut class, and the forward passes of the causal check (and per analysed sample).
+
+    nice -n 10 python benchmarks/shortcuts.py                         # everything (~25 min on 2 cores)
+    nice -n 10 python benchmarks/shortcuts.py --archs cnn --kinds stamp clean
+    nice -n 10 python benchmarks/shortcuts.py --cost                  # + SpRAy epoch time with / without the check
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+os.environ.setdefault("WANDB_MODE", "offline")
+
+from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, plant_shortcut  # noqa: E402
+
+ARCHS = ("cnn", "resnet18", "mobilenet")
+SHORTCUT_CLASS = 0
+
+
+def build(arch: str, channels: int, classes: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if arch == "cnn":
+        from xai_callbacks.models import DemoCNN
+
+        return DemoCNN(in_channels=channels, n_classes=classes, width=16)
+    import torchvision
+
+    if arch == "resnet18":
+        model = torchvision.models.resnet18(num_classes=classes)
+        if channels != 3:
+            model.conv1 = torch.nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
+        return model
+    if arch == "mobilenet":
+        model = torchvision.models.mobilenet_v3_small(num_classes=classes)
+        if channels != 3:
+            model.features[0][0] = torch.nn.Conv2d(channels, 16, 3, 2, 1, bias=False)
+        return model
+    raise ValueError(f"unknown architecture {arch!r}; valid: {ARCHS}")
+
+
+def train(model, data, epochs: int, lr: float, seed: int, batch_size: int = 64) -> float:
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(data), generator=gen).split(batch_size):
+            if len(idx) < 2:
+                continue
+            loss = F.cross_entropy(model(data.x[idx]), data.targets[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    return loss.item()
+
+
+@torch.no_grad()
+def predict(model, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(part).argmax(1) for part in x.split(256)])
+
+
+def intervention(model, val) -> tuple[float, float]:
+    """(paste rate, removal rate) of the planted shortcut on the validation split."""
+    c = SHORTCUT_CLASS
+    other = val.targets != c
+    x = val.clean_x[other]
+    before = predict(model, x)
+    planted, _ = plant_shortcut(x, val.kind, val.object_mask[other], seed=99)
+    after = predict(model, planted)
+    paste = float(((before != c) & (after == c)).sum() / max(int((before != c).sum()), 1))
+    has = val.has_artifact
+    with_it = predict(model, val.x[has])
+    without = predict(model, val.clean_x[has])
+    removal = float(((with_it == c) & (without != c)).sum() / max(int((with_it == c).sum()), 1))
+    return paste, removal
+
+
+def analyse(model, val, folder: str, evidence: bool = True) -> dict:
+    """SpRAyCallback + ExplanationGate (defaults) in Trainer.validate; the CLI gate's exit code."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from xai_callbacks.callbacks.gate import ExplanationGate
+    from xai_callbacks.callbacks.spray import SpRAyCallback
+    from xai_callbacks.cli import main
+    from xai_callbacks.models import Classifier
+
+    cb = SpRAyCallback(spray_options={"visualisation": None}, save_virelay=False,
+                       evidence=evidence)
+    gate = ExplanationGate(action="warn")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[cb, gate], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, default_root_dir=folder)
+    module = Classifier(model)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.validate(module, DataLoader(val, batch_size=128), verbose=False)
+    seconds = time.perf_counter() - start
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = main(["gate", folder])
+    return {"cb": cb, "gate": code, "seconds": seconds}
+
+
+def score(cb, val, shortcut: bool) -> dict:
+    idx = np.array(cb.sample_indices)
+    labels = val.targets.numpy()[idx]
+    has_all = val.has_artifact.numpy()[idx]
+    out = {"recall": np.nan, "purity": np.nan, "auc": np.nan, "flagged": 0, "false": 0, "passes": 0, "n": len(idx)}
+    for c, r in cb.results.items():
+        ev = r.evidence
+        out["passes"] += ev.forward_passes if ev is not None else 0
+        n_flag = int(r.flagged.sum())
+        if shortcut and c == SHORTCUT_CLASS:
+            has = has_all[labels == c]
+            in_flag = np.isin(r.labels, np.flatnonzero(r.flagged))
+            out["flagged"] = n_flag
+            out["recall"] = float((has & in_flag).sum() / max(has.sum(), 1))
+            out["purity"] = float((has & in_flag).sum() / in_flag.sum()) if in_flag.any() else np.nan
+            susp = ev.sample_suspicion if ev is not None else r.suspicion
+            out["auc"] = float(roc_auc_score(has, susp)) if 0 < has.sum() < len(has) else np.nan
+            out["clusters"] = [(int(r.cluster_sizes[j]), round(float(has[r.labels == j].mean()), 2),
+                                round(float(r.cluster_suspicion[j]), 2),
+                                round(float(ev.transfer_rate[j]), 2) if ev is not None else np.nan,
+                                round(float(ev.score_drop[j]), 2) if ev is not None else np.nan)
+                               for j in range(r.n_clusters)]
+        else:
+            out["false"] += n_flag
+            out["shape_false"] = out.get("shape_false", 0) + int((r.cluster_suspicion >= 0.25).sum())
+        if ev is not None:
+            out.setdefault("max_other", 0.0)
+            if not (shortcut and c == SHORTCUT_CLASS):
+                out["max_other"] = max(out["max_other"], float(ev.transfer_rate.max(initial=0)))
+    return out
+
+
+def scenarios(kinds, base_options) -> list[tuple[str, str, str, float]]:
+    """(name, base, kind, prevalence) for the requested kinds and their clean controls."""
+    out = []
+    for kind in kinds:
+        if kind == "clean":
+            out.append(("clean", "photos", "stamp", 0.0))
+        elif kind == "clean-background":
+            out.append(("clean-background", "photos", "background", 0.0))
+        elif kind == "digits":
+            out.append(("digits-stamp", "digits", "stamp", base_options["prevalence"]))
+        elif kind == "clean-digits":
+            out.append(("clean-digits", "digits", "stamp", 0.0))
+        else:
+            out.append((kind, "photos", kind, base_options["prevalence"]))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
+    ap.add_argument("--kinds", nargs="+", default=list(SHORTCUT_KINDS) + ["clean", "clean-background", "digits",
+                                                                         "clean-digits"])
+    ap.add_argument("--prevalence", type=float, default=0.3)
+    ap.add_argument("--ambiguity", type=float, default=0.4)
+    ap.add_argument("--n-per-class", type=int, default=200)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cost", action="store_true", help="also time the SpRAy epoch without the causal check")
+    ap.add_argument("--verbose", action="store_true", help="print the shortcut class's clusters")
+    args = ap.parse_args(argv)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    rows = []
+    head = (f"{'scenario':<17} {'arch':<9} {'acc':>5} {'paste':>5} {'remov':>5} {'used':>5} {'recall':>6} "
+            f"{'purity':>6} {'flag':>4} {'false':>5} {'auc':>5} {'gate':>4} {'fwd/smp':>7} {'s':>5}")
+    print(head, flush=True)
+    t0 = time.perf_counter()
+    for name, base, kind, prev in scenarios(args.kinds, vars(args)):
+        train_set, val = make_shortcut_images(kind, base=base, n_per_class=args.n_per_class, prevalence=prev, ambiguity=args.ambiguity if base == "photos" else 0.0,
+                                              seed=args.seed)
+        for arch in args.archs:
+            start = time.perf_counter()
+            model = build(arch, train_set.x.shape[1], int(train_set.targets.max()) + 1, args.seed)
+            train(model, train_set, args.epochs, args.lr, args.seed)
+            acc = float((predict(model, val.x) == val.targets).float().mean())
+            shortcut = prev > 0
+            paste, removal = intervention(model, val) if shortcut else (np.nan, np.nan)
+            used = shortcut and max(paste, removal) >= 0.2
+            with tempfile.TemporaryDirectory() as folder:
+                res = analyse(model, val, folder)
+                s = score(res["cb"], val, shortcut)
+                if args.cost:
+                    plain = analyse(model, val, folder + "/plain", evidence=False)
+                    s["cost"] = res["seconds"] / plain["seconds"]
+            row = dict(scenario=name, arch=arch, acc=acc, paste=paste, removal=removal,
+                       used=("yes" if used else "VOID") if shortcut else "-", gate=res["gate"],
+                       seconds=time.perf_counter() - start, **s)
+            rows.append(row)
+            print(f"{name:<17} {arch:<9} {acc:5.2f} {paste:5.2f} {removal:5.2f} {row['used']:>5} {s['recall']:6.2f} "
+                  f"{s['purity']:6.2f} {s['flagged']:4d} {s['false']:5d} {s['auc']:5.2f} {res['gate']:4d} "
+                  f"{s['passes'] / s['n']:7.1f} {row['seconds']:5.0f}"
+                  + (f" cost x{s['cost']:.2f}" if "cost" in s else "")
+                  + (f"  clusters {s.get('clusters')} max_other {s.get('max_other', 0):.2f} shape_false {s.get('shape_false', 0)}" if args.verbose else ""),
+                  flush=True)
+    print(f"total {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""A real-photo shortcut and its clean control: the default SpRAy flag and gate catch the one and pass
+the other; plus the scenario generators and the evidence module on their own."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from conftest import make_trainer
+from xai_callbacks.callbacks.gate import ExplanationGate
+from xai_callbacks.callbacks.spray import SpRAyCallback
+from xai_callbacks.cli import main
+from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, plant_shortcut
+from xai_callbacks.models import Classifier, DemoCNN
+from xai_callbacks.spray.evidence import relevance_regions, strategy_evidence
+
+OPTIONS = dict(kind="stamp", n_per_class=200, ambiguity=0.4, seed=0)
+
+
+def trained(prevalence, tmp_path):
+    train, val = make_shortcut_images(prevalence=prevalence, **OPTIONS)
+    torch.manual_seed(0)
+    module = Classifier(DemoCNN(in_channels=3, n_classes=4, width=8), lr=3e-3)
+    make_trainer(tmp_path, max_epochs=8).fit(module, DataLoader(train, batch_size=32, shuffle=True))
+    return module, val
+
+
+def analyse(module, val, folder):
+    cb = SpRAyCallback(max_per_class=60, spray_options={"visualisation": None}, save_virelay=False)
+    gate = ExplanationGate(action="warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the gate's failure warning on the shortcut run
+        make_trainer(folder, [cb, gate]).validate(module, DataLoader(val, batch_size=64), verbose=False)
+    return cb, gate
+
+
+def test_photo_stamp_is_flagged_and_gated_its_clean_control_passes(tmp_path):
+    module, val = trained(0.3, tmp_path / "shortcut")
+    # the model uses the stamp: pasted onto other classes it moves them into class 0
+    other = val.targets != 0
+    module.eval()
+    with torch.no_grad():
+        before = module(val.clean_x[other]).argmax(1)
+        after = module(plant_shortcut(val.clean_x[other], "stamp")[0]).argmax(1)
+    moved = float(((before != 0) & (after == 0)).sum() / (before != 0).sum())
+    print(f"stamp pasted onto other classes moves {moved:.2f} of them into class 0")
+    assert moved >= 0.3
+    cb, gate = analyse(module, val, tmp_path / "shortcut")
+    idx = np.array(cb.sample_indices)
+    labels, has = val.targets.numpy()[idx], val.has_artifact.numpy()[idx]
+    r = cb.results[0]
+    in_flagged = np.isin(r.labels, np.flatnonzero(r.flagged))
+    has0 = has[labels == 0]
+    print("shortcut run, class 0: sizes", r.cluster_sizes, "transfer", r.evidence.transfer_rate, "drop",
+          r.evidence.score_drop, "flagged", r.flagged)
+    assert (has0 & in_flagged).sum() / has0.sum() >= 0.9, f"recall; transfer {r.evidence.transfer_rate}"
+    assert (has0 & in_flagged).sum() / in_flagged.sum() >= 0.8, "purity"
+    assert not any(cb.results[c].flagged.any() for c in (1, 2, 3)), "a strategy of a clean class was flagged"
+    assert gate.passed is False and main(["gate", str(tmp_path / "shortcut")]) == 1
+
+    module, val = trained(0.0, tmp_path / "clean")
+    cb, gate = analyse(module, val, tmp_path / "clean")
+    assert sorted(cb.results) == [0, 1, 2, 3]
+    for c, r in cb.results.items():
+        assert not r.flagged.any(), f"clean control, class {c}: transfer {r.evidence.transfer_rate}"
+    assert gate.passed is True and main(["gate", str(tmp_path / "clean")]) == 0
+
+
+def test_scenarios_plant_each_kind_at_its_prevalence_with_a_clean_twin():
+    for kind in SHORTCUT_KINDS:
+        train, val = make_shortcut_images(kind, n_per_class=20, prevalence=0.5, seed=1)
+        for split in (train, val):
+            has = split.has_artifact
+            assert not has[split.targets != 0].any()
+            assert has[split.targets == 0].float().mean() == pytest.approx(0.5, abs=0.05)
+            changed = (split.x - split.clean_x).abs().flatten(1).amax(1) > 0
+            assert changed[has].float().mean() > 0.9 and not changed[~has].any(), kind
+    clean_train, _ = make_shortcut_images("stamp", n_per_class=20, prevalence=0.0, seed=1)
+    train, _ = make_shortcut_images("stamp", n_per_class=20, prevalence=0.5, seed=1)
+    assert torch.equal(clean_train.x, train.clean_x), "the clean control is the same images without the shortcut"
+    with pytest.raises(ValueError, match="unknown shortcut kind"):
+        make_shortcut_images("sticker")
+    with pytest.raises(ValueError, match="object_mask"):
+        plant_shortcut(torch.zeros(1, 3, 8, 8), "background")
+
+
+def test_regions_follow_what_a_heatmap_adds_over_its_class():
+    # every map shares a top-left bias; the second also has a spot at the bottom right
+    h = torch.zeros(2, 1, 16, 16)
+    h[:, :, :4, :4] = 5.0
+    h[1, :, 12:, 12:] = 5.0
+    reference = torch.zeros(16, 16)
+    reference[:4, :4] = 1 / 16
+    regions = relevance_regions(h, reference, area=1 / 16)
+    assert regions.sum((1, 2)).tolist() == [16, 16]
+    assert regions[1, 12:, 12:].all()
+
+
+class _Detector(torch.nn.Module):
+    """Class 1 when the top-left 4x4 corner is bright, else class 0 (an analytic shortcut)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        corner = x[:, :, :4, :4].mean((1, 2, 3))
+        return torch.stack([torch.zeros_like(corner), 40 * self.w * (corner - 0.5)], 1)
+
+
+def test_evidence_on_an_analytic_shortcut_model():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(20, 1, 16, 16, generator=gen) * 0.4
+    x[:10, :, :4, :4] = 1.0                       # cluster 0: the corner; cluster 1: none
+    heat = torch.rand(20, 1, 16, 16, generator=gen) * 0.1
+    heat[:10, :, :4, :4] += 1.0
+    labels = np.array([0] * 10 + [1] * 10)
+    others = torch.rand(12, 1, 16, 16, generator=gen) * 0.4
+    ev = strategy_evidence(_Detector(), x, heat, labels, 1, others, infiller="constant", area=1 / 16, pastes=3)
+    assert ev.transfer_rate[0] == 1.0 and ev.transfer_rate[1] == 0.0
+    assert ev.score_drop[0] > 0.9 and ev.flagged.tolist() == [True, False]
+    assert ev.forward_passes == 2 * 20 + 12 + 20 * 3
+    assert ev.sample_suspicion[:10].min() > ev.sample_suspicion[10:].max()
+    with pytest.raises(ValueError, match="others must be"):
+        strategy_evidence(_Detector(), x, heat, labels, 1, others[:, :, :8])
