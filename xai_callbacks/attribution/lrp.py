@@ -22,8 +22,9 @@ from torch import nn
 from zennit import composites, canonizers
 from zennit.types import BatchNorm, Linear as ZennitLinear
 
-from . import CheckedForward, register_method
+from . import CheckedForward, TargetModel, register_method
 from ..guard import input_gradient, preserve_values
+from ..scoring import target_scores
 from .transformer import refuse_transformer
 
 
@@ -145,11 +146,16 @@ def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite, meth
             c.example = x[:1].detach()
     with preserve_values(model):
         with composite.context(model) as modified:
-            forward.model = modified
             x = x.requires_grad_(True)
-            out = forward(x)
-            onehot = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
-            return input_gradient(out, x, grad_outputs=onehot * out.detach())
+            if isinstance(modified, TargetModel):  # a target function: relevance starts at the model's own output,
+                out = modified.inner(x)             # R = output * d score / d output (sums to a linear score)
+                score = target_scores(out, modified.target)
+            else:
+                forward.model = modified
+                out = forward(x)
+                score = out.gather(1, target[:, None])
+            (d_score,) = torch.autograd.grad(score.sum(), out, retain_graph=True)
+            return input_gradient(out, x, grad_outputs=d_score * out.detach())
 
 
 @register_method("lrp.epsilon_plus_flat")
