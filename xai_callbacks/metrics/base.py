@@ -50,6 +50,14 @@ def positions(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(x.shape[2:]) if x.dim() >= 3 else tuple(x.shape[1:])
 
 
+def require_images(x: torch.Tensor, name: str) -> None:
+    """Raise a ValueError naming ``name`` and the shape it needs unless ``x`` is images (B, C, H, W)."""
+    if x.dim() != 4:
+        raise ValueError(f"{name} needs images (B, C, H, W), got shape {tuple(x.shape)}; for signals (B, C, L) "
+                         "and tabular rows (B, F) use pixel_flipping, faithfulness_correlation, selectivity or the "
+                         "robustness and complexity metrics")
+
+
 def check_inputs(x: torch.Tensor, relevance: torch.Tensor | None = None, name: str = "metric") -> None:
     """Raise a ValueError naming the problem if ``x`` is not a finite float batch of images
     (B, C, H, W), signals (B, C, L) or tabular rows (B, F), or ``relevance`` is not a finite
