@@ -66,6 +66,21 @@ def test_regression_attributions_of_a_linear_model_are_analytic(method):
     assert hook_count(model) == 0
 
 
+@pytest.mark.parametrize("method", ["guided_backprop", "deconvnet", "gradcam", "lrp.epsilon_plus_flat",
+                                    "lrp.epsilon_gamma_box", "lrp.composite", "excitation_backprop"])
+def test_a_target_function_selecting_one_logit_equals_that_class_index(method):
+    """Rule-based methods modify the model's own layers (captum's ReLU hooks, zennit's rules); a
+    target function must reach them exactly as a class index does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 8 * 8, 2)).eval()
+    x = torch.randn(3, 1, 8, 8)
+    by_function = explain(model, x, regression_target(1), method=method)
+    by_index = explain(model, x, torch.ones(3, dtype=torch.long), method=method)
+    assert by_function.abs().max() > 0 and torch.allclose(by_function, by_index, atol=1e-6)
+    assert hook_count(model) == 0
+
+
 def test_multilabel_one_label_and_all_positive_labels():
     torch.manual_seed(0)
     model = nn.Linear(6, 4, bias=False)

@@ -144,6 +144,7 @@ def spectrum_picture(eigenvalues, n_clusters: int, title: str = "", n_show: int 
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ev = np.asarray(eigenvalues, dtype=float)[: max(n_show, n_clusters + 2)]
     idx = np.arange(1, len(ev) + 1)
@@ -152,6 +153,7 @@ def spectrum_picture(eigenvalues, n_clusters: int, title: str = "", n_show: int 
     ax.plot(idx[:n_clusters], ev[:n_clusters], "o", color="tab:red", markersize=6, label=f"K = {n_clusters}")
     if n_clusters < len(ev):
         ax.axvspan(n_clusters, n_clusters + 1, color="tab:red", alpha=0.15, label="chosen gap")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("index")
     ax.set_ylabel("eigenvalue")
     ax.set_title(title or f"Laplacian spectrum: {n_clusters} strategies by the eigengap", fontsize=9)

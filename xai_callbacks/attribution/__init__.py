@@ -131,6 +131,9 @@ class TargetModel(nn.Module):
     def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
         return self.inner.named_modules(memo, prefix, remove_duplicate)
 
+    def named_children(self):  # children() and apply() (captum's hooks) reach the model's own layers
+        return self.inner.named_children()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return target_scores(self.inner(x), self.target)[:, None]
 

@@ -206,8 +206,12 @@ class SpRAyCallback(ExplanationCallback):
                 continue
             result = spray(data["heatmaps"][rows], masks={m: v[rows] for m, v in masks.items()} or None,
                            n_typical=self.n_typical, **options)
-            if self.evidence:
+            if self.evidence and (labels != c).any():
                 self._confirm(trainer, c, result, data, rows, labels)
+            elif self.evidence:  # one group only (e.g. regression): nothing to paste regions into
+                warnings.warn(f"SpRAyCallback: class {name} is the only analysed group, so no causal evidence "
+                              "(nothing to paste its regions into); the heatmap-shape suspicion alone flags "
+                              "strategies", stacklevel=2)
             tracker = self.trackers.setdefault(c, StrategyTracker(self.min_similarity))
             ids = tracker.update(result.signatures, result.factors["share"], epoch)
             results[c], rows_of[c], self.strategy_ids[c] = result, rows, ids
@@ -241,9 +245,6 @@ class SpRAyCallback(ExplanationCallback):
                  labels: np.ndarray) -> None:
         """Causal evidence for the class's strategies; it decides ``result.flagged``."""
         others = np.flatnonzero(labels != c)
-        if not len(others):
-            raise ValueError(f"class {self.name_of(c)}: no samples of other classes were analysed to paste "
-                             "regions into; analyse more than one class or set evidence=False")
         rng = np.random.default_rng(self.seed + c)
         others = np.sort(rng.choice(others, min(self.max_others, len(others)), replace=False))
         batch = self.batch_size or 256

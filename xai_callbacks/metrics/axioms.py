@@ -18,7 +18,7 @@ from torch import nn
 
 from ..infill import Infiller, get_infiller
 from ..scoring import score_perturbed
-from .base import ALL_SHAPES, OUTPUTS, ExplanationMetric, check_choice, copy_model, explain_stacked, prepare
+from .base import OUTPUTS, ExplanationMetric, check_choice, copy_model, explain_stacked, prepare
 from .faithfulness import _Perturbation
 
 __all__ = ["completeness_error", "input_invariance_error", "shifted_model", "CompletenessError",
@@ -120,7 +120,6 @@ class CompletenessError(_Perturbation):
     """Completeness error, logged as ``completeness_error.<infiller>``; arguments as in
     :func:`completeness_error`."""
 
-    input_dims = ALL_SHAPES
     name = "completeness_error"
     higher_is_better = False
 
@@ -137,7 +136,6 @@ class InputInvarianceError(ExplanationMetric):
     """Input invariance error, logged as ``input_invariance_error``; arguments as in
     :func:`input_invariance_error`."""
 
-    input_dims = ALL_SHAPES
     name = "input_invariance_error"
     needs_method = True
     higher_is_better = False

@@ -52,6 +52,14 @@ def positions(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(x.shape[2:]) if x.dim() >= 3 else tuple(x.shape[1:])
 
 
+def require_images(x: torch.Tensor, name: str) -> None:
+    """Raise a ValueError naming ``name`` and the shape it needs unless ``x`` is images (B, C, H, W)."""
+    if x.dim() != 4:
+        raise ValueError(f"{name} needs images (B, C, H, W), got shape {tuple(x.shape)}; for signals (B, C, L) "
+                         "and tabular rows (B, F) use pixel_flipping, faithfulness_correlation, selectivity or the "
+                         "robustness and complexity metrics")
+
+
 def check_inputs(x: torch.Tensor, relevance: torch.Tensor | None = None, name: str = "metric") -> None:
     """Raise a ValueError naming the problem if ``x`` is not a finite float batch of images
     (B, C, H, W), signals (B, C, L) or tabular rows (B, F), or ``relevance`` is not a finite
@@ -192,7 +200,7 @@ class ExplanationMetric(Metric):
 
     name: str = "metric"
     curve_axis: str = "fraction of pixels"  # the x axis of a curve metric's curve
-    input_dims: tuple[int, ...] = (4,)      # the input shapes it takes: 4 images, 3 signals, 2 tabular rows
+    input_dims: tuple[int, ...] = ALL_SHAPES  # input ranks it takes: 4 images, 3 signals, 2 tabular rows
     needs_model: bool = True
     needs_masks: bool = False
     needs_method: bool = False
@@ -230,7 +238,7 @@ class ExplanationMetric(Metric):
         of ``x`` for ``target``, ``masks`` ground truth (B, H, W) for localisation metrics."""
         if isinstance(x, torch.Tensor) and x.dim() not in self.input_dims:
             shapes = " or ".join(SHAPES[d] for d in self.input_dims)
-            raise ValueError(f"{self.name} needs {shapes}; got x of shape {tuple(x.shape)}")
+            raise ValueError(f"{self.name} needs {shapes}, got shape {tuple(x.shape)}")
         if self.needs_masks and masks is None:
             check_masks(None, x, self.name)
         result = self.scores(x, target, relevance, masks)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ALL_SHAPES, ExplanationMetric, check_inputs, pixel_relevance
+from .base import ExplanationMetric, check_inputs, pixel_relevance
 
 __all__ = ["sparseness", "complexity", "Sparseness", "Complexity"]
 
@@ -45,7 +45,6 @@ def complexity(relevance: torch.Tensor, x: torch.Tensor | None = None) -> torch.
 class Sparseness(ExplanationMetric):
     """Sparseness, logged as ``sparseness``; see :func:`sparseness`. ``model`` is accepted and ignored."""
 
-    input_dims = ALL_SHAPES
     name = "sparseness"
     needs_model = False
     higher_is_better = True

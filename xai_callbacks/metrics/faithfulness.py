@@ -24,7 +24,7 @@ from torch import nn
 
 from ..infill import Infiller, blender, get_infiller
 from ..scoring import score_perturbed
-from .base import ALL_SHAPES, OUTPUTS, CurveResult, ExplanationMetric, check_choice, keep_shape, pearson, positions, prepare, ranks
+from .base import OUTPUTS, CurveResult, ExplanationMetric, check_choice, keep_shape, pearson, positions, prepare, ranks
 
 __all__ = ["pixel_flipping", "region_perturbation", "insertion_auc", "deletion_auc", "faithfulness_correlation",
            "infidelity", "PixelFlipping", "RegionPerturbation", "Insertion", "Deletion",
@@ -248,7 +248,6 @@ class PixelFlipping(_Perturbation):
     """Pixel flipping AOPC, logged as ``pixel_flipping_<order>_aopc.<infiller>``; the mean curve
     via :meth:`compute_curve`. Arguments as in :func:`pixel_flipping`."""
 
-    input_dims = ALL_SHAPES
     higher_is_better = None
 
     def __init__(self, model: nn.Module, order: str = "morf", n_steps: int | None = 64,
@@ -287,7 +286,6 @@ class Deletion(_Perturbation):
     """Deletion AUC, logged as ``deletion_auc.<infiller>`` (lower is better); arguments as in
     :func:`deletion_auc`."""
 
-    input_dims = ALL_SHAPES
     name = "deletion_auc"
     higher_is_better = False
 
@@ -321,7 +319,6 @@ class FaithfulnessCorrelation(_Perturbation):
     """Faithfulness correlation, logged as ``faithfulness_correlation.<infiller>`` (higher is
     better); arguments as in :func:`faithfulness_correlation`."""
 
-    input_dims = ALL_SHAPES
     name = "faithfulness_correlation"
     higher_is_better = True
 
@@ -340,7 +337,6 @@ class FaithfulnessCorrelation(_Perturbation):
 class Infidelity(ExplanationMetric):
     """Infidelity, logged as ``infidelity`` (lower is better); arguments as in :func:`infidelity`."""
 
-    input_dims = ALL_SHAPES
     name = "infidelity"
     higher_is_better = False
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ALL_SHAPES, ExplanationMetric, check_inputs, check_masks, pixel_relevance
+from .base import ExplanationMetric, check_inputs, check_masks, pixel_relevance
 
 __all__ = ["relevance_mass", "relevance_rank", "pointing_game", "RelevanceMass", "RelevanceRank", "PointingGame"]
 
@@ -63,7 +63,6 @@ def pointing_game(relevance: torch.Tensor, masks: torch.Tensor, x: torch.Tensor 
 
 
 class _Localisation(ExplanationMetric):
-    input_dims = ALL_SHAPES
     needs_model = False
     needs_masks = True
     higher_is_better = True

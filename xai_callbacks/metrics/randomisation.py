@@ -20,7 +20,7 @@ from torch import nn
 from ..attribution import model_scores
 from ..guard import model_guard, rng_guard, unwrap_model
 from ..scoring import Target
-from .base import ALL_SHAPES, SIMILARITIES, CurveResult, ExplanationMetric, check_choice, copy_model, explain_stacked, prepare
+from .base import SIMILARITIES, CurveResult, ExplanationMetric, check_choice, copy_model, explain_stacked, prepare
 
 __all__ = ["parameter_layers", "model_parameter_randomisation", "random_logit", "ModelParameterRandomisation",
            "RandomLogit"]
@@ -103,7 +103,6 @@ class ModelParameterRandomisation(ExplanationMetric):
     :meth:`compute_curve`, over ``curve_axis`` "randomised layers". Arguments as in
     :func:`model_parameter_randomisation`."""
 
-    input_dims = ALL_SHAPES
     name = "model_parameter_randomisation"
     curve_axis = "randomised layers"
     needs_method = True
@@ -128,7 +127,6 @@ class RandomLogit(ExplanationMetric):
     """Random-logit similarity, logged as ``random_logit_similarity`` (lower is better); arguments
     as in :func:`random_logit`."""
 
-    input_dims = ALL_SHAPES
     name = "random_logit_similarity"
     needs_method = True
     higher_is_better = False

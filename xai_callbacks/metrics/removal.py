@@ -25,7 +25,7 @@ from torch import nn
 
 from ..infill import Infiller, blender, get_infiller
 from ..scoring import score_perturbed
-from .base import OUTPUTS, CurveResult, check_choice, pearson, prepare, ranks
+from .base import require_images, OUTPUTS, CurveResult, check_choice, pearson, prepare, ranks
 from .faithfulness import _Perturbation, removal_curve
 
 __all__ = ["superpixels", "irof", "selectivity", "sensitivity_n", "IROF", "Selectivity", "SensitivityN"]
@@ -64,6 +64,7 @@ def irof(model: nn.Module, x: torch.Tensor, target, relevance: torch.Tensor, *, 
     """
     check_choice(output, OUTPUTS, "output", "irof")
     x, target, r = prepare(model, x, target, relevance, "irof")
+    require_images(x, "irof")
     b, _, h, w = x.shape
     seg = superpixels(x, n_segments, compactness) if segments is None else \
         torch.as_tensor(segments, device=x.device)
@@ -124,6 +125,7 @@ def sensitivity_n(model: nn.Module, x: torch.Tensor, target, relevance: torch.Te
     """
     check_choice(output, OUTPUTS, "output", "sensitivity_n")
     x, target, r = prepare(model, x, target, relevance, "sensitivity_n")
+    require_images(x, "sensitivity_n")
     b, _, h, w = x.shape
     if subsets is None:
         if n_runs < 2 or not fractions or not all(0 < f <= 1 for f in fractions):

@@ -25,7 +25,7 @@ from torch import nn
 from ..attribution import model_device, model_scores
 from ..guard import model_guard, unwrap_model
 from ..scoring import check_class_target, score_perturbed
-from .base import CurveResult, ExplanationMetric, check_choice, prepare, ranks
+from .base import require_images, CurveResult, ExplanationMetric, check_choice, prepare, ranks
 
 __all__ = ["noisy_linear_imputation", "road", "ROAD"]
 
@@ -186,6 +186,7 @@ def road(model: nn.Module, x: torch.Tensor, target, relevance: torch.Tensor, *, 
     if not percentages or not all(0 <= p < 100 for p in percentages):
         raise ValueError(f"road percentages must be in [0, 100), got {percentages}")
     x, target, r = prepare(model, x, target, relevance, "road")
+    require_images(x, "road")
     b, _, h, w = x.shape
     key = -r.flatten(1) if order == "morf" else r.flatten(1)
     position = ranks(key)                                           # (B, H*W): 0 = removed first

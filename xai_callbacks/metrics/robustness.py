@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..scoring import select
-from .base import ALL_SHAPES, ExplanationMetric, explain_stacked, prepare
+from .base import ExplanationMetric, explain_stacked, prepare
 
 __all__ = ["max_sensitivity", "avg_sensitivity", "local_lipschitz_estimate", "MaxSensitivity",
            "AvgSensitivity", "LocalLipschitzEstimate"]
@@ -89,7 +89,6 @@ def local_lipschitz_estimate(model: nn.Module, x: torch.Tensor, target, relevanc
 
 
 class _Robustness(ExplanationMetric):
-    input_dims = ALL_SHAPES
     needs_method = True
     higher_is_better = False
 

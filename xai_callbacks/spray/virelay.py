@@ -24,7 +24,9 @@ One directory per call holds:
     other cluster count (as CoRelAy writes them), so other counts can be browsed;
 
   and, outside ViRelAy's keys, ``spray/`` with the per-sample and per-cluster scores, the
-  prototypes and the strategy ids;
+  prototypes, the strategy ids and, when the causal check ran, ``spray/evidence/`` (per cluster:
+  region size, score drop, transfer rate, score rise, flagged, checked; per sample: suspicion
+  and the tested member's region);
 * ``label-map.json`` and ``project.yaml``: the ViRelAy project over these files.
 """
 from __future__ import annotations
@@ -227,3 +229,11 @@ def _write_class(f, class_id: int, rows: np.ndarray, result: SpRAyResult, class_
     for key, value in result.mask_shares.items():
         s[f"{key}_share"] = value.astype(np.float32)
     s.attrs["params"] = json.dumps(result.params, default=str)
+    evidence = getattr(result, "evidence", None)
+    if evidence is not None:  # the causal check: per cluster, per sample, and each tested member's region
+        e = s.create_group("evidence")
+        for key, value in evidence.as_dict().items():
+            e[key] = np.asarray(value)
+        e["sample_suspicion"] = np.asarray(evidence.sample_suspicion, dtype=np.float32)
+        e["region"] = _np(evidence.regions).astype(bool)
+        e.attrs["params"] = json.dumps(getattr(evidence, "params", {}), default=str)
