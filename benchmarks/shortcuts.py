@@ -202,7 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cost", action="store_true", help="also time the SpRAy epoch without the causal check")
     ap.add_argument("--verbose", action="store_true", help="print the shortcut class's clusters")
     args = ap.parse_args(argv)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    for name in ("lightning.pytorch", "xai_callbacks"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     rows = []
     head = (f"{'scenario':<17} {'arch':<9} {'acc':>5} {'paste':>5} {'remov':>5} {'used':>5} {'recall':>6} "
