@@ -154,9 +154,9 @@ def test_default_gate_fails_the_shortcut_demo_naming_class_and_strategy(artifact
     assert main(["gate", run]) == 1
     out = capsys.readouterr().out
     flagged = cb.strategy_ids[0][int(np.flatnonzero(cb.results[0].flagged)[0])]
-    assert "FAILED: spray/0/n_flagged = 1" in out
-    assert f"suspicious_strategy={flagged}" in out  # the flagged cluster, by its strategy id
-    assert "spray/1/n_flagged" in out and "FAILED: spray/1" not in out
+    assert f"class 0, strategy {flagged}: n_flagged = 1" in out  # the flagged cluster, by its strategy id
+    assert f"suspicious_strategy={flagged}" in out
+    assert "spray/1/n_flagged" in out and "class 1," not in out
 
 
 def test_too_few_and_constant_heatmaps_warn_count_and_training_goes_on(tmp_path):
