@@ -4,7 +4,7 @@ Each command runs in a fresh interpreter (as a CI step would), ``--repeat`` time
 with the baseline; reported: the median wall time and its ratio to the median of
 ``python -c pass``, and which of torch / lightning / wandb the command imported.
 
-    PYTHONPATH=. python benchmarks/cli.py              # gate on a small gate.json, --help, methods
+    PYTHONPATH=. python benchmarks/cli.py              # gate on a small gate.json, --help, methods (static, live)
     PYTHONPATH=. python benchmarks/cli.py --repeat 9
 """
 from __future__ import annotations
@@ -48,16 +48,17 @@ def timed(cmd: list[str]) -> tuple[float, int, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=5, help="runs of each command (median reported)")
-    parser.add_argument("--no-methods", action="store_true", help="skip `methods` (imports torch: slow)")
+    parser.add_argument("--no-live", action="store_true", help="skip `methods --live` (imports torch: slow)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         report = gate_json(tmp)
         commands = {"python -c pass": [sys.executable, "-c", "pass"],
                     "xai-callbacks --help": [sys.executable, "-c", PROBE, "--help"],
                     "xai-callbacks gate gate.json": [sys.executable, "-c", PROBE, "gate", report],
-                    "xai-callbacks gate no-such-dir": [sys.executable, "-c", PROBE, "gate", tmp + "/nope"]}
-        if not args.no_methods:
-            commands["xai-callbacks methods"] = [sys.executable, "-c", PROBE, "methods"]
+                    "xai-callbacks gate no-such-dir": [sys.executable, "-c", PROBE, "gate", tmp + "/nope"],
+                    "xai-callbacks methods": [sys.executable, "-c", PROBE, "methods"]}
+        if not args.no_live:
+            commands["xai-callbacks methods --live"] = [sys.executable, "-c", PROBE, "methods", "--live"]
         times = {name: [] for name in commands}
         info = {}
         for _ in range(args.repeat):

@@ -139,14 +139,24 @@ def lxt_patches(monkeypatch):
         sys.modules.pop(name, None)
 
 
-def test_cp_lrp_on_vit_equals_lxt(lxt_patches):
-    """lxt's CP-LRP for torchvision's ViT patches GELU, LayerNorm and MultiheadAttention
-    classes; ours changes only one forward pass. Same relevance, with biases."""
+@pytest.mark.parametrize("method", ["lrp.cp", "lrp.attn"])
+def test_transformer_lrp_on_vit_equals_lxt(lxt_patches, method):
+    """lxt's rules for torchvision's ViT patch the GELU, LayerNorm and MultiheadAttention
+    classes (lxt's CP-LRP map; for AttnLRP its uniform rule, ``divide_gradient``, on query, key
+    and value as lxt does for Hugging Face attention); ours changes only one forward pass. Same
+    relevance, with biases."""
     p = lxt_patches
+    from lxt.efficient.rules import divide_gradient
+
+    def attn_lrp_forward(self, query, key, value, *args, **kwargs):
+        return self.original_forward(divide_gradient(query, 4), divide_gradient(key, 4), divide_gradient(value, 2),
+                                     *args, **kwargs)
+
     model, x = vit(), torch.rand(2, 3, 32, 32)
-    ours = explain(model, x, 3, method="lrp.cp")
+    ours = explain(model, x, 3, method=method)
+    attention = p.cp_multi_head_attention_forward if method == "lrp.cp" else attn_lrp_forward
     patched = {nn.GELU: (p.non_linear_forward, True), nn.LayerNorm: (p.layer_norm_forward, False),
-               nn.MultiheadAttention: (p.cp_multi_head_attention_forward, True)}
+               nn.MultiheadAttention: (attention, True)}
     saved = {cls: cls.forward for cls in patched}
     try:
         for cls, (fn, keep) in patched.items():
@@ -161,6 +171,29 @@ def test_cp_lrp_on_vit_equals_lxt(lxt_patches):
                 del cls.original_forward
     assert nn.LayerNorm.forward is saved[nn.LayerNorm]
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+
+
+class Bilinear(nn.Module):
+    """logits = head(flatten(q k^T)) with q, k bias-free projections of the tokens: homogeneous
+    of degree 2 in the input, so gradient x input sums to twice the logit."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.head = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False), nn.Linear(9, 2, bias=False)
+
+    def forward(self, x):
+        return self.head(self.q(x).matmul(self.k(x).transpose(-1, -2)).flatten(1))
+
+
+def test_attn_lrp_uniform_rule_conserves_a_product_of_activations():
+    model, x = Bilinear(), torch.randn(2, 3, 4)
+    with torch.no_grad():
+        logit = model(x)[:, 1]
+    total = explain(model, x, 1, method="lrp.attn").flatten(1).sum(1)
+    torch.testing.assert_close(total, logit, rtol=1e-4, atol=1e-6)
+    plain = explain(model, x, 1, method="input_x_gradient").flatten(1).sum(1)
+    torch.testing.assert_close(plain, 2 * logit, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("make", [vit, swin], ids=["vit", "swin"])
@@ -265,6 +298,17 @@ def test_token_relevance_is_one_per_token_and_chunking_does_not_change_it(method
     chunked = explain(model, TOKENS, 1, method=method, batch_size=2, **opts)
     if method != "smoothgrad":
         torch.testing.assert_close(chunked, rel)
+
+
+def test_token_relevance_under_lightning_validation_contexts():
+    """Lightning validates under no_grad (in fit) and inference_mode (standalone validate)."""
+    model = TextTransformer()
+    expected = explain(model, TOKENS, 1, method="lrp.cp")
+    for outer in (torch.inference_mode, torch.no_grad):
+        with outer():
+            tokens = TOKENS.clone()  # an inference tensor under inference_mode, like Lightning's batches
+            rel = explain(model, tokens, 1, method="lrp.cp")
+        torch.testing.assert_close(rel, expected)
 
 
 def test_token_input_x_gradient_equals_captum_on_the_embedding_layer():

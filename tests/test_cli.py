@@ -57,11 +57,15 @@ def bad_inputs(tmp_path, report):
         (["fit", "max_epochs"], r"override 'max_epochs': overrides look like key=value"),
         (["fit", "data.artifact_kind=zigzag"], r"data.artifact_kind='zigzag' is not valid; valid: \["),
         (["fit", "--configg", DEMO], r"unrecognized arguments: --configg"),
+        (["fit", "logger.kind=none", "trainer.max_epochs=-5"], r"override 'trainer.max_epochs=-5': in trainer: `max_epochs`"),
+        (["fit", "logger.kind=none", "model.width=-1"], r"override 'model.width=-1': in model: .*negative dimension"),
     ]
 
 
-def test_every_bad_input_is_one_line_and_exit_2(tmp_path, report, capsys):
+def test_every_bad_input_is_one_line_and_exit_2(tmp_path, report, capsys, monkeypatch):
     import re
+
+    monkeypatch.chdir(tmp_path)  # nothing is written into the repository
 
     for argv, message in bad_inputs(tmp_path, report):
         code, out, err = run(argv, capsys)
@@ -92,3 +96,31 @@ def test_gate_imports_no_torch_lightning_or_wandb(report):
     done = subprocess.run([sys.executable, "-c", probe, str(report)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": ROOT})
     assert done.stdout.strip().splitlines()[-1] == "[1, 2] []", done.stderr
+
+
+def test_gate_on_a_run_that_never_validated_fails(tmp_path, capsys):
+    report = write_report(tmp_path / "gate.json", ["spray/*/max_suspicion < 0.25"], [],
+                          final={"epoch": 3, "passed": False, "missing": []})
+    code, out, _ = run(["gate", str(report)], capsys)
+    assert code == 1 and "NOT LOGGED (logged by SpRAyCallback)" in out
+    write_report(tmp_path / "gate.json", ["val/acc > 0.5"], [])
+    assert run(["gate", str(report)], capsys)[0] == 2  # no check at all yet: nothing to judge
+
+
+def test_methods_listing_read_from_the_source_is_the_registry(capsys):
+    from xai_callbacks.attribution import available_methods, method_options
+    from xai_callbacks.cli import _registered_methods
+
+    live = {name: [(k, repr(v)) for k, v in method_options(name).items()] for name in available_methods()}
+    assert _registered_methods() == live  # a method registered other than by @register_method("...") breaks this
+    assert main(["methods"]) == 0
+    static = capsys.readouterr().out
+    assert main(["methods", "--live"]) == 0 and capsys.readouterr().out == static
+
+
+def test_methods_imports_no_torch():
+    probe = ("import sys\nfrom xai_callbacks.cli import main\nmain(['methods'])\n"
+             "print(sorted(m for m in ('torch', 'lightning', 'wandb') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert "saliency" in done.stdout and done.stdout.strip().splitlines()[-1] == "[]", done.stderr

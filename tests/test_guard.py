@@ -136,3 +136,37 @@ def test_snapshot_with_values_sees_in_place_writes():
     assert any("in place" in c for c in snap.changed())
     snap.restore()
     assert snap.changed() == []
+
+
+def test_training_goes_on_unchanged_after_a_canonizer_fails_in_the_callback(tmp_path, monkeypatch):
+    """The reported failure: LRP on a DenseNet with an order-based BatchNorm merge failed half-way
+    inside AttributionCallback and left the model broken, so the next training step crashed even
+    with on_error='warn'. Now the failure is counted and the weights equal a run without it."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from conftest import make_trainer
+    from xai_callbacks import AttributionCallback
+    from xai_callbacks.models import Classifier
+
+    tv = pytest.importorskip("torchvision.models")
+    monkeypatch.setattr(lrp_module, "default_canonizers", lambda model, example=None: [SequentialMergeBatchNorm()])
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.rand(24, 3, 16, 16, generator=g), torch.arange(24) % 3)
+
+    def fit(callbacks):
+        pl.seed_everything(0, verbose=False)
+        module = Classifier(tv.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2,
+                                        num_classes=3))
+        trainer = make_trainer(tmp_path, callbacks, max_epochs=2, limit_train_batches=2, limit_val_batches=1)
+        trainer.fit(module, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+        return module.state_dict()
+
+    cb = AttributionCallback(methods=["lrp.epsilon_plus_flat"], probe_size=6, save_heatmaps=False)
+    with pytest.warns(UserWarning, match="size of tensor"):
+        with_cb = fit([cb])
+    assert cb.errors == 2
+    without = fit([])
+    assert with_cb.keys() == without.keys()
+    for k, v in without.items():
+        assert torch.equal(with_cb[k], v), f"{k} differs from the run without the callback"

@@ -39,8 +39,8 @@ def blobs(n_strategies: int, per: int, rng) -> np.ndarray:
 def three_classes(tmp_path):
     """A project over three classes whose eigengap picks 2, 3 and 4 strategies; one is flagged."""
     rng = np.random.default_rng(0)
-    heat = np.concatenate([blobs(2, 12, rng), blobs(3, 12, rng), blobs(4, 12, rng)])
-    labels = np.repeat([0, 1, 2], [24, 36, 48])
+    heat = np.concatenate([blobs(2, 8, rng), blobs(3, 8, rng), blobs(4, 8, rng)])
+    labels = np.repeat([0, 1, 2], [16, 24, 32])
     results = {}
     for c in range(3):
         rows = np.flatnonzero(labels == c)
@@ -84,8 +84,9 @@ def get(url: str) -> bytes:
         raise AssertionError(f"{url} answered {err.code}: {err.read()[:300]!r}") from None
 
 
-def check_rest(base: str) -> dict:
-    """Walk ViRelAy's REST API as its UI does; every answer must be 200. Returns counts of what was seen."""
+def check_rest(base: str, every: int = 1) -> dict:
+    """Walk ViRelAy's REST API as its UI does (every ``every``-th sample); every answer must be 200.
+    Returns counts of what was seen."""
     seen = {"categories": 0, "analyses": 0, "samples": 0, "heatmaps": 0}
     (project,) = json.loads(get(f"{base}/api/projects"))
     detail = json.loads(get(f"{base}/api/projects/{project['id']}"))
@@ -103,7 +104,7 @@ def check_rest(base: str) -> dict:
                                               f"{category['name']}&clustering={clustering}&embedding={embedding}"))
                     seen["analyses"] += 1
                     attribution_indices |= {e["attributionIndex"] for e in analysis["embedding"]}
-    for i in sorted(attribution_indices):
+    for i in sorted(attribution_indices)[::every]:
         sample = json.loads(get(f"{base}/api/projects/0/dataset/{i}"))
         image = get(f"{base}{sample['url']}")
         assert image[:2] == b"\xff\xd8"  # a JPEG
@@ -111,7 +112,7 @@ def check_rest(base: str) -> dict:
         for mode in ("overlay", "attribution", "input"):
             attribution = json.loads(get(f"{base}/api/projects/0/attributions/{i}?imageMode={mode}"))
             assert sorted(attribution["urls"]) == sorted(color_maps) and len(attribution["prediction"]) > 0
-            for url in attribution["urls"].values():
+            for url in set(attribution["urls"].values()):  # in "input" mode all point at the sample image
                 assert get(f"{base}{url}")[:2] == b"\xff\xd8"
                 seen["heatmaps"] += mode != "input"
     batch = ",".join(str(i) for i in sorted(attribution_indices)[:5])
@@ -169,9 +170,11 @@ def test_written_project_answers_200_through_virelays_server(tmp_path):
                     "heatmaps": len(labels) * 8 * 2}
 
 
-def test_callback_project_opens_in_virelay(tmp_path):
-    """The files SpRAyCallback writes while training (single-channel digits) open in ViRelAy."""
+def test_callback_project_opens_in_virelay(tmp_path, capsys):
+    """The files SpRAyCallback writes while training (single-channel digits) open in ViRelAy; its
+    work shows in the progress bar class by class."""
     from conftest import make_trainer
+    from lightning.pytorch.callbacks import TQDMProgressBar
 
     from xai_callbacks import SpRAyCallback
     from xai_callbacks.data import ShortcutDigitsDataModule
@@ -182,10 +185,32 @@ def test_callback_project_opens_in_virelay(tmp_path):
     module = Classifier(DemoCNN(width=4, image_size=32))
     cb = SpRAyCallback(classes=[0, 1, 2], max_per_class=12, target="prediction", on_error="raise",
                        spray_options={"k": 4, "visualisation": None, "max_clusters": 4})
-    make_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2).fit(module, dm)
+    make_trainer(tmp_path, [cb, TQDMProgressBar()], max_epochs=1, limit_train_batches=2,
+                 enable_progress_bar=True).fit(module, dm)
+    assert "SpRAyCallback: SpRAy class 2" in capsys.readouterr().out
     (project_yaml,) = sorted(tmp_path.rglob("project.yaml"))
     spec = yaml.safe_load(project_yaml.read_text())["project"]
     assert spec["attributions"]["attribution_strategy"] == "predicted_label"
     with serve(project_yaml) as base:
         seen = check_rest(base)
     assert seen["categories"] == 3 and seen["samples"] == 36 and seen["heatmaps"] == 36 * 16
+
+
+def test_rgb_project_answers_200_through_virelays_server(tmp_path):
+    """Three-channel inputs and relevance (the usual image case) open as well."""
+    rng = np.random.default_rng(1)
+    heat = np.concatenate([blobs(2, 12, rng), blobs(3, 12, rng)]).repeat(3, axis=1) / 3
+    labels = np.repeat([0, 1], [24, 36])
+    results = {c: (np.flatnonzero(labels == c), spray(heat[labels == c], k=5, visualisation=None, max_clusters=4))
+               for c in range(2)}
+    paths = write_virelay(tmp_path / "rgb", heat, labels, results, inputs=rng.random(heat.shape),
+                          predictions=rng.normal(size=(len(labels), 2)))
+    project = virelay_model.Project(str(paths["project"]))
+    try:
+        np.testing.assert_allclose(project.get_attribution(5).data.sum(-1), heat[5].sum(0), rtol=1e-5, atol=1e-7)
+        assert project.get_sample(5).data.shape == (SIZE, SIZE, 3)
+    finally:
+        project.close()
+    with serve(paths["project"]) as base:
+        seen = check_rest(base, every=6)  # the single-channel tests above walk every sample
+    assert seen == {"categories": 2, "analyses": 2 * (2 + 3) * 1, "samples": 10, "heatmaps": 10 * 16}

@@ -6,8 +6,8 @@
 
 Every unusable input (a missing file, a misspelled key, an unknown method, a malformed rule)
 ends in one line naming it and what is valid, with exit code 2; ``--debug`` shows the traceback.
-``gate`` imports neither torch, Lightning nor W&B; ``methods`` imports only the attribution
-registry (torch and the explainer libraries).
+``gate`` and ``methods`` import neither torch, Lightning nor W&B (``methods`` reads the
+registry from the source; ``methods --live`` imports it).
 """
 from __future__ import annotations
 
@@ -80,9 +80,10 @@ def _gate(args) -> int:
         rules = [parse_rule(r) for r in (_load_rules(args.rules) if args.rules else report["rules"])]
     except (OSError, ValueError) as err:
         raise UsageError(str(err)) from err
-    if not report["epochs"]:
+    if not report["epochs"] and not report.get("final"):
         raise UsageError(f"{path}: the gate report has no checked epoch yet (did the run reach a validation?)")
-    last = report["epochs"][-1]
+    # a run that ended without any validation still has its end-of-run check: its rules were never logged
+    last = report["epochs"][-1] if report["epochs"] else {"epoch": report["final"]["epoch"], "values": {}}
     seen: dict[str, float] = {}
     for entry in report["epochs"]:
         seen.update(entry["values"])
@@ -109,12 +110,49 @@ def _gate(args) -> int:
     return 1 if failed else 0
 
 
-def _methods(args) -> int:
-    from .attribution import available_methods, method_options
+def _registered_methods() -> dict[str, list[tuple[str, str]]]:
+    """The attribution registry read from the source, without importing it (no torch): every
+    function decorated ``@register_method("<name>", ...)`` in ``xai_callbacks/attribution/``
+    and its options (the parameters after ``(model, x, target)`` that are keyword-only or have a
+    default), as ``name -> [(option, repr of its default)]``. ``methods --live`` imports the
+    registry instead; a test keeps the two equal."""
+    import ast
+    from pathlib import Path
 
-    for name in available_methods():
-        opts = ", ".join(f"{k}={v!r}" for k, v in method_options(name).items())
-        print(f"{name:28s} {opts}")
+    found: dict[str, list[tuple[str, str]]] = {}
+    for path in sorted((Path(__file__).parent / "attribution").glob("*.py")):
+        for fn in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for dec in fn.decorator_list:
+                if (isinstance(dec, ast.Call) and getattr(dec.func, "id", None) == "register_method" and dec.args
+                        and isinstance(dec.args[0], ast.Constant)):
+                    a = fn.args
+                    positional = a.posonlyargs + a.args
+                    defaults = [None] * (len(positional) - len(a.defaults)) + list(a.defaults)
+                    params = list(zip(positional, defaults)) + list(zip(a.kwonlyargs, a.kw_defaults))
+                    options = []
+                    for i, (arg, default) in enumerate(params):
+                        if i < 3 or (default is None and arg not in a.kwonlyargs):
+                            continue
+                        try:
+                            shown = "<required>" if default is None else repr(ast.literal_eval(default))
+                        except ValueError:
+                            shown = ast.unparse(default)
+                        options.append((arg.arg, shown))
+                    found[dec.args[0].value] = options
+    return dict(sorted(found.items()))
+
+
+def _methods(args) -> int:
+    if args.live:
+        from .attribution import available_methods, method_options
+
+        listing = {name: [(k, repr(v)) for k, v in method_options(name).items()] for name in available_methods()}
+    else:
+        listing = _registered_methods()
+    for name, options in listing.items():
+        print(f"{name:28s} " + ", ".join(f"{k}={v}" for k, v in options))
     return 0
 
 
@@ -135,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     gate.add_argument("--rules", help="YAML file with rules to check instead of the report's own")
     gate.set_defaults(func=_gate)
     methods = sub.add_parser("methods", help="list attribution methods and their options", parents=[debug])
+    methods.add_argument("--live", action="store_true", help="import the registry (torch) instead of reading "
+                                                               "the source")
     methods.set_defaults(func=_methods)
     args = parser.parse_args(argv)
     try:

@@ -305,10 +305,12 @@ def build(cfg: DictConfig, path: str | Path | None = None, overrides: list[str] 
     from .data import ShortcutDigitsDataModule
     from .models import Classifier, DemoCNN
 
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     def make(section: str, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, RuntimeError, MisconfigurationException) as err:
             raise ConfigError(f"{_override_source(section, path, overrides)}: in {section}: {err}") from None
 
     pl.seed_everything(cfg.seed, verbose=False)

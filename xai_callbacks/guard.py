@@ -95,18 +95,19 @@ class ModelSnapshot:
         self.tensors = [(t, t.data, t.detach().clone() if values else None) for t in tensors.values()]
 
     def changed(self) -> list[str]:
-        """Descriptions of what differs from the snapshot (structure and storage; values only
-        where they were copied)."""
+        """What differs from the snapshot in the model's weights: parameter tables, parameter and
+        BatchNorm buffer storage, and (where copied) values. Attributes and other buffers are not
+        compared: models may cache things there in forward (rotary tables, masks)."""
         out = []
-        for m, attrs, params, buffers, modules in self.modules:
-            name = type(m).__name__
-            if set(m.__dict__) != set(attrs):
-                out.append(f"{name} attributes {sorted(set(m.__dict__) ^ set(attrs))}")
-            for kind, now, before in (("parameters", m._parameters, params), ("buffers", m._buffers, buffers),
-                                      ("submodules", m._modules, modules)):
-                if now.keys() != before.keys() or any(now[k] is not v for k, v in before.items()):
-                    out.append(f"{name} {kind}")
+        for m, _, params, buffers, _ in self.modules:
+            if m._parameters.keys() != params.keys() or any(m._parameters[k] is not v for k, v in params.items()):
+                out.append(f"{type(m).__name__} parameters {sorted(set(m._parameters) ^ set(params)) or ''}")
+        weights = {id(t) for _, _, ps, _, _ in self.modules for t in ps.values() if t is not None}
+        weights |= {id(t) for m, _, _, bs, _ in self.modules if isinstance(m, nn.modules.batchnorm._NormBase)
+                    for t in bs.values() if t is not None}
         for t, data, value in self.tensors:
+            if id(t) not in weights:
+                continue
             if t.data.data_ptr() != data.data_ptr() or t.shape != data.shape or t.dtype != data.dtype:
                 out.append(f"tensor of shape {tuple(data.shape)} replaced")
             elif value is not None and not torch.equal(t.data, value):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["heatmap_rgb", "input_rgb", "overlay", "panel"]
+__all__ = ["heatmap_rgb", "input_rgb", "overlay", "panel", "colour_scale", "prototype_picture", "spectrum_picture",
+           "tokens_html"]
 
 
 def _to_numpy(t) -> np.ndarray:
@@ -56,14 +57,110 @@ def overlay(x, relevance, percentile: float = 99.5, cmap: str = "bwr") -> np.nda
     return (alpha * heat + (1 - alpha) * grey).round().clip(0, 255).astype(np.uint8)
 
 
-def panel(x, relevance, scale: int | None = None, gap: int = 2) -> np.ndarray:
-    """Input and overlay side by side, upscaled (nearest) so small images stay visible."""
-    left, right = input_rgb(x), overlay(x, relevance)
+def _scale_of(relevance, percentile: float) -> float:
+    """The |R| that saturates the colours (as in :func:`heatmap_rgb`)."""
+    r = np.abs(_hw(relevance))
+    scale = float(np.percentile(r, percentile))
+    return scale if np.isfinite(scale) and scale > 0 else float(r.max())
+
+
+def _text(img: np.ndarray, lines: list[tuple[str, tuple[int, int, int]]], top: int = 2, left: int = 3) -> np.ndarray:
+    """``img`` with lines of (text, colour) drawn from its top-left corner (Pillow's default font)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    pic = Image.fromarray(img)
+    draw, font = ImageDraw.Draw(pic), ImageFont.load_default()
+    for i, (line, colour) in enumerate(lines):
+        draw.text((left, top + 12 * i), line, fill=colour, font=font)
+    return np.asarray(pic).copy()
+
+
+def colour_scale(height: int, scale: float, cmap: str = "bwr", width: int = 14) -> np.ndarray:
+    """A vertical colour bar for ``height`` pixels with its values: ``+scale`` at the top, 0 in
+    the middle, ``-scale`` at the bottom, as (height, width + labels, 3) uint8."""
+    from matplotlib import colormaps
+
+    v = np.linspace(1, -1, height)[:, None].repeat(width, axis=1)
+    bar = (colormaps[cmap]((v + 1) / 2)[..., :3] * 255).round().astype(np.uint8)
+    labels = np.full((height, 48, 3), 255, np.uint8)
+    labels = _text(labels, [(f"+{scale:.2g}", (0, 0, 0))], top=0)
+    labels = _text(labels, [("0", (0, 0, 0))], top=max(0, height // 2 - 6))
+    labels = _text(labels, [(f"-{scale:.2g}", (0, 0, 0))], top=max(0, height - 12))
+    return np.concatenate([bar, np.full((height, 2, 3), 255, np.uint8), labels], axis=1)
+
+
+def panel(x, relevance, scale: int | None = None, gap: int = 2, percentile: float = 99.5) -> np.ndarray:
+    """Input | overlay | colour scale, upscaled (nearest) so small images stay visible; the
+    scale's ends are the relevance that saturates the colours."""
+    left, right = input_rgb(x), overlay(x, relevance, percentile)
     h = left.shape[0]
     scale = scale or max(1, 128 // h)
     sep = np.full((h, gap, 3), 255, np.uint8)
     img = np.concatenate([left, sep, right], axis=1)
-    return img.repeat(scale, axis=0).repeat(scale, axis=1)
+    img = img.repeat(scale, axis=0).repeat(scale, axis=1)
+    bar = colour_scale(img.shape[0], _scale_of(relevance, percentile))
+    return np.concatenate([img, np.full((img.shape[0], gap * scale, 3), 255, np.uint8), bar], axis=1)
+
+
+def prototype_picture(prototype, strategy: int, size: int, share: float, flagged: bool, side: int = 192,
+                      extra: str = "") -> np.ndarray:
+    """A strategy's prototype (mean heatmap) at ``side`` pixels, labelled with its id, size and
+    share; a flagged strategy gets a red frame and "FLAGGED" in its label.
+
+    Args:
+        prototype: (C, H, W) or (H, W) mean relevance.
+        strategy: the strategy's id.
+        size: members.
+        share: members' share of the class.
+        flagged: whether the strategy is a suspected Clever-Hans strategy.
+        side: the picture's longer side in pixels (nearest upscaling by an integer factor).
+        extra: an optional third label line (e.g. the evidence that flagged it).
+    """
+    heat = heatmap_rgb(prototype)
+    k = max(1, side // max(heat.shape[:2]))
+    heat = heat.repeat(k, axis=0).repeat(k, axis=1)
+    frame = 6 if flagged else 1
+    colour = (220, 0, 0) if flagged else (160, 160, 160)
+    lines = [(f"strategy {strategy}" + ("  FLAGGED" if flagged else ""), colour if flagged else (0, 0, 0)),
+             (f"{size} samples ({share:.0%})", (0, 0, 0))] + ([(extra, (0, 0, 0))] if extra else [])
+    header = _text(np.full((12 * len(lines) + 4, heat.shape[1], 3), 255, np.uint8), lines)
+    body = np.concatenate([header, heat], axis=0)
+    out = np.empty((body.shape[0] + 2 * frame, body.shape[1] + 2 * frame, 3), np.uint8)
+    out[:] = colour
+    out[frame:-frame, frame:-frame] = body
+    return out
+
+
+def spectrum_picture(eigenvalues, n_clusters: int, title: str = "", n_show: int = 16) -> np.ndarray:
+    """The smallest Laplacian eigenvalues with the gap that chose ``n_clusters`` marked, as uint8 RGB.
+
+    Args:
+        eigenvalues: ascending eigenvalues.
+        n_clusters: the chosen K (the gap lies between eigenvalue K and K+1, 1-based).
+        title: the plot's title.
+        n_show: eigenvalues shown at most (at least K + 2).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    ev = np.asarray(eigenvalues, dtype=float)[: max(n_show, n_clusters + 2)]
+    idx = np.arange(1, len(ev) + 1)
+    fig, ax = plt.subplots(figsize=(4, 3), dpi=80)
+    ax.plot(idx, ev, "o-", color="black", markersize=4)
+    ax.plot(idx[:n_clusters], ev[:n_clusters], "o", color="tab:red", markersize=6, label=f"K = {n_clusters}")
+    if n_clusters < len(ev):
+        ax.axvspan(n_clusters, n_clusters + 1, color="tab:red", alpha=0.15, label="chosen gap")
+    ax.set_xlabel("index")
+    ax.set_ylabel("eigenvalue")
+    ax.set_title(title or f"Laplacian spectrum: {n_clusters} strategies by the eigengap", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return img
 
 
 def tokens_html(tokens, relevance, percentile: float = 99.5, cmap: str = "bwr") -> str:

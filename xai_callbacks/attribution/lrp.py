@@ -35,10 +35,11 @@ class TracedMergeBatchNorm(canonizers.SequentialMergeBatchNorm):
     output is also read by another module.
 
     Args:
-        example: one input batch (a single sample suffices) to trace the data flow with.
+        example: one input batch (a single sample suffices) to trace the data flow with; None
+            until :func:`lrp` sets the batch being explained.
     """
 
-    def __init__(self, example: torch.Tensor):
+    def __init__(self, example: torch.Tensor | None = None):
         super().__init__()
         self.example = example
 
@@ -46,6 +47,8 @@ class TracedMergeBatchNorm(canonizers.SequentialMergeBatchNorm):
         return canonizers.SequentialMergeBatchNorm()
 
     def apply(self, root_module: nn.Module) -> list:
+        if self.example is None:
+            raise ValueError("TracedMergeBatchNorm needs an example input to trace the model with")
         instances = []
         for linear, norm in traced_batchnorm_pairs(root_module, self.example):
             instance = self.copy()
@@ -112,10 +115,10 @@ class DenseNetHeadCanonizer(canonizers.AttributeCanonizer):
         return DenseNetHeadCanonizer()
 
 
-def default_canonizers(model: nn.Module, example: torch.Tensor) -> list:
+def default_canonizers(model: nn.Module, example: torch.Tensor | None = None) -> list:
     """The canonizers for ``model``: zennit's ResNet canonizer for torchvision ResNets, else
     :class:`TracedMergeBatchNorm` traced with ``example`` (after :class:`DenseNetHeadCanonizer`
-    on torchvision DenseNets)."""
+    on torchvision DenseNets; without ``example``, :func:`lrp` traces with the explained batch)."""
     from torchvision.models.densenet import DenseNet
     from torchvision.models.resnet import BasicBlock, Bottleneck
     from zennit.torchvision import ResNetCanonizer
@@ -123,20 +126,24 @@ def default_canonizers(model: nn.Module, example: torch.Tensor) -> list:
     if any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
         return [ResNetCanonizer()]
     head = [DenseNetHeadCanonizer()] if any(isinstance(m, DenseNet) for m in model.modules()) else []
-    return head + [TracedMergeBatchNorm(example[:1].detach())]
+    return head + [TracedMergeBatchNorm(None if example is None else example[:1].detach())]
 
 
-def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, make_composite,
-        method: str = "lrp") -> torch.Tensor:
-    """Relevance of ``x`` for ``target`` under ``make_composite(canonizers)``; the target logit is
-    the relevance put into the output, so relevance sums to it where the rules conserve.
+def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite, method: str = "lrp") -> torch.Tensor:
+    """Relevance of ``x`` for ``target`` under ``composite``: a zennit composite, or a function
+    ``canonizers -> composite`` that gets :func:`default_canonizers`. The target logit is the
+    relevance put into the output, so relevance sums to it where the rules conserve.
     Raises :class:`~.transformer.MethodNotApplicableError` (naming ``method``) for models with
     layers the composites have no rule for (attention, LayerNorm), before anything on the model
     is changed."""
     refuse_transformer(model, method, "zennit's composites have no rules for attention and LayerNorm")
     forward = CheckedForward(model, target)
+    if not isinstance(composite, composites.Composite):
+        composite = composite(default_canonizers(model, x))
+    for c in composite.canonizers:
+        if isinstance(c, TracedMergeBatchNorm) and c.example is None:
+            c.example = x[:1].detach()
     with preserve_values(model):
-        composite = make_composite(default_canonizers(model, x))
         with composite.context(model) as modified:
             forward.model = modified
             x = x.requires_grad_(True)

@@ -1,5 +1,5 @@
-"""Transformers: conservative LRP (``lrp.cp``), Grad-CAM on tokens, attention rollout, and the
-error a method raises on an architecture it does not apply to.
+"""Transformers: LRP for attention and LayerNorm (``lrp.cp``, ``lrp.attn``), Grad-CAM on token
+grids, attention rollout, and the error a method raises on an architecture it does not apply to.
 
 ``lrp.cp`` is CP-LRP (Ali et al. 2022, "XAI for Transformers: better explanations through
 conservative propagation") computed as gradient x input of a modified forward pass: the
@@ -10,7 +10,8 @@ The modification is a :class:`torch.overrides.TorchFunctionMode` active for one 
 it applies to any model built from ``F.layer_norm``, ``F.softmax``, ``F.gelu``,
 ``F.multi_head_attention_forward`` and ``F.scaled_dot_product_attention`` (torchvision ViT and
 Swin, ``nn.TransformerEncoder``) and changes nothing outside that pass: no module or class is
-patched.
+patched. ``lrp.attn`` is AttnLRP (Achtibat et al. 2024) in the same way (:class:`AttentionLRP`).
+Both agree with the lxt package's rules, which patch torchvision's classes process-wide instead.
 """
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ from torch.overrides import TorchFunctionMode
 from . import CheckedForward, register_method
 from ..guard import input_gradient
 
-__all__ = ["MethodNotApplicableError", "ConservativeTransformerLRP", "transformer_layers", "applicable_methods",
-           "refuse_transformer", "token_grid"]
+__all__ = ["MethodNotApplicableError", "ConservativeTransformerLRP", "AttentionLRP", "transformer_layers",
+           "applicable_methods", "refuse_transformer", "token_grid"]
 
 _EPS = 1e-10
+TRANSFORMER_LRP = ("lrp.cp", "lrp.attn")
 
 
 class MethodNotApplicableError(ValueError):
@@ -43,8 +45,13 @@ def transformer_layers(model: nn.Module) -> list[str]:
 
 
 def _architecture(model: nn.Module) -> str:
-    inner = getattr(model, "model", None)  # a LightningModule holding the network as .model
-    return type(inner if isinstance(inner, nn.Module) else model).__name__
+    """The name of the network inside wrappers (a LightningModule's ``.model``, a target or
+    embedding wrapper's ``.inner`` / ``.model``)."""
+    for attr in ("inner", "model"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module):
+            return _architecture(inner)
+    return type(model).__name__
 
 
 def applicable_methods(model: nn.Module, tokens: bool = False) -> list[str]:
@@ -59,7 +66,7 @@ def applicable_methods(model: nn.Module, tokens: bool = False) -> list[str]:
     for m in available_methods():
         if tokens and m not in GRADIENT_METHODS and not m.startswith("lrp."):
             continue
-        if transformer and m.startswith("lrp.") and m != "lrp.cp":
+        if transformer and m.startswith("lrp.") and m not in TRANSFORMER_LRP:
             continue
         if m == "attention_rollout" and not _has_class_token_attention(model):
             continue
@@ -114,6 +121,23 @@ def _layer_norm_cp(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     return y
 
 
+class _DivideGradient(torch.autograd.Function):
+    """Identity forward; backward divides the gradient by ``factor`` (the uniform rule's share)."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / ctx.factor, None
+
+
+def _is_activation(t) -> bool:
+    return isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and t.requires_grad
+
+
 class ConservativeTransformerLRP(TorchFunctionMode):
     """Within this mode, gradient x input of a transformer is its CP-LRP relevance: softmax
     outputs and LayerNorm's standard deviation are constants (no gradient), query and key of
@@ -140,6 +164,28 @@ class ConservativeTransformerLRP(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class AttentionLRP(ConservativeTransformerLRP):
+    """Within this mode, gradient x input of a transformer is its AttnLRP relevance (Achtibat et
+    al. 2024): LayerNorm and activations as in CP-LRP; the softmax keeps its gradient (which, as
+    gradient x input, is AttnLRP's softmax rule); each product of two activations (query x key,
+    attention x value) gives each factor half of the relevance (uniform rule): queries and keys
+    of fused attention get a quarter, values a half. Forward values are unchanged."""
+
+    _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm}  # both factors non-parameters
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._SOFTMAX:
+            return func(*args, **kwargs)
+        if func in self._MATMUL and len(args) == 2 and all(map(_is_activation, args)):
+            return func(*(_DivideGradient.apply(a, 2.0) for a in args), **kwargs)
+        if func is F.multi_head_attention_forward or func is F.scaled_dot_product_attention:
+            query, key, value, *rest = args
+            return func(_DivideGradient.apply(query, 4.0), _DivideGradient.apply(key, 4.0),
+                        _DivideGradient.apply(value, 2.0), *rest, **kwargs)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
 @register_method("lrp.cp")
 def conservative_lrp(model, x, target) -> torch.Tensor:
     """CP-LRP for transformers (attention weights and LayerNorm scale as constants, identity rule
@@ -148,6 +194,19 @@ def conservative_lrp(model, x, target) -> torch.Tensor:
     model the relevance sums to it. On a network without attention this is LRP-0."""
     forward = CheckedForward(model, target)
     with ConservativeTransformerLRP():
+        out = forward(x)
+    onehot = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
+    return x.detach() * input_gradient(out, x, grad_outputs=onehot)
+
+
+@register_method("lrp.attn")
+def attention_lrp(model, x, target) -> torch.Tensor:
+    """AttnLRP for transformers (uniform rule on products of activations, softmax rule through
+    its gradient, LayerNorm scale constant, identity rule on GELU / SiLU, LRP-0 on linear and
+    convolution layers), as gradient x input under :class:`AttentionLRP`. Not exactly
+    conservative: the softmax rule keeps the share of its implicit bias."""
+    forward = CheckedForward(model, target)
+    with AttentionLRP():
         out = forward(x)
     onehot = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
     return x.detach() * input_gradient(out, x, grad_outputs=onehot)

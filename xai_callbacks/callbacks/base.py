@@ -14,6 +14,7 @@ from torch.utils.data.dataloader import default_collate
 from .. import sinks
 from ..data import unpack_batch
 from ..guard import rng_guard
+from .progress import Progress, task
 from ..infill import get_infiller
 
 __all__ = ["ExplanationCallback", "Probe", "select_probe", "val_dataloader", "shard_map"]
@@ -119,6 +120,8 @@ class ExplanationCallback(pl.Callback):
         self.errors = 0
         self._probe: Probe | None = None
 
+    progress: Progress = Progress()  # the progress-bar line of the running work (no-op outside run_safely)
+
     # -- what subclasses implement -------------------------------------------------------
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         raise NotImplementedError
@@ -146,7 +149,10 @@ class ExplanationCallback(pl.Callback):
 
     def run_safely(self, trainer, pl_module, fn) -> None:
         """:meth:`guarded` ``fn(trainer, pl_module)``, then log all explanation callbacks' failures."""
-        self.guarded(f"failed at epoch {trainer.current_epoch}", fn, trainer, pl_module)
+        # the work shows as a line of the progress bar; run() may update self.progress with its step
+        with task(trainer, f"{type(self).__name__}") as self.progress:
+            self.guarded(f"failed at epoch {trainer.current_epoch}", fn, trainer, pl_module)
+        del self.progress  # back to the class's no-op line
         total = sum(cb.errors for cb in trainer.callbacks if isinstance(cb, ExplanationCallback))
         sinks.log_metrics(trainer, {"xai/errors": float(total)})
 

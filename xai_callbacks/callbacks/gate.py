@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 
 from .. import sinks
-from ..gate import (DEFAULT_RULES, REPORT_NAME, SOURCES, Check, describe, evaluate, failure_block, logged_by,
+from ..gate import (DEFAULT_RULES, REPORT_NAME, Check, describe, evaluate, failure_block, logged_by,
                     parse_rule, write_report)
 from .progress import echo
 
@@ -91,10 +91,10 @@ class ExplanationGate(pl.Callback):
         attached = {k.__name__ for cb in trainer.callbacks for k in type(cb).__mro__}
         for rule in self.rules:
             source = logged_by(rule.key)
-            if source in {name for _, name in SOURCES} and source.endswith("Callback") and source not in attached:
+            if source.endswith("Callback") and source not in attached:
                 echo(trainer, f"xai-callbacks gate: rule '{rule}' reads {rule.key}, which {source} logs, and no "
                      f"{source} is attached to the Trainer: the gate will fail at the end of the run unless "
-                     f"something else logs it", log)
+                     f"something else logs it", log, above_bar=False)  # no bar is drawn yet
 
     def on_validation_end(self, trainer, pl_module) -> None:
         last = trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs - 1
@@ -150,8 +150,7 @@ class ExplanationGate(pl.Callback):
         self._run_dir = sinks.run_dir(trainer)
         path = write_report(self._run_dir / REPORT_NAME, self.rules, self.epochs, final=self.final,
                             missing=self.missing)
-        passed = all(e["passed"] for e in ([self.epochs[-1]] if self.epochs else []) + [self.final or {"passed": 1}])
-        summary = {"gate/passed": passed, "gate/epoch": trainer.current_epoch}
+        summary = {"gate/passed": self.passed is not False, "gate/epoch": trainer.current_epoch}
         summary.update({f"gate/{c.key}": c.value for c in checks if c.value is not None})
         sinks.log_summary(trainer, summary)
         return path

@@ -156,7 +156,9 @@ class InpainterCallback(ExplanationCallback):
         values, filled = {}, {}
         with model_guard(pl_module) as model, torch.no_grad():
             pred = model(x.clone()).argmax(dim=1)
-            for f in fills:
+            for i, f in enumerate(fills):
+                self.progress.update(advance=int(i > 0), status=f"evaluating the {f.name} infill",
+                                     total=len(fills) if i == 0 else None)
                 z = f(x, keep)
                 filled[f.name] = z
                 mse = ((z - x) ** 2 * hole).sum() / hole.sum().clamp_min(1)

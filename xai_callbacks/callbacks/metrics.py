@@ -105,6 +105,7 @@ class ExplanationMetricsCallback(ExplanationCallback):
                 relevance = explain(pl_module, probe.x, probe.y, method=method,
                                     **{"batch_size": self.batch_size, **options})
                 for i in range(len(self.specs)):
+                    self.progress.update(status=f"{method}: {self.specs[i][0]}")
                     self.guarded(f"metric {self.specs[i][0]!r} of {method!r} failed at epoch {trainer.current_epoch}",
                                  self._score, trainer, pl_module, method, i, probe, relevance, values, curves)
         self.values = values

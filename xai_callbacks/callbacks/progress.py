@@ -36,10 +36,19 @@ def echo(trainer, text: str, log: logging.Logger, above_bar: bool = True) -> Non
     if not trainer.is_global_zero:
         return
     bar = active_bar(trainer) if above_bar else None
-    if bar is not None:
+    if bar is not None and _draws(bar):
         bar.print(text)
     else:
         log.warning(text)
+
+
+def _draws(bar) -> bool:
+    """Whether ``bar.print`` shows anything now (Lightning's TQDM bar prints only while one of its
+    bars is open; other bars always print)."""
+    names = ("_train_progress_bar", "_val_progress_bar", "_test_progress_bar", "_predict_progress_bar")
+    if not any(hasattr(bar, n) for n in names):
+        return True
+    return any(getattr(bar, n, None) is not None and not getattr(bar, n).disable for n in names)
 
 
 class Progress:
@@ -74,6 +83,8 @@ class Progress:
 
     def update(self, advance: int = 0, status: str | None = None, total: int | None = None) -> None:
         """Advance by ``advance`` steps, show ``status`` beside the description, or set the ``total``."""
+        if not self.shown:
+            return
         if total is not None:
             self.total = total
         label = self.description + (f": {status}" if status else "")

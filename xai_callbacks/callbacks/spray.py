@@ -185,6 +185,7 @@ class SpRAyCallback(ExplanationCallback):
             out.update({f"mask:{k}": v.to(dev).float() for k, v in masks.items()})
             return out
 
+        self.progress.update(status=f"explaining {len(self.sample_indices)} samples ({self.method})")
         # each DDP rank explains its share; everything is gathered on every rank
         data = shard_map(trainer, explain_share, torch.tensor(self.sample_indices, device=dev))
         return {k: v.cpu() for k, v in data.items()}
@@ -221,8 +222,9 @@ class SpRAyCallback(ExplanationCallback):
         scalars, problems, results, rows_of = {}, [], {}, {}
         flagged_samples = analysed = 0
         epoch = trainer.current_epoch
-        for c in classes:
+        for i, c in enumerate(classes):
             name = self.name_of(c)
+            self.progress.update(advance=int(i > 0), status=f"SpRAy class {name}", total=len(classes) if i == 0 else None)
             rows = np.flatnonzero((labels == c) & ok)
             bad = int(((labels == c) & ~ok).sum())
             if bad:
@@ -288,6 +290,8 @@ class SpRAyCallback(ExplanationCallback):
         sinks.log_line_plot(trainer, f"{key}/eigenvalues", list(range(1, len(r.eigenvalues) + 1)),
                             {"eigenvalue": r.eigenvalues.tolist()}, title=f"class {name}: Laplacian spectrum "
                             f"({r.n_clusters} clusters by eigengap)", xname="index")
+        sinks.log_images(trainer, f"{key}/spectrum", [render.spectrum_picture(
+            r.eigenvalues, r.n_clusters, f"class {name}: {r.n_clusters} strategies by the eigengap")], [f"class {name}"])
         strategy = np.array([ids[lab] if lab >= 0 else -1 for lab in r.labels])
         ev = r.evidence
         if r.embedding is not None:
@@ -301,7 +305,8 @@ class SpRAyCallback(ExplanationCallback):
             sinks.log_images(trainer, f"{key}/scatter", [_scatter_rgb(r.embedding, strategy, flagged_ids, name)],
                              [f"class {name}, epoch {trainer.current_epoch}"])
         scale = max(1, 96 // heat.shape[-1])
-        protos = [_upscale(render.heatmap_rgb(p), scale) for p in r.prototypes]
+        protos = [render.prototype_picture(p, ids[j], int(r.cluster_sizes[j]), float(r.factors["share"][j]),
+                                           bool(r.flagged[j])) for j, p in enumerate(r.prototypes)]
         captions = [f"strategy {ids[j]}: {r.cluster_sizes[j]} samples ({r.factors['share'][j]:.0%}), suspicion "
                     f"{r.cluster_suspicion[j]:.2f}" + (f", transfer {ev.transfer_rate[j]:.2f}, drop {ev.score_drop[j]:.2f}"
                                                         if ev is not None and ev.checked[j] else "")
