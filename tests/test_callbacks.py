@@ -16,7 +16,7 @@ from xai_callbacks import AttributionCallback
 from xai_callbacks.callbacks.base import select_probe
 from xai_callbacks.data import ShortcutDigitsDataModule
 from xai_callbacks.models import Classifier, DemoCNN
-from wandb_records import history
+from wandb_records import finish_run, history
 
 
 def small_module(seed=0):
@@ -30,9 +30,7 @@ def test_wandb_run_has_heatmap_panel_and_table_every_epoch(tmp_path, wandb_logge
     trainer = make_trainer(tmp_path, [cb], logger=wandb_logger, max_epochs=2, limit_train_batches=4)
     trainer.fit(small_module(), ShortcutDigitsDataModule())
     run = os.path.dirname(wandb_logger.experiment.dir)
-    import wandb
-
-    wandb.finish()
+    finish_run()
     rows = history(run)
     for method in methods:
         panels = [r for r in rows if r.get(f"xai/heatmaps/{method}/_type") == "images/separated"]

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 CHEAP = {"integrated_gradients": {"n_steps": 8}, "smoothgrad": {"n_samples": 4}, "rise": {"n_masks": 64},
          "occlusion": {"window": 8}, "meaningful_perturbation": {"steps": 20}, "fido.ssr": {"steps": 20},
-         "fido.sdr": {"steps": 20}, "rde": {"steps": 20}}
+         "fido.sdr": {"steps": 20}, "rde": {"steps": 20}, "lime": {"n_samples": 32}, "kernel_shap": {"n_samples": 32},
+         "extremal_perturbation": {"steps": 20}}
 RANDOM = {"smoothgrad", "meaningful_perturbation", "fido.ssr", "fido.sdr", "rde"}  # device RNG streams differ
 
 

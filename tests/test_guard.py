@@ -94,7 +94,7 @@ def test_order_based_merge_on_densenet_fails_and_is_undone(monkeypatch):
 
 def test_guard_restores_structure_without_value_copies():
     """The per-call snapshot holds references only; it undoes swapped ``.data``, added
-    parameters, buffers, submodules and attributes."""
+    parameters, buffers, submodules, attributes and hooks."""
     model = bn_net().train()
     x = torch.rand(2, 1, 8, 8)
     with torch.no_grad():
@@ -109,6 +109,8 @@ def test_guard_restores_structure_without_value_copies():
             m[2].extra_module = nn.Linear(1, 1)
             m[5].forward = lambda t: t * 0
             m[4].running_mean = torch.zeros(4)
+            m[3].register_forward_hook(lambda *a: None)
+            m[3].register_full_backward_hook(lambda *a: None)
             raise KeyError("fail")
     assert all(m.training for m in model.modules())
     model.eval()

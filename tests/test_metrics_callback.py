@@ -36,7 +36,7 @@ def fit(tmp_path, loaders, callback, logger=None, extra=()):
 
 
 def test_scalars_curves_and_summary_reach_wandb(tmp_path, loaders, wandb_logger):
-    from wandb_records import history
+    from wandb_records import finish_run, history
 
     logger = wandb_logger
     cb = ExplanationMetricsCallback(methods=["saliency"], probe_size=10, metrics=[
@@ -51,7 +51,7 @@ def test_scalars_curves_and_summary_reach_wandb(tmp_path, loaders, wandb_logger)
         assert torch.isfinite(trainer.callback_metrics[k]), k
         assert cb.values[k] == pytest.approx(float(trainer.callback_metrics[k]), rel=1e-6)
     run = os.path.dirname(logger.experiment.dir)
-    wandb.finish()
+    finish_run()
     rows = history(run)
     logged = {k for row in rows for k in row}
     assert set(keys) <= logged

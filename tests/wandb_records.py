@@ -1,17 +1,26 @@
 """Read back what a W&B run logged, from its ``run-*.wandb`` record file (offline runs too).
+Test helper only.
 
 The file is a LevelDB-style log: a 7-byte header (``:W&B``, magic, version), then 32 KiB blocks
 of chunks, each with a 7-byte header (checksum, little-endian length, type: full / first /
 middle / last) and a piece of a serialized ``wandb_internal_pb2.Record``.
+
+``wandb.finish()`` (wandb 0.31, wandb-core, offline) returns before the service has written the
+run's records: on a busy machine the file can still hold only its 7-byte header right after
+``finish()``. :func:`finish_run` finishes the run and shuts the service down (``wandb.teardown()``
+returns once the service has exited, i.e. after it closed the record file); :func:`read_records`
+also waits for the run's ``exit`` record, the last one the service writes, so a reader never
+sees a half-written run.
 """
 from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["read_records", "history", "find_record_file"]
+__all__ = ["finish_run", "read_records", "history", "find_record_file"]
 
 _BLOCK = 32768
 _HEADER = 7
@@ -55,14 +64,33 @@ def _chunks(data: bytes) -> Iterator[bytes]:
             pending = b""
 
 
-def read_records(path: str | Path):
-    """All ``Record`` protobufs of a run, in order (``path``: run folder or ``.wandb`` file)."""
+def finish_run() -> None:
+    """Finish the current W&B run and wait until the service has written and closed its files."""
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()
+
+
+def read_records(path: str | Path, timeout: float = 60.0):
+    """All ``Record`` protobufs of a finished run, in order (``path``: run folder or ``.wandb``
+    file). Waits up to ``timeout`` seconds for the run's ``exit`` record (the service writes the
+    file asynchronously); raises TimeoutError naming the file if it never comes."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    for body in _chunks(find_record_file(path).read_bytes()):
-        record = pb.Record()
-        record.ParseFromString(body)
-        yield record
+    deadline = time.monotonic() + timeout
+    while True:
+        records, data = [], find_record_file(path).read_bytes()
+        for body in _chunks(data) if len(data) >= _HEADER else ():
+            record = pb.Record()
+            record.ParseFromString(body)
+            records.append(record)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{find_record_file(path)} has no exit record after {timeout} s: the run was not "
+                               "finished (call finish_run()) or its service has not written it")
+        time.sleep(0.1)
 
 
 def history(path: str | Path) -> list[dict]:

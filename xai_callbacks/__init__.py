@@ -3,7 +3,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 __all__ = ["AttributionCallback", "ExplanationMetricsCallback", "SpRAyCallback", "InpainterCallback",
-           "ExplanationGate", "GateFailure", "ExplanationCallback"]
+           "ExplanationGate", "GateFailure", "ExplanationCallback", "ActivationMaximizationCallback",
+           "ConceptRelevanceCallback"]
 
 
 def __getattr__(name: str):

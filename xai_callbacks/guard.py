@@ -74,11 +74,15 @@ def rng_guard(seed: int | None = None) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
 class ModelSnapshot:
     """What a failing method could leave behind on ``model``, taken cheaply and restored exactly.
 
     Always recorded (references, no tensor copies): every submodule's ``__dict__`` (attributes such
-    as an instance-level ``forward`` override), its parameter, buffer and submodule tables, and each
+    as an instance-level ``forward`` override), its parameter, buffer, submodule and hook tables, and each
     parameter's and buffer's ``.data`` tensor (same storage). With ``values=True`` each parameter's
     and buffer's values are also copied, which protects against in-place writes into their storage.
 
@@ -90,6 +94,8 @@ class ModelSnapshot:
     def __init__(self, model: nn.Module, values: bool = False):
         self.modules = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
                         for m in model.modules()]
+        self.hooks = [(table, dict(table)) for m, attrs, *_ in self.modules for name in _HOOK_TABLES
+                      if isinstance(table := attrs.get(name), dict)]
         tensors = {id(t): t for _, _, ps, bs, _ in self.modules for t in (*ps.values(), *bs.values())
                    if t is not None}
         self.tensors = [(t, t.data, t.detach().clone() if values else None) for t in tensors.values()]
@@ -122,6 +128,9 @@ class ModelSnapshot:
                                   (m._modules, modules)):
                 table.clear()
                 table.update(before)
+        for table, before in self.hooks:
+            table.clear()
+            table.update(before)
         for t, data, value in self.tensors:
             if value is not None:
                 data.copy_(value)

@@ -56,7 +56,8 @@ class Target:
     ``output`` is the model's output on that batch (or on perturbed copies of it). Calling it on
     the output of ``N`` inputs whose samples are ``rows`` (see :meth:`take`) hands ``fn`` the
     matching rows of the batch. An output with ``k * len(self)`` rows is read as ``k`` stacked
-    copies of the samples (copy-major, as captum and SmoothGrad stack them).
+    copies of the samples (copy-major, as captum and SmoothGrad stack them); one with fewer rows
+    as the first samples.
 
     Args:
         fn: ``fn(output, batch) -> (N,)`` tensor, one score per sample; differentiable where
@@ -90,10 +91,10 @@ class Target:
         n = len(self)
         batch = self.batch if self.rows is None else index_batch(self.batch, self.rows)
         if n_out is not None and n_out != n:
-            if n_out % n:
+            if n_out > n and n_out % n:
                 raise ValueError(f"the model output has {n_out} rows for {n} explained samples; a target function "
                                  "needs one output row per sample (or whole stacked copies)")
-            batch = index_batch(batch, torch.arange(n_out) % n)
+            batch = index_batch(batch, torch.arange(n_out) % n)  # fewer rows: the first samples
         scores = self.fn(output, batch)
         if not isinstance(scores, torch.Tensor) or scores.shape != (n_out if n_out is not None else n,):
             got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__

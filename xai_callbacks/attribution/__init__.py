@@ -217,3 +217,4 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "salie
 
 # Register the built-in methods (imports at the end: they use register_method).
 from . import gradient, cam, lrp, perturbation, counterfactual  # noqa: E402,F401
+from . import backprop, surrogate, extremal  # noqa: E402,F401

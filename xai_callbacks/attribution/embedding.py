@@ -27,8 +27,8 @@ def find_embedding(model: nn.Module) -> nn.Embedding:
     for m in model.modules():
         if isinstance(m, nn.Embedding):
             return m
-    raise ValueError(f"x holds integers, read as token ids, so the model must embed them with an nn.Embedding; "
-                     f"{type(model).__name__} has none: pass x as a floating-point tensor")
+    raise ValueError(f"x holds integer token ids, so the model must embed them with an nn.Embedding; "
+                     f"{type(model).__name__} has none: pass floating-point inputs (a floating-point tensor)")
 
 
 class EmbeddingInput(nn.Module):

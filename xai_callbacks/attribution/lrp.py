@@ -22,8 +22,9 @@ from torch import nn
 from zennit import composites, canonizers
 from zennit.types import BatchNorm, Linear as ZennitLinear
 
-from . import CheckedForward, register_method
+from . import CheckedForward, TargetModel, register_method
 from ..guard import input_gradient, preserve_values
+from ..scoring import target_scores
 from .transformer import refuse_transformer
 
 
@@ -145,11 +146,16 @@ def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite, meth
             c.example = x[:1].detach()
     with preserve_values(model):
         with composite.context(model) as modified:
-            forward.model = modified
             x = x.requires_grad_(True)
-            out = forward(x)
-            onehot = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
-            return input_gradient(out, x, grad_outputs=onehot * out.detach())
+            if isinstance(modified, TargetModel):  # a target function: relevance starts at the model's own output,
+                out = modified.inner(x)             # R = output * d score / d output (sums to a linear score)
+                score = target_scores(out, modified.target)
+            else:
+                forward.model = modified
+                out = forward(x)
+                score = out.gather(1, target[:, None])
+            (d_score,) = torch.autograd.grad(score.sum(), out, retain_graph=True)
+            return input_gradient(out, x, grad_outputs=d_score * out.detach())
 
 
 @register_method("lrp.epsilon_plus_flat")
@@ -177,3 +183,146 @@ def epsilon_alpha2_beta1(model, x, target, *, epsilon: float = 1e-6) -> torch.Te
     """Epsilon on dense layers, alpha=2 beta=1 on convolutions, flat rule on the first layer."""
     return lrp(model, x, target, lambda c: composites.EpsilonAlpha2Beta1(epsilon=epsilon, canonizers=c),
                "lrp.epsilon_alpha2_beta1")
+
+
+# ----------------------------------------------------------------------------- user-defined composites
+# ``lrp.composite``: a zennit composite built from a config of layer -> rule.
+
+from zennit import rules as _zrules, types as _ztypes  # noqa: E402
+from zennit.composites import LayerMapComposite, NameMapComposite, MixedComposite, layer_map_base  # noqa: E402
+
+#: rule names of ``lrp.composite`` -> zennit rule classes
+LRP_RULES = {
+    "zero": _zrules.Epsilon, "epsilon": _zrules.Epsilon, "gamma": _zrules.Gamma, "alpha_beta": _zrules.AlphaBeta,
+    "zplus": _zrules.ZPlus, "zbox": _zrules.ZBox, "wsquare": _zrules.WSquare, "flat": _zrules.Flat,
+    "pass": _zrules.Pass, "norm": _zrules.Norm,
+}
+#: layer groups a config key may name (besides module names, ``first`` and torch.nn class names)
+LRP_LAYER_GROUPS = {
+    "Convolution": _ztypes.Convolution, "Dense": nn.Linear, "AvgPool": _ztypes.AvgPool,
+    "MaxPool": _ztypes.MaxPool, "BatchNorm": _ztypes.BatchNorm, "Activation": _ztypes.Activation,
+}
+DEFAULT_LRP_RULES = {"first": "flat", "Convolution": "zplus", "Dense": "epsilon"}
+LRP_OUTPUTS = ("logit", "log_odds")
+
+
+def make_rule(spec, x: torch.Tensor | None = None):
+    """A zennit rule from ``"name"`` or ``{"rule": name, **parameters}``.
+
+    ``zero`` is LRP-0 (epsilon 1e-12, a guard against division by zero only); ``zbox`` without
+    ``low`` / ``high`` takes each sample's own minimum and maximum of ``x`` (first layer only).
+
+    Raises:
+        ValueError: unknown rule name or parameter (the valid ones are named).
+    """
+    import inspect
+
+    params = dict(spec) if isinstance(spec, dict) else {"rule": spec}
+    name = params.pop("rule", None)
+    if name not in LRP_RULES:
+        raise ValueError(f"unknown LRP rule {name!r} in {spec!r}; valid: {sorted(LRP_RULES)}")
+    cls = LRP_RULES[name]
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    bad = sorted(set(params) - set(valid))
+    if bad:
+        raise ValueError(f"unknown parameter(s) {bad} for LRP rule {name!r}; valid: {valid}")
+    if name == "zero":
+        params.setdefault("epsilon", 1e-12)
+    if name == "zbox":
+        if x is None and ("low" not in params or "high" not in params):
+            raise ValueError("LRP rule 'zbox' needs low and high")
+        dims = tuple(range(1, x.dim())) if x is not None else ()
+        for key, reduce in (("low", torch.amin), ("high", torch.amax)):
+            value = params.get(key)
+            params[key] = (reduce(x.detach(), dim=dims, keepdim=True).expand_as(x) if value is None
+                           else torch.as_tensor(value, dtype=torch.float32))
+    return cls(**params)
+
+
+def config_composite(model: nn.Module, rules: dict, x: torch.Tensor | None = None, canonizers=()):
+    """A zennit composite from ``rules``: ``{key: rule}`` where ``key`` is a module name of
+    ``model``, ``first`` (the first dense or convolution layer), a layer group (one of
+    ``LRP_LAYER_GROUPS``) or a ``torch.nn`` class name (``Conv2d``, ``Linear``), and ``rule`` as in
+    :func:`make_rule`. Names match before types; types match in the order given. Activations,
+    BatchNorm (after canonizing) and residual sums pass relevance, average pooling normalises it,
+    unless the config says otherwise; layers matched by nothing propagate the gradient.
+    ``x`` is the input batch (for ``zbox`` without bounds); ``canonizers`` are zennit canonizers.
+
+    Raises:
+        ValueError: a key that is neither a module name nor a known layer type, or a bad rule.
+    """
+    if not isinstance(rules, dict) or not rules:
+        raise ValueError(f"lrp.composite rules must be a non-empty dict of layer -> rule, got {rules!r:.80}")
+    modules = dict(model.named_modules())
+    name_map, layer_map = [], []
+    for key, spec in rules.items():
+        rule = make_rule(spec, x)
+        if key == "first":
+            first = next((n for n, m in modules.items() if isinstance(m, _ztypes.Linear)), None)
+            if first is None:
+                raise ValueError("lrp.composite rule for 'first': the model has no dense or convolution layer")
+            name_map.append(((first,), rule))
+        elif key in modules and key:
+            name_map.append(((key,), rule))
+        elif key in LRP_LAYER_GROUPS:
+            layer_map.append((LRP_LAYER_GROUPS[key], rule))
+        elif isinstance(getattr(nn, key, None), type) and issubclass(getattr(nn, key), nn.Module):
+            layer_map.append((getattr(nn, key), rule))
+        else:
+            raise ValueError(f"lrp.composite key {key!r} is neither a module name of the model nor a layer type; "
+                             f"valid: 'first', {sorted(LRP_LAYER_GROUPS)}, torch.nn class names, or module names "
+                             f"{[n for n in modules if n][:30]}")
+    return MixedComposite([NameMapComposite(name_map), LayerMapComposite(layer_map + layer_map_base())],
+                          canonizers=list(canonizers))
+
+
+def log_odds_weights(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Weights g (B, K) such that ``g * logits`` is the relevance put into the logits to explain
+    the log-odds of the target (Montavon et al., chapter 10 of the Explainable AI book).
+
+    The log-odds ``eta_c = -log sum_{c' != c} exp(-(z_c - z_c'))`` is a reverse log-sum-exp pooling
+    over ``d_c' = z_c - z_c'``; min-take-most gives ``R_cc' = d_c' s_c'`` with ``s = softmin(d)``.
+    Through the difference layer with LRP-0 this puts ``z_c`` on the target logit and
+    ``-s_c' z_c'`` on each other one: ``g = onehot(c) - s``, equal to merging the difference into
+    the last layer when that layer uses LRP-0 or epsilon.
+    """
+    onehot = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
+    d = out.gather(1, target[:, None]) - out
+    s = torch.softmax((-d).masked_fill(onehot.bool(), float("-inf")), dim=1)
+    return onehot - s
+
+
+@register_method("lrp.composite")
+def lrp_composite(model, x, target, *, rules: dict | None = None, output: str = "logit") -> torch.Tensor:
+    """LRP with a user-defined composite (zennit rules per layer type or module name).
+
+    Args:
+        rules: ``{key: rule}`` (see :func:`config_composite`); rules are ``zero`` (LRP-0),
+            ``epsilon``, ``gamma``, ``alpha_beta``, ``zplus``, ``zbox`` (z^B, ``low`` / ``high``),
+            ``wsquare``, ``flat``, ``pass``, ``norm``, given as a name or as
+            ``{"rule": name, **zennit parameters}``, e.g. ``{"first": {"rule": "zbox", "low": -1,
+            "high": 1}, "Convolution": {"rule": "gamma", "gamma": 0.25}, "Dense": "epsilon"}``.
+            Default: flat on the first layer, z+ on convolutions, epsilon on dense layers
+            (zennit's EpsilonPlusFlat).
+        output: ``logit`` (relevance of the target logit) or ``log_odds``: relevance of
+            ``log(p_c / (1 - p_c))``, which makes evidence for competing classes negative.
+    """
+    if output not in LRP_OUTPUTS:
+        raise ValueError(f"lrp.composite output must be one of {list(LRP_OUTPUTS)}, got {output!r}")
+    from . import TargetModel
+
+    # a target function's model (TargetModel) calls the model itself: rules and canonizers go there
+    root = model.inner if isinstance(model, TargetModel) else model
+    refuse_transformer(root, "lrp.composite", "zennit's composites have no rules for attention and LayerNorm")
+    forward = CheckedForward(model, target)
+    with preserve_values(root):
+        composite = config_composite(root, DEFAULT_LRP_RULES if rules is None else rules, x,
+                                     canonizers=default_canonizers(root, x))
+        with composite.context(root):
+            x = x.requires_grad_(True)
+            out = forward(x)
+            if output == "logit":
+                weights = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
+            else:
+                weights = log_odds_weights(out.detach(), target)
+            return input_gradient(out, x, grad_outputs=weights * out.detach())

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -10,6 +10,7 @@ import torch
 from .. import render, sinks
 from ..attribution import check_methods, explain, method_options
 from ..guard import model_guard
+from ..scoring import select
 from .base import ExplanationCallback, shard_map
 
 __all__ = ["AttributionCallback"]
@@ -36,14 +37,14 @@ class AttributionCallback(ExplanationCallback):
         save_heatmaps: write the ``.npz`` file each time.
         vocab: how token ids are shown in token panels: a sequence of strings indexed by id, a
             function id -> string, or None (the ids themselves).
-        every_n_epochs, probe_size, seed, on_error: see :class:`ExplanationCallback`.
+        every_n_epochs, probe_size, seed, target, on_error: see :class:`ExplanationCallback`.
     """
 
     def __init__(self, methods: Sequence[str] = ("saliency", "lrp.epsilon_plus_flat"),
                  method_options: Mapping[str, Mapping] | None = None, n_images: int = 16,
                  batch_size: int | None = None, save_heatmaps: bool = True, every_n_epochs: int = 1,
-                 probe_size: int = 64, seed: int = 0, on_error: str = "warn", vocab=None):
-        super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, seed=seed,
+                 probe_size: int = 64, seed: int = 0, target: Any = "label", on_error: str = "warn", vocab=None):
+        super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, seed=seed, target=target,
                          on_error=on_error)
         methods, self.method_options = check_methods(methods, method_options)
         self.methods, self.n_images, self.batch_size, self.save_heatmaps = methods, n_images, batch_size, save_heatmaps
@@ -56,17 +57,25 @@ class AttributionCallback(ExplanationCallback):
 
     def run(self, trainer, pl_module) -> None:
         probe = self.probe(trainer, pl_module)
-        with model_guard(pl_module) as model:
-            probs = model(probe.x.clone()).softmax(dim=1)
-        score, pred = probs.max(dim=1)
-        self.heatmaps = {m: shard_map(trainer, partial(explain, pl_module, method=m, **{
-            "batch_size": self.batch_size,
-            **self.resolve_infillers(trainer, self.method_options.get(m, {}), method_options(m))}), probe.x, probe.y)
-            for m in self.methods}
+        with model_guard(pl_module) as model, torch.no_grad():
+            out = model(probe.x.clone())
+        # class scores: the prediction and its probability; other outputs (regression, maps): none
+        score, pred = out.softmax(dim=1).max(dim=1) if out.dim() == 2 else (out.new_full((len(out),), float("nan")),
+                                                                            out.new_full((len(out),), -1))
+        target = self.targets(pl_module, probe)
+
+        def explain_share(method, rows):
+            return explain(pl_module, probe.x[rows], select(target, rows), method=method, **{
+                "batch_size": self.batch_size,
+                **self.resolve_infillers(trainer, self.method_options.get(method, {}), method_options(method))})
+
+        rows = torch.arange(len(probe.x), device=probe.x.device)
+        self.heatmaps = {m: shard_map(trainer, partial(explain_share, m), rows) for m in self.methods}
         if not trainer.is_global_zero:
             return
         n = min(self.n_images, len(probe.y))
         idx, y, pred, score = (probe.indices.tolist(), probe.y.tolist(), pred.tolist(), score.tolist())
+        y = [v if isinstance(v, (int, float)) else str(v)[:24] for v in y]  # multi-label, maps: short text
         captions = [f"#{idx[i]} label {y[i]} pred {pred[i]} ({score[i]:.2f})" for i in range(n)]
         if probe.x.is_floating_point():
             self._log_images(trainer, probe, n, idx, y, pred, captions)

@@ -1,9 +1,16 @@
-"""What every explanation callback shares: schedule, probe set, error policy."""
+"""What every explanation callback shares: schedule, sample selection, targets, DDP work
+sharing, the error policy and its counting.
+
+A callback keeps only what is its own: *when* it runs is this base's (``every_n_epochs``, in
+``fit`` and ``validate``), *what* it computes is the core's (``attribution``, ``metrics``,
+``spray``, ``infill``), how it looks is ``render``'s and where it goes is ``sinks``'.
+"""
 from __future__ import annotations
 
+import importlib
 import warnings
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning.pytorch as pl
 import numpy as np
@@ -12,14 +19,17 @@ from torch.utils.data import DataLoader
 from torch.utils.data.dataloader import default_collate
 
 from .. import sinks
-from ..data import unpack_batch
-from ..guard import rng_guard
+from ..data import Batch, unpack_batch
+from ..guard import model_guard, rng_guard
 from .progress import Progress, task
 from ..infill import get_infiller
+from ..scoring import Target
 
-__all__ = ["ExplanationCallback", "Probe", "select_probe", "val_dataloader", "shard_map"]
+__all__ = ["ExplanationCallback", "Probe", "select_probe", "select_per_class", "dataset_labels", "val_dataloader",
+           "shard_map", "shard_indices", "TARGETS"]
 
 ON_ERROR = ("warn", "raise")
+TARGETS = ("label", "prediction")
 
 
 @dataclass
@@ -30,6 +40,11 @@ class Probe:
     y: torch.Tensor
     masks: dict[str, torch.Tensor]
     indices: torch.Tensor
+
+    @property
+    def batch(self) -> Batch:
+        """``Batch(x, y, masks)``: what a target function receives with the model's output."""
+        return Batch(self.x, self.y, self.masks)
 
 
 def val_dataloader(trainer) -> DataLoader:
@@ -43,26 +58,60 @@ def val_dataloader(trainer) -> DataLoader:
     return loaders
 
 
-def _labels(dataset, candidates: np.ndarray) -> np.ndarray:
+def dataset_labels(dataset, candidates: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Labels (len(candidates),) to stratify by, and whether they are class ids.
+
+    Labels come from ``dataset.targets`` / ``dataset.labels`` when present, else from the
+    candidates' items. Where a label is not a single class id (multi-label vectors, regression
+    values, segmentation maps), the sample's *first* label value is used and the second value
+    returned is False, so the caller can say so.
+    """
+    labels = None
     for name in ("targets", "labels"):
-        labels = getattr(dataset, name, None)
-        if labels is not None and len(labels) == len(dataset):
-            return np.asarray(torch.as_tensor(labels))[candidates]
-    return np.array([int(unpack_batch(default_collate([dataset[int(i)]])).y) for i in candidates])
+        found = getattr(dataset, name, None)
+        if found is not None and len(found) == len(dataset):
+            labels = torch.as_tensor(np.asarray(found) if not isinstance(found, torch.Tensor) else found)[
+                torch.as_tensor(candidates, dtype=torch.long)]
+            break
+    if labels is None:
+        labels = [torch.as_tensor(unpack_batch(default_collate([dataset[int(i)]])).y)[0] for i in candidates]
+        labels = torch.stack(labels) if labels else torch.zeros(0, dtype=torch.long)
+    class_ids = labels.dim() == 1 and not labels.is_floating_point()
+    first = labels.reshape(len(labels), -1)[:, 0] if len(labels) else labels.reshape(-1)
+    return first.cpu().numpy(), class_ids
+
+
+_SAID: set = set()
+
+
+def _say_once(message: str, about: object = None) -> None:
+    """Warn ``message`` once per process and ``about`` object (e.g. once per dataset)."""
+    key = (message, id(about))
+    if key not in _SAID:
+        _SAID.add(key)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _stratify_note(class_ids: bool, dataset) -> None:
+    if not class_ids:
+        _say_once("the labels are not single class ids (multi-label, regression or segmentation): samples are "
+                  "stratified by each sample's first label value", dataset)
 
 
 def select_probe(dataset, size: int, seed: int) -> list[int]:
     """``size`` dataset indices, seeded and stratified by class (round robin over classes).
 
     Labels come from ``dataset.targets`` / ``dataset.labels`` when present; otherwise only a
-    seeded candidate subset (20x the size) is read, never the whole dataset.
+    seeded candidate subset (20x the size) is read, never the whole dataset. Labels that are not
+    single class ids are stratified by their first value (said once, as a warning).
     """
     rng = np.random.default_rng(seed)
     n = len(dataset)
     candidates = rng.permutation(n)
     if not hasattr(dataset, "targets") and not hasattr(dataset, "labels"):
         candidates = candidates[: 20 * size]
-    labels = _labels(dataset, candidates)
+    labels, class_ids = dataset_labels(dataset, candidates)
+    _stratify_note(class_ids, dataset)
     per_class = [list(candidates[labels == c]) for c in np.unique(labels)]
     chosen: list[int] = []
     while len(chosen) < min(size, len(candidates)):
@@ -70,6 +119,39 @@ def select_probe(dataset, size: int, seed: int) -> list[int]:
             if members and len(chosen) < size:
                 chosen.append(int(members.pop(0)))
     return sorted(chosen)
+
+
+def select_per_class(dataset, classes: Sequence[int] | None, max_per_class: int, seed: int) -> list[int]:
+    """Up to ``max_per_class`` dataset indices of each class, seeded; sorted.
+
+    Labels as in :func:`select_probe` (the first label value where labels are not class ids);
+    without ``dataset.targets`` / ``dataset.labels`` a seeded candidate subset
+    (``20 * max_per_class`` per class wanted) is read, never the whole dataset.
+
+    Args:
+        dataset: a map-style dataset of ``(x, y, ...)`` tuples or dicts with ``x`` / ``y``.
+        classes: the classes to sample; None: every class found.
+        max_per_class: samples per class at most.
+        seed: seed of the draw.
+    """
+    candidates = np.random.default_rng(seed).permutation(len(dataset))
+    if not any(getattr(dataset, n, None) is not None for n in ("targets", "labels")):
+        candidates = candidates[: 20 * max_per_class * (len(classes) if classes else 10)]
+    labels, class_ids = dataset_labels(dataset, candidates)
+    _stratify_note(class_ids, dataset)
+    wanted = sorted(set(labels.tolist())) if classes is None else list(classes)
+    chosen = [candidates[labels == c][:max_per_class] for c in wanted]
+    return sorted(int(i) for part in chosen for i in part)
+
+
+def shard_indices(trainer, n: int, device=None) -> torch.Tensor:
+    """This DDP rank's share of ``n`` samples: the r-th contiguous block of ``ceil(n / world)``
+    (possibly empty for the last ranks), without padding, so per-sample sums over the ranks
+    count every sample once. All of ``range(n)`` with one process."""
+    world = trainer.world_size
+    per = -(-n // world)
+    start = min(n, trainer.global_rank * per)
+    return torch.arange(start, min(n, start + per), device=device)
 
 
 def shard_map(trainer, fn, *tensors: torch.Tensor):
@@ -93,29 +175,78 @@ def shard_map(trainer, fn, *tensors: torch.Tensor):
     return {k: gather(v) for k, v in out.items()} if isinstance(out, dict) else gather(out)
 
 
+def _target_function(spec: str) -> Callable:
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"target {spec!r}: cannot import the target function ({err}); give 'label', "
+                         "'prediction', a function (output, batch) -> (B,) or 'package.module:function'") from None
+    if not callable(fn):
+        raise ValueError(f"target {spec!r} is not callable")
+    return fn
+
+
 class ExplanationCallback(pl.Callback):
     """Base class of the explanation callbacks.
 
     Subclasses implement :meth:`run`; it is called in ``on_validation_epoch_end`` every
     ``every_n_epochs`` epochs (never during the sanity check), inside ``rng_guard`` so the
-    global RNG streams of training are untouched.
+    global RNG streams of training are untouched. It runs in ``trainer.fit``, in a standalone
+    ``trainer.validate`` and in ``validate`` after ``fit``; ``trainer.test`` runs no validation
+    epoch, so nothing is computed there and the callback says so once (a warning).
+
+    The base owns what every callback needs:
+
+    * sample selection: the probe set (:meth:`probe`, seeded, stratified by class, kept in
+      ``state_dict``) and per-class samples (:func:`select_per_class`);
+    * the explained target (:meth:`targets`): the label, the prediction, or a target function;
+    * DDP: :func:`shard_map` (split samples across ranks, gather on all), :func:`shard_indices`
+      (each rank's share, for work whose results are summed) and :meth:`on_rank_zero`
+      ("rank 0 analyses, all ranks receive");
+    * the error policy and its counting: :meth:`guarded` counts a failure once, :meth:`run_safely`
+      logs the total of all explanation callbacks as ``xai/errors`` once per run.
 
     Args:
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``.
         probe_size: number of validation samples in the fixed probe set.
         seed: seed of the probe set's stratified draw (and of the callback's own random draws).
+        target: what is explained: ``"label"`` (the sample's class label), ``"prediction"`` (the
+            predicted class), a target function ``fn(output, batch) -> (B,)`` scores (see
+            :mod:`xai_callbacks.scoring`; ``batch`` is the probe's ``Batch(x, y, masks)``), or the
+            import path ``"package.module:function"`` of one (for configs). Labels that are not
+            class ids (multi-label, regression, segmentation) need a target function.
         on_error: ``"warn"``: a failure warns, is counted (logged as ``xai/errors``) and training
             goes on; ``"raise"``: it fails the run.
+
+    Raises:
+        ValueError: an argument out of its valid range (the message names what is valid).
+
+    Example::
+
+        class MyCallback(ExplanationCallback):
+            def run(self, trainer, pl_module):
+                probe = self.probe(trainer, pl_module)
+                heat = explain(pl_module, probe.x, self.targets(pl_module, probe))
     """
 
-    def __init__(self, every_n_epochs: int = 1, probe_size: int = 64, seed: int = 0, on_error: str = "warn"):
+    def __init__(self, every_n_epochs: int = 1, probe_size: int = 64, seed: int = 0, target: Any = "label",
+                 on_error: str = "warn"):
         if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be an int >= 1, got {every_n_epochs!r}")
         if not isinstance(probe_size, int) or probe_size < 1:
             raise ValueError(f"probe_size must be an int >= 1, got {probe_size!r}")
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if isinstance(target, str) and target not in TARGETS:
+            if ":" not in target:
+                raise ValueError(f"target must be one of {TARGETS}, a function (output, batch) -> (B,) or "
+                                 f"'package.module:function'; got {target!r}")
+            target = _target_function(target)
+        elif not isinstance(target, str) and not callable(target):
+            raise ValueError(f"target must be one of {TARGETS} or a function (output, batch) -> (B,); got {target!r}")
         self.every_n_epochs, self.probe_size, self.seed, self.on_error = every_n_epochs, probe_size, seed, on_error
+        self.target = target
         self.probe_indices: list[int] | None = None
         self.errors = 0
         self._probe: Probe | None = None
@@ -134,27 +265,64 @@ class ExplanationCallback(pl.Callback):
         if self.should_run(trainer):
             self.run_safely(trainer, pl_module, self.run)
 
-    def guarded(self, what: str, fn, *args) -> None:
+    def on_test_start(self, trainer, pl_module) -> None:
+        _say_once(f"{type(self).__name__} runs in validation only (fit / validate); trainer.test computes and "
+                  "logs nothing of it: call trainer.validate(model, dataloaders=<test loader>) to explain test data", self)
+
+    def guarded(self, what: str, fn, *args) -> tuple[bool, Any]:
         """Call ``fn(*args)`` under the RNG guard with the ``on_error`` policy: raise, or warn
-        ``"<Callback> <what>: <error>"`` and count the failure in :attr:`errors`."""
+        ``"<Callback> <what>: <error>"`` and count the failure once in :attr:`errors`.
+
+        Returns:
+            ``(True, fn's result)`` or ``(False, None)`` after a counted failure.
+        """
         try:
             with rng_guard():
-                fn(*args)
+                return True, fn(*args)
         except Exception as err:
             if self.on_error == "raise":
                 raise
             self.errors += 1
             warnings.warn(f"{type(self).__name__} {what}: {type(err).__name__}: {err}; training goes on "
                           "(on_error='warn')", stacklevel=3)
+            return False, None
 
     def run_safely(self, trainer, pl_module, fn) -> None:
-        """:meth:`guarded` ``fn(trainer, pl_module)``, then log all explanation callbacks' failures."""
+        """:meth:`guarded` ``fn(trainer, pl_module)``, then log all explanation callbacks' failures
+        (``xai/errors``, once per call)."""
         # the work shows as a line of the progress bar; run() may update self.progress with its step
         with task(trainer, f"{type(self).__name__}") as self.progress:
             self.guarded(f"failed at epoch {trainer.current_epoch}", fn, trainer, pl_module)
         del self.progress  # back to the class's no-op line
         total = sum(cb.errors for cb in trainer.callbacks if isinstance(cb, ExplanationCallback))
         sinks.log_metrics(trainer, {"xai/errors": float(total)})
+
+    def on_rank_zero(self, trainer, what: str, fn, *args) -> Any:
+        """"Rank 0 analyses, all ranks receive": ``fn(*args)`` on global rank 0 only, its result
+        (or its failure) broadcast to every rank. A failure is raised on every rank at once
+        (``on_error="raise"``) or warned and counted on every rank; then the result is None."""
+        result, failure = None, ""
+        if trainer.is_global_zero:
+            try:
+                with rng_guard():
+                    result = fn(*args)
+            except Exception as err:  # reported after the broadcast, so all ranks stay in step
+                failure = f"{type(err).__name__}: {err}"
+        if trainer.world_size > 1:
+            result, failure = trainer.strategy.broadcast((result, failure), src=0)
+        if failure:
+            if self.on_error == "raise":
+                raise RuntimeError(f"{type(self).__name__} {what}: {failure}")
+            self.errors += 1
+            warnings.warn(f"{type(self).__name__} {what}: {failure}; training goes on (on_error='warn')",
+                          stacklevel=2)
+        return result
+
+    def all_ranks_ok(self, trainer, ok: bool) -> bool:
+        """True if ``ok`` on every DDP rank (a collective: call it on all ranks)."""
+        if trainer.world_size == 1:
+            return ok
+        return bool(trainer.strategy.reduce_boolean_decision(bool(ok), all=True))
 
     # -- infillers -------------------------------------------------------------------------
     @staticmethod
@@ -178,22 +346,56 @@ class ExplanationCallback(pl.Callback):
             options["infiller"] = get_infiller(spec, gan=self.gan_infiller(trainer))
         return options
 
-    # -- probe set -------------------------------------------------------------------------
+    # -- samples and targets ---------------------------------------------------------------
     def probe(self, trainer, pl_module) -> Probe:
         """The probe set on the module's device: chosen once, kept in ``state_dict``."""
         if self._probe is None:
             loader = val_dataloader(trainer)
             if self.probe_indices is None:
                 self.probe_indices = select_probe(loader.dataset, self.probe_size, self.seed)
-            collate = loader.collate_fn or default_collate
-            with torch.inference_mode(False):  # cached across fit / validate: no inference tensors
-                x, y, masks = unpack_batch(collate([loader.dataset[i] for i in self.probe_indices]))
-            if y is None:
-                raise ValueError("the probe set needs labels: batches must be (x, y, ...) or dicts with 'y'")
-            dev = pl_module.device
-            self._probe = Probe(x.to(dev), torch.as_tensor(y).to(dev), {k: v.to(dev) for k, v in masks.items()},
-                                torch.tensor(self.probe_indices))
+            self._probe = self.load_samples(trainer, pl_module, self.probe_indices)
         return self._probe
+
+    def load_samples(self, trainer, pl_module, indices: Sequence[int]) -> Probe:
+        """The validation samples ``indices`` as a :class:`Probe` on the module's device (read one
+        by one from the dataset and collated with the loader's ``collate_fn``; no inference tensors)."""
+        loader = val_dataloader(trainer)
+        collate = loader.collate_fn or default_collate
+        with torch.inference_mode(False):  # cached across fit / validate: no inference tensors
+            x, y, masks = unpack_batch(collate([loader.dataset[int(i)] for i in indices]))
+        if y is None:
+            raise ValueError("the explanation callbacks need labels: batches must be (x, y, ...) or dicts with 'y'")
+        dev = pl_module.device
+        return Probe(x.to(dev), torch.as_tensor(y).to(dev), {k: v.to(dev) for k, v in masks.items()},
+                     torch.as_tensor(list(indices), dtype=torch.long))
+
+    def select_per_class(self, trainer, classes: Sequence[int] | None, max_per_class: int) -> list[int]:
+        """Up to ``max_per_class`` validation indices of each class (seeded with :attr:`seed`);
+        see :func:`select_per_class`."""
+        return select_per_class(val_dataloader(trainer).dataset, classes, max_per_class, self.seed)
+
+    def targets(self, pl_module, probe: Probe) -> torch.Tensor | Target:
+        """What is explained for ``probe``: its labels (class ids), the predicted classes, or the
+        target function bound to ``probe.batch``.
+
+        Raises:
+            ValueError: ``target="label"`` with labels that are not class ids (names the fix).
+        """
+        if callable(self.target):
+            return Target(self.target, probe.batch)
+        if self.target == "prediction":
+            with model_guard(pl_module) as model, torch.no_grad():
+                out = model(probe.x.clone())
+            if not isinstance(out, torch.Tensor) or out.dim() != 2:
+                raise ValueError(f"target='prediction' needs a classifier's (B, n_classes) scores, got output of "
+                                 f"shape {tuple(getattr(out, 'shape', ()))}; pass a target function")
+            return out.argmax(1)
+        y = probe.y
+        if y.dim() != 1 or y.is_floating_point():
+            raise ValueError(f"target='label' needs class ids (B,), but the labels have shape {tuple(y.shape)} and "
+                             f"dtype {y.dtype}; pass target=<function (output, batch) -> (B,)>, e.g. "
+                             "xai_callbacks.scoring.multilabel_target() or regression_target()")
+        return y
 
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict:

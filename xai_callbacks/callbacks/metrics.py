@@ -1,6 +1,7 @@
 """ExplanationMetricsCallback: explanation-quality metrics of a fixed probe set, every N epochs."""
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -8,7 +9,8 @@ import torch
 from .. import sinks
 from ..attribution import check_methods, explain, method_options
 from ..metrics import ExplanationMetric, available_metrics, get_metric, metric_options
-from .base import ExplanationCallback
+from ..scoring import select
+from .base import ExplanationCallback, shard_indices
 
 __all__ = ["ExplanationMetricsCallback", "DEFAULT_METRICS"]
 
@@ -61,14 +63,26 @@ class ExplanationMetricsCallback(ExplanationCallback):
             data has ``object_mask`` and ``artifact_mask``).
         batch_size: perturbed inputs per forward pass / explainer call, for every metric
             (a metric's own ``batch_size`` option wins).
-        every_n_epochs, probe_size, seed, on_error: see :class:`ExplanationCallback`.
+        every_n_epochs, probe_size, seed, target, on_error: see :class:`ExplanationCallback`
+            (``target`` also accepts a target function, e.g. for multi-label or regression models).
+
+    Under DDP each rank scores its share of the probe set and the metrics' states are summed across
+    ranks; a metric is computed only if it was scored on every rank (else it is skipped everywhere).
+
+    Raises:
+        ValueError: unknown methods, metrics or options (the message names the valid ones).
+
+    Example::
+
+        trainer = Trainer(callbacks=[ExplanationMetricsCallback(methods=["saliency"],
+                                                                metrics=["pixel_flipping", "sparseness"])])
     """
 
     def __init__(self, methods: Sequence[str] = ("saliency",), metrics: Any = DEFAULT_METRICS,
                  method_options: Mapping[str, Mapping] | None = None, mask_key: str = "object_mask",
                  batch_size: int = 256, every_n_epochs: int = 1, probe_size: int = 64, seed: int = 0,
-                 on_error: str = "warn"):
-        super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, seed=seed,
+                 target: Any = "label", on_error: str = "warn"):
+        super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, seed=seed, target=target,
                          on_error=on_error)
         methods, self.method_options = check_methods(methods, method_options)
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -96,36 +110,52 @@ class ExplanationMetricsCallback(ExplanationCallback):
 
     def run(self, trainer, pl_module) -> None:
         probe = self.probe(trainer, pl_module)
+        target = self.targets(pl_module, probe)
+        # each DDP rank scores its share of the probe set; the metrics' sum states add the shares up
+        mine = shard_indices(trainer, len(probe.indices), probe.x.device)
+        x, t = probe.x[mine], select(target, mine)
+        masks = {k: v[mine] for k, v in probe.masks.items()}
         values: dict[str, float] = {}
         curves: dict[str, tuple[list[float], dict[str, list[float]], str]] = {}
+        epoch = trainer.current_epoch
         # metric states must not be inference tensors: standalone validate runs under inference_mode
         with torch.inference_mode(False), torch.no_grad():
             for method in self.methods:
                 options = self.resolve_infillers(trainer, self.method_options.get(method, {}), method_options(method))
-                relevance = explain(pl_module, probe.x, probe.y, method=method,
-                                    **{"batch_size": self.batch_size, **options})
-                for i in range(len(self.specs)):
-                    self.progress.update(status=f"{method}: {self.specs[i][0]}")
-                    self.guarded(f"metric {self.specs[i][0]!r} of {method!r} failed at epoch {trainer.current_epoch}",
-                                 self._score, trainer, pl_module, method, i, probe, relevance, values, curves)
+                ok, relevance = True, None
+                if len(x):  # a rank's share may be empty on a tiny probe set
+                    ok, relevance = self.guarded(f"explaining with {method!r} failed at epoch {epoch}",
+                                                 partial(explain, method=method,
+                                                         **{"batch_size": self.batch_size, **options}), pl_module, x, t)
+                for i, (name, _) in enumerate(self.specs):
+                    self.progress.update(status=f"{method}: {name}")
+                    what = f"metric {name!r} of {method!r} failed at epoch {epoch}"
+                    scored = ok and self.guarded(what, self._update, trainer, pl_module, method, i, x, t, relevance,
+                                                 masks)[0]
+                    if self.all_ranks_ok(trainer, scored):  # compute() syncs: all ranks or none
+                        self.guarded(what, self._compute, self._metrics[method, i], method, values, curves)
         self.values = values
         sinks.log_scalars(pl_module, values)
         sinks.log_summary(trainer, values)
-        for key, (x, ys, axis) in curves.items():
-            sinks.log_line_plot(trainer, f"xai/curves/{key}", x, ys, title=key, xname=axis)
+        for key, (fractions, ys, axis) in curves.items():
+            sinks.log_line_plot(trainer, f"xai/curves/{key}", fractions, ys, title=key, xname=axis)
 
-    def _score(self, trainer, pl_module, method, i, probe, relevance, values, curves) -> None:
+    def _update(self, trainer, pl_module, method, i, x, target, relevance, masks) -> None:
         metric = self._metric(trainer, pl_module, method, i)
-        masks = None
+        mask = None
         if metric.needs_masks:
-            if self.mask_key not in probe.masks:
+            if self.mask_key not in masks:
                 raise ValueError(f"metric {metric.name!r} needs masks {self.mask_key!r}, but the probe batch has "
-                                 f"masks {sorted(probe.masks)}; set mask_key or provide '<name>_mask' in batches")
-            masks = probe.masks[self.mask_key]
+                                 f"masks {sorted(masks)}; set mask_key or provide '<name>_mask' in batches")
+            mask = masks[self.mask_key]
         metric.reset()
-        metric.update(probe.x, probe.y, relevance, masks)
+        if len(x):
+            metric.update(x, target, relevance, mask)
+
+    @staticmethod
+    def _compute(metric: ExplanationMetric, method: str, values: dict, curves: dict) -> None:
         values[f"xai/{method}/{metric.key}"] = float(metric.compute())
         if metric.n_curve_points:
             fractions, curve = metric.compute_curve()
-            x, ys, _ = curves.setdefault(metric.key, (fractions.tolist(), {}, metric.curve_axis))
+            _, ys, _ = curves.setdefault(metric.key, (fractions.tolist(), {}, metric.curve_axis))
             ys[method] = curve.tolist()

@@ -14,40 +14,11 @@ from ..data import unpack_batch
 from ..guard import model_guard
 from ..spray import SpRAyResult, StrategyTracker, check_heatmaps, spray, write_virelay
 from ..spray.evidence import strategy_evidence
-from .base import ExplanationCallback, shard_map, val_dataloader
+from .base import ExplanationCallback, Probe, select_per_class, shard_map, val_dataloader
 
 __all__ = ["SpRAyCallback", "select_per_class"]
 
 _MASK_SUFFIX = "_mask"
-
-
-def _dataset_labels(dataset, candidates: np.ndarray) -> np.ndarray:
-    for name in ("targets", "labels"):
-        labels = getattr(dataset, name, None)
-        if labels is not None and len(labels) == len(dataset):
-            return np.asarray(torch.as_tensor(labels)).reshape(-1)[candidates]
-    return np.array([int(unpack_batch(default_collate([dataset[int(i)]])).y) for i in candidates])
-
-
-def select_per_class(dataset, classes: Sequence[int] | None, max_per_class: int, seed: int) -> list[int]:
-    """Up to ``max_per_class`` dataset indices of each class, seeded; sorted.
-
-    Labels come from ``dataset.targets`` / ``dataset.labels`` when present; otherwise a seeded
-    candidate subset (``20 * max_per_class`` per class wanted) is read, never the whole dataset.
-
-    Args:
-        dataset: a map-style dataset of ``(x, y, ...)`` tuples or dicts with ``x`` / ``y``.
-        classes: the classes to sample; None: every class found.
-        max_per_class: samples per class at most.
-        seed: seed of the draw.
-    """
-    candidates = np.random.default_rng(seed).permutation(len(dataset))
-    if not any(getattr(dataset, n, None) is not None for n in ("targets", "labels")):
-        candidates = candidates[: 20 * max_per_class * (len(classes) if classes else 10)]
-    labels = _dataset_labels(dataset, candidates)
-    wanted = sorted(set(labels.tolist())) if classes is None else list(classes)
-    chosen = [candidates[labels == c][:max_per_class] for c in wanted]
-    return sorted(int(i) for part in chosen for i in part)
 
 
 class SpRAyCallback(ExplanationCallback):
@@ -92,7 +63,8 @@ class SpRAyCallback(ExplanationCallback):
         classes: class ids to analyse; None: every class in the validation set.
         class_names: optional class id -> name used in logged keys (default: the id).
         max_per_class: validation samples explained per class.
-        target: explain the ``"label"`` (true class, as SpRAy does) or the ``"prediction"``.
+        target: explain the ``"label"`` (true class, as SpRAy does), the ``"prediction"``, or a target
+            function (see :class:`ExplanationCallback`); samples are grouped by their (first) label.
         spray_options: keyword arguments of :func:`~xai_callbacks.spray.spray` (``k``,
             ``n_eigval``, ``clustering``, ``threshold``, ``visualisation``, ...).
         min_similarity: prototype similarity needed to continue a strategy's id.
@@ -115,16 +87,14 @@ class SpRAyCallback(ExplanationCallback):
 
     def __init__(self, method: str = "lrp.epsilon_plus_flat", method_options: Mapping[str, Any] | None = None,
                  classes: Sequence[int] | None = None, class_names: Mapping[int, str] | None = None,
-                 max_per_class: int = 100, target: str = "label", spray_options: Mapping[str, Any] | None = None,
+                 max_per_class: int = 100, target: Any = "label", spray_options: Mapping[str, Any] | None = None,
                  min_similarity: float = 0.8, batch_size: int | None = 256, save_virelay: bool = True,
                  n_typical: int = 5, every_n_epochs: int = 1, seed: int = 0, on_error: str = "warn",
                  evidence: bool = True, infiller: Any = "blur", evidence_options: Mapping[str, Any] | None = None,
                  max_others: int = 64):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=max(1, int(max_per_class)), seed=seed,
-                         on_error=on_error)
+                         target=target, on_error=on_error)
         (method,), checked = check_methods([method], {method: method_options or {}})
-        if target not in ("label", "prediction"):
-            raise ValueError(f"target must be 'label' or 'prediction', got {target!r}")
         if not isinstance(max_per_class, int) or max_per_class < 2:
             raise ValueError(f"max_per_class must be an int >= 2, got {max_per_class!r}")
         options = dict(spray_options or {})
@@ -132,7 +102,7 @@ class SpRAyCallback(ExplanationCallback):
         if bad:
             raise ValueError(f"unknown spray_options {bad}; valid: "
                              f"{sorted(set(spray.__kwdefaults__) - {'masks', 'n_typical'})}")
-        self.method, self.method_options, self.target = method, checked[method], target
+        self.method, self.method_options = method, checked[method]
         self.classes = None if classes is None else [int(c) for c in classes]
         self.class_names = {int(k): str(v) for k, v in (class_names or {}).items()}
         self.max_per_class, self.spray_options, self.min_similarity = max_per_class, options, min_similarity
@@ -164,7 +134,7 @@ class SpRAyCallback(ExplanationCallback):
         """Explain the per-class sample (split across DDP ranks, gathered on all), on the CPU."""
         loader = val_dataloader(trainer)
         if self.sample_indices is None:
-            self.sample_indices = select_per_class(loader.dataset, self.classes, self.max_per_class, self.seed)
+            self.sample_indices = self.select_per_class(trainer, self.classes, self.max_per_class)
         if not self.sample_indices:
             raise ValueError(f"the validation set has no samples of classes {self.classes}")
         collate = loader.collate_fn or default_collate
@@ -174,10 +144,11 @@ class SpRAyCallback(ExplanationCallback):
             x, y, masks = unpack_batch(collate([loader.dataset[i] for i in idx.tolist()]))
             if y is None:
                 raise ValueError("SpRAy needs labels: batches must be (x, y, ...) or dicts with 'y'")
-            x, y = x.to(dev), torch.as_tensor(y).to(dev).long()
+            x, y = x.to(dev), torch.as_tensor(y).to(dev)
             with model_guard(pl_module) as model:
                 scores = model(x.clone()).float()
-            target = y if self.target == "label" else scores.argmax(1)
+            target = self.targets(pl_module, Probe(x, y, {k: v.to(dev) for k, v in masks.items()}, idx))
+            y = y.reshape(len(y), -1)[:, 0].long()  # grouped by class; the first label where labels are not ids
             heat = explain(pl_module, x, target, method=self.method, **{
                 "batch_size": self.batch_size,
                 **self.resolve_infillers(trainer, self.method_options, method_options(self.method))})

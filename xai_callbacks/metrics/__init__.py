@@ -26,6 +26,9 @@ from .localisation import PointingGame, RelevanceMass, RelevanceRank, pointing_g
 from .randomisation import ModelParameterRandomisation, RandomLogit, model_parameter_randomisation, random_logit
 from .robustness import (AvgSensitivity, LocalLipschitzEstimate, MaxSensitivity, avg_sensitivity,
                          local_lipschitz_estimate, max_sensitivity)
+from .removal import IROF, Selectivity, SensitivityN, irof, selectivity, sensitivity_n
+from .road import ROAD, road
+from .smooth_mprt import SmoothMPRT, smooth_mprt
 
 __all__ = [
     "get_metric", "available_metrics", "metric_class", "metric_options", "ExplanationMetric", "CurveResult",
@@ -37,6 +40,8 @@ __all__ = [
     "infidelity", "max_sensitivity", "avg_sensitivity", "local_lipschitz_estimate", "relevance_mass",
     "relevance_rank", "pointing_game", "sparseness", "complexity", "model_parameter_randomisation",
     "random_logit", "completeness_error", "input_invariance_error",
+    "ROAD", "IROF", "Selectivity", "SensitivityN", "SmoothMPRT", "road", "irof", "selectivity", "sensitivity_n",
+    "smooth_mprt",
 ]
 
 _METRICS: dict[str, type[ExplanationMetric]] = {
@@ -58,6 +63,11 @@ _METRICS: dict[str, type[ExplanationMetric]] = {
     "random_logit_similarity": RandomLogit,
     "completeness_error": CompletenessError,
     "input_invariance_error": InputInvarianceError,
+    "road": ROAD,
+    "irof": IROF,
+    "selectivity": Selectivity,
+    "sensitivity_n": SensitivityN,
+    "smooth_mprt": SmoothMPRT,
 }
 
 

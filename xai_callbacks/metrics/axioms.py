@@ -44,7 +44,8 @@ def completeness_error(model: nn.Module, x: torch.Tensor, target, relevance: tor
     fill = get_infiller(infiller)
     b = x.shape[0]
     zeros = torch.zeros_like(x[:, :1])
-    scores = score_perturbed(model, lambda idx: torch.where(idx[:, None, None, None] < b, x[idx % b],
+    first = [-1] + [1] * (x.dim() - 1)  # idx < b: the input itself; else its baseline
+    scores = score_perturbed(model, lambda idx: torch.where((idx < b).view(first), x[idx % b],
                                                              fill(x[idx % b], zeros[idx % b])),
                              torch.arange(2 * b) % b, target, output=output, batch_size=batch_size)
     change = scores[:b] - scores[b:]
@@ -52,13 +53,14 @@ def completeness_error(model: nn.Module, x: torch.Tensor, target, relevance: tor
 
 
 def shifted_model(model: nn.Module, shift: torch.Tensor) -> nn.Module:
-    """A deep copy of ``model`` with ``f'(x + shift) == f(x)``: the first Conv2d / Linear layer
-    (in module order, assumed to read the raw input) absorbs the shift (C,) in its bias; a
+    """A deep copy of ``model`` with ``f'(x + shift) == f(x)``: the first Conv1d / Conv2d / Linear
+    layer (in module order, assumed to read the raw input) absorbs the shift (C,) in its bias; a
     zero-padded convolution instead pads with ``shift`` through a forward pre-hook on the copy."""
     copied = copy_model(model)
-    first = next((m for m in copied.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    first = next((m for m in copied.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))), None)
     if first is None:
-        raise ValueError("input_invariance_error needs a model whose first layer is an nn.Conv2d or nn.Linear")
+        raise ValueError("input_invariance_error needs a model whose first layer is an nn.Conv1d, nn.Conv2d or "
+                         "nn.Linear")
     shift = shift.to(first.weight.device, first.weight.dtype)
     if first.bias is None:
         first.bias = nn.Parameter(torch.zeros(first.weight.shape[0], device=first.weight.device))
@@ -68,16 +70,18 @@ def shifted_model(model: nn.Module, shift: torch.Tensor) -> nn.Module:
             first.bias -= first.weight @ per_feature
             return copied
         if first.padding_mode != "zeros" or isinstance(first.padding, str) and first.padding != "valid":
-            raise ValueError(f"input_invariance_error supports a first Conv2d with integer zero padding, "
+            raise ValueError(f"input_invariance_error supports a first convolution with integer zero padding, "
                              f"got padding={first.padding!r}, padding_mode={first.padding_mode!r}")
-        first.bias -= (first.weight * shift.view(1, -1, 1, 1)).sum((1, 2, 3))
-        ph, pw = (0, 0) if isinstance(first.padding, str) else first.padding
-        first.padding = (0, 0)
-        m = shift.view(1, -1, 1, 1)
+        spatial = first.weight.dim() - 2
+        m = shift.view(1, -1, *[1] * spatial)
+        first.bias -= (first.weight * m).sum(tuple(range(1, first.weight.dim())))
+        pads = (0,) * spatial if isinstance(first.padding, str) else first.padding
+        first.padding = (0,) * spatial
+        widths = [p for size in reversed(pads) for p in (size, size)]  # F.pad order: last axis first
 
         def pad_with_shift(_, args):
             (z,) = args
-            return (F.pad(z - m, (pw, pw, ph, ph)) + m,)
+            return (F.pad(z - m, widths) + m,)
 
         first.register_forward_pre_hook(pad_with_shift)
     return copied
@@ -99,14 +103,16 @@ def input_invariance_error(model: nn.Module, x: torch.Tensor, target, relevance:
         batch_size: samples explained per call.
     """
     x, target, r = prepare(model, x, target, relevance, "input_invariance_error")
+    dims = (0,) + tuple(range(2, x.dim()))  # per channel; per feature for tabular rows
     if shift == "mean":
-        m = -x.mean((0, 2, 3))
+        m = -x.mean(dims)
     elif isinstance(shift, (int, float)):
         m = torch.full((x.shape[1],), float(shift), device=x.device)
     else:
         raise ValueError(f"input_invariance_error: shift must be 'mean' or a number, got {shift!r}")
     shifted = shifted_model(model, m)
-    rs = explain_stacked(shifted, x + m.view(1, -1, 1, 1), target, method, method_options, batch_size)
+    rs = explain_stacked(shifted, x + m.view(1, -1, *[1] * (x.dim() - 2)), target, method, method_options,
+                         batch_size)
     return (rs - r).flatten(1).norm(dim=1) / r.flatten(1).norm(dim=1)
 
 

@@ -3,9 +3,10 @@ inputs on the model's device, rank and similarity helpers, and the torchmetrics 
 
 Conventions used by every metric:
 
-* ``x`` is a batch of images (B, C, H, W); ``relevance`` is shaped like ``x`` or (B, 1, H, W) or
-  (B, H, W). Metrics work on *pixel* relevance, the sum over channels (B, H, W); removing a pixel
-  removes all its channels.
+* ``x`` is a batch of images (B, C, H, W), signals (B, C, L) or tabular rows (B, F); its
+  *positions* are the pixels (H, W), time steps (L) or features (F). ``relevance`` is shaped like
+  ``x``, or (B, 1, *positions), or (B, *positions). Metrics work on *position* relevance, the sum
+  over channels (B, *positions); removing a position removes all its channels.
 * ``target`` is the explained class: an int or a LongTensor (B,); or a target function
   ``fn(output, batch) -> (B,)`` / :class:`~xai_callbacks.scoring.Target` (see
   :mod:`xai_callbacks.scoring`); the ``output`` option (probability / logit) applies to classes.
@@ -44,18 +45,25 @@ class CurveResult(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------- checks
+def positions(x: torch.Tensor) -> tuple[int, ...]:
+    """The position axes' sizes of a batch: (H, W) of images, (L,) of signals, (F,) of tabular rows."""
+    return tuple(x.shape[2:]) if x.dim() >= 3 else tuple(x.shape[1:])
+
+
 def check_inputs(x: torch.Tensor, relevance: torch.Tensor | None = None, name: str = "metric") -> None:
-    """Raise a ValueError naming the problem if ``x`` is not a finite (B, C, H, W) float batch or
-    ``relevance`` is not a finite heatmap of shape (B, C, H, W), (B, 1, H, W) or (B, H, W)."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4:
+    """Raise a ValueError naming the problem if ``x`` is not a finite float batch of images
+    (B, C, H, W), signals (B, C, L) or tabular rows (B, F), or ``relevance`` is not a finite
+    heatmap shaped like ``x``, (B, 1, *positions) or (B, *positions)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() not in (2, 3, 4):
         got = f"{type(x).__name__}{tuple(x.shape) if isinstance(x, torch.Tensor) else ''}"
-        raise ValueError(f"{name}: x must be a float tensor of images (B, C, H, W), got {got}")
+        raise ValueError(f"{name}: x must be a float tensor of images (B, C, H, W), signals (B, C, L) or tabular "
+                         f"rows (B, F), got {got}")
     if not torch.isfinite(x).all():
         raise ValueError(f"{name}: x contains {int((~torch.isfinite(x)).sum())} non-finite value(s)")
     if relevance is None:
         return
-    b, c, h, w = x.shape
-    valid = [(b, c, h, w), (b, 1, h, w), (b, h, w)]
+    b, pos = x.shape[0], positions(x)
+    valid = [tuple(x.shape), (b, *pos)] + ([(b, 1, *pos)] if x.dim() >= 3 else [])
     if not isinstance(relevance, torch.Tensor) or tuple(relevance.shape) not in valid:
         got = tuple(relevance.shape) if isinstance(relevance, torch.Tensor) else type(relevance).__name__
         raise ValueError(f"{name}: relevance (heatmap) of shape {got} does not fit x of shape {tuple(x.shape)}; "
@@ -66,25 +74,37 @@ def check_inputs(x: torch.Tensor, relevance: torch.Tensor | None = None, name: s
                          f"{bad.flatten(1).any(1).nonzero().flatten().tolist()[:10]}; heatmaps must be finite")
 
 
-def pixel_relevance(relevance: torch.Tensor) -> torch.Tensor:
-    """Relevance per pixel (B, H, W): the sum over channels of a (B, C, H, W) heatmap."""
+def pixel_relevance(relevance: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+    """Relevance per position (B, *positions): the sum over channels. Without ``x`` a 4-D heatmap
+    is read as images (B, C, H, W) and anything else as already per position."""
     relevance = relevance.detach().float()
-    return relevance.sum(1) if relevance.dim() == 4 else relevance
+    if x is None:
+        return relevance.sum(1) if relevance.dim() == 4 else relevance
+    return relevance if tuple(relevance.shape[1:]) == positions(x) else relevance.sum(1)
 
 
 def check_masks(masks: torch.Tensor | None, x: torch.Tensor, name: str) -> torch.Tensor:
-    """Ground-truth masks as a boolean (B, H, W) tensor; a clear error if missing or misshaped."""
+    """Ground-truth masks as a boolean (B, *positions) tensor; a clear error if missing or misshaped."""
     if masks is None:
         raise ValueError(f"{name} is a localisation metric and needs ground-truth masks (B, H, W) or (B, 1, H, W), "
                          "e.g. the demo data's 'object_mask'; got masks=None")
-    b, _, h, w = x.shape
-    if not isinstance(masks, torch.Tensor) or masks.dim() not in (3, 4) or masks.shape[0] != b \
-            or tuple(masks.shape[-2:]) != (h, w):
+    b, pos = x.shape[0], positions(x)
+    ok = isinstance(masks, torch.Tensor) and masks.shape[0] == b and (
+        tuple(masks.shape[1:]) == pos or (x.dim() >= 3 and masks.dim() == len(pos) + 2 and
+                                          tuple(masks.shape[2:]) == pos))
+    if not ok:
         got = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
+        valid = [(b, *pos)] + ([(b, "C", *pos)] if x.dim() >= 3 else [])
         raise ValueError(f"{name}: masks of shape {got} do not fit x of shape {tuple(x.shape)}; "
-                         f"valid: ({b}, {h}, {w}) or ({b}, C, {h}, {w})")
+                         f"valid: {' or '.join(str(v).replace(chr(39), '') for v in valid)}")
     masks = masks.to(x.device).bool()
-    return masks.any(1) if masks.dim() == 4 else masks
+    return masks if tuple(masks.shape[1:]) == pos else masks.any(1)
+
+
+def keep_shape(x: torch.Tensor) -> tuple[int, ...]:
+    """The shape of one keep mask for ``x``: (1, *positions) (shared by the channels), or (F,) for
+    tabular rows."""
+    return (1, *positions(x)) if x.dim() >= 3 else positions(x)
 
 
 def check_choice(value, valid, what: str, name: str):
@@ -96,9 +116,9 @@ def check_choice(value, valid, what: str, name: str):
 # ------------------------------------------------------------------------------------ model calls
 def explain_stacked(model: nn.Module, inputs: torch.Tensor, target, method: str,
                     method_options: dict | None, batch_size: int) -> torch.Tensor:
-    """Pixel relevance (N, H, W) of a stack of inputs, explained ``batch_size`` at a time."""
+    """Position relevance (N, *positions) of a stack of inputs, explained ``batch_size`` at a time."""
     return pixel_relevance(explain(model, inputs, target, method=method, batch_size=batch_size,
-                                   **(method_options or {})))
+                                   **(method_options or {})), inputs)
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -117,7 +137,7 @@ def prepare(model: nn.Module, x: torch.Tensor, target, relevance: torch.Tensor |
         with model_guard(model) as module, torch.no_grad():
             target = model_scores(module, x).argmax(1)
     target = as_target(target, x.shape[0], x.device, batch=x)
-    r = pixel_relevance(relevance).to(device) if relevance is not None else None
+    r = pixel_relevance(relevance, x).to(device) if relevance is not None else None
     return x, target, r
 
 

@@ -12,19 +12,21 @@ from .base import ExplanationMetric, check_inputs, pixel_relevance
 __all__ = ["sparseness", "complexity", "Sparseness", "Complexity"]
 
 
-def _magnitudes(relevance: torch.Tensor, name: str) -> torch.Tensor:
-    ref = relevance if relevance.dim() == 4 else relevance[:, None]
+def _magnitudes(relevance: torch.Tensor, name: str, x: torch.Tensor | None = None) -> torch.Tensor:
+    ref = x if x is not None else (relevance if relevance.dim() == 4 else relevance[:, None])
     check_inputs(ref, relevance, name)
-    return pixel_relevance(relevance).flatten(1).abs().double()
+    return pixel_relevance(relevance, ref).flatten(1).abs().double()
 
 
-def sparseness(relevance: torch.Tensor) -> torch.Tensor:
+def sparseness(relevance: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
     """Gini index (B,) of each heatmap's |pixel relevance| (0: uniform, towards 1: one pixel).
 
     Args:
-        relevance: heatmaps (B, C, H, W), (B, 1, H, W) or (B, H, W).
+        relevance: heatmaps (B, C, H, W), (B, 1, H, W) or (B, H, W); of signals or tabular rows
+            with ``x``.
+        x: the explained inputs (optional; needed to read heatmaps of signals (B, C, L) per position).
     """
-    a = _magnitudes(relevance, "sparseness")
+    a = _magnitudes(relevance, "sparseness", x)
     peak = a.amax(1, keepdim=True)
     a = torch.where(peak > 0, a / peak, a) + 1e-7
     a, n = a.sort(dim=1).values, a.shape[1]
@@ -32,10 +34,10 @@ def sparseness(relevance: torch.Tensor) -> torch.Tensor:
     return (((2 * i - n - 1) * a).sum(1) / (n * a.sum(1))).float()
 
 
-def complexity(relevance: torch.Tensor) -> torch.Tensor:
+def complexity(relevance: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
     """Entropy (B,) of each heatmap's shares |R_i| / sum|R| (natural log; NaN for an all-zero
     heatmap). Arguments as in :func:`sparseness`."""
-    a = _magnitudes(relevance, "complexity")
+    a = _magnitudes(relevance, "complexity", x)
     p = a / a.sum(1, keepdim=True)
     return (-(p * torch.log(p + 1e-12)).sum(1)).float()
 
@@ -51,8 +53,7 @@ class Sparseness(ExplanationMetric):
         super().__init__(model, **kwargs)
 
     def scores(self, x, target, relevance, masks=None):
-        check_inputs(x, relevance, self.name)
-        return sparseness(relevance)
+        return sparseness(relevance, x)
 
 
 class Complexity(Sparseness):
@@ -62,5 +63,4 @@ class Complexity(Sparseness):
     higher_is_better = False
 
     def scores(self, x, target, relevance, masks=None):
-        check_inputs(x, relevance, self.name)
-        return complexity(relevance)
+        return complexity(relevance, x)

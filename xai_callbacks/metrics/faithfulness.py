@@ -24,7 +24,7 @@ from torch import nn
 
 from ..infill import Infiller, blender, get_infiller
 from ..scoring import score_perturbed
-from .base import OUTPUTS, CurveResult, ExplanationMetric, check_choice, pearson, prepare, ranks
+from .base import OUTPUTS, CurveResult, ExplanationMetric, check_choice, keep_shape, pearson, positions, prepare, ranks
 
 __all__ = ["pixel_flipping", "region_perturbation", "insertion_auc", "deletion_auc", "faithfulness_correlation",
            "infidelity", "PixelFlipping", "RegionPerturbation", "Insertion", "Deletion",
@@ -33,10 +33,14 @@ __all__ = ["pixel_flipping", "region_perturbation", "insertion_auc", "deletion_a
 ORDERS = ("morf", "lerf")
 
 
-def _regions(h: int, w: int, patch_size: int, device) -> tuple[torch.Tensor, int]:
-    """Region index of every pixel (H*W,) for a grid of ``patch_size`` squares, and their count."""
+def _regions(size: tuple[int, ...], patch_size: int, device) -> tuple[torch.Tensor, int]:
+    """Region index of every position (prod(size),) for a grid of ``patch_size`` squares (images)
+    or segments (signals, tabular rows), and their count."""
     if patch_size < 1:
         raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+    if len(size) == 1:
+        return torch.arange(size[0], device=device) // patch_size, -(-size[0] // patch_size)
+    h, w = size
     cols = -(-w // patch_size)
     rows = -(-h // patch_size)
     i = torch.arange(h, device=device)[:, None] // patch_size
@@ -58,8 +62,8 @@ def removal_curve(model: nn.Module, x: torch.Tensor, target: torch.Tensor, r: to
                   insertion: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores (B, n_steps + 1) while units (pixels or patches) are removed (or inserted) in the
     heatmap's order, and the fraction of units done at each step."""
-    b, _, h, w = x.shape
-    unit_of_pixel, n_units = _regions(h, w, patch_size, x.device)
+    b, shape = x.shape[0], keep_shape(x)
+    unit_of_pixel, n_units = _regions(positions(x), patch_size, x.device)
     unit_relevance = torch.zeros(b, n_units, device=x.device).index_add_(1, unit_of_pixel, r.flatten(1))
     key = -unit_relevance if order == "morf" else unit_relevance
     position = ranks(key)[:, unit_of_pixel]  # (B, H*W): 0 = the first unit to go
@@ -71,7 +75,7 @@ def removal_curve(model: nn.Module, x: torch.Tensor, target: torch.Tensor, r: to
         i, k = idx // p, idx % p
         done = position[i] < counts[k, None]
         keep = done if insertion else ~done
-        return blend(i, keep.view(-1, 1, h, w).to(x.dtype))
+        return blend(i, keep.view(-1, *shape).to(x.dtype))
 
     sample_of = torch.arange(b * p, device=x.device) // p
     scores = score_perturbed(model, make, sample_of, target, output=output, batch_size=batch_size).view(b, p)
@@ -93,8 +97,8 @@ def pixel_flipping(model: nn.Module, x: torch.Tensor, target, relevance: torch.T
 
     Args:
         model: the classifier.
-        x: images (B, C, H, W).
-        target: explained class, int or (B,); None for the predicted class.
+        x: images (B, C, H, W), signals (B, C, L) or tabular rows (B, F).
+        target: explained class, int or (B,); None for the predicted class; or a target function.
         relevance: heatmaps of ``x`` for ``target``.
         order: ``morf`` (most relevant first) or ``lerf`` (least relevant first).
         n_steps: number of removal steps over all H*W pixels (None: one pixel per step).
@@ -170,12 +174,13 @@ def faithfulness_correlation(model: nn.Module, x: torch.Tensor, target, relevanc
     """
     check_choice(output, OUTPUTS, "output", "faithfulness_correlation")
     x, target, r = prepare(model, x, target, relevance, "faithfulness_correlation")
-    b, _, h, w = x.shape
+    b, shape = x.shape[0], keep_shape(x)
+    n_pos = r[0].numel()
     if subsets is None:
-        if not 1 <= subset_size <= h * w or n_runs < 2:
-            raise ValueError(f"faithfulness_correlation needs 1 <= subset_size <= {h * w} and n_runs >= 2, "
+        if not 1 <= subset_size <= n_pos or n_runs < 2:
+            raise ValueError(f"faithfulness_correlation needs 1 <= subset_size <= {n_pos} and n_runs >= 2, "
                              f"got subset_size={subset_size}, n_runs={n_runs}")
-        noise = torch.rand(b, n_runs, h * w, generator=_generator(x.device, seed), device=x.device)
+        noise = torch.rand(b, n_runs, n_pos, generator=_generator(x.device, seed), device=x.device)
         subsets = noise.argsort(-1)[..., :subset_size]
     subsets = subsets.to(x.device)
     runs = subsets.shape[1]
@@ -183,8 +188,8 @@ def faithfulness_correlation(model: nn.Module, x: torch.Tensor, target, relevanc
 
     def make(idx):
         i, j = idx // runs, idx % runs
-        keep = torch.ones(len(idx), h * w, device=x.device).scatter_(1, subsets[i, j], 0.0)
-        return blend(i, keep.view(-1, 1, h, w))
+        keep = torch.ones(len(idx), n_pos, device=x.device).scatter_(1, subsets[i, j], 0.0)
+        return blend(i, keep.view(-1, *shape))
 
     base = score_perturbed(model, lambda idx: x[idx], torch.arange(b), target, output=output, batch_size=batch_size)
     perturbed = score_perturbed(model, make, torch.arange(b * runs) // runs, target, output=output,
@@ -211,14 +216,14 @@ def infidelity(model: nn.Module, x: torch.Tensor, target, relevance: torch.Tenso
     """
     check_choice(output, OUTPUTS, "output", "infidelity")
     x, target, r = prepare(model, x, target, relevance, "infidelity")
-    b, _, h, w = x.shape
+    b, shape = x.shape[0], keep_shape(x)
     if perturbations is None:
-        perturbations = noise_std * torch.randn(b, n_samples, h, w, generator=_generator(x.device, seed),
+        perturbations = noise_std * torch.randn(b, n_samples, *positions(x), generator=_generator(x.device, seed),
                                                 device=x.device)
     perturbations = perturbations.to(x.device, torch.float32)
     s = perturbations.shape[1]
     base = score_perturbed(model, lambda idx: x[idx], torch.arange(b), target, output=output, batch_size=batch_size)
-    perturbed = score_perturbed(model, lambda idx: x[idx // s] - perturbations.flatten(0, 1)[idx, None],
+    perturbed = score_perturbed(model, lambda idx: x[idx // s] - perturbations.flatten(0, 1)[idx].view(-1, *shape),
                                 torch.arange(b * s) // s, target, output=output, batch_size=batch_size).view(b, s)
     predicted = (perturbations * r[:, None]).flatten(2).sum(-1)
     return ((predicted - (base[:, None] - perturbed)) ** 2).mean(1)

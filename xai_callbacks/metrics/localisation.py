@@ -6,7 +6,9 @@ the planted watermark)? Higher is better for all three.
   relevant pixels that lie inside the mask;
 * pointing game (Zhang et al. 2018): 1 if the most relevant pixel lies inside the mask, else 0.
 
-Masks are (B, H, W) or (B, C, H, W) (any channel set counts); relevance is summed over channels.
+Masks are (B, *positions) or (B, C, *positions) (any channel set counts); relevance is summed over
+channels. Images, signals and tabular rows (pass ``x`` for signals and tabular rows; without it a
+(B, C, H, W) or (B, H, W) heatmap is read as images).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ __all__ = ["relevance_mass", "relevance_rank", "pointing_game", "RelevanceMass",
 def _prepare(relevance, masks, name, x=None):
     ref = x if x is not None else (relevance if relevance.dim() == 4 else relevance[:, None])
     check_inputs(ref, relevance, name)
-    r = pixel_relevance(relevance).flatten(1)
+    r = pixel_relevance(relevance, ref).flatten(1)
     m = check_masks(masks, ref, name).to(r.device).flatten(1)
     empty = ~m.any(1)
     if empty.any():

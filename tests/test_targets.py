@@ -1,0 +1,191 @@
+"""Targets: class indices or a target function (output, batch) -> (B,) scores, through explainers,
+metrics and the callbacks (regression, multi-label, segmentation), against analytic answers."""
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from conftest import make_trainer
+from xai_callbacks.attribution import explain
+from xai_callbacks.callbacks.attribution import AttributionCallback
+from xai_callbacks.callbacks.base import select_probe
+from xai_callbacks.callbacks.metrics import ExplanationMetricsCallback
+from xai_callbacks.callbacks.spray import SpRAyCallback
+from xai_callbacks.guard import hook_count
+from xai_callbacks.metrics import pixel_flipping
+from xai_callbacks.scoring import (Target, multilabel_target, regression_target, score_perturbed, segmentation_target,
+                                   target_scores)
+
+
+def test_target_scores_of_class_indices_and_functions():
+    out = torch.tensor([[1.0, 3.0], [2.0, 0.0]])
+    t = torch.tensor([1, 0])
+    assert torch.equal(target_scores(out, t), torch.tensor([3.0, 2.0]))
+    assert torch.allclose(target_scores(out, t, "probability"), out.softmax(1)[[0, 1], [1, 0]])
+    assert torch.allclose(target_scores(out, t, "log_probability"), out.log_softmax(1)[[0, 1], [1, 0]])
+    stacked = torch.cat([out, out + 10])  # two stacked copies of the two samples
+    assert torch.equal(target_scores(stacked, t), torch.tensor([3.0, 2.0, 13.0, 12.0]))
+    fn = Target(lambda o, batch: o[:, 0] * batch, torch.tensor([10.0, 100.0]))
+    assert torch.equal(target_scores(out, fn), torch.tensor([10.0, 200.0]))
+    assert torch.equal(target_scores(out[1:], fn.take([1])), torch.tensor([200.0]))
+    with pytest.raises(ValueError, match=r"out of range.*2 classes"):
+        target_scores(out, torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="pass a target function"):
+        target_scores(torch.zeros(2, 3, 4), t)
+    with pytest.raises(ValueError, match="one score per sample"):
+        target_scores(out, Target(lambda o, b: o, out))
+
+
+def test_score_perturbed_maps_each_input_to_its_samples_target():
+    model = nn.Linear(3, 2, bias=False)
+    x = torch.randn(4, 3)
+    sample_of = torch.arange(8) % 4
+    t = torch.tensor([0, 1, 1, 0])
+    got = score_perturbed(model, lambda idx: x[idx % 4] * 2, sample_of, t, batch_size=3)
+    want = (model(x * 2).gather(1, t[:, None])[:, 0]).repeat(2)
+    assert torch.allclose(got, want.detach())
+    fn = Target(regression_target(1), x)
+    got = score_perturbed(model, lambda idx: x[idx % 4], sample_of, fn, batch_size=5)
+    assert torch.allclose(got, model(x)[:, 1].repeat(2).detach())
+
+
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "integrated_gradients", "smoothgrad",
+                                    "guided_backprop", "occlusion"])
+def test_regression_attributions_of_a_linear_model_are_analytic(method):
+    torch.manual_seed(0)
+    model = nn.Linear(12, 1)
+    x = torch.randn(3, 12)
+    opts = {"occlusion": {"window": 1}, "smoothgrad": {"noise_level": 0.0, "n_samples": 2}}.get(method, {})
+    r = explain(model, x, regression_target(), method=method, **opts)
+    w = model.weight[0].detach()
+    times_x = method in ("input_x_gradient", "integrated_gradients", "occlusion")
+    assert torch.allclose(r, w * x if times_x else w.expand_as(x), atol=1e-5)
+    assert hook_count(model) == 0
+
+
+def test_multilabel_one_label_and_all_positive_labels():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4, bias=False)
+    x = torch.randn(3, 6)
+    y = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 1, 1]])
+    w = model.weight.detach()
+    assert torch.allclose(explain(model, x, multilabel_target(2), method="saliency"), w[2].expand_as(x))
+    r = explain(model, x, Target(multilabel_target(), (x, y)), method="saliency")
+    assert torch.allclose(r, y.float() @ w)
+    # LRP (zennit) with the target as the output: relevance sums to the explained score (bias-free, eps)
+    net = nn.Sequential(nn.Linear(6, 8, bias=False), nn.ReLU(), nn.Linear(8, 4, bias=False))
+    r = explain(net, x, Target(multilabel_target(), (x, y)), method="lrp.epsilon_gamma_box")
+    score = (net(x) * y).sum(1).detach()
+    assert torch.allclose(r.sum(1), score, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="needs the batch's labels"):
+        explain(model, x, multilabel_target(), method="saliency")
+
+
+def test_segmentation_class_logits_summed_over_a_region():
+    torch.manual_seed(0)
+    model = nn.Conv2d(2, 3, 1, bias=False)
+    x = torch.randn(2, 2, 5, 5)
+    region = torch.zeros(5, 5)
+    region[1:3, 1:4] = 1
+    w = model.weight[1, :, 0, 0].detach().view(1, 2, 1, 1)
+    r = explain(model, x, segmentation_target(1, region), method="saliency")
+    assert torch.allclose(r, (w * region).expand_as(x))
+    r = explain(model, x, segmentation_target(1, region), method="occlusion", window=1)
+    assert torch.allclose(r, ((w * x).sum(1, keepdim=True) * region).expand_as(x), atol=1e-5)
+    masks = {"object_mask": region.expand(2, 5, 5)}
+    r = explain(model, x, Target(segmentation_target(1, "object_mask"), {"x": x, "object_mask": masks["object_mask"]}),
+                method="saliency")
+    assert torch.allclose(r, (w * region).expand_as(x))
+
+
+def test_metric_with_a_regression_target_is_the_analytic_removal_curve():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 1, bias=False))
+    x = torch.rand(2, 1, 4, 4)
+    contributions = (model[1].weight.view(1, 1, 4, 4) * x).detach()
+    res = pixel_flipping(model, x, regression_target(), contributions, n_steps=None, output="logit")
+    order = contributions.flatten(1).argsort(1, descending=True)
+    remaining = contributions.flatten(1).sum(1, keepdim=True) - torch.cat(
+        [torch.zeros(2, 1), contributions.flatten(1).gather(1, order).cumsum(1)], 1)
+    assert torch.allclose(res.curves, remaining, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- callbacks, real Trainer
+class Tensors(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+class Module(pl.LightningModule):
+    def __init__(self, n_out, loss):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, n_out))
+        self.loss = loss
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, _):
+        return self.loss(self(batch["x"]), batch["y"])
+
+    def validation_step(self, batch, _):
+        self.log("val_loss", self.loss(self(batch["x"]), batch["y"]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _data(kind, n=48):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 1, 8, 8, generator=g)
+    if kind == "multilabel":
+        y = (torch.rand(n, 3, generator=g) > 0.5).float()
+        y[y.sum(1) == 0, 2] = 1.0  # every sample has a positive label: no all-zero heatmaps
+        return x, y, Module(3, nn.functional.binary_cross_entropy_with_logits), multilabel_target()
+    y = x.mean((1, 2, 3))[:, None]
+    return x, y, Module(1, nn.functional.mse_loss), regression_target()
+
+
+@pytest.mark.parametrize("kind", ["multilabel", "regression"])
+def test_callbacks_explain_and_score_multilabel_and_regression_models(tmp_path, kind):
+    x, y, module, target = _data(kind)
+    loader = DataLoader(Tensors(x, y), batch_size=16)
+    callbacks = [AttributionCallback(methods=["saliency", "occlusion"], method_options={"occlusion": {"window": 4}},
+                                     probe_size=8, target=target, on_error="raise"),
+                 ExplanationMetricsCallback(methods=["saliency"], probe_size=8, target=target, on_error="raise",
+                                            metrics=[{"name": "pixel_flipping", "n_steps": 4, "output": "logit"},
+                                                     "sparseness"]),
+                 SpRAyCallback(method="saliency", max_per_class=12, target=target, save_virelay=False,
+                               spray_options={"k": 3, "visualisation": None}, on_error="raise")]
+    with pytest.warns(UserWarning, match="stratified by each sample's first label value"):
+        trainer = make_trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=2)
+        trainer.fit(module, loader, loader)
+    assert all(cb.errors == 0 for cb in callbacks)
+    assert callbacks[0].heatmaps["occlusion"].shape == (8, 1, 8, 8)
+    assert torch.isfinite(torch.tensor(callbacks[1].values["xai/saliency/pixel_flipping_morf_aopc.constant0"]))
+    assert callbacks[2].results, "SpRAy analysed at least one group"
+
+
+def test_probe_of_multilabel_labels_is_stratified_by_the_first_label():
+    _, y, _, _ = _data("multilabel", n=40)
+    data = Tensors(torch.zeros(40, 1), y)
+    picked = select_probe(data, 10, seed=0)
+    first = y[picked, 0]
+    assert len(picked) == 10 and abs(int(first.sum()) - 5) <= 1
+
+
+def test_label_target_with_non_class_labels_names_the_fix(tmp_path):
+    x, y, module, _ = _data("regression")
+    cb = AttributionCallback(methods=["saliency"], probe_size=4, on_error="raise")
+    loader = DataLoader(Tensors(x, y), batch_size=16)
+    with pytest.raises(ValueError, match="needs class ids.*regression_target"):
+        make_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1).fit(module, loader, loader)

@@ -1,0 +1,198 @@
+"""Modified-backpropagation methods: DeepLIFT and deconvnet (computed by captum), excitation
+backprop and its contrastive variant (zennit rules).
+
+Excitation backprop (Zhang et al. 2016) passes *marginal winning probabilities* (MWP) down the
+network, starting from probability 1 at the target output. Through a linear map (dense,
+convolution) with input activations ``a`` and positive weights ``w+ = max(w, 0)``, bias left out:
+
+    P(a_j) = sum_i  a_j w+_ij / (sum_k a_k w+_ik)  P(a_i)
+
+Average pooling and residual sums share the same normalised rule (their weights are positive);
+ReLU and max pooling pass the signal like the gradient; BatchNorm passes it unchanged. This is the
+definition TorchRay implements (its ``ExcitationBackpropContext``): the normaliser gets ``1e-20``
+added, inputs are used as they are (the rule assumes non-negative activations, as after a ReLU).
+
+The contrastive variant subtracts the MWP of the target's *dual* unit, the classifier layer with
+its weights negated; as the propagation is linear in the signal from above, subtracting at any
+intermediate layer (TorchRay's contrast layer) or at the end gives the same map. TorchRay keeps its
+positive part, summed over channels.
+"""
+from __future__ import annotations
+
+import warnings
+
+import captum.attr as ca
+import torch
+import torch.nn.functional as F
+from torch import nn
+from zennit.composites import LayerMapComposite, NameLayerMapComposite
+from zennit.core import BasicHook, ParamMod
+from zennit.layer import Sum
+from zennit.rules import Norm, Pass
+from zennit.types import AvgPool, BatchNorm, Convolution, Linear
+
+from . import CheckedForward, TargetModel, register_method
+from ..scoring import target_scores
+
+__all__ = ["deeplift", "deconvnet", "excitation_backprop", "contrastive_excitation_backprop", "Excitation"]
+
+
+class _ScoredModel(nn.Module):
+    """A target function's model with the model as a registered child, so captum's
+    ``model.apply`` reaches its ReLUs (a :class:`TargetModel` keeps it unregistered)."""
+
+    def __init__(self, model: TargetModel):
+        super().__init__()
+        self.model, self.target = model.inner, model.target
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return target_scores(self.model(x), self.target)[:, None]
+
+
+def _for_captum(model: nn.Module) -> nn.Module:
+    return _ScoredModel(model) if isinstance(model, TargetModel) else model
+
+
+def _validate(model, x: torch.Tensor, target: torch.Tensor) -> None:
+    """Check the scores and the target on the whole batch before captum puts its hooks on."""
+    with torch.no_grad():
+        CheckedForward(model, target)(x)
+
+
+@register_method("deeplift")
+def deeplift(model, x, target, *, baseline: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """DeepLIFT (Shrikumar et al. 2017) with the rescale rule, by captum: contributions of
+    ``x - baseline`` that sum to ``f(x) - f(baseline)``. ReLUs must be modules (not
+    ``torch.relu`` calls) and each used once, as captum requires."""
+    _validate(model, x, target)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Setting forward, backward hooks")
+        return ca.DeepLift(_for_captum(model)).attribute(x, baselines=baseline, target=target)
+
+
+@register_method("deconvnet")
+def deconvnet(model, x, target) -> torch.Tensor:
+    """Deconvnet (Zeiler & Fergus 2014), by captum: ReLUs pass the positive part of the signal
+    from above, whatever the forward activation."""
+    _validate(model, x, target)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
+        return ca.Deconvolution(_for_captum(model)).attribute(x, target=target)
+
+
+class Excitation(BasicHook):
+    """The excitation-backprop rule for a dense or convolution layer, as a zennit hook:
+    ``a * W+^T (p / (W+ a + 1e-20))``; ``dual=True`` uses the negated weights ``(-W)+``."""
+
+    def __init__(self, dual: bool = False):
+        sign = -1.0 if dual else 1.0
+        super().__init__(
+            input_modifiers=[lambda a: a],
+            param_modifiers=[ParamMod(lambda p, name: (sign * p).clamp(min=0), zero_params=["bias"],
+                                      require_params=False)],
+            output_modifiers=[lambda z: z],
+            gradient_mapper=lambda p, outputs: [p / (outputs[0] + 1e-20)],
+            reducer=lambda inputs, gradients: inputs[0] * gradients[0],
+        )
+
+
+def named_module(model: nn.Module, name: str, what: str) -> nn.Module:
+    """The submodule ``name`` of ``model``; a ValueError listing the valid names otherwise."""
+    modules = dict(model.named_modules())
+    if name not in modules:
+        raise ValueError(f"{what} {name!r} not found in the model; module names: {[n for n in modules if n][:40]}")
+    return modules[name]
+
+
+def classifier_layer_name(model: nn.Module) -> str:
+    """Name of the last dense or convolution layer (the classifier layer)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+    if not names:
+        raise ValueError(f"excitation_backprop needs a dense or convolution layer, and {type(model).__name__} has none")
+    return names[-1]
+
+
+def _composite(model: nn.Module, dual_layer: str | None):
+    layer_map = [(Sum, Norm(stabilizer=1e-20)), (AvgPool, Norm(stabilizer=1e-20)), (BatchNorm, Pass()),
+                 (Convolution, Excitation()), (Linear, Excitation())]
+    if dual_layer is None:
+        return LayerMapComposite(layer_map=layer_map, canonizers=_sum_canonizers(model))
+    return NameLayerMapComposite(name_map=[((dual_layer,), Excitation(dual=True))], layer_map=layer_map,
+                                 canonizers=_sum_canonizers(model))
+
+
+def _sum_canonizers(model: nn.Module) -> list:
+    """torchvision ResNet blocks get their residual addition as a zennit ``Sum`` (BatchNorm kept)."""
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+    from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
+
+    if any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
+        return [ResNetBasicBlockCanonizer(), ResNetBottleneckCanonizer()]
+    return []
+
+
+def _mwp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, layer: str | None, dual_layer: str | None):
+    """MWP (B, C_l, ...) at the input (``layer`` None) or at the output of the module ``layer``."""
+    forward = CheckedForward(model, target)
+    captured = []
+    with _composite(model, dual_layer).context(model) as modified:
+        handle = None
+        if layer is not None:
+            handle = named_module(modified, layer, "excitation_backprop layer").register_forward_hook(
+                lambda module, inputs, output: captured.append(output.clone()) or captured[-1])
+        try:
+            forward.model = modified
+            out = forward(x)
+        finally:
+            if handle is not None:
+                handle.remove()
+        onehot = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
+        wrt = captured[-1] if layer is not None else x
+        (mwp,) = torch.autograd.grad(out, wrt, grad_outputs=onehot)
+    return mwp
+
+
+def _to_input(saliency: torch.Tensor, x: torch.Tensor, layer: str | None) -> torch.Tensor:
+    if layer is None:
+        return saliency
+    if saliency.dim() != x.dim():
+        raise ValueError(f"excitation_backprop layer {layer!r} has output shape {tuple(saliency.shape)}, not "
+                         f"spatial like the input {tuple(x.shape)}; choose a convolution-stage layer")
+    heat = saliency.sum(1, keepdim=True)
+    heat = F.interpolate(heat, size=x.shape[2:], mode="bilinear" if x.dim() == 4 else "linear", align_corners=False)
+    return heat.expand_as(x).contiguous()
+
+
+@register_method("excitation_backprop")
+def excitation_backprop(model, x, target, *, layer: str | None = None) -> torch.Tensor:
+    """Excitation backprop (Zhang et al. 2016): marginal winning probabilities of the target.
+
+    Args:
+        layer: None for the MWP of every input element (sums to 1 where no normaliser vanishes;
+            meaningful for non-negative inputs), or a module name: the MWP of its output summed
+            over channels (TorchRay's saliency layer), bilinearly upsampled to the input size and
+            repeated over its channels.
+    """
+    return _to_input(_mwp(model, x, target, layer, None), x, layer)
+
+
+@register_method("excitation_backprop.contrastive")
+def contrastive_excitation_backprop(model, x, target, *, layer: str | None = None,
+                                    classifier_layer: str | None = None, positive: bool = True) -> torch.Tensor:
+    """Contrastive excitation backprop (Zhang et al. 2016): MWP of the target minus MWP of its dual
+    unit (``classifier_layer``'s weights negated; default: the last dense or convolution layer).
+
+    Args:
+        layer: as in :func:`excitation_backprop`; at a layer the channel sum is taken before the
+            positive part (TorchRay's order).
+        classifier_layer: module name of the classifier layer.
+        positive: keep only the positive part (TorchRay's map); False returns the signed difference.
+    """
+    name = classifier_layer or classifier_layer_name(model)
+    named_module(model, name, "excitation_backprop.contrastive classifier_layer")
+    diff = _mwp(model, x, target, layer, None) - _mwp(model, x, target, layer, name)
+    if layer is not None:
+        diff = diff.sum(1, keepdim=True)
+    if positive:
+        diff = diff.clamp(min=0)
+    return _to_input(diff, x, layer)
