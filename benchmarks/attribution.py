@@ -58,7 +58,7 @@ def options(method: str, x: torch.Tensor) -> dict:
     fewer samples / windows / masks where they are not (the run stays near 5 minutes)."""
     return {
         "integrated_gradients": {"n_steps": 32},
-        "smoothgrad": {"n_samples": 8, "noise_level": 0.15, "samples_per_pass": 8},
+        "smoothgrad": {"n_samples": 8, "noise_level": 0.15, "batch_size": 8 * 32},
         # 16 windows per image, so occlusion stays within the time budget at 64x64
         "occlusion": {"window": x.shape[-1] // 4, "batch_size": 256},
         "rise": {"n_masks": 32, "batch_size": 256},
@@ -89,7 +89,7 @@ def direct_call(method: str, model_name: str, model: nn.Module, x: torch.Tensor,
             stdevs = float(opts["noise_level"] * (flat.amax(1) - flat.amin(1)).mean())
             return ca.NoiseTunnel(ca.Saliency(model)).attribute(
                 x.clone().requires_grad_(True), nt_type="smoothgrad", nt_samples=opts["n_samples"],
-                nt_samples_batch_size=opts["samples_per_pass"], stdevs=stdevs, target=target, abs=False)
+                nt_samples_batch_size=opts["batch_size"] // len(x), stdevs=stdevs, target=target, abs=False)
         return smoothgrad
     if method == "guided_backprop":
         return lambda: ca.GuidedBackprop(model).attribute(x.clone().requires_grad_(True), target=target)

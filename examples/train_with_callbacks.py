@@ -16,7 +16,7 @@ from xai_callbacks.models import Classifier, DemoCNN
 def main(epochs: int) -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     pl.seed_everything(0)
-    gate = ExplanationGate(rules=["spray/*/max_suspicion < 0.25"], action="warn")
+    gate = ExplanationGate(rules=["spray/*/n_flagged < 1"], action="warn")
     callbacks = [
         AttributionCallback(methods=["saliency", "gradcam", "lrp.epsilon_plus_flat"], probe_size=64),
         ExplanationMetricsCallback(methods=["lrp.epsilon_plus_flat"], metrics=["pixel_flipping", "sparseness"]),

@@ -56,7 +56,7 @@ def test_every_shipped_config_loads():
         assert any(isinstance(cb, ExplanationGate) for cb in callbacks), name
     from xai_callbacks.cli import _load_rules
 
-    assert "spray/*/max_suspicion < 0.25" in _load_rules(os.path.join(ROOT, "configs", "gate_rules.yaml"))
+    assert "spray/*/n_flagged < 1" in _load_rules(os.path.join(ROOT, "configs", "gate_rules.yaml"))
 
 
 def test_callbacks_built_from_config_get_their_arguments():

@@ -138,7 +138,8 @@ def _error(err: OmegaConfBaseException, source: str) -> ConfigError:
 
 
 # old name -> new name, still loaded for one release with a DeprecationWarning
-RENAMED_KEYS = {"probe_seed": "seed", "mask_seed": "seed", "perturbation_batch": "batch_size"}
+RENAMED_KEYS = {"probe_seed": "seed", "mask_seed": "seed", "noise_seed": "seed", "perturbation_batch": "batch_size",
+                "internal_batch_size": "batch_size"}
 RENAMED_METRICS = {"randomisation_similarity": "model_parameter_randomisation"}
 
 

@@ -25,29 +25,31 @@ def input_x_gradient(model, x, target) -> torch.Tensor:
 
 @register_method("integrated_gradients")
 def integrated_gradients(model, x, target, *, n_steps: int = 32, baseline: float | torch.Tensor = 0.0,
-                         internal_batch_size: int | None = None, integration: str = "gausslegendre") -> torch.Tensor:
+                         batch_size: int | None = None, integration: str = "gausslegendre") -> torch.Tensor:
     """Integrated gradients (Sundararajan et al.) from ``baseline`` to ``x`` in ``n_steps`` steps;
-    ``integration`` is captum's quadrature rule ("gausslegendre", "riemann_trapezoid",
-    "riemann_left", "riemann_right", "riemann_middle"). (Not called ``method``: that name is
-    taken by :func:`explain`.)"""
+    ``batch_size`` path points per forward pass (None: all at once); ``integration`` is captum's
+    quadrature rule ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right",
+    "riemann_middle"). (Not called ``method``: that name is taken by :func:`explain`.)"""
     return ca.IntegratedGradients(CheckedForward(model, target)).attribute(
         x, baselines=baseline, target=target, n_steps=n_steps, method=integration,
-        internal_batch_size=internal_batch_size)
+        internal_batch_size=batch_size)
 
 
 @register_method("smoothgrad")
 def smoothgrad(model, x, target, *, n_samples: int = 16, noise_level: float = 0.15,
-               samples_per_pass: int = 16, noise_seed: int = 0) -> torch.Tensor:
+               batch_size: int | None = None, seed: int = 0) -> torch.Tensor:
     """SmoothGrad (Smilkov et al.): mean gradient under Gaussian noise of std
-    ``noise_level * (max(x) - min(x))`` per sample; ``samples_per_pass`` noisy copies of the batch
-    go through the model at once. Noise comes from an own generator seeded with ``noise_seed``."""
+    ``noise_level * (max(x) - min(x))`` per sample; at most ``batch_size`` noisy inputs go through
+    the model at once (None: all ``n_samples`` copies of the batch). Noise comes from an own
+    generator seeded with ``seed``."""
     flat = x.detach().flatten(1)
     std = (noise_level * (flat.amax(1) - flat.amin(1))).view(-1, *[1] * (x.dim() - 1))
     forward = CheckedForward(model, target)
-    gen = torch.Generator(device=x.device).manual_seed(noise_seed)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    per_pass = n_samples if batch_size is None else max(1, batch_size // len(x))
     total = torch.zeros_like(x)
-    for start in range(0, n_samples, samples_per_pass):
-        k = min(samples_per_pass, n_samples - start)
+    for start in range(0, n_samples, per_pass):
+        k = min(per_pass, n_samples - start)
         noise = torch.randn(k, *x.shape, device=x.device, generator=gen)
         noisy = (x.detach() + std * noise).flatten(0, 1).requires_grad_(True)
         scores = forward(noisy).gather(1, target.repeat(k)[:, None])
