@@ -347,3 +347,19 @@ def test_methods_work_under_outer_no_grad_and_inference_mode(method):
         with outer():
             rel = explain(model, x.clone(), 3, method=method, **FAST.get(method, {}))
         torch.testing.assert_close(rel, expected, msg=lambda m: f"under {outer.__name__}: {m}")
+
+
+def test_deeplift_runs_under_deterministic_algorithms_and_leaves_the_flag_on():
+    """Trainer(deterministic=True) turns on torch's global determinism; DeepLIFT through max pooling
+    needs max_unpool2d, which has no deterministic kernel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(2 * 4 * 4, 3)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    expected = explain(model, x, 1, method="deeplift")
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(explain(model, x, 1, method="deeplift"), expected)
+        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 __all__ = ["unwrap_model", "model_guard", "rng_guard", "grad_fp32", "input_gradient", "hook_count",
-           "ModelSnapshot", "preserve_values"]
+           "ModelSnapshot", "allow_nondeterministic", "preserve_values"]
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -159,6 +159,21 @@ def grad_fp32() -> Iterator[None]:
         for device_type in ("cpu", "cuda"):
             stack.enter_context(torch.autocast(device_type, enabled=False))
         yield
+
+
+@contextlib.contextmanager
+def allow_nondeterministic() -> Iterator[None]:
+    """Let operations without a deterministic kernel warn instead of raise while the body runs
+    (``Trainer(deterministic=True)`` turns the global flag on; captum's DeepLIFT unpools max
+    pooling, which has none); the flag is restored on exit."""
+    if not torch.are_deterministic_algorithms_enabled() or torch.is_deterministic_algorithms_warn_only_enabled():
+        yield
+        return
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(True)
 
 
 @contextlib.contextmanager

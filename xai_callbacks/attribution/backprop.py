@@ -32,6 +32,7 @@ from zennit.rules import Norm, Pass
 from zennit.types import AvgPool, BatchNorm, Convolution, Linear
 
 from . import CheckedForward, TargetModel, register_method
+from ..guard import allow_nondeterministic
 from ..scoring import target_scores
 
 __all__ = ["deeplift", "deconvnet", "excitation_backprop", "contrastive_excitation_backprop", "Excitation"]
@@ -65,8 +66,9 @@ def deeplift(model, x, target, *, baseline: float | torch.Tensor = 0.0) -> torch
     ``x - baseline`` that sum to ``f(x) - f(baseline)``. ReLUs must be modules (not
     ``torch.relu`` calls) and each used once, as captum requires."""
     _validate(model, x, target)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), allow_nondeterministic():
         warnings.filterwarnings("ignore", message="Setting forward, backward hooks")
+        warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation")
         return ca.DeepLift(_for_captum(model)).attribute(x, baselines=baseline, target=target)
 
 
