@@ -7,25 +7,13 @@ sparse solve, side by side in one run, with the largest difference of the impute
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
 from xai_callbacks.metrics.road import noisy_linear_imputation
 
-
-def best_of(fn, repeats):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+from metrics import timed as best_of  # benchmarks/metrics.py: best of n wall times
 
 
 def main() -> None:
