@@ -31,27 +31,10 @@ from zennit.layer import Sum
 from zennit.rules import Norm, Pass
 from zennit.types import AvgPool, BatchNorm, Convolution, Linear
 
-from . import CheckedForward, TargetModel, register_method
+from . import CheckedForward, register_method
 from ..guard import allow_nondeterministic
-from ..scoring import target_scores
 
 __all__ = ["deeplift", "deconvnet", "excitation_backprop", "contrastive_excitation_backprop", "Excitation"]
-
-
-class _ScoredModel(nn.Module):
-    """A target function's model with the model as a registered child, so captum's
-    ``model.apply`` reaches its ReLUs (a :class:`TargetModel` keeps it unregistered)."""
-
-    def __init__(self, model: TargetModel):
-        super().__init__()
-        self.model, self.target = model.inner, model.target
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return target_scores(self.model(x), self.target)[:, None]
-
-
-def _for_captum(model: nn.Module) -> nn.Module:
-    return _ScoredModel(model) if isinstance(model, TargetModel) else model
 
 
 def _validate(model, x: torch.Tensor, target: torch.Tensor) -> None:
@@ -69,7 +52,7 @@ def deeplift(model, x, target, *, baseline: float | torch.Tensor = 0.0) -> torch
     with warnings.catch_warnings(), allow_nondeterministic():
         warnings.filterwarnings("ignore", message="Setting forward, backward hooks")
         warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation")
-        return ca.DeepLift(_for_captum(model)).attribute(x, baselines=baseline, target=target)
+        return ca.DeepLift(model).attribute(x, baselines=baseline, target=target)
 
 
 @register_method("deconvnet")
@@ -79,7 +62,7 @@ def deconvnet(model, x, target) -> torch.Tensor:
     _validate(model, x, target)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
-        return ca.Deconvolution(_for_captum(model)).attribute(x, target=target)
+        return ca.Deconvolution(model).attribute(x, target=target)
 
 
 class Excitation(BasicHook):
