@@ -145,11 +145,11 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None, features=None,
         result = spray(heatmaps, features=rel)                     # cluster the concept relevances
     """
     if features is None:
-        vectors = _p.preprocess(heatmaps, channel_reduce=channel_reduce, absolute=absolute, size=size,
-                                normalize=normalize)
+        points = _p.preprocess(heatmaps, channel_reduce=channel_reduce, absolute=absolute, size=size,
+                               normalize=normalize)
     else:
-        vectors = _p.normalize_features(_feature_rows(features, len(_p.as_array(heatmaps))), normalize)
-    n = vectors.shape[0]
+        points = _p.normalize_features(_feature_rows(features, len(_p.as_array(heatmaps))), normalize)
+    n = points.shape[0]
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if n <= k:
@@ -157,7 +157,7 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None, features=None,
                          f"collect more samples of this class or lower k")
     if n_clusters is not None and not 1 <= n_clusters <= n:
         raise ValueError(f"n_clusters must be None (eigengap) or in [1, {n}], got {n_clusters}")
-    adjacency = _p.affinity(vectors, k=k, kind=affinity)
+    adjacency = _p.affinity(points, k=k, kind=affinity)
     lap = _p.laplacian(adjacency, kind=laplacian)
     eigenvalues, vectors = _p.spectral_embedding(lap, n_eigval=n_eigval, seed=seed, normalize_rows=False)
     if n_clusters is None:
@@ -179,7 +179,7 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None, features=None,
     clustered = dist if features is None else _distribution(_p.as_array(features).reshape(n, -1))
     signatures = np.stack([clustered[labels == c].mean(0) for c in range(found)]) if found else clustered[:0]
     cluster_shares = {name: np.array([s[labels == c].mean() for c in range(found)]) for name, s in shares.items()}
-    params = dict(features="heatmaps" if features is None else f"given ({vectors.shape[1]} dims)",
+    params = dict(features="heatmaps" if features is None else f"given ({points.shape[1]} dims)",
                   channel_reduce=channel_reduce, absolute=absolute, size=size, normalize=normalize, k=k,
                   affinity=affinity, laplacian=laplacian, n_eigval=n_eigval, normalize_rows=normalize_rows,
                   min_clusters=min_clusters, max_clusters=max_clusters, eigengap_eps=eigengap_eps,
