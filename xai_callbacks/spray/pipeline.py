@@ -102,11 +102,19 @@ def preprocess(heatmaps, *, channel_reduce: str | None = "sum", absolute: bool =
 
 
 def normalize_features(x: np.ndarray, normalize: str | None = "l2") -> np.ndarray:
-    """Scale each row of (N, D) features: ``"l1"``, ``"l2"``, ``"max"``, ``"sum"`` or None (see
-    :func:`preprocess`).
+    """Scale each row of (N, D) features (flattened heatmaps, or vectors SpRAy clusters instead).
+
+    Args:
+        x: (N, D) float array.
+        normalize: ``"l1"`` (divide by sum |x|), ``"l2"`` (unit Euclidean norm), ``"max"`` (divide
+            by max |x|), ``"sum"`` (divide by the signed sum) or None (unchanged).
 
     Raises:
         ValueError: an unknown ``normalize``, or rows it would divide by zero (naming them).
+
+    Example::
+
+        normalize_features(np.array([[3.0, 4.0]]), "l2")    # [[0.6, 0.8]]
     """
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
