@@ -26,7 +26,7 @@ from ..infill import get_infiller
 from ..scoring import Target
 
 __all__ = ["ExplanationCallback", "Probe", "select_probe", "select_per_class", "dataset_labels", "val_dataloader",
-           "shard_map", "shard_indices", "TARGETS"]
+           "read_samples", "shard_map", "shard_indices", "TARGETS"]
 
 ON_ERROR = ("warn", "raise")
 TARGETS = ("label", "prediction")
@@ -56,6 +56,15 @@ def val_dataloader(trainer) -> DataLoader:
         raise RuntimeError("explanation callbacks need validation data: pass val_dataloaders or a datamodule "
                            "with val_dataloader() to fit / validate")
     return loaders
+
+
+def read_samples(loader: DataLoader, indices: Sequence[int]) -> Batch:
+    """The samples ``indices`` of ``loader.dataset``, read one by one and collated with the loader's
+    ``collate_fn`` (default collation where it has none), as a :class:`~xai_callbacks.data.Batch`
+    on the CPU; never inference tensors (they are cached across ``fit`` and ``validate``)."""
+    collate = getattr(loader, "collate_fn", None) or default_collate
+    with torch.inference_mode(False):
+        return unpack_batch(collate([loader.dataset[int(i)] for i in indices]))
 
 
 def dataset_labels(dataset, candidates: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -359,10 +368,7 @@ class ExplanationCallback(pl.Callback):
     def load_samples(self, trainer, pl_module, indices: Sequence[int]) -> Probe:
         """The validation samples ``indices`` as a :class:`Probe` on the module's device (read one
         by one from the dataset and collated with the loader's ``collate_fn``; no inference tensors)."""
-        loader = val_dataloader(trainer)
-        collate = loader.collate_fn or default_collate
-        with torch.inference_mode(False):  # cached across fit / validate: no inference tensors
-            x, y, masks = unpack_batch(collate([loader.dataset[int(i)] for i in indices]))
+        x, y, masks = read_samples(val_dataloader(trainer), indices)
         if y is None:
             raise ValueError("the explanation callbacks need labels: batches must be (x, y, ...) or dicts with 'y'")
         dev = pl_module.device

@@ -1,7 +1,6 @@
 """ConceptRelevanceCallback: per class, the concepts (channels of a layer) the model relies on."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .. import render, sinks
@@ -56,18 +55,9 @@ class ConceptRelevanceCallback(ExplanationCallback):
             rows, captions = [], []
             for k, ch in enumerate(channels.tolist()):
                 tiles = [render.panel(probe.x[first], heat[k], scale=2)]
-                tiles += [render.input_rgb(probe.x[i]).repeat(2, 0).repeat(2, 1) for i in refs[k].tolist()]
-                rows.append(_hstack(tiles))
+                tiles += [render.upscale(render.input_rgb(probe.x[i]), 2) for i in refs[k].tolist()]
+                rows.append(render.tile_row(tiles, gap=4))
                 captions.append(f"class {c} concept {ch} (R={float(res.relevance[first, ch]):.3g}); references "
                                 f"#{[int(probe.indices[i]) for i in refs[k].tolist()]}")
             sinks.log_images(trainer, f"xai/concepts/{c}", rows, captions)
 
-
-def _hstack(tiles: list[np.ndarray], gap: int = 4) -> np.ndarray:
-    h = max(t.shape[0] for t in tiles)
-    parts = []
-    for t in tiles:
-        pad = np.full((h, t.shape[1], 3), 255, np.uint8)
-        pad[:t.shape[0]] = t
-        parts += [pad, np.full((h, gap, 3), 255, np.uint8)]
-    return np.concatenate(parts[:-1], axis=1)
