@@ -105,15 +105,4 @@ class AttributionCallback(ExplanationCallback):
         for method, heat in self.heatmaps.items():
             page = "".join(f"<p><b>{c}</b></p>{render.tokens_html(t, heat[i])}"
                            for i, (c, t) in enumerate(zip(captions, texts)))
-            key = f"xai/tokens/{method}"
-            wandbs = sinks.wandb_loggers(trainer)
-            if wandbs:
-                import wandb
-
-                for lg in wandbs:
-                    lg.log_metrics({key: wandb.Html(page)}, step=trainer.global_step)
-            else:
-                folder = sinks.run_dir(trainer) / "media" / key.replace("/", "__")
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / f"epoch{trainer.current_epoch:04d}.html").write_text(page)
-
+            sinks.log_html(trainer, f"xai/tokens/{method}", page)
