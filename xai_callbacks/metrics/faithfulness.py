@@ -288,6 +288,7 @@ class Deletion(_Perturbation):
 
     name = "deletion_auc"
     higher_is_better = False
+    functional = staticmethod(deletion_auc)  # the function whose scores this class accumulates
 
     def __init__(self, model: nn.Module, n_steps: int = 64, infiller: str | Infiller = "constant",
                  output: str = "probability", batch_size: int = 256, **kwargs):
@@ -295,8 +296,8 @@ class Deletion(_Perturbation):
         super().__init__(model, infiller, output, batch_size, n_curve_points=n_steps + 1, **kwargs)
 
     def scores(self, x, target, relevance, masks=None):
-        return deletion_auc(self.model, x, target, relevance, n_steps=self.n_steps, infiller=self.infiller,
-                        output=self.output, batch_size=self.batch_size)
+        return self.functional(self.model, x, target, relevance, n_steps=self.n_steps, infiller=self.infiller,
+                               output=self.output, batch_size=self.batch_size)
 
 
 class Insertion(Deletion):
@@ -305,14 +306,11 @@ class Insertion(Deletion):
 
     name = "insertion_auc"
     higher_is_better = True
+    functional = staticmethod(insertion_auc)
 
     def __init__(self, model: nn.Module, n_steps: int = 64, infiller: str | Infiller = "blur",
                  output: str = "probability", batch_size: int = 256, **kwargs):
         super().__init__(model, n_steps, infiller, output, batch_size, **kwargs)
-
-    def scores(self, x, target, relevance, masks=None):
-        return insertion_auc(self.model, x, target, relevance, n_steps=self.n_steps, infiller=self.infiller,
-                         output=self.output, batch_size=self.batch_size)
 
 
 class FaithfulnessCorrelation(_Perturbation):
