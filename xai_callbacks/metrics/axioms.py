@@ -118,7 +118,26 @@ def input_invariance_error(model: nn.Module, x: torch.Tensor, target, relevance:
 
 class CompletenessError(_Perturbation):
     """Completeness error, logged as ``completeness_error.<infiller>``; arguments as in
-    :func:`completeness_error`."""
+    :func:`completeness_error`.
+
+    Args:
+        model: the explained classifier (kept by reference, never changed).
+        infiller, output, batch_size: as in :func:`completeness_error`.
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: at construction, an unknown ``infiller`` or ``output`` (the message names the valid
+            values).
+        ValueError: at construction, ``model`` is not an ``nn.Module``.
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range).
+
+    Example::
+
+        metric = CompletenessError(model)
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "completeness_error"
     higher_is_better = False
@@ -134,7 +153,27 @@ class CompletenessError(_Perturbation):
 
 class InputInvarianceError(ExplanationMetric):
     """Input invariance error, logged as ``input_invariance_error``; arguments as in
-    :func:`input_invariance_error`."""
+    :func:`input_invariance_error`.
+
+    Args:
+        model: the explained classifier (kept by reference, never changed).
+        method: the attribution method that re-explains (a name from
+            :func:`~xai_callbacks.attribution.available_methods`).
+        method_options: options of ``method``.
+        shift, batch_size: as in :func:`input_invariance_error`.
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: at construction, ``model`` is not an ``nn.Module``.
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range), or an unknown ``method`` (the message names the registered ones).
+
+    Example::
+
+        metric = InputInvarianceError(model, method="saliency")
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "input_invariance_error"
     needs_method = True

@@ -43,7 +43,22 @@ def complexity(relevance: torch.Tensor, x: torch.Tensor | None = None) -> torch.
 
 
 class Sparseness(ExplanationMetric):
-    """Sparseness, logged as ``sparseness``; see :func:`sparseness`. ``model`` is accepted and ignored."""
+    """Sparseness, logged as ``sparseness``; see :func:`sparseness`. ``model`` is accepted and ignored.
+
+    Args:
+        model: accepted and ignored (every metric is built as ``Metric(model, **options)``).
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range).
+
+    Example::
+
+        metric = Sparseness()
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "sparseness"
     needs_model = False
@@ -57,7 +72,22 @@ class Sparseness(ExplanationMetric):
 
 
 class Complexity(Sparseness):
-    """Complexity, logged as ``complexity``; see :func:`complexity`."""
+    """Complexity, logged as ``complexity``; see :func:`complexity`.
+
+    Args:
+        model: accepted and ignored (every metric is built as ``Metric(model, **options)``).
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range).
+
+    Example::
+
+        metric = Complexity()
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "complexity"
     higher_is_better = False

@@ -246,7 +246,26 @@ class _Perturbation(ExplanationMetric):
 
 class PixelFlipping(_Perturbation):
     """Pixel flipping AOPC, logged as ``pixel_flipping_<order>_aopc.<infiller>``; the mean curve
-    via :meth:`compute_curve`. Arguments as in :func:`pixel_flipping`."""
+    via :meth:`compute_curve`. Arguments as in :func:`pixel_flipping`.
+
+    Args:
+        model: the explained classifier (kept by reference, never changed).
+        order, n_steps, infiller, output, batch_size: as in :func:`pixel_flipping`.
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: at construction, an unknown ``order``, ``infiller`` or ``output`` (the message names the
+            valid values).
+        ValueError: at construction, ``model`` is not an ``nn.Module``.
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range).
+
+    Example::
+
+        metric = PixelFlipping(model, order="morf", infiller="blur")
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     higher_is_better = None
 
@@ -268,7 +287,26 @@ class PixelFlipping(_Perturbation):
 class RegionPerturbation(PixelFlipping):
     """Region perturbation AOPC, logged as ``region_perturbation_<order>_aopc.<infiller>``.
     Arguments as in :func:`region_perturbation`; ``n_steps`` is required here (e.g. 64 regions of
-    4x4 pixels cover a 32x32 image)."""
+    4x4 pixels cover a 32x32 image).
+
+    Args:
+        model: the explained classifier (kept by reference, never changed).
+        order, patch_size, n_steps, infiller, output, batch_size: as in :func:`region_perturbation`.
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: at construction, an unknown ``order``, ``infiller`` or ``output`` (the message names the
+            valid values).
+        ValueError: at construction, ``model`` is not an ``nn.Module``.
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range).
+
+    Example::
+
+        metric = RegionPerturbation(model, patch_size=4, n_steps=64)
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     def __init__(self, model: nn.Module, order: str = "morf", patch_size: int = 4, n_steps: int = 64,
                  infiller: str | Infiller = "constant", output: str = "probability", batch_size: int = 256, **kwargs):
@@ -284,11 +322,30 @@ class RegionPerturbation(PixelFlipping):
 
 class Deletion(_Perturbation):
     """Deletion AUC, logged as ``deletion_auc.<infiller>`` (lower is better); arguments as in
-    :func:`deletion_auc`."""
+    :func:`deletion_auc`.
+
+    Args:
+        model: the explained classifier (kept by reference, never changed).
+        n_steps, infiller, output, batch_size: as in :func:`deletion_auc`.
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: at construction, an unknown ``infiller`` or ``output`` (the message names the valid
+            values).
+        ValueError: at construction, ``model`` is not an ``nn.Module``.
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range).
+
+    Example::
+
+        metric = Deletion(model, n_steps=32)
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "deletion_auc"
     higher_is_better = False
-    functional = staticmethod(deletion_auc)  # the function whose scores this class accumulates
+    fn = staticmethod(deletion_auc)  # the functional form whose scores this class accumulates
 
     def __init__(self, model: nn.Module, n_steps: int = 64, infiller: str | Infiller = "constant",
                  output: str = "probability", batch_size: int = 256, **kwargs):
@@ -296,17 +353,36 @@ class Deletion(_Perturbation):
         super().__init__(model, infiller, output, batch_size, n_curve_points=n_steps + 1, **kwargs)
 
     def scores(self, x, target, relevance, masks=None):
-        return self.functional(self.model, x, target, relevance, n_steps=self.n_steps, infiller=self.infiller,
-                               output=self.output, batch_size=self.batch_size)
+        return self.fn(self.model, x, target, relevance, n_steps=self.n_steps, infiller=self.infiller,
+                       output=self.output, batch_size=self.batch_size)
 
 
 class Insertion(Deletion):
     """Insertion AUC, logged as ``insertion_auc.<infiller>`` (higher is better); arguments as in
-    :func:`insertion_auc`."""
+    :func:`insertion_auc`.
+
+    Args:
+        model: the explained classifier (kept by reference, never changed).
+        n_steps, infiller, output, batch_size: as in :func:`insertion_auc`.
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: at construction, an unknown ``infiller`` or ``output`` (the message names the valid
+            values).
+        ValueError: at construction, ``model`` is not an ``nn.Module``.
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range).
+
+    Example::
+
+        metric = Insertion(model, n_steps=32)
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "insertion_auc"
     higher_is_better = True
-    functional = staticmethod(insertion_auc)
+    fn = staticmethod(insertion_auc)
 
     def __init__(self, model: nn.Module, n_steps: int = 64, infiller: str | Infiller = "blur",
                  output: str = "probability", batch_size: int = 256, **kwargs):
@@ -315,7 +391,26 @@ class Insertion(Deletion):
 
 class FaithfulnessCorrelation(_Perturbation):
     """Faithfulness correlation, logged as ``faithfulness_correlation.<infiller>`` (higher is
-    better); arguments as in :func:`faithfulness_correlation`."""
+    better); arguments as in :func:`faithfulness_correlation`.
+
+    Args:
+        model: the explained classifier (kept by reference, never changed).
+        n_runs, subset_size, infiller, output, batch_size, seed: as in :func:`faithfulness_correlation`.
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: at construction, an unknown ``infiller`` or ``output`` (the message names the valid
+            values).
+        ValueError: at construction, ``model`` is not an ``nn.Module``.
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range).
+
+    Example::
+
+        metric = FaithfulnessCorrelation(model, n_runs=50, subset_size=64)
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "faithfulness_correlation"
     higher_is_better = True
@@ -333,7 +428,25 @@ class FaithfulnessCorrelation(_Perturbation):
 
 
 class Infidelity(ExplanationMetric):
-    """Infidelity, logged as ``infidelity`` (lower is better); arguments as in :func:`infidelity`."""
+    """Infidelity, logged as ``infidelity`` (lower is better); arguments as in :func:`infidelity`.
+
+    Args:
+        model: the explained classifier (kept by reference, never changed).
+        n_samples, noise_std, output, batch_size, seed: as in :func:`infidelity`.
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: at construction, an unknown ``output`` (the message names the valid values).
+        ValueError: at construction, ``model`` is not an ``nn.Module``.
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range).
+
+    Example::
+
+        metric = Infidelity(model, n_samples=16)
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "infidelity"
     higher_is_better = False

@@ -77,21 +77,66 @@ class _Localisation(ExplanationMetric):
 
 class RelevanceMass(_Localisation):
     """Relevance mass accuracy, logged as ``relevance_mass``; see :func:`relevance_mass`. The
-    model argument is accepted and ignored (all metrics share one constructor form)."""
+    model argument is accepted and ignored (all metrics share one constructor form).
+
+    Args:
+        model: accepted and ignored (every metric is built as ``Metric(model, **options)``).
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range).
+
+    Example::
+
+        metric = RelevanceMass()
+        metric.update(x, y, relevance, masks)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "relevance_mass"
     fn = staticmethod(relevance_mass)
 
 
 class RelevanceRank(_Localisation):
-    """Relevance rank accuracy, logged as ``relevance_rank``; see :func:`relevance_rank`."""
+    """Relevance rank accuracy, logged as ``relevance_rank``; see :func:`relevance_rank`.
+
+    Args:
+        model: accepted and ignored (every metric is built as ``Metric(model, **options)``).
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range).
+
+    Example::
+
+        metric = RelevanceRank()
+        metric.update(x, y, relevance, masks)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "relevance_rank"
     fn = staticmethod(relevance_rank)
 
 
 class PointingGame(_Localisation):
-    """Pointing game, logged as ``pointing_game``; see :func:`pointing_game`."""
+    """Pointing game, logged as ``pointing_game``; see :func:`pointing_game`.
+
+    Args:
+        model: accepted and ignored (every metric is built as ``Metric(model, **options)``).
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range).
+
+    Example::
+
+        metric = PointingGame()
+        metric.update(x, y, relevance, masks)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "pointing_game"
     fn = staticmethod(pointing_game)

@@ -101,7 +101,29 @@ class ModelParameterRandomisation(ExplanationMetric):
     """Model parameter randomisation, logged as ``model_parameter_randomisation`` (the mean
     similarity to the original heatmap; lower is better); the per-layer curve via
     :meth:`compute_curve`, over ``curve_axis`` "randomised layers". Arguments as in
-    :func:`model_parameter_randomisation`."""
+    :func:`model_parameter_randomisation`.
+
+    Args:
+        model: the explained classifier (kept by reference, never changed).
+        method: the attribution method that re-explains (a name from
+            :func:`~xai_callbacks.attribution.available_methods`).
+        method_options: options of ``method``.
+        layer_order, similarity, batch_size, seed: as in :func:`model_parameter_randomisation`.
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: at construction, an unknown ``layer_order`` or ``similarity`` (the message names the valid
+            values).
+        ValueError: at construction, ``model`` is not an ``nn.Module``.
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range), or an unknown ``method`` (the message names the registered ones).
+
+    Example::
+
+        metric = ModelParameterRandomisation(model, method="saliency")
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "model_parameter_randomisation"
     curve_axis = "randomised layers"
@@ -125,7 +147,28 @@ class ModelParameterRandomisation(ExplanationMetric):
 
 class RandomLogit(ExplanationMetric):
     """Random-logit similarity, logged as ``random_logit_similarity`` (lower is better); arguments
-    as in :func:`random_logit`."""
+    as in :func:`random_logit`.
+
+    Args:
+        model: the explained classifier (kept by reference, never changed).
+        method: the attribution method that re-explains (a name from
+            :func:`~xai_callbacks.attribution.available_methods`).
+        method_options: options of ``method``.
+        similarity, batch_size, seed: as in :func:`random_logit`.
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: at construction, an unknown ``similarity`` (the message names the valid values).
+        ValueError: at construction, ``model`` is not an ``nn.Module``.
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range), or an unknown ``method`` (the message names the registered ones).
+
+    Example::
+
+        metric = RandomLogit(model, method="saliency")
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "random_logit_similarity"
     needs_method = True

@@ -159,7 +159,26 @@ def sensitivity_n(model: nn.Module, x: torch.Tensor, target, relevance: torch.Te
 
 # ------------------------------------------------------------------------------------ classes
 class IROF(_Perturbation):
-    """IROF, logged as ``irof.<infiller>`` (higher is better); arguments as in :func:`irof`."""
+    """IROF, logged as ``irof.<infiller>`` (higher is better); arguments as in :func:`irof`.
+
+    Args:
+        model: the explained classifier (kept by reference, never changed).
+        n_segments, compactness, infiller, output, batch_size: as in :func:`irof`.
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: at construction, an unknown ``infiller`` or ``output`` (the message names the valid
+            values).
+        ValueError: at construction, ``model`` is not an ``nn.Module``.
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range).
+
+    Example::
+
+        metric = IROF(model, n_segments=50)
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "irof"
     higher_is_better = True
@@ -176,7 +195,26 @@ class IROF(_Perturbation):
 
 class Selectivity(_Perturbation):
     """Selectivity, logged as ``selectivity.<infiller>`` (lower is better); arguments as in
-    :func:`selectivity`. The mean curve via :meth:`compute_curve` needs images of one size."""
+    :func:`selectivity`. The mean curve via :meth:`compute_curve` needs images of one size.
+
+    Args:
+        model: the explained classifier (kept by reference, never changed).
+        patch_size, infiller, output, batch_size: as in :func:`selectivity`.
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: at construction, an unknown ``infiller`` or ``output`` (the message names the valid
+            values).
+        ValueError: at construction, ``model`` is not an ``nn.Module``.
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range).
+
+    Example::
+
+        metric = Selectivity(model, patch_size=8)
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "selectivity"
     higher_is_better = False
@@ -194,7 +232,26 @@ class Selectivity(_Perturbation):
 
 class SensitivityN(_Perturbation):
     """Sensitivity-n, logged as ``sensitivity_n.<infiller>`` (higher is better); the mean
-    correlation per subset size via :meth:`compute_curve`. Arguments as in :func:`sensitivity_n`."""
+    correlation per subset size via :meth:`compute_curve`. Arguments as in :func:`sensitivity_n`.
+
+    Args:
+        model: the explained classifier (kept by reference, never changed).
+        fractions, n_runs, infiller, output, batch_size, seed: as in :func:`sensitivity_n`.
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: at construction, an unknown ``infiller`` or ``output`` (the message names the valid
+            values).
+        ValueError: at construction, ``model`` is not an ``nn.Module``.
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range).
+
+    Example::
+
+        metric = SensitivityN(model, fractions=(0.05, 0.2))
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "sensitivity_n"
     curve_axis = "subset size (fraction of pixels)"

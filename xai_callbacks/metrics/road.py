@@ -206,7 +206,25 @@ def road(model: nn.Module, x: torch.Tensor, target, relevance: torch.Tensor, *, 
 
 class ROAD(ExplanationMetric):
     """ROAD, logged as ``road_<order>`` (lower is better for ``morf``); the mean curve via
-    :meth:`compute_curve`. Arguments as in :func:`road`."""
+    :meth:`compute_curve`. Arguments as in :func:`road`.
+
+    Args:
+        model: the explained classifier (kept by reference, never changed).
+        order, percentages, noise, output, batch_size, seed: as in :func:`road`.
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: at construction, an unknown ``order`` or ``output`` (the message names the valid values).
+        ValueError: at construction, ``model`` is not an ``nn.Module``.
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range).
+
+    Example::
+
+        metric = ROAD(model, order="morf")
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     higher_is_better = None  # lower for morf, higher for lerf
 

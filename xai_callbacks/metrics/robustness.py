@@ -102,7 +102,27 @@ class _Robustness(ExplanationMetric):
 
 
 class MaxSensitivity(_Robustness):
-    """Max-sensitivity, logged as ``max_sensitivity``; arguments as in :func:`sensitivity`."""
+    """Max-sensitivity, logged as ``max_sensitivity``; arguments as in :func:`sensitivity`.
+
+    Args:
+        model: the explained classifier (kept by reference, never changed).
+        method: the attribution method that re-explains (a name from
+            :func:`~xai_callbacks.attribution.available_methods`).
+        method_options: options of ``method``.
+        n_samples, radius, batch_size, seed: as in :func:`sensitivity`.
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: at construction, ``model`` is not an ``nn.Module``.
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range), or an unknown ``method`` (the message names the registered ones).
+
+    Example::
+
+        metric = MaxSensitivity(model, method="saliency", radius=0.1)
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "max_sensitivity"
 
@@ -120,7 +140,27 @@ class MaxSensitivity(_Robustness):
 
 
 class AvgSensitivity(MaxSensitivity):
-    """Avg-sensitivity, logged as ``avg_sensitivity``; arguments as in :func:`sensitivity`."""
+    """Avg-sensitivity, logged as ``avg_sensitivity``; arguments as in :func:`sensitivity`.
+
+    Args:
+        model: the explained classifier (kept by reference, never changed).
+        method: the attribution method that re-explains (a name from
+            :func:`~xai_callbacks.attribution.available_methods`).
+        method_options: options of ``method``.
+        n_samples, radius, batch_size, seed: as in :func:`sensitivity`.
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: at construction, ``model`` is not an ``nn.Module``.
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range), or an unknown ``method`` (the message names the registered ones).
+
+    Example::
+
+        metric = AvgSensitivity(model, method="saliency", radius=0.1)
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "avg_sensitivity"
 
@@ -130,7 +170,27 @@ class AvgSensitivity(MaxSensitivity):
 
 class LocalLipschitzEstimate(_Robustness):
     """Local Lipschitz estimate, logged as ``local_lipschitz_estimate``; arguments as in
-    :func:`local_lipschitz_estimate`."""
+    :func:`local_lipschitz_estimate`.
+
+    Args:
+        model: the explained classifier (kept by reference, never changed).
+        method: the attribution method that re-explains (a name from
+            :func:`~xai_callbacks.attribution.available_methods`).
+        method_options: options of ``method``.
+        n_samples, noise_std, batch_size, seed: as in :func:`local_lipschitz_estimate`.
+        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: at construction, ``model`` is not an ``nn.Module``.
+        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
+            values, a class out of range), or an unknown ``method`` (the message names the registered ones).
+
+    Example::
+
+        metric = LocalLipschitzEstimate(model, method="saliency")
+        metric.update(x, y, relevance)
+        metric.compute()  # mean over the samples seen, logged as metric.key
+    """
 
     name = "local_lipschitz_estimate"
 
