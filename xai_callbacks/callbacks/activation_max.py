@@ -48,7 +48,17 @@ class ActivationMaximizationCallback(ExplanationCallback):
             for the input shape and as the density's data when no training data is reachable).
 
     Raises:
-        ValueError: an unknown variant or output.
+        ValueError: an unknown variant or output, or ``layer`` without ``classes`` (the message
+            names the valid values); with ``on_error="raise"``, the ``generator`` variant before an
+            inpainter has trained its generator.
+
+    Example::
+
+        from xai_callbacks import ActivationMaximizationCallback, InpainterCallback
+
+        am = ActivationMaximizationCallback(classes=[0, 1, 2], variants=["plain", "expert"], steps=100)
+        Trainer(callbacks=[InpainterCallback(), am]).fit(model, datamodule=dm)
+        am.images["expert"]  # (3, C, H, W): what each class detector responds to most
     """
 
     def __init__(self, classes: Sequence[int] | None = None, variants: Sequence[str] = ("plain", "expert"),

@@ -38,6 +38,20 @@ class AttributionCallback(ExplanationCallback):
         vocab: how token ids are shown in token panels: a sequence of strings indexed by id, a
             function id -> string, or None (the ids themselves).
         every_n_epochs, probe_size, seed, target, on_error: see :class:`ExplanationCallback`.
+
+    Raises:
+        ValueError: an unknown method or method option, or a bad base argument (the message names
+            the valid ones); with ``on_error="raise"``, a failing explainer during ``fit`` /
+            ``validate``.
+
+    Example::
+
+        from xai_callbacks import AttributionCallback
+
+        cb = AttributionCallback(methods=["saliency", "integrated_gradients"],
+                                 method_options={"integrated_gradients": {"n_steps": 16}}, probe_size=32)
+        Trainer(callbacks=[cb], logger=WandbLogger()).fit(model, datamodule=dm)
+        cb.heatmaps["saliency"]  # (32, C, H, W), the last epoch's heatmaps
     """
 
     def __init__(self, methods: Sequence[str] = ("saliency", "lrp.epsilon_plus_flat"),

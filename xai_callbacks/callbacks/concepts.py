@@ -25,6 +25,19 @@ class ConceptRelevanceCallback(ExplanationCallback):
         n_concepts: concepts shown per class.
         n_references: reference samples per concept.
         every_n_epochs, probe_size, seed, on_error: see :class:`ExplanationCallback`.
+
+    Raises:
+        ValueError: ``n_concepts`` < 1, ``n_references`` < 0 or a bad base argument; with
+            ``on_error="raise"``, a ``layer`` the model does not have (the message lists its
+            modules) during ``fit`` / ``validate``.
+
+    Example::
+
+        from xai_callbacks import ConceptRelevanceCallback
+
+        cb = ConceptRelevanceCallback(layer="features.3", n_concepts=3, n_references=4)
+        Trainer(callbacks=[cb]).fit(model, datamodule=dm)
+        cb.concepts  # {class: the channels of features.3 it relies on most}
     """
 
     def __init__(self, layer: str, n_concepts: int = 4, n_references: int = 4, every_n_epochs: int = 1,

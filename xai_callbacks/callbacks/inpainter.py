@@ -67,6 +67,20 @@ class InpainterCallback(ExplanationCallback):
         seed: seeds G and D's initialisation, the training masks and noise, the probe set and the
             evaluation masks.
         every_n_epochs, probe_size, on_error: see :class:`ExplanationCallback`.
+
+    Raises:
+        ValueError: ``every_n_steps`` < 1, a bad mask sampler argument, an unknown baseline
+            infiller or a bad base argument (the message names the valid ones); with
+            ``on_error="raise"``, inputs that are not images (B, C, H, W) or a failing step.
+
+    Example::
+
+        from xai_callbacks import AttributionCallback, InpainterCallback
+
+        inpainter = InpainterCallback(value_range=(0, 1), warmup_steps=200)
+        explain = AttributionCallback(methods=["fido.ssr"])  # infiller="auto": the GAN once trained
+        Trainer(callbacks=[inpainter, explain]).fit(model, datamodule=dm)
+        fill = inpainter.trained_infiller  # an Infiller: fill(x, keep)
     """
 
     def __init__(self, every_n_steps: int = 1, width: int = 16, value_range: tuple[float, float] | None = None,
