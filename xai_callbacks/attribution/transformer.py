@@ -191,7 +191,19 @@ def conservative_lrp(model, x, target) -> torch.Tensor:
     """CP-LRP for transformers (attention weights and LayerNorm scale as constants, identity rule
     on GELU / SiLU, LRP-0 on linear and convolution layers), as gradient x input under
     :class:`ConservativeTransformerLRP`. The target logit is the relevance put in; on a bias-free
-    model the relevance sums to it. On a network without attention this is LRP-0."""
+    model the relevance sums to it. On a network without attention this is LRP-0.
+
+    Args:
+        model, x, target: the model, inputs (B, ...) and target as in
+            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+
+    Raises:
+        ValueError: a target out of range or a model output that is not (B, n_classes) scores.
+
+    Example::
+
+        heat = explain(model, x, y, method="lrp.cp")
+    """
     forward = CheckedForward(model, target)
     with ConservativeTransformerLRP():
         out = forward(x)
@@ -204,7 +216,19 @@ def attention_lrp(model, x, target) -> torch.Tensor:
     """AttnLRP for transformers (uniform rule on products of activations, softmax rule through
     its gradient, LayerNorm scale constant, identity rule on GELU / SiLU, LRP-0 on linear and
     convolution layers), as gradient x input under :class:`AttentionLRP`. Not exactly
-    conservative: the softmax rule keeps the share of its implicit bias."""
+    conservative: the softmax rule keeps the share of its implicit bias.
+
+    Args:
+        model, x, target: the model, inputs (B, ...) and target as in
+            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+
+    Raises:
+        ValueError: a target out of range or a model output that is not (B, n_classes) scores.
+
+    Example::
+
+        heat = explain(model, x, y, method="lrp.attn")
+    """
     forward = CheckedForward(model, target)
     with AttentionLRP():
         out = forward(x)
@@ -297,7 +321,19 @@ def attention_rollout(model, x, target, *, residual: float = 0.5) -> torch.Tenso
     head-averaged attention of each layer mixed with the identity (``residual``: the share of the
     skip connection), rows renormalised, multiplied through the layers; the class token's row over
     the patch tokens is the map, upsampled to ``x``. Class-agnostic: ``target`` is not used.
-    Raises :class:`MethodNotApplicableError` for models without a class token (CNNs, Swin)."""
+
+    Args:
+        model, x, target: the model, inputs (B, ...) and target as in
+            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+
+    Raises:
+        MethodNotApplicableError: a model without a class token and ``nn.MultiheadAttention`` (CNNs,
+            Swin); the message lists the methods that apply.
+
+    Example::
+
+        heat = explain(model, x, y, method="attention_rollout", residual=0.5)
+    """
     if not _has_class_token_attention(model):
         raise not_applicable(model, "attention_rollout", "it needs a vision transformer with a class token "
                              "and nn.MultiheadAttention (torchvision VisionTransformer)")
