@@ -50,17 +50,14 @@ def deeplift(model, x, target, *, baseline: float | torch.Tensor = 0.0) -> torch
     ``torch.relu`` calls) and each used once, as captum requires.
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         baseline: the reference input: a number or a tensor like one sample.
 
     Raises:
         ValueError: a target out of range or a model output that is not (B, n_classes) scores.
         AssertionError: (captum) a ``baseline`` that does not broadcast to ``x``.
 
-    Example::
-
-        heat = explain(model, x, y, method="deeplift", baseline=0.0)
+    Example: ``explain(model, x, y, method="deeplift", baseline=0.0)``.
     """
     _validate(model, x, target)
     with warnings.catch_warnings(), allow_nondeterministic():
@@ -75,15 +72,12 @@ def deconvnet(model, x, target) -> torch.Tensor:
     from above, whatever the forward activation.
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
 
     Raises:
         ValueError: a target out of range or a model output that is not (B, n_classes) scores.
 
-    Example::
-
-        heat = explain(model, x, y, method="deconvnet")
+    Example: ``explain(model, x, y, method="deconvnet")``.
     """
     _validate(model, x, target)
     with warnings.catch_warnings():
@@ -179,8 +173,7 @@ def excitation_backprop(model, x, target, *, layer: str | None = None) -> torch.
     """Excitation backprop (Zhang et al. 2016): marginal winning probabilities of the target.
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         layer: None for the MWP of every input element (sums to 1 where no normaliser vanishes;
             meaningful for non-negative inputs), or a module name: the MWP of its output summed
             over channels (TorchRay's saliency layer), bilinearly upsampled to the input size and
@@ -190,9 +183,7 @@ def excitation_backprop(model, x, target, *, layer: str | None = None) -> torch.
         ValueError: a ``layer`` the model does not have (the message lists its modules), a target
             out of range or a model output that is not (B, n_classes) scores.
 
-    Example::
-
-        heat = explain(model, x, y, method="excitation_backprop", layer="features.4")
+    Example: ``explain(model, x, y, method="excitation_backprop", layer="features.4")``.
     """
     return _to_input(_mwp(model, x, target, layer, None), x, layer)
 
@@ -204,8 +195,7 @@ def contrastive_excitation_backprop(model, x, target, *, layer: str | None = Non
     unit (``classifier_layer``'s weights negated; default: the last dense or convolution layer).
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         layer: as in :func:`excitation_backprop`; at a layer the channel sum is taken before the
             positive part (TorchRay's order).
         classifier_layer: module name of the classifier layer.
@@ -215,9 +205,7 @@ def contrastive_excitation_backprop(model, x, target, *, layer: str | None = Non
         ValueError: a ``layer`` or ``classifier_layer`` the model does not have (the message lists
             its modules), a target out of range or a model output that is not (B, n_classes) scores.
 
-    Example::
-
-        heat = explain(model, x, y, method="excitation_backprop.contrastive", layer="features.4")
+    Example: ``explain(model, x, y, method="excitation_backprop.contrastive", layer="features.4")``.
     """
     name = classifier_layer or classifier_layer_name(model)
     named_module(model, name, "excitation_backprop.contrastive classifier_layer")

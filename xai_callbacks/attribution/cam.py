@@ -35,8 +35,7 @@ def gradcam(model, x, target, *, layer: str | None = None, relu: bool = True) ->
     output is read as a token grid (a leading class token dropped).
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         layer: module name whose output is weighted by its mean gradient (default as above).
         relu: keep only the positive part of the map.
 
@@ -47,9 +46,7 @@ def gradcam(model, x, target, *, layer: str | None = None, relu: bool = True) ->
         MethodNotApplicableError: a transformer other than torchvision's ViT and Swin without
             ``layer``.
 
-    Example::
-
-        heat = explain(model, x, y, method="gradcam", layer="features.4")
+    Example: ``explain(model, x, y, method="gradcam", layer="features.4")``.
     """
     if layer is None and transformer_layers(model):
         found = _token_layer(model)

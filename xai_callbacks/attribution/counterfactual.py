@@ -178,8 +178,7 @@ def meaningful_perturbation(model, x, target, *, game: str = "deletion", infille
       relevance = m (what must be kept).
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         game: ``deletion`` or ``preservation``.
         infiller: fills removed positions: a name, an Infiller, or ``auto`` (blur unless the GAN is passed).
         steps: Adam steps; lr: Adam learning rate.
@@ -193,9 +192,7 @@ def meaningful_perturbation(model, x, target, *, game: str = "deletion", infille
     Raises:
         ValueError: bad options, or an input that is not images or signals.
 
-    Example::
-
-        heat = explain(model, x, y, method="meaningful_perturbation", game="preservation", mask_size=8)
+    Example: ``explain(model, x, y, method="meaningful_perturbation", game="preservation", mask_size=8)``.
     """
     _check_common("meaningful_perturbation", steps, lr, n_samples, output)
     if game not in ("deletion", "preservation"):
@@ -269,8 +266,7 @@ def fido_ssr(model, x, target, *, infiller: str | Infiller = "auto", steps: int 
     tabular rows (one entry per feature) or ``components`` groups.
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         infiller: fills the dropped part: a name, an Infiller, or ``auto`` (blur unless the GAN is passed).
         steps: Adam steps on theta (initialised at p = 0.5); lr: Adam learning rate.
         l1: weight of the mean keep probability; tv: weight of the total variation of p (images, signals).
@@ -286,9 +282,7 @@ def fido_ssr(model, x, target, *, infiller: str | Infiller = "auto", steps: int 
             ``output``, bad ``components`` or ``mask_size``, an unknown ``infiller`` (the message
             names the valid ones).
 
-    Example::
-
-        heat = explain(model, x, y, method="fido.ssr", l1=2.0, mask_size=8)
+    Example: ``explain(model, x, y, method="fido.ssr", l1=2.0, mask_size=8)``.
     """
     return _fido(model, x, target, game="ssr", infiller=infiller, steps=steps, lr=lr, l1=l1, tv=tv,
                  temperature=temperature, n_samples=n_samples, mask_size=mask_size, components=components,
@@ -306,17 +300,14 @@ def fido_sdr(model, x, target, *, infiller: str | Infiller = "auto", steps: int 
     ``fido.ssr``.
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         infiller, steps, lr, l1, tv, temperature, n_samples, mask_size, components, output, seed: as
             in ``fido.ssr``.
 
     Raises:
         ValueError: as in ``fido.ssr``.
 
-    Example::
-
-        heat = explain(model, x, y, method="fido.sdr", l1=1.0, steps=100)
+    Example: ``explain(model, x, y, method="fido.sdr", l1=1.0, steps=100)``.
     """
     return _fido(model, x, target, game="sdr", infiller=infiller, steps=steps, lr=lr, l1=l1, tv=tv,
                  temperature=temperature, n_samples=n_samples, mask_size=mask_size, components=components,
@@ -348,8 +339,7 @@ def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller 
     ``components``.
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         variant: ``relaxed``, ``concrete`` or ``matching_pursuit``.
         infiller: fills the dropped part: a name, an Infiller, or ``auto`` (blur unless the GAN is passed).
         steps: Adam steps (relaxed / concrete); lr: Adam learning rate (None: 0.05 on s for relaxed,
@@ -366,9 +356,7 @@ def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller 
     Raises:
         ValueError: bad options, components or mask_size; matching pursuit over more than 256 entries.
 
-    Example::
-
-        heat = explain(model, x, y, method="rde", variant="relaxed", l1=1.0)
+    Example: ``explain(model, x, y, method="rde", variant="relaxed", l1=1.0)``.
     """
     lr = lr if lr is not None else (0.5 if variant == "concrete" else 0.05)
     _check_common("rde", steps, lr, n_samples)

@@ -88,8 +88,7 @@ def extremal_perturbation(model, x, target, *, areas: tuple[float, ...] | list[f
     """Extremal perturbation on images (B, C, H, W): the mean over ``areas`` of the learned masks.
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         areas: target areas as fractions of the image (one mask each).
         game: ``preservation`` (keep the mask), ``deletion`` (remove it) or ``dual`` (both).
         infiller: fills removed pixels: a name, an Infiller, or ``auto`` (GAN if trained, else blur).
@@ -103,9 +102,7 @@ def extremal_perturbation(model, x, target, *, areas: tuple[float, ...] | list[f
         ValueError: inputs that are not images (B, C, H, W), ``areas`` outside (0, 1), an unknown
             ``game`` or ``output``, an unknown ``infiller`` (the message names the valid ones).
 
-    Example::
-
-        heat = explain(model, x, y, method="extremal_perturbation", areas=[0.1], game="preservation", steps=200)
+    Example: ``explain(model, x, y, method="extremal_perturbation", areas=[0.1], game="preservation", steps=200)``.
     """
     m = extremal_masks(model, x, target, areas=areas, game=game, infiller=infiller, steps=steps, lr=lr,
                        mask_step=mask_step, smoothing=smoothing, area_weight=area_weight, output=output)

@@ -18,16 +18,13 @@ def saliency(model, x, target, *, abs: bool = False) -> torch.Tensor:
     """Gradient of the target score w.r.t. the input (Simonyan et al.).
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         abs: return |grad| instead of the signed gradient.
 
     Raises:
         ValueError: a target out of range or a model output that is not (B, n_classes) scores.
 
-    Example::
-
-        heat = explain(model, x, y, method="saliency", abs=True)
+    Example: ``explain(model, x, y, method="saliency", abs=True)``.
     """
     return ca.Saliency(CheckedForward(model, target)).attribute(x, target=target, abs=abs)
 
@@ -37,15 +34,12 @@ def input_x_gradient(model, x, target) -> torch.Tensor:
     """Input times gradient: ``x * d score / d x``.
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
 
     Raises:
         ValueError: a target out of range or a model output that is not (B, n_classes) scores.
 
-    Example::
-
-        heat = explain(model, x, y, method="input_x_gradient")
+    Example: ``explain(model, x, y, method="input_x_gradient")``.
     """
     return ca.InputXGradient(CheckedForward(model, target)).attribute(x, target=target)
 
@@ -57,8 +51,7 @@ def integrated_gradients(model, x, target, *, n_steps: int = 32, baseline: float
     from ``baseline`` to ``x``, times ``x - baseline``.
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         n_steps: points on the path (>= 1).
         baseline: the path's start: a number or a tensor broadcastable to one sample.
         batch_size: path points per forward pass (None: all at once).
@@ -70,9 +63,7 @@ def integrated_gradients(model, x, target, *, n_steps: int = 32, baseline: float
         ValueError: ``n_steps`` < 1, an unknown ``integration`` (the message names the valid ones),
             a target out of range or a model output that is not (B, n_classes) scores.
 
-    Example::
-
-        heat = explain(model, x, y, method="integrated_gradients", n_steps=64, baseline=0.0)
+    Example: ``explain(model, x, y, method="integrated_gradients", n_steps=64, baseline=0.0)``.
     """
     if not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"integrated_gradients n_steps must be an int >= 1, got {n_steps!r}")
@@ -89,8 +80,7 @@ def smoothgrad(model, x, target, *, n_samples: int = 16, noise_level: float = 0.
     """SmoothGrad (Smilkov et al.): the mean gradient over noisy copies of the input.
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         n_samples: noisy copies per sample (>= 1).
         noise_level: the noise's standard deviation as a share of each sample's value range,
             ``noise_level * (max(x) - min(x))`` (>= 0).
@@ -102,9 +92,7 @@ def smoothgrad(model, x, target, *, n_samples: int = 16, noise_level: float = 0.
         ValueError: ``n_samples`` < 1 or ``noise_level`` < 0, a target out of range or a model
             output that is not (B, n_classes) scores.
 
-    Example::
-
-        heat = explain(model, x, y, method="smoothgrad", n_samples=32, noise_level=0.1, seed=1)
+    Example: ``explain(model, x, y, method="smoothgrad", n_samples=32, noise_level=0.1, seed=1)``.
     """
     if not isinstance(n_samples, int) or n_samples < 1 or noise_level < 0:
         raise ValueError(f"smoothgrad needs n_samples an int >= 1 and noise_level >= 0, got {n_samples!r}, "
@@ -130,15 +118,12 @@ def guided_backprop(model, x, target) -> torch.Tensor:
     ReLUs backwards (ReLUs must be ``nn.ReLU`` modules for captum's hooks).
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
 
     Raises:
         ValueError: a target out of range or a model output that is not (B, n_classes) scores.
 
-    Example::
-
-        heat = explain(model, x, y, method="guided_backprop")
+    Example: ``explain(model, x, y, method="guided_backprop")``.
     """
     CheckedForward(model, target)(x[:1])  # validate scores and target before captum's hooks
     with warnings.catch_warnings():

@@ -163,8 +163,7 @@ def epsilon_plus_flat(model, x, target, *, epsilon: float = 1e-6) -> torch.Tenso
     """Epsilon rule on dense layers, z+ on convolutions, flat rule on the first layer.
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         epsilon: stabiliser of the epsilon rule.
 
     Raises:
@@ -172,9 +171,7 @@ def epsilon_plus_flat(model, x, target, *, epsilon: float = 1e-6) -> torch.Tenso
         MethodNotApplicableError: a transformer (attention, LayerNorm): zennit's composites have no
             rules for them; use ``lrp.cp`` or ``lrp.attn``.
 
-    Example::
-
-        heat = explain(model, x, y, method="lrp.epsilon_plus_flat")
+    Example: ``explain(model, x, y, method="lrp.epsilon_plus_flat")``.
     """
     return lrp(model, x, target, lambda c: composites.EpsilonPlusFlat(epsilon=epsilon, canonizers=c),
                "lrp.epsilon_plus_flat")
@@ -187,8 +184,7 @@ def epsilon_gamma_box(model, x, target, *, low: float | None = None, high: float
     bounds ``low`` / ``high`` (default: each sample's own minimum and maximum).
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         low, high: the input bounds of the z^B rule (None: each sample's own minimum and maximum).
         epsilon: stabiliser of the epsilon rule.
         gamma: weight of the positive part in the gamma rule.
@@ -198,9 +194,7 @@ def epsilon_gamma_box(model, x, target, *, low: float | None = None, high: float
         MethodNotApplicableError: a transformer (attention, LayerNorm): zennit's composites have no
             rules for them; use ``lrp.cp`` or ``lrp.attn``.
 
-    Example::
-
-        heat = explain(model, x, y, method="lrp.epsilon_gamma_box", low=0.0, high=1.0)
+    Example: ``explain(model, x, y, method="lrp.epsilon_gamma_box", low=0.0, high=1.0)``.
     """
     dims = tuple(range(1, x.dim()))
     low = x.detach().amin(dim=dims, keepdim=True).expand_as(x) if low is None else low
@@ -213,20 +207,9 @@ def epsilon_gamma_box(model, x, target, *, low: float | None = None, high: float
 @register_method("lrp.epsilon_alpha2_beta1")
 def epsilon_alpha2_beta1(model, x, target, *, epsilon: float = 1e-6) -> torch.Tensor:
     """Epsilon on dense layers, alpha=2 beta=1 on convolutions, flat rule on the first layer.
+    Arguments and errors as in ``lrp.epsilon_plus_flat``.
 
-    Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
-        epsilon: stabiliser of the epsilon rule.
-
-    Raises:
-        ValueError: a target out of range or a model output that is not (B, n_classes) scores.
-        MethodNotApplicableError: a transformer (attention, LayerNorm): zennit's composites have no
-            rules for them; use ``lrp.cp`` or ``lrp.attn``.
-
-    Example::
-
-        heat = explain(model, x, y, method="lrp.epsilon_alpha2_beta1", epsilon=1e-6)
+    Example: ``explain(model, x, y, method="lrp.epsilon_alpha2_beta1", epsilon=1e-6)``.
     """
     return lrp(model, x, target, lambda c: composites.EpsilonAlpha2Beta1(epsilon=epsilon, canonizers=c),
                "lrp.epsilon_alpha2_beta1")
@@ -344,8 +327,7 @@ def lrp_composite(model, x, target, *, rules: dict | None = None, output: str = 
     """LRP with a user-defined composite (zennit rules per layer type or module name).
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         rules: ``{key: rule}`` (see :func:`config_composite`); rules are ``zero`` (LRP-0),
             ``epsilon``, ``gamma``, ``alpha_beta``, ``zplus``, ``zbox`` (z^B, ``low`` / ``high``),
             ``wsquare``, ``flat``, ``pass``, ``norm``, given as a name or as
@@ -362,10 +344,8 @@ def lrp_composite(model, x, target, *, rules: dict | None = None, output: str = 
         MethodNotApplicableError: a transformer (attention, LayerNorm): zennit's composites have no
             rules for them; use ``lrp.cp`` or ``lrp.attn``.
 
-    Example::
-
-        heat = explain(model, x, y, method="lrp.composite",
-                       rules={"Convolution": {"rule": "gamma", "gamma": 0.25}, "Dense": "epsilon"})
+    Example: ``explain(model, x, y, method="lrp.composite",
+                       rules={"Convolution": {"rule": "gamma", "gamma": 0.25}, "Dense": "epsilon"})``.
     """
     if output not in LRP_OUTPUTS:
         raise ValueError(f"lrp.composite output must be one of {list(LRP_OUTPUTS)}, got {output!r}")

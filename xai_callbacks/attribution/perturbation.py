@@ -53,8 +53,7 @@ def occlusion(model, x, target, *, window: int = 4, stride: int | None = None, i
     ``window`` consecutive features.
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         window: side of the removed window along every position axis.
         stride: step between windows (default: ``window``).
         infiller: fills the removed window: a name or an Infiller.
@@ -66,9 +65,7 @@ def occlusion(model, x, target, *, window: int = 4, stride: int | None = None, i
             ``output``, an unknown ``infiller`` (the message names the valid ones), a target out of
             range or a model output that is not (B, n_classes) scores.
 
-    Example::
-
-        heat = explain(model, x, y, method="occlusion", window=8, stride=4)
+    Example: ``explain(model, x, y, method="occlusion", window=8, stride=4)``.
     """
     xc, size = positions(x, "occlusion")
     stride = stride or window
@@ -100,8 +97,7 @@ def rise(model, x, target, *, n_masks: int = 500, grid: int = 8, p_keep: float =
     every batch chunk sees the same masks.
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         n_masks: number of random masks.
         grid: cells per position axis before upsampling.
         p_keep: probability that a cell is kept.
@@ -115,9 +111,7 @@ def rise(model, x, target, *, n_masks: int = 500, grid: int = 8, p_keep: float =
             an unknown ``infiller`` (the message names the valid ones), a target out of range or a
             model output that is not (B, n_classes) scores.
 
-    Example::
-
-        heat = explain(model, x, y, method="rise", n_masks=1000, grid=7)
+    Example: ``explain(model, x, y, method="rise", n_masks=1000, grid=7)``.
     """
     xc, size = positions(x, "rise")
     if not 0 < p_keep < 1:

@@ -106,8 +106,7 @@ def lime(model, x, target, *, features: str = "grid", patch_size: int = 4, n_seg
     to the full image.
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         features, patch_size, n_segments, compactness: the interpretable features, see
             :func:`feature_mask`.
         infiller: the baseline removed features are blended with (a mask-independent infiller).
@@ -122,9 +121,7 @@ def lime(model, x, target, *, features: str = "grid", patch_size: int = 4, n_seg
             ``perturbations_per_eval`` < 1, an unknown ``infiller`` (the message names the valid
             ones).
 
-    Example::
-
-        heat = explain(model, x, y, method="lime", features="slic", n_segments=50)
+    Example: ``explain(model, x, y, method="lime", features="slic", n_segments=50)``.
     """
     from captum.attr._core.lime import get_exp_kernel_similarity_function
 
@@ -144,8 +141,7 @@ def kernel_shap(model, x, target, *, features: str = "grid", patch_size: int = 4
     Arguments as in :func:`lime`.
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         features, patch_size, n_segments, compactness, infiller, n_samples, perturbations_per_eval,
             seed: as in :func:`lime`.
 
@@ -154,9 +150,7 @@ def kernel_shap(model, x, target, *, features: str = "grid", patch_size: int = 4
             ``perturbations_per_eval`` < 1, an unknown ``infiller`` (the message names the valid
             ones).
 
-    Example::
-
-        heat = explain(model, x, y, method="kernel_shap", patch_size=8, n_samples=400)
+    Example: ``explain(model, x, y, method="kernel_shap", patch_size=8, n_samples=400)``.
     """
     return _surrogate(ca.KernelShap, model, x, target, features=features, patch_size=patch_size,
                       n_segments=n_segments, compactness=compactness, infiller=infiller, n_samples=n_samples,

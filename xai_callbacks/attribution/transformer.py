@@ -186,6 +186,16 @@ class AttentionLRP(ConservativeTransformerLRP):
         return super().__torch_function__(func, types, args, kwargs)
 
 
+def _gradient_x_input(rules, model, x, target) -> torch.Tensor:
+    """Gradient x input of the target logit with ``rules`` (a context manager that swaps the
+    backward passes, e.g. :class:`ConservativeTransformerLRP`) in place."""
+    forward = CheckedForward(model, target)
+    with rules:
+        out = forward(x)
+    onehot = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
+    return x.detach() * input_gradient(out, x, grad_outputs=onehot)
+
+
 @register_method("lrp.cp")
 def conservative_lrp(model, x, target) -> torch.Tensor:
     """CP-LRP for transformers (attention weights and LayerNorm scale as constants, identity rule
@@ -194,21 +204,14 @@ def conservative_lrp(model, x, target) -> torch.Tensor:
     model the relevance sums to it. On a network without attention this is LRP-0.
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
 
     Raises:
         ValueError: a target out of range or a model output that is not (B, n_classes) scores.
 
-    Example::
-
-        heat = explain(model, x, y, method="lrp.cp")
+    Example: ``explain(model, x, y, method="lrp.cp")``.
     """
-    forward = CheckedForward(model, target)
-    with ConservativeTransformerLRP():
-        out = forward(x)
-    onehot = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
-    return x.detach() * input_gradient(out, x, grad_outputs=onehot)
+    return _gradient_x_input(ConservativeTransformerLRP(), model, x, target)
 
 
 @register_method("lrp.attn")
@@ -218,22 +221,9 @@ def attention_lrp(model, x, target) -> torch.Tensor:
     convolution layers), as gradient x input under :class:`AttentionLRP`. Not exactly
     conservative: the softmax rule keeps the share of its implicit bias.
 
-    Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
-
-    Raises:
-        ValueError: a target out of range or a model output that is not (B, n_classes) scores.
-
-    Example::
-
-        heat = explain(model, x, y, method="lrp.attn")
+    Arguments and errors as in ``lrp.cp``. Example: ``explain(model, x, y, method="lrp.attn")``.
     """
-    forward = CheckedForward(model, target)
-    with AttentionLRP():
-        out = forward(x)
-    onehot = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
-    return x.detach() * input_gradient(out, x, grad_outputs=onehot)
+    return _gradient_x_input(AttentionLRP(), model, x, target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,16 +313,13 @@ def attention_rollout(model, x, target, *, residual: float = 0.5) -> torch.Tenso
     the patch tokens is the map, upsampled to ``x``. Class-agnostic: ``target`` is not used.
 
     Args:
-        model, x, target: the model, inputs (B, ...) and target as in
-            :func:`~xai_callbacks.attribution.explain` (which validates them and calls this).
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
 
     Raises:
         MethodNotApplicableError: a model without a class token and ``nn.MultiheadAttention`` (CNNs,
             Swin); the message lists the methods that apply.
 
-    Example::
-
-        heat = explain(model, x, y, method="attention_rollout", residual=0.5)
+    Example: ``explain(model, x, y, method="attention_rollout", residual=0.5)``.
     """
     if not _has_class_token_attention(model):
         raise not_applicable(model, "attention_rollout", "it needs a vision transformer with a class token "

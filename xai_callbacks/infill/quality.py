@@ -58,7 +58,8 @@ def fill_quality(model: nn.Module, x: torch.Tensor, keep: torch.Tensor, infiller
         ValueError: ``predicted`` does not have one class per sample.
     """
     if predicted.shape != (x.shape[0],):
-        raise ValueError(f"predicted must hold one class per sample, shape ({x.shape[0]},); got {tuple(predicted.shape)}")
+        raise ValueError(f"predicted must hold one class per sample, shape ({x.shape[0]},); got "
+                         f"{tuple(predicted.shape)}")
     span = (value_range[1] - value_range[0]) if value_range is not None else float(x.max() - x.min()) or 1.0
     filled = infiller(x, keep)
     hole = (1 - keep).expand_as(x)

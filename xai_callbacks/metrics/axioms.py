@@ -117,26 +117,16 @@ def input_invariance_error(model: nn.Module, x: torch.Tensor, target, relevance:
 
 
 class CompletenessError(_Perturbation):
-    """Completeness error, logged as ``completeness_error.<infiller>``; arguments as in
-    :func:`completeness_error`.
+    """Completeness error, logged as ``completeness_error.<infiller>``.
 
     Args:
-        model: the explained classifier (kept by reference, never changed).
-        infiller, output, batch_size: as in :func:`completeness_error`.
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+        model, infiller, output, batch_size, **kwargs: as in :func:`completeness_error`.
 
     Raises:
-        ValueError: at construction, an unknown ``infiller`` or ``output`` (the message names the valid
-            values).
-        ValueError: at construction, ``model`` is not an ``nn.Module``.
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range).
+        ValueError: an unknown ``infiller`` or ``output`` (the message names the valid values).
 
-    Example::
-
-        metric = CompletenessError(model)
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = CompletenessError(model)``, updated and computed like any metric; for methods
+        whose relevance should sum to f(x) - f(baseline).
     """
 
     name = "completeness_error"
@@ -152,27 +142,18 @@ class CompletenessError(_Perturbation):
 
 
 class InputInvarianceError(ExplanationMetric):
-    """Input invariance error, logged as ``input_invariance_error``; arguments as in
-    :func:`input_invariance_error`.
+    """Input invariance error, logged as ``input_invariance_error``.
 
     Args:
-        model: the explained classifier (kept by reference, never changed).
-        method: the attribution method that re-explains (a name from
-            :func:`~xai_callbacks.attribution.available_methods`).
-        method_options: options of ``method``.
-        shift, batch_size: as in :func:`input_invariance_error`.
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+        model, method, method_options, shift, batch_size, **kwargs: as in
+            :func:`input_invariance_error`.
 
     Raises:
-        ValueError: at construction, ``model`` is not an ``nn.Module``.
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range), or an unknown ``method`` (the message names the registered ones).
+        ValueError: in ``update``, an unknown ``method`` or inputs that do not fit (see
+            :class:`ExplanationMetric`).
 
-    Example::
-
-        metric = InputInvarianceError(model, method="saliency")
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = InputInvarianceError(model, method="saliency", shift="mean")``, updated and
+        computed like any metric; 0 for shift-invariant methods.
     """
 
     name = "input_invariance_error"

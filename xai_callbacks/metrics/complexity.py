@@ -46,18 +46,13 @@ class Sparseness(ExplanationMetric):
     """Sparseness, logged as ``sparseness``; see :func:`sparseness`. ``model`` is accepted and ignored.
 
     Args:
-        model: accepted and ignored (every metric is built as ``Metric(model, **options)``).
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+        model, **kwargs: as in :func:`sparseness`.
 
     Raises:
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range).
+        ValueError: in ``update``, inputs that do not fit (see :class:`ExplanationMetric`).
 
-    Example::
-
-        metric = Sparseness()
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = Sparseness()``, updated and computed like any metric; no model needed: only the
+        heatmap is read.
     """
 
     name = "sparseness"
@@ -74,19 +69,10 @@ class Sparseness(ExplanationMetric):
 class Complexity(Sparseness):
     """Complexity, logged as ``complexity``; see :func:`complexity`.
 
-    Args:
-        model: accepted and ignored (every metric is built as ``Metric(model, **options)``).
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+    Arguments and errors as in :class:`Sparseness`.
 
-    Raises:
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range).
-
-    Example::
-
-        metric = Complexity()
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = Complexity()``, updated and computed like any metric; the entropy of the
+        normalised |relevance|.
     """
 
     name = "complexity"

@@ -246,25 +246,17 @@ class _Perturbation(ExplanationMetric):
 
 class PixelFlipping(_Perturbation):
     """Pixel flipping AOPC, logged as ``pixel_flipping_<order>_aopc.<infiller>``; the mean curve
-    via :meth:`compute_curve`. Arguments as in :func:`pixel_flipping`.
+    via :meth:`compute_curve`.
 
     Args:
-        model: the explained classifier (kept by reference, never changed).
-        order, n_steps, infiller, output, batch_size: as in :func:`pixel_flipping`.
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+        model, order, n_steps, infiller, output, batch_size, **kwargs: as in :func:`pixel_flipping`.
 
     Raises:
-        ValueError: at construction, an unknown ``order``, ``infiller`` or ``output`` (the message names the
-            valid values).
-        ValueError: at construction, ``model`` is not an ``nn.Module``.
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range).
+        ValueError: an unknown ``order``, ``infiller`` or ``output`` (the message names the valid
+            values).
 
-    Example::
-
-        metric = PixelFlipping(model, order="morf", infiller="blur")
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = PixelFlipping(model, order="morf", infiller="blur")``, updated and computed like
+        any metric; ``metric.compute_curve()`` gives the mean score after each step.
     """
 
     higher_is_better = None
@@ -290,22 +282,15 @@ class RegionPerturbation(PixelFlipping):
     4x4 pixels cover a 32x32 image).
 
     Args:
-        model: the explained classifier (kept by reference, never changed).
-        order, patch_size, n_steps, infiller, output, batch_size: as in :func:`region_perturbation`.
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+        model, order, patch_size, n_steps, infiller, output, batch_size, **kwargs: as in
+            :func:`region_perturbation`.
 
     Raises:
-        ValueError: at construction, an unknown ``order``, ``infiller`` or ``output`` (the message names the
-            valid values).
-        ValueError: at construction, ``model`` is not an ``nn.Module``.
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range).
+        ValueError: an unknown ``order``, ``infiller`` or ``output`` (the message names the valid
+            values).
 
-    Example::
-
-        metric = RegionPerturbation(model, patch_size=4, n_steps=64)
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = RegionPerturbation(model, patch_size=4, n_steps=64)``, updated and computed like
+        any metric; 64 regions of 4 x 4 pixels cover a 32 x 32 image.
     """
 
     def __init__(self, model: nn.Module, order: str = "morf", patch_size: int = 4, n_steps: int = 64,
@@ -321,26 +306,16 @@ class RegionPerturbation(PixelFlipping):
 
 
 class Deletion(_Perturbation):
-    """Deletion AUC, logged as ``deletion_auc.<infiller>`` (lower is better); arguments as in
-    :func:`deletion_auc`.
+    """Deletion AUC, logged as ``deletion_auc.<infiller>`` (lower is better).
 
     Args:
-        model: the explained classifier (kept by reference, never changed).
-        n_steps, infiller, output, batch_size: as in :func:`deletion_auc`.
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+        model, n_steps, infiller, output, batch_size, **kwargs: as in :func:`deletion_auc`.
 
     Raises:
-        ValueError: at construction, an unknown ``infiller`` or ``output`` (the message names the valid
-            values).
-        ValueError: at construction, ``model`` is not an ``nn.Module``.
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range).
+        ValueError: an unknown ``infiller`` or ``output`` (the message names the valid values).
 
-    Example::
-
-        metric = Deletion(model, n_steps=32)
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = Deletion(model, n_steps=32)``, updated and computed like any metric; its curve:
+        the score as 1/32, 2/32, ... of the pixels go.
     """
 
     name = "deletion_auc"
@@ -358,26 +333,12 @@ class Deletion(_Perturbation):
 
 
 class Insertion(Deletion):
-    """Insertion AUC, logged as ``insertion_auc.<infiller>`` (higher is better); arguments as in
-    :func:`insertion_auc`.
+    """Insertion AUC, logged as ``insertion_auc.<infiller>`` (higher is better).
 
-    Args:
-        model: the explained classifier (kept by reference, never changed).
-        n_steps, infiller, output, batch_size: as in :func:`insertion_auc`.
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+    Arguments and errors as in :class:`Deletion`.
 
-    Raises:
-        ValueError: at construction, an unknown ``infiller`` or ``output`` (the message names the valid
-            values).
-        ValueError: at construction, ``model`` is not an ``nn.Module``.
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range).
-
-    Example::
-
-        metric = Insertion(model, n_steps=32)
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = Insertion(model, n_steps=32)``, updated and computed like any metric; higher is
+        better.
     """
 
     name = "insertion_auc"
@@ -391,25 +352,17 @@ class Insertion(Deletion):
 
 class FaithfulnessCorrelation(_Perturbation):
     """Faithfulness correlation, logged as ``faithfulness_correlation.<infiller>`` (higher is
-    better); arguments as in :func:`faithfulness_correlation`.
+    better).
 
     Args:
-        model: the explained classifier (kept by reference, never changed).
-        n_runs, subset_size, infiller, output, batch_size, seed: as in :func:`faithfulness_correlation`.
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+        model, n_runs, subset_size, infiller, output, batch_size, seed, **kwargs: as in
+            :func:`faithfulness_correlation`.
 
     Raises:
-        ValueError: at construction, an unknown ``infiller`` or ``output`` (the message names the valid
-            values).
-        ValueError: at construction, ``model`` is not an ``nn.Module``.
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range).
+        ValueError: an unknown ``infiller`` or ``output`` (the message names the valid values).
 
-    Example::
-
-        metric = FaithfulnessCorrelation(model, n_runs=50, subset_size=64)
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = FaithfulnessCorrelation(model, n_runs=50, subset_size=64)``, updated and computed
+        like any metric; 50 random subsets of 64 pixels per sample.
     """
 
     name = "faithfulness_correlation"
@@ -428,24 +381,16 @@ class FaithfulnessCorrelation(_Perturbation):
 
 
 class Infidelity(ExplanationMetric):
-    """Infidelity, logged as ``infidelity`` (lower is better); arguments as in :func:`infidelity`.
+    """Infidelity, logged as ``infidelity`` (lower is better).
 
     Args:
-        model: the explained classifier (kept by reference, never changed).
-        n_samples, noise_std, output, batch_size, seed: as in :func:`infidelity`.
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+        model, n_samples, noise_std, output, batch_size, seed, **kwargs: as in :func:`infidelity`.
 
     Raises:
-        ValueError: at construction, an unknown ``output`` (the message names the valid values).
-        ValueError: at construction, ``model`` is not an ``nn.Module``.
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range).
+        ValueError: an unknown ``output`` (the message names the valid values).
 
-    Example::
-
-        metric = Infidelity(model, n_samples=16)
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = Infidelity(model, n_samples=16)``, updated and computed like any metric; 16
+        Gaussian perturbations per sample, explained on logits.
     """
 
     name = "infidelity"

@@ -80,18 +80,13 @@ class RelevanceMass(_Localisation):
     model argument is accepted and ignored (all metrics share one constructor form).
 
     Args:
-        model: accepted and ignored (every metric is built as ``Metric(model, **options)``).
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+        model, **kwargs: as in :func:`relevance_mass`.
 
     Raises:
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range).
+        ValueError: in ``update``, inputs that do not fit (see :class:`ExplanationMetric`).
 
-    Example::
-
-        metric = RelevanceMass()
-        metric.update(x, y, relevance, masks)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = RelevanceMass()``, updated and computed like any metric; with ``metric.update(x,
+        y, relevance, masks)``: masks (B, H, W) mark the object.
     """
 
     name = "relevance_mass"
@@ -101,19 +96,10 @@ class RelevanceMass(_Localisation):
 class RelevanceRank(_Localisation):
     """Relevance rank accuracy, logged as ``relevance_rank``; see :func:`relevance_rank`.
 
-    Args:
-        model: accepted and ignored (every metric is built as ``Metric(model, **options)``).
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+    Arguments and errors as in :class:`RelevanceMass`.
 
-    Raises:
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range).
-
-    Example::
-
-        metric = RelevanceRank()
-        metric.update(x, y, relevance, masks)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = RelevanceRank()``, updated and computed like any metric; the same ``masks`` as
+        relevance mass.
     """
 
     name = "relevance_rank"
@@ -123,19 +109,10 @@ class RelevanceRank(_Localisation):
 class PointingGame(_Localisation):
     """Pointing game, logged as ``pointing_game``; see :func:`pointing_game`.
 
-    Args:
-        model: accepted and ignored (every metric is built as ``Metric(model, **options)``).
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+    Arguments and errors as in :class:`RelevanceMass`.
 
-    Raises:
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range).
-
-    Example::
-
-        metric = PointingGame()
-        metric.update(x, y, relevance, masks)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = PointingGame()``, updated and computed like any metric; a hit when the maximum of
+        the heatmap lies in the mask.
     """
 
     name = "pointing_game"

@@ -104,25 +104,14 @@ class ModelParameterRandomisation(ExplanationMetric):
     :func:`model_parameter_randomisation`.
 
     Args:
-        model: the explained classifier (kept by reference, never changed).
-        method: the attribution method that re-explains (a name from
-            :func:`~xai_callbacks.attribution.available_methods`).
-        method_options: options of ``method``.
-        layer_order, similarity, batch_size, seed: as in :func:`model_parameter_randomisation`.
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+        model, method, method_options, layer_order, similarity, batch_size, seed, **kwargs: as in
+            :func:`model_parameter_randomisation`.
 
     Raises:
-        ValueError: at construction, an unknown ``layer_order`` or ``similarity`` (the message names the valid
-            values).
-        ValueError: at construction, ``model`` is not an ``nn.Module``.
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range), or an unknown ``method`` (the message names the registered ones).
+        ValueError: an unknown ``layer_order`` or ``similarity`` (the message names the valid values).
 
-    Example::
-
-        metric = ModelParameterRandomisation(model, method="saliency")
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = ModelParameterRandomisation(model, method="saliency")``, updated and computed like
+        any metric; ``compute_curve()`` over the randomised layers.
     """
 
     name = "model_parameter_randomisation"
@@ -146,28 +135,17 @@ class ModelParameterRandomisation(ExplanationMetric):
 
 
 class RandomLogit(ExplanationMetric):
-    """Random-logit similarity, logged as ``random_logit_similarity`` (lower is better); arguments
-    as in :func:`random_logit`.
+    """Random-logit similarity, logged as ``random_logit_similarity`` (lower is better).
 
     Args:
-        model: the explained classifier (kept by reference, never changed).
-        method: the attribution method that re-explains (a name from
-            :func:`~xai_callbacks.attribution.available_methods`).
-        method_options: options of ``method``.
-        similarity, batch_size, seed: as in :func:`random_logit`.
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+        model, method, method_options, similarity, batch_size, seed, **kwargs: as in
+            :func:`random_logit`.
 
     Raises:
-        ValueError: at construction, an unknown ``similarity`` (the message names the valid values).
-        ValueError: at construction, ``model`` is not an ``nn.Module``.
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range), or an unknown ``method`` (the message names the registered ones).
+        ValueError: an unknown ``similarity`` (the message names the valid values).
 
-    Example::
-
-        metric = RandomLogit(model, method="saliency")
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = RandomLogit(model, method="saliency", similarity="pearson")``, updated and
+        computed like any metric; explains a random other class.
     """
 
     name = "random_logit_similarity"

@@ -159,25 +159,16 @@ def sensitivity_n(model: nn.Module, x: torch.Tensor, target, relevance: torch.Te
 
 # ------------------------------------------------------------------------------------ classes
 class IROF(_Perturbation):
-    """IROF, logged as ``irof.<infiller>`` (higher is better); arguments as in :func:`irof`.
+    """IROF, logged as ``irof.<infiller>`` (higher is better).
 
     Args:
-        model: the explained classifier (kept by reference, never changed).
-        n_segments, compactness, infiller, output, batch_size: as in :func:`irof`.
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+        model, n_segments, compactness, infiller, output, batch_size, **kwargs: as in :func:`irof`.
 
     Raises:
-        ValueError: at construction, an unknown ``infiller`` or ``output`` (the message names the valid
-            values).
-        ValueError: at construction, ``model`` is not an ``nn.Module``.
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range).
+        ValueError: an unknown ``infiller`` or ``output`` (the message names the valid values).
 
-    Example::
-
-        metric = IROF(model, n_segments=50)
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = IROF(model, n_segments=50)``, updated and computed like any metric; SLIC
+        superpixels, removed in order of mean relevance.
     """
 
     name = "irof"
@@ -194,26 +185,17 @@ class IROF(_Perturbation):
 
 
 class Selectivity(_Perturbation):
-    """Selectivity, logged as ``selectivity.<infiller>`` (lower is better); arguments as in
-    :func:`selectivity`. The mean curve via :meth:`compute_curve` needs images of one size.
+    """Selectivity, logged as ``selectivity.<infiller>`` (lower is better). The mean curve via
+    :meth:`compute_curve` needs images of one size.
 
     Args:
-        model: the explained classifier (kept by reference, never changed).
-        patch_size, infiller, output, batch_size: as in :func:`selectivity`.
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+        model, patch_size, infiller, output, batch_size, **kwargs: as in :func:`selectivity`.
 
     Raises:
-        ValueError: at construction, an unknown ``infiller`` or ``output`` (the message names the valid
-            values).
-        ValueError: at construction, ``model`` is not an ``nn.Module``.
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range).
+        ValueError: an unknown ``infiller`` or ``output`` (the message names the valid values).
 
-    Example::
-
-        metric = Selectivity(model, patch_size=8)
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = Selectivity(model, patch_size=8)``, updated and computed like any metric; the
+        curve needs images of one size.
     """
 
     name = "selectivity"
@@ -232,25 +214,17 @@ class Selectivity(_Perturbation):
 
 class SensitivityN(_Perturbation):
     """Sensitivity-n, logged as ``sensitivity_n.<infiller>`` (higher is better); the mean
-    correlation per subset size via :meth:`compute_curve`. Arguments as in :func:`sensitivity_n`.
+    correlation per subset size via :meth:`compute_curve`.
 
     Args:
-        model: the explained classifier (kept by reference, never changed).
-        fractions, n_runs, infiller, output, batch_size, seed: as in :func:`sensitivity_n`.
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+        model, fractions, n_runs, infiller, output, batch_size, seed, **kwargs: as in
+            :func:`sensitivity_n`.
 
     Raises:
-        ValueError: at construction, an unknown ``infiller`` or ``output`` (the message names the valid
-            values).
-        ValueError: at construction, ``model`` is not an ``nn.Module``.
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range).
+        ValueError: an unknown ``infiller`` or ``output`` (the message names the valid values).
 
-    Example::
-
-        metric = SensitivityN(model, fractions=(0.05, 0.2))
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = SensitivityN(model, fractions=(0.05, 0.2))``, updated and computed like any
+        metric; one correlation per subset size in ``compute_curve()``.
     """
 
     name = "sensitivity_n"

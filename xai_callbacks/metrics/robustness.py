@@ -102,26 +102,18 @@ class _Robustness(ExplanationMetric):
 
 
 class MaxSensitivity(_Robustness):
-    """Max-sensitivity, logged as ``max_sensitivity``; arguments as in :func:`sensitivity`.
+    """Max-sensitivity, logged as ``max_sensitivity``.
 
     Args:
-        model: the explained classifier (kept by reference, never changed).
-        method: the attribution method that re-explains (a name from
-            :func:`~xai_callbacks.attribution.available_methods`).
-        method_options: options of ``method``.
-        n_samples, radius, batch_size, seed: as in :func:`sensitivity`.
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+        model, method, method_options, n_samples, radius, batch_size, seed, **kwargs: as in
+            :func:`sensitivity`.
 
     Raises:
-        ValueError: at construction, ``model`` is not an ``nn.Module``.
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range), or an unknown ``method`` (the message names the registered ones).
+        ValueError: in ``update``, an unknown ``method`` or inputs that do not fit (see
+            :class:`ExplanationMetric`).
 
-    Example::
-
-        metric = MaxSensitivity(model, method="saliency", radius=0.1)
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = MaxSensitivity(model, method="saliency", radius=0.1)``, updated and computed like
+        any metric; re-explains 10 noisy copies of each input.
     """
 
     name = "max_sensitivity"
@@ -140,26 +132,12 @@ class MaxSensitivity(_Robustness):
 
 
 class AvgSensitivity(MaxSensitivity):
-    """Avg-sensitivity, logged as ``avg_sensitivity``; arguments as in :func:`sensitivity`.
+    """Avg-sensitivity, logged as ``avg_sensitivity``.
 
-    Args:
-        model: the explained classifier (kept by reference, never changed).
-        method: the attribution method that re-explains (a name from
-            :func:`~xai_callbacks.attribution.available_methods`).
-        method_options: options of ``method``.
-        n_samples, radius, batch_size, seed: as in :func:`sensitivity`.
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+    Arguments and errors as in :class:`MaxSensitivity`.
 
-    Raises:
-        ValueError: at construction, ``model`` is not an ``nn.Module``.
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range), or an unknown ``method`` (the message names the registered ones).
-
-    Example::
-
-        metric = AvgSensitivity(model, method="saliency", radius=0.1)
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = AvgSensitivity(model, method="saliency")``, updated and computed like any metric;
+        the mean instead of the maximum.
     """
 
     name = "avg_sensitivity"
@@ -169,27 +147,13 @@ class AvgSensitivity(MaxSensitivity):
 
 
 class LocalLipschitzEstimate(_Robustness):
-    """Local Lipschitz estimate, logged as ``local_lipschitz_estimate``; arguments as in
-    :func:`local_lipschitz_estimate`.
+    """Local Lipschitz estimate, logged as ``local_lipschitz_estimate``.
 
-    Args:
-        model: the explained classifier (kept by reference, never changed).
-        method: the attribution method that re-explains (a name from
-            :func:`~xai_callbacks.attribution.available_methods`).
-        method_options: options of ``method``.
-        n_samples, noise_std, batch_size, seed: as in :func:`local_lipschitz_estimate`.
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+    Arguments and errors as in :class:`MaxSensitivity` (see :func:`local_lipschitz_estimate`), with
+    ``noise_std``, the standard deviation of the Gaussian input noise, in place of ``radius``.
 
-    Raises:
-        ValueError: at construction, ``model`` is not an ``nn.Module``.
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range), or an unknown ``method`` (the message names the registered ones).
-
-    Example::
-
-        metric = LocalLipschitzEstimate(model, method="saliency")
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = LocalLipschitzEstimate(model, method="saliency")``, updated and computed like any
+        metric; the largest ratio ||R(x) - R(x + noise)|| / ||noise|| over Gaussian draws.
     """
 
     name = "local_lipschitz_estimate"

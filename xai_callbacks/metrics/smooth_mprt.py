@@ -87,28 +87,17 @@ def smooth_mprt(model: nn.Module, x: torch.Tensor, target, relevance: torch.Tens
 
 class SmoothMPRT(ExplanationMetric):
     """sMPRT, logged as ``smooth_mprt`` (the mean similarity of the denoised heatmaps; lower is
-    better); the per-layer curve via :meth:`compute_curve`. Arguments as in :func:`smooth_mprt`.
+    better); the per-layer curve via :meth:`compute_curve`.
 
     Args:
-        model: the explained classifier (kept by reference, never changed).
-        method: the attribution method that re-explains (a name from
-            :func:`~xai_callbacks.attribution.available_methods`).
-        method_options: options of ``method``.
-        n_samples, noise_magnitude, layer_order, similarity, abs, batch_size, seed: as in :func:`smooth_mprt`.
-        **kwargs: ``torchmetrics.Metric`` options (e.g. ``dist_sync_on_step``).
+        model, method, method_options, n_samples, noise_magnitude, layer_order, similarity, abs,
+            batch_size, seed, **kwargs: as in :func:`smooth_mprt`.
 
     Raises:
-        ValueError: at construction, an unknown ``layer_order`` or ``similarity`` (the message names the valid
-            values).
-        ValueError: at construction, ``model`` is not an ``nn.Module``.
-        ValueError: in ``update``, inputs, targets, relevance or masks that do not fit (shape, non-finite
-            values, a class out of range), or an unknown ``method`` (the message names the registered ones).
+        ValueError: an unknown ``layer_order`` or ``similarity`` (the message names the valid values).
 
-    Example::
-
-        metric = SmoothMPRT(model, method="saliency", n_samples=4)
-        metric.update(x, y, relevance)
-        metric.compute()  # mean over the samples seen, logged as metric.key
+    Example: ``metric = SmoothMPRT(model, method="saliency", n_samples=4)``, updated and computed like any
+        metric; each heatmap averaged over 4 noisy inputs.
     """
 
     name = "smooth_mprt"
