@@ -26,7 +26,7 @@ from ..infill import get_infiller
 from ..scoring import Target
 
 __all__ = ["ExplanationCallback", "Probe", "select_probe", "select_per_class", "dataset_labels", "val_dataloader",
-           "read_samples", "shard_map", "shard_indices", "TARGETS"]
+           "read_samples", "shard_map", "shard_indices", "average_gradients", "TARGETS"]
 
 ON_ERROR = ("warn", "raise")
 TARGETS = ("label", "prediction")
@@ -184,6 +184,18 @@ def shard_map(trainer, fn, *tensors: torch.Tensor):
     return {k: gather(v) for k, v in out.items()} if isinstance(out, dict) else gather(out)
 
 
+def average_gradients(module: torch.nn.Module) -> None:
+    """Average ``module``'s gradients across DDP ranks, in place: for a callback's own model
+    (e.g. the inpainter's G and D) trained beside the explained one. No-op without a process group."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
 def _target_function(spec: str) -> Callable:
     module, _, name = spec.partition(":")
     try:
@@ -211,8 +223,9 @@ class ExplanationCallback(pl.Callback):
       ``state_dict``) and per-class samples (:func:`select_per_class`);
     * the explained target (:meth:`targets`): the label, the prediction, or a target function;
     * DDP: :func:`shard_map` (split samples across ranks, gather on all), :func:`shard_indices`
-      (each rank's share, for work whose results are summed) and :meth:`on_rank_zero`
-      ("rank 0 analyses, all ranks receive");
+      (each rank's share, for work whose results are summed), :meth:`on_rank_zero`
+      ("rank 0 analyses, all ranks receive") and :func:`average_gradients` (a callback's own
+      model trained on every rank);
     * the error policy and its counting: :meth:`guarded` counts a failure once, :meth:`run_safely`
       logs the total of all explanation callbacks as ``xai/errors`` once per run.
 

@@ -12,20 +12,9 @@ from ..guard import model_guard
 from ..infill import Infiller, get_infiller
 from ..infill.gan import GANInfiller, GANInpainter, MaskSampler, save_generator
 from ..infill.quality import fill_quality
-from .base import ExplanationCallback
+from .base import ExplanationCallback, average_gradients
 
 __all__ = ["InpainterCallback"]
-
-
-def _all_reduce_grads(module: torch.nn.Module) -> None:
-    """Average ``module``'s gradients across DDP ranks (no-op without a process group)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return
-    for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
 
 
 class InpainterCallback(ExplanationCallback):
@@ -142,7 +131,7 @@ class InpainterCallback(ExplanationCallback):
                              f"{tuple(x.shape)}")
         if self.inpainter is None:
             self._build(x, device)
-        losses = self.inpainter.train_step(x, grad_sync=_all_reduce_grads)
+        losses = self.inpainter.train_step(x, grad_sync=average_gradients)
         for k, v in losses.items():
             self._losses.setdefault(k, []).append(v)
 
