@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 __all__ = ["heatmap_rgb", "input_rgb", "overlay", "panel", "colour_scale", "prototype_picture", "spectrum_picture",
-           "tokens_html", "upscale", "tile_row", "figure_rgb", "inpainting_row"]
+           "tokens_html", "upscale", "tile_row", "figure_rgb", "inpainting_row", "strategy_scatter"]
 
 
 def _to_numpy(t) -> np.ndarray:
@@ -223,6 +223,36 @@ def spectrum_picture(eigenvalues, n_clusters: int, title: str = "", n_show: int 
     ax.set_title(title or f"Laplacian spectrum: {n_clusters} strategies by the eigengap", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
+    return figure_rgb(fig)
+
+
+def strategy_scatter(embedding, strategy, flagged, title: str = "") -> np.ndarray:
+    """A 2-D embedding of heatmaps coloured by strategy, flagged strategies ringed in red, as
+    (H, W, 3) uint8.
+
+    Args:
+        embedding: (N, 2) coordinates (e.g. SpRAy's t-SNE embedding).
+        strategy: (N,) strategy id of each sample; -1 for noise (light grey).
+        flagged: the ids of the flagged strategies.
+        title: the plot's title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    embedding, strategy = np.asarray(embedding), np.asarray(strategy)
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
+    cmap = plt.get_cmap("tab10")
+    for sid in sorted(set(strategy.tolist())):
+        m = strategy == sid
+        ax.scatter(embedding[m, 0], embedding[m, 1], s=12, color="lightgrey" if sid < 0 else cmap(sid % 10),
+                   edgecolors="red" if sid in flagged else "none", linewidths=1.0,
+                   label=("noise" if sid < 0 else f"strategy {sid}") + (" (flagged)" if sid in flagged else ""))
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=6, loc="best")
     return figure_rgb(fig)
 
 

@@ -291,6 +291,12 @@ class ExplanationCallback(pl.Callback):
         _say_once(f"{type(self).__name__} runs in validation only (fit / validate); trainer.test computes and "
                   "logs nothing of it: call trainer.validate(model, dataloaders=<test loader>) to explain test data", self)
 
+    def count_error(self, message: str) -> None:
+        """Warn ``"<Callback> <message>"`` and count it in :attr:`errors` (logged as ``xai/errors``):
+        for a failure under ``on_error="warn"``, or a problem that skipped part of the work."""
+        self.errors += 1
+        warnings.warn(f"{type(self).__name__} {message}", UserWarning, stacklevel=3)
+
     def guarded(self, what: str, fn, *args) -> tuple[bool, Any]:
         """Call ``fn(*args)`` under the RNG guard with the ``on_error`` policy: raise, or warn
         ``"<Callback> <what>: <error>"`` and count the failure once in :attr:`errors`.
@@ -304,9 +310,7 @@ class ExplanationCallback(pl.Callback):
         except Exception as err:
             if self.on_error == "raise":
                 raise
-            self.errors += 1
-            warnings.warn(f"{type(self).__name__} {what}: {type(err).__name__}: {err}; training goes on "
-                          "(on_error='warn')", stacklevel=3)
+            self.count_error(f"{what}: {type(err).__name__}: {err}; training goes on (on_error='warn')")
             return False, None
 
     def run_safely(self, trainer, pl_module, fn) -> None:
@@ -335,9 +339,7 @@ class ExplanationCallback(pl.Callback):
         if failure:
             if self.on_error == "raise":
                 raise RuntimeError(f"{type(self).__name__} {what}: {failure}")
-            self.errors += 1
-            warnings.warn(f"{type(self).__name__} {what}: {failure}; training goes on (on_error='warn')",
-                          stacklevel=2)
+            self.count_error(f"{what}: {failure}; training goes on (on_error='warn')")
         return result
 
     def all_ranks_ok(self, trainer, ok: bool) -> bool:
