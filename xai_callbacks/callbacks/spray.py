@@ -83,6 +83,20 @@ class SpRAyCallback(ExplanationCallback):
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``.
         seed: seed of the per-class sample and of SpRAy.
         on_error: ``"warn"`` (count in ``xai/errors``, training goes on) or ``"raise"``.
+
+    Raises:
+        ValueError: an unknown method, method option, ``spray_options`` or ``evidence_options`` key,
+            ``max_per_class`` < 2 or ``max_others`` < 1 (the message names the valid values); with
+            ``on_error="raise"``, a validation set without samples of ``classes`` or without labels,
+            and (as RuntimeError) a failing analysis.
+
+    Example::
+
+        from xai_callbacks import ExplanationGate, SpRAyCallback
+
+        spray = SpRAyCallback(method="lrp.epsilon_plus_flat", classes=[0, 1], max_per_class=100)
+        Trainer(callbacks=[spray, ExplanationGate(rules=["spray/*/n_flagged < 1"])]).fit(model, datamodule=dm)
+        spray.results[0].flagged  # which of class 0's strategies look like Clever Hans
     """
 
     def __init__(self, method: str = "lrp.epsilon_plus_flat", method_options: Mapping[str, Any] | None = None,
