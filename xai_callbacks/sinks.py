@@ -17,8 +17,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-__all__ = ["log_scalars", "log_metrics", "log_images", "log_table", "log_line_plot", "log_summary", "run_dir",
-           "save_npz", "wandb_loggers"]
+__all__ = ["log_scalars", "log_metrics", "log_images", "log_html", "log_table", "log_line_plot", "log_summary",
+           "run_dir", "save_npz", "wandb_loggers"]
 
 
 def wandb_loggers(trainer) -> list[WandbLogger]:
@@ -76,6 +76,23 @@ def log_images(trainer, key: str, images: Sequence[np.ndarray], captions: Sequen
         folder.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(images):
             Image.fromarray(img).save(folder / f"epoch{trainer.current_epoch:04d}_{i:03d}.png")
+
+
+def log_html(trainer, key: str, page: str) -> None:
+    """An HTML page under ``key``: ``wandb.Html`` with W&B, else
+    ``<run dir>/media/<key>/epoch<NNNN>.html``."""
+    if not trainer.is_global_zero:
+        return
+    wandbs = wandb_loggers(trainer)
+    if wandbs:
+        import wandb
+
+        for lg in wandbs:
+            lg.log_metrics({key: wandb.Html(page)}, step=trainer.global_step)
+        return
+    folder = run_dir(trainer) / "media" / _safe(key)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"epoch{trainer.current_epoch:04d}.html").write_text(page)
 
 
 def log_table(trainer, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
