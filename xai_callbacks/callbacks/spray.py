@@ -1,6 +1,7 @@
 """SpRAyCallback: spectral relevance analysis of validation heatmaps per class, every N epochs."""
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -14,6 +15,7 @@ from ..data import unpack_batch
 from ..guard import model_guard
 from ..spray import SpRAyResult, StrategyTracker, check_heatmaps, spray, write_virelay
 from ..spray.evidence import strategy_evidence
+from ..spray.pipeline import visualisation_embedding
 from .base import ExplanationCallback, Probe, select_per_class, shard_map, val_dataloader
 
 __all__ = ["SpRAyCallback", "select_per_class"]
@@ -54,8 +56,9 @@ class SpRAyCallback(ExplanationCallback):
 
     and writes the epoch's ViRelAy databases to ``<run dir>/spray/epoch_NNNN/``. A class with
     too few usable heatmaps (NaN, constant, or not more than ``k``) is skipped with a warning
-    counted in ``xai/errors``. The latest results stay in :attr:`results` and
-    :attr:`strategy_ids`.
+    counted in ``xai/errors``. The latest delivered results stay in :attr:`results` and
+    :attr:`strategy_ids` (with ``asynchronous``, an epoch's results arrive at the end of the next
+    validation epoch or of ``fit``; a checkpoint holds the trackers of delivered analyses).
 
     Args:
         method: attribution method (see ``xai_callbacks.attribution.available_methods``).
@@ -82,6 +85,13 @@ class SpRAyCallback(ExplanationCallback):
         n_typical: typical members shown per strategy.
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``.
         seed: seed of the per-class sample and of SpRAy.
+        asynchronous: while fitting, run everything after the model (clustering without
+            ``evidence``, embeddings, tracking, pictures, tables, ViRelAy files) in a background
+            thread overlapped with the next epoch; its results are delivered at the end of the next
+            validation epoch (training waits there if they are not ready: logged as
+            ``xai/SpRAyCallback/waits`` and ``wait_s``) and at the end of ``fit``, logged with the
+            ``epoch`` they belong to. The explanations (and ``evidence``) run inline on this epoch's
+            weights. False: everything inline. The results are the same either way.
         on_error: ``"warn"`` (count in ``xai/errors``, training goes on) or ``"raise"``.
     """
 
@@ -91,7 +101,7 @@ class SpRAyCallback(ExplanationCallback):
                  min_similarity: float = 0.8, batch_size: int | None = 256, save_virelay: bool = True,
                  n_typical: int = 5, every_n_epochs: int = 1, seed: int = 0, on_error: str = "warn",
                  evidence: bool = True, infiller: Any = "blur", evidence_options: Mapping[str, Any] | None = None,
-                 max_others: int = 64):
+                 max_others: int = 64, asynchronous: bool = True):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=max(1, int(max_per_class)), seed=seed,
                          target=target, on_error=on_error)
         (method,), checked = check_methods([method], {method: method_options or {}})
@@ -116,6 +126,7 @@ class SpRAyCallback(ExplanationCallback):
             raise ValueError(f"max_others must be an int >= 1, got {max_others!r}")
         self.evidence, self.infiller, self.evidence_options = bool(evidence), infiller, ev_options
         self.max_others = max_others
+        self.asynchronous = bool(asynchronous)
         self.sample_indices: list[int] | None = None
         self.trackers: dict[int, StrategyTracker] = {}
         self.results: dict[int, SpRAyResult] = {}
@@ -164,35 +175,26 @@ class SpRAyCallback(ExplanationCallback):
     # -- one epoch -------------------------------------------------------------------------------
     def run(self, trainer, pl_module) -> None:
         data = self._collect(trainer, pl_module)
-        scalars: dict[str, float] = {}
-        problems: list[str] = []
-        failure = ""
-        if trainer.is_global_zero:
+        found, problems, failure = None, [], ""
+        if trainer.is_global_zero and self.evidence:  # the causal check needs this epoch's model: inline
             try:
-                scalars, problems = self._analyse(trainer, data)
-            except Exception as err:  # reported after the broadcast, so all ranks stay in step
+                found, problems = self._cluster(trainer, data)
+            except Exception as err:  # delivered as the analysis's failure, so all ranks stay in step
                 failure = f"{type(err).__name__}: {err}"
-        if trainer.world_size > 1:
-            scalars, problems, failure = trainer.strategy.broadcast((scalars, problems, failure), src=0)
-        if failure:
-            if self.on_error == "raise":
-                raise RuntimeError(f"SpRAy analysis failed at epoch {trainer.current_epoch}: {failure}")
-            problems.append(failure)
-        for p in problems:
-            self.errors += 1
-            warnings.warn(f"SpRAyCallback at epoch {trainer.current_epoch}: {p}", stacklevel=2)
-        sinks.log_scalars(pl_module, scalars)
+        trackers = {c: copy.deepcopy(t) for c, t in self.trackers.items()}  # the worker's own, kept at delivery
+        self.analyse_later(trainer, self._analyse, data, found, problems, trackers, failure=failure)
 
-    def _analyse(self, trainer, data: dict[str, torch.Tensor]) -> tuple[dict[str, float], list[str]]:
+    def _cluster(self, trainer, data: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+        """SpRAy per class, and with ``evidence`` its causal check on ``trainer``'s model (so this
+        runs inline then); the 2-D embeddings are left to :meth:`_analyse`. Returns
+        ``({class: (rows, result)}, problems)``."""
         labels = data["labels"].numpy()
         masks = {k.split(":", 1)[1].removesuffix(_MASK_SUFFIX): v for k, v in data.items() if k.startswith("mask:")}
         classes = self.classes if self.classes is not None else sorted(set(labels.tolist()))
         ok = check_heatmaps(data["heatmaps"])
-        options = {"seed": self.seed, **self.spray_options}
+        options = {"seed": self.seed, **self.spray_options, "visualisation": None}
         k = options.get("k", spray.__kwdefaults__["k"])
-        scalars, problems, results, rows_of = {}, [], {}, {}
-        flagged_samples = analysed = 0
-        epoch = trainer.current_epoch
+        found, problems = {}, []
         for i, c in enumerate(classes):
             name = self.name_of(c)
             self.progress.update(advance=int(i > 0), status=f"SpRAy class {name}", total=len(classes) if i == 0 else None)
@@ -212,9 +214,30 @@ class SpRAyCallback(ExplanationCallback):
                 warnings.warn(f"SpRAyCallback: class {name} is the only analysed group, so no causal evidence "
                               "(nothing to paste its regions into); the heatmap-shape suspicion alone flags "
                               "strategies", stacklevel=2)
-            tracker = self.trackers.setdefault(c, StrategyTracker(self.min_similarity))
+            found[c] = (rows, result)
+        return found, problems
+
+    def _analyse(self, trainer, data: dict[str, torch.Tensor], found: dict | None, problems: list[str],
+                 trackers: dict[int, StrategyTracker]) -> tuple:
+        """Everything after the model: (without ``evidence``) SpRAy per class, the 2-D embeddings,
+        strategy tracking, scalars, pictures, tables and the ViRelAy files. Runs in the background
+        worker (``trainer`` is the view of the analysed epoch) or inline; touches no model and no
+        state of the callback (:meth:`deliver` keeps its results)."""
+        if found is None:
+            found, problems = self._cluster(trainer, data)
+        kind = self.spray_options.get("visualisation", spray.__kwdefaults__["visualisation"])
+        labels = data["labels"].numpy()
+        scalars, results, rows_of, strategy_ids = {}, {}, {}, {}
+        flagged_samples = analysed = 0
+        epoch = trainer.current_epoch
+        for c, (rows, result) in found.items():
+            name = self.name_of(c)
+            result.embedding = visualisation_embedding(result.spectral_embedding.astype(np.float64), kind=kind,
+                                                       seed=result.params["seed"])
+            result.params["visualisation"] = kind
+            tracker = trackers.setdefault(c, StrategyTracker(self.min_similarity))
             ids = tracker.update(result.signatures, result.factors["share"], epoch)
-            results[c], rows_of[c], self.strategy_ids[c] = result, rows, ids
+            results[c], rows_of[c], strategy_ids[c] = result, rows, ids
             scalars[f"spray/{name}/n_clusters"] = float(result.n_clusters)
             scalars[f"spray/{name}/max_suspicion"] = result.max_suspicion
             scalars[f"spray/{name}/n_flagged"] = float(result.flagged.sum())
@@ -231,14 +254,19 @@ class SpRAyCallback(ExplanationCallback):
             flagged_samples += int(np.isin(result.labels, np.flatnonzero(result.flagged)).sum())
             analysed += len(rows)
             self._log_class(trainer, c, result, ids, tracker, data, rows)
-        self.results = results
         if analysed:
             scalars["spray/suspicious_share"] = flagged_samples / analysed
         if self.save_virelay and results:
             write_virelay(sinks.run_dir(trainer) / "spray" / f"epoch_{epoch:04d}", data["heatmaps"], labels,
                           {c: (rows_of[c], r) for c, r in results.items()}, indices=data["indices"],
                           inputs=data["x"], predictions=data["scores"], class_names=self.class_names or None,
-                          strategy_ids=self.strategy_ids, attribution_method=self.method, target=self.target)
+                          strategy_ids={**self.strategy_ids, **strategy_ids}, attribution_method=self.method,
+                          target=self.target)
+        return scalars, problems, results, strategy_ids, trackers
+
+    def deliver(self, trainer, result: tuple) -> tuple[dict[str, float], list[str]]:
+        scalars, problems, self.results, strategy_ids, self.trackers = result
+        self.strategy_ids.update(strategy_ids)
         return scalars, problems
 
     def _confirm(self, trainer, c: int, result: SpRAyResult, data: dict[str, torch.Tensor], rows: np.ndarray,
