@@ -291,6 +291,9 @@ class ExplanationCallback(pl.Callback):
         except Exception as err:
             warnings.warn(f"{type(self).__name__}: delivering the last analysis failed after {type(exception).__name__}: "
                           f"{type(err).__name__}: {err}", stacklevel=2)
+        finally:
+            if self._worker is not None:
+                self._worker.close()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self._worker is not None:
