@@ -15,7 +15,7 @@ from ..data import unpack_batch
 from ..guard import model_guard
 from ..spray import SpRAyResult, StrategyTracker, check_heatmaps, spray, write_virelay
 from ..spray.evidence import strategy_evidence
-from ..spray.pipeline import visualisation_embedding
+from ..spray.pipeline import neighbours, visualisation_embedding
 from .base import ExplanationCallback, Probe, select_per_class, shard_map, val_dataloader
 
 __all__ = ["SpRAyCallback", "select_per_class"]
@@ -193,12 +193,12 @@ class SpRAyCallback(ExplanationCallback):
         classes = self.classes if self.classes is not None else sorted(set(labels.tolist()))
         ok = check_heatmaps(data["heatmaps"])
         options = {"seed": self.seed, **self.spray_options, "visualisation": None}
-        k = options.get("k", spray.__kwdefaults__["k"])
         found, problems = {}, []
         for i, c in enumerate(classes):
             name = self.name_of(c)
             self.progress.update(advance=int(i > 0), status=f"SpRAy class {name}", total=len(classes) if i == 0 else None)
             rows = np.flatnonzero((labels == c) & ok)
+            k = neighbours(len(rows), options.get("k", spray.__kwdefaults__["k"]))
             bad = int(((labels == c) & ~ok).sum())
             if bad:
                 problems.append(f"class {name}: {bad} heatmap(s) are NaN / inf or constant and were left out")
