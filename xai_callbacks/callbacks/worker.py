@@ -54,23 +54,25 @@ class TrainerAt:
 @dataclass
 class Outcome:
     """A finished analysis: the epoch and global step it belongs to, its result, its failure
-    (``"Type: message"``, or ``""``), and the logger calls it recorded (made by
-    :meth:`AnalysisWorker.collect`'s caller)."""
+    (``"Type: message"``, or ``""``), the logger calls it recorded (made by
+    :meth:`AnalysisWorker.collect`'s caller) and the seconds it ran."""
 
     epoch: int
     step: int
     result: Any = None
     failure: str = ""
     calls: list = field(default_factory=list)
+    seconds: float = 0.0
 
 
 def _record(epoch: int, step: int, fn: Callable, args: tuple) -> Outcome:
+    start = time.perf_counter()
     with sinks.recording() as calls:
         try:
             result = fn(*args)
         except Exception as err:  # handed to the training thread, which applies the error policy
-            return Outcome(epoch, step, None, f"{type(err).__name__}: {err}", calls)
-    return Outcome(epoch, step, result, "", calls)
+            return Outcome(epoch, step, None, f"{type(err).__name__}: {err}", calls, time.perf_counter() - start)
+    return Outcome(epoch, step, result, "", calls, time.perf_counter() - start)
 
 
 class AnalysisWorker:
@@ -93,6 +95,7 @@ class AnalysisWorker:
     def __init__(self, asynchronous: bool = True, name: str = "xai-analysis"):
         self.asynchronous, self.name = bool(asynchronous), name
         self.waits, self.wait_seconds = 0, 0.0
+        self.busy_seconds = 0.0  # seconds the collected analyses ran
         self.waiting = threading.Event()  # set while collect() waits for an unfinished analysis
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | Outcome | None = None
@@ -127,9 +130,11 @@ class AnalysisWorker:
 
     def collect(self) -> Outcome | None:
         """The pending analysis's :class:`Outcome` (None if none is pending), waiting for it if it
-        is still running; a wait is counted in :attr:`waits` and :attr:`wait_seconds`."""
+        is still running; a wait is counted in :attr:`waits` and :attr:`wait_seconds`, the
+        analysis's run time added to :attr:`busy_seconds`."""
         pending, self._pending = self._pending, None
         if not isinstance(pending, Future):
+            self.busy_seconds += pending.seconds if pending is not None else 0.0
             return pending
         if not pending.done():
             start = time.perf_counter()
@@ -140,6 +145,7 @@ class AnalysisWorker:
                 self.waiting.clear()
             self.waits += 1
             self.wait_seconds += time.perf_counter() - start
+        self.busy_seconds += pending.result().seconds
         return pending.result()
 
     def close(self) -> None:
