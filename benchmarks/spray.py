@@ -14,8 +14,16 @@ Rand index). CoRelAy builds a dense N x N
 distance matrix, so it is skipped above ``--corelay-max`` (default 5000); its matrix alone would
 need N^2 * 8 bytes.
 
+Ours runs twice: with CoRelAy's k = 10 (the comparison) and with ``k="auto"`` (our default:
+10 up to 1111 heatmaps, ``0.3 * sqrt(N)`` above), which keeps the eigengap, and so the ARI against
+the planted strategies, at large N (see ``xai_callbacks.spray.pipeline.neighbours``).
+
+``--embedding`` times the 2-D embeddings of the plots (scikit-learn t-SNE, openTSNE's
+FFT-accelerated t-SNE, PCA) on the 32-dimensional spectral embedding.
+
     PYTHONPATH=. python benchmarks/spray.py            # N = 1000, 5000 (about 1-2 minutes)
     PYTHONPATH=. python benchmarks/spray.py --large    # adds N = 20000 (ours only by default)
+    PYTHONPATH=. python benchmarks/spray.py --embedding --sizes 100 1000 5000
 """
 from __future__ import annotations
 
@@ -57,7 +65,7 @@ def _mem_kib(field: str) -> int:
 
 
 def _pipeline(which: str):
-    """A function features (N, 1024) -> labels, for ``ours`` or ``corelay``."""
+    """A function features (N, 1024) -> labels, for ``ours`` (k = 10), ``auto`` (k="auto") or ``corelay``."""
     if which == "corelay":
         from corelay.pipeline.spectral import SpectralClustering
         from corelay.processor.affinity import SparseKNN
@@ -73,7 +81,8 @@ def _pipeline(which: str):
         return lambda x: pipe(x)[1]
     from xai_callbacks.spray import spray
 
-    return lambda x: spray(x.reshape(len(x), 32, 32), normalize=None, k=K_NEIGHBOURS, n_eigval=N_EIGVAL,
+    k = "auto" if which == "auto" else K_NEIGHBOURS
+    return lambda x: spray(x.reshape(len(x), 32, 32), normalize=None, k=k, n_eigval=N_EIGVAL,
                            n_clusters=N_CLUSTERS, normalize_rows=False, visualisation=None).labels
 
 
@@ -106,18 +115,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--large", action="store_true", help="add N = 20000")
     parser.add_argument("--corelay-max", type=int, default=5000, help="largest N CoRelAy is run at")
+    parser.add_argument("--sizes", type=int, nargs="+", help="the N to run (default 1000 5000, and 20000 with --large)")
+    parser.add_argument("--embedding", action="store_true", help="time the 2-D embeddings instead")
     args = parser.parse_args()
     from sklearn.metrics import adjusted_rand_score
 
-    sizes = [1000, 5000] + ([20000] if args.large else [])
+    sizes = args.sizes or [1000, 5000] + ([20000] if args.large else [])
+    if args.embedding:
+        return embeddings(sizes)
     print(f"SpRAy vs CoRelAy 1.0 SpectralClustering: 32x32 heatmaps, k={K_NEIGHBOURS}, n_eigval={N_EIGVAL}, "
           f"k-means K={N_CLUSTERS}")
-    print(f"{'N':>6} | {'ours s':>7} {'ours MiB':>9} {'ARI truth':>9} | {'CoRelAy s':>9} {'CoRelAy MiB':>11} "
-          f"{'ARI truth':>9} | {'time ratio':>10} {'mem ratio':>9} {'ARI ours-CoRelAy':>16}")
+    print(f"{'N':>6} | {'ours s':>7} {'ours MiB':>9} {'ARI truth':>9} | {'auto k':>6} {'s':>6} {'ARI truth':>9} | "
+          f"{'CoRelAy s':>9} {'CoRelAy MiB':>11} {'ARI truth':>9} | {'time ratio':>10} {'mem ratio':>9} "
+          f"{'ARI ours-CoRelAy':>16}")
+    from xai_callbacks.spray.pipeline import neighbours
+
     for n in sizes:
         truth = heatmaps(n)[1]
         ours_s, ours_mb, ours_labels = measure("ours", n)
-        row = f"{n:>6} | {ours_s:>7.2f} {ours_mb:>9.0f} {adjusted_rand_score(truth, ours_labels):>9.3f} | "
+        auto_s, _, auto_labels = measure("auto", n)
+        row = (f"{n:>6} | {ours_s:>7.2f} {ours_mb:>9.0f} {adjusted_rand_score(truth, ours_labels):>9.3f} | "
+               f"{neighbours(n):>6} {auto_s:>6.2f} {adjusted_rand_score(truth, auto_labels):>9.3f} | ")
         if n <= args.corelay_max:
             ref_s, ref_mb, ref_labels = measure("corelay", n)
             row += (f"{ref_s:>9.2f} {ref_mb:>11.0f} {adjusted_rand_score(truth, ref_labels):>9.3f} | "
@@ -128,6 +146,33 @@ def main() -> None:
         print(row, flush=True)
     if any(n > args.corelay_max for n in sizes):
         print("* CoRelAy not run: its dense float64 distance matrix alone would need this many MiB")
+
+
+def embeddings(sizes) -> None:
+    """Seconds of each 2-D embedding of the spectral embedding of N heatmaps (one process, 1 thread
+    for scikit-learn as in the pipeline)."""
+    from openTSNE import TSNE as OpenTSNE
+    from sklearn.metrics import adjusted_rand_score  # noqa: F401  (same imports as the main run)
+
+    from xai_callbacks.spray import pipeline as P, preprocess
+
+    print(f"2-D embeddings of the 32-d spectral embedding (k='auto'): seconds")
+    print(f"{'N':>6} | {'sklearn t-SNE':>13} {'openTSNE FFT':>12} {'PCA':>8} | {'sklearn / openTSNE':>18}")
+    for n in sizes:
+        x = preprocess(heatmaps(n)[0])
+        lap = P.laplacian(P.affinity(x, k=P.neighbours(n)))
+        _, vec = P.spectral_embedding(lap, n_eigval=N_EIGVAL)
+        times = {}
+        for kind in ("tsne", "opentsne", "pca"):
+            t = time.perf_counter()
+            if kind == "opentsne":
+                OpenTSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), initialization="pca", random_state=0,
+                         n_jobs=1, negative_gradient_method="fft" if n >= 1000 else "bh").fit(vec)
+            else:
+                P.visualisation_embedding(vec, kind=kind)
+            times[kind] = time.perf_counter() - t
+        print(f"{n:>6} | {times['tsne']:>13.2f} {times['opentsne']:>12.2f} {times['pca']:>8.3f} | "
+              f"{times['tsne'] / times['opentsne']:>17.1f}x", flush=True)
 
 
 if __name__ == "__main__":

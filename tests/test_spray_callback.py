@@ -98,6 +98,9 @@ def test_wandb_run_has_spray_scalars_plots_tables_images(artifact_run):
                 "spray/0/n_flagged", "spray/0/transfer_rate", "spray/0/score_drop", "spray/0/region_size",
                 "spray/0/forward_passes"):
         assert len([r for r in rows if key in r]) == EPOCHS, key
+    # logged in the background, each with the epoch it belongs to (an ``epoch`` value, not a W&B step)
+    assert [r["epoch"] for r in rows if "spray/0/max_suspicion" in r] == list(range(EPOCHS))
+    assert [r["epoch"] for r in rows if r.get("spray/0/clusters/_type") == "table-file"] == list(range(EPOCHS))
     last = [r for r in rows if "spray/0/max_suspicion" in r][-1]
     assert last["spray/0/n_flagged"] == 1 and 0 < last["spray/suspicious_share"] < 0.5
     assert last["spray/0/region_size"] == pytest.approx(1 / 8, abs=1e-3)  # the default area

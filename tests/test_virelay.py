@@ -184,7 +184,8 @@ def test_callback_project_opens_in_virelay(tmp_path, capsys):
     dm = ShortcutDigitsDataModule(batch_size=64)
     module = Classifier(DemoCNN(width=4, image_size=32))
     cb = SpRAyCallback(classes=[0, 1, 2], max_per_class=12, target="prediction", on_error="raise",
-                       spray_options={"k": 4, "visualisation": None, "max_clusters": 4})
+                       spray_options={"k": 4, "visualisation": None, "max_clusters": 4},
+                       asynchronous=False)  # inline, so the progress bar shows the analysis's steps
     make_trainer(tmp_path, [cb, TQDMProgressBar()], max_epochs=1, limit_train_batches=2,
                  enable_progress_bar=True).fit(module, dm)
     assert "SpRAyCallback: SpRAy class 2" in capsys.readouterr().out

@@ -4,21 +4,67 @@
 Everything here writes on global rank 0 only, except :func:`log_scalars`, which goes through
 ``pl_module.log(..., sync_dist=True)`` on every rank so EarlyStopping / ModelCheckpoint can
 monitor the values. No function passes ``step=`` to ``wandb.log`` (W&B silently drops lower
-steps); the trainer's step travels as ``trainer/global_step``.
+steps); the trainer's step travels as ``trainer/global_step`` and every W&B dict carries the
+``epoch`` its values belong to (``trainer.current_epoch``; for work finished in the background,
+the epoch it was started in, see :class:`~xai_callbacks.callbacks.worker.AnalysisWorker`).
+
+Logger calls made inside :func:`recording` are kept, not made, and :func:`replay` makes them
+later: a background thread renders and encodes, the training thread talks to the loggers.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-__all__ = ["log_scalars", "log_metrics", "log_images", "log_html", "log_table", "log_line_plot", "log_summary",
-           "run_dir", "save_npz", "wandb_loggers"]
+__all__ = ["log_scalars", "log_results", "recording", "replay", "log_metrics", "log_images", "log_html", "log_table",
+           "log_line_plot", "log_summary", "run_dir", "save_npz", "wandb_loggers"]
+
+
+_RECORDER = threading.local()
+
+
+@contextlib.contextmanager
+def recording():
+    """Keep this thread's logger calls (W&B, TensorBoard, any Lightning logger) instead of making
+    them; yields the list they go to, for :func:`replay`. Files (PNGs, CSVs without W&B) are still
+    written at once.
+
+    Example::
+
+        with recording() as calls:
+            log_images(trainer, "key", images)   # rendered and encoded here, nothing logged yet
+        replay(calls)                            # logged now, in this (the training) thread
+    """
+    calls: list = []
+    outer = getattr(_RECORDER, "calls", None)
+    _RECORDER.calls = calls
+    try:
+        yield calls
+    finally:
+        _RECORDER.calls = outer
+
+
+def replay(calls: Sequence) -> None:
+    """Make the logger calls kept by :func:`recording`, in their order."""
+    for fn, args, kwargs in calls:
+        _emit(fn, *args, **kwargs)
+
+
+def _emit(fn, *args, **kwargs) -> None:
+    """``fn(*args, **kwargs)`` now, or kept when this thread is :func:`recording`."""
+    calls = getattr(_RECORDER, "calls", None)
+    if calls is None:
+        fn(*args, **kwargs)
+    else:
+        calls.append((fn, args, kwargs))
 
 
 def wandb_loggers(trainer) -> list[WandbLogger]:
@@ -51,24 +97,44 @@ def log_scalars(pl_module, values: Mapping[str, float]) -> None:
         pl_module.log(key, float(value), sync_dist=True, on_epoch=True, on_step=False)
 
 
+def log_results(trainer, values: Mapping[str, float]) -> None:
+    """Scalars of work that may finish after its epoch: to every logger (rank 0) with the
+    ``epoch`` they belong to (``trainer.current_epoch``), and into ``trainer.callback_metrics``
+    on every rank, where the :class:`~xai_callbacks.ExplanationGate`, EarlyStopping and
+    ModelCheckpoint read them. Call it on every rank with the same values (this does not reduce).
+    """
+    if not values:
+        return
+    if trainer.is_global_zero:
+        for lg in trainer.loggers:
+            _emit(lg.log_metrics, {**{k: float(v) for k, v in values.items()}, "epoch": trainer.current_epoch},
+                  step=trainer.global_step)
+    import torch
+
+    _emit(trainer.callback_metrics.update, {k: torch.tensor(float(v)) for k, v in values.items()})
+
+
 def log_metrics(trainer, values: Mapping[str, float]) -> None:
     """Scalars straight to every logger (rank 0), for values outside ``self.log``'s hooks."""
     if trainer.is_global_zero:
         for lg in trainer.loggers:
-            lg.log_metrics(dict(values), step=trainer.global_step)
+            _emit(lg.log_metrics, dict(values), step=trainer.global_step)
 
 
 def log_images(trainer, key: str, images: Sequence[np.ndarray], captions: Sequence[str] | None = None) -> None:
     """A panel of HxWx3 uint8 images under ``key``."""
     if not trainer.is_global_zero or not images:
         return
+    if wandb_loggers(trainer):
+        import wandb
+
+        panel = [wandb.Image(img, caption=captions[i] if captions else None) for i, img in enumerate(images)]
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger):
-            lg.log_image(key=key, images=list(images), caption=list(captions) if captions else None,
-                         step=trainer.global_step)
+            _emit(lg.log_metrics, {key: panel, "epoch": trainer.current_epoch}, step=trainer.global_step)
         elif isinstance(lg, TensorBoardLogger):
             for i, img in enumerate(images):
-                lg.experiment.add_image(f"{key}/{i}", img, trainer.global_step, dataformats="HWC")
+                _emit(lg.experiment.add_image, f"{key}/{i}", img, trainer.global_step, dataformats="HWC")
     if not _has_image_logger(trainer):
         from PIL import Image
 
@@ -103,9 +169,10 @@ def log_table(trainer, key: str, columns: Sequence[str], rows: Sequence[Sequence
     if wandbs:
         import wandb
 
-        data = [[wandb.Image(c) if isinstance(c, np.ndarray) else c for c in row] for row in rows]
+        table = wandb.Table(columns=list(columns),
+                            data=[[wandb.Image(c) if isinstance(c, np.ndarray) else c for c in row] for row in rows])
         for lg in wandbs:
-            lg.log_table(key=key, columns=list(columns), data=data, step=trainer.global_step)
+            _emit(lg.log_metrics, {key: table, "epoch": trainer.current_epoch}, step=trainer.global_step)
         return
     from PIL import Image
 
@@ -137,7 +204,8 @@ def log_line_plot(trainer, key: str, x: Sequence[float], ys: Mapping[str, Sequen
         plot = wandb.plot.line_series(xs=list(map(float, x)), ys=[list(map(float, y)) for y in ys.values()],
                                       keys=list(ys), title=title or key, xname=xname)
         for lg in wandbs:
-            lg.experiment.log({key: plot, "trainer/global_step": trainer.global_step})
+            _emit(lg.experiment.log, {key: plot, "trainer/global_step": trainer.global_step,
+                                      "epoch": trainer.current_epoch})
         return
     import matplotlib
 
@@ -161,7 +229,7 @@ def log_summary(trainer, values: Mapping[str, Any]) -> None:
     if not trainer.is_global_zero:
         return
     for lg in wandb_loggers(trainer):
-        lg.experiment.summary.update(dict(values))
+        _emit(lg.experiment.summary.update, dict(values))
     path = run_dir(trainer) / "summary.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(path.read_text()) if path.exists() else {}

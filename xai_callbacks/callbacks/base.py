@@ -8,6 +8,7 @@ A callback keeps only what is its own: *when* it runs is this base's (``every_n_
 from __future__ import annotations
 
 import importlib
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -22,11 +23,14 @@ from .. import sinks
 from ..data import Batch, unpack_batch
 from ..guard import model_guard, rng_guard
 from .progress import Progress, task
+from .worker import AnalysisWorker, TrainerAt
 from ..infill import get_infiller
 from ..scoring import Target
 
 __all__ = ["ExplanationCallback", "Probe", "select_probe", "select_per_class", "dataset_labels", "val_dataloader",
            "read_samples", "shard_map", "shard_indices", "average_gradients", "TARGETS"]
+
+log = logging.getLogger(__name__)
 
 ON_ERROR = ("warn", "raise")
 TARGETS = ("label", "prediction")
@@ -227,7 +231,13 @@ class ExplanationCallback(pl.Callback):
       ("rank 0 analyses, all ranks receive") and :func:`average_gradients` (a callback's own
       model trained on every rank);
     * the error policy and its counting: :meth:`guarded` counts a failure once, :meth:`run_safely`
-      logs the total of all explanation callbacks as ``xai/errors`` once per run.
+      logs the total of all explanation callbacks as ``xai/errors`` once per run;
+    * work off the training path (:mod:`~xai_callbacks.callbacks.worker`): :meth:`analyse_later`
+      hands an analysis that needs no model to a background thread on rank 0 (with
+      :attr:`asynchronous`; inline otherwise), :meth:`deliver` logs its result, :meth:`flush`
+      delivers it at the end of the next validation epoch, at the end of ``fit`` and on an
+      exception (waiting for it if needed: counted and logged as ``xai/<Callback>/waits`` and
+      ``xai/<Callback>/wait_s``).
 
     Args:
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``.
@@ -272,6 +282,9 @@ class ExplanationCallback(pl.Callback):
         self.probe_indices: list[int] | None = None
         self.errors = 0
         self._probe: Probe | None = None
+        self.asynchronous = False  # subclasses that split their work set it from their argument
+        self.deliveries = 0  # analyses delivered so far (the gate re-checks after late ones)
+        self._worker: AnalysisWorker | None = None
 
     progress: Progress = Progress()  # the progress-bar line of the running work (no-op outside run_safely)
 
@@ -284,8 +297,29 @@ class ExplanationCallback(pl.Callback):
         return not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self.flush(trainer)  # the previous analysis, before this epoch's gate check
         if self.should_run(trainer):
             self.run_safely(trainer, pl_module, self.run)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        errors = self.errors
+        if self.flush(trainer) and self.errors != errors:
+            sinks.log_metrics(trainer, {"xai/errors": float(sum(
+                cb.errors for cb in trainer.callbacks if isinstance(cb, ExplanationCallback)))})
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        try:  # keep what was computed; the run's own error is the one that propagates
+            self.flush(trainer, collective=False)
+        except Exception as err:
+            warnings.warn(f"{type(self).__name__}: delivering the last analysis failed after {type(exception).__name__}: "
+                          f"{type(err).__name__}: {err}", stacklevel=2)
+        finally:
+            if self._worker is not None:
+                self._worker.close()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._worker is not None:
+            self._worker.close()
 
     def on_test_start(self, trainer, pl_module) -> None:
         _say_once(f"{type(self).__name__} runs in validation only (fit / validate); trainer.test computes and "
@@ -341,6 +375,91 @@ class ExplanationCallback(pl.Callback):
                 raise RuntimeError(f"{type(self).__name__} {what}: {failure}")
             self.count_error(f"{what}: {failure}; training goes on (on_error='warn')")
         return result
+
+    # -- work off the training path -----------------------------------------------------------
+    def analyse_later(self, trainer, fn, *args, failure: str = "") -> None:
+        """Run ``fn(view, *args)`` on rank 0 in the background (while fitting with
+        :attr:`asynchronous`), else now; its result goes to :meth:`deliver` when :meth:`flush`
+        delivers it. Call it on every rank (other ranks register an empty share).
+
+        ``fn`` must not touch the model nor the global random state (it runs beside training):
+        give it CPU copies. ``view`` is :class:`~xai_callbacks.callbacks.worker.TrainerAt`, the
+        trainer with this epoch and step frozen: pass it to the sinks, whose logger calls are
+        recorded and made at delivery, labelled with this epoch.
+
+        Args:
+            trainer: the Lightning trainer.
+            fn: the analysis, ``fn(view, *args) -> result``.
+            *args: its inputs (CPU tensors / arrays; not changed afterwards).
+            failure: a failure found before the handoff (``"Type: message"``): delivered as the
+                analysis's failure, ``fn`` does not run.
+
+        Raises:
+            RuntimeError: the previous analysis was not delivered (call :meth:`flush` first).
+        """
+        if self._worker is None:
+            self._worker = AnalysisWorker(name=type(self).__name__)
+        worker = self._worker
+        if not worker.pending:
+            worker.asynchronous = self.asynchronous and trainer.state.fn == "fit"
+        epoch, step = trainer.current_epoch, trainer.global_step
+        if failure or not trainer.is_global_zero:
+            worker.skip(epoch, step, failure=failure)
+        else:
+            worker.submit(epoch, step, fn, TrainerAt(trainer), *args)
+        if not worker.asynchronous:
+            self.flush(trainer)
+
+    def deliver(self, trainer, result: Any) -> tuple[dict[str, float], list[str]]:
+        """Take a finished analysis's ``result`` (rank 0, training thread; ``trainer`` is the
+        :class:`~xai_callbacks.callbacks.worker.TrainerAt` view of its epoch): keep what the
+        callback keeps, return ``(scalars, problems)``: the scalars are logged on every rank with
+        the analysis's epoch, each problem is warned and counted in ``xai/errors``."""
+        raise NotImplementedError
+
+    def flush(self, trainer, collective: bool = True) -> bool:
+        """Deliver the pending analysis, if any: wait for it (a wait is counted), make its logger
+        calls, :meth:`deliver` it and log its scalars (``sinks.log_results``, with its epoch);
+        scalars and failures are broadcast from rank 0, so call it on every rank unless
+        ``collective`` is False (on an exception: no collectives, rank 0 delivers alone).
+
+        Returns:
+            Whether an analysis was delivered.
+
+        Raises:
+            RuntimeError: the analysis failed and ``on_error="raise"`` (not with ``collective=False``).
+        """
+        worker = self._worker
+        if worker is None or not worker.pending:
+            return False
+        waits = worker.waits
+        outcome = worker.collect()
+        view = TrainerAt(trainer, outcome.epoch, outcome.step)
+        scalars, problems, failure = {}, [], outcome.failure
+        if trainer.is_global_zero and not failure:
+            sinks.replay(outcome.calls)
+            try:
+                scalars, problems = self.deliver(view, outcome.result)
+            except Exception as err:
+                failure = f"{type(err).__name__}: {err}"
+        if collective and trainer.world_size > 1:
+            scalars, problems, failure = trainer.strategy.broadcast((scalars, problems, failure), src=0)
+        self.deliveries += 1
+        if worker.asynchronous:
+            name = type(self).__name__
+            sinks.log_metrics(trainer, {f"xai/{name}/waits": float(worker.waits), f"xai/{name}/wait_s": worker.wait_seconds})
+            if worker.waits > waits:
+                log.info("%s: training waited %.2f s for the analysis of epoch %d", name,
+                         worker.wait_seconds, outcome.epoch)
+        if failure and self.on_error == "raise" and collective:
+            raise RuntimeError(f"{type(self).__name__} analysis of epoch {outcome.epoch} failed: {failure}")
+        for p in problems + ([failure] if failure else []):
+            self.errors += 1
+            warnings.warn(f"{type(self).__name__} at epoch {outcome.epoch}: {p}; training goes on (on_error='warn')",
+                          stacklevel=2)
+        if collective or trainer.world_size == 1:
+            sinks.log_results(view, scalars)
+        return True
 
     def all_ranks_ok(self, trainer, ok: bool) -> bool:
         """True if ``ok`` on every DDP rank (a collective: call it on all ranks)."""

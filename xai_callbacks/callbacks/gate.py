@@ -30,7 +30,11 @@ class ExplanationGate(pl.Callback):
 
     Values are the trainer's ``callback_metrics`` (everything logged with ``self.log`` by the
     module and by callbacks such as the metrics and SpRAy callbacks), read in
-    ``on_validation_end`` so they are all in. The pass / fail decision is reduced across DDP
+    ``on_validation_end`` so they are all in. Analyses that run in the background (SpRAy's with
+    ``asynchronous=True``) are checked once delivered: the analysis of epoch ``e`` at the end of
+    epoch ``e + 1``'s validation, and the last one at the end of ``fit``, where the gate delivers
+    every explanation callback's pending analysis itself (whatever the callbacks' order) and
+    checks the rules again before the end-of-run check. The pass / fail decision is reduced across DDP
     ranks (any rank failing fails all), so every rank stops or raises together. Each check is
     appended to ``gate.json`` in the run directory, ``gate/passed`` and the checked values go to
     the summary (``gate/<key>``), and an online W&B run gets a ``wandb.alert`` on failure.
@@ -88,6 +92,7 @@ class ExplanationGate(pl.Callback):
         self.action, self.every_n_epochs, self.missing = action, every_n_epochs, missing
         self.epochs: list[dict] = []
         self.final: dict | None = None
+        self._seen_deliveries = 0
         self._run_dir = None
 
     @property
@@ -96,6 +101,7 @@ class ExplanationGate(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.final = None
+        self._seen_deliveries = self._deliveries(trainer)
         attached = {k.__name__ for cb in trainer.callbacks for k in type(cb).__mro__}
         for rule in self.rules:
             source = logged_by(rule.key)
@@ -108,6 +114,15 @@ class ExplanationGate(pl.Callback):
         last = trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs - 1
         if trainer.sanity_checking or not (trainer.current_epoch % self.every_n_epochs == 0 or last):
             return
+        self._check(trainer)
+
+    @staticmethod
+    def _deliveries(trainer) -> int:
+        return sum(getattr(cb, "deliveries", 0) for cb in trainer.callbacks)
+
+    def _check(self, trainer) -> None:
+        """Check the rules on the values logged so far (every rank takes the same decision)."""
+        self._seen_deliveries = self._deliveries(trainer)
         values = self._values(trainer)
         checks = evaluate(self.rules, values)
         # a key not logged yet is pending while fitting; a lone validate() is its own end of run
@@ -126,7 +141,14 @@ class ExplanationGate(pl.Callback):
             self._fail(trainer, failed, values, report, final=False)
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        """The end-of-run check: every rule's key must have been logged at least once."""
+        """The end-of-run check: the pending background analyses are delivered and checked, then
+        every rule's key must have been logged at least once."""
+        for cb in trainer.callbacks:
+            flush = getattr(cb, "flush", None)
+            if cb is not self and callable(flush):
+                flush(trainer)
+        if self._deliveries(trainer) != getattr(self, "_seen_deliveries", 0):
+            self._check(trainer)  # results delivered after the last check (here or in an earlier on_fit_end)
         seen = set(self._values(trainer))
         for entry in self.epochs:
             seen |= set(entry["values"])

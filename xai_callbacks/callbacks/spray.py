@@ -1,6 +1,7 @@
 """SpRAyCallback: spectral relevance analysis of validation heatmaps per class, every N epochs."""
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Mapping, Sequence
 
@@ -66,8 +67,9 @@ class SpRAyCallback(ExplanationCallback):
 
     The callback writes the epoch's ViRelAy databases to ``<run dir>/spray/epoch_NNNN/``. A class with
     too few usable heatmaps (NaN, constant, or not more than ``k``) is skipped with a warning
-    counted in ``xai/errors``. The latest results stay in :attr:`results` and
-    :attr:`strategy_ids`.
+    counted in ``xai/errors``. The latest delivered results stay in :attr:`results` and
+    :attr:`strategy_ids` (with ``asynchronous``, an epoch's results arrive at the end of the next
+    validation epoch or of ``fit``; a checkpoint holds the trackers of delivered analyses).
 
     Args:
         method: attribution method (see ``xai_callbacks.attribution.available_methods``).
@@ -102,6 +104,13 @@ class SpRAyCallback(ExplanationCallback):
         n_typical: typical members shown per strategy.
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``.
         seed: seed of the per-class sample and of SpRAy.
+        asynchronous: while fitting, run everything after the model (clustering,
+            embeddings, tracking, pictures, tables, ViRelAy files) in a background
+            thread overlapped with the next epoch; its results are delivered at the end of the next
+            validation epoch (training waits there if they are not ready: logged as
+            ``xai/SpRAyCallback/waits`` and ``wait_s``) and at the end of ``fit``, logged with the
+            ``epoch`` they belong to. The explanations (and ``evidence``) run inline on this epoch's
+            weights. False: everything inline. The results are the same either way.
         on_error: ``"warn"`` (count in ``xai/errors``, training goes on) or ``"raise"``.
 
     Raises:
@@ -128,7 +137,8 @@ class SpRAyCallback(ExplanationCallback):
                  min_similarity: float = 0.8, batch_size: int | None = 256, save_virelay: bool = True,
                  n_typical: int = 5, every_n_epochs: int = 1, seed: int = 0, on_error: str = "warn",
                  evidence: bool = True, infiller: Any = "blur", evidence_options: Mapping[str, Any] | None = None,
-                 max_others: int = 64, features: str = "heatmaps", concept_layer: str | None = None):
+                 max_others: int = 64, features: str = "heatmaps", concept_layer: str | None = None,
+                 asynchronous: bool = True):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=max(1, int(max_per_class)), seed=seed,
                          target=target, on_error=on_error)
         (method,), checked = check_methods([method], {method: method_options or {}})
@@ -163,6 +173,7 @@ class SpRAyCallback(ExplanationCallback):
             raise ValueError(f"max_others must be an int >= 1, got {max_others!r}")
         self.evidence, self.infiller, self.evidence_options = bool(evidence), infiller, ev_options
         self.max_others = max_others
+        self.asynchronous = bool(asynchronous)
         self.sample_indices: list[int] | None = None
         self.trackers: dict[int, StrategyTracker] = {}
         self.results: dict[int, SpRAyResult] = {}
@@ -225,26 +236,54 @@ class SpRAyCallback(ExplanationCallback):
     # -- one epoch -------------------------------------------------------------------------------
     def run(self, trainer, pl_module) -> None:
         data = self._collect(trainer, pl_module)
-        epoch = trainer.current_epoch
-        analysed = self.on_rank_zero(trainer, f"analysis failed at epoch {epoch}", self._analyse, trainer, data)
-        scalars, problems = analysed or ({}, [])
-        for p in problems:
-            self.count_error(f"at epoch {epoch}: {p}")
-        sinks.log_scalars(pl_module, scalars)
+        evidence, failure = None, ""
+        if trainer.is_global_zero and self.evidence:  # the causal check needs this epoch's model: inline
+            try:
+                evidence = self._evidence(trainer, data)
+            except Exception as err:  # delivered as the analysis's failure, so all ranks stay in step
+                failure = f"{type(err).__name__}: {err}"
+        trackers = {c: copy.deepcopy(t) for c, t in self.trackers.items()}  # the worker's own, kept at delivery
+        self.analyse_later(trainer, self._analyse, data, evidence, trackers, failure=failure)
 
-    def _analyse(self, trainer, data: dict[str, torch.Tensor]) -> tuple[dict[str, float], list[str]]:
+    def _usable(self, data: dict[str, torch.Tensor]) -> tuple[np.ndarray, list[int], np.ndarray]:
+        """Each sample's class, the analysed classes, and which samples can be analysed (finite,
+        non-constant heatmaps; in concept space also finite, non-zero concept relevances)."""
         labels = data["labels"].numpy()
-        masks = {k.split(":", 1)[1].removesuffix(_MASK_SUFFIX): v for k, v in data.items() if k.startswith("mask:")}
         classes = self.classes if self.classes is not None else sorted(set(labels.tolist()))
         usable = check_heatmaps(data["heatmaps"])
         concepts = data.get("concepts")
         if concepts is not None:  # a sample without concept relevance cannot be placed in concept space
             usable &= (torch.isfinite(concepts).all(1) & (concepts != 0).any(1)).numpy()
+        return labels, classes, usable
+
+    def _evidence(self, trainer, data: dict[str, torch.Tensor]) -> tuple[SampleEvidence, np.ndarray] | None:
+        """Causal evidence for the usable analysed samples and their rows (None with one class only)."""
+        labels, classes, usable = self._usable(data)
+        rows = np.flatnonzero(usable & np.isin(labels, classes))
+        if len(np.unique(labels[rows])) < 2:  # one group only (e.g. regression): nothing to paste regions into
+            warnings.warn("SpRAyCallback: one analysed class only, so no causal evidence (nothing to paste its "
+                          "regions into); the heatmap-shape suspicion alone flags strategies", stacklevel=2)
+            return None
+        self.progress.update(status=f"causal evidence for {len(rows)} samples")
+        return sample_evidence(trainer.lightning_module, data["x"][rows], data["heatmaps"][rows], labels[rows],
+                               infiller=self.infiller, max_others=self.max_others, batch_size=self.batch_size or 256,
+                               **{"seed": self.seed, **self.evidence_options}), rows
+
+    def _analyse(self, trainer, data: dict[str, torch.Tensor], evidence, trackers: dict[int, StrategyTracker]
+                 ) -> tuple:
+        """Everything after the model: SpRAy per class, its confirmation by ``evidence``, strategy
+        tracking, scalars, pictures, tables and the ViRelAy files. Runs in the background worker
+        (``trainer`` is the view of the analysed epoch) or inline; touches no model and no state of
+        the callback (:meth:`deliver` keeps its results)."""
+        labels, classes, usable = self._usable(data)
+        masks = {k.split(":", 1)[1].removesuffix(_MASK_SUFFIX): v for k, v in data.items() if k.startswith("mask:")}
+        concepts = data.get("concepts")
         options = {"seed": self.seed, **self.spray_options}
-        scalars, problems, results, rows_of = {}, [], {}, {}
-        evidence, analysed = self._evidence(trainer, data, labels, usable & np.isin(labels, classes))
         position = np.full(len(labels), -1)
-        position[analysed] = np.arange(len(analysed))
+        if evidence is not None:
+            evidence, analysed = evidence
+            position[analysed] = np.arange(len(analysed))
+        scalars, problems, results, rows_of, strategy_ids = {}, [], {}, {}, {}
         for i, c in enumerate(classes):
             name = self.name_of(c)
             self.progress.update(advance=int(i > 0), status=f"SpRAy class {name}", total=len(classes) if i == 0 else None)
@@ -261,39 +300,30 @@ class SpRAyCallback(ExplanationCallback):
                 result = result.confirm(evidence, position[rows], data["heatmaps"][rows],
                                         {m: v[rows] for m, v in masks.items()} or None,
                                         features=None if concepts is None else concepts[rows])
-            ids = self.trackers.setdefault(c, StrategyTracker(self.min_similarity)).update(
-                result.signatures, result.factors["share"], trainer.current_epoch)
-            results[c], rows_of[c], self.strategy_ids[c] = result, rows, ids
+            tracker = trackers.setdefault(c, StrategyTracker(self.min_similarity))
+            ids = tracker.update(result.signatures, result.factors["share"], trainer.current_epoch)
+            results[c], rows_of[c], strategy_ids[c] = result, rows, ids
             scalars.update({f"spray/{name}/{k}": v for k, v in class_scalars(result, ids).items()})
-            self._log_class(trainer, c, result, ids, data, rows, evidence, position)
-        self.results = results
+            self._log_class(trainer, c, result, ids, tracker, data, rows, evidence, position)
         if results:
             scalars["spray/suspicious_share"] = suspicious_share(list(results.values()))
         if self.save_virelay and results:
             write_virelay(sinks.run_dir(trainer) / "spray" / f"epoch_{trainer.current_epoch:04d}", data["heatmaps"],
                           labels, {c: (rows_of[c], r) for c, r in results.items()}, indices=data["indices"],
                           inputs=data["x"], predictions=data["scores"], class_names=self.class_names or None,
-                          strategy_ids=self.strategy_ids, attribution_method=self.method, target=self.target)
+                          strategy_ids={**self.strategy_ids, **strategy_ids}, attribution_method=self.method,
+                          target=self.target)
+        return scalars, problems, results, strategy_ids, trackers
+
+    def deliver(self, trainer, result: tuple) -> tuple[dict[str, float], list[str]]:
+        scalars, problems, self.results, strategy_ids, self.trackers = result
+        self.strategy_ids.update(strategy_ids)
         return scalars, problems
 
-    def _evidence(self, trainer, data: dict[str, torch.Tensor], labels: np.ndarray, usable: np.ndarray
-                  ) -> tuple[SampleEvidence | None, np.ndarray]:
-        """Causal evidence for the usable analysed samples (None when off or with one class only)."""
-        rows = np.flatnonzero(usable)
-        if not self.evidence:
-            return None, rows
-        if len(np.unique(labels[rows])) < 2:  # one group only (e.g. regression): nothing to paste regions into
-            warnings.warn("SpRAyCallback: one analysed class only, so no causal evidence (nothing to paste its "
-                          "regions into); the heatmap-shape suspicion alone flags strategies", stacklevel=2)
-            return None, rows
-        self.progress.update(status=f"causal evidence for {len(rows)} samples")
-        return sample_evidence(trainer.lightning_module, data["x"][rows], data["heatmaps"][rows], labels[rows],
-                               infiller=self.infiller, max_others=self.max_others, batch_size=self.batch_size or 256,
-                               **{"seed": self.seed, **self.evidence_options}), rows
-
     # -- logging ---------------------------------------------------------------------------------
-    def _log_class(self, trainer, c: int, r: SpRAyResult, ids: list[int], data: dict[str, torch.Tensor],
-                   rows: np.ndarray, evidence: SampleEvidence | None, position: np.ndarray) -> None:
+    def _log_class(self, trainer, c: int, r: SpRAyResult, ids: list[int], tracker: StrategyTracker,
+                   data: dict[str, torch.Tensor], rows: np.ndarray, evidence: SampleEvidence | None,
+                   position: np.ndarray) -> None:
         name = self.name_of(c)
         key = f"spray/{name}"
         x, heat, idx = data["x"][rows], data["heatmaps"][rows], data["indices"][rows].tolist()
@@ -323,7 +353,7 @@ class SpRAyCallback(ExplanationCallback):
         strips = [render.tile_row([render.upscale(render.overlay(x[i], heat[i]), scale) for i in members], gap=0)
                   for members in r.typical]
         sinks.log_table(trainer, f"{key}/clusters", *clusters_table(r, ids, idx, protos, strips))
-        epochs, curves = self.trackers[c].share_curves()
+        epochs, curves = tracker.share_curves()
         sinks.log_line_plot(trainer, f"{key}/strategy_share", epochs, curves,
                             title=f"class {name}: share of each strategy", xname="epoch")
 

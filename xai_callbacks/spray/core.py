@@ -124,7 +124,7 @@ class SpRAyResult:
 
 def spray(heatmaps, *, masks: dict[str, Any] | None = None, features=None,
           channel_reduce: str | None = "sum", absolute: bool = False, size: int | tuple[int, int] | None = None,
-          normalize: str | None = "l2", k: int = 10, affinity: str = "knn", laplacian: str = "symmetric",
+          normalize: str | None = "l2", k: int | str = "auto", affinity: str = "knn", laplacian: str = "symmetric",
           n_eigval: int = 32, normalize_rows: bool = True, n_clusters: int | None = None, min_clusters: int = 2,
           max_clusters: int = 10, eigengap_eps: float | None = 0.01, cluster_dims: int | None = None, clustering: str = "kmeans",
           clustering_options: dict[str, Any] | None = None, visualisation: str | None = "tsne",
@@ -152,7 +152,9 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None, features=None,
         absolute: use ``|R|`` (preprocessing).
         size: average-pool heatmaps to this side / (height, width) before comparing them.
         normalize: per-heatmap scaling ``"l2"``, ``"l1"``, ``"max"``, ``"sum"`` or None.
-        k: neighbours of the kNN affinity graph.
+        k: neighbours of the kNN affinity graph, or ``"auto"``: 10 (CoRelAy's default) up to 1111
+            heatmaps, growing with ``sqrt(N)`` above (see :func:`~.pipeline.neighbours`; a fixed k
+            loses the eigengap at tens of thousands of heatmaps).
         affinity: ``"knn"`` (binary, as CoRelAy) or ``"knn_rbf"`` (self-tuning Gaussian weights).
         laplacian: ``"symmetric"`` or ``"random_walk"`` normalisation.
         n_eigval: eigenpairs of the Laplacian to compute (capped at N - 1).
@@ -187,8 +189,7 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None, features=None,
     else:
         points = _p.normalize_features(_feature_rows(features, len(_p.as_array(heatmaps))), normalize)
     n = points.shape[0]
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    k = _p.neighbours(n, k)
     if n <= k:
         raise ValueError(f"SpRAy with k={k} neighbours needs more than {k} heatmaps, got {n}: "
                          f"collect more samples of this class or lower k")

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from .core import SpRAyResult
+from .pipeline import neighbours
 
 __all__ = ["usable_rows", "class_scalars", "suspicious_share", "sample_strategies", "embedding_table",
            "clusters_table", "prototype_caption", "evidence_caption", "EVIDENCE_COLUMNS"]
@@ -24,7 +25,7 @@ __all__ = ["usable_rows", "class_scalars", "suspicious_share", "sample_strategie
 EVIDENCE_COLUMNS = ("region_size", "score_drop", "transfer_rate", "score_rise", "z")
 
 
-def usable_rows(labels: np.ndarray, usable: np.ndarray, class_id: int, k: int, name: str
+def usable_rows(labels: np.ndarray, usable: np.ndarray, class_id: int, k: int | str, name: str
                 ) -> tuple[np.ndarray | None, list[str]]:
     """The rows of class ``class_id`` whose heatmaps can be analysed, and what is wrong with the others.
 
@@ -32,13 +33,14 @@ def usable_rows(labels: np.ndarray, usable: np.ndarray, class_id: int, k: int, n
         labels: (N,) class of each row.
         usable: (N,) bool, heatmaps that are finite and not constant (``check_heatmaps``).
         class_id: the class.
-        k: SpRAy's number of neighbours; the class needs more than ``k`` usable rows.
+        k: SpRAy's number of neighbours (or ``"auto"``); the class needs more than ``k`` usable rows.
         name: the class's name in the messages.
 
     Returns:
         The rows (None when there are too few to analyse) and the problems found, as messages.
     """
     rows = np.flatnonzero((labels == class_id) & usable)
+    k = neighbours(len(rows), k)
     bad = int(((labels == class_id) & ~usable).sum())
     problems = [f"class {name}: {bad} heatmap(s) are NaN / inf or constant and were left out"] if bad else []
     if len(rows) <= k:
