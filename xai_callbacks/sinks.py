@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-__all__ = ["log_scalars", "log_metrics", "log_images", "log_table", "log_line_plot", "log_summary", "run_dir",
+__all__ = ["log_scalars", "log_metrics", "log_images", "log_audio", "log_table", "log_line_plot", "log_summary", "run_dir",
            "save_npz", "wandb_loggers"]
 
 
@@ -76,6 +76,33 @@ def log_images(trainer, key: str, images: Sequence[np.ndarray], captions: Sequen
         folder.mkdir(parents=True, exist_ok=True)
         for i, img in enumerate(images):
             Image.fromarray(img).save(folder / f"epoch{trainer.current_epoch:04d}_{i:03d}.png")
+
+
+def log_audio(trainer, key: str, waves: Sequence[np.ndarray], sample_rate: int,
+              captions: Sequence[str] | None = None) -> None:
+    """Sounds (1-D float arrays in [-1, 1]) under ``key``: ``wandb.Audio`` in W&B, else WAV files
+    under ``<run dir>/media/<key>/``."""
+    if not trainer.is_global_zero or not waves:
+        return
+    captions = list(captions) if captions else [None] * len(waves)
+    wandbs = wandb_loggers(trainer)
+    if wandbs:
+        import wandb
+
+        for lg in wandbs:
+            lg.log_metrics({key: [wandb.Audio(w, sample_rate=sample_rate, caption=c) for w, c in zip(waves, captions)]},
+                           step=trainer.global_step)
+        return
+    import wave
+
+    folder = run_dir(trainer) / "media" / _safe(key)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, w in enumerate(waves):
+        with wave.open(str(folder / f"epoch{trainer.current_epoch:04d}_{i:03d}.wav"), "wb") as f:
+            f.setnchannels(1)
+            f.setsampwidth(2)
+            f.setframerate(sample_rate)
+            f.writeframes((np.clip(w, -1, 1) * 32767).astype("<i2").tobytes())
 
 
 def log_table(trainer, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .. import sinks
+from .. import render, sinks
 from ..data import unpack_batch
 from ..guard import model_guard
 from ..infill import Infiller, get_infiller
@@ -41,8 +41,12 @@ class InpainterCallback(ExplanationCallback):
     ``inpainter/agreement/<fill>`` (share of probe samples whose predicted class is the same on
     the filled and the original input) for the GAN and each baseline; the epoch's mean training
     losses ``inpainter/loss_g``, ``inpainter/loss_d``, ``inpainter/l1_hole``; a panel
-    ``inpainter/examples`` (input | mask | GAN fill | first baseline's fill); and G alone in
-    ``<run dir>/inpainter/generator.pt`` (load with ``xai_callbacks.infill.gan.load_generator``).
+    ``inpainter/examples`` (input | mask | GAN fill | first baseline's fill; for signals (B, C, L),
+    one plot per channel of the input and the fills with the removed positions shaded); and G alone
+    in ``<run dir>/inpainter/generator.pt`` (load with ``xai_callbacks.infill.gan.load_generator``).
+
+    Images (B, C, H, W) train a 2-D G and D, signals such as spectra (B, C, L) a 1-D pair (chosen
+    from the first batch).
 
     Once G has finished its L1 warm-up, :attr:`trained_infiller` gives it, and the other explanation
     callbacks of the same trainer hand it to explainers and metrics whose ``infiller`` option is
@@ -61,6 +65,9 @@ class InpainterCallback(ExplanationCallback):
             for training and evaluation masks (default: boxes, Bernoulli pixels and low-resolution grids).
         baselines: infillers compared with the GAN: names (``constant``, ``blur``, ``noise``) or
             Infiller instances.
+        per_channel: one keep mask per channel (e.g. the magnitude of a spectrum kept, its phase
+            removed), for explainers whose masks act on channels separately (``components``).
+        channel_drop: with ``per_channel``, the share of training masks that remove one whole channel.
         n_images: probe samples shown in ``inpainter/examples``.
         save_generator: write G to the run directory at each scheduled epoch.
         seed: seeds G and D's initialisation, the training masks and noise, the probe set and the
@@ -73,14 +80,18 @@ class InpainterCallback(ExplanationCallback):
                  valid_weight: float = 0.2, adv_weight: float = 0.01, mask_sampler: MaskSampler | Mapping | None = None,
                  baselines: Sequence[str | Infiller] = ("constant", "blur", "noise"), n_images: int = 8,
                  save_generator: bool = True, seed: int = 0, every_n_epochs: int = 1, probe_size: int = 64,
-                 on_error: str = "warn"):
+                 on_error: str = "warn", per_channel: bool = False, channel_drop: float = 0.0):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, seed=seed,
                          on_error=on_error)
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
         self.every_n_steps = every_n_steps
         self.options = dict(width=width, value_range=value_range, warmup_steps=warmup_steps, lr_g=lr_g, lr_d=lr_d,
-                            hole_weight=hole_weight, valid_weight=valid_weight, adv_weight=adv_weight, seed=seed)
+                            hole_weight=hole_weight, valid_weight=valid_weight, adv_weight=adv_weight, seed=seed,
+                            per_channel=per_channel, channel_drop=channel_drop)
+        if not 0 <= channel_drop <= 1 or (channel_drop and not per_channel):
+            raise ValueError(f"channel_drop must be in [0, 1] and needs per_channel=True; got channel_drop="
+                             f"{channel_drop}, per_channel={per_channel}")
         if isinstance(mask_sampler, Mapping):
             mask_sampler = MaskSampler(**mask_sampler)
         self.mask_sampler = mask_sampler or MaskSampler()
@@ -116,15 +127,16 @@ class InpainterCallback(ExplanationCallback):
     # -- training ------------------------------------------------------------------------------
     def _build(self, x: torch.Tensor, device: torch.device) -> None:
         mask_sampler = self.mask_sampler
-        self.inpainter = GANInpainter(channels=x.shape[1], mask_sampler=mask_sampler, device=device, **self.options)
+        self.inpainter = GANInpainter(channels=x.shape[1], mask_sampler=mask_sampler, device=device, dims=x.dim() - 2,
+                                      **self.options)
         if self._pending is not None:
             self.inpainter.load_state_dict(self._pending)
             self._pending = None
 
     def _train(self, x: torch.Tensor, device: torch.device) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"InpainterCallback trains on image batches (B, C, H, W); got inputs of shape "
-                             f"{tuple(x.shape)}")
+        if x.dim() not in (3, 4):
+            raise ValueError(f"InpainterCallback trains on images (B, C, H, W) or signals (B, C, L); got inputs of "
+                             f"shape {tuple(x.shape)}")
         if self.inpainter is None:
             self._build(x, device)
         losses = self.inpainter.train_step(x, grad_sync=_all_reduce_grads)
@@ -147,7 +159,7 @@ class InpainterCallback(ExplanationCallback):
         x = probe.x.float()
         if self._eval_keep is None or self._eval_keep.shape[0] != x.shape[0]:
             gen = torch.Generator().manual_seed(self.seed)
-            self._eval_keep = self.mask_sampler(x.shape[0], x.shape[2], x.shape[3], gen)
+            self._eval_keep = self.inpainter.masks(x.shape[0], x.shape[2:], gen)
         keep = self._eval_keep.to(x.device)
         hole = (1 - keep).expand_as(x)
         vr = self.options["value_range"]
@@ -173,7 +185,11 @@ class InpainterCallback(ExplanationCallback):
             return
         n = min(self.n_images, x.shape[0])
         names = [f.name for f in fills[:2]]
-        images = [self._example(x[i], keep[i], [filled[k][i] for k in names]) for i in range(n)]
+        if x.dim() == 3:
+            axes = self.signal_axes(trainer)
+            images = [render.signal_fills(x[i], keep[i], {k: filled[k][i] for k in names}, **axes) for i in range(n)]
+        else:
+            images = [self._example(x[i], keep[i], [filled[k][i] for k in names]) for i in range(n)]
         captions = [f"#{probe.indices[i].item()} input | mask | {' | '.join(names)}" for i in range(n)]
         sinks.log_images(trainer, "inpainter/examples", images, captions)
         if self.save_generator:

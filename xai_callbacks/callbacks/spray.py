@@ -52,7 +52,11 @@ class SpRAyCallback(ExplanationCallback):
       ``spray/suspicious_share`` (share of analysed samples in flagged clusters), logged on every
       rank so callbacks can monitor them;
 
-    and writes the epoch's ViRelAy databases to ``<run dir>/spray/epoch_NNNN/``. A class with
+    and writes the epoch's ViRelAy databases to ``<run dir>/spray/epoch_NNNN/``. Signals (B, C, L),
+    such as spectra, are analysed as one-row images (B, C, 1, L): clustering, the shape suspicion
+    and the evidence windows work along L (a window of ``area`` spans ``sqrt(area)`` of the length,
+    so ``evidence_options={"area": 1 / 256}`` is a window of 1/16 of a spectrum), the model sees
+    the signals as they are, and prototypes, members and evidence are drawn as signal plots. A class with
     too few usable heatmaps (NaN, constant, or not more than ``k``) is skipped with a warning
     counted in ``xai/errors``. The latest results stay in :attr:`results` and
     :attr:`strategy_ids`.
@@ -117,6 +121,7 @@ class SpRAyCallback(ExplanationCallback):
         self.evidence, self.infiller, self.evidence_options = bool(evidence), infiller, ev_options
         self.max_others = max_others
         self.sample_indices: list[int] | None = None
+        self._signals = False
         self.trackers: dict[int, StrategyTracker] = {}
         self.results: dict[int, SpRAyResult] = {}
         self.strategy_ids: dict[int, list[int]] = {}
@@ -159,6 +164,9 @@ class SpRAyCallback(ExplanationCallback):
         self.progress.update(status=f"explaining {len(self.sample_indices)} samples ({self.method})")
         # each DDP rank explains its share; everything is gathered on every rank
         data = shard_map(trainer, explain_share, torch.tensor(self.sample_indices, device=dev))
+        self._signals = data["x"].dim() == 3
+        if self._signals:  # one-row images (N, C, 1, L) for the 2-D analysis
+            data = {k: v[:, :, None] if k in ("x", "heatmaps") or k.startswith("mask:") else v for k, v in data.items()}
         return {k: v.cpu() for k, v in data.items()}
 
     # -- one epoch -------------------------------------------------------------------------------
@@ -248,7 +256,8 @@ class SpRAyCallback(ExplanationCallback):
         rng = np.random.default_rng(self.seed + c)
         others = np.sort(rng.choice(others, min(self.max_others, len(others)), replace=False))
         batch = self.batch_size or 256
-        ev = strategy_evidence(trainer.lightning_module, data["x"][rows], data["heatmaps"][rows], result.labels, c,
+        model = _OneRow(trainer.lightning_module) if self._signals else trainer.lightning_module
+        ev = strategy_evidence(model, data["x"][rows], data["heatmaps"][rows], result.labels, c,
                                data["x"][others], infiller=self.infiller, batch_size=batch,
                                **{"seed": self.seed, **self.evidence_options})
         result.confirm(ev)
@@ -279,6 +288,13 @@ class SpRAyCallback(ExplanationCallback):
         scale = max(1, 96 // heat.shape[-1])
         protos = [render.prototype_picture(p, ids[j], int(r.cluster_sizes[j]), float(r.factors["share"][j]),
                                            bool(r.flagged[j])) for j, p in enumerate(r.prototypes)]
+        axes = self.signal_axes(trainer) if self._signals else {}
+        if self._signals:  # prototypes over the class's mean input, as signal plots
+            mean_x = x.mean(0)[:, 0]
+            protos = [render.signal_panel(mean_x, p[:, 0] if p.ndim == 3 else p, title=f"strategy {ids[j]}: "
+                                          f"{r.cluster_sizes[j]} samples ({r.factors['share'][j]:.0%})"
+                                          f"{'  FLAGGED' if r.flagged[j] else ''} (mean input, prototype relevance)",
+                                          **axes) for j, p in enumerate(r.prototypes)]
         captions = [f"strategy {ids[j]}: {r.cluster_sizes[j]} samples ({r.factors['share'][j]:.0%}), suspicion "
                     f"{r.cluster_suspicion[j]:.2f}" + (f", transfer {ev.transfer_rate[j]:.2f}, drop {ev.score_drop[j]:.2f}"
                                                         if ev is not None and ev.checked[j] else "")
@@ -287,9 +303,12 @@ class SpRAyCallback(ExplanationCallback):
         if ev is not None and ev.checked.any():
             # per checked strategy: a member, the member with its region removed, an other-class sample, pasted
             shown = [j for j in range(r.n_clusters) if ev.examples[j] is not None]
-            sinks.log_images(trainer, f"{key}/evidence",
-                             [np.concatenate([_upscale(render.input_rgb(im), scale) for im in ev.examples[j]], axis=1)
-                              for j in shown],
+            if self._signals:
+                pictures = [render.tile_row_signals(ev.examples[j][:, :, 0], **axes) for j in shown]
+            else:
+                pictures = [np.concatenate([_upscale(render.input_rgb(im), scale) for im in ev.examples[j]], axis=1)
+                            for j in shown]
+            sinks.log_images(trainer, f"{key}/evidence", pictures,
                              [f"strategy {ids[j]}: member | region removed (score drop {ev.score_drop[j]:.2f}) | "
                               f"other class | region pasted (transfer {ev.transfer_rate[j]:.2f})"
                               f"{' FLAGGED' if r.flagged[j] else ''}" for j in shown])
@@ -300,7 +319,11 @@ class SpRAyCallback(ExplanationCallback):
         table = []
         for j in range(r.n_clusters):
             members = r.typical[j]
-            strip = np.concatenate([_upscale(render.overlay(x[i], heat[i]), scale) for i in members], axis=1)
+            if self._signals:
+                strip = render.signal_panel(x[members[0], :, 0], heat[members[0], :, 0], title=f"#{idx[members[0]]}",
+                                            **axes) if len(members) else np.full((8, 8, 3), 255, np.uint8)
+            else:
+                strip = np.concatenate([_upscale(render.overlay(x[i], heat[i]), scale) for i in members], axis=1)
             table.append([ids[j], int(r.cluster_sizes[j]), float(r.factors["share"][j]),
                           float(r.cluster_suspicion[j]), bool(r.flagged[j]), float(r.factors["novelty"][j]),
                           float(r.factors["compactness"][j])] + [float(getattr(ev, c)[j]) for c in evidence_columns]
@@ -325,6 +348,17 @@ class SpRAyCallback(ExplanationCallback):
         for c, s in state_dict.get("trackers", {}).items():
             self.trackers[int(c)] = StrategyTracker(self.min_similarity)
             self.trackers[int(c)].load_state_dict(s)
+
+
+class _OneRow(torch.nn.Module):
+    """The model on one-row images (N, C, 1, L): it is called with the signals (N, C, L)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x[:, :, 0])
 
 
 def _upscale(img: np.ndarray, scale: int) -> np.ndarray:
