@@ -5,8 +5,8 @@ is an additive synthesiser with its own harmonic profile, envelope, inharmonicit
 pitch range and phase law (:data:`INSTRUMENTS`). Two pairs of classes are built to be told apart
 by one half of the representation only:
 
-* ``clarinet`` and ``reed`` differ only in **magnitude** (odd harmonics only vs all harmonics;
-  the same pitch range, envelope, noise and phases);
+* ``brass`` and ``reed`` differ only in **magnitude** (a bright vs a dark spectral tilt over the
+  same partials; the same pitch range, envelope, noise and phases);
 * ``organ`` and ``organ_alt`` differ only in **phase** (the even partials of ``organ_alt`` start a
   quarter period later; the same magnitudes).
 
@@ -71,18 +71,18 @@ class Instrument:
     inharmonicity: float = 0.0
     attack: float = 0.02
     decay: float = math.inf
-    noise: float = 0.02
+    noise: float = 0.005
     even_phase: float = 0.0
 
 
 INSTRUMENTS: tuple[Instrument, ...] = (
-    Instrument("bass", pitch=(28, 45), rolloff=1.2, n_partials=12, attack=0.005, decay=0.15, noise=0.01),
+    Instrument("bass", pitch=(28, 45), rolloff=1.2, n_partials=12, attack=0.005, decay=0.15, noise=0.003),
     Instrument("guitar", pitch=(40, 64), rolloff=1.5, n_partials=14, inharmonicity=4e-4, attack=0.002,
-               decay=0.08, noise=0.02),
-    Instrument("clarinet", pitch=(50, 70), rolloff=1.0, odd_only=True, n_partials=15, noise=0.03),
-    Instrument("reed", pitch=(50, 70), rolloff=1.0, n_partials=15, noise=0.03),
-    Instrument("organ", pitch=(48, 68), rolloff=0.6, n_partials=10, noise=0.01),
-    Instrument("organ_alt", pitch=(48, 68), rolloff=0.6, n_partials=10, noise=0.01, even_phase=math.pi / 2),
+               decay=0.08, noise=0.005),
+    Instrument("brass", pitch=(50, 70), rolloff=0.6, n_partials=15, noise=0.005),
+    Instrument("reed", pitch=(50, 70), rolloff=1.6, n_partials=15, noise=0.005),
+    Instrument("organ", pitch=(48, 68), rolloff=0.6, n_partials=10, noise=0.003),
+    Instrument("organ_alt", pitch=(48, 68), rolloff=0.6, n_partials=10, noise=0.003, even_phase=math.pi / 2),
 )
 
 
