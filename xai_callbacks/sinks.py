@@ -79,30 +79,34 @@ def log_images(trainer, key: str, images: Sequence[np.ndarray], captions: Sequen
 
 
 def log_audio(trainer, key: str, waves: Sequence[np.ndarray], sample_rate: int,
-              captions: Sequence[str] | None = None) -> None:
-    """Sounds (1-D float arrays in [-1, 1]) under ``key``: ``wandb.Audio`` in W&B, else WAV files
-    under ``<run dir>/media/<key>/``."""
+              captions: Sequence[str] | None = None) -> list[Path]:
+    """Sounds (1-D float arrays in [-1, 1]) under ``key``: written as 16-bit WAV files to
+    ``<run dir>/media/<key>/epochNNNN_III.wav`` and, with a W&B logger, logged as ``wandb.Audio``
+    of those files (so no audio package is needed). Returns the files written (rank 0; [] elsewhere)."""
     if not trainer.is_global_zero or not waves:
-        return
-    captions = list(captions) if captions else [None] * len(waves)
-    wandbs = wandb_loggers(trainer)
-    if wandbs:
-        import wandb
-
-        for lg in wandbs:
-            lg.log_metrics({key: [wandb.Audio(w, sample_rate=sample_rate, caption=c) for w, c in zip(waves, captions)]},
-                           step=trainer.global_step)
-        return
+        return []
     import wave
 
     folder = run_dir(trainer) / "media" / _safe(key)
     folder.mkdir(parents=True, exist_ok=True)
+    paths = []
     for i, w in enumerate(waves):
-        with wave.open(str(folder / f"epoch{trainer.current_epoch:04d}_{i:03d}.wav"), "wb") as f:
+        path = folder / f"epoch{trainer.current_epoch:04d}_{i:03d}.wav"
+        with wave.open(str(path), "wb") as f:
             f.setnchannels(1)
             f.setsampwidth(2)
-            f.setframerate(sample_rate)
-            f.writeframes((np.clip(w, -1, 1) * 32767).astype("<i2").tobytes())
+            f.setframerate(int(sample_rate))
+            f.writeframes((np.clip(np.asarray(w, dtype=np.float64), -1, 1) * 32767).astype("<i2").tobytes())
+        paths.append(path)
+    wandbs = wandb_loggers(trainer)
+    if wandbs:
+        import wandb
+
+        captions = list(captions) if captions else [None] * len(paths)
+        for lg in wandbs:
+            lg.log_metrics({key: [wandb.Audio(str(p), caption=c) for p, c in zip(paths, captions)]},
+                           step=trainer.global_step)
+    return paths
 
 
 def log_table(trainer, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

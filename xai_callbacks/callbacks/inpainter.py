@@ -56,6 +56,8 @@ class InpainterCallback(ExplanationCallback):
 
     Args:
         every_n_steps: train on every n-th training batch.
+        steps_per_batch: inpainter updates on each such batch (fresh masks and noise each time),
+            for data sets too small for G to learn in the classifier's few epochs.
         width: base width of G and D.
         value_range: (low, high) of the inputs; G's output is squashed into it. None: unbounded.
         warmup_steps: inpainter steps of L1-only training before the adversarial terms start.
@@ -75,7 +77,7 @@ class InpainterCallback(ExplanationCallback):
         every_n_epochs, probe_size, on_error: see :class:`ExplanationCallback`.
     """
 
-    def __init__(self, every_n_steps: int = 1, width: int = 16, value_range: tuple[float, float] | None = None,
+    def __init__(self, every_n_steps: int = 1, steps_per_batch: int = 1, width: int = 16, value_range: tuple[float, float] | None = None,
                  warmup_steps: int = 200, lr_g: float = 2e-3, lr_d: float = 2e-3, hole_weight: float = 1.0,
                  valid_weight: float = 0.2, adv_weight: float = 0.01, mask_sampler: MaskSampler | Mapping | None = None,
                  baselines: Sequence[str | Infiller] = ("constant", "blur", "noise"), n_images: int = 8,
@@ -85,7 +87,9 @@ class InpainterCallback(ExplanationCallback):
                          on_error=on_error)
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
-        self.every_n_steps = every_n_steps
+        if not isinstance(steps_per_batch, int) or steps_per_batch < 1:
+            raise ValueError(f"steps_per_batch must be an int >= 1, got {steps_per_batch!r}")
+        self.every_n_steps, self.steps_per_batch = every_n_steps, steps_per_batch
         self.options = dict(width=width, value_range=value_range, warmup_steps=warmup_steps, lr_g=lr_g, lr_d=lr_d,
                             hole_weight=hole_weight, valid_weight=valid_weight, adv_weight=adv_weight, seed=seed,
                             per_channel=per_channel, channel_drop=channel_drop)
@@ -139,9 +143,10 @@ class InpainterCallback(ExplanationCallback):
                              f"shape {tuple(x.shape)}")
         if self.inpainter is None:
             self._build(x, device)
-        losses = self.inpainter.train_step(x, grad_sync=_all_reduce_grads)
-        for k, v in losses.items():
-            self._losses.setdefault(k, []).append(v)
+        for _ in range(self.steps_per_batch):
+            losses = self.inpainter.train_step(x, grad_sync=_all_reduce_grads)
+            for k, v in losses.items():
+                self._losses.setdefault(k, []).append(v)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.batches += 1
