@@ -168,3 +168,36 @@ def test_signal_pictures_and_the_explanation_kept_part(notes):
     heat[:, 1, 2] = 3.0
     kept = explanation_kept(heat, 0.2)
     assert kept.shape == (3, 1, 10) and kept[:, 0].nonzero()[:, 1].unique().tolist() == [2, 7]
+
+
+# -- the callbacks on spectra ------------------------------------------------------------------------
+
+def test_callbacks_run_on_spectra_and_write_plots_sounds_and_the_class_table(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from conftest import make_trainer
+    from xai_callbacks.callbacks import (AttributionCallback, ClassImportanceCallback, InpainterCallback,
+                                         SpRAyCallback)
+    from xai_callbacks.models import Classifier, SpectrumCNN
+
+    torch.manual_seed(0)
+    dm = NoteSpectraDataModule(batch_size=16, n_per_class=12, n_bins=32, seed=0)
+    inpainter = InpainterCallback(width=4, warmup_steps=1, per_channel=True, channel_drop=0.5, baselines=["blur"],
+                                  n_images=1, on_error="raise")
+    attribution = AttributionCallback(methods=["saliency", "rde"], method_options={"rde": dict(
+        variant="concrete", components="elements", steps=3)}, probe_size=6, n_images=1, n_audio=1, on_error="raise")
+    spray = SpRAyCallback(method="saliency", max_per_class=4, classes=[2, 3], n_typical=1, save_virelay=False,
+                          spray_options={"k": 2, "n_eigval": 3, "visualisation": None},
+                          evidence_options={"area": 1 / 64, "min_members": 1}, on_error="raise")
+    table = ClassImportanceCallback(max_per_class=3, steps=3, on_error="raise")
+    trainer = make_trainer(tmp_path, [inpainter, attribution, spray, table], max_epochs=1,
+                           logger=CSVLogger(str(tmp_path)))
+    trainer.fit(Classifier(SpectrumCNN(2, 6, width=4)), dm)
+    assert inpainter.inpainter.generator.config["dims"] == 1
+    assert attribution.heatmaps["rde"].shape == (6, 2, 32)
+    assert set(table.importance) == set(range(6)) and all(len(v) == 2 for v in table.importance.values())
+    assert set(spray.results) == {2, 3}
+    media = {p.parent.name for p in tmp_path.rglob("*") if p.suffix in (".png", ".wav")}
+    assert {"xai__heatmaps__rde", "xai__audio__rde", "inpainter__examples", "spray__3__prototypes"} <= media
+    logged = (next(tmp_path.rglob("metrics.csv"))).read_text().splitlines()[0]
+    assert "rde/organ_alt/magnitude" in logged and "inpainter/l1/gan" in logged
