@@ -141,8 +141,8 @@ class NotesDataConfig:
     n_per_class: int = 120
     shortcut: Optional[str] = "hum"
     shortcut_class: Optional[int] = 3
-    shortcut_fraction: float = 0.3
-    shortcut_level: float = 0.7
+    shortcut_fraction: float = 0.4
+    shortcut_level: float = 1.0
     n_bins: int = 128
     val_fraction: float = 0.3
     seed: int = 0
