@@ -180,7 +180,7 @@ class NoteSpectra(ShortcutDigits):
     ``sample_rate`` and :meth:`to_audio`.
     """
 
-    channel_names = ("magnitude", "phase / pi")
+    channel_names = ("magnitude", "phase")   # the phase channel holds the phase / pi
 
     def __init__(self, x, y, object_mask, artifact_mask, class_names, transform: LogSpectrum,
                  shortcut: str | None, shortcut_class: int | None):
