@@ -201,3 +201,21 @@ def test_callbacks_run_on_spectra_and_write_plots_sounds_and_the_class_table(tmp
     assert {"xai__heatmaps__rde", "xai__audio__rde", "inpainter__examples", "spray__3__prototypes"} <= media
     logged = (next(tmp_path.rglob("metrics.csv"))).read_text().splitlines()[0]
     assert "rde/organ_alt/magnitude" in logged and "inpainter/l1/gan" in logged
+
+
+def test_audio_config_loads_as_the_notes_task_and_names_bad_values():
+    from pathlib import Path
+
+    from xai_callbacks.config import ConfigError, build, load_config
+
+    path = Path(__file__).parents[1] / "configs" / "audio.yaml"
+    cfg = load_config(path, ["data.shortcut=null", "logger.kind=none"])
+    assert cfg.task == "notes" and cfg.data.shortcut is None and "class_importance" in cfg.callbacks
+    trainer, module, datamodule = build(cfg)
+    assert type(module.model).__name__ == "SpectrumCNN" and type(datamodule).__name__ == "NoteSpectraDataModule"
+    with pytest.raises(ConfigError, match="data.shortcut='buzz' is not valid"):
+        load_config(path, ["data.shortcut=buzz"])
+    with pytest.raises(ConfigError, match="task='sound' is not valid"):
+        load_config(path, ["task=sound"])
+    with pytest.raises(ConfigError, match="artifact_kind"):      # a digits key is not a notes key
+        load_config(path, ["data.artifact_kind=checker"])
