@@ -219,3 +219,18 @@ def test_audio_config_loads_as_the_notes_task_and_names_bad_values():
         load_config(path, ["task=sound"])
     with pytest.raises(ConfigError, match="artifact_kind"):      # a digits key is not a notes key
         load_config(path, ["data.artifact_kind=checker"])
+
+
+def test_sounds_reach_wandb_as_players_and_files(tmp_path, wandb_logger):
+    from conftest import make_trainer
+    from xai_callbacks import sinks
+
+    trainer = make_trainer(tmp_path, logger=wandb_logger)
+    wave = np.sin(np.linspace(0, 200, 800)).astype(np.float32)
+    paths = sinks.log_audio(trainer, "xai/audio/test", [wave, 0.5 * wave], 8000, ["a", "b"])
+    assert [p.name for p in paths] == ["epoch0000_000.wav", "epoch0000_001.wav"]
+    import wave as wav
+
+    with wav.open(str(paths[0])) as f:
+        assert f.getframerate() == 8000 and f.getnframes() == 800
+    assert "data:audio/wav;base64," in sinks._audio_html(paths, ["a", "b"])

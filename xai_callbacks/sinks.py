@@ -82,7 +82,8 @@ def log_audio(trainer, key: str, waves: Sequence[np.ndarray], sample_rate: int,
               captions: Sequence[str] | None = None) -> list[Path]:
     """Sounds (1-D float arrays in [-1, 1]) under ``key``: written as 16-bit WAV files to
     ``<run dir>/media/<key>/epochNNNN_III.wav`` and, with a W&B logger, logged as ``wandb.Audio``
-    of those files (so no audio package is needed). Returns the files written (rank 0; [] elsewhere)."""
+    of those files (which needs the ``soundfile`` package), or without it as a ``wandb.Html`` page
+    of audio players. Returns the files written (rank 0; [] elsewhere)."""
     if not trainer.is_global_zero or not waves:
         return []
     import wave
@@ -100,13 +101,28 @@ def log_audio(trainer, key: str, waves: Sequence[np.ndarray], sample_rate: int,
         paths.append(path)
     wandbs = wandb_loggers(trainer)
     if wandbs:
+        import importlib.util
+
         import wandb
 
-        captions = list(captions) if captions else [None] * len(paths)
+        captions = list(captions) if captions else [""] * len(paths)
+        if importlib.util.find_spec("soundfile") is not None:   # wandb.Audio needs it
+            value = [wandb.Audio(str(p), caption=c) for p, c in zip(paths, captions)]
+        else:  # the same sounds as HTML audio players
+            value = wandb.Html(_audio_html(paths, captions))
         for lg in wandbs:
-            lg.log_metrics({key: [wandb.Audio(str(p), caption=c) for p, c in zip(paths, captions)]},
-                           step=trainer.global_step)
+            lg.log_metrics({key: value}, step=trainer.global_step)
     return paths
+
+
+def _audio_html(paths: Sequence[Path], captions: Sequence[str]) -> str:
+    """One HTML page with a player per WAV file (embedded as base64), each under its caption."""
+    import base64
+    import html
+
+    items = [f"<p>{html.escape(str(c or p.name))}<br><audio controls src=\"data:audio/wav;base64,"
+             f"{base64.b64encode(p.read_bytes()).decode()}\"></audio></p>" for p, c in zip(paths, captions)]
+    return "<div>" + "".join(items) + "</div>"
 
 
 def log_table(trainer, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
