@@ -176,8 +176,8 @@ def test_callbacks_run_on_spectra_and_write_plots_sounds_and_the_class_table(tmp
     from lightning.pytorch.loggers import CSVLogger
 
     from conftest import make_trainer
-    from xai_callbacks.callbacks import (AttributionCallback, ClassImportanceCallback, InpainterCallback,
-                                         SpRAyCallback)
+    from xai_callbacks.callbacks import (AttributionCallback, ClassImportanceCallback, ExplanationMetricsCallback,
+                                         InpainterCallback, SpRAyCallback)
     from xai_callbacks.models import Classifier, SpectrumCNN
 
     torch.manual_seed(0)
@@ -190,7 +190,10 @@ def test_callbacks_run_on_spectra_and_write_plots_sounds_and_the_class_table(tmp
                           spray_options={"k": 2, "n_eigval": 3, "visualisation": None},
                           evidence_options={"area": 1 / 64, "min_members": 1}, on_error="raise")
     table = ClassImportanceCallback(max_per_class=3, steps=3, on_error="raise")
-    trainer = make_trainer(tmp_path, [inpainter, attribution, spray, table], max_epochs=1,
+    metrics = ExplanationMetricsCallback(methods=["saliency"], metrics=[{"name": "pixel_flipping", "n_steps": 8},
+                                                                        "sparseness", "relevance_mass"],
+                                         probe_size=6, on_error="raise")
+    trainer = make_trainer(tmp_path, [inpainter, attribution, spray, table, metrics], max_epochs=1,
                            logger=CSVLogger(str(tmp_path)))
     trainer.fit(Classifier(SpectrumCNN(2, 6, width=4)), dm)
     assert inpainter.inpainter.generator.config["dims"] == 1
@@ -201,6 +204,7 @@ def test_callbacks_run_on_spectra_and_write_plots_sounds_and_the_class_table(tmp
     assert {"xai__heatmaps__rde", "xai__audio__rde", "inpainter__examples", "spray__3__prototypes"} <= media
     logged = (next(tmp_path.rglob("metrics.csv"))).read_text().splitlines()[0]
     assert "rde/organ_alt/magnitude" in logged and "inpainter/l1/gan" in logged
+    assert any(k.startswith("xai_metrics/") or "sparseness" in k for k in logged.split(","))
 
 
 def test_audio_config_loads_as_the_notes_task_and_names_bad_values():
