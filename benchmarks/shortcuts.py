@@ -200,6 +200,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cost", action="store_true", help="also time the SpRAy epoch without the causal check")
+    ap.add_argument("--cache", default=None, help="folder for trained weights: reruns load them instead of training")
     ap.add_argument("--verbose", action="store_true", help="print the shortcut class's clusters")
     args = ap.parse_args(argv)
     for name in ("lightning.pytorch", "xai_callbacks"):
@@ -216,7 +217,16 @@ def main(argv=None) -> int:
         for arch in args.archs:
             start = time.perf_counter()
             model = build(arch, train_set.x.shape[1], int(train_set.targets.max()) + 1, args.seed)
-            train(model, train_set, args.epochs, args.lr, args.seed)
+            cached = args.cache and os.path.join(args.cache, f"{name}-{arch}-p{prev}-a{args.ambiguity}-n{args.n_per_class}"
+                                                             f"-e{args.epochs}-lr{args.lr}-s{args.seed}.pt")
+            if cached and os.path.exists(cached):
+                model.load_state_dict(torch.load(cached))
+                model.eval()
+            else:
+                train(model, train_set, args.epochs, args.lr, args.seed)
+                if cached:
+                    os.makedirs(args.cache, exist_ok=True)
+                    torch.save(model.state_dict(), cached)
             acc = float((predict(model, val.x) == val.targets).float().mean())
             shortcut = prev > 0
             paste, removal = intervention(model, val) if shortcut else (np.nan, np.nan)

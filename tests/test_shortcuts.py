@@ -15,7 +15,7 @@ from xai_callbacks.callbacks.spray import SpRAyCallback
 from xai_callbacks.cli import main
 from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, plant_shortcut
 from xai_callbacks.models import Classifier, DemoCNN
-from xai_callbacks.spray.evidence import relevance_regions, strategy_evidence
+from xai_callbacks.spray.evidence import relevance_regions, sample_evidence
 
 OPTIONS = dict(kind="stamp", n_per_class=200, ambiguity=0.4, seed=0)
 
@@ -113,16 +113,22 @@ class _Detector(torch.nn.Module):
 
 def test_evidence_on_an_analytic_shortcut_model():
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(20, 1, 16, 16, generator=gen) * 0.4
-    x[:10, :, :4, :4] = 1.0                       # cluster 0: the corner; cluster 1: none
-    heat = torch.rand(20, 1, 16, 16, generator=gen) * 0.1
-    heat[:10, :, :4, :4] += 1.0
-    labels = np.array([0] * 10 + [1] * 10)
-    others = torch.rand(12, 1, 16, 16, generator=gen) * 0.4
-    ev = strategy_evidence(_Detector(), x, heat, labels, 1, others, infiller="constant", area=1 / 16, pastes=3)
-    assert ev.transfer_rate[0] == 1.0 and ev.transfer_rate[1] == 0.0
-    assert ev.score_drop[0] > 0.9 and ev.flagged.tolist() == [True, False]
-    assert ev.forward_passes == 2 * 20 + 12 + 20 * 3
-    assert ev.sample_suspicion[:10].min() > ev.sample_suspicion[10:].max()
-    with pytest.raises(ValueError, match="others must be"):
-        strategy_evidence(_Detector(), x, heat, labels, 1, others[:, :, :8])
+    x = torch.rand(40, 1, 16, 16, generator=gen) * 0.4
+    classes = np.array([1] * 20 + [0] * 20)
+    x[:8, :, :4, :4] = 1.0                        # 8 samples of class 1 carry the corner the detector uses
+    heat = torch.rand(40, 1, 16, 16, generator=gen) * 0.1
+    heat[:8, :, :4, :4] += 1.0                    # ... and their relevance sits on it
+    heat[8:20, :, 6:10, 6:10] += 1.0              # the rest of class 1 looks at the middle
+    heat[20:, :, 12:, 12:] += 1.0                 # class 0 at the bottom right
+    ev = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16, pastes=3)
+    shortcut = np.arange(40) < 8
+    assert ev.confirmed.tolist() == shortcut.tolist()
+    assert ev.regions[:8, :4, :4].all() and ev.regions[:8].sum() == 8 * 16
+    assert (ev.rise[:8] > 0.9).all() and (ev.flip_rate[:8] == 1).all() and (ev.drop[:8] > 0.9).all()
+    assert np.abs(ev.rise[8:]).max() < 0.05 and ev.z[:8].min() > ev.z[8:].max()
+    assert ev.forward_passes == 2 * 40 + 2 * 20 + 40 * 3  # as is, removed; each class's pool; pastes
+    assert set(ev.partners[:8].ravel()) <= set(range(20, 40)), "pasted into other classes only"
+    with pytest.raises(ValueError, match="at least two classes"):
+        sample_evidence(_Detector(), x[:20], heat[:20], classes[:20])
+    with pytest.raises(ValueError, match="one heatmap and one class per sample"):
+        sample_evidence(_Detector(), x, heat[:10], classes)

@@ -219,22 +219,27 @@ def test_rgb_project_answers_200_through_virelays_server(tmp_path):
 def test_causal_evidence_is_kept_in_the_analysis_file(tmp_path):
     import h5py
 
-    from xai_callbacks.spray.evidence import StrategyEvidence
+    from xai_callbacks.infill import get_infiller
+    from xai_callbacks.spray.evidence import SampleEvidence
 
     rng = np.random.default_rng(2)
     heat = blobs(2, 8, rng)
     r = spray(heat, k=5, visualisation=None, max_clusters=3)
-    k, n = r.n_clusters, len(heat)
-    evidence = StrategyEvidence(checked=np.ones(k, bool), n_checked=np.full(k, 4), region_size=np.full(k, 0.1),
-                                score_drop=np.linspace(0, 0.5, k), transfer_rate=np.linspace(0, 0.8, k),
-                                score_rise=np.zeros(k), flagged=np.arange(k) == k - 1,
-                                sample_suspicion=rng.random(n), regions=torch.zeros(n, SIZE, SIZE, dtype=torch.bool),
-                                examples=[None] * k, forward_passes=10)
-    r.confirm(evidence)
+    n = len(heat)
+    confirmed = np.arange(n) < 4
+    z = np.where(confirmed, 9.0, rng.random(n))
+    evidence = SampleEvidence(classes=np.zeros(n, int), rise=z / 20, flip_rate=z / 10, drop=z / 30, z=z,
+                              confirmed=confirmed, regions=torch.zeros(n, SIZE, SIZE, dtype=torch.bool),
+                              partners=np.zeros((n, 2), int), forward_passes=10, infiller=get_infiller("blur"),
+                              params=dict(min_members=3, max_share=0.5, min_strategy_z=2.0))
+    r = r.confirm(evidence, np.arange(n), heat)
+    flagged = int(np.flatnonzero(r.flagged)[0])
+    assert r.flagged.sum() == 1 and (r.labels[:4] == flagged).all() and (r.labels[4:] != flagged).all()
     paths = write_virelay(tmp_path / "ev", heat, np.zeros(n, int), {0: (np.arange(n), r)}, inputs=heat,
                           predictions=np.zeros((n, 2)))
     with h5py.File(paths["analysis"]) as f:
         e = f["00000000/spray/evidence"]
-        np.testing.assert_allclose(e["transfer_rate"][:], evidence.transfer_rate)
-        assert list(e["flagged"][:]) == list(evidence.flagged) and e["region"].shape == (n, SIZE, SIZE)
+        np.testing.assert_allclose(e["transfer_rate"][:], r.evidence.transfer_rate)
+        assert e["transfer_rate"][flagged] == pytest.approx(0.9)
+        assert list(e["flagged"][:]) == list(r.flagged) and e["region"].shape == (n, SIZE, SIZE)
         assert list(f["00000000/cluster/flagged"][:]) == list(np.isin(r.labels, np.flatnonzero(r.flagged)))

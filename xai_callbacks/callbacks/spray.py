@@ -13,7 +13,7 @@ from ..attribution import check_methods, explain, method_options
 from ..data import unpack_batch
 from ..guard import model_guard
 from ..spray import SpRAyResult, StrategyTracker, check_heatmaps, spray, write_virelay
-from ..spray.evidence import strategy_evidence
+from ..spray.evidence import SampleEvidence, sample_evidence
 from .base import ExplanationCallback, Probe, select_per_class, shard_map, val_dataloader
 
 __all__ = ["SpRAyCallback", "select_per_class"]
@@ -39,14 +39,14 @@ class SpRAyCallback(ExplanationCallback):
     * ``spray/<class>/clusters``: a table (strategy, size, share, suspicion, flagged, novelty,
       compactness, object / artifact share with masks, prototype, typical members);
     * ``spray/<class>/strategy_share``: each strategy's share of the class over epochs;
-    * ``spray/<class>/evidence`` (with ``evidence=True``): per checked strategy a member, the member
-      with its region removed, an other-class sample, and that sample with the region pasted;
-      the clusters table gains ``region_size``, ``score_drop``, ``transfer_rate``, ``score_rise``
-      and the embedding table each sample's ``evidence``;
+    * ``spray/<class>/evidence`` (with ``evidence=True``): per strategy its most confirmed member,
+      the member with its region removed, an other-class sample, and that sample with the region
+      pasted; the clusters table gains ``region_size``, ``score_drop``, ``transfer_rate``,
+      ``score_rise``, ``z`` and the embedding table each sample's ``evidence`` score;
     * scalars ``spray/<class>/n_clusters``, ``spray/<class>/n_flagged`` (flagged strategies: what the
       default gate rule checks), ``spray/<class>/max_suspicion`` (heatmap shape alone),
-      ``spray/<class>/suspicious_strategy`` (id of the strategy with the highest transfer rate, or
-      the highest suspicion without evidence), with evidence that strategy's
+      ``spray/<class>/suspicious_strategy`` (id of the flagged strategy, else of the one with the
+      highest evidence score, or the highest suspicion without evidence), with evidence that strategy's
       ``spray/<class>/transfer_rate``, ``score_drop``, ``region_size`` and the class's
       ``spray/<class>/forward_passes`` (cost of the check), and
       ``spray/suspicious_share`` (share of analysed samples in flagged clusters), logged on every
@@ -54,9 +54,8 @@ class SpRAyCallback(ExplanationCallback):
 
     and writes the epoch's ViRelAy databases to ``<run dir>/spray/epoch_NNNN/``. Signals (B, C, L),
     such as spectra, are analysed as one-row images (B, C, 1, L): clustering, the shape suspicion
-    and the evidence windows work along L (a window of ``area`` spans ``sqrt(area)`` of the length,
-    so ``evidence_options={"area": 1 / 256}`` is a window of 1/16 of a spectrum), the model sees
-    the signals as they are, and prototypes, members and evidence are drawn as signal plots. A class with
+    and the evidence regions work along L, the model sees the signals as they are, and
+    prototypes, members and evidence are drawn as signal plots. A class with
     too few usable heatmaps (NaN, constant, or not more than ``k``) is skipped with a warning
     counted in ``xai/errors``. The latest results stay in :attr:`results` and
     :attr:`strategy_ids`.
@@ -74,14 +73,16 @@ class SpRAyCallback(ExplanationCallback):
         min_similarity: prototype similarity needed to continue a strategy's id.
         batch_size: samples per explainer call (None: a rank's whole share at once).
         save_virelay: write the ViRelAy databases each time.
-        evidence: confirm strategies causally (:func:`~xai_callbacks.spray.evidence.strategy_evidence`):
-            remove each strategy's region from its members, paste it into other classes' analysed
-            samples; the evidence decides which strategies are flagged. False: the heatmap-shape
-            suspicion decides (no model calls after the explanations).
+        evidence: confirm shortcuts causally (:func:`~xai_callbacks.spray.evidence.sample_evidence`):
+            paste each analysed sample's region (where its relevance exceeds its class's median)
+            into other classes' analysed samples and remove it; the samples whose region carries
+            their class far better than their class's typical region does form the class's
+            flagged strategy. False: the heatmap-shape suspicion decides (no model calls after
+            the explanations).
         infiller: how the evidence removes a region: ``"blur"`` (default), any
             :mod:`xai_callbacks.infill` name, or an infiller instance such as the trained GAN.
-        evidence_options: keyword arguments of ``strategy_evidence`` (``area``, ``pastes``,
-            ``max_members``, ``min_transfer``, ``min_drop``, ...).
+        evidence_options: keyword arguments of ``sample_evidence`` (``area``, ``pastes``,
+            ``min_z``, ``min_rise``, ``baseline``, ``floor``, ``min_members``).
         max_others: other-class samples (of the analysed ones, a seeded draw) the regions are pasted into.
         n_typical: typical members shown per strategy.
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``.
@@ -112,10 +113,11 @@ class SpRAyCallback(ExplanationCallback):
         self.max_per_class, self.spray_options, self.min_similarity = max_per_class, options, min_similarity
         self.batch_size, self.save_virelay, self.n_typical, self.seed = batch_size, save_virelay, n_typical, seed
         ev_options = dict(evidence_options or {})
-        bad = sorted(set(ev_options) - set(strategy_evidence.__kwdefaults__) | ({"infiller"} & set(ev_options)))
+        own = {"infiller", "max_others", "batch_size"}  # the callback's own arguments
+        bad = sorted(set(ev_options) - set(sample_evidence.__kwdefaults__) | (own & set(ev_options)))
         if bad:
             raise ValueError(f"unknown evidence_options {bad}; valid: "
-                             f"{sorted(set(strategy_evidence.__kwdefaults__) - {'infiller'})}")
+                             f"{sorted(set(sample_evidence.__kwdefaults__) - own)}")
         if not isinstance(max_others, int) or max_others < 1:
             raise ValueError(f"max_others must be an int >= 1, got {max_others!r}")
         self.evidence, self.infiller, self.evidence_options = bool(evidence), infiller, ev_options
@@ -201,6 +203,9 @@ class SpRAyCallback(ExplanationCallback):
         scalars, problems, results, rows_of = {}, [], {}, {}
         flagged_samples = analysed = 0
         epoch = trainer.current_epoch
+        evidence, usable = self._evidence(trainer, data, labels, ok & np.isin(labels, classes))
+        position = np.full(len(labels), -1)
+        position[usable] = np.arange(len(usable))
         for i, c in enumerate(classes):
             name = self.name_of(c)
             self.progress.update(advance=int(i > 0), status=f"SpRAy class {name}", total=len(classes) if i == 0 else None)
@@ -214,12 +219,9 @@ class SpRAyCallback(ExplanationCallback):
                 continue
             result = spray(data["heatmaps"][rows], masks={m: v[rows] for m, v in masks.items()} or None,
                            n_typical=self.n_typical, **options)
-            if self.evidence and (labels != c).any():
-                self._confirm(trainer, c, result, data, rows, labels)
-            elif self.evidence:  # one group only (e.g. regression): nothing to paste regions into
-                warnings.warn(f"SpRAyCallback: class {name} is the only analysed group, so no causal evidence "
-                              "(nothing to paste its regions into); the heatmap-shape suspicion alone flags "
-                              "strategies", stacklevel=2)
+            if evidence is not None:
+                result = result.confirm(evidence, position[rows], data["heatmaps"][rows],
+                                        {m: v[rows] for m, v in masks.items()} or None)
             tracker = self.trackers.setdefault(c, StrategyTracker(self.min_similarity))
             ids = tracker.update(result.signatures, result.factors["share"], epoch)
             results[c], rows_of[c], self.strategy_ids[c] = result, rows, ids
@@ -227,8 +229,8 @@ class SpRAyCallback(ExplanationCallback):
             scalars[f"spray/{name}/max_suspicion"] = result.max_suspicion
             scalars[f"spray/{name}/n_flagged"] = float(result.flagged.sum())
             ev = result.evidence
-            if ev is not None and ev.checked.any():
-                top = int(np.argmax(np.where(ev.checked, ev.transfer_rate, -1.0)))
+            if ev is not None:
+                top = int(np.argmax(np.where(ev.flagged, np.inf, ev.z)))
                 scalars.update({f"spray/{name}/transfer_rate": float(ev.transfer_rate[top]),
                                 f"spray/{name}/score_drop": float(ev.score_drop[top]),
                                 f"spray/{name}/region_size": float(ev.region_size[top]),
@@ -238,7 +240,7 @@ class SpRAyCallback(ExplanationCallback):
             scalars[f"spray/{name}/suspicious_strategy"] = float(ids[top])
             flagged_samples += int(np.isin(result.labels, np.flatnonzero(result.flagged)).sum())
             analysed += len(rows)
-            self._log_class(trainer, c, result, ids, tracker, data, rows)
+            self._log_class(trainer, c, result, ids, tracker, data, rows, evidence, position)
         self.results = results
         if analysed:
             scalars["spray/suspicious_share"] = flagged_samples / analysed
@@ -249,22 +251,26 @@ class SpRAyCallback(ExplanationCallback):
                           strategy_ids=self.strategy_ids, attribution_method=self.method, target=self.target)
         return scalars, problems
 
-    def _confirm(self, trainer, c: int, result: SpRAyResult, data: dict[str, torch.Tensor], rows: np.ndarray,
-                 labels: np.ndarray) -> None:
-        """Causal evidence for the class's strategies; it decides ``result.flagged``."""
-        others = np.flatnonzero(labels != c)
-        rng = np.random.default_rng(self.seed + c)
-        others = np.sort(rng.choice(others, min(self.max_others, len(others)), replace=False))
-        batch = self.batch_size or 256
+    def _evidence(self, trainer, data: dict[str, torch.Tensor], labels: np.ndarray, usable: np.ndarray
+                  ) -> tuple[SampleEvidence | None, np.ndarray]:
+        """Causal evidence for the usable analysed samples (None when off or with one class only)."""
+        rows = np.flatnonzero(usable)
+        if not self.evidence:
+            return None, rows
+        if len(np.unique(labels[rows])) < 2:  # one group only (e.g. regression): nothing to paste regions into
+            warnings.warn("SpRAyCallback: one analysed class only, so no causal evidence (nothing to paste its "
+                          "regions into); the heatmap-shape suspicion alone flags strategies", stacklevel=2)
+            return None, rows
+        self.progress.update(status=f"causal evidence for {len(rows)} samples")
         model = _OneRow(trainer.lightning_module) if self._signals else trainer.lightning_module
-        ev = strategy_evidence(model, data["x"][rows], data["heatmaps"][rows], result.labels, c,
-                               data["x"][others], infiller=self.infiller, batch_size=batch,
-                               **{"seed": self.seed, **self.evidence_options})
-        result.confirm(ev)
+        return sample_evidence(model, data["x"][rows], data["heatmaps"][rows], labels[rows],
+                               infiller=self.infiller, max_others=self.max_others, batch_size=self.batch_size or 256,
+                               **{"seed": self.seed, **self.evidence_options}), rows
 
     # -- logging ---------------------------------------------------------------------------------
     def _log_class(self, trainer, c: int, r: SpRAyResult, ids: list[int], tracker: StrategyTracker,
-                   data: dict[str, torch.Tensor], rows: np.ndarray) -> None:
+                   data: dict[str, torch.Tensor], rows: np.ndarray, evidence: SampleEvidence | None,
+                   position: np.ndarray) -> None:
         name = self.name_of(c)
         key = f"spray/{name}"
         x, heat, idx = data["x"][rows], data["heatmaps"][rows], data["indices"][rows].tolist()
@@ -297,23 +303,25 @@ class SpRAyCallback(ExplanationCallback):
                                           **axes) for j, p in enumerate(r.prototypes)]
         captions = [f"strategy {ids[j]}: {r.cluster_sizes[j]} samples ({r.factors['share'][j]:.0%}), suspicion "
                     f"{r.cluster_suspicion[j]:.2f}" + (f", transfer {ev.transfer_rate[j]:.2f}, drop {ev.score_drop[j]:.2f}"
-                                                        if ev is not None and ev.checked[j] else "")
+                                                        if ev is not None else "")
                     + f"{' FLAGGED' if r.flagged[j] else ''}" for j in range(r.n_clusters)]
         sinks.log_images(trainer, f"{key}/prototypes", protos, captions)
-        if ev is not None and ev.checked.any():
-            # per checked strategy: a member, the member with its region removed, an other-class sample, pasted
-            shown = [j for j in range(r.n_clusters) if ev.examples[j] is not None]
+        if ev is not None:
+            # per strategy, its most confirmed member: as it is, region removed, an other-class sample, pasted
+            shown = list(range(r.n_clusters))
+            analysed = data["x"][np.flatnonzero(position >= 0)]
+            examples = [evidence.example(int(position[rows[ev.top[j]]]), analysed) for j in shown]
             if self._signals:
-                pictures = [render.tile_row_signals(ev.examples[j][:, :, 0], **axes) for j in shown]
+                pictures = [render.tile_row_signals(ex[:, :, 0], **axes) for ex in examples]
             else:
-                pictures = [np.concatenate([_upscale(render.input_rgb(im), scale) for im in ev.examples[j]], axis=1)
-                            for j in shown]
+                pictures = [np.concatenate([_upscale(render.input_rgb(im), scale) for im in ex], axis=1)
+                            for ex in examples]
             sinks.log_images(trainer, f"{key}/evidence", pictures,
                              [f"strategy {ids[j]}: member | region removed (score drop {ev.score_drop[j]:.2f}) | "
                               f"other class | region pasted (transfer {ev.transfer_rate[j]:.2f})"
                               f"{' FLAGGED' if r.flagged[j] else ''}" for j in shown])
         masks = list(r.cluster_mask_shares)
-        evidence_columns = ["region_size", "score_drop", "transfer_rate", "score_rise"] if ev is not None else []
+        evidence_columns = ["region_size", "score_drop", "transfer_rate", "score_rise", "z"] if ev is not None else []
         columns = ["strategy", "size", "share", "suspicion", "flagged", "novelty", "compactness"] + \
             evidence_columns + [f"{m}_share" for m in masks] + ["prototype", "typical", "typical_ids"]
         table = []

@@ -82,7 +82,7 @@ class ShortcutDigits(Dataset):
 def make_shortcut_digits(size: int = 32, artifact_class: int | None = 0, artifact_fraction: float = 0.25,
                          artifact_kind: str = "checker", artifact_size: int = 5,
                          artifact_position: tuple[int, int] = (1, 1), val_fraction: float = 0.3,
-                         seed: int = 0) -> tuple[ShortcutDigits, ShortcutDigits]:
+                         ambiguity: float = 0.0, seed: int = 0) -> tuple[ShortcutDigits, ShortcutDigits]:
     """Train and validation splits (stratified, seeded) of the shortcut digits.
 
     Args:
@@ -93,7 +93,14 @@ def make_shortcut_digits(size: int = 32, artifact_class: int | None = 0, artifac
         artifact_size: side of the watermark in pixels.
         artifact_position: (row, column) of its top-left corner.
         val_fraction: share of each class held out for validation.
-        seed: seeds the split and the choice of watermarked samples.
+        ambiguity: share of the samples (of every class) that show another class's digit, in
+            [0, 1): the digit then tells the class only in part and the watermark becomes worth
+            learning, as a shortcut is in real data (0: clean digits, easy without it).
+        seed: seeds the split, the ambiguous samples and the choice of watermarked samples.
+
+    Raises:
+        ValueError: for a fraction or ambiguity out of range, an artifact that does not fit,
+            or an artifact class that is not a digit.
     """
     from sklearn.datasets import load_digits
 
@@ -101,6 +108,8 @@ def make_shortcut_digits(size: int = 32, artifact_class: int | None = 0, artifac
         raise ValueError(f"artifact_fraction must be in [0, 1], got {artifact_fraction}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if not 0 <= ambiguity < 1:
+        raise ValueError(f"ambiguity must be in [0, 1), got {ambiguity}")
     r, c = artifact_position
     if not (0 <= r <= size - artifact_size and 0 <= c <= size - artifact_size):
         raise ValueError(f"artifact at {artifact_position} of size {artifact_size} does not fit a {size}x{size} image")
@@ -110,9 +119,12 @@ def make_shortcut_digits(size: int = 32, artifact_class: int | None = 0, artifac
     y = torch.tensor(digits.target, dtype=torch.long)
     if artifact_class is not None and not 0 <= artifact_class < 10:
         raise ValueError(f"artifact_class must be a digit 0..9 or None, got {artifact_class}")
+    rng = np.random.default_rng(seed)
+    if ambiguity > 0:  # these samples show a digit of another class under their own label
+        swap = np.flatnonzero(rng.random(len(y)) < ambiguity)
+        x[swap] = x[[rng.choice(np.flatnonzero(digits.target != digits.target[i])) for i in swap]]
     object_mask = (x > 0.25).float()
     artifact_mask = torch.zeros_like(x)
-    rng = np.random.default_rng(seed)
     is_val = torch.zeros(len(y), dtype=torch.bool)
     stamp = _stamp(artifact_kind, artifact_size)
     for k in range(10):

@@ -1,6 +1,7 @@
 """``spray(heatmaps, ...) -> SpRAyResult``: the whole SpRAy pipeline for the heatmaps of one class."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,14 +29,15 @@ class SpRAyResult:
         suspicion: (N,) per-sample suspicion (see :mod:`xai_callbacks.spray.suspicion`).
         cluster_suspicion: (K,) per-cluster suspicion.
         flagged: (K,) bool, suspected Clever-Hans strategies: ``cluster_suspicion >= threshold``
-            from the heatmaps alone, joined by the causal evidence's flag after :meth:`confirm`.
+            from the heatmaps alone; after :meth:`confirm`, the strategy of the samples the causal
+            evidence confirms (and nothing else).
         factors: the per-cluster factors ``novelty``, ``compactness``, ``share``, ``excess``.
         signatures: (K, grid * grid) each cluster's mean relevance distribution (what
             :class:`~xai_callbacks.spray.tracking.StrategyTracker` matches across epochs).
         mask_shares: name -> (N,) share of positive relevance on that mask (empty without masks).
         cluster_mask_shares: name -> (K,) mean of ``mask_shares`` over each cluster's members.
         params: the parameters of the run (k, n_eigval, clustering, ...).
-        evidence: the causal evidence per cluster (:class:`~xai_callbacks.spray.evidence.StrategyEvidence`)
+        evidence: the causal evidence per strategy (:class:`~xai_callbacks.spray.evidence.StrategyEvidence`)
             once :meth:`confirm` ran; None before.
     """
 
@@ -57,20 +59,53 @@ class SpRAyResult:
     params: dict[str, Any] = field(default_factory=dict)
     evidence: Any = None
 
-    def confirm(self, evidence) -> "SpRAyResult":
-        """Attach causal evidence (:func:`~xai_callbacks.spray.evidence.strategy_evidence`) and add
-        its flags: afterwards a cluster is flagged when its region transfers (the evidence) or its
-        heatmaps' shape alone is suspicious (``cluster_suspicion >= threshold``, which catches a
-        compact spot off the object that the model attends to without relying on it much).
+    def confirm(self, evidence, rows: np.ndarray, heatmaps, masks: dict[str, Any] | None = None) -> "SpRAyResult":
+        """The class's samples that the causal evidence confirms become its flagged strategy.
+
+        Confirmed samples (:func:`~xai_callbacks.spray.evidence.sample_evidence`) leave the
+        clusters SpRAy put them in and form one flagged strategy of their own; the others keep
+        SpRAy's clusters, and one of those is flagged as a whole when its members' median
+        evidence score reaches ``min_strategy_z`` (see the evidence module). Prototypes, typical members, factors and signatures
+        are recomputed for the new labels, and ``evidence`` holds the per-strategy summary
+        (:class:`~xai_callbacks.spray.evidence.StrategyEvidence`).
+
+        Args:
+            evidence: a :class:`~xai_callbacks.spray.evidence.SampleEvidence` over the analysed samples.
+            rows: (N,) this class's samples among the evidence's samples, in this result's order.
+            heatmaps: the heatmaps this result was computed from.
+            masks: the masks this result was computed with, if any.
 
         Raises:
-            ValueError: when the evidence covers another number of clusters.
+            ValueError: when ``rows`` does not give one evidence row per sample of the result.
+
+        Example:
+            >>> result = spray(heatmaps[rows]).confirm(evidence, rows, heatmaps[rows])
+            >>> result.flagged, result.evidence.transfer_rate
         """
-        if len(evidence.flagged) != self.n_clusters:
-            raise ValueError(f"evidence covers {len(evidence.flagged)} clusters, the result has {self.n_clusters}")
-        self.evidence = evidence
-        self.flagged = np.asarray(evidence.flagged, dtype=bool) | (self.cluster_suspicion >= self.params["threshold"])
-        return self
+        from .evidence import StrategyEvidence
+
+        rows = np.asarray(rows)
+        if rows.shape != self.labels.shape:
+            raise ValueError(f"rows must give one evidence row per sample ({len(self.labels)}), got {rows.shape}")
+        confirmed = np.asarray(evidence.confirmed)[rows]
+        labels = self.labels.copy()
+        if confirmed.any():
+            labels[confirmed] = labels.max() + 1
+            labels = _relabel_by_size(labels)
+        dims = self.params["cluster_dims"]
+        summary = _summaries(heatmaps, labels, _p._unit_rows(self.spectral_embedding[:, :dims]), masks,
+                             self.params["grid"], len(self.typical[0]) if self.typical else 5)
+        p = evidence.params
+        z = np.asarray(evidence.z)[rows]
+        sizes = summary["cluster_sizes"]
+        flagged = np.array([min_members_ok and np.median(z[labels == j]) >= p["min_strategy_z"]
+                            for j, min_members_ok in enumerate((sizes >= p["min_members"])
+                                                               & (sizes <= p["max_share"] * len(labels)))], bool)
+        if confirmed.any():
+            flagged[labels[np.flatnonzero(confirmed)[0]]] = True
+        summary.update(labels=labels, flagged=flagged,
+                       evidence=StrategyEvidence.summarise(evidence, rows, labels, flagged))
+        return dataclasses.replace(self, **summary)
 
     @property
     def max_suspicion(self) -> float:
@@ -148,26 +183,34 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None,
     labels = _p.clustering(chosen, n_clusters, algorithm=clustering, seed=seed, **(clustering_options or {}))
     labels = _relabel_by_size(labels)
     embedding = _p.visualisation_embedding(vectors, kind=visualisation, seed=seed)
-    proto, typical = _p.prototypes(heatmaps, labels, chosen, n_typical=n_typical)
-    found = len(proto)
-    dist = relevance_distribution(heatmaps, grid=grid)
-    factors = cluster_suspicion(dist, labels)
-    suspicion = factors.pop("suspicion")
-    shares = mask_shares(heatmaps, masks) if masks else {}
-    signatures = np.stack([dist[labels == c].mean(0) for c in range(found)]) if found else dist[:0]
-    cluster_shares = {name: np.array([s[labels == c].mean() for c in range(found)]) for name, s in shares.items()}
     params = dict(channel_reduce=channel_reduce, absolute=absolute, size=size, normalize=normalize, k=k,
                   affinity=affinity, laplacian=laplacian, n_eigval=n_eigval, normalize_rows=normalize_rows,
                   min_clusters=min_clusters, max_clusters=max_clusters, eigengap_eps=eigengap_eps,
                   cluster_dims=dims, clustering=clustering,
                   clustering_options=dict(clustering_options or {}), visualisation=visualisation, grid=grid,
                   threshold=threshold, seed=seed)
-    return SpRAyResult(labels=labels, n_clusters=found, eigenvalues=eigenvalues, embedding=embedding,
-                       spectral_embedding=vectors.astype(np.float32), prototypes=proto, typical=typical,
-                       cluster_sizes=np.bincount(labels[labels >= 0], minlength=found),
-                       suspicion=sample_suspicion(dist), cluster_suspicion=suspicion,
-                       flagged=suspicion >= threshold, factors=factors, signatures=signatures, mask_shares=shares,
-                       cluster_mask_shares=cluster_shares, params=params)
+    summary = _summaries(heatmaps, labels, chosen, masks, grid, n_typical)
+    return SpRAyResult(labels=labels, eigenvalues=eigenvalues, embedding=embedding,
+                       spectral_embedding=vectors.astype(np.float32), flagged=summary["cluster_suspicion"] >= threshold,
+                       params=params, **summary)
+
+
+def _summaries(heatmaps, labels: np.ndarray, chosen: np.ndarray, masks, grid: int, n_typical: int) -> dict[str, Any]:
+    """What SpRAyResult derives from the cluster labels: prototypes, typical members, sizes,
+    suspicion scores, factors, signatures and mask shares."""
+    proto, typical = _p.prototypes(heatmaps, labels, chosen, n_typical=n_typical)
+    found = len(proto)
+    dist = relevance_distribution(heatmaps, grid=grid)
+    factors = cluster_suspicion(dist, labels)
+    suspicion = factors.pop("suspicion")
+    shares = mask_shares(heatmaps, masks) if masks else {}
+    return dict(n_clusters=found, prototypes=proto, typical=typical,
+                cluster_sizes=np.bincount(labels[labels >= 0], minlength=found), suspicion=sample_suspicion(dist),
+                cluster_suspicion=suspicion, factors=factors,
+                signatures=np.stack([dist[labels == c].mean(0) for c in range(found)]) if found else dist[:0],
+                mask_shares=shares,
+                cluster_mask_shares={name: np.array([v[labels == c].mean() for c in range(found)])
+                                     for name, v in shares.items()})
 
 
 def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
