@@ -20,11 +20,18 @@ For each scenario x architecture:
    strategies), purity (share of the flagged strategies' samples that carry the shortcut),
    flagged strategies in the shortcut class, false flags (flagged strategies of other classes,
    or of any class on a clean control), the ROC AUC of the per-sample suspicion within the
-   shortcut class, and the forward passes of the causal check (and per analysed sample).
+   shortcut class, and the forward passes of the causal check (and per analysed sample);
+   and, whatever is flagged, how well the clustering isolates the shortcut samples: purity and
+   recall of the shortcut class's best cluster (the one with the highest F1 for them).
+
+``--features heatmaps concepts`` analyses each trained model twice: SpRAy on the pixel heatmaps
+and on the concept relevances of ``CONCEPT_LAYERS[arch]`` (``SpRAyCallback(features="concepts")``).
+``--cache DIR`` keeps the trained weights, so a second run skips training.
 
     nice -n 10 python benchmarks/shortcuts.py                         # everything (~25 min on 2 cores)
     nice -n 10 python benchmarks/shortcuts.py --archs cnn --kinds stamp clean
     nice -n 10 python benchmarks/shortcuts.py --cost                  # + SpRAy epoch time with / without the check
+    nice -n 10 python benchmarks/shortcuts.py --archs cnn --features heatmaps concepts --cache /tmp/shortcut-models
 """
 from __future__ import annotations
 
@@ -47,6 +54,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, plant_shortcut  # noqa: E402
 
 ARCHS = ("cnn", "resnet18", "mobilenet")
+FEATURES = ("heatmaps", "concepts")
+# concept-space SpRAy: the layer whose channels are the concepts (names inside models.Classifier)
+CONCEPT_LAYERS = {"cnn": "model.features.9", "resnet18": "model.layer4", "mobilenet": "model.features.12"}
 SHORTCUT_CLASS = 0
 
 
@@ -109,7 +119,7 @@ def intervention(model, val) -> tuple[float, float]:
     return paste, removal
 
 
-def analyse(model, val, folder: str, evidence: bool = True) -> dict:
+def analyse(model, val, folder: str, evidence: bool = True, concept_layer: str | None = None) -> dict:
     """SpRAyCallback + ExplanationGate (defaults) in Trainer.validate; the CLI gate's exit code."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
@@ -119,8 +129,8 @@ def analyse(model, val, folder: str, evidence: bool = True) -> dict:
     from xai_callbacks.cli import main
     from xai_callbacks.models import Classifier
 
-    cb = SpRAyCallback(spray_options={"visualisation": None}, save_virelay=False,
-                       evidence=evidence)
+    cb = SpRAyCallback(spray_options={"visualisation": None}, save_virelay=False, evidence=evidence,
+                       features="concepts" if concept_layer else "heatmaps", concept_layer=concept_layer)
     gate = ExplanationGate(action="warn")
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[cb, gate], enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=folder)
@@ -155,6 +165,10 @@ def score(cb, val, shortcut: bool) -> dict:
             out["purity"] = float((has & in_flag).sum() / in_flag.sum()) if in_flag.any() else np.nan
             susp = ev.sample_suspicion if ev is not None else r.suspicion
             out["auc"] = float(roc_auc_score(has, susp)) if 0 < has.sum() < len(has) else np.nan
+            hits = np.array([(has & (r.labels == j)).sum() for j in range(r.n_clusters)])
+            best = int(np.argmax(2 * hits / (r.cluster_sizes + has.sum())))  # the best cluster by F1
+            out["best_purity"] = float(hits[best] / r.cluster_sizes[best])
+            out["best_recall"] = float(hits[best] / max(has.sum(), 1))
             out["clusters"] = [(int(r.cluster_sizes[j]), round(float(has[r.labels == j].mean()), 2),
                                 round(float(r.cluster_suspicion[j]), 2),
                                 round(float(ev.transfer_rate[j]), 2) if ev is not None else np.nan,
@@ -202,13 +216,15 @@ def main(argv=None) -> int:
     ap.add_argument("--cost", action="store_true", help="also time the SpRAy epoch without the causal check")
     ap.add_argument("--cache", default=None, help="folder for trained weights: reruns load them instead of training")
     ap.add_argument("--verbose", action="store_true", help="print the shortcut class's clusters")
+    ap.add_argument("--features", nargs="+", default=["heatmaps"], choices=FEATURES,
+                    help="what SpRAy clusters; several: each trained model is analysed once per choice")
     args = ap.parse_args(argv)
     for name in ("lightning.pytorch", "xai_callbacks"):
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     rows = []
-    head = (f"{'scenario':<17} {'arch':<9} {'acc':>5} {'paste':>5} {'remov':>5} {'used':>5} {'recall':>6} "
-            f"{'purity':>6} {'flag':>4} {'false':>5} {'auc':>5} {'gate':>4} {'fwd/smp':>7} {'s':>5}")
+    head = (f"{'scenario':<17} {'arch':<9} {'features':<8} {'acc':>5} {'paste':>5} {'remov':>5} {'used':>5} {'recall':>6} "
+            f"{'purity':>6} {'flag':>4} {'false':>5} {'auc':>5} {'gate':>4} {'fwd/smp':>7} {'s':>5} {'best_p':>6} {'best_r':>6}")
     print(head, flush=True)
     t0 = time.perf_counter()
     for name, base, kind, prev in scenarios(args.kinds, vars(args)):
@@ -231,23 +247,26 @@ def main(argv=None) -> int:
             shortcut = prev > 0
             paste, removal = intervention(model, val) if shortcut else (np.nan, np.nan)
             used = shortcut and max(paste, removal) >= 0.2
-            with tempfile.TemporaryDirectory() as folder:
-                if args.cost:  # the same SpRAy epoch without the causal check, run first (it pays the warm-up)
-                    plain = analyse(model, val, folder + "/plain", evidence=False)
-                res = analyse(model, val, folder)
-                s = score(res["cb"], val, shortcut)
-                if args.cost:
-                    s["cost"] = res["seconds"] / plain["seconds"]
-            row = dict(scenario=name, arch=arch, acc=acc, paste=paste, removal=removal,
-                       used=("yes" if used else "VOID") if shortcut else "-", gate=res["gate"],
-                       seconds=time.perf_counter() - start, **s)
-            rows.append(row)
-            print(f"{name:<17} {arch:<9} {acc:5.2f} {paste:5.2f} {removal:5.2f} {row['used']:>5} {s['recall']:6.2f} "
-                  f"{s['purity']:6.2f} {s['flagged']:4d} {s['false']:5d} {s['auc']:5.2f} {res['gate']:4d} "
-                  f"{s['passes'] / s['n']:7.1f} {row['seconds']:5.0f}"
-                  + (f" cost x{s['cost']:.2f}" if "cost" in s else "")
-                  + (f"  clusters {s.get('clusters')} max_other {s.get('max_other', 0):.2f} shape_false {s.get('shape_false', 0)}" if args.verbose else ""),
-                  flush=True)
+            for features in args.features:
+                layer = CONCEPT_LAYERS[arch] if features == "concepts" else None
+                with tempfile.TemporaryDirectory() as folder:
+                    if args.cost:  # the same SpRAy epoch without the causal check, run first (it pays the warm-up)
+                        plain = analyse(model, val, folder + "/plain", evidence=False, concept_layer=layer)
+                    res = analyse(model, val, folder, concept_layer=layer)
+                    s = score(res["cb"], val, shortcut)
+                    if args.cost:
+                        s["cost"] = res["seconds"] / plain["seconds"]
+                row = dict(scenario=name, arch=arch, features=features, acc=acc, paste=paste, removal=removal,
+                           used=("yes" if used else "VOID") if shortcut else "-", gate=res["gate"],
+                           seconds=time.perf_counter() - start, **s)
+                rows.append(row)
+                print(f"{name:<17} {arch:<9} {features:<8} {acc:5.2f} {paste:5.2f} {removal:5.2f} {row['used']:>5} "
+                      f"{s['recall']:6.2f} {s['purity']:6.2f} {s['flagged']:4d} {s['false']:5d} {s['auc']:5.2f} "
+                      f"{res['gate']:4d} {s['passes'] / s['n']:7.1f} {row['seconds']:5.0f} "
+                      f"{s.get('best_purity', np.nan):6.2f} {s.get('best_recall', np.nan):6.2f}"
+                      + (f" cost x{s['cost']:.2f}" if "cost" in s else "")
+                      + (f"  clusters {s.get('clusters')} max_other {s.get('max_other', 0):.2f} shape_false {s.get('shape_false', 0)}" if args.verbose else ""),
+                      flush=True)
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0
 

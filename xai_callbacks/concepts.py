@@ -23,7 +23,8 @@ from .attribution.lrp import default_canonizers
 from .guard import input_gradient, model_guard, preserve_values, unwrap_model
 from .scoring import as_target, check_class_target
 
-__all__ = ["ConceptResult", "concept_relevance", "conditional_heatmaps", "top_concepts", "reference_samples"]
+__all__ = ["ConceptResult", "find_concept_layer", "concept_relevance", "conditional_heatmaps", "top_concepts",
+           "reference_samples"]
 
 
 class ConceptResult(NamedTuple):
@@ -34,7 +35,16 @@ class ConceptResult(NamedTuple):
     heatmap: torch.Tensor
 
 
-def _layer(model: nn.Module, name: str) -> nn.Module:
+def find_concept_layer(model: nn.Module, name: str) -> nn.Module:
+    """The module ``name`` of ``model`` whose output channels are the concepts.
+
+    Raises:
+        ValueError: no module has that name (the message lists the model's module names).
+
+    Example::
+
+        find_concept_layer(DemoCNN(), "features.9")    # the last convolution
+    """
     modules = dict(model.named_modules())
     if name not in modules or not name:
         raise ValueError(f"concept layer {name!r} not found in the model; module names: "
@@ -63,7 +73,7 @@ def _lrp_at_layer(model, x, target, layer: str, channel_mask: torch.Tensor | Non
         composite = (make_composite or (lambda c: composites.EpsilonPlusFlat(canonizers=c)))(
             default_canonizers(module, x))
         with composite.context(module) as modified:
-            handle = _layer(modified, layer).register_forward_hook(hook)
+            handle = find_concept_layer(modified, layer).register_forward_hook(hook)
             try:
                 x = x.detach().clone().requires_grad_(True)
                 out = modified(x)
@@ -125,7 +135,7 @@ def _probe_channels(module: nn.Module, x: torch.Tensor, layer: str) -> int:
     def hook(module, inputs, output):
         seen["c"] = output.shape[1]
 
-    handle = _layer(module, layer).register_forward_hook(hook)
+    handle = find_concept_layer(module, layer).register_forward_hook(hook)
     try:
         module(x)
     finally:

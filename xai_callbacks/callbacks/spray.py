@@ -10,8 +10,9 @@ from torch.utils.data.dataloader import default_collate
 
 from .. import render, sinks
 from ..attribution import check_methods, explain, method_options
+from ..concepts import concept_relevance, find_concept_layer
 from ..data import unpack_batch
-from ..guard import model_guard
+from ..guard import model_guard, unwrap_model
 from ..spray import SpRAyResult, StrategyTracker, check_heatmaps, spray, write_virelay
 from ..spray.evidence import SampleEvidence, sample_evidence
 from .base import ExplanationCallback, Probe, select_per_class, shard_map, val_dataloader
@@ -19,6 +20,7 @@ from .base import ExplanationCallback, Probe, select_per_class, shard_map, val_d
 __all__ = ["SpRAyCallback", "select_per_class"]
 
 _MASK_SUFFIX = "_mask"
+FEATURES = ("heatmaps", "concepts")
 
 
 class SpRAyCallback(ExplanationCallback):
@@ -52,9 +54,19 @@ class SpRAyCallback(ExplanationCallback):
       ``spray/suspicious_share`` (share of analysed samples in flagged clusters), logged on every
       rank so callbacks can monitor them;
 
-    and writes the epoch's ViRelAy databases to ``<run dir>/spray/epoch_NNNN/``. Signals (B, C, L),
-    such as spectra, are analysed as one-row images (B, C, 1, L): clustering, the shape suspicion
-    and the evidence regions work along L, the model sees the signals as they are, and
+    With ``features="concepts"`` SpRAy clusters each sample's *concept relevances* instead of its
+    heatmap: the LRP relevance (zennit's EpsilonPlusFlat, :func:`~xai_callbacks.concepts.concept_relevance`)
+    of each channel of ``concept_layer`` for the explained class, summed over positions and scaled
+    by ``spray_options["normalize"]`` (l2). Strategies that put relevance on the same place through
+    different features, or on one feature at varying places (a tag in any corner, a texture patch
+    anywhere, a colour cast, a background), separate there, while pixel heatmaps mix them. Everything
+    else stays: the eigengap, the clustering, the evidence, the prototypes, the logged panels and the
+    ViRelAy files are those of the heatmaps; the strategy ids are matched by the clusters' concept
+    distributions.
+
+    The callback writes the epoch's ViRelAy databases to ``<run dir>/spray/epoch_NNNN/``. Signals
+    (B, C, L), such as spectra, are analysed as one-row images (B, C, 1, L): clustering, the shape
+    suspicion and the evidence regions work along L, the model sees the signals as they are, and
     prototypes, members and evidence are drawn as signal plots. A class with
     too few usable heatmaps (NaN, constant, or not more than ``k``) is skipped with a warning
     counted in ``xai/errors``. The latest results stay in :attr:`results` and
@@ -70,6 +82,12 @@ class SpRAyCallback(ExplanationCallback):
             function (see :class:`ExplanationCallback`); samples are grouped by their (first) label.
         spray_options: keyword arguments of :func:`~xai_callbacks.spray.spray` (``k``,
             ``n_eigval``, ``clustering``, ``threshold``, ``visualisation``, ...).
+        features: what SpRAy clusters: ``"heatmaps"`` (the explanations, as in the paper) or
+            ``"concepts"`` (the channel relevances of ``concept_layer``; needs class targets,
+            ``target="label"`` or ``"prediction"``).
+        concept_layer: with ``features="concepts"``, the module name (as in
+            ``pl_module.named_modules()``, e.g. ``"model.features.9"``) whose output channels are
+            the concepts; checked when the trainer sets up.
         min_similarity: prototype similarity needed to continue a strategy's id.
         batch_size: samples per explainer call (None: a rank's whole share at once).
         save_virelay: write the ViRelAy databases each time.
@@ -88,6 +106,15 @@ class SpRAyCallback(ExplanationCallback):
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``.
         seed: seed of the per-class sample and of SpRAy.
         on_error: ``"warn"`` (count in ``xai/errors``, training goes on) or ``"raise"``.
+
+    Raises:
+        ValueError: an argument out of range (naming the valid values); at setup, a
+            ``concept_layer`` the model does not have (listing its module names).
+
+    Example::
+
+        SpRAyCallback(max_per_class=100)                                    # pixel-space SpRAy
+        SpRAyCallback(features="concepts", concept_layer="model.features.9")  # concept-space SpRAy
     """
 
     def __init__(self, method: str = "lrp.epsilon_plus_flat", method_options: Mapping[str, Any] | None = None,
@@ -96,17 +123,26 @@ class SpRAyCallback(ExplanationCallback):
                  min_similarity: float = 0.8, batch_size: int | None = 256, save_virelay: bool = True,
                  n_typical: int = 5, every_n_epochs: int = 1, seed: int = 0, on_error: str = "warn",
                  evidence: bool = True, infiller: Any = "blur", evidence_options: Mapping[str, Any] | None = None,
-                 max_others: int = 64):
+                 max_others: int = 64, features: str = "heatmaps", concept_layer: str | None = None):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=max(1, int(max_per_class)), seed=seed,
                          target=target, on_error=on_error)
         (method,), checked = check_methods([method], {method: method_options or {}})
         if not isinstance(max_per_class, int) or max_per_class < 2:
             raise ValueError(f"max_per_class must be an int >= 2, got {max_per_class!r}")
         options = dict(spray_options or {})
-        bad = sorted(set(options) - set(spray.__kwdefaults__) | ({"masks", "n_typical"} & set(options)))
+        own = {"masks", "n_typical", "features"}  # set by the callback itself
+        bad = sorted(set(options) - set(spray.__kwdefaults__) | (own & set(options)))
         if bad:
-            raise ValueError(f"unknown spray_options {bad}; valid: "
-                             f"{sorted(set(spray.__kwdefaults__) - {'masks', 'n_typical'})}")
+            raise ValueError(f"unknown spray_options {bad}; valid: {sorted(set(spray.__kwdefaults__) - own)}")
+        if features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
+        if features == "concepts" and (not isinstance(concept_layer, str) or not concept_layer):
+            raise ValueError(f"features='concepts' needs concept_layer, the name of a module whose output channels "
+                             f"are the concepts (e.g. 'model.features.9'); got {concept_layer!r}")
+        if features == "concepts" and callable(self.target):
+            raise ValueError("features='concepts' explains a class: use target='label' or 'prediction', "
+                             "not a target function")
+        self.features, self.concept_layer = features, concept_layer if features == "concepts" else None
         self.method, self.method_options = method, checked[method]
         self.classes = None if classes is None else [int(c) for c in classes]
         self.class_names = {int(k): str(v) for k, v in (class_names or {}).items()}
@@ -130,7 +166,17 @@ class SpRAyCallback(ExplanationCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(method=self.method, classes=self.classes)
+        extra = {"concept_layer": self.concept_layer} if self.features == "concepts" else {}
+        return self._generate_state_key(method=self.method, classes=self.classes, **extra)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Check ``concept_layer`` against the model before any epoch runs.
+
+        Raises:
+            ValueError: the model has no module of that name (the message lists its module names).
+        """
+        if self.features == "concepts":
+            find_concept_layer(unwrap_model(pl_module), self.concept_layer)
 
     def name_of(self, class_id: int) -> str:
         """The class's name in logged keys."""
@@ -160,6 +206,11 @@ class SpRAyCallback(ExplanationCallback):
                 "batch_size": self.batch_size,
                 **self.resolve_infillers(trainer, self.method_options, method_options(self.method))})
             out = {"x": x.float(), "heatmaps": heat, "labels": y, "scores": scores.detach(), "indices": idx}
+            if self.features == "concepts":
+                step = self.batch_size or len(x)
+                out["concepts"] = torch.cat([concept_relevance(pl_module, x[s:s + step], target[s:s + step],
+                                                               self.concept_layer).relevance
+                                             for s in range(0, len(x), step)])
             out.update({f"mask:{k}": v.to(dev).float() for k, v in masks.items()})
             return out
 
@@ -198,6 +249,9 @@ class SpRAyCallback(ExplanationCallback):
         masks = {k.split(":", 1)[1].removesuffix(_MASK_SUFFIX): v for k, v in data.items() if k.startswith("mask:")}
         classes = self.classes if self.classes is not None else sorted(set(labels.tolist()))
         ok = check_heatmaps(data["heatmaps"])
+        concepts = data.get("concepts")
+        if concepts is not None:  # a sample without concept relevance cannot be placed in concept space
+            ok &= (torch.isfinite(concepts).all(1) & (concepts != 0).any(1)).numpy()
         options = {"seed": self.seed, **self.spray_options}
         k = options.get("k", spray.__kwdefaults__["k"])
         scalars, problems, results, rows_of = {}, [], {}, {}
@@ -212,16 +266,22 @@ class SpRAyCallback(ExplanationCallback):
             rows = np.flatnonzero((labels == c) & ok)
             bad = int(((labels == c) & ~ok).sum())
             if bad:
-                problems.append(f"class {name}: {bad} heatmap(s) are NaN / inf or constant and were left out")
+                problems.append(f"class {name}: {bad} heatmap(s) are NaN / inf or constant"
+                                + (" (or their concept relevances NaN / inf / zero)" if concepts is not None else "")
+                                + " and were left out")
             if len(rows) <= k:
                 problems.append(f"class {name}: {len(rows)} usable heatmap(s), SpRAy with k={k} needs more than {k}; "
                                 "skipped (raise max_per_class or lower spray_options['k'])")
                 continue
             result = spray(data["heatmaps"][rows], masks={m: v[rows] for m, v in masks.items()} or None,
-                           n_typical=self.n_typical, **options)
+                           features=None if concepts is None else concepts[rows], n_typical=self.n_typical,
+                           **options)
+            if concepts is not None:
+                result.params["features"] = f"concepts of {self.concept_layer} ({concepts.shape[1]} channels)"
             if evidence is not None:
                 result = result.confirm(evidence, position[rows], data["heatmaps"][rows],
-                                        {m: v[rows] for m, v in masks.items()} or None)
+                                        {m: v[rows] for m, v in masks.items()} or None,
+                                        features=None if concepts is None else concepts[rows])
             tracker = self.trackers.setdefault(c, StrategyTracker(self.min_similarity))
             ids = tracker.update(result.signatures, result.factors["share"], epoch)
             results[c], rows_of[c], self.strategy_ids[c] = result, rows, ids

@@ -32,8 +32,10 @@ class SpRAyResult:
             from the heatmaps alone; after :meth:`confirm`, the strategy of the samples the causal
             evidence confirms (and nothing else).
         factors: the per-cluster factors ``novelty``, ``compactness``, ``share``, ``excess``.
-        signatures: (K, grid * grid) each cluster's mean relevance distribution (what
-            :class:`~xai_callbacks.spray.tracking.StrategyTracker` matches across epochs).
+        signatures: (K, D) each cluster's mean relevance distribution (what
+            :class:`~xai_callbacks.spray.tracking.StrategyTracker` matches across epochs): over the
+            ``grid * grid`` cells of the heatmaps, or over the D dimensions of ``features`` when
+            SpRAy clustered those (e.g. concepts).
         mask_shares: name -> (N,) share of positive relevance on that mask (empty without masks).
         cluster_mask_shares: name -> (K,) mean of ``mask_shares`` over each cluster's members.
         params: the parameters of the run (k, n_eigval, clustering, ...).
@@ -59,7 +61,8 @@ class SpRAyResult:
     params: dict[str, Any] = field(default_factory=dict)
     evidence: Any = None
 
-    def confirm(self, evidence, rows: np.ndarray, heatmaps, masks: dict[str, Any] | None = None) -> "SpRAyResult":
+    def confirm(self, evidence, rows: np.ndarray, heatmaps, masks: dict[str, Any] | None = None,
+                features=None) -> "SpRAyResult":
         """The class's samples that the causal evidence confirms become its flagged strategy.
 
         Confirmed samples (:func:`~xai_callbacks.spray.evidence.sample_evidence`) leave the
@@ -74,6 +77,7 @@ class SpRAyResult:
             rows: (N,) this class's samples among the evidence's samples, in this result's order.
             heatmaps: the heatmaps this result was computed from.
             masks: the masks this result was computed with, if any.
+            features: the feature vectors SpRAy clustered instead of the heatmaps, if any.
 
         Raises:
             ValueError: when ``rows`` does not give one evidence row per sample of the result.
@@ -94,7 +98,7 @@ class SpRAyResult:
             labels = _relabel_by_size(labels)
         dims = self.params["cluster_dims"]
         summary = _summaries(heatmaps, labels, _p._unit_rows(self.spectral_embedding[:, :dims]), masks,
-                             self.params["grid"], len(self.typical[0]) if self.typical else 5)
+                             self.params["grid"], len(self.typical[0]) if self.typical else 5, features)
         p = evidence.params
         z = np.asarray(evidence.z)[rows]
         sizes = summary["cluster_sizes"]
@@ -118,7 +122,7 @@ class SpRAyResult:
         return float(np.isin(self.labels, np.flatnonzero(self.flagged)).mean()) if len(self.labels) else 0.0
 
 
-def spray(heatmaps, *, masks: dict[str, Any] | None = None,
+def spray(heatmaps, *, masks: dict[str, Any] | None = None, features=None,
           channel_reduce: str | None = "sum", absolute: bool = False, size: int | tuple[int, int] | None = None,
           normalize: str | None = "l2", k: int = 10, affinity: str = "knn", laplacian: str = "symmetric",
           n_eigval: int = 32, normalize_rows: bool = True, n_clusters: int | None = None, min_clusters: int = 2,
@@ -137,6 +141,13 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None,
             finite and not constant, N > k.
         masks: optional name -> masks shaped like the heatmaps (without or with channels), e.g.
             ``{"object": ..., "artifact": ...}``; adds relevance shares per mask.
+        features: optional (N, D) vectors to cluster instead of the preprocessed heatmaps, e.g.
+            each sample's concept relevances (:func:`xai_callbacks.concepts.concept_relevance`:
+            one relevance per channel of a layer), which separates strategies that use different
+            features at the same place, or one feature at varying places. Only ``normalize``
+            applies to them (``channel_reduce``, ``absolute``, ``size`` concern heatmaps); the
+            heatmaps still give the prototypes, the suspicion scores and the mask shares, and the
+            signatures are the clusters' mean (positive) feature distributions.
         channel_reduce: ``"sum"`` over channels, or None to keep them (preprocessing).
         absolute: use ``|R|`` (preprocessing).
         size: average-pool heatmaps to this side / (height, width) before comparing them.
@@ -159,10 +170,23 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None,
         grid: side of the pooled relevance maps the suspicion scores compare.
         threshold: cluster suspicion at or above which a cluster is flagged.
         seed: seeds the eigensolver's start vector, k-means and t-SNE.
+
+    Raises:
+        ValueError: unusable heatmaps or features (NaN / inf, constant heatmaps, all-zero feature
+            rows, or features whose count differs from the heatmaps'), or an option out of range.
+
+    Example::
+
+        result = spray(heatmaps)                                   # cluster the heatmaps
+        rel = concept_relevance(model, x, y, layer="features.9").relevance
+        result = spray(heatmaps, features=rel)                     # cluster the concept relevances
     """
-    features = _p.preprocess(heatmaps, channel_reduce=channel_reduce, absolute=absolute, size=size,
-                             normalize=normalize)
-    n = features.shape[0]
+    if features is None:
+        points = _p.preprocess(heatmaps, channel_reduce=channel_reduce, absolute=absolute, size=size,
+                               normalize=normalize)
+    else:
+        points = _p.normalize_features(_feature_rows(features, len(_p.as_array(heatmaps))), normalize)
+    n = points.shape[0]
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if n <= k:
@@ -170,7 +194,7 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None,
                          f"collect more samples of this class or lower k")
     if n_clusters is not None and not 1 <= n_clusters <= n:
         raise ValueError(f"n_clusters must be None (eigengap) or in [1, {n}], got {n_clusters}")
-    adjacency = _p.affinity(features, k=k, kind=affinity)
+    adjacency = _p.affinity(points, k=k, kind=affinity)
     lap = _p.laplacian(adjacency, kind=laplacian)
     eigenvalues, vectors = _p.spectral_embedding(lap, n_eigval=n_eigval, seed=seed, normalize_rows=False)
     if n_clusters is None:
@@ -183,34 +207,60 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None,
     labels = _p.clustering(chosen, n_clusters, algorithm=clustering, seed=seed, **(clustering_options or {}))
     labels = _relabel_by_size(labels)
     embedding = _p.visualisation_embedding(vectors, kind=visualisation, seed=seed)
-    params = dict(channel_reduce=channel_reduce, absolute=absolute, size=size, normalize=normalize, k=k,
+    params = dict(features="heatmaps" if features is None else f"given ({points.shape[1]} dims)",
+                  channel_reduce=channel_reduce, absolute=absolute, size=size, normalize=normalize, k=k,
                   affinity=affinity, laplacian=laplacian, n_eigval=n_eigval, normalize_rows=normalize_rows,
                   min_clusters=min_clusters, max_clusters=max_clusters, eigengap_eps=eigengap_eps,
                   cluster_dims=dims, clustering=clustering,
                   clustering_options=dict(clustering_options or {}), visualisation=visualisation, grid=grid,
                   threshold=threshold, seed=seed)
-    summary = _summaries(heatmaps, labels, chosen, masks, grid, n_typical)
+    summary = _summaries(heatmaps, labels, chosen, masks, grid, n_typical, features)
     return SpRAyResult(labels=labels, eigenvalues=eigenvalues, embedding=embedding,
                        spectral_embedding=vectors.astype(np.float32), flagged=summary["cluster_suspicion"] >= threshold,
                        params=params, **summary)
 
 
-def _summaries(heatmaps, labels: np.ndarray, chosen: np.ndarray, masks, grid: int, n_typical: int) -> dict[str, Any]:
+def _summaries(heatmaps, labels: np.ndarray, chosen: np.ndarray, masks, grid: int, n_typical: int,
+               features=None) -> dict[str, Any]:
     """What SpRAyResult derives from the cluster labels: prototypes, typical members, sizes,
-    suspicion scores, factors, signatures and mask shares."""
+    suspicion scores, factors, signatures (of ``features`` when SpRAy clustered those) and mask
+    shares."""
     proto, typical = _p.prototypes(heatmaps, labels, chosen, n_typical=n_typical)
     found = len(proto)
     dist = relevance_distribution(heatmaps, grid=grid)
     factors = cluster_suspicion(dist, labels)
     suspicion = factors.pop("suspicion")
     shares = mask_shares(heatmaps, masks) if masks else {}
+    clustered = dist if features is None else _distribution(_p.as_array(features).reshape(len(labels), -1))
     return dict(n_clusters=found, prototypes=proto, typical=typical,
                 cluster_sizes=np.bincount(labels[labels >= 0], minlength=found), suspicion=sample_suspicion(dist),
                 cluster_suspicion=suspicion, factors=factors,
-                signatures=np.stack([dist[labels == c].mean(0) for c in range(found)]) if found else dist[:0],
+                signatures=np.stack([clustered[labels == c].mean(0) for c in range(found)]) if found else clustered[:0],
                 mask_shares=shares,
                 cluster_mask_shares={name: np.array([v[labels == c].mean() for c in range(found)])
                                      for name, v in shares.items()})
+
+
+def _feature_rows(features, n: int) -> np.ndarray:
+    """``features`` as (N, D) float32, checked against the N heatmaps: finite, not all zero per row."""
+    f = _p.as_array(features)
+    if f.ndim < 2 or len(f) != n:
+        raise ValueError(f"features must be (N, D) with one row per heatmap (N={n}), got shape {tuple(f.shape)}")
+    f = f.reshape(n, -1)
+    bad = np.flatnonzero(~np.isfinite(f).all(1) | ~(f != 0).any(1))
+    if len(bad):
+        raise ValueError(f"{len(bad)} feature row(s) contain NaN / inf or are all zero (indices {bad[:10].tolist()}"
+                         f"{' ...' if len(bad) > 10 else ''}); drop them first")
+    return f
+
+
+def _distribution(vectors: np.ndarray) -> np.ndarray:
+    """(N, D) float64 rows summing to 1: the positive part of each vector (``|v|`` where it has none)."""
+    v = vectors.astype(np.float64)
+    pos = np.clip(v, 0, None)
+    none = pos.sum(1) == 0
+    pos[none] = np.abs(v[none])
+    return pos / pos.sum(1, keepdims=True)
 
 
 def _relabel_by_size(labels: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
 __all__ = ["as_array", "pool", "NORMALIZE", "AFFINITIES", "LAPLACIANS", "CLUSTERINGS", "VISUALISATIONS", "Laplacian",
-           "check_heatmaps", "preprocess", "knn", "affinity", "laplacian", "spectral_embedding", "eigengap",
+           "check_heatmaps", "preprocess", "normalize_features", "knn", "affinity", "laplacian", "spectral_embedding", "eigengap",
            "clustering", "visualisation_embedding", "prototypes"]
 
 NORMALIZE = ("l1", "l2", "max", "sum", None)
@@ -98,7 +98,26 @@ def preprocess(heatmaps, *, channel_reduce: str | None = "sum", absolute: bool =
         h = h.sum(1, keepdims=True)
     if size is not None:
         h = pool(h, size)
-    x = h.reshape(len(h), -1)
+    return normalize_features(h.reshape(len(h), -1), normalize)
+
+
+def normalize_features(x: np.ndarray, normalize: str | None = "l2") -> np.ndarray:
+    """Scale each row of (N, D) features (flattened heatmaps, or vectors SpRAy clusters instead).
+
+    Args:
+        x: (N, D) float array.
+        normalize: ``"l1"`` (divide by sum |x|), ``"l2"`` (unit Euclidean norm), ``"max"`` (divide
+            by max |x|), ``"sum"`` (divide by the signed sum) or None (unchanged).
+
+    Raises:
+        ValueError: an unknown ``normalize``, or rows it would divide by zero (naming them).
+
+    Example::
+
+        normalize_features(np.array([[3.0, 4.0]]), "l2")    # [[0.6, 0.8]]
+    """
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
     if normalize == "l1":
         scale = np.abs(x).sum(1, keepdims=True)
     elif normalize == "l2":
@@ -111,7 +130,7 @@ def preprocess(heatmaps, *, channel_reduce: str | None = "sum", absolute: bool =
         scale = np.ones((len(x), 1), np.float32)
     zero = np.flatnonzero(scale.ravel() == 0)
     if len(zero):
-        raise ValueError(f"normalize={normalize!r} divides by zero for heatmap(s) {zero[:10].tolist()} (their "
+        raise ValueError(f"normalize={normalize!r} divides by zero for row(s) {zero[:10].tolist()} (their "
                          f"{normalize} is 0 after preprocessing); use another normalize or drop them")
     return (x / scale).astype(np.float32, copy=False)
 
