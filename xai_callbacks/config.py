@@ -101,6 +101,7 @@ class DataConfig:
     artifact_size: int = 5
     artifact_position: List[int] = field(default_factory=lambda: [1, 1])
     val_fraction: float = 0.3
+    ambiguity: float = 0.0
     seed: int = 0
 
 
