@@ -62,18 +62,24 @@ class FailHalfway(SequentialMergeBatchNorm):
         raise RuntimeError("canonizer failed half-way")
 
 
-@pytest.mark.parametrize("method", ["lrp.epsilon_plus_flat", "lrp.epsilon_gamma_box", "lrp.epsilon_alpha2_beta1"])
-def test_canonizer_failing_halfway_leaves_nothing_behind(monkeypatch, method):
-    model = bn_net().eval()
-    x = torch.rand(2, 1, 8, 8)
+def explain_with_failing_canonizer(monkeypatch, model: nn.Module, x: torch.Tensor, canonizer, method: str,
+                                   match: str) -> None:
+    """Explain with ``canonizer`` as the only LRP canonizer, expect it to fail with ``match``, and
+    check the model is exactly as it was (tensors, attributes, hooks, forward output)."""
     with torch.no_grad():
         out = model(x)
     before = state(model)
-    monkeypatch.setattr(lrp_module, "default_canonizers", lambda model, example: [FailHalfway()])
-    with pytest.raises(RuntimeError, match="failed half-way"):
+    monkeypatch.setattr(lrp_module, "default_canonizers", lambda model, example: [canonizer])
+    with pytest.raises(RuntimeError, match=match):
         explain(model, x, 1, method=method)
-    assert model[0].bias is None and model[3].bias is None, "a merged bias was left on a convolution"
     assert_same(model, before, x, out)
+
+
+@pytest.mark.parametrize("method", ["lrp.epsilon_plus_flat", "lrp.epsilon_gamma_box", "lrp.epsilon_alpha2_beta1"])
+def test_canonizer_failing_halfway_leaves_nothing_behind(monkeypatch, method):
+    model = bn_net().eval()
+    explain_with_failing_canonizer(monkeypatch, model, torch.rand(2, 1, 8, 8), FailHalfway(), method, "failed half-way")
+    assert model[0].bias is None and model[3].bias is None, "a merged bias was left on a convolution"
 
 
 def test_order_based_merge_on_densenet_fails_and_is_undone(monkeypatch):
@@ -82,14 +88,8 @@ def test_order_based_merge_on_densenet_fails_and_is_undone(monkeypatch):
     tv = pytest.importorskip("torchvision.models")
     torch.manual_seed(0)
     model = tv.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3).eval()
-    x = torch.rand(2, 3, 16, 16)
-    with torch.no_grad():
-        out = model(x)
-    before = state(model)
-    monkeypatch.setattr(lrp_module, "default_canonizers", lambda model, example: [SequentialMergeBatchNorm()])
-    with pytest.raises(RuntimeError, match="size of tensor"):
-        explain(model, x, 1, method="lrp.epsilon_plus_flat")
-    assert_same(model, before, x, out)
+    explain_with_failing_canonizer(monkeypatch, model, torch.rand(2, 3, 16, 16), SequentialMergeBatchNorm(),
+                                   "lrp.epsilon_plus_flat", "size of tensor")
 
 
 def test_guard_restores_structure_without_value_copies():

@@ -220,3 +220,25 @@ def test_gan_by_name_is_the_inpainter_being_trained():
     trained = GANInpainter(width=4).infiller()
     assert get_infiller("gan", gan=trained) is trained
     assert isinstance(get_infiller("gan", generator=InpaintGenerator(1, width=4)), GANInfiller)
+
+
+def test_fill_quality_scores_against_a_hand_computed_reference():
+    from xai_callbacks.infill import ConstantInfiller
+    from xai_callbacks.infill.quality import fill_quality
+
+    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    keep = torch.ones(6, 1, 8, 8)
+    keep[:, :, :2] = 0
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 3))
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+        filled, scores = fill_quality(model, x, keep, ConstantInfiller(0.0), predicted, value_range=(0, 1))
+        hole = x[:, :, :2]
+        assert torch.equal(filled[:, :, 2:], x[:, :, 2:]) and (filled[:, :, :2] == 0).all()
+        assert scores["l1"] == pytest.approx(float(hole.abs().mean()), rel=1e-5)
+        assert scores["psnr"] == pytest.approx(float(-10 * torch.log10((hole ** 2).mean())), rel=1e-5)
+        assert scores["agreement"] == pytest.approx(float((model(filled).argmax(1) == predicted).float().mean()))
+        _, same = fill_quality(model, x, torch.ones_like(keep), ConstantInfiller(0.0), predicted)
+    assert same["l1"] == 0 and same["agreement"] == 1
+    with pytest.raises(ValueError, match="one class per sample"):
+        fill_quality(model, x, keep, ConstantInfiller(0.0), predicted[:3])

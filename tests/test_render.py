@@ -48,3 +48,26 @@ def test_spectrum_marks_the_chosen_gap():
     assert three.ndim == 3 and three.shape[2] == 3 and three.dtype == np.uint8
     shaded = lambda img: np.flatnonzero(((img[..., 0] > 240) & (img[..., 1] < 230) & (img[..., 1] > 200)).any(0))
     assert len(shaded(three)) > 5 and shaded(four).mean() > shaded(three).mean()  # the gap moves right with K
+
+
+def test_tile_row_pads_to_the_tallest_tile_and_upscale_repeats_pixels():
+    a = np.zeros((4, 3, 3), np.uint8)
+    b = np.full((2, 5, 3), 7, np.uint8)
+    row = render.tile_row([a, b], gap=2)
+    assert row.shape == (4, 3 + 2 + 5, 3)
+    assert (row[:, 3:5] == 255).all() and (row[:2, 5:] == 7).all() and (row[2:, 5:] == 255).all()
+    big = render.upscale(b, 3)
+    assert big.shape == (6, 15, 3) and (big[::3, ::3] == b).all() and render.upscale(b, 1) is b
+
+
+def test_inpainting_row_shows_removed_pixels_black_and_shares_the_input_scale():
+    x = np.linspace(0, 2, 64, dtype=np.float32).reshape(1, 8, 8)
+    keep = np.ones((1, 8, 8), np.float32)
+    keep[0, :4] = 0
+    fill = np.full((1, 8, 8), 2.0, np.float32)  # the input's maximum: white on the input's scale
+    row = render.inpainting_row(x, keep, [fill], gap=2, side=16)
+    assert row.shape == (16, 2 * (3 * 8 + 2 * 2), 3)
+    mask = row[:, 2 * 10:2 * 18]
+    assert (mask[:8] == 0).all() and (mask[8:] == 255).all()
+    assert (row[:, 2 * 20:] == 255).all()
+    assert row[0, 0, 0] == 0 and row[-1, 2 * 8 - 1, 0] == 255  # the input from its min to its max

@@ -1,12 +1,21 @@
-"""Heatmaps to pictures: signed relevance in a diverging colormap (red positive, blue negative),
-rendered to uint8 RGB here, so no logger rescales or clips signed values."""
+"""Everything the callbacks show, as uint8 RGB pictures built here (so no logger rescales or clips
+signed values): heatmaps in a diverging colormap (red positive, blue negative), inputs, rows of
+tiles, labelled strategy prototypes, spectra and scatter plots, inpainting examples.
+
+Pictures are (H, W, 3) uint8 arrays; small ones are enlarged by :func:`upscale` (nearest
+neighbour, integer factor) and laid side by side by :func:`tile_row`.
+
+>>> img = panel(x[0], relevance[0])                     # input | overlay | colour scale
+>>> row = tile_row([input_rgb(a) for a in x[:4]], gap=2)
+"""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 __all__ = ["heatmap_rgb", "input_rgb", "overlay", "panel", "colour_scale", "prototype_picture", "spectrum_picture",
-           "tokens_html", "signal_panel", "signal_fills", "tile_row_signals"]
+           "tokens_html", "upscale", "tile_row", "figure_rgb", "inpainting_row", "strategy_scatter", "signal_panel",
+           "signal_fills", "tile_row_signals"]
 
 
 def _to_numpy(t) -> np.ndarray:
@@ -36,17 +45,74 @@ def heatmap_rgb(relevance, percentile: float = 99.5, cmap: str = "bwr") -> np.nd
     return (colormaps[cmap]((v + 1) / 2)[..., :3] * 255).round().astype(np.uint8)
 
 
-def input_rgb(x) -> np.ndarray:
-    """(C, H, W) input with 1 or 3 channels -> (H, W, 3) uint8, min-max scaled per image."""
+def input_rgb(x, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """(C, H, W) or (H, W) input -> (H, W, 3) uint8.
+
+    Args:
+        x: the input; 1 or 3 channels are shown as they are, other channel counts by their mean.
+        value_range: ``(low, high)`` shown as black and white (values outside are clipped), e.g. the
+            range of a whole batch so that several pictures share one scale; None: the picture's
+            own minimum and maximum.
+    """
     a = _to_numpy(x)
     if a.ndim == 2:
         a = a[None]
     if a.shape[0] not in (1, 3):
         a = a.mean(0, keepdims=True)
-    lo, hi = a.min(), a.max()
-    a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+    lo, hi = (a.min(), a.max()) if value_range is None else value_range
+    a = np.clip((a - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(a)
     a = np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a
     return (a.transpose(1, 2, 0) * 255).round().astype(np.uint8)
+
+
+def upscale(img: np.ndarray, factor: int) -> np.ndarray:
+    """``img`` (H, W, ...) enlarged ``factor`` times by nearest neighbour (each pixel a block)."""
+    return img.repeat(factor, axis=0).repeat(factor, axis=1) if factor > 1 else img
+
+
+def tile_row(tiles: list[np.ndarray], gap: int = 2) -> np.ndarray:
+    """(H, W, 3) uint8 pictures side by side, ``gap`` white pixels apart, top-aligned on white.
+
+    Raises:
+        ValueError: no tiles.
+    """
+    if not tiles:
+        raise ValueError("tile_row needs at least one picture")
+    h = max(t.shape[0] for t in tiles)
+    parts = []
+    for t in tiles:
+        pad = np.full((h, t.shape[1], 3), 255, np.uint8)
+        pad[:t.shape[0]] = t
+        parts += [pad, np.full((h, gap, 3), 255, np.uint8)]
+    return np.concatenate(parts[:-1], axis=1)
+
+
+def figure_rgb(fig) -> np.ndarray:
+    """A matplotlib figure drawn to (H, W, 3) uint8; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return img
+
+
+def inpainting_row(x, keep, fills, gap: int = 2, side: int = 96) -> np.ndarray:
+    """One inpainting example: input | mask (black = removed) | each fill, grey, all on the input's
+    own value range, enlarged to about ``side`` pixels high.
+
+    Args:
+        x: the input (C, H, W).
+        keep: its keep mask (1 or C, H, W) in [0, 1] (1 = kept).
+        fills: the filled inputs, each like ``x``.
+        gap: white pixels between the tiles (before enlarging).
+        side: target height; the row is enlarged by ``max(1, side // H)``.
+    """
+    x = _to_numpy(x)
+    grey = (float(x.min()), float(x.max()))
+    tiles = [input_rgb(x.mean(0), grey), input_rgb(_to_numpy(keep).mean(0), (0.0, 1.0))]
+    tiles += [input_rgb(_to_numpy(f).mean(0), grey) for f in fills]
+    return upscale(tile_row(tiles, gap), max(1, side // x.shape[-2]))
 
 
 def overlay(x, relevance, percentile: float = 99.5, cmap: str = "bwr") -> np.ndarray:
@@ -97,7 +163,7 @@ def panel(x, relevance, scale: int | None = None, gap: int = 2, percentile: floa
     scale = scale or max(1, 128 // h)
     sep = np.full((h, gap, 3), 255, np.uint8)
     img = np.concatenate([left, sep, right], axis=1)
-    img = img.repeat(scale, axis=0).repeat(scale, axis=1)
+    img = upscale(img, scale)
     bar = colour_scale(img.shape[0], _scale_of(relevance, percentile))
     return np.concatenate([img, np.full((img.shape[0], gap * scale, 3), 255, np.uint8), bar], axis=1)
 
@@ -117,8 +183,7 @@ def prototype_picture(prototype, strategy: int, size: int, share: float, flagged
         extra: an optional third label line (e.g. the evidence that flagged it).
     """
     heat = heatmap_rgb(prototype)
-    k = max(1, side // max(heat.shape[:2]))
-    heat = heat.repeat(k, axis=0).repeat(k, axis=1)
+    heat = upscale(heat, max(1, side // max(heat.shape[:2])))
     frame = 6 if flagged else 1
     colour = (220, 0, 0) if flagged else (160, 160, 160)
     lines = [(f"strategy {strategy}" + ("  FLAGGED" if flagged else ""), colour if flagged else (0, 0, 0)),
@@ -159,10 +224,37 @@ def spectrum_picture(eigenvalues, n_clusters: int, title: str = "", n_show: int 
     ax.set_title(title or f"Laplacian spectrum: {n_clusters} strategies by the eigengap", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.canvas.draw()
-    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return img
+    return figure_rgb(fig)
+
+
+def strategy_scatter(embedding, strategy, flagged, title: str = "") -> np.ndarray:
+    """A 2-D embedding of heatmaps coloured by strategy, flagged strategies ringed in red, as
+    (H, W, 3) uint8.
+
+    Args:
+        embedding: (N, 2) coordinates (e.g. SpRAy's t-SNE embedding).
+        strategy: (N,) strategy id of each sample; -1 for noise (light grey).
+        flagged: the ids of the flagged strategies.
+        title: the plot's title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    embedding, strategy = np.asarray(embedding), np.asarray(strategy)
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
+    cmap = plt.get_cmap("tab10")
+    for sid in sorted(set(strategy.tolist())):
+        m = strategy == sid
+        ax.scatter(embedding[m, 0], embedding[m, 1], s=12, color="lightgrey" if sid < 0 else cmap(sid % 10),
+                   edgecolors="red" if sid in flagged else "none", linewidths=1.0,
+                   label=("noise" if sid < 0 else f"strategy {sid}") + (" (flagged)" if sid in flagged else ""))
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=6, loc="best")
+    return figure_rgb(fig)
 
 
 def tokens_html(tokens, relevance, percentile: float = 99.5, cmap: str = "bwr") -> str:

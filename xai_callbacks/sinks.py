@@ -17,8 +17,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-__all__ = ["log_scalars", "log_metrics", "log_images", "log_audio", "log_table", "log_line_plot", "log_summary", "run_dir",
-           "save_npz", "wandb_loggers"]
+__all__ = ["log_scalars", "log_metrics", "log_images", "log_audio", "log_html", "log_table", "log_line_plot",
+           "log_summary", "run_dir", "save_npz", "wandb_loggers"]
 
 
 def wandb_loggers(trainer) -> list[WandbLogger]:
@@ -123,6 +123,23 @@ def _audio_html(paths: Sequence[Path], captions: Sequence[str]) -> str:
     items = [f"<p>{html.escape(str(c or p.name))}<br><audio controls src=\"data:audio/wav;base64,"
              f"{base64.b64encode(p.read_bytes()).decode()}\"></audio></p>" for p, c in zip(paths, captions)]
     return "<div>" + "".join(items) + "</div>"
+
+
+def log_html(trainer, key: str, page: str) -> None:
+    """An HTML page under ``key``: ``wandb.Html`` with W&B, else
+    ``<run dir>/media/<key>/epoch<NNNN>.html``."""
+    if not trainer.is_global_zero:
+        return
+    wandbs = wandb_loggers(trainer)
+    if wandbs:
+        import wandb
+
+        for lg in wandbs:
+            lg.log_metrics({key: wandb.Html(page)}, step=trainer.global_step)
+        return
+    folder = run_dir(trainer) / "media" / _safe(key)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"epoch{trainer.current_epoch:04d}.html").write_text(page)
 
 
 def log_table(trainer, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:

@@ -47,7 +47,18 @@ def _validate(model, x: torch.Tensor, target: torch.Tensor) -> None:
 def deeplift(model, x, target, *, baseline: float | torch.Tensor = 0.0) -> torch.Tensor:
     """DeepLIFT (Shrikumar et al. 2017) with the rescale rule, by captum: contributions of
     ``x - baseline`` that sum to ``f(x) - f(baseline)``. ReLUs must be modules (not
-    ``torch.relu`` calls) and each used once, as captum requires."""
+    ``torch.relu`` calls) and each used once, as captum requires.
+
+    Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
+        baseline: the reference input: a number or a tensor like one sample.
+
+    Raises:
+        ValueError: a target out of range or a model output that is not (B, n_classes) scores.
+        AssertionError: (captum) a ``baseline`` that does not broadcast to ``x``.
+
+    Example: ``explain(model, x, y, method="deeplift", baseline=0.0)``.
+    """
     _validate(model, x, target)
     with warnings.catch_warnings(), allow_nondeterministic():
         warnings.filterwarnings("ignore", message="Setting forward, backward hooks")
@@ -58,7 +69,16 @@ def deeplift(model, x, target, *, baseline: float | torch.Tensor = 0.0) -> torch
 @register_method("deconvnet")
 def deconvnet(model, x, target) -> torch.Tensor:
     """Deconvnet (Zeiler & Fergus 2014), by captum: ReLUs pass the positive part of the signal
-    from above, whatever the forward activation."""
+    from above, whatever the forward activation.
+
+    Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
+
+    Raises:
+        ValueError: a target out of range or a model output that is not (B, n_classes) scores.
+
+    Example: ``explain(model, x, y, method="deconvnet")``.
+    """
     _validate(model, x, target)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
@@ -153,10 +173,17 @@ def excitation_backprop(model, x, target, *, layer: str | None = None) -> torch.
     """Excitation backprop (Zhang et al. 2016): marginal winning probabilities of the target.
 
     Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         layer: None for the MWP of every input element (sums to 1 where no normaliser vanishes;
             meaningful for non-negative inputs), or a module name: the MWP of its output summed
             over channels (TorchRay's saliency layer), bilinearly upsampled to the input size and
             repeated over its channels.
+
+    Raises:
+        ValueError: a ``layer`` the model does not have (the message lists its modules), a target
+            out of range or a model output that is not (B, n_classes) scores.
+
+    Example: ``explain(model, x, y, method="excitation_backprop", layer="features.4")``.
     """
     return _to_input(_mwp(model, x, target, layer, None), x, layer)
 
@@ -168,10 +195,17 @@ def contrastive_excitation_backprop(model, x, target, *, layer: str | None = Non
     unit (``classifier_layer``'s weights negated; default: the last dense or convolution layer).
 
     Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         layer: as in :func:`excitation_backprop`; at a layer the channel sum is taken before the
             positive part (TorchRay's order).
         classifier_layer: module name of the classifier layer.
         positive: keep only the positive part (TorchRay's map); False returns the signed difference.
+
+    Raises:
+        ValueError: a ``layer`` or ``classifier_layer`` the model does not have (the message lists
+            its modules), a target out of range or a model output that is not (B, n_classes) scores.
+
+    Example: ``explain(model, x, y, method="excitation_backprop.contrastive", layer="features.4")``.
     """
     name = classifier_layer or classifier_layer_name(model)
     named_module(model, name, "excitation_backprop.contrastive classifier_layer")

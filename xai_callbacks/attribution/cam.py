@@ -32,8 +32,22 @@ def gradcam(model, x, target, *, layer: str | None = None, relu: bool = True) ->
     """Grad-CAM at ``layer`` (default: the last convolution; on a torchvision ViT the last
     encoder block's input tokens, on Swin the last feature stage), bilinearly upsampled to
     ``x``'s spatial size and repeated over its channels. A named layer with (B, T, D) token
-    output is read as a token grid (a leading class token dropped). Raises
-    :class:`~.transformer.MethodNotApplicableError` on other transformers without ``layer``."""
+    output is read as a token grid (a leading class token dropped).
+
+    Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
+        layer: module name whose output is weighted by its mean gradient (default as above).
+        relu: keep only the positive part of the map.
+
+    Raises:
+        ValueError: a ``layer`` the model does not have (the message lists its convolution layers),
+            a model without a convolution layer, a layer output that is not spatial, a target out of
+            range or a model output that is not (B, n_classes) scores.
+        MethodNotApplicableError: a transformer other than torchvision's ViT and Swin without
+            ``layer``.
+
+    Example: ``explain(model, x, y, method="gradcam", layer="features.4")``.
+    """
     if layer is None and transformer_layers(model):
         found = _token_layer(model)
         if found is None:

@@ -202,6 +202,7 @@ def meaningful_perturbation(model, x, target, *, game: str = "deletion", infille
       relevance = m (what must be kept).
 
     Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         game: ``deletion`` or ``preservation``.
         infiller: fills removed positions: a name, an Infiller, or ``auto`` (blur unless the GAN is passed).
         steps: Adam steps; lr: Adam learning rate.
@@ -214,6 +215,8 @@ def meaningful_perturbation(model, x, target, *, game: str = "deletion", infille
 
     Raises:
         ValueError: bad options, or an input that is not images or signals.
+
+    Example: ``explain(model, x, y, method="meaningful_perturbation", game="preservation", mask_size=8)``.
     """
     _check_common("meaningful_perturbation", steps, lr, n_samples, output)
     if game not in ("deletion", "preservation"):
@@ -287,6 +290,7 @@ def fido_ssr(model, x, target, *, infiller: str | Infiller = "auto", steps: int 
     tabular rows (one entry per feature) or ``components`` groups.
 
     Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         infiller: fills the dropped part: a name, an Infiller, or ``auto`` (blur unless the GAN is passed).
         steps: Adam steps on theta (initialised at p = 0.5); lr: Adam learning rate.
         l1: weight of the mean keep probability; tv: weight of the total variation of p (images, signals).
@@ -298,7 +302,11 @@ def fido_ssr(model, x, target, *, infiller: str | Infiller = "auto", steps: int 
         seed: seed of the own generator for the concrete samples.
 
     Raises:
-        ValueError: bad options, components or mask_size.
+        ValueError: ``steps`` or ``n_samples`` < 1, ``lr`` or ``temperature`` <= 0, an unknown
+            ``output``, bad ``components`` or ``mask_size``, an unknown ``infiller`` (the message
+            names the valid ones).
+
+    Example: ``explain(model, x, y, method="fido.ssr", l1=2.0, mask_size=8)``.
     """
     return _fido(model, x, target, game="ssr", infiller=infiller, steps=steps, lr=lr, l1=l1, tv=tv,
                  temperature=temperature, n_samples=n_samples, mask_size=mask_size, components=components,
@@ -313,7 +321,18 @@ def fido_sdr(model, x, target, *, infiller: str | Infiller = "auto", steps: int 
     """FIDO smallest destroying region (Chang et al. 2019): learn drop probabilities p = sigmoid(theta)
     of a Bernoulli-concrete mask s (1 = drop) so that E[score(x with s infilled)] falls while
     ``l1`` * mean(p) (+ ``tv`` * TV(p)) stays small. Relevance = p. Arguments and errors as in
-    ``fido.ssr``."""
+    ``fido.ssr``.
+
+    Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
+        infiller, steps, lr, l1, tv, temperature, n_samples, mask_size, components, output, seed: as
+            in ``fido.ssr``.
+
+    Raises:
+        ValueError: as in ``fido.ssr``.
+
+    Example: ``explain(model, x, y, method="fido.sdr", l1=1.0, steps=100)``.
+    """
     return _fido(model, x, target, game="sdr", infiller=infiller, steps=steps, lr=lr, l1=l1, tv=tv,
                  temperature=temperature, n_samples=n_samples, mask_size=mask_size, components=components,
                  output=output, seed=seed)
@@ -349,6 +368,7 @@ def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller 
     magnitude-vs-phase query; every sample's relevance is the same mask.
 
     Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         variant: ``relaxed``, ``concrete`` or ``matching_pursuit``.
         infiller: fills the dropped part: a name, an Infiller, or ``auto`` (blur unless the GAN is passed).
         steps: Adam steps (relaxed / concrete); lr: Adam learning rate (None: 0.05 on s for relaxed,

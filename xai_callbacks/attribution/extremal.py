@@ -88,6 +88,7 @@ def extremal_perturbation(model, x, target, *, areas: tuple[float, ...] | list[f
     """Extremal perturbation on images (B, C, H, W): the mean over ``areas`` of the learned masks.
 
     Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         areas: target areas as fractions of the image (one mask each).
         game: ``preservation`` (keep the mask), ``deletion`` (remove it) or ``dual`` (both).
         infiller: fills removed pixels: a name, an Infiller, or ``auto`` (GAN if trained, else blur).
@@ -96,6 +97,12 @@ def extremal_perturbation(model, x, target, *, areas: tuple[float, ...] | list[f
         smoothing: sigma, in grid cells, of the Gaussian smoothing of the parameters (0: none).
         area_weight: weight of the area constraint.
         output: ``logit`` (as in the paper), ``log_probability`` or ``probability`` of the target.
+
+    Raises:
+        ValueError: inputs that are not images (B, C, H, W), ``areas`` outside (0, 1), an unknown
+            ``game`` or ``output``, an unknown ``infiller`` (the message names the valid ones).
+
+    Example: ``explain(model, x, y, method="extremal_perturbation", areas=[0.1], game="preservation", steps=200)``.
     """
     m = extremal_masks(model, x, target, areas=areas, game=game, infiller=infiller, steps=steps, lr=lr,
                        mask_step=mask_step, smoothing=smoothing, area_weight=area_weight, output=output)

@@ -160,7 +160,19 @@ def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite, meth
 
 @register_method("lrp.epsilon_plus_flat")
 def epsilon_plus_flat(model, x, target, *, epsilon: float = 1e-6) -> torch.Tensor:
-    """Epsilon rule on dense layers, z+ on convolutions, flat rule on the first layer."""
+    """Epsilon rule on dense layers, z+ on convolutions, flat rule on the first layer.
+
+    Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
+        epsilon: stabiliser of the epsilon rule.
+
+    Raises:
+        ValueError: a target out of range or a model output that is not (B, n_classes) scores.
+        MethodNotApplicableError: a transformer (attention, LayerNorm): zennit's composites have no
+            rules for them; use ``lrp.cp`` or ``lrp.attn``.
+
+    Example: ``explain(model, x, y, method="lrp.epsilon_plus_flat")``.
+    """
     return lrp(model, x, target, lambda c: composites.EpsilonPlusFlat(epsilon=epsilon, canonizers=c),
                "lrp.epsilon_plus_flat")
 
@@ -169,7 +181,21 @@ def epsilon_plus_flat(model, x, target, *, epsilon: float = 1e-6) -> torch.Tenso
 def epsilon_gamma_box(model, x, target, *, low: float | None = None, high: float | None = None,
                       epsilon: float = 1e-6, gamma: float = 0.25) -> torch.Tensor:
     """Epsilon on dense, gamma on convolutions, z^B (box) on the first layer with the input
-    bounds ``low`` / ``high`` (default: each sample's own minimum and maximum)."""
+    bounds ``low`` / ``high`` (default: each sample's own minimum and maximum).
+
+    Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
+        low, high: the input bounds of the z^B rule (None: each sample's own minimum and maximum).
+        epsilon: stabiliser of the epsilon rule.
+        gamma: weight of the positive part in the gamma rule.
+
+    Raises:
+        ValueError: a target out of range or a model output that is not (B, n_classes) scores.
+        MethodNotApplicableError: a transformer (attention, LayerNorm): zennit's composites have no
+            rules for them; use ``lrp.cp`` or ``lrp.attn``.
+
+    Example: ``explain(model, x, y, method="lrp.epsilon_gamma_box", low=0.0, high=1.0)``.
+    """
     dims = tuple(range(1, x.dim()))
     low = x.detach().amin(dim=dims, keepdim=True).expand_as(x) if low is None else low
     high = x.detach().amax(dim=dims, keepdim=True).expand_as(x) if high is None else high
@@ -180,7 +206,11 @@ def epsilon_gamma_box(model, x, target, *, low: float | None = None, high: float
 
 @register_method("lrp.epsilon_alpha2_beta1")
 def epsilon_alpha2_beta1(model, x, target, *, epsilon: float = 1e-6) -> torch.Tensor:
-    """Epsilon on dense layers, alpha=2 beta=1 on convolutions, flat rule on the first layer."""
+    """Epsilon on dense layers, alpha=2 beta=1 on convolutions, flat rule on the first layer.
+    Arguments and errors as in ``lrp.epsilon_plus_flat``.
+
+    Example: ``explain(model, x, y, method="lrp.epsilon_alpha2_beta1", epsilon=1e-6)``.
+    """
     return lrp(model, x, target, lambda c: composites.EpsilonAlpha2Beta1(epsilon=epsilon, canonizers=c),
                "lrp.epsilon_alpha2_beta1")
 
@@ -297,6 +327,7 @@ def lrp_composite(model, x, target, *, rules: dict | None = None, output: str = 
     """LRP with a user-defined composite (zennit rules per layer type or module name).
 
     Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         rules: ``{key: rule}`` (see :func:`config_composite`); rules are ``zero`` (LRP-0),
             ``epsilon``, ``gamma``, ``alpha_beta``, ``zplus``, ``zbox`` (z^B, ``low`` / ``high``),
             ``wsquare``, ``flat``, ``pass``, ``norm``, given as a name or as
@@ -306,6 +337,15 @@ def lrp_composite(model, x, target, *, rules: dict | None = None, output: str = 
             (zennit's EpsilonPlusFlat).
         output: ``logit`` (relevance of the target logit) or ``log_odds``: relevance of
             ``log(p_c / (1 - p_c))``, which makes evidence for competing classes negative.
+
+    Raises:
+        ValueError: an unknown rule, rule parameter or ``rules`` key, or an unknown ``output`` (each
+            message names the valid values).
+        MethodNotApplicableError: a transformer (attention, LayerNorm): zennit's composites have no
+            rules for them; use ``lrp.cp`` or ``lrp.attn``.
+
+    Example: ``explain(model, x, y, method="lrp.composite",
+                       rules={"Convolution": {"rule": "gamma", "gamma": 0.25}, "Dense": "epsilon"})``.
     """
     if output not in LRP_OUTPUTS:
         raise ValueError(f"lrp.composite output must be one of {list(LRP_OUTPUTS)}, got {output!r}")

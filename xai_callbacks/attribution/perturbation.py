@@ -53,11 +53,19 @@ def occlusion(model, x, target, *, window: int = 4, stride: int | None = None, i
     ``window`` consecutive features.
 
     Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         window: side of the removed window along every position axis.
         stride: step between windows (default: ``window``).
         infiller: fills the removed window: a name or an Infiller.
         batch_size: perturbed inputs per forward pass.
         output: ``logit``, ``probability`` or ``log_probability`` of a class target.
+
+    Raises:
+        ValueError: a ``window`` larger than the input or < 1, ``stride`` < 1, an unknown
+            ``output``, an unknown ``infiller`` (the message names the valid ones), a target out of
+            range or a model output that is not (B, n_classes) scores.
+
+    Example: ``explain(model, x, y, method="occlusion", window=8, stride=4)``.
     """
     xc, size = positions(x, "occlusion")
     stride = stride or window
@@ -89,6 +97,7 @@ def rise(model, x, target, *, n_masks: int = 500, grid: int = 8, p_keep: float =
     every batch chunk sees the same masks.
 
     Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         n_masks: number of random masks.
         grid: cells per position axis before upsampling.
         p_keep: probability that a cell is kept.
@@ -96,10 +105,19 @@ def rise(model, x, target, *, n_masks: int = 500, grid: int = 8, p_keep: float =
         batch_size: perturbed inputs per forward pass.
         output: ``probability``, ``logit`` or ``log_probability`` of a class target.
         seed: seed of the masks.
+
+    Raises:
+        ValueError: ``p_keep`` outside (0, 1), ``n_masks`` or ``grid`` < 1, an unknown ``output``,
+            an unknown ``infiller`` (the message names the valid ones), a target out of range or a
+            model output that is not (B, n_classes) scores.
+
+    Example: ``explain(model, x, y, method="rise", n_masks=1000, grid=7)``.
     """
     xc, size = positions(x, "rise")
     if not 0 < p_keep < 1:
         raise ValueError(f"rise p_keep must be in (0, 1), got {p_keep}")
+    if not isinstance(n_masks, int) or not isinstance(grid, int) or n_masks < 1 or grid < 1:
+        raise ValueError(f"rise n_masks and grid must be ints >= 1, got n_masks={n_masks!r}, grid={grid!r}")
     cell = [-(-n // grid) for n in size]
     gen = torch.Generator().manual_seed(seed)
     cells = (torch.rand(n_masks, 1, *[grid] * len(size), generator=gen) < p_keep).float()

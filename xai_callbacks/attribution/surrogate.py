@@ -106,6 +106,7 @@ def lime(model, x, target, *, features: str = "grid", patch_size: int = 4, n_seg
     to the full image.
 
     Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         features, patch_size, n_segments, compactness: the interpretable features, see
             :func:`feature_mask`.
         infiller: the baseline removed features are blended with (a mask-independent infiller).
@@ -114,6 +115,13 @@ def lime(model, x, target, *, features: str = "grid", patch_size: int = 4, n_seg
         alpha: L1 weight of the Lasso surrogate (0: ordinary least squares).
         kernel_width: width of the similarity kernel.
         seed: seed of the random subsets (the global RNG is forked, not advanced).
+
+    Raises:
+        ValueError: inputs that are not images (B, C, H, W), unknown ``features``, ``n_samples`` or
+            ``perturbations_per_eval`` < 1, an unknown ``infiller`` (the message names the valid
+            ones).
+
+    Example: ``explain(model, x, y, method="lime", features="slic", n_segments=50)``.
     """
     from captum.attr._core.lime import get_exp_kernel_similarity_function
 
@@ -130,7 +138,20 @@ def kernel_shap(model, x, target, *, features: str = "grid", patch_size: int = 4
                 perturbations_per_eval: int = 64, seed: int = 0) -> torch.Tensor:
     """KernelSHAP (Lundberg & Lee 2017) by captum's ``KernelShap``: Shapley values of the features,
     estimated by a linear regression on ``n_samples`` coalitions drawn with the Shapley kernel.
-    Arguments as in :func:`lime`."""
+    Arguments as in :func:`lime`.
+
+    Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
+        features, patch_size, n_segments, compactness, infiller, n_samples, perturbations_per_eval,
+            seed: as in :func:`lime`.
+
+    Raises:
+        ValueError: inputs that are not images (B, C, H, W), unknown ``features``, ``n_samples`` or
+            ``perturbations_per_eval`` < 1, an unknown ``infiller`` (the message names the valid
+            ones).
+
+    Example: ``explain(model, x, y, method="kernel_shap", patch_size=8, n_samples=400)``.
+    """
     return _surrogate(ca.KernelShap, model, x, target, features=features, patch_size=patch_size,
                       n_segments=n_segments, compactness=compactness, infiller=infiller, n_samples=n_samples,
                       perturbations_per_eval=perturbations_per_eval, seed=seed)

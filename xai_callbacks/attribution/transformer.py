@@ -186,17 +186,32 @@ class AttentionLRP(ConservativeTransformerLRP):
         return super().__torch_function__(func, types, args, kwargs)
 
 
+def _gradient_x_input(rules, model, x, target) -> torch.Tensor:
+    """Gradient x input of the target logit with ``rules`` (a context manager that swaps the
+    backward passes, e.g. :class:`ConservativeTransformerLRP`) in place."""
+    forward = CheckedForward(model, target)
+    with rules:
+        out = forward(x)
+    onehot = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
+    return x.detach() * input_gradient(out, x, grad_outputs=onehot)
+
+
 @register_method("lrp.cp")
 def conservative_lrp(model, x, target) -> torch.Tensor:
     """CP-LRP for transformers (attention weights and LayerNorm scale as constants, identity rule
     on GELU / SiLU, LRP-0 on linear and convolution layers), as gradient x input under
     :class:`ConservativeTransformerLRP`. The target logit is the relevance put in; on a bias-free
-    model the relevance sums to it. On a network without attention this is LRP-0."""
-    forward = CheckedForward(model, target)
-    with ConservativeTransformerLRP():
-        out = forward(x)
-    onehot = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
-    return x.detach() * input_gradient(out, x, grad_outputs=onehot)
+    model the relevance sums to it. On a network without attention this is LRP-0.
+
+    Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
+
+    Raises:
+        ValueError: a target out of range or a model output that is not (B, n_classes) scores.
+
+    Example: ``explain(model, x, y, method="lrp.cp")``.
+    """
+    return _gradient_x_input(ConservativeTransformerLRP(), model, x, target)
 
 
 @register_method("lrp.attn")
@@ -204,12 +219,11 @@ def attention_lrp(model, x, target) -> torch.Tensor:
     """AttnLRP for transformers (uniform rule on products of activations, softmax rule through
     its gradient, LayerNorm scale constant, identity rule on GELU / SiLU, LRP-0 on linear and
     convolution layers), as gradient x input under :class:`AttentionLRP`. Not exactly
-    conservative: the softmax rule keeps the share of its implicit bias."""
-    forward = CheckedForward(model, target)
-    with AttentionLRP():
-        out = forward(x)
-    onehot = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
-    return x.detach() * input_gradient(out, x, grad_outputs=onehot)
+    conservative: the softmax rule keeps the share of its implicit bias.
+
+    Arguments and errors as in ``lrp.cp``. Example: ``explain(model, x, y, method="lrp.attn")``.
+    """
+    return _gradient_x_input(AttentionLRP(), model, x, target)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +311,16 @@ def attention_rollout(model, x, target, *, residual: float = 0.5) -> torch.Tenso
     head-averaged attention of each layer mixed with the identity (``residual``: the share of the
     skip connection), rows renormalised, multiplied through the layers; the class token's row over
     the patch tokens is the map, upsampled to ``x``. Class-agnostic: ``target`` is not used.
-    Raises :class:`MethodNotApplicableError` for models without a class token (CNNs, Swin)."""
+
+    Args:
+        model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
+
+    Raises:
+        MethodNotApplicableError: a model without a class token and ``nn.MultiheadAttention`` (CNNs,
+            Swin); the message lists the methods that apply.
+
+    Example: ``explain(model, x, y, method="attention_rollout", residual=0.5)``.
+    """
     if not _has_class_token_attention(model):
         raise not_applicable(model, "attention_rollout", "it needs a vision transformer with a class token "
                              "and nn.MultiheadAttention (torchvision VisionTransformer)")

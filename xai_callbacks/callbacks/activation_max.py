@@ -5,13 +5,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data.dataloader import default_collate
 
 from .. import render, sinks
 from ..activation_max import AM_OUTPUTS, GaussianDensity, activation_maximization
-from ..data import unpack_batch
 from ..guard import model_guard
-from .base import ExplanationCallback, val_dataloader
+from .base import ExplanationCallback, read_samples, val_dataloader
 
 __all__ = ["ActivationMaximizationCallback"]
 
@@ -50,7 +48,17 @@ class ActivationMaximizationCallback(ExplanationCallback):
             for the input shape and as the density's data when no training data is reachable).
 
     Raises:
-        ValueError: an unknown variant or output.
+        ValueError: an unknown variant or output, or ``layer`` without ``classes`` (the message
+            names the valid values); with ``on_error="raise"``, the ``generator`` variant before an
+            inpainter has trained its generator.
+
+    Example::
+
+        from xai_callbacks import ActivationMaximizationCallback, InpainterCallback
+
+        am = ActivationMaximizationCallback(classes=[0, 1, 2], variants=["plain", "expert"], steps=100)
+        Trainer(callbacks=[InpainterCallback(), am]).fit(model, datamodule=dm)
+        am.images["expert"]  # (3, C, H, W): what each class detector responds to most
     """
 
     def __init__(self, classes: Sequence[int] | None = None, variants: Sequence[str] = ("plain", "expert"),
@@ -85,12 +93,10 @@ class ActivationMaximizationCallback(ExplanationCallback):
     def _fit_density(self, trainer) -> GaussianDensity:
         if self.density is None:
             loader = getattr(trainer, "train_dataloader", None)
-            dataset = getattr(loader, "dataset", None) or val_dataloader(trainer).dataset
-            rng = np.random.default_rng(self.seed)
-            idx = rng.permutation(len(dataset))[: self.density_samples]
-            collate = getattr(loader, "collate_fn", None) or default_collate
-            with torch.inference_mode(False):
-                x, _, _ = unpack_batch(collate([dataset[int(i)] for i in idx]))
+            if getattr(loader, "dataset", None) is None:
+                loader = val_dataloader(trainer)
+            idx = np.random.default_rng(self.seed).permutation(len(loader.dataset))[: self.density_samples]
+            x = read_samples(loader, idx).x
             self.density = GaussianDensity(torch.as_tensor(x).float(), shrinkage=self.shrinkage)
         return self.density
 
@@ -125,13 +131,5 @@ class ActivationMaximizationCallback(ExplanationCallback):
             self.images[variant], self.scores[variant], self.kinds[variant] = images.cpu(), scores.cpu(), kind
             unit = "class" if self.options["layer"] is None else f"{self.options['layer']} channel"
             caption = f"{kind}: " + ", ".join(f"{unit} {c} ({s:.2f})" for c, s in zip(classes, scores.tolist()))
-            sinks.log_images(trainer, f"xai/activation_max/{variant}", [self._grid(images)], [caption])
-
-    def _grid(self, images: torch.Tensor, gap: int = 2) -> np.ndarray:
-        tiles = [np.kron(render.input_rgb(img), np.ones((self.scale, self.scale, 1), dtype=np.uint8))
-                 for img in images]
-        h, w = tiles[0].shape[:2]
-        grid = np.full((h, len(tiles) * (w + gap) - gap, 3), 255, dtype=np.uint8)
-        for i, t in enumerate(tiles):
-            grid[:, i * (w + gap):i * (w + gap) + w] = t
-        return grid
+            grid = render.tile_row([render.upscale(render.input_rgb(img), self.scale) for img in images])
+            sinks.log_images(trainer, f"xai/activation_max/{variant}", [grid], [caption])

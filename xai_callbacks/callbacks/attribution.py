@@ -64,6 +64,20 @@ class AttributionCallback(ExplanationCallback):
         n_audio: samples whose sound is logged per method (signals of datasets with ``to_audio``).
         audio_keep: share of positions in the explanation-kept part of a sound, in (0, 1].
         every_n_epochs, probe_size, seed, target, on_error: see :class:`ExplanationCallback`.
+
+    Raises:
+        ValueError: an unknown method or method option, or a bad base argument (the message names
+            the valid ones); with ``on_error="raise"``, a failing explainer during ``fit`` /
+            ``validate``.
+
+    Example::
+
+        from xai_callbacks import AttributionCallback
+
+        cb = AttributionCallback(methods=["saliency", "integrated_gradients"],
+                                 method_options={"integrated_gradients": {"n_steps": 16}}, probe_size=32)
+        Trainer(callbacks=[cb], logger=WandbLogger()).fit(model, datamodule=dm)
+        cb.heatmaps["saliency"]  # (32, C, H, W), the last epoch's heatmaps
     """
 
     def __init__(self, methods: Sequence[str] = ("saliency", "lrp.epsilon_plus_flat"),
@@ -156,15 +170,4 @@ class AttributionCallback(ExplanationCallback):
         for method, heat in self.heatmaps.items():
             page = "".join(f"<p><b>{c}</b></p>{render.tokens_html(t, heat[i])}"
                            for i, (c, t) in enumerate(zip(captions, texts)))
-            key = f"xai/tokens/{method}"
-            wandbs = sinks.wandb_loggers(trainer)
-            if wandbs:
-                import wandb
-
-                for lg in wandbs:
-                    lg.log_metrics({key: wandb.Html(page)}, step=trainer.global_step)
-            else:
-                folder = sinks.run_dir(trainer) / "media" / key.replace("/", "__")
-                folder.mkdir(parents=True, exist_ok=True)
-                (folder / f"epoch{trainer.current_epoch:04d}.html").write_text(page)
-
+            sinks.log_html(trainer, f"xai/tokens/{method}", page)

@@ -26,7 +26,7 @@ from ..infill import get_infiller
 from ..scoring import Target
 
 __all__ = ["ExplanationCallback", "Probe", "select_probe", "select_per_class", "dataset_labels", "val_dataloader",
-           "shard_map", "shard_indices", "TARGETS"]
+           "read_samples", "shard_map", "shard_indices", "average_gradients", "TARGETS"]
 
 ON_ERROR = ("warn", "raise")
 TARGETS = ("label", "prediction")
@@ -56,6 +56,15 @@ def val_dataloader(trainer) -> DataLoader:
         raise RuntimeError("explanation callbacks need validation data: pass val_dataloaders or a datamodule "
                            "with val_dataloader() to fit / validate")
     return loaders
+
+
+def read_samples(loader: DataLoader, indices: Sequence[int]) -> Batch:
+    """The samples ``indices`` of ``loader.dataset``, read one by one and collated with the loader's
+    ``collate_fn`` (default collation where it has none), as a :class:`~xai_callbacks.data.Batch`
+    on the CPU; never inference tensors (they are cached across ``fit`` and ``validate``)."""
+    collate = getattr(loader, "collate_fn", None) or default_collate
+    with torch.inference_mode(False):
+        return unpack_batch(collate([loader.dataset[int(i)] for i in indices]))
 
 
 def dataset_labels(dataset, candidates: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -175,6 +184,18 @@ def shard_map(trainer, fn, *tensors: torch.Tensor):
     return {k: gather(v) for k, v in out.items()} if isinstance(out, dict) else gather(out)
 
 
+def average_gradients(module: torch.nn.Module) -> None:
+    """Average ``module``'s gradients across DDP ranks, in place: for a callback's own model
+    (e.g. the inpainter's G and D) trained beside the explained one. No-op without a process group."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
 def _target_function(spec: str) -> Callable:
     module, _, name = spec.partition(":")
     try:
@@ -202,8 +223,9 @@ class ExplanationCallback(pl.Callback):
       ``state_dict``) and per-class samples (:func:`select_per_class`);
     * the explained target (:meth:`targets`): the label, the prediction, or a target function;
     * DDP: :func:`shard_map` (split samples across ranks, gather on all), :func:`shard_indices`
-      (each rank's share, for work whose results are summed) and :meth:`on_rank_zero`
-      ("rank 0 analyses, all ranks receive");
+      (each rank's share, for work whose results are summed), :meth:`on_rank_zero`
+      ("rank 0 analyses, all ranks receive") and :func:`average_gradients` (a callback's own
+      model trained on every rank);
     * the error policy and its counting: :meth:`guarded` counts a failure once, :meth:`run_safely`
       logs the total of all explanation callbacks as ``xai/errors`` once per run.
 
@@ -269,6 +291,12 @@ class ExplanationCallback(pl.Callback):
         _say_once(f"{type(self).__name__} runs in validation only (fit / validate); trainer.test computes and "
                   "logs nothing of it: call trainer.validate(model, dataloaders=<test loader>) to explain test data", self)
 
+    def count_error(self, message: str) -> None:
+        """Warn ``"<Callback> <message>"`` and count it in :attr:`errors` (logged as ``xai/errors``):
+        for a failure under ``on_error="warn"``, or a problem that skipped part of the work."""
+        self.errors += 1
+        warnings.warn(f"{type(self).__name__} {message}", UserWarning, stacklevel=3)
+
     def guarded(self, what: str, fn, *args) -> tuple[bool, Any]:
         """Call ``fn(*args)`` under the RNG guard with the ``on_error`` policy: raise, or warn
         ``"<Callback> <what>: <error>"`` and count the failure once in :attr:`errors`.
@@ -282,9 +310,7 @@ class ExplanationCallback(pl.Callback):
         except Exception as err:
             if self.on_error == "raise":
                 raise
-            self.errors += 1
-            warnings.warn(f"{type(self).__name__} {what}: {type(err).__name__}: {err}; training goes on "
-                          "(on_error='warn')", stacklevel=3)
+            self.count_error(f"{what}: {type(err).__name__}: {err}; training goes on (on_error='warn')")
             return False, None
 
     def run_safely(self, trainer, pl_module, fn) -> None:
@@ -313,9 +339,7 @@ class ExplanationCallback(pl.Callback):
         if failure:
             if self.on_error == "raise":
                 raise RuntimeError(f"{type(self).__name__} {what}: {failure}")
-            self.errors += 1
-            warnings.warn(f"{type(self).__name__} {what}: {failure}; training goes on (on_error='warn')",
-                          stacklevel=2)
+            self.count_error(f"{what}: {failure}; training goes on (on_error='warn')")
         return result
 
     def all_ranks_ok(self, trainer, ok: bool) -> bool:
@@ -359,10 +383,7 @@ class ExplanationCallback(pl.Callback):
     def load_samples(self, trainer, pl_module, indices: Sequence[int]) -> Probe:
         """The validation samples ``indices`` as a :class:`Probe` on the module's device (read one
         by one from the dataset and collated with the loader's ``collate_fn``; no inference tensors)."""
-        loader = val_dataloader(trainer)
-        collate = loader.collate_fn or default_collate
-        with torch.inference_mode(False):  # cached across fit / validate: no inference tensors
-            x, y, masks = unpack_batch(collate([loader.dataset[int(i)] for i in indices]))
+        x, y, masks = read_samples(val_dataloader(trainer), indices)
         if y is None:
             raise ValueError("the explanation callbacks need labels: batches must be (x, y, ...) or dicts with 'y'")
         dev = pl_module.device

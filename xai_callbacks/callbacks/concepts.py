@@ -1,7 +1,6 @@
 """ConceptRelevanceCallback: per class, the concepts (channels of a layer) the model relies on."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .. import render, sinks
@@ -26,6 +25,19 @@ class ConceptRelevanceCallback(ExplanationCallback):
         n_concepts: concepts shown per class.
         n_references: reference samples per concept.
         every_n_epochs, probe_size, seed, on_error: see :class:`ExplanationCallback`.
+
+    Raises:
+        ValueError: ``n_concepts`` < 1, ``n_references`` < 0 or a bad base argument; with
+            ``on_error="raise"``, a ``layer`` the model does not have (the message lists its
+            modules) during ``fit`` / ``validate``.
+
+    Example::
+
+        from xai_callbacks import ConceptRelevanceCallback
+
+        cb = ConceptRelevanceCallback(layer="features.3", n_concepts=3, n_references=4)
+        Trainer(callbacks=[cb]).fit(model, datamodule=dm)
+        cb.concepts  # {class: the channels of features.3 it relies on most}
     """
 
     def __init__(self, layer: str, n_concepts: int = 4, n_references: int = 4, every_n_epochs: int = 1,
@@ -56,18 +68,9 @@ class ConceptRelevanceCallback(ExplanationCallback):
             rows, captions = [], []
             for k, ch in enumerate(channels.tolist()):
                 tiles = [render.panel(probe.x[first], heat[k], scale=2)]
-                tiles += [render.input_rgb(probe.x[i]).repeat(2, 0).repeat(2, 1) for i in refs[k].tolist()]
-                rows.append(_hstack(tiles))
+                tiles += [render.upscale(render.input_rgb(probe.x[i]), 2) for i in refs[k].tolist()]
+                rows.append(render.tile_row(tiles, gap=4))
                 captions.append(f"class {c} concept {ch} (R={float(res.relevance[first, ch]):.3g}); references "
                                 f"#{[int(probe.indices[i]) for i in refs[k].tolist()]}")
             sinks.log_images(trainer, f"xai/concepts/{c}", rows, captions)
 
-
-def _hstack(tiles: list[np.ndarray], gap: int = 4) -> np.ndarray:
-    h = max(t.shape[0] for t in tiles)
-    parts = []
-    for t in tiles:
-        pad = np.full((h, t.shape[1], 3), 255, np.uint8)
-        pad[:t.shape[0]] = t
-        parts += [pad, np.full((h, gap, 3), 255, np.uint8)]
-    return np.concatenate(parts[:-1], axis=1)

@@ -63,6 +63,14 @@ class ExplanationGate(pl.Callback):
         ValueError: an unknown ``action`` or ``missing``, ``every_n_epochs`` < 1, no rules, or a
             rule that does not parse.
         GateFailure: during ``fit`` / ``validate`` with ``action="raise"`` when a rule fails.
+
+    Example::
+
+        from xai_callbacks import ExplanationGate, ExplanationMetricsCallback, SpRAyCallback
+
+        gate = ExplanationGate(rules=["spray/*/n_flagged < 1", "xai/saliency/sparseness > 0.2"], action="stop")
+        Trainer(callbacks=[SpRAyCallback(), ExplanationMetricsCallback(), gate]).fit(model, datamodule=dm)
+        gate.passed  # True, False, or None before the first check
     """
 
     def __init__(self, rules: Sequence[str] = DEFAULT_RULES, action: str = "stop",

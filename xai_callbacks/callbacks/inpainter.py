@@ -10,21 +10,11 @@ from .. import render, sinks
 from ..data import unpack_batch
 from ..guard import model_guard
 from ..infill import Infiller, get_infiller
-from ..infill.gan import GANInfiller, GANInpainter, MaskSampler, masked_l1, save_generator
-from .base import ExplanationCallback
+from ..infill.gan import GANInfiller, GANInpainter, MaskSampler, save_generator
+from ..infill.quality import fill_quality
+from .base import ExplanationCallback, average_gradients
 
 __all__ = ["InpainterCallback"]
-
-
-def _all_reduce_grads(module: torch.nn.Module) -> None:
-    """Average ``module``'s gradients across DDP ranks (no-op without a process group)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return
-    for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
 
 
 class InpainterCallback(ExplanationCallback):
@@ -75,6 +65,20 @@ class InpainterCallback(ExplanationCallback):
         seed: seeds G and D's initialisation, the training masks and noise, the probe set and the
             evaluation masks.
         every_n_epochs, probe_size, on_error: see :class:`ExplanationCallback`.
+
+    Raises:
+        ValueError: ``every_n_steps`` < 1, a bad mask sampler argument, an unknown baseline
+            infiller or a bad base argument (the message names the valid ones); with
+            ``on_error="raise"``, inputs that are not images (B, C, H, W) or a failing step.
+
+    Example::
+
+        from xai_callbacks import AttributionCallback, InpainterCallback
+
+        inpainter = InpainterCallback(value_range=(0, 1), warmup_steps=200)
+        explain = AttributionCallback(methods=["fido.ssr"])  # infiller="auto": the GAN once trained
+        Trainer(callbacks=[inpainter, explain]).fit(model, datamodule=dm)
+        fill = inpainter.trained_infiller  # an Infiller: fill(x, keep)
     """
 
     def __init__(self, every_n_steps: int = 1, steps_per_batch: int = 1, width: int = 16, value_range: tuple[float, float] | None = None,
@@ -130,8 +134,8 @@ class InpainterCallback(ExplanationCallback):
 
     # -- training ------------------------------------------------------------------------------
     def _build(self, x: torch.Tensor, device: torch.device) -> None:
-        mask_sampler = self.mask_sampler
-        self.inpainter = GANInpainter(channels=x.shape[1], mask_sampler=mask_sampler, device=device, dims=x.dim() - 2,
+        self.inpainter = GANInpainter(channels=x.shape[1], mask_sampler=self.mask_sampler, device=device,
+                                      dims=x.dim() - 2,
                                       **self.options)
         if self._pending is not None:
             self.inpainter.load_state_dict(self._pending)
@@ -144,7 +148,7 @@ class InpainterCallback(ExplanationCallback):
         if self.inpainter is None:
             self._build(x, device)
         for _ in range(self.steps_per_batch):
-            losses = self.inpainter.train_step(x, grad_sync=_all_reduce_grads)
+            losses = self.inpainter.train_step(x, grad_sync=average_gradients)
             for k, v in losses.items():
                 self._losses.setdefault(k, []).append(v)
 
@@ -162,61 +166,38 @@ class InpainterCallback(ExplanationCallback):
             return
         probe = self.probe(trainer, pl_module)
         x = probe.x.float()
-        if self._eval_keep is None or self._eval_keep.shape[0] != x.shape[0]:
-            gen = torch.Generator().manual_seed(self.seed)
-            self._eval_keep = self.inpainter.masks(x.shape[0], x.shape[2:], gen)
-        keep = self._eval_keep.to(x.device)
-        hole = (1 - keep).expand_as(x)
-        vr = self.options["value_range"]
-        span = (vr[1] - vr[0]) if vr is not None else float(x.max() - x.min()) or 1.0
+        keep = self._evaluation_masks(x)
         fills = [self.inpainter.infiller(seed=self.seed)] + self.baselines
         values, filled = {}, {}
         with model_guard(pl_module) as model, torch.no_grad():
-            pred = model(x.clone()).argmax(dim=1)
+            predicted = model(x.clone()).argmax(dim=1)
             for i, f in enumerate(fills):
                 self.progress.update(advance=int(i > 0), status=f"evaluating the {f.name} infill",
                                      total=len(fills) if i == 0 else None)
-                z = f(x, keep)
-                filled[f.name] = z
-                mse = ((z - x) ** 2 * hole).sum() / hole.sum().clamp_min(1)
-                values[f"inpainter/l1/{f.name}"] = float(masked_l1(z, x, hole))
-                values[f"inpainter/psnr/{f.name}"] = float(10 * torch.log10(span ** 2 / mse.clamp_min(1e-12)))
-                values[f"inpainter/agreement/{f.name}"] = float((model(z).argmax(dim=1) == pred).float().mean())
-        for k, v in self._losses.items():
-            values[f"inpainter/{k}"] = float(np.mean(v))
+                filled[f.name], scores = fill_quality(model, x, keep, f, predicted, self.options["value_range"])
+                values.update({f"inpainter/{k}/{f.name}": v for k, v in scores.items()})
+        values.update({f"inpainter/{k}": float(np.mean(v)) for k, v in self._losses.items()})
         self._losses = {}
         sinks.log_scalars(pl_module, values)
         if not trainer.is_global_zero:
             return
+        shown = [f.name for f in fills[:2]]
         n = min(self.n_images, x.shape[0])
-        names = [f.name for f in fills[:2]]
         if x.dim() == 3:
             axes = self.signal_axes(trainer)
-            images = [render.signal_fills(x[i], keep[i], {k: filled[k][i] for k in names}, **axes) for i in range(n)]
+            images = [render.signal_fills(x[i], keep[i], {k: filled[k][i] for k in shown}, **axes) for i in range(n)]
         else:
-            images = [self._example(x[i], keep[i], [filled[k][i] for k in names]) for i in range(n)]
-        captions = [f"#{probe.indices[i].item()} input | mask | {' | '.join(names)}" for i in range(n)]
+            images = [render.inpainting_row(x[i], keep[i], [filled[k][i] for k in shown]) for i in range(n)]
+        captions = [f"#{probe.indices[i].item()} input | mask | {' | '.join(shown)}" for i in range(n)]
         sinks.log_images(trainer, "inpainter/examples", images, captions)
         if self.save_generator:
             save_generator(self.inpainter.generator, sinks.run_dir(trainer) / "inpainter" / "generator.pt")
 
-    @staticmethod
-    def _example(x: torch.Tensor, keep: torch.Tensor, fills: list[torch.Tensor], gap: int = 2) -> np.ndarray:
-        """One row: input | mask (black = removed) | each fill, on the input's own scale."""
-        lo, hi = float(x.min()), float(x.max())
-
-        def rgb(t):
-            a = ((t.float().mean(0) - lo) / (hi - lo if hi > lo else 1.0)).clamp(0, 1).cpu().numpy()
-            return (np.repeat(a[..., None], 3, axis=2) * 255).round().astype(np.uint8)
-
-        mask = (keep.float().mean(0).clamp(0, 1) * 255).round().byte().cpu().numpy()
-        mask = np.repeat(mask[..., None], 3, axis=2)
-        tiles = [rgb(x), mask] + [rgb(f) for f in fills]
-        h = tiles[0].shape[0]
-        sep = np.full((h, gap, 3), 255, np.uint8)
-        row = np.concatenate([t for tile in tiles for t in (tile, sep)][:-1], axis=1)
-        scale = max(1, 96 // h)
-        return row.repeat(scale, axis=0).repeat(scale, axis=1)
+    def _evaluation_masks(self, x: torch.Tensor) -> torch.Tensor:
+        """The probe's keep masks, drawn once from :attr:`seed` (the same masks every epoch)."""
+        if self._eval_keep is None or self._eval_keep.shape[0] != x.shape[0]:
+            self._eval_keep = self.inpainter.masks(x.shape[0], x.shape[2:], torch.Generator().manual_seed(self.seed))
+        return self._eval_keep.to(x.device)
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -6,16 +6,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data.dataloader import default_collate
 
 from .. import render, sinks
 from ..attribution import check_methods, explain, method_options
 from ..concepts import concept_relevance, find_concept_layer
-from ..data import unpack_batch
 from ..guard import model_guard, unwrap_model
 from ..spray import SpRAyResult, StrategyTracker, check_heatmaps, spray, write_virelay
 from ..spray.evidence import SampleEvidence, sample_evidence
-from .base import ExplanationCallback, Probe, select_per_class, shard_map, val_dataloader
+from ..spray.report import (class_scalars, clusters_table, embedding_table, evidence_caption, prototype_caption,
+                            sample_strategies, suspicious_share, usable_rows)
+from .base import ExplanationCallback, Probe, read_samples, select_per_class, shard_map, val_dataloader
 
 __all__ = ["SpRAyCallback", "select_per_class"]
 
@@ -108,12 +108,20 @@ class SpRAyCallback(ExplanationCallback):
         on_error: ``"warn"`` (count in ``xai/errors``, training goes on) or ``"raise"``.
 
     Raises:
-        ValueError: an argument out of range (naming the valid values); at setup, a
-            ``concept_layer`` the model does not have (listing its module names).
+        ValueError: an unknown method, method option, ``spray_options`` or ``evidence_options`` key,
+            ``max_per_class`` < 2 or ``max_others`` < 1, ``features="concepts"`` without a
+            ``concept_layer`` or with a target function (the message names the valid values); at
+            setup, a ``concept_layer`` the model does not have (listing its module names); with
+            ``on_error="raise"``, a validation set without samples of ``classes`` or without labels,
+            and (as RuntimeError) a failing analysis.
 
     Example::
 
-        SpRAyCallback(max_per_class=100)                                    # pixel-space SpRAy
+        from xai_callbacks import ExplanationGate, SpRAyCallback
+
+        spray = SpRAyCallback(method="lrp.epsilon_plus_flat", classes=[0, 1], max_per_class=100)
+        Trainer(callbacks=[spray, ExplanationGate(rules=["spray/*/n_flagged < 1"])]).fit(model, datamodule=dm)
+        spray.results[0].flagged  # which of class 0's strategies are Clever-Hans shortcuts
         SpRAyCallback(features="concepts", concept_layer="model.features.9")  # concept-space SpRAy
     """
 
@@ -190,17 +198,16 @@ class SpRAyCallback(ExplanationCallback):
             self.sample_indices = self.select_per_class(trainer, self.classes, self.max_per_class)
         if not self.sample_indices:
             raise ValueError(f"the validation set has no samples of classes {self.classes}")
-        collate = loader.collate_fn or default_collate
         dev = pl_module.device
 
         def explain_share(idx: torch.Tensor) -> dict[str, torch.Tensor]:
-            x, y, masks = unpack_batch(collate([loader.dataset[i] for i in idx.tolist()]))
+            x, y, masks = read_samples(loader, idx.tolist())
             if y is None:
                 raise ValueError("SpRAy needs labels: batches must be (x, y, ...) or dicts with 'y'")
-            x, y = x.to(dev), torch.as_tensor(y).to(dev)
+            x, y, masks = x.to(dev), torch.as_tensor(y).to(dev), {k: v.to(dev) for k, v in masks.items()}
             with model_guard(pl_module) as model:
                 scores = model(x.clone()).float()
-            target = self.targets(pl_module, Probe(x, y, {k: v.to(dev) for k, v in masks.items()}, idx))
+            target = self.targets(pl_module, Probe(x, y, masks, idx))
             y = y.reshape(len(y), -1)[:, 0].long()  # grouped by class; the first label where labels are not ids
             heat = explain(pl_module, x, target, method=self.method, **{
                 "batch_size": self.batch_size,
@@ -211,7 +218,7 @@ class SpRAyCallback(ExplanationCallback):
                 out["concepts"] = torch.cat([concept_relevance(pl_module, x[s:s + step], target[s:s + step],
                                                                self.concept_layer).relevance
                                              for s in range(0, len(x), step)])
-            out.update({f"mask:{k}": v.to(dev).float() for k, v in masks.items()})
+            out.update({f"mask:{k}": v.float() for k, v in masks.items()})
             return out
 
         self.progress.update(status=f"explaining {len(self.sample_indices)} samples ({self.method})")
@@ -225,53 +232,32 @@ class SpRAyCallback(ExplanationCallback):
     # -- one epoch -------------------------------------------------------------------------------
     def run(self, trainer, pl_module) -> None:
         data = self._collect(trainer, pl_module)
-        scalars: dict[str, float] = {}
-        problems: list[str] = []
-        failure = ""
-        if trainer.is_global_zero:
-            try:
-                scalars, problems = self._analyse(trainer, data)
-            except Exception as err:  # reported after the broadcast, so all ranks stay in step
-                failure = f"{type(err).__name__}: {err}"
-        if trainer.world_size > 1:
-            scalars, problems, failure = trainer.strategy.broadcast((scalars, problems, failure), src=0)
-        if failure:
-            if self.on_error == "raise":
-                raise RuntimeError(f"SpRAy analysis failed at epoch {trainer.current_epoch}: {failure}")
-            problems.append(failure)
+        epoch = trainer.current_epoch
+        analysed = self.on_rank_zero(trainer, f"analysis failed at epoch {epoch}", self._analyse, trainer, data)
+        scalars, problems = analysed or ({}, [])
         for p in problems:
-            self.errors += 1
-            warnings.warn(f"SpRAyCallback at epoch {trainer.current_epoch}: {p}", stacklevel=2)
+            self.count_error(f"at epoch {epoch}: {p}")
         sinks.log_scalars(pl_module, scalars)
 
     def _analyse(self, trainer, data: dict[str, torch.Tensor]) -> tuple[dict[str, float], list[str]]:
         labels = data["labels"].numpy()
         masks = {k.split(":", 1)[1].removesuffix(_MASK_SUFFIX): v for k, v in data.items() if k.startswith("mask:")}
         classes = self.classes if self.classes is not None else sorted(set(labels.tolist()))
-        ok = check_heatmaps(data["heatmaps"])
+        usable = check_heatmaps(data["heatmaps"])
         concepts = data.get("concepts")
         if concepts is not None:  # a sample without concept relevance cannot be placed in concept space
-            ok &= (torch.isfinite(concepts).all(1) & (concepts != 0).any(1)).numpy()
+            usable &= (torch.isfinite(concepts).all(1) & (concepts != 0).any(1)).numpy()
         options = {"seed": self.seed, **self.spray_options}
-        k = options.get("k", spray.__kwdefaults__["k"])
         scalars, problems, results, rows_of = {}, [], {}, {}
-        flagged_samples = analysed = 0
-        epoch = trainer.current_epoch
-        evidence, usable = self._evidence(trainer, data, labels, ok & np.isin(labels, classes))
+        evidence, analysed = self._evidence(trainer, data, labels, usable & np.isin(labels, classes))
         position = np.full(len(labels), -1)
-        position[usable] = np.arange(len(usable))
+        position[analysed] = np.arange(len(analysed))
         for i, c in enumerate(classes):
             name = self.name_of(c)
             self.progress.update(advance=int(i > 0), status=f"SpRAy class {name}", total=len(classes) if i == 0 else None)
-            rows = np.flatnonzero((labels == c) & ok)
-            bad = int(((labels == c) & ~ok).sum())
-            if bad:
-                problems.append(f"class {name}: {bad} heatmap(s) are NaN / inf or constant"
-                                + (" (or their concept relevances NaN / inf / zero)" if concepts is not None else "")
-                                + " and were left out")
-            if len(rows) <= k:
-                problems.append(f"class {name}: {len(rows)} usable heatmap(s), SpRAy with k={k} needs more than {k}; "
-                                "skipped (raise max_per_class or lower spray_options['k'])")
+            rows, found = usable_rows(labels, usable, c, options.get("k", spray.__kwdefaults__["k"]), name)
+            problems += found
+            if rows is None:
                 continue
             result = spray(data["heatmaps"][rows], masks={m: v[rows] for m, v in masks.items()} or None,
                            features=None if concepts is None else concepts[rows], n_typical=self.n_typical,
@@ -282,31 +268,17 @@ class SpRAyCallback(ExplanationCallback):
                 result = result.confirm(evidence, position[rows], data["heatmaps"][rows],
                                         {m: v[rows] for m, v in masks.items()} or None,
                                         features=None if concepts is None else concepts[rows])
-            tracker = self.trackers.setdefault(c, StrategyTracker(self.min_similarity))
-            ids = tracker.update(result.signatures, result.factors["share"], epoch)
+            ids = self.trackers.setdefault(c, StrategyTracker(self.min_similarity)).update(
+                result.signatures, result.factors["share"], trainer.current_epoch)
             results[c], rows_of[c], self.strategy_ids[c] = result, rows, ids
-            scalars[f"spray/{name}/n_clusters"] = float(result.n_clusters)
-            scalars[f"spray/{name}/max_suspicion"] = result.max_suspicion
-            scalars[f"spray/{name}/n_flagged"] = float(result.flagged.sum())
-            ev = result.evidence
-            if ev is not None:
-                top = int(np.argmax(np.where(ev.flagged, np.inf, ev.z)))
-                scalars.update({f"spray/{name}/transfer_rate": float(ev.transfer_rate[top]),
-                                f"spray/{name}/score_drop": float(ev.score_drop[top]),
-                                f"spray/{name}/region_size": float(ev.region_size[top]),
-                                f"spray/{name}/forward_passes": float(ev.forward_passes)})
-            else:
-                top = int(np.argmax(result.cluster_suspicion))
-            scalars[f"spray/{name}/suspicious_strategy"] = float(ids[top])
-            flagged_samples += int(np.isin(result.labels, np.flatnonzero(result.flagged)).sum())
-            analysed += len(rows)
-            self._log_class(trainer, c, result, ids, tracker, data, rows, evidence, position)
+            scalars.update({f"spray/{name}/{k}": v for k, v in class_scalars(result, ids).items()})
+            self._log_class(trainer, c, result, ids, data, rows, evidence, position)
         self.results = results
-        if analysed:
-            scalars["spray/suspicious_share"] = flagged_samples / analysed
+        if results:
+            scalars["spray/suspicious_share"] = suspicious_share(list(results.values()))
         if self.save_virelay and results:
-            write_virelay(sinks.run_dir(trainer) / "spray" / f"epoch_{epoch:04d}", data["heatmaps"], labels,
-                          {c: (rows_of[c], r) for c, r in results.items()}, indices=data["indices"],
+            write_virelay(sinks.run_dir(trainer) / "spray" / f"epoch_{trainer.current_epoch:04d}", data["heatmaps"],
+                          labels, {c: (rows_of[c], r) for c, r in results.items()}, indices=data["indices"],
                           inputs=data["x"], predictions=data["scores"], class_names=self.class_names or None,
                           strategy_ids=self.strategy_ids, attribution_method=self.method, target=self.target)
         return scalars, problems
@@ -328,9 +300,8 @@ class SpRAyCallback(ExplanationCallback):
                                **{"seed": self.seed, **self.evidence_options}), rows
 
     # -- logging ---------------------------------------------------------------------------------
-    def _log_class(self, trainer, c: int, r: SpRAyResult, ids: list[int], tracker: StrategyTracker,
-                   data: dict[str, torch.Tensor], rows: np.ndarray, evidence: SampleEvidence | None,
-                   position: np.ndarray) -> None:
+    def _log_class(self, trainer, c: int, r: SpRAyResult, ids: list[int], data: dict[str, torch.Tensor],
+                   rows: np.ndarray, evidence: SampleEvidence | None, position: np.ndarray) -> None:
         name = self.name_of(c)
         key = f"spray/{name}"
         x, heat, idx = data["x"][rows], data["heatmaps"][rows], data["indices"][rows].tolist()
@@ -339,18 +310,11 @@ class SpRAyCallback(ExplanationCallback):
                             f"({r.n_clusters} clusters by eigengap)", xname="index")
         sinks.log_images(trainer, f"{key}/spectrum", [render.spectrum_picture(
             r.eigenvalues, r.n_clusters, f"class {name}: {r.n_clusters} strategies by the eigengap")], [f"class {name}"])
-        strategy = np.array([ids[lab] if lab >= 0 else -1 for lab in r.labels])
-        ev = r.evidence
         if r.embedding is not None:
-            shares = list(r.mask_shares)
-            table = [[idx[i], float(r.embedding[i, 0]), float(r.embedding[i, 1]), int(strategy[i]),
-                      float(r.suspicion[i])] + ([float(ev.sample_suspicion[i])] if ev is not None else [])
-                     + [float(r.mask_shares[m][i]) for m in shares] for i in range(len(rows))]
-            sinks.log_table(trainer, f"{key}/embedding", ["sample_id", "x", "y", "strategy", "suspicion"]
-                            + (["evidence"] if ev is not None else []) + [f"{m}_share" for m in shares], table)
-            flagged_ids = {ids[j] for j in np.flatnonzero(r.flagged)}
-            sinks.log_images(trainer, f"{key}/scatter", [_scatter_rgb(r.embedding, strategy, flagged_ids, name)],
-                             [f"class {name}, epoch {trainer.current_epoch}"])
+            sinks.log_table(trainer, f"{key}/embedding", *embedding_table(r, ids, idx))
+            scatter = render.strategy_scatter(r.embedding, sample_strategies(r, ids),
+                                              {ids[j] for j in np.flatnonzero(r.flagged)}, f"class {name}")
+            sinks.log_images(trainer, f"{key}/scatter", [scatter], [f"class {name}, epoch {trainer.current_epoch}"])
         scale = max(1, 96 // heat.shape[-1])
         protos = [render.prototype_picture(p, ids[j], int(r.cluster_sizes[j]), float(r.factors["share"][j]),
                                            bool(r.flagged[j])) for j, p in enumerate(r.prototypes)]
@@ -361,44 +325,28 @@ class SpRAyCallback(ExplanationCallback):
                                           f"{r.cluster_sizes[j]} samples ({r.factors['share'][j]:.0%})"
                                           f"{'  FLAGGED' if r.flagged[j] else ''} (mean input, prototype relevance)",
                                           **axes) for j, p in enumerate(r.prototypes)]
-        captions = [f"strategy {ids[j]}: {r.cluster_sizes[j]} samples ({r.factors['share'][j]:.0%}), suspicion "
-                    f"{r.cluster_suspicion[j]:.2f}" + (f", transfer {ev.transfer_rate[j]:.2f}, drop {ev.score_drop[j]:.2f}"
-                                                        if ev is not None else "")
-                    + f"{' FLAGGED' if r.flagged[j] else ''}" for j in range(r.n_clusters)]
-        sinks.log_images(trainer, f"{key}/prototypes", protos, captions)
+        sinks.log_images(trainer, f"{key}/prototypes", protos,
+                         [prototype_caption(r, ids, j) for j in range(r.n_clusters)])
+        ev = r.evidence
         if ev is not None:
             # per strategy, its most confirmed member: as it is, region removed, an other-class sample, pasted
-            shown = list(range(r.n_clusters))
             analysed = data["x"][np.flatnonzero(position >= 0)]
-            examples = [evidence.example(int(position[rows[ev.top[j]]]), analysed) for j in shown]
+            examples = [evidence.example(int(position[rows[ev.top[j]]]), analysed) for j in range(r.n_clusters)]
             if self._signals:
                 pictures = [render.tile_row_signals(ex[:, :, 0], **axes) for ex in examples]
             else:
-                pictures = [np.concatenate([_upscale(render.input_rgb(im), scale) for im in ex], axis=1)
+                pictures = [render.tile_row([render.upscale(render.input_rgb(im), scale) for im in ex], gap=0)
                             for ex in examples]
             sinks.log_images(trainer, f"{key}/evidence", pictures,
-                             [f"strategy {ids[j]}: member | region removed (score drop {ev.score_drop[j]:.2f}) | "
-                              f"other class | region pasted (transfer {ev.transfer_rate[j]:.2f})"
-                              f"{' FLAGGED' if r.flagged[j] else ''}" for j in shown])
-        masks = list(r.cluster_mask_shares)
-        evidence_columns = ["region_size", "score_drop", "transfer_rate", "score_rise", "z"] if ev is not None else []
-        columns = ["strategy", "size", "share", "suspicion", "flagged", "novelty", "compactness"] + \
-            evidence_columns + [f"{m}_share" for m in masks] + ["prototype", "typical", "typical_ids"]
-        table = []
-        for j in range(r.n_clusters):
-            members = r.typical[j]
-            if self._signals:
-                strip = render.signal_panel(x[members[0], :, 0], heat[members[0], :, 0], title=f"#{idx[members[0]]}",
-                                            **axes) if len(members) else np.full((8, 8, 3), 255, np.uint8)
-            else:
-                strip = np.concatenate([_upscale(render.overlay(x[i], heat[i]), scale) for i in members], axis=1)
-            table.append([ids[j], int(r.cluster_sizes[j]), float(r.factors["share"][j]),
-                          float(r.cluster_suspicion[j]), bool(r.flagged[j]), float(r.factors["novelty"][j]),
-                          float(r.factors["compactness"][j])] + [float(getattr(ev, c)[j]) for c in evidence_columns]
-                         + [float(r.cluster_mask_shares[m][j]) for m in masks]
-                         + [protos[j], strip, " ".join(str(idx[i]) for i in members)])
-        sinks.log_table(trainer, f"{key}/clusters", columns, table)
-        epochs, curves = tracker.share_curves()
+                             [evidence_caption(r, ids, j) for j in range(r.n_clusters)])
+        if self._signals:  # one typical member per strategy, as a signal plot
+            strips = [render.signal_panel(x[m[0], :, 0], heat[m[0], :, 0], title=f"#{idx[m[0]]}", **axes)
+                      if len(m) else np.full((8, 8, 3), 255, np.uint8) for m in r.typical]
+        else:
+            strips = [render.tile_row([render.upscale(render.overlay(x[i], heat[i]), scale) for i in members], gap=0)
+                      for members in r.typical]
+        sinks.log_table(trainer, f"{key}/clusters", *clusters_table(r, ids, idx, protos, strips))
+        epochs, curves = self.trackers[c].share_curves()
         sinks.log_line_plot(trainer, f"{key}/strategy_share", epochs, curves,
                             title=f"class {name}: share of each strategy", xname="epoch")
 
@@ -418,6 +366,7 @@ class SpRAyCallback(ExplanationCallback):
             self.trackers[int(c)].load_state_dict(s)
 
 
+
 class _OneRow(torch.nn.Module):
     """The model on one-row images (N, C, 1, L): it is called with the signals (N, C, L)."""
 
@@ -427,31 +376,3 @@ class _OneRow(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x[:, :, 0])
-
-
-def _upscale(img: np.ndarray, scale: int) -> np.ndarray:
-    return img.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else img
-
-
-def _scatter_rgb(embedding: np.ndarray, strategy: np.ndarray, flagged: set[int], name: str) -> np.ndarray:
-    """The 2-D embedding coloured by strategy, flagged strategies ringed in red, as HxWx3 uint8."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
-    cmap = plt.get_cmap("tab10")
-    for sid in sorted(set(strategy.tolist())):
-        m = strategy == sid
-        ax.scatter(embedding[m, 0], embedding[m, 1], s=12, color="lightgrey" if sid < 0 else cmap(sid % 10),
-                   edgecolors="red" if sid in flagged else "none", linewidths=1.0,
-                   label=("noise" if sid < 0 else f"strategy {sid}") + (" (flagged)" if sid in flagged else ""))
-    ax.set_title(f"class {name}")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.legend(fontsize=6, loc="best")
-    fig.canvas.draw()
-    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return img

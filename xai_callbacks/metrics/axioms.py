@@ -117,8 +117,17 @@ def input_invariance_error(model: nn.Module, x: torch.Tensor, target, relevance:
 
 
 class CompletenessError(_Perturbation):
-    """Completeness error, logged as ``completeness_error.<infiller>``; arguments as in
-    :func:`completeness_error`."""
+    """Completeness error, logged as ``completeness_error.<infiller>``.
+
+    Args:
+        model, infiller, output, batch_size, **kwargs: as in :func:`completeness_error`.
+
+    Raises:
+        ValueError: an unknown ``infiller`` or ``output`` (the message names the valid values).
+
+    Example: ``metric = CompletenessError(model)``, updated and computed like any metric; for methods
+        whose relevance should sum to f(x) - f(baseline).
+    """
 
     name = "completeness_error"
     higher_is_better = False
@@ -133,8 +142,19 @@ class CompletenessError(_Perturbation):
 
 
 class InputInvarianceError(ExplanationMetric):
-    """Input invariance error, logged as ``input_invariance_error``; arguments as in
-    :func:`input_invariance_error`."""
+    """Input invariance error, logged as ``input_invariance_error``.
+
+    Args:
+        model, method, method_options, shift, batch_size, **kwargs: as in
+            :func:`input_invariance_error`.
+
+    Raises:
+        ValueError: in ``update``, an unknown ``method`` or inputs that do not fit (see
+            :class:`ExplanationMetric`).
+
+    Example: ``metric = InputInvarianceError(model, method="saliency", shift="mean")``, updated and
+        computed like any metric; 0 for shift-invariant methods.
+    """
 
     name = "input_invariance_error"
     needs_method = True

@@ -196,6 +196,23 @@ class ExplanationMetric(Metric):
             no model (complexity, localisation).
         n_curve_points: length of the curve a curve metric accumulates (0: no curve).
         **kwargs: passed to ``torchmetrics.Metric`` (e.g. ``dist_sync_on_step``).
+
+    Raises:
+        ValueError: at construction, no ``nn.Module`` for a metric that needs the model; in
+            ``update``, inputs of a rank the metric does not take (``input_dims``) or a localisation
+            metric without masks; in :meth:`compute_curve`, a metric without a curve.
+
+    Example::
+
+        class MeanRelevance(ExplanationMetric):
+            name, needs_model = "mean_relevance", False
+
+            def scores(self, x, target, relevance, masks=None):
+                return relevance.flatten(1).mean(1)
+
+        metric = MeanRelevance()
+        metric.update(x, y, relevance)
+        metric.compute()  # the mean over all samples seen (summed across DDP ranks)
     """
 
     name: str = "metric"

@@ -43,7 +43,17 @@ def complexity(relevance: torch.Tensor, x: torch.Tensor | None = None) -> torch.
 
 
 class Sparseness(ExplanationMetric):
-    """Sparseness, logged as ``sparseness``; see :func:`sparseness`. ``model`` is accepted and ignored."""
+    """Sparseness, logged as ``sparseness``; see :func:`sparseness`. ``model`` is accepted and ignored.
+
+    Args:
+        model, **kwargs: as in :func:`sparseness`.
+
+    Raises:
+        ValueError: in ``update``, inputs that do not fit (see :class:`ExplanationMetric`).
+
+    Example: ``metric = Sparseness()``, updated and computed like any metric; no model needed: only the
+        heatmap is read.
+    """
 
     name = "sparseness"
     needs_model = False
@@ -57,7 +67,13 @@ class Sparseness(ExplanationMetric):
 
 
 class Complexity(Sparseness):
-    """Complexity, logged as ``complexity``; see :func:`complexity`."""
+    """Complexity, logged as ``complexity``; see :func:`complexity`.
+
+    Arguments and errors as in :class:`Sparseness`.
+
+    Example: ``metric = Complexity()``, updated and computed like any metric; the entropy of the
+        normalised |relevance|.
+    """
 
     name = "complexity"
     higher_is_better = False

@@ -246,7 +246,18 @@ class _Perturbation(ExplanationMetric):
 
 class PixelFlipping(_Perturbation):
     """Pixel flipping AOPC, logged as ``pixel_flipping_<order>_aopc.<infiller>``; the mean curve
-    via :meth:`compute_curve`. Arguments as in :func:`pixel_flipping`."""
+    via :meth:`compute_curve`.
+
+    Args:
+        model, order, n_steps, infiller, output, batch_size, **kwargs: as in :func:`pixel_flipping`.
+
+    Raises:
+        ValueError: an unknown ``order``, ``infiller`` or ``output`` (the message names the valid
+            values).
+
+    Example: ``metric = PixelFlipping(model, order="morf", infiller="blur")``, updated and computed like
+        any metric; ``metric.compute_curve()`` gives the mean score after each step.
+    """
 
     higher_is_better = None
 
@@ -268,7 +279,19 @@ class PixelFlipping(_Perturbation):
 class RegionPerturbation(PixelFlipping):
     """Region perturbation AOPC, logged as ``region_perturbation_<order>_aopc.<infiller>``.
     Arguments as in :func:`region_perturbation`; ``n_steps`` is required here (e.g. 64 regions of
-    4x4 pixels cover a 32x32 image)."""
+    4x4 pixels cover a 32x32 image).
+
+    Args:
+        model, order, patch_size, n_steps, infiller, output, batch_size, **kwargs: as in
+            :func:`region_perturbation`.
+
+    Raises:
+        ValueError: an unknown ``order``, ``infiller`` or ``output`` (the message names the valid
+            values).
+
+    Example: ``metric = RegionPerturbation(model, patch_size=4, n_steps=64)``, updated and computed like
+        any metric; 64 regions of 4 x 4 pixels cover a 32 x 32 image.
+    """
 
     def __init__(self, model: nn.Module, order: str = "morf", patch_size: int = 4, n_steps: int = 64,
                  infiller: str | Infiller = "constant", output: str = "probability", batch_size: int = 256, **kwargs):
@@ -283,11 +306,21 @@ class RegionPerturbation(PixelFlipping):
 
 
 class Deletion(_Perturbation):
-    """Deletion AUC, logged as ``deletion_auc.<infiller>`` (lower is better); arguments as in
-    :func:`deletion_auc`."""
+    """Deletion AUC, logged as ``deletion_auc.<infiller>`` (lower is better).
+
+    Args:
+        model, n_steps, infiller, output, batch_size, **kwargs: as in :func:`deletion_auc`.
+
+    Raises:
+        ValueError: an unknown ``infiller`` or ``output`` (the message names the valid values).
+
+    Example: ``metric = Deletion(model, n_steps=32)``, updated and computed like any metric; its curve:
+        the score as 1/32, 2/32, ... of the pixels go.
+    """
 
     name = "deletion_auc"
     higher_is_better = False
+    fn = staticmethod(deletion_auc)  # the functional form whose scores this class accumulates
 
     def __init__(self, model: nn.Module, n_steps: int = 64, infiller: str | Infiller = "constant",
                  output: str = "probability", batch_size: int = 256, **kwargs):
@@ -295,29 +328,42 @@ class Deletion(_Perturbation):
         super().__init__(model, infiller, output, batch_size, n_curve_points=n_steps + 1, **kwargs)
 
     def scores(self, x, target, relevance, masks=None):
-        return deletion_auc(self.model, x, target, relevance, n_steps=self.n_steps, infiller=self.infiller,
-                        output=self.output, batch_size=self.batch_size)
+        return self.fn(self.model, x, target, relevance, n_steps=self.n_steps, infiller=self.infiller,
+                       output=self.output, batch_size=self.batch_size)
 
 
 class Insertion(Deletion):
-    """Insertion AUC, logged as ``insertion_auc.<infiller>`` (higher is better); arguments as in
-    :func:`insertion_auc`."""
+    """Insertion AUC, logged as ``insertion_auc.<infiller>`` (higher is better).
+
+    Arguments and errors as in :class:`Deletion`.
+
+    Example: ``metric = Insertion(model, n_steps=32)``, updated and computed like any metric; higher is
+        better.
+    """
 
     name = "insertion_auc"
     higher_is_better = True
+    fn = staticmethod(insertion_auc)
 
     def __init__(self, model: nn.Module, n_steps: int = 64, infiller: str | Infiller = "blur",
                  output: str = "probability", batch_size: int = 256, **kwargs):
         super().__init__(model, n_steps, infiller, output, batch_size, **kwargs)
 
-    def scores(self, x, target, relevance, masks=None):
-        return insertion_auc(self.model, x, target, relevance, n_steps=self.n_steps, infiller=self.infiller,
-                         output=self.output, batch_size=self.batch_size)
-
 
 class FaithfulnessCorrelation(_Perturbation):
     """Faithfulness correlation, logged as ``faithfulness_correlation.<infiller>`` (higher is
-    better); arguments as in :func:`faithfulness_correlation`."""
+    better).
+
+    Args:
+        model, n_runs, subset_size, infiller, output, batch_size, seed, **kwargs: as in
+            :func:`faithfulness_correlation`.
+
+    Raises:
+        ValueError: an unknown ``infiller`` or ``output`` (the message names the valid values).
+
+    Example: ``metric = FaithfulnessCorrelation(model, n_runs=50, subset_size=64)``, updated and computed
+        like any metric; 50 random subsets of 64 pixels per sample.
+    """
 
     name = "faithfulness_correlation"
     higher_is_better = True
@@ -335,7 +381,17 @@ class FaithfulnessCorrelation(_Perturbation):
 
 
 class Infidelity(ExplanationMetric):
-    """Infidelity, logged as ``infidelity`` (lower is better); arguments as in :func:`infidelity`."""
+    """Infidelity, logged as ``infidelity`` (lower is better).
+
+    Args:
+        model, n_samples, noise_std, output, batch_size, seed, **kwargs: as in :func:`infidelity`.
+
+    Raises:
+        ValueError: an unknown ``output`` (the message names the valid values).
+
+    Example: ``metric = Infidelity(model, n_samples=16)``, updated and computed like any metric; 16
+        Gaussian perturbations per sample, explained on logits.
+    """
 
     name = "infidelity"
     higher_is_better = False

@@ -77,21 +77,43 @@ class _Localisation(ExplanationMetric):
 
 class RelevanceMass(_Localisation):
     """Relevance mass accuracy, logged as ``relevance_mass``; see :func:`relevance_mass`. The
-    model argument is accepted and ignored (all metrics share one constructor form)."""
+    model argument is accepted and ignored (all metrics share one constructor form).
+
+    Args:
+        model, **kwargs: as in :func:`relevance_mass`.
+
+    Raises:
+        ValueError: in ``update``, inputs that do not fit (see :class:`ExplanationMetric`).
+
+    Example: ``metric = RelevanceMass()``, updated and computed like any metric; with ``metric.update(x,
+        y, relevance, masks)``: masks (B, H, W) mark the object.
+    """
 
     name = "relevance_mass"
     fn = staticmethod(relevance_mass)
 
 
 class RelevanceRank(_Localisation):
-    """Relevance rank accuracy, logged as ``relevance_rank``; see :func:`relevance_rank`."""
+    """Relevance rank accuracy, logged as ``relevance_rank``; see :func:`relevance_rank`.
+
+    Arguments and errors as in :class:`RelevanceMass`.
+
+    Example: ``metric = RelevanceRank()``, updated and computed like any metric; the same ``masks`` as
+        relevance mass.
+    """
 
     name = "relevance_rank"
     fn = staticmethod(relevance_rank)
 
 
 class PointingGame(_Localisation):
-    """Pointing game, logged as ``pointing_game``; see :func:`pointing_game`."""
+    """Pointing game, logged as ``pointing_game``; see :func:`pointing_game`.
+
+    Arguments and errors as in :class:`RelevanceMass`.
+
+    Example: ``metric = PointingGame()``, updated and computed like any metric; a hit when the maximum of
+        the heatmap lies in the mask.
+    """
 
     name = "pointing_game"
     fn = staticmethod(pointing_game)

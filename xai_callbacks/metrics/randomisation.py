@@ -101,7 +101,18 @@ class ModelParameterRandomisation(ExplanationMetric):
     """Model parameter randomisation, logged as ``model_parameter_randomisation`` (the mean
     similarity to the original heatmap; lower is better); the per-layer curve via
     :meth:`compute_curve`, over ``curve_axis`` "randomised layers". Arguments as in
-    :func:`model_parameter_randomisation`."""
+    :func:`model_parameter_randomisation`.
+
+    Args:
+        model, method, method_options, layer_order, similarity, batch_size, seed, **kwargs: as in
+            :func:`model_parameter_randomisation`.
+
+    Raises:
+        ValueError: an unknown ``layer_order`` or ``similarity`` (the message names the valid values).
+
+    Example: ``metric = ModelParameterRandomisation(model, method="saliency")``, updated and computed like
+        any metric; ``compute_curve()`` over the randomised layers.
+    """
 
     name = "model_parameter_randomisation"
     curve_axis = "randomised layers"
@@ -124,8 +135,18 @@ class ModelParameterRandomisation(ExplanationMetric):
 
 
 class RandomLogit(ExplanationMetric):
-    """Random-logit similarity, logged as ``random_logit_similarity`` (lower is better); arguments
-    as in :func:`random_logit`."""
+    """Random-logit similarity, logged as ``random_logit_similarity`` (lower is better).
+
+    Args:
+        model, method, method_options, similarity, batch_size, seed, **kwargs: as in
+            :func:`random_logit`.
+
+    Raises:
+        ValueError: an unknown ``similarity`` (the message names the valid values).
+
+    Example: ``metric = RandomLogit(model, method="saliency", similarity="pearson")``, updated and
+        computed like any metric; explains a random other class.
+    """
 
     name = "random_logit_similarity"
     needs_method = True

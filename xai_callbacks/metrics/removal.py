@@ -159,7 +159,17 @@ def sensitivity_n(model: nn.Module, x: torch.Tensor, target, relevance: torch.Te
 
 # ------------------------------------------------------------------------------------ classes
 class IROF(_Perturbation):
-    """IROF, logged as ``irof.<infiller>`` (higher is better); arguments as in :func:`irof`."""
+    """IROF, logged as ``irof.<infiller>`` (higher is better).
+
+    Args:
+        model, n_segments, compactness, infiller, output, batch_size, **kwargs: as in :func:`irof`.
+
+    Raises:
+        ValueError: an unknown ``infiller`` or ``output`` (the message names the valid values).
+
+    Example: ``metric = IROF(model, n_segments=50)``, updated and computed like any metric; SLIC
+        superpixels, removed in order of mean relevance.
+    """
 
     name = "irof"
     higher_is_better = True
@@ -175,8 +185,18 @@ class IROF(_Perturbation):
 
 
 class Selectivity(_Perturbation):
-    """Selectivity, logged as ``selectivity.<infiller>`` (lower is better); arguments as in
-    :func:`selectivity`. The mean curve via :meth:`compute_curve` needs images of one size."""
+    """Selectivity, logged as ``selectivity.<infiller>`` (lower is better). The mean curve via
+    :meth:`compute_curve` needs images of one size.
+
+    Args:
+        model, patch_size, infiller, output, batch_size, **kwargs: as in :func:`selectivity`.
+
+    Raises:
+        ValueError: an unknown ``infiller`` or ``output`` (the message names the valid values).
+
+    Example: ``metric = Selectivity(model, patch_size=8)``, updated and computed like any metric; the
+        curve needs images of one size.
+    """
 
     name = "selectivity"
     higher_is_better = False
@@ -194,7 +214,18 @@ class Selectivity(_Perturbation):
 
 class SensitivityN(_Perturbation):
     """Sensitivity-n, logged as ``sensitivity_n.<infiller>`` (higher is better); the mean
-    correlation per subset size via :meth:`compute_curve`. Arguments as in :func:`sensitivity_n`."""
+    correlation per subset size via :meth:`compute_curve`.
+
+    Args:
+        model, fractions, n_runs, infiller, output, batch_size, seed, **kwargs: as in
+            :func:`sensitivity_n`.
+
+    Raises:
+        ValueError: an unknown ``infiller`` or ``output`` (the message names the valid values).
+
+    Example: ``metric = SensitivityN(model, fractions=(0.05, 0.2))``, updated and computed like any
+        metric; one correlation per subset size in ``compute_curve()``.
+    """
 
     name = "sensitivity_n"
     curve_axis = "subset size (fraction of pixels)"

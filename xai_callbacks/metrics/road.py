@@ -206,7 +206,17 @@ def road(model: nn.Module, x: torch.Tensor, target, relevance: torch.Tensor, *, 
 
 class ROAD(ExplanationMetric):
     """ROAD, logged as ``road_<order>`` (lower is better for ``morf``); the mean curve via
-    :meth:`compute_curve`. Arguments as in :func:`road`."""
+    :meth:`compute_curve`.
+
+    Args:
+        model, order, percentages, noise, output, batch_size, seed, **kwargs: as in :func:`road`.
+
+    Raises:
+        ValueError: an unknown ``order`` or ``output`` (the message names the valid values).
+
+    Example: ``metric = ROAD(model, order="morf")``, updated and computed like any metric; accuracy after
+        imputing 5%, 15%, ... 95% of the pixels.
+    """
 
     higher_is_better = None  # lower for morf, higher for lerf
 

@@ -102,7 +102,19 @@ class _Robustness(ExplanationMetric):
 
 
 class MaxSensitivity(_Robustness):
-    """Max-sensitivity, logged as ``max_sensitivity``; arguments as in :func:`sensitivity`."""
+    """Max-sensitivity, logged as ``max_sensitivity``.
+
+    Args:
+        model, method, method_options, n_samples, radius, batch_size, seed, **kwargs: as in
+            :func:`sensitivity`.
+
+    Raises:
+        ValueError: in ``update``, an unknown ``method`` or inputs that do not fit (see
+            :class:`ExplanationMetric`).
+
+    Example: ``metric = MaxSensitivity(model, method="saliency", radius=0.1)``, updated and computed like
+        any metric; re-explains 10 noisy copies of each input.
+    """
 
     name = "max_sensitivity"
 
@@ -120,7 +132,13 @@ class MaxSensitivity(_Robustness):
 
 
 class AvgSensitivity(MaxSensitivity):
-    """Avg-sensitivity, logged as ``avg_sensitivity``; arguments as in :func:`sensitivity`."""
+    """Avg-sensitivity, logged as ``avg_sensitivity``.
+
+    Arguments and errors as in :class:`MaxSensitivity`.
+
+    Example: ``metric = AvgSensitivity(model, method="saliency")``, updated and computed like any metric;
+        the mean instead of the maximum.
+    """
 
     name = "avg_sensitivity"
 
@@ -129,8 +147,14 @@ class AvgSensitivity(MaxSensitivity):
 
 
 class LocalLipschitzEstimate(_Robustness):
-    """Local Lipschitz estimate, logged as ``local_lipschitz_estimate``; arguments as in
-    :func:`local_lipschitz_estimate`."""
+    """Local Lipschitz estimate, logged as ``local_lipschitz_estimate``.
+
+    Arguments and errors as in :class:`MaxSensitivity` (see :func:`local_lipschitz_estimate`), with
+    ``noise_std``, the standard deviation of the Gaussian input noise, in place of ``radius``.
+
+    Example: ``metric = LocalLipschitzEstimate(model, method="saliency")``, updated and computed like any
+        metric; the largest ratio ||R(x) - R(x + noise)|| / ||noise|| over Gaussian draws.
+    """
 
     name = "local_lipschitz_estimate"
 

@@ -87,7 +87,18 @@ def smooth_mprt(model: nn.Module, x: torch.Tensor, target, relevance: torch.Tens
 
 class SmoothMPRT(ExplanationMetric):
     """sMPRT, logged as ``smooth_mprt`` (the mean similarity of the denoised heatmaps; lower is
-    better); the per-layer curve via :meth:`compute_curve`. Arguments as in :func:`smooth_mprt`."""
+    better); the per-layer curve via :meth:`compute_curve`.
+
+    Args:
+        model, method, method_options, n_samples, noise_magnitude, layer_order, similarity, abs,
+            batch_size, seed, **kwargs: as in :func:`smooth_mprt`.
+
+    Raises:
+        ValueError: an unknown ``layer_order`` or ``similarity`` (the message names the valid values).
+
+    Example: ``metric = SmoothMPRT(model, method="saliency", n_samples=4)``, updated and computed like any
+        metric; each heatmap averaged over 4 noisy inputs.
+    """
 
     name = "smooth_mprt"
     curve_axis = "randomised layers"

@@ -6,7 +6,8 @@
 
 The steps are named as in Lapuschkin et al. (2019) and CoRelAy (:mod:`.pipeline`); the
 suspicion scores are in :mod:`.suspicion`, cluster matching across epochs in :mod:`.tracking`,
-and the ViRelAy database export in :mod:`.virelay`. No Lightning, no W&B here.
+the ViRelAy database export in :mod:`.virelay`, and what the callback reports about a class
+(usable rows, scalars, tables, captions) in :mod:`.report`. No Lightning, no W&B here.
 """
 from .core import SpRAyResult, spray
 from .pipeline import (affinity, check_heatmaps, clustering, eigengap, knn, laplacian, preprocess, prototypes,

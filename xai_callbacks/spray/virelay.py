@@ -37,6 +37,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ..render import input_rgb
 from .core import SpRAyResult
 
 __all__ = ["write_virelay", "category_name", "clusterings", "TARGETS"]
@@ -59,16 +60,6 @@ def _np(a) -> np.ndarray:
     except ImportError:  # pragma: no cover
         pass
     return np.asarray(a)
-
-
-def _rgb(inputs: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) inputs -> (N, H, W, 3) uint8, each image min-max scaled (grey for 1 or >3 channels)."""
-    a = inputs if inputs.shape[1] in (1, 3) else inputs.mean(1, keepdims=True)
-    lo = a.min(axis=(1, 2, 3), keepdims=True)
-    span = a.max(axis=(1, 2, 3), keepdims=True) - lo
-    a = np.where(span > 0, (a - lo) / np.where(span > 0, span, 1), 0.0)
-    a = np.repeat(a, 3, axis=1) if a.shape[1] == 1 else a
-    return (a.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
 
 
 def clusterings(result: SpRAyResult, ks: Sequence[int], seed: int = 0) -> dict[str, np.ndarray]:
@@ -164,7 +155,7 @@ def write_virelay(directory, heatmaps, labels, results: Mapping[int, tuple[Seque
     paths = {"input": out / "input.h5", "attribution": out / "attribution.h5", "analysis": out / "analysis.h5",
              "label_map": out / "label-map.json", "project": out / "project.yaml"}
     with h5py.File(paths["input"], "w") as f:
-        f["data"] = _rgb(inputs)
+        f["data"] = np.array([input_rgb(a) for a in inputs], np.uint8).reshape(n, *inputs.shape[2:], 3)
         f["label"] = labels
         f["input"] = inputs
     with h5py.File(paths["attribution"], "w") as f:
