@@ -44,7 +44,7 @@ def test_errors_in_the_file_name_the_file(tmp_path):
         load_config(tmp_path / "nowhere.yaml")
 
 
-RUN_CONFIGS = ["clever_hans.yaml", "gate_only.yaml"]
+RUN_CONFIGS = ["clever_hans.yaml", "gate_only.yaml", "audio.yaml"]
 LIGHTNING_CLI_CONFIGS = ["lightning_cli.yaml", "resnet18_cifar.yaml"]
 
 

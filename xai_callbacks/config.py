@@ -4,8 +4,9 @@ Each callback's config is derived from its constructor's signature (one place fo
 types and defaults), so a wrong key or a wrong type is caught with the key, the value and what
 is valid before anything runs.
 
-    run:        seed, data, model, trainer, logger, callbacks
-    callbacks:  attribution | metrics | spray | inpainter | gate  (absent or null: not used)
+    run:        task, seed, data, model, trainer, logger, callbacks
+    task:       digits (the shortcut digits and DemoCNN) | notes (note spectra and SpectrumCNN)
+    callbacks:  attribution | metrics | spray | inpainter | class_importance | gate  (absent or null: not used)
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from typing import Any, Dict, List, Optional, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["CALLBACKS", "ConfigError", "RunConfig", "callback_config", "load_config", "build_callbacks", "build"]
+__all__ = ["CALLBACKS", "TASKS", "ConfigError", "RunConfig", "NotesRunConfig", "callback_config", "load_config",
+           "build_callbacks", "build"]
 
 # config name -> "module:Class"; imported lazily so each callback's dependencies load on use only
 CALLBACKS: dict[str, str] = {
@@ -30,6 +32,7 @@ CALLBACKS: dict[str, str] = {
     "metrics": "xai_callbacks.callbacks.metrics:ExplanationMetricsCallback",
     "spray": "xai_callbacks.callbacks.spray:SpRAyCallback",
     "inpainter": "xai_callbacks.callbacks.inpainter:InpainterCallback",
+    "class_importance": "xai_callbacks.callbacks.class_importance:ClassImportanceCallback",
     "gate": "xai_callbacks.callbacks.gate:ExplanationGate",
 }
 
@@ -122,12 +125,55 @@ class LoggerConfig:
 
 @dataclass
 class RunConfig:
+    task: str = "digits"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: Dict[str, Any] = field(default_factory=lambda: {"max_epochs": 8})
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NotesDataConfig:
+    """Arguments of :class:`xai_callbacks.data.NoteSpectraDataModule` (``task: notes``)."""
+    batch_size: int = 32
+    num_workers: int = 0
+    n_per_class: int = 120
+    shortcut: Optional[str] = "hum"
+    shortcut_class: Optional[int] = 3
+    shortcut_fraction: float = 0.4
+    shortcut_level: float = 1.0
+    n_bins: int = 128
+    val_fraction: float = 0.3
+    seed: int = 0
+
+
+@dataclass
+class NotesRunConfig(RunConfig):
+    """``task: notes``: instrument-like note spectra classified by :class:`xai_callbacks.models.SpectrumCNN`."""
+    task: str = "notes"
+    data: NotesDataConfig = field(default_factory=NotesDataConfig)
+
+
+TASKS = {"digits": RunConfig, "notes": NotesRunConfig}
+
+
+def _task(path, overrides) -> str:
+    """The run's task: the last ``task=`` override, else the file's ``task``, else ``digits``."""
+    task = "digits"
+    if path is not None and Path(path).is_file():
+        try:
+            task = str(OmegaConf.load(path).get("task", task))
+        except Exception:  # an unreadable file is reported by load_config
+            pass
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.strip() == "task":
+            task = value.strip()
+    if task not in TASKS:
+        raise ConfigError(f"task={task!r} is not valid; valid: {sorted(TASKS)}")
+    return task
 
 
 LOGGER_KINDS = ("wandb", "tensorboard", "csv", "none")
@@ -213,8 +259,14 @@ def _override_source(section: str, path, overrides) -> str:
 def _validate(cfg: DictConfig, source: str) -> dict[str, Any]:
     from . import data
 
+    if cfg.task == "notes":
+        from .data.notes import NOTE_SHORTCUTS
+
+        if cfg.data.shortcut is not None and cfg.data.shortcut not in NOTE_SHORTCUTS:
+            raise ConfigError(f"{source}: data.shortcut={cfg.data.shortcut!r} is not valid; valid: "
+                              f"{list(NOTE_SHORTCUTS)} or null")
     kinds = getattr(data, "ARTIFACT_KINDS", None)
-    if kinds and cfg.data.artifact_kind not in kinds:
+    if cfg.task == "digits" and kinds and cfg.data.artifact_kind not in kinds:
         raise ConfigError(f"{source}: data.artifact_kind={cfg.data.artifact_kind!r} is not valid; valid: {list(kinds)}")
     if cfg.logger.kind not in LOGGER_KINDS:
         raise ConfigError(f"{source}: logger.kind={cfg.logger.kind!r} is not valid; valid: {list(LOGGER_KINDS)}")
@@ -241,7 +293,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """
     import yaml
 
-    cfg = OmegaConf.structured(RunConfig)
+    cfg = OmegaConf.structured(TASKS[_task(path, overrides)])
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"config file {path} does not exist" if not Path(path).exists()
@@ -304,8 +356,9 @@ def build(cfg: DictConfig, path: str | Path | None = None, overrides: list[str] 
     """
     import lightning.pytorch as pl
 
-    from .data import ShortcutDigitsDataModule
-    from .models import Classifier, DemoCNN
+    from .data import NoteSpectraDataModule, ShortcutDigitsDataModule
+    from .data.notes import INSTRUMENTS
+    from .models import Classifier, DemoCNN, SpectrumCNN
 
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -317,9 +370,14 @@ def build(cfg: DictConfig, path: str | Path | None = None, overrides: list[str] 
 
     pl.seed_everything(cfg.seed, verbose=False)
     data = OmegaConf.to_container(cfg.data)
-    data["artifact_position"] = tuple(data["artifact_position"])
-    datamodule = make("data", ShortcutDigitsDataModule, **data)
-    net = make("model", DemoCNN, width=cfg.model.width, dropout=cfg.model.dropout, image_size=cfg.data.size)
+    if cfg.task == "notes":
+        datamodule = make("data", NoteSpectraDataModule, **data)
+        net = make("model", SpectrumCNN, in_channels=2, n_classes=len(INSTRUMENTS), width=cfg.model.width,
+                   dropout=cfg.model.dropout)
+    else:
+        data["artifact_position"] = tuple(data["artifact_position"])
+        datamodule = make("data", ShortcutDigitsDataModule, **data)
+        net = make("model", DemoCNN, width=cfg.model.width, dropout=cfg.model.dropout, image_size=cfg.data.size)
     module = make("model", Classifier, net, lr=cfg.model.lr)
     trainer_args = OmegaConf.to_container(cfg.trainer)
     trainer_args.setdefault("default_root_dir", cfg.logger.save_dir)

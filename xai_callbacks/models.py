@@ -9,7 +9,7 @@ from zennit.layer import Sum
 
 from .data import unpack_batch
 
-__all__ = ["DemoCNN", "ResidualBlock", "Classifier"]
+__all__ = ["DemoCNN", "SpectrumCNN", "ResidualBlock", "Classifier"]
 
 
 class ResidualBlock(nn.Module):
@@ -48,6 +48,45 @@ class DemoCNN(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * width, n_classes))
 
     def forward(self, x):
+        return self.head(self.features(x))
+
+
+class SpectrumCNN(nn.Module):
+    """A small 1-D CNN for spectra and other signals (B, C, L): three conv-BN-ReLU stages (the first
+    two max-pooled), average-pooled to ``pooled`` positions, Dropout and a linear head.
+
+    Args:
+        in_channels: input channels (2 for magnitude and phase spectra).
+        n_classes: outputs.
+        width: channels of the first stage (doubled at each stage).
+        pooled: positions kept by the final adaptive average pooling (a coarse frequency layout).
+        dropout: dropout before the head.
+
+    Example::
+
+        net = SpectrumCNN(in_channels=2, n_classes=6)
+        logits = net(torch.randn(8, 2, 128))       # (8, 6)
+    """
+
+    def __init__(self, in_channels: int = 2, n_classes: int = 6, width: int = 16, pooled: int = 4,
+                 dropout: float = 0.2):
+        super().__init__()
+        if min(in_channels, n_classes, width, pooled) < 1:
+            raise ValueError(f"SpectrumCNN needs in_channels, n_classes, width and pooled >= 1; got {in_channels}, "
+                             f"{n_classes}, {width}, {pooled}")
+        self.features = nn.Sequential(
+            nn.Conv1d(in_channels, width, 5, padding=2), nn.BatchNorm1d(width), nn.ReLU(inplace=True),
+            nn.MaxPool1d(2),
+            nn.Conv1d(width, 2 * width, 5, padding=2), nn.BatchNorm1d(2 * width), nn.ReLU(inplace=True),
+            nn.MaxPool1d(2),
+            nn.Conv1d(2 * width, 4 * width, 3, padding=1), nn.BatchNorm1d(4 * width), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool1d(pooled),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * width * pooled, n_classes))
+
+    def forward(self, x):
+        if x.dim() != 3:
+            raise ValueError(f"SpectrumCNN expects signals (B, C, L), got shape {tuple(x.shape)}")
         return self.head(self.features(x))
 
 

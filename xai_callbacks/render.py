@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 __all__ = ["heatmap_rgb", "input_rgb", "overlay", "panel", "colour_scale", "prototype_picture", "spectrum_picture",
-           "tokens_html", "upscale", "tile_row", "figure_rgb", "inpainting_row", "strategy_scatter"]
+           "tokens_html", "upscale", "tile_row", "figure_rgb", "inpainting_row", "strategy_scatter", "signal_panel",
+           "signal_fills", "tile_row_signals"]
 
 
 def _to_numpy(t) -> np.ndarray:
@@ -282,3 +283,126 @@ def tokens_html(tokens, relevance, percentile: float = 99.5, cmap: str = "bwr") 
              f'margin: 1px; border-radius: 3px">{html.escape(str(t))}</span>'
              for t, v, c in zip(tokens, r, colours)]
     return '<div style="font-family: monospace; line-height: 1.8">' + " ".join(spans) + "</div>"
+
+
+def _signal_axes(n: int, positions, channel_names, channels: int):
+    """x values (positions or 0..n-1), whether they are frequencies (log axis) and channel names."""
+    freq = positions is not None
+    xs = np.asarray(positions, dtype=float) if freq else np.arange(n, dtype=float)
+    if len(xs) != n:
+        raise ValueError(f"positions has {len(xs)} values for signals of length {n}")
+    names = list(channel_names) if channel_names is not None else [f"channel {c}" for c in range(channels)]
+    if len(names) != channels:
+        raise ValueError(f"channel_names has {len(names)} names for {channels} channels")
+    return xs, freq, names
+
+
+def signal_panel(x, relevance, positions=None, channel_names=None, title: str = "",
+                 percentile: float = 99.5) -> np.ndarray:
+    """A signal (C, L), e.g. a spectrum's magnitude and phase, one plot per channel, with its
+    relevance overlaid as bars (red positive, blue negative; the ``percentile`` of |R| fills the
+    plot's height), as (H, W, 3) uint8.
+
+    Args:
+        x: the input (C, L).
+        relevance: (C, L) relevance (one row per channel) or (L,) / (1, L) shared by the channels.
+        positions: the positions' values, e.g. frequencies in Hz (drawn on a log axis); None: 0..L-1.
+        channel_names: one name per channel (e.g. ``["magnitude", "phase"]``).
+        title: the picture's title.
+        percentile: the |R| percentile that fills the height.
+
+    Raises:
+        ValueError: mismatched shapes, positions or names.
+
+    Example::
+
+        img = signal_panel(x[0], heat[0], positions=dataset.frequencies, channel_names=dataset.channel_names)
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    a, r = _to_numpy(x), _to_numpy(relevance)
+    if a.ndim != 2:
+        raise ValueError(f"signal_panel needs one signal (C, L), got shape {a.shape}")
+    r = np.broadcast_to(r.reshape(-1, a.shape[1]) if r.size % a.shape[1] == 0 else r, a.shape) \
+        if r.shape != a.shape else r
+    xs, freq, names = _signal_axes(a.shape[1], positions, channel_names, a.shape[0])
+    scale = float(np.percentile(np.abs(r), percentile)) or float(np.abs(r).max()) or 1.0
+    fig, axes = plt.subplots(a.shape[0], 1, figsize=(6, 1.6 * a.shape[0] + 0.4), dpi=80, sharex=True, squeeze=False)
+    width = np.gradient(xs) if len(xs) > 1 else np.ones(1)
+    for c, ax in enumerate(axes[:, 0]):
+        ax.plot(xs, a[c], color="black", linewidth=0.9)
+        twin = ax.twinx()
+        rel = np.clip(r[c] / scale, -1, 1)
+        twin.bar(xs, rel, width=width, color=np.where(rel >= 0, "tab:red", "tab:blue"), alpha=0.45, linewidth=0)
+        twin.set_ylim(-1.05, 1.05)
+        twin.set_yticks([-1, 0, 1], [f"-{scale:.2g}", "0", f"+{scale:.2g}"], fontsize=6)
+        ax.set_ylabel(names[c], fontsize=8)
+        ax.tick_params(labelsize=7)
+        if freq:
+            ax.set_xscale("log")
+    axes[-1, 0].set_xlabel("frequency (Hz)" if freq else "position", fontsize=8)
+    if title:
+        axes[0, 0].set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return img
+
+
+def signal_fills(x, keep, fills, positions=None, channel_names=None, title: str = "") -> np.ndarray:
+    """An inpainting example for a signal (C, L): per channel the input (dashed) and each fill, the
+    removed positions shaded, as (H, W, 3) uint8.
+
+    Args:
+        x: the input (C, L).
+        keep: its keep mask (1 or C, L), 1 = kept.
+        fills: name -> filled signal (C, L).
+        positions, channel_names, title: as in :func:`signal_panel`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    a = _to_numpy(x)
+    k = np.broadcast_to(_to_numpy(keep), a.shape)
+    xs, freq, names = _signal_axes(a.shape[1], positions, channel_names, a.shape[0])
+    fig, axes = plt.subplots(a.shape[0], 1, figsize=(6, 1.6 * a.shape[0] + 0.4), dpi=80, sharex=True, squeeze=False)
+    colours = ["tab:green", "tab:orange", "tab:purple", "tab:brown"]
+    for c, ax in enumerate(axes[:, 0]):
+        lo, hi = float(a[c].min()), float(a[c].max())
+        ax.fill_between(xs, lo, hi, where=k[c] < 0.5, color="lightgrey", step="mid", linewidth=0)
+        ax.plot(xs, a[c], "--", color="black", linewidth=0.9, label="input")
+        for (name, f), colour in zip(fills.items(), colours):
+            ax.plot(xs, _to_numpy(f)[c], color=colour, linewidth=0.9, label=name)
+        ax.set_ylabel(names[c], fontsize=8)
+        ax.tick_params(labelsize=7)
+        if freq:
+            ax.set_xscale("log")
+    axes[0, 0].legend(fontsize=6, loc="upper right")
+    axes[-1, 0].set_xlabel("frequency (Hz)" if freq else "position", fontsize=8)
+    axes[0, 0].set_title(title or "removed positions shaded", fontsize=8)
+    fig.tight_layout()
+    fig.canvas.draw()
+    img = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return img
+
+
+def tile_row_signals(examples, positions=None, channel_names=None) -> np.ndarray:
+    """SpRAy evidence for signals: ``examples`` (4, C, L) = a member, the member with its region
+    removed, an other-class sample, that sample with the region pasted; two plots side by side
+    (member vs removed, other vs pasted), as (H, W, 3) uint8."""
+    e = _to_numpy(examples)
+    if e.ndim != 3 or e.shape[0] != 4:
+        raise ValueError(f"tile_row_signals needs (4, C, L) examples, got shape {e.shape}")
+    ones = np.ones_like(e[0])
+    left = signal_fills(e[0], ones, {"region removed": e[1]}, positions, channel_names, title="member")
+    right = signal_fills(e[2], ones, {"region pasted": e[3]}, positions, channel_names, title="other class")
+    h = max(left.shape[0], right.shape[0])
+    pad = [np.pad(p, ((0, h - p.shape[0]), (0, 0), (0, 0)), constant_values=255) for p in (left, right)]
+    return np.concatenate([pad[0], np.full((h, 4, 3), 255, np.uint8), pad[1]], axis=1)

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-__all__ = ["log_scalars", "log_results", "recording", "replay", "log_metrics", "log_images", "log_html", "log_table",
+__all__ = ["log_scalars", "log_results", "recording", "replay", "log_metrics", "log_images", "log_audio", "log_html", "log_table",
            "log_line_plot", "log_summary", "run_dir", "save_npz", "wandb_loggers"]
 
 
@@ -144,6 +144,53 @@ def log_images(trainer, key: str, images: Sequence[np.ndarray], captions: Sequen
             Image.fromarray(img).save(folder / f"epoch{trainer.current_epoch:04d}_{i:03d}.png")
 
 
+def log_audio(trainer, key: str, waves: Sequence[np.ndarray], sample_rate: int,
+              captions: Sequence[str] | None = None) -> list[Path]:
+    """Sounds (1-D float arrays in [-1, 1]) under ``key``: written as 16-bit WAV files to
+    ``<run dir>/media/<key>/epochNNNN_III.wav`` and, with a W&B logger, logged as ``wandb.Audio``
+    of those files (which needs the ``soundfile`` package), or without it as a ``wandb.Html`` page
+    of audio players. Returns the files written (rank 0; [] elsewhere)."""
+    if not trainer.is_global_zero or not waves:
+        return []
+    import wave
+
+    folder = run_dir(trainer) / "media" / _safe(key)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, w in enumerate(waves):
+        path = folder / f"epoch{trainer.current_epoch:04d}_{i:03d}.wav"
+        with wave.open(str(path), "wb") as f:
+            f.setnchannels(1)
+            f.setsampwidth(2)
+            f.setframerate(int(sample_rate))
+            f.writeframes((np.clip(np.asarray(w, dtype=np.float64), -1, 1) * 32767).astype("<i2").tobytes())
+        paths.append(path)
+    wandbs = wandb_loggers(trainer)
+    if wandbs:
+        import importlib.util
+
+        import wandb
+
+        captions = list(captions) if captions else [""] * len(paths)
+        if importlib.util.find_spec("soundfile") is not None:   # wandb.Audio needs it
+            value = [wandb.Audio(str(p), caption=c) for p, c in zip(paths, captions)]
+        else:  # the same sounds as HTML audio players
+            value = wandb.Html(_audio_html(paths, captions))
+        for lg in wandbs:
+            _emit(lg.log_metrics, {key: value, "epoch": trainer.current_epoch}, step=trainer.global_step)
+    return paths
+
+
+def _audio_html(paths: Sequence[Path], captions: Sequence[str]) -> str:
+    """One HTML page with a player per WAV file (embedded as base64), each under its caption."""
+    import base64
+    import html
+
+    items = [f"<p>{html.escape(str(c or p.name))}<br><audio controls src=\"data:audio/wav;base64,"
+             f"{base64.b64encode(p.read_bytes()).decode()}\"></audio></p>" for p, c in zip(paths, captions)]
+    return "<div>" + "".join(items) + "</div>"
+
+
 def log_html(trainer, key: str, page: str) -> None:
     """An HTML page under ``key``: ``wandb.Html`` with W&B, else
     ``<run dir>/media/<key>/epoch<NNNN>.html``."""
@@ -154,7 +201,7 @@ def log_html(trainer, key: str, page: str) -> None:
         import wandb
 
         for lg in wandbs:
-            lg.log_metrics({key: wandb.Html(page)}, step=trainer.global_step)
+            _emit(lg.log_metrics, {key: wandb.Html(page), "epoch": trainer.current_epoch}, step=trainer.global_step)
         return
     folder = run_dir(trainer) / "media" / _safe(key)
     folder.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,9 @@
   scores, distortion 0.5 (f_c(x) - f_c(z))^2 plus L1 on the kept mask; the mask relaxed to
   [0, 1] (``variant="relaxed"``), Bernoulli-concrete (``"concrete"``), or grown greedily by
   matching pursuit over few components (``"matching_pursuit"``). Masks act on pixels or on
-  user-given component groups (``components``).
+  user-given component groups (``components``; ``"channels"``: one entry per channel,
+  ``"elements"``: one per input element). ``shared=True`` optimises one mask for the whole batch
+  (the class-wise query of Heiss et al.: pass the samples of one class).
 
 Inputs are images (B, C, H, W) or signals (B, C, L) (a mask over positions shared by the
 channels, optionally at a lower resolution ``mask_size`` and upsampled), or any shape with one
@@ -42,6 +44,8 @@ class MaskSpace:
 
     * ``components`` given: an integer tensor shaped like one sample (or broadcastable to it, e.g.
       (H, W) for images) with ids 0..K-1; the mask has K entries per sample, one per group.
+      ``"channels"``: one group per channel (e.g. the magnitude and the phase of a spectrum);
+      ``"elements"``: one group per element of a sample (e.g. each frequency bin of each channel).
     * else, images (B, C, H, W) or signals (B, C, L): one mask over positions shared by the
       channels, at ``mask_size`` (an int, or (h, w) for images; None: full resolution), upsampled
       (bilinear / linear) to the input's positions.
@@ -56,11 +60,13 @@ class MaskSpace:
         ValueError: bad components, or a ``mask_size`` that does not fit the input.
     """
 
-    def __init__(self, x: torch.Tensor, components: torch.Tensor | None = None,
+    def __init__(self, x: torch.Tensor, components: torch.Tensor | str | None = None,
                  mask_size: int | tuple[int, int] | None = None):
         self.sample_shape = tuple(x.shape[1:])
         self.groups = None
         self.positions: tuple[int, ...] | None = None  # upsampled to these (images, signals)
+        if isinstance(components, str):
+            components = _named_components(components, self.sample_shape)
         if components is not None:
             comp = torch.as_tensor(components, device=x.device)
             if comp.is_floating_point() or comp.is_complex():
@@ -115,6 +121,24 @@ class MaskSpace:
     def relevance(self, m: torch.Tensor) -> torch.Tensor:
         """Mask (B, *shape) -> relevance shaped like x."""
         return self.expand(m).expand(m.shape[0], *self.sample_shape).contiguous()
+
+
+COMPONENTS = ("channels", "elements")
+
+
+def _named_components(name: str, sample_shape: tuple[int, ...]) -> torch.Tensor:
+    """Group ids for a named grouping of one sample's elements (see :class:`MaskSpace`)."""
+    if name == "channels":
+        if len(sample_shape) < 2:
+            raise ValueError(f"components='channels' needs inputs with a channel axis (B, C, ...), got one sample of "
+                             f"shape {sample_shape}")
+        return torch.arange(sample_shape[0]).view(-1, *[1] * (len(sample_shape) - 1)).expand(sample_shape)
+    if name == "elements":
+        n = 1
+        for d in sample_shape:
+            n *= d
+        return torch.arange(n).view(sample_shape)
+    raise ValueError(f"components must be a tensor of group ids or one of {COMPONENTS}, got {name!r}")
 
 
 def _total_variation(m: torch.Tensor, beta: float) -> torch.Tensor:
@@ -319,8 +343,8 @@ def fido_sdr(model, x, target, *, infiller: str | Infiller = "auto", steps: int 
 @register_method("rde", target_functions=True)
 def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller = "auto", steps: int = 50,
         lr: float | None = None, l1: float = 1.0, temperature: float = 0.1, n_samples: int = 2,
-        mask_size: int | tuple[int, int] | None = None, components: torch.Tensor | None = None,
-        max_components: int = 8, batch_size: int = 512, seed: int = 0) -> torch.Tensor:
+        mask_size: int | tuple[int, int] | None = None, components: torch.Tensor | str | None = None,
+        max_components: int = 8, batch_size: int = 512, shared: bool = False, seed: int = 0) -> torch.Tensor:
     """Rate-distortion explanation (MacDonald et al. 2019; Heiss et al. 2020) on pre-softmax scores.
 
     Distortion D(s) = 0.5 E[(f_c(x) - f_c(z))^2] with z = x on the kept part (s = 1) and infilled
@@ -338,6 +362,11 @@ def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller 
     model composed with the inverse transform on the transformed input, and pass the groups as
     ``components``.
 
+    ``shared=True`` (relaxed / concrete): one mask for the whole batch, minimising the batch's mean
+    distortion plus the rate: which components a set of samples (e.g. all samples of a class)
+    relies on. With ``components="channels"`` on spectra (magnitude, phase) this is the paper's
+    magnitude-vs-phase query; every sample's relevance is the same mask.
+
     Args:
         model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
         variant: ``relaxed``, ``concrete`` or ``matching_pursuit``.
@@ -348,15 +377,23 @@ def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller 
         temperature: temperature of the concrete relaxation.
         n_samples: Monte-Carlo samples of the infiller (and concrete mask) per evaluation.
         mask_size: side (or (h, w)) of the mask for images / length for signals, upsampled; None: full size.
-        components: integer group ids shaped like one sample (or broadcastable): one mask entry per group.
+        components: integer group ids shaped like one sample (or broadcastable): one mask entry per
+            group; or ``"channels"`` / ``"elements"`` (see :class:`MaskSpace`).
         max_components: matching pursuit: how many components to add.
         batch_size: matching pursuit: inputs per forward pass.
+        shared: one mask for the whole batch (relaxed / concrete; see above).
         seed: seed of the own generator for concrete samples.
 
     Raises:
-        ValueError: bad options, components or mask_size; matching pursuit over more than 256 entries.
+        ValueError: bad options, components or mask_size; matching pursuit over more than 256
+            entries or with ``shared``.
 
-    Example: ``explain(model, x, y, method="rde", variant="relaxed", l1=1.0)``.
+    Example::
+
+        # which of magnitude and phase do the samples of class 2 rely on (one mask for all of them)?
+        keep = rde(model, x[y == 2], 2, variant="concrete", components="channels", shared=True,
+                   infiller=gan, steps=200, l1=4.0)
+        magnitude, phase = keep[0, :, 0]
     """
     lr = lr if lr is not None else (0.5 if variant == "concrete" else 0.05)
     _check_common("rde", steps, lr, n_samples)
@@ -368,30 +405,37 @@ def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller 
     with torch.no_grad():
         reference = target_scores(model(x), target, "logit")
     if variant == "matching_pursuit":
+        if shared:
+            raise ValueError("rde shared=True needs variant 'relaxed' or 'concrete', not matching pursuit")
         return _matching_pursuit(model, fill, space, x, target, reference, n_samples, max_components, batch_size)
     if not temperature > 0:
         raise ValueError(f"rde temperature must be > 0, got {temperature}")
     gen = torch.Generator().manual_seed(seed)
     x_rep, ref_rep = _repeat(x.detach(), n_samples), _repeat(reference, n_samples)
 
-    def distortion(keep_param):
+    rows = 1 if shared else b              # one mask, or one per sample
+    reduce = torch.mean if shared else torch.sum
+
+    def distortion(keep_param):            # keep_param (n_samples * rows, ...) -> (rows,)
+        if shared:
+            keep_param = keep_param.repeat_interleave(b, dim=0)
         keep = space.expand(keep_param)
         scores = target_scores(model(fill(x_rep, keep)), target, "logit", check=False)
         return (0.5 * (ref_rep - scores) ** 2).view(n_samples, b).mean(0)
 
     if variant == "relaxed":
         def loss_fn(s):
-            return (distortion(_repeat(s, n_samples)) + l1 * s.flatten(1).mean(1)).sum()
+            return reduce(distortion(_repeat(s, n_samples)) + l1 * s.flatten(1).mean(1))
 
-        s = _optimize(torch.ones(b, *space.shape, device=x.device), loss_fn, steps, lr, clamp=True)
-        return space.relevance(s)
+        s = _optimize(torch.ones(rows, *space.shape, device=x.device), loss_fn, steps, lr, clamp=True)
+        return space.relevance(s.expand(b, *space.shape))
 
     def loss_fn(theta):
         p = torch.sigmoid(theta)
-        return (distortion(_concrete(theta, temperature, n_samples, gen)) + l1 * p.flatten(1).mean(1)).sum()
+        return reduce(distortion(_concrete(theta, temperature, n_samples, gen)) + l1 * p.flatten(1).mean(1))
 
-    theta = _optimize(torch.full((b, *space.shape), 2.0, device=x.device), loss_fn, steps, lr, clamp=False)
-    return space.relevance(torch.sigmoid(theta))
+    theta = _optimize(torch.full((rows, *space.shape), 2.0, device=x.device), loss_fn, steps, lr, clamp=False)
+    return space.relevance(torch.sigmoid(theta).expand(b, *space.shape))
 
 
 def _matching_pursuit(model, fill, space, x, target, reference, n_samples, max_components, batch_size):

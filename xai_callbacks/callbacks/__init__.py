@@ -2,6 +2,7 @@
 from .activation_max import ActivationMaximizationCallback
 from .attribution import AttributionCallback
 from .base import ExplanationCallback, Probe
+from .class_importance import ClassImportanceCallback
 from .concepts import ConceptRelevanceCallback
 from .gate import ExplanationGate, GateFailure
 from .inpainter import InpainterCallback
@@ -10,4 +11,4 @@ from .spray import SpRAyCallback
 
 __all__ = ["ExplanationCallback", "Probe", "AttributionCallback", "ExplanationMetricsCallback", "SpRAyCallback",
            "InpainterCallback", "ExplanationGate", "GateFailure", "ActivationMaximizationCallback",
-           "ConceptRelevanceCallback"]
+           "ConceptRelevanceCallback", "ClassImportanceCallback"]

@@ -11,9 +11,27 @@ from .. import render, sinks
 from ..attribution import check_methods, explain, method_options
 from ..guard import model_guard
 from ..scoring import select
-from .base import ExplanationCallback, shard_map
+from .base import ExplanationCallback, shard_map, val_dataloader
 
-__all__ = ["AttributionCallback"]
+__all__ = ["AttributionCallback", "explanation_kept"]
+
+
+def explanation_kept(relevance: torch.Tensor, share: float) -> torch.Tensor:
+    """(B, 1, L) 0/1 mask of each signal's top ``share`` of positions by channel-summed relevance.
+
+    Args:
+        relevance: (B, C, L) relevance.
+        share: kept share of positions, in (0, 1].
+
+    Raises:
+        ValueError: relevance that is not (B, C, L).
+    """
+    if relevance.dim() != 3:
+        raise ValueError(f"explanation_kept needs signal relevance (B, C, L), got shape {tuple(relevance.shape)}")
+    r = relevance.float().sum(1)
+    k = max(1, int(round(share * r.shape[1])))
+    top = r.topk(k, dim=1).indices
+    return torch.zeros_like(r).scatter_(1, top, 1.0)[:, None]
 
 
 class AttributionCallback(ExplanationCallback):
@@ -25,7 +43,13 @@ class AttributionCallback(ExplanationCallback):
     of the epoch in ``<run dir>/xai/heatmaps/epoch_NNNN.npz``. Token models (integer ids (B, L) as
     input, explained through their ``nn.Embedding``: one relevance per token) get, per method, an
     HTML panel ``xai/tokens/<method>`` of the probe texts with each token highlighted by its
-    relevance (an ``.html`` file under ``<run dir>/media`` without W&B). The latest heatmaps stay in
+    relevance (an ``.html`` file under ``<run dir>/media`` without W&B). Signals (B, C, L) are drawn
+    one plot per channel with the relevance as bars (a spectrum's magnitude and phase over its
+    frequencies on a log axis, when the dataset has ``frequencies`` and ``channel_names``); when the
+    validation dataset can play its samples (``to_audio(x) -> waveform`` and ``sample_rate``), W&B
+    also gets ``xai/audio/<method>``: each shown sample's sound and the sound of its
+    explanation-kept part (the input with every position outside the top ``audio_keep`` share of
+    channel-summed relevance set to 0). The latest heatmaps stay in
     :attr:`heatmaps` for other callbacks and notebooks. Under DDP each rank explains its share
     of the probe set and the heatmaps are gathered; only rank 0 logs and writes.
 
@@ -37,6 +61,8 @@ class AttributionCallback(ExplanationCallback):
         save_heatmaps: write the ``.npz`` file each time.
         vocab: how token ids are shown in token panels: a sequence of strings indexed by id, a
             function id -> string, or None (the ids themselves).
+        n_audio: samples whose sound is logged per method (signals of datasets with ``to_audio``).
+        audio_keep: share of positions in the explanation-kept part of a sound, in (0, 1].
         every_n_epochs, probe_size, seed, target, on_error: see :class:`ExplanationCallback`.
 
     Raises:
@@ -57,12 +83,17 @@ class AttributionCallback(ExplanationCallback):
     def __init__(self, methods: Sequence[str] = ("saliency", "lrp.epsilon_plus_flat"),
                  method_options: Mapping[str, Mapping] | None = None, n_images: int = 16,
                  batch_size: int | None = None, save_heatmaps: bool = True, every_n_epochs: int = 1,
-                 probe_size: int = 64, seed: int = 0, target: Any = "label", on_error: str = "warn", vocab=None):
+                 probe_size: int = 64, seed: int = 0, target: Any = "label", on_error: str = "warn", vocab=None,
+                 n_audio: int = 2, audio_keep: float = 0.2):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, seed=seed, target=target,
                          on_error=on_error)
         methods, self.method_options = check_methods(methods, method_options)
         self.methods, self.n_images, self.batch_size, self.save_heatmaps = methods, n_images, batch_size, save_heatmaps
         self.vocab = vocab
+        if not 0 < audio_keep <= 1 or n_audio < 0:
+            raise ValueError(f"audio_keep must be in (0, 1] and n_audio >= 0; got audio_keep={audio_keep}, "
+                             f"n_audio={n_audio}")
+        self.n_audio, self.audio_keep = n_audio, audio_keep
         self.heatmaps: dict[str, torch.Tensor] = {}
 
     @property
@@ -102,11 +133,31 @@ class AttributionCallback(ExplanationCallback):
 
     def _log_images(self, trainer, probe, n: int, idx: list, y: list, pred: list, captions: list[str]) -> None:
         rows = []
+        signals = probe.x.dim() == 3
+        axes = self.signal_axes(trainer) if signals else {}
         for method, heat in self.heatmaps.items():
-            images = [render.panel(probe.x[i], heat[i]) for i in range(n)]
+            if signals:
+                images = [render.signal_panel(probe.x[i], heat[i], title=f"{method}: {captions[i]}", **axes)
+                          for i in range(n)]
+                self._log_audio(trainer, method, probe.x[:min(n, self.n_audio)], heat, captions)
+            else:
+                images = [render.panel(probe.x[i], heat[i]) for i in range(n)]
             sinks.log_images(trainer, f"xai/heatmaps/{method}", images, captions)
             rows += [[idx[i], y[i], pred[i], method, images[i]] for i in range(n)]
         sinks.log_table(trainer, "xai/heatmap_table", ["sample_id", "label", "prediction", "method", "image"], rows)
+
+    def _log_audio(self, trainer, method: str, x: torch.Tensor, heat: torch.Tensor, captions: list[str]) -> None:
+        """Each sample's sound and the sound of its explanation-kept part, if the dataset can play."""
+        dataset = val_dataloader(trainer).dataset
+        play, rate = getattr(dataset, "to_audio", None), getattr(dataset, "sample_rate", None)
+        if play is None or rate is None or not len(x):
+            return
+        kept = x * explanation_kept(heat[:len(x)], self.audio_keep)
+        waves, names = [], []
+        for i in range(len(x)):
+            waves += [play(x[i]), play(kept[i])]
+            names += [f"{captions[i]}: input", f"{captions[i]}: kept by {method} (top {self.audio_keep:.0%})"]
+        sinks.log_audio(trainer, f"xai/audio/{method}", waves, int(rate), names)
 
     def _token_name(self, i: int) -> str:
         if self.vocab is None:

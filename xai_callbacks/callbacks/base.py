@@ -509,6 +509,15 @@ class ExplanationCallback(pl.Callback):
         return Probe(x.to(dev), torch.as_tensor(y).to(dev), {k: v.to(dev) for k, v in masks.items()},
                      torch.as_tensor(list(indices), dtype=torch.long))
 
+    @staticmethod
+    def signal_axes(trainer) -> dict[str, Any]:
+        """How the validation dataset's signals (B, C, L) are drawn: ``positions`` (e.g. the
+        frequencies in Hz of a spectrum's bins, drawn on a log axis) and ``channel_names``, from
+        the dataset's attributes of those names (None where absent)."""
+        dataset = val_dataloader(trainer).dataset
+        return {"positions": getattr(dataset, "frequencies", None),
+                "channel_names": getattr(dataset, "channel_names", None)}
+
     def select_per_class(self, trainer, classes: Sequence[int] | None, max_per_class: int) -> list[int]:
         """Up to ``max_per_class`` validation indices of each class (seeded with :attr:`seed`);
         see :func:`select_per_class`."""

@@ -31,8 +31,12 @@ class InpainterCallback(ExplanationCallback):
     ``inpainter/agreement/<fill>`` (share of probe samples whose predicted class is the same on
     the filled and the original input) for the GAN and each baseline; the epoch's mean training
     losses ``inpainter/loss_g``, ``inpainter/loss_d``, ``inpainter/l1_hole``; a panel
-    ``inpainter/examples`` (input | mask | GAN fill | first baseline's fill); and G alone in
-    ``<run dir>/inpainter/generator.pt`` (load with ``xai_callbacks.infill.gan.load_generator``).
+    ``inpainter/examples`` (input | mask | GAN fill | first baseline's fill; for signals (B, C, L),
+    one plot per channel of the input and the fills with the removed positions shaded); and G alone
+    in ``<run dir>/inpainter/generator.pt`` (load with ``xai_callbacks.infill.gan.load_generator``).
+
+    Images (B, C, H, W) train a 2-D G and D, signals such as spectra (B, C, L) a 1-D pair (chosen
+    from the first batch).
 
     Once G has finished its L1 warm-up, :attr:`trained_infiller` gives it, and the other explanation
     callbacks of the same trainer hand it to explainers and metrics whose ``infiller`` option is
@@ -42,6 +46,8 @@ class InpainterCallback(ExplanationCallback):
 
     Args:
         every_n_steps: train on every n-th training batch.
+        steps_per_batch: inpainter updates on each such batch (fresh masks and noise each time),
+            for data sets too small for G to learn in the classifier's few epochs.
         width: base width of G and D.
         value_range: (low, high) of the inputs; G's output is squashed into it. None: unbounded.
         warmup_steps: inpainter steps of L1-only training before the adversarial terms start.
@@ -51,6 +57,9 @@ class InpainterCallback(ExplanationCallback):
             for training and evaluation masks (default: boxes, Bernoulli pixels and low-resolution grids).
         baselines: infillers compared with the GAN: names (``constant``, ``blur``, ``noise``) or
             Infiller instances.
+        per_channel: one keep mask per channel (e.g. the magnitude of a spectrum kept, its phase
+            removed), for explainers whose masks act on channels separately (``components``).
+        channel_drop: with ``per_channel``, the share of training masks that remove one whole channel.
         n_images: probe samples shown in ``inpainter/examples``.
         save_generator: write G to the run directory at each scheduled epoch.
         seed: seeds G and D's initialisation, the training masks and noise, the probe set and the
@@ -72,19 +81,25 @@ class InpainterCallback(ExplanationCallback):
         fill = inpainter.trained_infiller  # an Infiller: fill(x, keep)
     """
 
-    def __init__(self, every_n_steps: int = 1, width: int = 16, value_range: tuple[float, float] | None = None,
+    def __init__(self, every_n_steps: int = 1, steps_per_batch: int = 1, width: int = 16, value_range: tuple[float, float] | None = None,
                  warmup_steps: int = 200, lr_g: float = 2e-3, lr_d: float = 2e-3, hole_weight: float = 1.0,
                  valid_weight: float = 0.2, adv_weight: float = 0.01, mask_sampler: MaskSampler | Mapping | None = None,
                  baselines: Sequence[str | Infiller] = ("constant", "blur", "noise"), n_images: int = 8,
                  save_generator: bool = True, seed: int = 0, every_n_epochs: int = 1, probe_size: int = 64,
-                 on_error: str = "warn"):
+                 on_error: str = "warn", per_channel: bool = False, channel_drop: float = 0.0):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, seed=seed,
                          on_error=on_error)
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
-        self.every_n_steps = every_n_steps
+        if not isinstance(steps_per_batch, int) or steps_per_batch < 1:
+            raise ValueError(f"steps_per_batch must be an int >= 1, got {steps_per_batch!r}")
+        self.every_n_steps, self.steps_per_batch = every_n_steps, steps_per_batch
         self.options = dict(width=width, value_range=value_range, warmup_steps=warmup_steps, lr_g=lr_g, lr_d=lr_d,
-                            hole_weight=hole_weight, valid_weight=valid_weight, adv_weight=adv_weight, seed=seed)
+                            hole_weight=hole_weight, valid_weight=valid_weight, adv_weight=adv_weight, seed=seed,
+                            per_channel=per_channel, channel_drop=channel_drop)
+        if not 0 <= channel_drop <= 1 or (channel_drop and not per_channel):
+            raise ValueError(f"channel_drop must be in [0, 1] and needs per_channel=True; got channel_drop="
+                             f"{channel_drop}, per_channel={per_channel}")
         if isinstance(mask_sampler, Mapping):
             mask_sampler = MaskSampler(**mask_sampler)
         self.mask_sampler = mask_sampler or MaskSampler()
@@ -120,20 +135,22 @@ class InpainterCallback(ExplanationCallback):
     # -- training ------------------------------------------------------------------------------
     def _build(self, x: torch.Tensor, device: torch.device) -> None:
         self.inpainter = GANInpainter(channels=x.shape[1], mask_sampler=self.mask_sampler, device=device,
+                                      dims=x.dim() - 2,
                                       **self.options)
         if self._pending is not None:
             self.inpainter.load_state_dict(self._pending)
             self._pending = None
 
     def _train(self, x: torch.Tensor, device: torch.device) -> None:
-        if x.dim() != 4:
-            raise ValueError(f"InpainterCallback trains on image batches (B, C, H, W); got inputs of shape "
-                             f"{tuple(x.shape)}")
+        if x.dim() not in (3, 4):
+            raise ValueError(f"InpainterCallback trains on images (B, C, H, W) or signals (B, C, L); got inputs of "
+                             f"shape {tuple(x.shape)}")
         if self.inpainter is None:
             self._build(x, device)
-        losses = self.inpainter.train_step(x, grad_sync=average_gradients)
-        for k, v in losses.items():
-            self._losses.setdefault(k, []).append(v)
+        for _ in range(self.steps_per_batch):
+            losses = self.inpainter.train_step(x, grad_sync=average_gradients)
+            for k, v in losses.items():
+                self._losses.setdefault(k, []).append(v)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.batches += 1
@@ -166,7 +183,11 @@ class InpainterCallback(ExplanationCallback):
             return
         shown = [f.name for f in fills[:2]]
         n = min(self.n_images, x.shape[0])
-        images = [render.inpainting_row(x[i], keep[i], [filled[k][i] for k in shown]) for i in range(n)]
+        if x.dim() == 3:
+            axes = self.signal_axes(trainer)
+            images = [render.signal_fills(x[i], keep[i], {k: filled[k][i] for k in shown}, **axes) for i in range(n)]
+        else:
+            images = [render.inpainting_row(x[i], keep[i], [filled[k][i] for k in shown]) for i in range(n)]
         captions = [f"#{probe.indices[i].item()} input | mask | {' | '.join(shown)}" for i in range(n)]
         sinks.log_images(trainer, "inpainter/examples", images, captions)
         if self.save_generator:
@@ -175,8 +196,7 @@ class InpainterCallback(ExplanationCallback):
     def _evaluation_masks(self, x: torch.Tensor) -> torch.Tensor:
         """The probe's keep masks, drawn once from :attr:`seed` (the same masks every epoch)."""
         if self._eval_keep is None or self._eval_keep.shape[0] != x.shape[0]:
-            self._eval_keep = self.mask_sampler(x.shape[0], x.shape[2], x.shape[3],
-                                                torch.Generator().manual_seed(self.seed))
+            self._eval_keep = self.inpainter.masks(x.shape[0], x.shape[2:], torch.Generator().manual_seed(self.seed))
         return self._eval_keep.to(x.device)
 
     # -- checkpointing -------------------------------------------------------------------------

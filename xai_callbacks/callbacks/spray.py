@@ -65,7 +65,10 @@ class SpRAyCallback(ExplanationCallback):
     ViRelAy files are those of the heatmaps; the strategy ids are matched by the clusters' concept
     distributions.
 
-    The callback writes the epoch's ViRelAy databases to ``<run dir>/spray/epoch_NNNN/``. A class with
+    The callback writes the epoch's ViRelAy databases to ``<run dir>/spray/epoch_NNNN/``. Signals
+    (B, C, L), such as spectra, are analysed as one-row images (B, C, 1, L): clustering, the shape
+    suspicion and the evidence regions work along L, the model sees the signals as they are, and
+    prototypes, members and evidence are drawn as signal plots. A class with
     too few usable heatmaps (NaN, constant, or not more than ``k``) is skipped with a warning
     counted in ``xai/errors``. The latest delivered results stay in :attr:`results` and
     :attr:`strategy_ids` (with ``asynchronous``, an epoch's results arrive at the end of the next
@@ -175,6 +178,7 @@ class SpRAyCallback(ExplanationCallback):
         self.max_others = max_others
         self.asynchronous = bool(asynchronous)
         self.sample_indices: list[int] | None = None
+        self._signals = False
         self.trackers: dict[int, StrategyTracker] = {}
         self.results: dict[int, SpRAyResult] = {}
         self.strategy_ids: dict[int, list[int]] = {}
@@ -231,6 +235,9 @@ class SpRAyCallback(ExplanationCallback):
         self.progress.update(status=f"explaining {len(self.sample_indices)} samples ({self.method})")
         # each DDP rank explains its share; everything is gathered on every rank
         data = shard_map(trainer, explain_share, torch.tensor(self.sample_indices, device=dev))
+        self._signals = data["x"].dim() == 3
+        if self._signals:  # one-row images (N, C, 1, L) for the 2-D analysis
+            data = {k: v[:, :, None] if k in ("x", "heatmaps") or k.startswith("mask:") else v for k, v in data.items()}
         return {k: v.cpu() for k, v in data.items()}
 
     # -- one epoch -------------------------------------------------------------------------------
@@ -265,7 +272,8 @@ class SpRAyCallback(ExplanationCallback):
                           "regions into); the heatmap-shape suspicion alone flags strategies", stacklevel=2)
             return None
         self.progress.update(status=f"causal evidence for {len(rows)} samples")
-        return sample_evidence(trainer.lightning_module, data["x"][rows], data["heatmaps"][rows], labels[rows],
+        model = _OneRow(trainer.lightning_module) if self._signals else trainer.lightning_module
+        return sample_evidence(model, data["x"][rows], data["heatmaps"][rows], labels[rows],
                                infiller=self.infiller, max_others=self.max_others, batch_size=self.batch_size or 256,
                                **{"seed": self.seed, **self.evidence_options}), rows
 
@@ -340,18 +348,33 @@ class SpRAyCallback(ExplanationCallback):
         scale = max(1, 96 // heat.shape[-1])
         protos = [render.prototype_picture(p, ids[j], int(r.cluster_sizes[j]), float(r.factors["share"][j]),
                                            bool(r.flagged[j])) for j, p in enumerate(r.prototypes)]
+        axes = self.signal_axes(trainer) if self._signals else {}
+        if self._signals:  # prototypes over the class's mean input, as signal plots
+            mean_x = x.mean(0)[:, 0]
+            protos = [render.signal_panel(mean_x, p[:, 0] if p.ndim == 3 else p, title=f"strategy {ids[j]}: "
+                                          f"{r.cluster_sizes[j]} samples ({r.factors['share'][j]:.0%})"
+                                          f"{'  FLAGGED' if r.flagged[j] else ''} (mean input, prototype relevance)",
+                                          **axes) for j, p in enumerate(r.prototypes)]
         sinks.log_images(trainer, f"{key}/prototypes", protos,
                          [prototype_caption(r, ids, j) for j in range(r.n_clusters)])
         ev = r.evidence
         if ev is not None:
             # per strategy, its most confirmed member: as it is, region removed, an other-class sample, pasted
             analysed = data["x"][np.flatnonzero(position >= 0)]
-            sinks.log_images(trainer, f"{key}/evidence",
-                             [render.tile_row([render.upscale(render.input_rgb(im), scale) for im in
-                                               evidence.example(int(position[rows[ev.top[j]]]), analysed)], gap=0)
-                              for j in range(r.n_clusters)], [evidence_caption(r, ids, j) for j in range(r.n_clusters)])
-        strips = [render.tile_row([render.upscale(render.overlay(x[i], heat[i]), scale) for i in members], gap=0)
-                  for members in r.typical]
+            examples = [evidence.example(int(position[rows[ev.top[j]]]), analysed) for j in range(r.n_clusters)]
+            if self._signals:
+                pictures = [render.tile_row_signals(ex[:, :, 0], **axes) for ex in examples]
+            else:
+                pictures = [render.tile_row([render.upscale(render.input_rgb(im), scale) for im in ex], gap=0)
+                            for ex in examples]
+            sinks.log_images(trainer, f"{key}/evidence", pictures,
+                             [evidence_caption(r, ids, j) for j in range(r.n_clusters)])
+        if self._signals:  # one typical member per strategy, as a signal plot
+            strips = [render.signal_panel(x[m[0], :, 0], heat[m[0], :, 0], title=f"#{idx[m[0]]}", **axes)
+                      if len(m) else np.full((8, 8, 3), 255, np.uint8) for m in r.typical]
+        else:
+            strips = [render.tile_row([render.upscale(render.overlay(x[i], heat[i]), scale) for i in members], gap=0)
+                      for members in r.typical]
         sinks.log_table(trainer, f"{key}/clusters", *clusters_table(r, ids, idx, protos, strips))
         epochs, curves = tracker.share_curves()
         sinks.log_line_plot(trainer, f"{key}/strategy_share", epochs, curves,
@@ -372,3 +395,14 @@ class SpRAyCallback(ExplanationCallback):
             self.trackers[int(c)] = StrategyTracker(self.min_similarity)
             self.trackers[int(c)].load_state_dict(s)
 
+
+
+class _OneRow(torch.nn.Module):
+    """The model on one-row images (N, C, 1, L): it is called with the signals (N, C, L)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x[:, :, 0])

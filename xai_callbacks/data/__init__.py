@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["ShortcutDigits", "make_shortcut_digits", "ShortcutDigitsDataModule", "Batch", "unpack_batch",
-           "ARTIFACT_KINDS", "SHORTCUT_KINDS", "ShortcutImages", "make_shortcut_images", "plant_shortcut"]
+           "ARTIFACT_KINDS", "SHORTCUT_KINDS", "ShortcutImages", "make_shortcut_images", "plant_shortcut",
+           "NoteSpectra", "NoteSpectraDataModule", "make_note_spectra"]
 
 ARTIFACT_KINDS = ("square", "checker", "cross")
 
@@ -164,3 +165,4 @@ class ShortcutDigitsDataModule(pl.LightningDataModule):
 
 
 from .shortcuts import SHORTCUT_KINDS, ShortcutImages, make_shortcut_images, plant_shortcut  # noqa: E402
+from .notes import NoteSpectra, NoteSpectraDataModule, make_note_spectra  # noqa: E402

@@ -3,7 +3,9 @@
 Pieces (Chang et al. 2019, FIDO; Heiss et al. 2020; SN-PatchGAN of Yu et al. 2019):
 
 * :class:`InpaintGenerator` G(x, keep, noise): a small U-Net that sees the kept pixels, the mask
-  and a noise channel; its output is composited into the known pixels by the infiller.
+  and a noise channel; its output is composited into the known pixels by the infiller. Images
+  (``dims=2``, (B, C, H, W)) or signals such as spectra (``dims=1``, (B, C, L)); with
+  ``per_channel=True`` it sees one mask per channel (e.g. magnitude kept, phase removed).
 * :class:`PatchDiscriminator`: spectrally normalised convolutions scoring patches of
   (image, hole mask); trained with the hinge loss (:func:`hinge_d_loss`, :func:`hinge_g_loss`).
 * :class:`MaskSampler`: keep masks from a mixture of boxes, Bernoulli pixels and low-resolution
@@ -33,8 +35,17 @@ __all__ = ["InpaintGenerator", "PatchDiscriminator", "MaskSampler", "GANInpainte
            "hinge_d_loss", "hinge_g_loss", "masked_l1", "save_generator", "load_generator"]
 
 
-def _conv(cin: int, cout: int, dilation: int = 1, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation),
+_CONVS = {1: nn.Conv1d, 2: nn.Conv2d}
+_DIMS = {1: "signals (B, C, L)", 2: "images (B, C, H, W)"}
+
+
+def _check_dims(dims: int) -> None:
+    if dims not in _CONVS:
+        raise ValueError(f"dims must be 1 (signals (B, C, L)) or 2 (images (B, C, H, W)), got {dims!r}")
+
+
+def _conv(cin: int, cout: int, dilation: int = 1, stride: int = 1, dims: int = 2) -> nn.Sequential:
+    return nn.Sequential(_CONVS[dims](cin, cout, 3, stride=stride, padding=dilation, dilation=dilation),
                          nn.LeakyReLU(0.2))
 
 
@@ -46,54 +57,68 @@ class InpaintGenerator(nn.Module):
     to a multiple of 4 and cropped back.
 
     Args:
-        channels: channels of the images.
+        channels: channels of the inputs.
         width: channels of the first level (doubled at each downsampling).
         noise_channels: channels of the noise input.
         value_range: ``(low, high)`` of the data; the output is squashed into it with a sigmoid.
             None leaves the output unbounded.
+        dims: 2 for images (B, C, H, W), 1 for signals (B, C, L) such as spectra.
+        per_channel: G sees one mask per channel (a channel can be removed while another is
+            kept); False: the mean of the channels' masks.
+
+    Raises:
+        ValueError: a count below its minimum, a bad ``value_range`` or ``dims``.
+
+    Example::
+
+        G = InpaintGenerator(channels=2, dims=1, per_channel=True)
+        proposal = G(x, keep)                    # x, keep: (B, 2, L)
     """
 
     def __init__(self, channels: int = 1, width: int = 16, noise_channels: int = 1,
-                 value_range: tuple[float, float] | None = None):
+                 value_range: tuple[float, float] | None = None, dims: int = 2, per_channel: bool = False):
         super().__init__()
         if channels < 1 or width < 1 or noise_channels < 0:
             raise ValueError(f"InpaintGenerator needs channels >= 1, width >= 1, noise_channels >= 0; got "
                              f"channels={channels}, width={width}, noise_channels={noise_channels}")
         if value_range is not None and not value_range[1] > value_range[0]:
             raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+        _check_dims(dims)
         self.config = {"channels": channels, "width": width, "noise_channels": noise_channels,
-                       "value_range": None if value_range is None else tuple(map(float, value_range))}
-        w = width
-        self.enc1 = _conv(channels + 1 + noise_channels, w)
-        self.enc2 = nn.Sequential(_conv(w, 2 * w, stride=2), _conv(2 * w, 2 * w))
-        self.enc3 = _conv(2 * w, 4 * w, stride=2)
-        self.mid = nn.Sequential(_conv(4 * w, 4 * w, dilation=2), _conv(4 * w, 4 * w, dilation=4))
-        self.dec2 = _conv(4 * w + 2 * w, 2 * w)
-        self.dec1 = _conv(2 * w + w, w)
-        self.out = nn.Conv2d(w, channels, 3, padding=1)
+                       "value_range": None if value_range is None else tuple(map(float, value_range)),
+                       "dims": dims, "per_channel": bool(per_channel)}
+        w, d = width, dims
+        self.enc1 = _conv(channels + (channels if per_channel else 1) + noise_channels, w, dims=d)
+        self.enc2 = nn.Sequential(_conv(w, 2 * w, stride=2, dims=d), _conv(2 * w, 2 * w, dims=d))
+        self.enc3 = _conv(2 * w, 4 * w, stride=2, dims=d)
+        self.mid = nn.Sequential(_conv(4 * w, 4 * w, dilation=2, dims=d), _conv(4 * w, 4 * w, dilation=4, dims=d))
+        self.dec2 = _conv(4 * w + 2 * w, 2 * w, dims=d)
+        self.dec1 = _conv(2 * w + w, w, dims=d)
+        self.out = _CONVS[d](w, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Args: x (B, C, H, W); keep (B, 1 or C, H, W) in [0, 1], 1 = known pixel;
-        noise (B, noise_channels, H, W) or None (zeros)."""
+        """Args: x (B, C, H, W) (or (B, C, L) with ``dims=1``); keep (B, 1 or C, ...) in [0, 1],
+        1 = known position; noise (B, noise_channels, ...) or None (zeros)."""
         cfg = self.config
-        if x.dim() != 4 or x.shape[1] != cfg["channels"]:
-            raise ValueError(f"InpaintGenerator was built for {cfg['channels']} channels: expects images "
-                             f"(B, {cfg['channels']}, H, W), got {tuple(x.shape)}")
-        b, _, h, w = x.shape
-        keep = keep.to(x.dtype).expand(b, -1, h, w)
-        mask = keep.mean(dim=1, keepdim=True)
+        dims = cfg["dims"]
+        if x.dim() != dims + 2 or x.shape[1] != cfg["channels"]:
+            raise ValueError(f"InpaintGenerator was built for {cfg['channels']} channels and dims={dims}: expects "
+                             f"{_DIMS[dims].replace('C', str(cfg['channels']))}, got {tuple(x.shape)}")
+        b, size = x.shape[0], x.shape[2:]
+        keep = keep.to(x.dtype).expand(b, -1, *size)
+        mask = keep.expand(b, x.shape[1], *size) if cfg["per_channel"] else keep.mean(dim=1, keepdim=True)
         if noise is None:
-            noise = x.new_zeros(b, cfg["noise_channels"], h, w)
+            noise = x.new_zeros(b, cfg["noise_channels"], *size)
         inp = torch.cat([x * keep, mask, noise], dim=1)
-        ph, pw = (-h) % 4, (-w) % 4
-        if ph or pw:
-            inp = F.pad(inp, (0, pw, 0, ph), mode="replicate")
+        pads = [p for n in reversed(size) for p in (0, (-n) % 4)]
+        if any(pads):
+            inp = F.pad(inp, pads, mode="replicate")
         e1 = self.enc1(inp)
         e2 = self.enc2(e1)
         e3 = self.mid(self.enc3(e2))
         d2 = self.dec2(torch.cat([F.interpolate(e3, size=e2.shape[2:], mode="nearest"), e2], dim=1))
         d1 = self.dec1(torch.cat([F.interpolate(d2, size=e1.shape[2:], mode="nearest"), e1], dim=1))
-        out = self.out(d1)[:, :, :h, :w]
+        out = self.out(d1)[(slice(None), slice(None), *(slice(0, n) for n in size))]
         if cfg["value_range"] is not None:
             low, high = cfg["value_range"]
             out = low + (high - low) * torch.sigmoid(out)
@@ -101,29 +126,40 @@ class InpaintGenerator(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-    """SN-PatchGAN discriminator: spectrally normalised stride-2 convolutions on (image, hole mask);
-    returns a map of patch scores (B, 1, h, w), each scored with the hinge loss.
+    """SN-PatchGAN discriminator: spectrally normalised stride-2 convolutions on (input, hole mask);
+    returns a map of patch scores (B, 1, h, w) (or (B, 1, l) for signals), each scored with the
+    hinge loss.
 
     Args:
-        channels: channels of the images.
+        channels: channels of the inputs.
         width: channels of the first layer (doubled per layer, at most 8x).
         n_layers: number of stride-2 layers.
+        dims: 2 for images (B, C, H, W), 1 for signals (B, C, L).
+        per_channel: D sees one hole mask per channel (as G with ``per_channel=True``).
+
+    Raises:
+        ValueError: ``n_layers < 1`` or a bad ``dims``.
     """
 
-    def __init__(self, channels: int = 1, width: int = 16, n_layers: int = 3):
+    def __init__(self, channels: int = 1, width: int = 16, n_layers: int = 3, dims: int = 2,
+                 per_channel: bool = False):
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"PatchDiscriminator n_layers must be >= 1, got {n_layers}")
-        layers, cin = [], channels + 1
+        _check_dims(dims)
+        self.per_channel = bool(per_channel)
+        conv = _CONVS[dims]
+        layers, cin = [], channels + (channels if per_channel else 1)
         for i in range(n_layers):
             cout = width * min(2 ** i, 8)
-            layers += [spectral_norm(nn.Conv2d(cin, cout, 5, stride=2, padding=2)), nn.LeakyReLU(0.2)]
+            layers += [spectral_norm(conv(cin, cout, 5, stride=2, padding=2)), nn.LeakyReLU(0.2)]
             cin = cout
-        layers.append(spectral_norm(nn.Conv2d(cin, 1, 3, padding=1)))
+        layers.append(spectral_norm(conv(cin, 1, 3, padding=1)))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        hole = 1 - keep.to(x.dtype).expand(x.shape[0], -1, *x.shape[2:]).mean(dim=1, keepdim=True)
+        keep = keep.to(x.dtype).expand(x.shape[0], -1, *x.shape[2:])
+        hole = 1 - (keep.expand_as(x) if self.per_channel else keep.mean(dim=1, keepdim=True))
         return self.net(torch.cat([x, hole], dim=1))
 
 
@@ -151,7 +187,8 @@ class MaskSampler:
     * ``grid``: cells of a ``g`` x ``g`` grid (g from ``grid_sizes``) removed with probability
       p ~ U(``drop``), upsampled nearest (occlusion / RISE-like patches).
 
-    A drawn mask that keeps nothing is replaced by a ``box`` mask.
+    A drawn mask that keeps nothing is replaced by a ``box`` mask. Masks of height 1 are masks
+    for signals (a box is an interval, a grid cell a segment): :meth:`draw` takes either.
 
     Args:
         kinds: the kinds in the mixture.
@@ -195,6 +232,19 @@ class MaskSampler:
             masks[empty] = self._box(len(empty), height, width, g)
         return masks
 
+    def draw(self, n: int, size: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+        """``n`` keep masks (n, 1, *size) for images (``size`` (H, W)) or signals (``size`` (L,)).
+
+        Raises:
+            ValueError: ``size`` of another length.
+        """
+        size = tuple(size)
+        if len(size) == 2:
+            return self(n, size[0], size[1], generator)
+        if len(size) == 1:
+            return self(n, 1, size[0], generator)[:, :, 0]
+        raise ValueError(f"masks are drawn for images (H, W) or signals (L,), got size {size}")
+
     def _uniform(self, n, lo, hi, g):
         return lo + (hi - lo) * torch.rand(n, generator=g)
 
@@ -227,13 +277,18 @@ class MaskSampler:
 class GANInpainter:
     """G, D, their Adam optimizers, a :class:`MaskSampler` and an own ``torch.Generator``.
 
-    :meth:`train_step` takes a batch of images (detached here), draws keep masks and noise from the
-    own generator, and does one D and one G update: G minimises ``hole_weight`` * L1 on the holes
-    + ``valid_weight`` * L1 on the kept pixels (of its raw output) + ``adv_weight`` * hinge loss,
-    the adversarial terms starting after ``warmup_steps`` L1-only steps.
+    :meth:`train_step` takes a batch of images or signals (detached here), draws keep masks and
+    noise from the own generator, and does one D and one G update: G minimises ``hole_weight`` * L1
+    on the holes + ``valid_weight`` * L1 on the kept positions (of its raw output) + ``adv_weight``
+    * hinge loss, the adversarial terms starting after ``warmup_steps`` L1-only steps.
+
+    With ``per_channel=True`` each channel has its own keep mask (:meth:`masks`): half of the
+    samples draw one mask per channel, the others one shared by the channels; then, with
+    probability ``channel_drop``, one random channel is removed entirely. So G learns to fill a
+    whole channel from the others (e.g. the phase of a spectrum from its magnitude).
 
     Args:
-        channels: image channels.
+        channels: input channels.
         width: base width of G and D.
         value_range: (low, high) of the data for G's output, or None.
         noise_channels: channels of G's noise input.
@@ -243,12 +298,25 @@ class GANInpainter:
         mask_sampler: the :class:`MaskSampler` (default: the full mixture).
         seed: seeds the parameters' initialisation and the own generator (masks, noise).
         device: where G and D live.
+        dims: 2 for images (B, C, H, W), 1 for signals (B, C, L).
+        per_channel: one keep mask per channel (see above).
+        channel_drop: with ``per_channel``, the probability that a training mask removes one whole channel.
+
+    Raises:
+        ValueError: a rate, weight or probability out of range, or ``channel_drop`` without ``per_channel``.
+
+    Example::
+
+        inpainter = GANInpainter(channels=2, dims=1, per_channel=True, channel_drop=0.3)
+        losses = inpainter.train_step(spectra)   # (B, 2, L)
+        fill = inpainter.infiller()              # an Infiller for explainers and metrics
     """
 
     def __init__(self, channels: int = 1, width: int = 16, value_range: tuple[float, float] | None = None,
                  noise_channels: int = 1, lr_g: float = 2e-3, lr_d: float = 2e-3, hole_weight: float = 1.0,
                  valid_weight: float = 0.2, adv_weight: float = 0.01, warmup_steps: int = 200,
-                 mask_sampler: MaskSampler | None = None, seed: int = 0, device: torch.device | str = "cpu"):
+                 mask_sampler: MaskSampler | None = None, seed: int = 0, device: torch.device | str = "cpu",
+                 dims: int = 2, per_channel: bool = False, channel_drop: float = 0.0):
         for name, v in (("lr_g", lr_g), ("lr_d", lr_d)):
             if not v > 0:
                 raise ValueError(f"GANInpainter {name} must be > 0, got {v}")
@@ -256,9 +324,14 @@ class GANInpainter:
                         ("warmup_steps", warmup_steps)):
             if v < 0:
                 raise ValueError(f"GANInpainter {name} must be >= 0, got {v}")
+        if not 0 <= channel_drop <= 1 or (channel_drop and not per_channel):
+            raise ValueError(f"GANInpainter channel_drop must be in [0, 1] and needs per_channel=True; got "
+                             f"channel_drop={channel_drop}, per_channel={per_channel}")
         with rng_guard(seed):  # initialisation draws do not touch the global RNG streams
-            self.generator = InpaintGenerator(channels, width, noise_channels, value_range).to(device)
-            self.discriminator = PatchDiscriminator(channels, width).to(device)
+            self.generator = InpaintGenerator(channels, width, noise_channels, value_range, dims,
+                                              per_channel).to(device)
+            self.discriminator = PatchDiscriminator(channels, width, dims=dims, per_channel=per_channel).to(device)
+        self.channel_drop = float(channel_drop)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=lr_g, betas=(0.5, 0.9))
         self.opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=lr_d, betas=(0.5, 0.9))
         self.weights = {"hole": float(hole_weight), "valid": float(valid_weight), "adv": float(adv_weight)}
@@ -271,20 +344,38 @@ class GANInpainter:
     def device(self) -> torch.device:
         return next(self.generator.parameters()).device
 
+    def masks(self, n: int, size: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+        """``n`` training-style keep masks (n, 1 or C, *size) drawn on the CPU from ``generator``:
+        the mask sampler's, per channel as described in the class docstring when ``per_channel``."""
+        cfg = self.generator.config
+        if not cfg["per_channel"]:
+            return self.mask_sampler.draw(n, size, generator)
+        c = cfg["channels"]
+        own = self.mask_sampler.draw(n * c, size, generator).view(n, c, *size)
+        shared = self.mask_sampler.draw(n, size, generator).expand(n, c, *size)
+        keep = torch.where((torch.rand(n, generator=generator) < 0.5).view(n, *[1] * (1 + len(size))), own, shared)
+        drop = torch.rand(n, generator=generator) < self.channel_drop
+        which = torch.randint(c, (n,), generator=generator)
+        whole = torch.ones(n, c, *[1] * len(size))
+        whole[torch.arange(n), which] = 0.0
+        return torch.where(drop.view(n, *[1] * (1 + len(size))), whole.expand_as(keep), keep).contiguous()
+
     def sample(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep masks and noise for a batch ``x`` drawn from the own generator (on x's device)."""
-        b, _, h, w = x.shape
-        keep = self.mask_sampler(b, h, w, self.rng).to(x.device)
-        noise = torch.randn(b, self.generator.config["noise_channels"], h, w, generator=self.rng).to(x.device)
+        b, size = x.shape[0], x.shape[2:]
+        keep = self.masks(b, size, self.rng).to(x.device)
+        noise = torch.randn(b, self.generator.config["noise_channels"], *size, generator=self.rng).to(x.device)
         return keep, noise
 
     def train_step(self, x: torch.Tensor, grad_sync=None) -> dict[str, float]:
-        """One D and one G update on images ``x`` (B, C, H, W); returns the losses.
+        """One D and one G update on images ``x`` (B, C, H, W) (signals (B, C, L) with ``dims=1``);
+        returns the losses.
 
         ``grad_sync(module)``, if given, is called after each backward (e.g. to average gradients
         across DDP ranks)."""
-        if x.dim() != 4 or x.shape[1] != self.generator.config["channels"]:
-            raise ValueError(f"the inpainter expects images (B, {self.generator.config['channels']}, H, W), "
+        cfg = self.generator.config
+        if x.dim() != cfg["dims"] + 2 or x.shape[1] != cfg["channels"]:
+            raise ValueError(f"the inpainter expects {_DIMS[cfg['dims']].replace('C', str(cfg['channels']))}, "
                              f"got {tuple(x.shape)}")
         x = x.detach().to(self.device, torch.float32)
         keep, noise = self.sample(x)
@@ -330,7 +421,7 @@ class GANInpainter:
                 "rng": self.rng.get_state(), "steps": self.steps, "generator_config": dict(self.generator.config)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("generator_config") != self.generator.config:
+        if _with_defaults(state.get("generator_config")) != self.generator.config:
             raise ValueError(f"the saved inpainter has generator config {state.get('generator_config')}, this one "
                              f"{self.generator.config}; construct it with the same channels/width/value_range")
         self.generator.load_state_dict(state["generator"])
@@ -339,6 +430,11 @@ class GANInpainter:
         self.opt_d.load_state_dict(state["opt_d"])
         self.rng.set_state(state["rng"].cpu())
         self.steps = int(state["steps"])
+
+
+def _with_defaults(config: dict | None) -> dict | None:
+    """A generator config with the keys added after it was saved at their defaults (older files)."""
+    return None if config is None else {"dims": 2, "per_channel": False, **config}
 
 
 def save_generator(generator: InpaintGenerator, path: str | Path) -> Path:
@@ -354,8 +450,7 @@ def load_generator(path: str | Path, map_location: str | torch.device = "cpu") -
     saved = torch.load(path, map_location=map_location, weights_only=True)
     if not isinstance(saved, dict) or "config" not in saved or "state_dict" not in saved:
         raise ValueError(f"{path} is not a generator saved with save_generator (needs 'config' and 'state_dict')")
-    cfg = dict(saved["config"])
-    generator = InpaintGenerator(**cfg)
+    generator = InpaintGenerator(**_with_defaults(saved["config"]))
     generator.load_state_dict(saved["state_dict"])
     return generator.eval()
 
