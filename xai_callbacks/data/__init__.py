@@ -145,8 +145,11 @@ def make_shortcut_digits(size: int = 32, artifact_class: int | None = 0, artifac
     return split(~is_val), split(is_val)
 
 
-class ShortcutDigitsDataModule(pl.LightningDataModule):
-    """LightningDataModule of :func:`make_shortcut_digits`; keyword arguments go there."""
+class SplitDataModule(pl.LightningDataModule):
+    """Train / validation loaders of a data factory ``make(**data_options) -> (train, val)``
+    (``make`` a class attribute of the subclass), built once at ``setup``."""
+
+    make: Any = None
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, **data_options):
         super().__init__()
@@ -155,13 +158,19 @@ class ShortcutDigitsDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            self.train_set, self.val_set = make_shortcut_digits(**self.data_options)
+            self.train_set, self.val_set = type(self).make(**self.data_options)
 
     def train_dataloader(self):
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
 
     def val_dataloader(self):
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+
+
+class ShortcutDigitsDataModule(SplitDataModule):
+    """LightningDataModule of :func:`make_shortcut_digits`; keyword arguments go there."""
+
+    make = staticmethod(make_shortcut_digits)
 
 
 from .shortcuts import SHORTCUT_KINDS, ShortcutImages, make_shortcut_images, plant_shortcut  # noqa: E402

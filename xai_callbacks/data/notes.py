@@ -30,13 +30,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from scipy import sparse
-from torch.utils.data import DataLoader
 
-from . import ShortcutDigits
+from . import ShortcutDigits, SplitDataModule
 
 __all__ = ["Instrument", "INSTRUMENTS", "NOTE_SHORTCUTS", "LogSpectrum", "NoteSpectra", "synthesize_note",
            "make_note_spectra", "NoteSpectraDataModule", "MAGNITUDE", "PHASE"]
@@ -284,7 +282,7 @@ def make_note_spectra(n_per_class: int = 120, instruments: tuple[Instrument, ...
     return split(~is_val), split(is_val)
 
 
-class NoteSpectraDataModule(pl.LightningDataModule):
+class NoteSpectraDataModule(SplitDataModule):
     """LightningDataModule of :func:`make_note_spectra`; keyword arguments go there.
 
     Args:
@@ -293,17 +291,4 @@ class NoteSpectraDataModule(pl.LightningDataModule):
         **data_options: arguments of :func:`make_note_spectra`.
     """
 
-    def __init__(self, batch_size: int = 64, num_workers: int = 0, **data_options):
-        super().__init__()
-        self.batch_size, self.num_workers, self.data_options = batch_size, num_workers, data_options
-        self.train_set = self.val_set = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is None:
-            self.train_set, self.val_set = make_note_spectra(**self.data_options)
-
-    def train_dataloader(self):
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
-
-    def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+    make = staticmethod(make_note_spectra)
