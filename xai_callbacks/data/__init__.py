@@ -79,6 +79,14 @@ class ShortcutDigits(Dataset):
         return self.artifact_mask.flatten(1).any(1)
 
 
+def check_split(val_fraction: float, ambiguity: float = 0.0) -> None:
+    """Raise a ValueError naming ``val_fraction`` outside (0, 1) or ``ambiguity`` outside [0, 1)."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if not 0 <= ambiguity < 1:
+        raise ValueError(f"ambiguity must be in [0, 1), got {ambiguity}")
+
+
 def make_shortcut_digits(size: int = 32, artifact_class: int | None = 0, artifact_fraction: float = 0.25,
                          artifact_kind: str = "checker", artifact_size: int = 5,
                          artifact_position: tuple[int, int] = (1, 1), val_fraction: float = 0.3,
@@ -106,10 +114,7 @@ def make_shortcut_digits(size: int = 32, artifact_class: int | None = 0, artifac
 
     if not 0 <= artifact_fraction <= 1:
         raise ValueError(f"artifact_fraction must be in [0, 1], got {artifact_fraction}")
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if not 0 <= ambiguity < 1:
-        raise ValueError(f"ambiguity must be in [0, 1), got {ambiguity}")
+    check_split(val_fraction, ambiguity)
     r, c = artifact_position
     if not (0 <= r <= size - artifact_size and 0 <= c <= size - artifact_size):
         raise ValueError(f"artifact at {artifact_position} of size {artifact_size} does not fit a {size}x{size} image")

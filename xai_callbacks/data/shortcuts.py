@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import ShortcutDigits
+from . import ShortcutDigits, check_split
 
 __all__ = ["SHORTCUT_KINDS", "PHOTO_CLASSES", "BACKGROUND_POOL", "ShortcutImages", "make_shortcut_images",
            "plant_shortcut", "photo_crops"]
@@ -213,10 +213,7 @@ def make_shortcut_images(kind: str = "stamp", base: str = "photos", classes: int
         raise ValueError(f"base must be 'photos' or 'digits', got {base!r}")
     if not 0 <= prevalence <= 1:
         raise ValueError(f"prevalence must be in [0, 1], got {prevalence}")
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if not 0 <= ambiguity < 1:
-        raise ValueError(f"ambiguity must be in [0, 1), got {ambiguity}")
+    check_split(val_fraction, ambiguity)
     names = tuple(classes) if not isinstance(classes, int) else None
     k = len(names) if names else int(classes)
     limit = len(PHOTO_CLASSES) if base == "photos" else 10
