@@ -98,13 +98,13 @@ class SpRAyResult:
             labels = _relabel_by_size(labels)
         dims = self.params["cluster_dims"]
         summary = _summaries(heatmaps, labels, _p._unit_rows(self.spectral_embedding[:, :dims]), masks,
-                             self.params["grid"], len(self.typical[0]) if self.typical else 5, features)
+                             self.params["grid"], max((len(t) for t in self.typical), default=5), features)
         p = evidence.params
         z = np.asarray(evidence.z)[rows]
         sizes = summary["cluster_sizes"]
-        flagged = np.array([min_members_ok and np.median(z[labels == j]) >= p["min_strategy_z"]
-                            for j, min_members_ok in enumerate((sizes >= p["min_members"])
-                                                               & (sizes <= p["max_share"] * len(labels)))], bool)
+        eligible = (sizes >= p["min_members"]) & (sizes <= p["max_share"] * len(labels))
+        medians = np.array([np.median(z[labels == j]) if sizes[j] else -np.inf for j in range(len(sizes))])
+        flagged = eligible & (medians >= p["min_strategy_z"])
         if confirmed.any():
             flagged[labels[np.flatnonzero(confirmed)[0]]] = True
         summary.update(labels=labels, flagged=flagged,
