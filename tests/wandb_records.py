@@ -10,7 +10,8 @@ run's records: on a busy machine the file can still hold only its 7-byte header 
 ``finish()``. :func:`finish_run` finishes the run and shuts the service down (``wandb.teardown()``
 returns once the service has exited, i.e. after it closed the record file); :func:`read_records`
 also waits for the run's ``exit`` record, the last one the service writes, so a reader never
-sees a half-written run.
+sees a half-written run. A reader can also catch the service in the middle of a chunk (its header
+written, its body not yet): :func:`_chunks` stops before such a chunk, and the next poll reads it.
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def _chunks(data: bytes) -> Iterator[bytes]:
         if length == 0 and kind == 0:
             pos += left_in_block  # zero padding up to the next block
             continue
+        if pos + _HEADER + length > len(data):
+            return  # the service is still writing this chunk: read the complete ones only
         body = data[pos + _HEADER:pos + _HEADER + length]
         pos += _HEADER + length
         if kind == _FULL:
