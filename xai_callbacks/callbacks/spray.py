@@ -287,10 +287,10 @@ class SpRAyCallback(ExplanationCallback):
         masks = {k.split(":", 1)[1].removesuffix(_MASK_SUFFIX): v for k, v in data.items() if k.startswith("mask:")}
         concepts = data.get("concepts")
         options = {"seed": self.seed, **self.spray_options}
-        position = np.full(len(labels), -1)
+        position, inputs = np.full(len(labels), -1), None   # each row's index among the evidence's samples
         if evidence is not None:
             evidence, analysed = evidence
-            position[analysed] = np.arange(len(analysed))
+            position[analysed], inputs = np.arange(len(analysed)), data["x"][analysed]
         scalars, problems, results, rows_of, strategy_ids = {}, [], {}, {}, {}
         for i, c in enumerate(classes):
             name = self.name_of(c)
@@ -312,7 +312,7 @@ class SpRAyCallback(ExplanationCallback):
             ids = tracker.update(result.signatures, result.factors["share"], trainer.current_epoch)
             results[c], rows_of[c], strategy_ids[c] = result, rows, ids
             scalars.update({f"spray/{name}/{k}": v for k, v in class_scalars(result, ids).items()})
-            self._log_class(trainer, c, result, ids, tracker, data, rows, evidence, position)
+            self._log_class(trainer, c, result, ids, tracker, data, rows, evidence, position, inputs)
         if results:
             scalars["spray/suspicious_share"] = suspicious_share(list(results.values()))
         if self.save_virelay and results:
@@ -331,7 +331,7 @@ class SpRAyCallback(ExplanationCallback):
     # -- logging ---------------------------------------------------------------------------------
     def _log_class(self, trainer, c: int, r: SpRAyResult, ids: list[int], tracker: StrategyTracker,
                    data: dict[str, torch.Tensor], rows: np.ndarray, evidence: SampleEvidence | None,
-                   position: np.ndarray) -> None:
+                   position: np.ndarray, inputs: torch.Tensor | None) -> None:
         name = self.name_of(c)
         key = f"spray/{name}"
         x, heat, idx = data["x"][rows], data["heatmaps"][rows], data["indices"][rows].tolist()
@@ -360,8 +360,7 @@ class SpRAyCallback(ExplanationCallback):
         ev = r.evidence
         if ev is not None:
             # per strategy, its most confirmed member: as it is, region removed, an other-class sample, pasted
-            analysed = data["x"][np.flatnonzero(position >= 0)]
-            examples = [evidence.example(int(position[rows[ev.top[j]]]), analysed) for j in range(r.n_clusters)]
+            examples = [evidence.example(int(position[rows[ev.top[j]]]), inputs) for j in range(r.n_clusters)]
             if self._signals:
                 pictures = [render.tile_row_signals(ex[:, :, 0], **axes) for ex in examples]
             else:

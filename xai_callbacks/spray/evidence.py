@@ -189,7 +189,6 @@ class StrategyEvidence:
         k = len(flagged)
         size = evidence.regions[rows].flatten(1).float().mean(1).numpy()
         per = {name: getattr(evidence, name)[rows] for name in ("drop", "flip_rate", "rise", "z")}
-        per["size"] = size
 
         def mean(values):
             return np.array([values[labels == j].mean() if (labels == j).any() else 0.0 for j in range(k)])
