@@ -29,8 +29,8 @@ class SpRAyResult:
         suspicion: (N,) per-sample suspicion (see :mod:`xai_callbacks.spray.suspicion`).
         cluster_suspicion: (K,) per-cluster suspicion.
         flagged: (K,) bool, suspected Clever-Hans strategies: ``cluster_suspicion >= threshold``
-            from the heatmaps alone; after :meth:`confirm`, the strategy of the samples the causal
-            evidence confirms (and nothing else).
+            from the heatmaps alone; after :meth:`confirm`, decided by the causal evidence alone
+            (the strategy of the confirmed samples, and any cluster whose median score is high).
         factors: the per-cluster factors ``novelty``, ``compactness``, ``share``, ``excess``.
         signatures: (K, D) each cluster's mean relevance distribution (what
             :class:`~xai_callbacks.spray.tracking.StrategyTracker` matches across epochs): over the
@@ -68,9 +68,9 @@ class SpRAyResult:
         Confirmed samples (:func:`~xai_callbacks.spray.evidence.sample_evidence`) leave the
         clusters SpRAy put them in and form one flagged strategy of their own; the others keep
         SpRAy's clusters, and one of those is flagged as a whole when its members' median
-        evidence score reaches ``min_strategy_z`` (see the evidence module). Prototypes, typical members, factors and signatures
-        are recomputed for the new labels, and ``evidence`` holds the per-strategy summary
-        (:class:`~xai_callbacks.spray.evidence.StrategyEvidence`).
+        evidence score reaches ``min_strategy_z`` (see the evidence module). Prototypes, typical
+        members, factors and signatures are recomputed for the new labels, and ``evidence`` holds
+        the per-strategy summary (:class:`~xai_callbacks.spray.evidence.StrategyEvidence`).
 
         Args:
             evidence: a :class:`~xai_callbacks.spray.evidence.SampleEvidence` over the analysed samples.
@@ -98,7 +98,7 @@ class SpRAyResult:
             labels = _relabel_by_size(labels)
         dims = self.params["cluster_dims"]
         summary = _summaries(heatmaps, labels, _p._unit_rows(self.spectral_embedding[:, :dims]), masks,
-                             self.params["grid"], max((len(t) for t in self.typical), default=5), features)
+                             self.params["grid"], self.params["n_typical"], features)
         p = evidence.params
         z = np.asarray(evidence.z)[rows]
         sizes = summary["cluster_sizes"]
@@ -214,6 +214,7 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None, features=None,
                   min_clusters=min_clusters, max_clusters=max_clusters, eigengap_eps=eigengap_eps,
                   cluster_dims=dims, clustering=clustering,
                   clustering_options=dict(clustering_options or {}), visualisation=visualisation, grid=grid,
+                  n_typical=n_typical,
                   threshold=threshold, seed=seed)
     summary = _summaries(heatmaps, labels, chosen, masks, grid, n_typical, features)
     return SpRAyResult(labels=labels, eigenvalues=eigenvalues, embedding=embedding,
