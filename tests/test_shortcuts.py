@@ -120,14 +120,22 @@ def test_evidence_on_an_analytic_shortcut_model():
     heat[:8, :, :4, :4] += 1.0                    # ... and their relevance sits on it
     heat[8:20, :, 6:10, 6:10] += 1.0              # the rest of class 1 looks at the middle
     heat[20:, :, 12:, 12:] += 1.0                 # class 0 at the bottom right
-    ev = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16, pastes=3)
+    ev = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16)
     shortcut = np.arange(40) < 8
     assert ev.confirmed.tolist() == shortcut.tolist()
+    assert (ev.component[:8] == "region").all() and (ev.extent()[:8] == 1 / 16).all()
     assert ev.regions[:8, :4, :4].all() and ev.regions[:8].sum() == 8 * 16
     assert (ev.rise[:8] > 0.9).all() and (ev.flip_rate[:8] == 1).all() and (ev.drop[:8] > 0.9).all()
-    assert np.abs(ev.rise[8:]).max() < 0.05 and ev.z[:8].min() > ev.z[8:].max()
-    assert ev.forward_passes == 2 * 40 + 2 * 20 + 40 * 3  # as is, removed; each class's pool; pastes
-    assert set(ev.partners[:8].ravel()) <= set(range(20, 40)), "pasted into other classes only"
+    assert (ev.excess[:8] > 0.9).all() and ev.separation[:8].min() >= 3 and (ev.separation[8:] == 0).all()
+    assert np.abs(ev.excess[8:]).max() < 0.05 and ev.z[:8].min() > ev.z[8:].max()
+    # each class's other-class samples once; each sample as is and removed; per component its 8
+    # transfers; the region's 8 controls; detail and tone of 16 donors per class into each pool
+    # sample (class 1's pool: the 20 of class 0; class 0's: the 8 the detector gives class 1)
+    assert ev.forward_passes == 2 * 20 + 2 * 40 + 3 * 40 * 8 + 40 * 8 + 2 * (20 + 8) * 16
+    assert set(ev.partners[:8].ravel()) <= set(range(20, 40)), "transferred into other classes only"
+    assert all(set(ev.donors[i]) <= set(range(20)) - {i} for i in range(20)), "controls from the sample's class"
+    # class 1 samples the detector does not give class 1 are no partners of class 0 (they have no room to rise)
+    assert set(ev.partners[20:].ravel()) <= set(range(8))
     with pytest.raises(ValueError, match="at least two classes"):
         sample_evidence(_Detector(), x[:20], heat[:20], classes[:20])
     with pytest.raises(ValueError, match="one heatmap and one class per sample"):

@@ -229,10 +229,11 @@ def test_causal_evidence_is_kept_in_the_analysis_file(tmp_path):
     n = len(heat)
     confirmed = np.arange(n) < 4
     z = np.where(confirmed, 9.0, rng.random(n))
-    evidence = SampleEvidence(classes=np.zeros(n, int), rise=z / 20, flip_rate=z / 10, drop=z / 30, z=z,
+    evidence = SampleEvidence(classes=np.zeros(n, int), component=np.full(n, "region"), rise=z / 20,
+                              excess=z / 25, flip_rate=z / 10, drop=z / 30, z=z, separation=confirmed * 5.0,
                               confirmed=confirmed, regions=torch.zeros(n, SIZE, SIZE, dtype=torch.bool),
-                              partners=np.zeros((n, 2), int), forward_passes=10, infiller=get_infiller("blur"),
-                              params=dict(min_members=3, max_share=0.5, min_strategy_z=2.0))
+                              partners=np.zeros((n, 2), int), donors=np.zeros((n, 2), int), forward_passes=10,
+                              infiller=get_infiller("blur"), params=dict(min_members=3, max_share=0.5))
     r = r.confirm(evidence, np.arange(n), heat)
     flagged = int(np.flatnonzero(r.flagged)[0])
     assert r.flagged.sum() == 1 and (r.labels[:4] == flagged).all() and (r.labels[4:] != flagged).all()
@@ -243,4 +244,5 @@ def test_causal_evidence_is_kept_in_the_analysis_file(tmp_path):
         np.testing.assert_allclose(e["transfer_rate"][:], r.evidence.transfer_rate)
         assert e["transfer_rate"][flagged] == pytest.approx(0.9)
         assert list(e["flagged"][:]) == list(r.flagged) and e["region"].shape == (n, SIZE, SIZE)
+        assert e["component"][flagged] == b"region"
         assert list(f["00000000/cluster/flagged"][:]) == list(np.isin(r.labels, np.flatnonzero(r.flagged)))

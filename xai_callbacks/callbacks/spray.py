@@ -43,9 +43,10 @@ class SpRAyCallback(ExplanationCallback):
       compactness, object / artifact share with masks, prototype, typical members);
     * ``spray/<class>/strategy_share``: each strategy's share of the class over epochs;
     * ``spray/<class>/evidence`` (with ``evidence=True``): per strategy its most confirmed member,
-      the member with its region removed, an other-class sample, and that sample with the region
-      pasted; the clusters table gains ``region_size``, ``score_drop``, ``transfer_rate``,
-      ``score_rise``, ``z`` and the embedding table each sample's ``evidence`` score;
+      the member with its region removed, an other-class sample, and that sample with the member's
+      strongest component (region, detail or tone) transferred into it; the clusters table gains
+      ``component``, ``region_size``, ``score_drop``, ``transfer_rate``, ``score_rise``,
+      ``score_excess``, ``z`` and the embedding table each sample's ``evidence`` score;
     * scalars ``spray/<class>/n_clusters``, ``spray/<class>/n_flagged`` (flagged strategies: what the
       default gate rule checks), ``spray/<class>/max_suspicion`` (heatmap shape alone),
       ``spray/<class>/suspicious_strategy`` (id of the flagged strategy, else of the one with the
@@ -94,16 +95,18 @@ class SpRAyCallback(ExplanationCallback):
         batch_size: samples per explainer call (None: a rank's whole share at once).
         save_virelay: write the ViRelAy databases each time.
         evidence: confirm shortcuts causally (:func:`~xai_callbacks.spray.evidence.sample_evidence`):
-            paste each analysed sample's region (where its relevance exceeds its class's median)
-            into other classes' analysed samples and remove it; the samples whose region carries
-            their class far better than their class's typical region does form the class's
-            flagged strategy. False: the heatmap-shape suspicion decides (no model calls after
-            the explanations).
+            transfer each analysed sample's region (where its relevance exceeds its class's
+            median), fine detail and tone into other classes' analysed samples, against the same
+            transfer from other samples of its class; a group of the class whose component
+            carries the class far better than the rest's, separated from the rest by a gap,
+            forms the class's flagged strategy. False: the heatmap-shape suspicion decides (no
+            model calls after the explanations).
         infiller: how the evidence removes a region: ``"blur"`` (default), any
             :mod:`xai_callbacks.infill` name, or an infiller instance such as the trained GAN.
-        evidence_options: keyword arguments of ``sample_evidence`` (``area``, ``pastes``,
-            ``min_z``, ``min_rise``, ``baseline``, ``floor``, ``min_members``).
-        max_others: other-class samples (of the analysed ones, a seeded draw) the regions are pasted into.
+        evidence_options: keyword arguments of ``sample_evidence`` (``components``, ``area``,
+            ``pastes``, ``min_separation``, ``min_rise``, ``floor``, ``min_members``, ``max_share``).
+        max_others: per class, other-class samples (of the analysed ones the model does not give
+            the class, a seeded draw) the components are transferred into.
         n_typical: typical members shown per strategy.
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``.
         seed: seed of the per-class sample and of SpRAy.

@@ -67,10 +67,9 @@ class SpRAyResult:
 
         Confirmed samples (:func:`~xai_callbacks.spray.evidence.sample_evidence`) leave the
         clusters SpRAy put them in and form one flagged strategy of their own; the others keep
-        SpRAy's clusters, and one of those is flagged as a whole when its members' median
-        evidence score reaches ``min_strategy_z`` (see the evidence module). Prototypes, typical
-        members, factors and signatures are recomputed for the new labels, and ``evidence`` holds
-        the per-strategy summary (:class:`~xai_callbacks.spray.evidence.StrategyEvidence`).
+        SpRAy's clusters. Prototypes, typical members, factors and signatures are recomputed for
+        the new labels, and ``evidence`` holds the per-strategy summary
+        (:class:`~xai_callbacks.spray.evidence.StrategyEvidence`).
 
         Args:
             evidence: a :class:`~xai_callbacks.spray.evidence.SampleEvidence` over the analysed samples.
@@ -99,12 +98,7 @@ class SpRAyResult:
         dims = self.params["cluster_dims"]
         summary = _summaries(heatmaps, labels, _p._unit_rows(self.spectral_embedding[:, :dims]), masks,
                              self.params["grid"], self.params["n_typical"], features)
-        p = evidence.params
-        z = np.asarray(evidence.z)[rows]
-        sizes = summary["cluster_sizes"]
-        eligible = (sizes >= p["min_members"]) & (sizes <= p["max_share"] * len(labels))
-        medians = np.array([np.median(z[labels == j]) if sizes[j] else -np.inf for j in range(len(sizes))])
-        flagged = eligible & (medians >= p["min_strategy_z"])
+        flagged = np.zeros(len(summary["cluster_sizes"]), bool)
         if confirmed.any():
             flagged[labels[np.flatnonzero(confirmed)[0]]] = True
         summary.update(labels=labels, flagged=flagged,

@@ -22,7 +22,7 @@ from .pipeline import neighbours
 __all__ = ["usable_rows", "class_scalars", "suspicious_share", "sample_strategies", "embedding_table",
            "clusters_table", "prototype_caption", "evidence_caption", "EVIDENCE_COLUMNS"]
 
-EVIDENCE_COLUMNS = ("region_size", "score_drop", "transfer_rate", "score_rise", "z")
+EVIDENCE_COLUMNS = ("component", "region_size", "score_drop", "transfer_rate", "score_rise", "score_excess", "z")
 
 
 def usable_rows(labels: np.ndarray, usable: np.ndarray, class_id: int, k: int | str, name: str
@@ -128,7 +128,7 @@ def clusters_table(result: SpRAyResult, ids: Sequence[int], sample_ids: Sequence
                + [f"{m}_share" for m in masks] + ["prototype", "typical", "typical_ids"])
     rows = [[ids[j], int(result.cluster_sizes[j]), float(f["share"][j]), float(result.cluster_suspicion[j]),
              bool(result.flagged[j]), float(f["novelty"][j]), float(f["compactness"][j])]
-            + [float(getattr(ev, c)[j]) for c in evidence] + [float(result.cluster_mask_shares[m][j]) for m in masks]
+            + [getattr(ev, c)[j].item() for c in evidence] + [float(result.cluster_mask_shares[m][j]) for m in masks]
             + [pictures[j], strips[j], " ".join(str(sample_ids[i]) for i in result.typical[j])]
             for j in range(result.n_clusters)]
     return columns, rows
@@ -137,14 +137,16 @@ def clusters_table(result: SpRAyResult, ids: Sequence[int], sample_ids: Sequence
 def prototype_caption(result: SpRAyResult, ids: Sequence[int], j: int) -> str:
     """Cluster ``j``'s caption: id, size, share, suspicion, the evidence, FLAGGED."""
     ev = result.evidence
-    checked = f", transfer {ev.transfer_rate[j]:.2f}, drop {ev.score_drop[j]:.2f}" if ev is not None else ""
+    checked = (f", {ev.component[j]} transfer {ev.transfer_rate[j]:.2f}, drop {ev.score_drop[j]:.2f}"
+               if ev is not None else "")
     return (f"strategy {ids[j]}: {result.cluster_sizes[j]} samples ({result.factors['share'][j]:.0%}), suspicion "
             f"{result.cluster_suspicion[j]:.2f}{checked}{' FLAGGED' if result.flagged[j] else ''}")
 
 
 def evidence_caption(result: SpRAyResult, ids: Sequence[int], j: int) -> str:
     """The caption of cluster ``j``'s evidence picture (member | region removed | other class |
-    region pasted)."""
+    the member's strongest component transferred into it)."""
     ev = result.evidence
     return (f"strategy {ids[j]}: member | region removed (score drop {ev.score_drop[j]:.2f}) | other class | "
-            f"region pasted (transfer {ev.transfer_rate[j]:.2f}){' FLAGGED' if result.flagged[j] else ''}")
+            f"its {ev.component[j]} transferred (transfer {ev.transfer_rate[j]:.2f}, excess over the class "
+            f"{ev.score_excess[j]:.2f}){' FLAGGED' if result.flagged[j] else ''}")

@@ -224,7 +224,8 @@ def _write_class(f, class_id: int, rows: np.ndarray, result: SpRAyResult, class_
     if evidence is not None:  # the causal check: per cluster, per sample, and each tested member's region
         e = s.create_group("evidence")
         for key, value in evidence.as_dict().items():
-            e[key] = np.asarray(value)
+            value = np.asarray(value)
+            e[key] = value.astype("S") if value.dtype.kind == "U" else value
         e["sample_suspicion"] = np.asarray(evidence.sample_suspicion, dtype=np.float32)
         e["region"] = _np(evidence.regions).astype(bool)
         e.attrs["params"] = json.dumps(getattr(evidence, "params", {}), default=str)
