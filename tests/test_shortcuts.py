@@ -15,7 +15,8 @@ from xai_callbacks.callbacks.spray import SpRAyCallback
 from xai_callbacks.cli import main
 from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, plant_shortcut
 from xai_callbacks.models import Classifier, DemoCNN
-from xai_callbacks.spray.evidence import relevance_regions, sample_evidence
+from xai_callbacks.infill import gaussian_blur
+from xai_callbacks.spray.evidence import relevance_regions, sample_evidence, transfer
 
 OPTIONS = dict(kind="stamp", n_per_class=200, ambiguity=0.4, seed=0)
 
@@ -140,3 +141,64 @@ def test_evidence_on_an_analytic_shortcut_model():
         sample_evidence(_Detector(), x[:20], heat[:20], classes[:20])
     with pytest.raises(ValueError, match="one heatmap and one class per sample"):
         sample_evidence(_Detector(), x, heat[:10], classes)
+
+
+class _GlobalDetector(torch.nn.Module):
+    """Class 1 when the mean of channel 0 (``tone``) or the fine-detail energy (``detail``) is high."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.w = kind, torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        if self.kind == "tone":
+            signal = x[:, 0].mean((1, 2)) - 0.45
+        else:
+            signal = (x - gaussian_blur(x, 1.0)).abs().mean((1, 2, 3)) - 0.12
+        return torch.stack([torch.zeros_like(signal), 60 * self.w * signal], 1)
+
+
+@pytest.mark.parametrize("kind", ["tone", "detail"])
+def test_evidence_confirms_a_shortcut_without_a_place(kind):
+    """A colour shift or a fine checker on 8 of 20 samples of class 1 has no region in the heatmaps;
+    its transfer against the class's own donors confirms exactly those 8."""
+    gen = torch.Generator().manual_seed(1)
+    x = 0.2 + 0.2 * gaussian_blur(torch.rand(40, 3, 16, 16, generator=gen), 1.0)   # smooth, dim images
+    i = torch.arange(16)
+    if kind == "tone":
+        x[:8, 0] += 0.5
+    else:
+        x[:8] += 0.25 * ((i[:, None] + i[None, :]) % 2).float()
+    classes = np.array([1] * 20 + [0] * 20)
+    heat = torch.rand(40, 3, 16, 16, generator=gen)   # relevance everywhere: no place to point at
+    model = _GlobalDetector(kind)
+    assert (model(x).argmax(1) == torch.from_numpy(np.arange(40) < 8).long()).all()
+    ev = sample_evidence(model, x, heat, classes)
+    assert ev.confirmed.tolist() == (np.arange(40) < 8).tolist()
+    assert (ev.component[:8] == kind).all() and (ev.extent()[:8] == 1).all()
+    # the tone moves partners all the way; the detail of a checker keeps part of its energy over
+    # the partner's blur, still enough to give them the class
+    assert ev.excess[:8].min() > (0.9 if kind == "tone" else 0.5) and (ev.flip_rate[:8] == 1).all()
+    assert np.abs(ev.excess[8:]).max() < 0.05
+    with pytest.raises(ValueError, match="components must be"):
+        sample_evidence(model, x, heat, classes, components=("region", "edges"))
+
+
+def test_transfer_takes_one_component_from_the_source():
+    gen = torch.Generator().manual_seed(2)
+    into, source = torch.rand(2, 3, 8, 8, generator=gen), torch.rand(2, 3, 8, 8, generator=gen)
+    keep = torch.ones(2, 1, 8, 8)
+    keep[:, :, :2, :2] = 0
+    pasted = transfer("region", into, source, keep)
+    assert torch.equal(pasted[:, :, :2, :2], source[:, :, :2, :2]) and torch.equal(pasted[:, :, 2:], into[:, :, 2:])
+    toned = transfer("tone", into, source)
+    torch.testing.assert_close(toned.mean((2, 3)), source.mean((2, 3)))
+    torch.testing.assert_close(toned - toned.mean((2, 3), keepdim=True), into - into.mean((2, 3), keepdim=True))
+    detailed = transfer("detail", into, source)
+    torch.testing.assert_close(detailed - gaussian_blur(into, 1.0), source - gaussian_blur(source, 1.0))
+    signals = transfer("tone", into[:, :, 0], source[:, :, 0])   # (B, C, L) signals alike
+    torch.testing.assert_close(signals.mean(2), source[:, :, 0].mean(2))
+    with pytest.raises(ValueError, match="needs keep"):
+        transfer("region", into, source)
+    with pytest.raises(ValueError, match="unknown component"):
+        transfer("edges", into, source)
