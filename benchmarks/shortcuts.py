@@ -5,7 +5,8 @@ scikit-image (4 classes, 32x32 RGB) with a shortcut on ``--prevalence`` of class
 kind (stamp, tags, patch, frame, colour, watermark, background), and their clean controls (the
 same images without the shortcut: one for plain crops, one for the object-on-background
 composites); plus the digits with a stamp and their clean control. Architectures, trained from
-scratch on the CPU: a small CNN (``DemoCNN``), torchvision's ResNet-18 and MobileNetV3-small.
+scratch on the CPU: a small CNN (``DemoCNN``), torchvision's ResNet-18, VGG-11-BN (its classifier
+replaced by one linear layer: at 32x32 the features end at 1x1) and MobileNetV3-small.
 
 For each scenario x architecture:
 
@@ -53,10 +54,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, plant_shortcut  # noqa: E402
 
-ARCHS = ("cnn", "resnet18", "mobilenet")
+ARCHS = ("cnn", "resnet18", "vgg11", "mobilenet")
 FEATURES = ("heatmaps", "concepts")
 # concept-space SpRAy: the layer whose channels are the concepts (names inside models.Classifier)
-CONCEPT_LAYERS = {"cnn": "model.features.9", "resnet18": "model.layer4", "mobilenet": "model.features.12"}
+CONCEPT_LAYERS = {"cnn": "model.features.9", "resnet18": "model.layer4", "vgg11": "model.features.27",
+                  "mobilenet": "model.features.12"}
 SHORTCUT_CLASS = 0
 
 
@@ -72,6 +74,12 @@ def build(arch: str, channels: int, classes: int, seed: int) -> torch.nn.Module:
         model = torchvision.models.resnet18(num_classes=classes)
         if channels != 3:
             model.conv1 = torch.nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
+        return model
+    if arch == "vgg11":   # VGG-11-BN for 32x32 inputs: the five pools leave 1x1, so one linear layer on top
+        model = torchvision.models.vgg11_bn(num_classes=classes)
+        model.avgpool, model.classifier = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(512, classes)
+        if channels != 3:
+            model.features[0] = torch.nn.Conv2d(channels, 64, 3, padding=1)
         return model
     if arch == "mobilenet":
         model = torchvision.models.mobilenet_v3_small(num_classes=classes)
