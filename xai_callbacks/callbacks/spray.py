@@ -270,9 +270,12 @@ class SpRAyCallback(ExplanationCallback):
         """Causal evidence for the usable analysed samples and their rows (None with one class only)."""
         labels, classes, usable = self._usable(data)
         rows = np.flatnonzero(usable & np.isin(labels, classes))
-        if len(np.unique(labels[rows])) < 2:  # one group only (e.g. regression): nothing to paste regions into
-            warnings.warn("SpRAyCallback: one analysed class only, so no causal evidence (nothing to paste its "
-                          "regions into); the heatmap-shape suspicion alone flags strategies", stacklevel=2)
+        values, counts = np.unique(labels[rows], return_counts=True)
+        rows = rows[np.isin(labels[rows], values[counts >= 2])]   # a control needs a second sample of the class
+        if len(np.unique(labels[rows])) < 2:  # one group only (e.g. regression): nothing to transfer into
+            warnings.warn("SpRAyCallback: fewer than two analysed classes with two usable samples each, so no causal "
+                          "evidence (nothing to transfer into); the heatmap-shape suspicion alone flags strategies",
+                          stacklevel=2)
             return None
         self.progress.update(status=f"causal evidence for {len(rows)} samples")
         model = _OneRow(trainer.lightning_module) if self._signals else trainer.lightning_module
