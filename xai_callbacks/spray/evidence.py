@@ -64,7 +64,7 @@ __all__ = ["SampleEvidence", "StrategyEvidence", "sample_evidence", "separated_g
 COMPONENTS = ("region", "detail", "tone")
 
 MIN_SEPARATION = 3.0
-MIN_RISE = 0.1
+MIN_RISE = 0.2
 
 
 def _distribution(heatmaps: torch.Tensor, spatial: int) -> torch.Tensor:
