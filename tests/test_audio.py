@@ -73,6 +73,19 @@ def test_notes_are_seeded_and_the_hum_sits_at_50_hz_in_a_share_of_one_class(note
     assert next(iter(dm.train_dataloader()))["x"].shape == (8, 2, 32)
 
 
+def test_ambiguity_plays_a_share_of_each_class_on_other_instruments():
+    """With half of each class's notes played by other instruments, the classes' mean spectra
+    move towards each other (the sound tells the class only in part)."""
+    def spread(ambiguity):
+        train, _ = make_note_spectra(n_per_class=40, shortcut=None, ambiguity=ambiguity, seed=0)
+        means = torch.stack([train.x[train.targets == c, 0].mean(0) for c in range(6)])
+        return torch.cdist(means, means).mean().item()
+
+    assert spread(0.5) < 0.85 * spread(0.0)
+    with pytest.raises(ValueError, match="ambiguity must be in"):
+        make_note_spectra(n_per_class=4, ambiguity=1.0)
+
+
 def test_to_audio_plays_the_spectrum():
     spec = LogSpectrum(n_bins=64)
     t = (np.arange(spec.n_samples) - spec.n_samples // 2) / spec.sample_rate

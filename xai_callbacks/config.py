@@ -146,6 +146,7 @@ class NotesDataConfig:
     shortcut_level: float = 1.0
     n_bins: int = 128
     val_fraction: float = 0.3
+    ambiguity: float = 0.0
     seed: int = 0
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
-from . import ShortcutDigits, SplitDataModule
+from . import ShortcutDigits, SplitDataModule, check_split
 
 __all__ = ["Instrument", "INSTRUMENTS", "NOTE_SHORTCUTS", "LogSpectrum", "NoteSpectra", "synthesize_note",
            "make_note_spectra", "NoteSpectraDataModule", "MAGNITUDE", "PHASE"]
@@ -215,7 +215,7 @@ def make_note_spectra(n_per_class: int = 120, instruments: tuple[Instrument, ...
                       shortcut: str | None = "hum", shortcut_class: int | None = 3,
                       shortcut_fraction: float = 0.3, shortcut_level: float = 0.7, n_bins: int = 128,
                       n_samples: int = 4096, sample_rate: int = 16000, val_fraction: float = 0.3,
-                      seed: int = 0) -> tuple[NoteSpectra, NoteSpectra]:
+                      ambiguity: float = 0.0, seed: int = 0) -> tuple[NoteSpectra, NoteSpectra]:
     """Train and validation splits (per class, seeded) of note spectra.
 
     Args:
@@ -227,6 +227,9 @@ def make_note_spectra(n_per_class: int = 120, instruments: tuple[Instrument, ...
         shortcut_level: its amplitude relative to the note's RMS.
         n_bins, n_samples, sample_rate: of the representation (:class:`LogSpectrum`).
         val_fraction: share of each class held out.
+        ambiguity: share of each class's notes played by another instrument (drawn uniformly) under
+            the class's label, in [0, 1): the sound then tells the class only in part and the
+            shortcut becomes worth learning (as real labels are noisy).
         seed: seeds every draw.
 
     Raises:
@@ -236,9 +239,9 @@ def make_note_spectra(n_per_class: int = 120, instruments: tuple[Instrument, ...
         raise ValueError(f"unknown shortcut {shortcut!r}; valid: {NOTE_SHORTCUTS} or None")
     if shortcut_class is not None and not 0 <= shortcut_class < len(instruments):
         raise ValueError(f"shortcut_class must be a class id 0..{len(instruments) - 1} or None, got {shortcut_class}")
-    if not 0 <= shortcut_fraction <= 1 or not 0 < val_fraction < 1:
-        raise ValueError(f"shortcut_fraction must be in [0, 1] and val_fraction in (0, 1); got {shortcut_fraction}, "
-                         f"{val_fraction}")
+    if not 0 <= shortcut_fraction <= 1:
+        raise ValueError(f"shortcut_fraction must be in [0, 1], got {shortcut_fraction}")
+    check_split(val_fraction, ambiguity)
     if n_per_class < 2:
         raise ValueError(f"n_per_class must be >= 2, got {n_per_class}")
     rng = np.random.default_rng(seed)
@@ -248,6 +251,10 @@ def make_note_spectra(n_per_class: int = 120, instruments: tuple[Instrument, ...
     xs, ys, objects, artifacts, is_val = [], [], [], [], []
     for c, instrument in enumerate(instruments):
         notes = np.stack([synthesize_note(instrument, rng, sample_rate, n_samples) for _ in range(n_per_class)])
+        if ambiguity > 0:   # a share of the class played by other instruments
+            for i in np.flatnonzero(rng.random(n_per_class) < ambiguity):
+                other = instruments[(c + rng.integers(1, len(instruments))) % len(instruments)]
+                notes[i] = synthesize_note(other, rng, sample_rate, n_samples)
         clean = transform(notes)
         n_val = int(round(val_fraction * n_per_class))
         val = np.arange(n_per_class) < n_val
