@@ -3,7 +3,6 @@ and batch, next to the same method called directly in captum / zennit, all measu
 
     python benchmarks/attribution.py                       # ResNet-18 (32x3x64x64) and DemoCNN (64x1x32x32)
     python benchmarks/attribution.py --models demo_cnn --methods saliency,lrp.epsilon_gamma_box --repeats 5
-    python benchmarks/attribution.py --models tiny --methods saliency,input_x_gradient,gradcam --repeats 9
 
 Columns: ``ours / fwd+bwd`` and ``direct / fwd+bwd`` are median times divided by the median time
 of one forward pass plus one backward pass to the input (the same autograd call the gradient
@@ -51,11 +50,7 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
         return resnet18(weights=None, num_classes=10).eval(), torch.rand(32, 3, 64, 64, generator=g)
     if name == "demo_cnn":
         return DemoCNN().eval(), torch.rand(64, 1, 32, 32, generator=g)
-    if name == "tiny":   # a negligible model: the ratios show the fixed cost of one call
-        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                              nn.Linear(4, 3))
-        return model.eval(), torch.rand(4, 3, 8, 8, generator=g)
-    raise SystemExit(f"unknown model {name!r}; valid: resnet18, demo_cnn, tiny")
+    raise SystemExit(f"unknown model {name!r}; valid: resnet18, demo_cnn")
 
 
 def options(method: str, x: torch.Tensor) -> dict:
@@ -198,7 +193,7 @@ def fixed_cost(repeats: int = 200) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="resnet18,demo_cnn", help="comma list of resnet18, demo_cnn, tiny")
+    parser.add_argument("--models", default="resnet18,demo_cnn", help="comma list of resnet18, demo_cnn")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per method (median of ratios)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per method before timing")
