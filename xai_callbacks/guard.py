@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import threading
 from typing import Iterator
 
 import numpy as np
@@ -185,15 +184,6 @@ def allow_nondeterministic() -> Iterator[None]:
         torch.use_deterministic_algorithms(True)
 
 
-_LOCAL = threading.local()   # per thread, the modules inside a model_guard now
-
-
-def _guarded() -> set[int]:
-    if not hasattr(_LOCAL, "modules"):
-        _LOCAL.modules = set()
-    return _LOCAL.modules
-
-
 @contextlib.contextmanager
 def model_guard(model: nn.Module, seed: int | None = None) -> Iterator[nn.Module]:
     """Context for one explainer call on ``model``; yields the unwrapped module in eval mode.
@@ -201,14 +191,8 @@ def model_guard(model: nn.Module, seed: int | None = None) -> Iterator[nn.Module
     It leaves ``inference_mode``, enables grad in fp32, forks the torch RNG (:func:`rng_guard`,
     seeded with ``seed``), switches to eval mode, and on exit restores every ``training`` flag,
     checks that the weights and hook tables are as before (restoring them and raising if not).
-    Inside a guard on the same module (an explainer called from a callback's guarded work) a
-    nested guard only leaves ``inference_mode`` and enables grad: the outer one does the rest.
     """
     module = unwrap_model(model)
-    if id(module) in _guarded() and seed is None:
-        with grad_fp32():
-            yield module
-        return
     modules = list(module.modules())   # walked once: the guard's cost per call grows with the model's size
     flags = [(m, m.training) for m in modules]
     hooks_before = hook_count(modules)
@@ -222,14 +206,12 @@ def model_guard(model: nn.Module, seed: int | None = None) -> Iterator[nn.Module
         compiled_forward = module.__dict__.get("forward")
         if "original_forward" in compiled:
             module.forward = compiled["original_forward"]
-        _guarded().add(id(module))
         try:
             yield module
         except BaseException:
             snapshot.restore()
             raise
         finally:
-            _guarded().discard(id(module))
             for m, flag in flags:
                 m.training = flag
             if "original_forward" in compiled:
@@ -239,7 +221,7 @@ def model_guard(model: nn.Module, seed: int | None = None) -> Iterator[nn.Module
         snapshot.restore()
         raise RuntimeError(f"an explainer changed the model and did not undo it ({'; '.join(changed[:5])}); "
                            "the change was reverted. This is a bug in the explainer")
-    left = hook_count(list(module.modules())) - hooks_before
+    left = hook_count(module) - hooks_before
     if left:
         raise RuntimeError(f"an explainer left {left} hook(s) on the model; this is a bug in the explainer")
 

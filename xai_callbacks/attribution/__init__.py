@@ -83,7 +83,6 @@ def check_methods(methods, options=None) -> tuple[list[str], dict[str, dict]]:
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def _options(fn: ExplainerFn) -> tuple[tuple[str, object], ...]:
     params = list(inspect.signature(fn).parameters.values())[3:]
     return tuple((p.name, p.default) for p in params if p.kind == p.KEYWORD_ONLY or p.default is not p.empty)
