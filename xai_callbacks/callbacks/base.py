@@ -200,6 +200,12 @@ def average_gradients(module: torch.nn.Module) -> None:
             p.grad /= dist.get_world_size()
 
 
+def _log_error_total(trainer) -> None:
+    """Log ``xai/errors``: the failures counted by all explanation callbacks of the run so far."""
+    total = sum(cb.errors for cb in trainer.callbacks if isinstance(cb, ExplanationCallback))
+    sinks.log_metrics(trainer, {"xai/errors": float(total)})
+
+
 def _target_function(spec: str) -> Callable:
     module, _, name = spec.partition(":")
     try:
@@ -304,8 +310,7 @@ class ExplanationCallback(pl.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         errors = self.errors
         if self.flush(trainer) and self.errors != errors:
-            sinks.log_metrics(trainer, {"xai/errors": float(sum(
-                cb.errors for cb in trainer.callbacks if isinstance(cb, ExplanationCallback)))})
+            _log_error_total(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         try:  # keep what was computed; the run's own error is the one that propagates
@@ -354,8 +359,7 @@ class ExplanationCallback(pl.Callback):
         with task(trainer, f"{type(self).__name__}") as self.progress:
             self.guarded(f"failed at epoch {trainer.current_epoch}", fn, trainer, pl_module)
         del self.progress  # back to the class's no-op line
-        total = sum(cb.errors for cb in trainer.callbacks if isinstance(cb, ExplanationCallback))
-        sinks.log_metrics(trainer, {"xai/errors": float(total)})
+        _log_error_total(trainer)
 
     def on_rank_zero(self, trainer, what: str, fn, *args) -> Any:
         """"Rank 0 analyses, all ranks receive": ``fn(*args)`` on global rank 0 only, its result
@@ -454,9 +458,7 @@ class ExplanationCallback(pl.Callback):
         if failure and self.on_error == "raise" and collective:
             raise RuntimeError(f"{type(self).__name__} analysis of epoch {outcome.epoch} failed: {failure}")
         for p in problems + ([failure] if failure else []):
-            self.errors += 1
-            warnings.warn(f"{type(self).__name__} at epoch {outcome.epoch}: {p}; training goes on (on_error='warn')",
-                          stacklevel=2)
+            self.count_error(f"at epoch {outcome.epoch}: {p}; training goes on (on_error='warn')")
         if collective or trainer.world_size == 1:
             sinks.log_results(view, scalars)
         return True
