@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import pipeline as _p
-from .suspicion import cluster_suspicion, mask_shares, relevance_distribution, sample_suspicion
+from .suspicion import cluster_suspicion, mask_shares, positive_part, relevance_distribution, sample_suspicion
 
 __all__ = ["SpRAyResult", "spray"]
 
@@ -30,7 +30,7 @@ class SpRAyResult:
         cluster_suspicion: (K,) per-cluster suspicion.
         flagged: (K,) bool, suspected Clever-Hans strategies: ``cluster_suspicion >= threshold``
             from the heatmaps alone; after :meth:`confirm`, decided by the causal evidence alone
-            (the strategy of the confirmed samples, and any cluster whose median score is high).
+            (the one strategy made of the class's confirmed samples).
         factors: the per-cluster factors ``novelty``, ``compactness``, ``share``, ``excess``.
         signatures: (K, D) each cluster's mean relevance distribution (what
             :class:`~xai_callbacks.spray.tracking.StrategyTracker` matches across epochs): over the
@@ -252,10 +252,7 @@ def _feature_rows(features, n: int) -> np.ndarray:
 
 def _distribution(vectors: np.ndarray) -> np.ndarray:
     """(N, D) float64 rows summing to 1: the positive part of each vector (``|v|`` where it has none)."""
-    v = vectors.astype(np.float64)
-    pos = np.clip(v, 0, None)
-    none = pos.sum(1) == 0
-    pos[none] = np.abs(v[none])
+    pos = positive_part(vectors.astype(np.float64))
     return pos / pos.sum(1, keepdims=True)
 
 

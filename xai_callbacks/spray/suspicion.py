@@ -31,7 +31,16 @@ import numpy as np
 
 from .pipeline import as_array, pool
 
-__all__ = ["relevance_distribution", "sample_suspicion", "cluster_suspicion", "mask_shares"]
+__all__ = ["positive_part", "relevance_distribution", "sample_suspicion", "cluster_suspicion", "mask_shares"]
+
+
+def positive_part(values: np.ndarray) -> np.ndarray:
+    """The positive part of each sample (first axis) of ``values``; ``|v|`` for a sample with no
+    positive entry (a heatmap of only negative relevance still has a distribution)."""
+    pos = np.clip(values, 0, None)
+    none = pos.reshape(len(pos), -1).sum(1) == 0
+    pos[none] = np.abs(values[none])
+    return pos
 
 
 def relevance_distribution(heatmaps, grid: int = 8) -> np.ndarray:
@@ -48,10 +57,7 @@ def relevance_distribution(heatmaps, grid: int = 8) -> np.ndarray:
         h = h[:, None]
     if h.ndim != 4:
         raise ValueError(f"heatmaps must have shape (N, C, H, W) or (N, H, W), got {tuple(h.shape)}")
-    r = h.sum(1, keepdims=True)
-    pos = np.clip(r, 0, None)
-    none = pos.reshape(len(pos), -1).sum(1) == 0
-    pos[none] = np.abs(r[none])
+    pos = positive_part(h.sum(1, keepdims=True))
     p = pool(pos, grid).reshape(len(pos), -1)
     total = p.sum(1, keepdims=True)
     if (total == 0).any():
