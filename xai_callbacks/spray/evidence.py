@@ -123,8 +123,11 @@ class SampleEvidence:
         component: (N,) the component (``region``, ``detail``, ``tone``) the fields below describe.
         rise: (N,) mean rise of the class probability of ``pastes`` other-class samples when the
             sample's component is transferred into them.
-        excess: (N,) median, over those partners, of the class probability with the sample's
-            component minus with its control donor's (a sample of the same class).
+        excess: (N,) how much more the sample's component raises the class probability of its
+            partners than the class's controls do: for the region the upper quartile over partners
+            of (with the sample's region - with a class mate's content there), for detail and tone
+            the median over partners of (with the sample's - the lower quartile over the class's
+            shared donors).
         flip_rate: (N,) share of the partners the model did not give the class (probability < 0.5)
             and does with the sample's component.
         drop: (N,) fall of the sample's class probability when its region is removed.
@@ -135,7 +138,8 @@ class SampleEvidence:
             the rest by at least ``min_separation`` (:func:`separated_group`).
         regions: (N, *S) bool region of each sample (where its relevance exceeds its class's median).
         partners: (N, pastes) the other-class samples (indices into the N) transferred into.
-        donors: (N, pastes) the control donors of the sample's class (indices into the N).
+        donors: (N, pastes) the region's control donors, one per partner, of the sample's class
+            (indices into the N).
         forward_passes: model evaluations spent.
         infiller: the infiller that removed the regions.
         params: the parameters of the check.
@@ -413,7 +417,7 @@ def _measure(model, x, heatmaps, classes, components, fill, area, pastes, max_ot
     check_class_target(probs, torch.from_numpy(classes).to(device))
     probs = probs.cpu().numpy()
     passes += n
-    shared_dst, shared_src = [], []   # detail / tone controls: each pool sample x each class donor
+    shared_dst, shared_src, shared_slot = [], [], []   # detail / tone controls: each pool sample x each class donor
     for c in np.unique(classes):
         rows = np.flatnonzero(classes == c)
         others = np.flatnonzero(classes != c)
@@ -433,6 +437,7 @@ def _measure(model, x, heatmaps, classes, components, fill, area, pastes, max_ot
         shared = rng.choice(rows, min(2 * pastes, len(rows)), replace=False)
         shared_dst += np.repeat(np.arange(len(pool_rows), len(pool_rows) + len(pool)), len(shared)).tolist()
         shared_src += np.tile(shared, len(pool)).tolist()
+        shared_slot += np.tile(np.arange(len(shared)), len(pool)).tolist()
         pool_rows += pool.tolist()
     pool_t = torch.tensor(pool_rows, device=device)
     target = torch.from_numpy(classes).to(device)
@@ -441,7 +446,7 @@ def _measure(model, x, heatmaps, classes, components, fill, area, pastes, max_ot
     flat = torch.from_numpy(partners.reshape(-1)).to(device)
     dst = pool_t[flat]
     donor = torch.from_numpy(donors.reshape(-1)).to(device)
-    s_dst, s_src = torch.tensor(shared_dst, device=device), torch.tensor(shared_src, device=device)
+    s_dst, s_src, s_slot = (torch.tensor(v, device=device) for v in (shared_dst, shared_src, shared_slot))
 
     own = torch.from_numpy(probs[np.arange(n), classes]).to(device)
     removed = score(lambda i: fill(x[i], keep[i]), n, target)
@@ -463,7 +468,9 @@ def _measure(model, x, heatmaps, classes, components, fill, area, pastes, max_ot
             control = score(lambda i: transfer(component, x[pool_t[s_dst[i]]], x[s_src[i]]), len(s_src),
                             target[s_src])
             passes += len(s_src)
-            low = torch.stack([control[s_dst == j].quantile(0.25) for j in range(len(pool_rows))])
+            low = control.new_full((len(pool_rows), 2 * pastes), float("nan"))   # pool sample x its donors
+            low[s_dst, s_slot] = control
+            low = low.nanquantile(0.25, dim=1)
             excess[:, k] = (with_own - low[flat].view(n, pastes)).median(1).values.cpu().numpy()
         rise[:, k] = (with_own - before).mean(1).cpu().numpy()
         eligible = (before < 0.5).float()
