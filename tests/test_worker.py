@@ -171,3 +171,30 @@ def test_worker_records_logger_calls_and_reports_failures():
     worker.submit(5, 50, lambda: 1 / 0)
     assert worker.collect().failure == "ZeroDivisionError: division by zero" and worker.collect() is None
     worker.close()
+
+
+def test_attribution_pictures_and_files_are_made_off_the_training_thread_with_the_same_content(tmp_path, monkeypatch):
+    from xai_callbacks import AttributionCallback, render
+
+    made_in = []
+    panel = render.panel
+
+    def spy(*args, **kwargs):
+        made_in.append(threading.current_thread() is threading.main_thread())
+        return panel(*args, **kwargs)
+
+    monkeypatch.setattr(render, "panel", spy)
+    files = {}
+    for asynchronous in (False, True):
+        made_in.clear()
+        cb = AttributionCallback(methods=["saliency"], probe_size=8, n_images=2, asynchronous=asynchronous)
+        trainer = make_trainer(tmp_path / str(asynchronous), [cb], max_epochs=EPOCHS, **SMALL)
+        trainer.fit(small_module(), ShortcutDigitsDataModule())
+        assert made_in == [not asynchronous] * (2 * EPOCHS)  # 2 panels an epoch, in the training thread or not
+        folder = tmp_path / str(asynchronous) / "xai" / "heatmaps"
+        files[asynchronous] = {p.name: dict(np.load(p)) for p in sorted(folder.glob("*.npz"))}
+        assert cb.deliveries == EPOCHS
+    assert list(files[True]) == [f"epoch_{e:04d}.npz" for e in range(EPOCHS)] == list(files[False])
+    for name, arrays in files[True].items():
+        assert arrays.keys() == files[False][name].keys()
+        assert all(np.array_equal(v, files[False][name][k]) for k, v in arrays.items())

@@ -11,7 +11,7 @@ from .. import render, sinks
 from ..attribution import check_methods, explain, method_options
 from ..guard import model_guard
 from ..scoring import select
-from .base import ExplanationCallback, shard_map, val_dataloader
+from .base import ExplanationCallback, Probe, shard_map, val_dataloader
 
 __all__ = ["AttributionCallback", "explanation_kept"]
 
@@ -51,7 +51,11 @@ class AttributionCallback(ExplanationCallback):
     explanation-kept part (the input with every position outside the top ``audio_keep`` share of
     channel-summed relevance set to 0). The latest heatmaps stay in
     :attr:`heatmaps` for other callbacks and notebooks. Under DDP each rank explains its share
-    of the probe set and the heatmaps are gathered; only rank 0 logs and writes.
+    of the probe set and the heatmaps are gathered; only rank 0 logs and writes. While fitting,
+    the explanations run inline (they need this epoch's weights) and what follows them (pictures,
+    PNG encoding, tables, audio, the ``.npz`` file) runs in a background thread beside the next
+    epoch (``asynchronous``), delivered like SpRAy's analysis: at the end of the next validation
+    epoch and at the end of ``fit``, labelled with the epoch it belongs to.
 
     Args:
         methods: attribution method names (see ``xai_callbacks.attribution.available_methods``).
@@ -63,6 +67,8 @@ class AttributionCallback(ExplanationCallback):
             function id -> string, or None (the ids themselves).
         n_audio: samples whose sound is logged per method (signals of datasets with ``to_audio``).
         audio_keep: share of positions in the explanation-kept part of a sound, in (0, 1].
+        asynchronous: while fitting, render, encode and write in a background thread (False:
+            inline, as in ``validate``; the logged content is the same).
         every_n_epochs, probe_size, seed, target, on_error: see :class:`ExplanationCallback`.
 
     Raises:
@@ -84,7 +90,7 @@ class AttributionCallback(ExplanationCallback):
                  method_options: Mapping[str, Mapping] | None = None, n_images: int = 16,
                  batch_size: int | None = None, save_heatmaps: bool = True, every_n_epochs: int = 1,
                  probe_size: int = 64, seed: int = 0, target: Any = "label", on_error: str = "warn", vocab=None,
-                 n_audio: int = 2, audio_keep: float = 0.2):
+                 n_audio: int = 2, audio_keep: float = 0.2, asynchronous: bool = True):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, seed=seed, target=target,
                          on_error=on_error)
         methods, self.method_options = check_methods(methods, method_options)
@@ -94,6 +100,7 @@ class AttributionCallback(ExplanationCallback):
             raise ValueError(f"audio_keep must be in (0, 1] and n_audio >= 0; got audio_keep={audio_keep}, "
                              f"n_audio={n_audio}")
         self.n_audio, self.audio_keep = n_audio, audio_keep
+        self.asynchronous = bool(asynchronous)
         self.heatmaps: dict[str, torch.Tensor] = {}
 
     @property
@@ -116,26 +123,36 @@ class AttributionCallback(ExplanationCallback):
 
         rows = torch.arange(len(probe.x), device=probe.x.device)
         self.heatmaps = {m: shard_map(trainer, partial(explain_share, m), rows) for m in self.methods}
-        if not trainer.is_global_zero:
-            return
+        # everything after the explanations needs no model: CPU copies go to the background worker
+        cpu = Probe(probe.x.cpu(), probe.y.cpu(), {}, probe.indices.cpu())
+        self.analyse_later(trainer, self._publish, cpu, {m: h.cpu() for m, h in self.heatmaps.items()},
+                           pred.cpu(), score.cpu())
+
+    def _publish(self, trainer, probe: Probe, heatmaps: dict[str, torch.Tensor], pred: torch.Tensor,
+                 score: torch.Tensor) -> None:
+        """Pictures, tables, audio and the ``.npz`` file of one epoch's heatmaps (CPU tensors)."""
         n = min(self.n_images, len(probe.y))
         idx, y, pred, score = (probe.indices.tolist(), probe.y.tolist(), pred.tolist(), score.tolist())
         y = [v if isinstance(v, (int, float)) else str(v)[:24] for v in y]  # multi-label, maps: short text
         captions = [f"#{idx[i]} label {y[i]} pred {pred[i]} ({score[i]:.2f})" for i in range(n)]
         if probe.x.is_floating_point():
-            self._log_images(trainer, probe, n, idx, y, pred, captions)
+            self._log_images(trainer, probe, heatmaps, n, idx, y, pred, captions)
         else:
-            self._log_tokens(trainer, probe.x[:n], captions)
+            self._log_tokens(trainer, probe.x[:n], heatmaps, captions)
         if self.save_heatmaps:
             sinks.save_npz(trainer, f"xai/heatmaps/epoch_{trainer.current_epoch:04d}.npz",
-                           indices=probe.indices.numpy(), labels=probe.y.cpu().numpy(),
-                           predictions=np.asarray(pred), **{m: h.cpu().numpy() for m, h in self.heatmaps.items()})
+                           indices=probe.indices.numpy(), labels=probe.y.numpy(),
+                           predictions=np.asarray(pred), **{m: h.numpy() for m, h in heatmaps.items()})
 
-    def _log_images(self, trainer, probe, n: int, idx: list, y: list, pred: list, captions: list[str]) -> None:
+    def deliver(self, trainer, result: None) -> tuple[dict[str, float], list[str]]:
+        return {}, []
+
+    def _log_images(self, trainer, probe, heatmaps, n: int, idx: list, y: list, pred: list, captions: list[str]
+                    ) -> None:
         rows = []
         signals = probe.x.dim() == 3
         axes = self.signal_axes(trainer) if signals else {}
-        for method, heat in self.heatmaps.items():
+        for method, heat in heatmaps.items():
             if signals:
                 images = [render.signal_panel(probe.x[i], heat[i], title=f"{method}: {captions[i]}", **axes)
                           for i in range(n)]
@@ -164,10 +181,10 @@ class AttributionCallback(ExplanationCallback):
             return str(i)
         return str(self.vocab(i) if callable(self.vocab) else self.vocab[i])
 
-    def _log_tokens(self, trainer, tokens: torch.Tensor, captions: list[str]) -> None:
+    def _log_tokens(self, trainer, tokens: torch.Tensor, heatmaps, captions: list[str]) -> None:
         """One HTML panel per method: each probe text's tokens highlighted by their relevance."""
         texts = [[self._token_name(t) for t in row] for row in tokens.tolist()]
-        for method, heat in self.heatmaps.items():
+        for method, heat in heatmaps.items():
             page = "".join(f"<p><b>{c}</b></p>{render.tokens_html(t, heat[i])}"
                            for i, (c, t) in enumerate(zip(captions, texts)))
             sinks.log_html(trainer, f"xai/tokens/{method}", page)
