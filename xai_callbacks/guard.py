@@ -99,30 +99,35 @@ class ModelSnapshot:
     """
 
     def __init__(self, model: nn.Module | list[nn.Module], values: bool = False):
-        modules = model if isinstance(model, list) else model.modules()
-        self.modules = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
-                        for m in modules]
-        self.hooks = [(table, dict(table)) for m, attrs, *_ in self.modules for name in _HOOK_TABLES
-                      if isinstance(table := attrs.get(name), dict)]
-        tensors = {id(t): t for _, _, ps, bs, _ in self.modules for t in (*ps.values(), *bs.values())
-                   if t is not None}
-        self.tensors = [(t, t.data, t.detach().clone() if values else None) for t in tensors.values()]
+        modules = model if isinstance(model, list) else list(model.modules())
+        self.modules = [(m, (d := m.__dict__).copy(), d["_parameters"].copy(), d["_buffers"].copy(),
+                         d["_modules"].copy()) for m in modules]
+        # hook tables are mostly empty: the non-empty ones are copied, every other one is empty on restore
+        self.hooks = [(table, table.copy()) for m, attrs, *_ in self.modules for name in _HOOK_TABLES
+                      if isinstance(table := attrs.get(name), dict) and table]
+        # each tensor once, with whether it is a weight (a parameter or a normalisation statistic)
+        tensors: dict[int, tuple[torch.Tensor, bool]] = {}
+        for m, _, ps, bs, _ in self.modules:
+            norm = isinstance(m, nn.modules.batchnorm._NormBase)
+            for t, weight in [(t, True) for t in ps.values()] + [(t, norm) for t in bs.values()]:
+                if t is not None and not tensors.get(id(t), (t, False))[1]:
+                    tensors[id(t)] = (t, weight)
+        self.tensors = [(t, t.data, t.detach().clone() if values else None, weight)
+                        for t, weight in tensors.values()]
 
     def changed(self) -> list[str]:
-        """What differs from the snapshot in the model's weights: parameter tables, parameter and
-        BatchNorm buffer storage, and (where copied) values. Attributes and other buffers are not
+        """What differs from the snapshot in the model's weights and structure: parameter and
+        submodule tables, parameter and BatchNorm buffer storage, and (where copied) values. Attributes and other buffers are not
         compared: models may cache things there in forward (rotary tables, masks)."""
         out = []
-        for m, _, params, buffers, _ in self.modules:
-            if m._parameters.keys() != params.keys() or any(m._parameters[k] is not v for k, v in params.items()):
-                out.append(f"{type(m).__name__} parameters {sorted(set(m._parameters) ^ set(params)) or ''}")
-        weights = {id(t) for _, _, ps, _, _ in self.modules for t in ps.values() if t is not None}
-        weights |= {id(t) for m, _, _, bs, _ in self.modules if isinstance(m, nn.modules.batchnorm._NormBase)
-                    for t in bs.values() if t is not None}
-        for t, data, value in self.tensors:
-            if id(t) not in weights:
+        for m, _, params, _, children in self.modules:
+            for what, now, before in (("parameters", m._parameters, params), ("submodules", m._modules, children)):
+                if len(now) != len(before) or any(now.get(k, now) is not v for k, v in before.items()):
+                    out.append(f"{type(m).__name__} {what} {sorted(set(now) ^ set(before)) or ''}")
+        for t, data, value, weight in self.tensors:
+            if not weight:
                 continue
-            if t.data.data_ptr() != data.data_ptr() or t.shape != data.shape or t.dtype != data.dtype:
+            if t.data_ptr() != data.data_ptr() or t.shape != data.shape or t.dtype != data.dtype:
                 out.append(f"tensor of shape {tuple(data.shape)} replaced")
             elif value is not None and not torch.equal(t.data, value):
                 out.append(f"tensor of shape {tuple(data.shape)} written in place")
@@ -136,10 +141,13 @@ class ModelSnapshot:
                                   (m._modules, modules)):
                 table.clear()
                 table.update(before)
+        for m, attrs, *_ in self.modules:
+            for name in _HOOK_TABLES:
+                if isinstance(table := attrs.get(name), dict):
+                    table.clear()
         for table, before in self.hooks:
-            table.clear()
             table.update(before)
-        for t, data, value in self.tensors:
+        for t, data, value, _ in self.tensors:
             if value is not None:
                 data.copy_(value)
             t.data = data
@@ -195,12 +203,14 @@ def model_guard(model: nn.Module, seed: int | None = None) -> Iterator[nn.Module
     module = unwrap_model(model)
     modules = list(module.modules())   # walked once: the guard's cost per call grows with the model's size
     flags = [(m, m.training) for m in modules]
+    training = any(flag for _, flag in flags)
     hooks_before = hook_count(modules)
     snapshot = ModelSnapshot(modules)
     with contextlib.ExitStack() as stack:
         stack.enter_context(grad_fp32())
         stack.enter_context(rng_guard(seed, host=False))
-        module.eval()
+        if training:   # in validation the model is in eval mode already
+            module.eval()
         # Lightning's compiled modules run a compiled forward; hooks added now would not run there
         compiled = getattr(module, "_compiler_ctx", None) or {}
         compiled_forward = module.__dict__.get("forward")
@@ -212,8 +222,9 @@ def model_guard(model: nn.Module, seed: int | None = None) -> Iterator[nn.Module
             snapshot.restore()
             raise
         finally:
-            for m, flag in flags:
-                m.training = flag
+            for m, flag in flags:   # also where the body switched a module to training
+                if m.training is not flag:
+                    m.training = flag
             if "original_forward" in compiled:
                 module.forward = compiled_forward
     changed = snapshot.changed()
@@ -221,7 +232,7 @@ def model_guard(model: nn.Module, seed: int | None = None) -> Iterator[nn.Module
         snapshot.restore()
         raise RuntimeError(f"an explainer changed the model and did not undo it ({'; '.join(changed[:5])}); "
                            "the change was reverted. This is a bug in the explainer")
-    left = hook_count(module) - hooks_before
+    left = hook_count(modules) - hooks_before   # a submodule added by the body is a change (above)
     if left:
         raise RuntimeError(f"an explainer left {left} hook(s) on the model; this is a bug in the explainer")
 
