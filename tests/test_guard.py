@@ -127,6 +127,20 @@ def test_guard_reverts_and_reports_a_change_a_method_did_not_undo():
         with model_guard(model) as m:
             m[0].bias = nn.Parameter(torch.ones(4))
     assert_same(model, before, x, out)
+    # a submodule left behind (with a hook on it) is reverted as well
+    with pytest.raises(RuntimeError, match="changed the model.*submodules"):
+        with model_guard(model) as m:
+            m[2].probe = nn.Identity()
+            m[2].probe.register_forward_hook(lambda *a: None)
+    assert "probe" not in model[2]._modules
+    assert_same(model, before, x, out)
+
+
+def test_guard_restores_training_flags_an_explainer_switched_on_a_model_in_eval_mode():
+    model = bn_net().eval()   # as in validation: the guard does not switch it
+    with model_guard(model) as m:
+        m[4].train()
+    assert not any(m.training for m in model.modules())
 
 
 def test_snapshot_with_values_sees_in_place_writes():
