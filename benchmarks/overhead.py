@@ -136,14 +136,19 @@ def fit(module, data, callbacks, device, epochs, batches):
 def metric_costs(make_module, data, device):
     """Seconds each default metric takes for one epoch's probe set (the metric alone)."""
     costs = {}
-    for name in ("sparseness",) + tuple(DEFAULT_METRICS):  # the first pays the warm-up and is measured again
-        cb = blocking(ExplanationMetricsCallback(probe_size=64, metrics=[name]))
+    for spec in ("sparseness",) + tuple(DEFAULT_METRICS):  # the first pays the warm-up and is measured again
+        name = metric_name(spec)
+        cb = blocking(ExplanationMetricsCallback(probe_size=64, metrics=[spec]))
         trainer = pl.Trainer(accelerator=device, devices=1, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
                              default_root_dir=tempfile.mkdtemp(prefix="xai-overhead-"))
         trainer.validate(make_module(), data, verbose=False)
         costs[name] = sum(cb.blocked.values())
     return costs
+
+
+def metric_name(spec) -> str:
+    return spec if isinstance(spec, str) else spec["name"]
 
 
 def model_and_data(name):
@@ -214,10 +219,11 @@ def main():
                   f"| {r['train_slowdown']:.2f}x |", flush=True)
         costs[name] = {k: (v, v / epoch_50k) for k, v in costs[name].items()}
     print("\nEach default metric alone, per epoch (probe set of 64): seconds (share of a 50k-sample epoch)")
-    print("| model | " + " | ".join(DEFAULT_METRICS) + " |")
-    print("|---|" + "---|" * len(DEFAULT_METRICS))
+    names = [metric_name(spec) for spec in DEFAULT_METRICS]
+    print("| model | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
     for name, c in costs.items():
-        print(f"| {name} | " + " | ".join(f"{c[m][0]:.2f} ({c[m][1]:.1%})" for m in DEFAULT_METRICS) + " |")
+        print(f"| {name} | " + " | ".join(f"{c[m][0]:.2f} ({c[m][1]:.1%})" for m in names) + " |")
 
 
 if __name__ == "__main__":
