@@ -3,19 +3,21 @@
     python benchmarks/overhead.py [--device cpu|cuda] [--models demo resnet18] [--batches 20]
     python benchmarks/overhead.py --quick     # DemoCNN only, small: a check in a few minutes
 
-For each model it trains with the default set
-(AttributionCallback and ExplanationMetricsCallback every epoch on a 64-sample probe set,
-SpRAyCallback every 5 epochs) twice: SpRAy inline (``asynchronous=False``) and in the background
-(``asynchronous=True``, the default). It times every callback hook that runs in the training
-loop (``on_validation_epoch_end``: the inline work and any wait for the background analysis;
-``on_fit_end``: the last delivery) and prints the blocked time per epoch as a share of an epoch
-of 50k samples at the per-sample training speed of the run's last epoch (no warm-up, nothing in
-the background; measured in the same run, so a shared machine's load weighs on both alike); SpRAy's time is divided by its 5-epoch
-period. The benchmark's own epochs are short, so training may wait for the background analysis
-(``waits``, measured); in the blocked figures that wait is replaced by the one a 50k-sample epoch
-would see (the analysis's run time beyond that epoch's length, usually none). ``background s`` is the work the SpRAy worker did beside training (CPU time a GPU run
-would not wait for). A second table gives each default metric's cost per epoch (one
-``trainer.validate`` per metric, the metric alone on the probe set).
+For each model it trains with the default set, every callback at its defaults
+(``AttributionCallback()``, ``ExplanationMetricsCallback()`` every epoch, ``SpRAyCallback()``
+every 20 epochs and on the last one), twice: with ``asynchronous=False`` (everything inline) and
+with the default ``asynchronous=True`` (what needs no model in a background thread). It times
+what each callback blocks in the training loop: its own work per run (the inline part and the
+handoff, after the warm-up of epoch 0 where it ran later too), the logger calls of its
+deliveries, and the wait for its background analysis that an epoch of 50k samples would see (the
+analysis's run time beyond that epoch; the benchmark's own short epochs make training wait more:
+``waits here``, measured and not counted). Each callback's time is divided by its period and
+summed, and given as a share of an epoch of 50k samples at the per-sample training speed of the
+run's last epoch (measured in the same run, so a shared machine's load weighs on both alike).
+``background s`` is the work the workers did beside training (CPU time a GPU run would not wait
+for; on the CPU it shares the cores with training: ``epoch 1 training slowdown``). A second table
+gives each default metric's cost per epoch (one ``trainer.validate`` per metric, alone on the
+probe set).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import time
 import warnings
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import WandbLogger
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -37,7 +40,6 @@ from xai_callbacks.models import Classifier, DemoCNN
 warnings.filterwarnings("ignore")
 os.environ.setdefault("WANDB_MODE", "offline")
 EPOCH_SAMPLES = 50_000
-SPRAY_EVERY = 5
 
 
 class RandomImages(Dataset):
@@ -90,46 +92,86 @@ class EpochTimer(pl.Callback):
         self.samples.append(self.n)
 
 
+def sync(pl_module):
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def blocking(callback):
-    """Accumulate the wall time of the callback's hooks in the training loop per epoch in
-    ``callback.blocked`` (``on_validation_epoch_end``) and ``callback.blocked_at_end`` (``on_fit_end``)."""
-    callback.blocked, callback.blocked_at_end = {}, 0.0
-    epoch_end, fit_end = callback.on_validation_epoch_end, callback.on_fit_end
+    """Time what the callback blocks in the training loop: per epoch, its hooks
+    (``callback.blocked``: ``on_validation_epoch_end``, i.e. delivering the previous analysis,
+    waiting for it if needed, and the epoch's own work), its own work alone (``callback.ran``: the
+    inline part and the handoff to the worker), and ``on_fit_end`` (``callback.blocked_at_end``)."""
+    callback.blocked, callback.ran, callback.blocked_at_end = {}, {}, 0.0
+    epoch_end, fit_end, run = callback.on_validation_epoch_end, callback.on_fit_end, callback.run
 
-    def sync(pl_module):
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def on_validation_epoch_end(trainer, pl_module):
-        start = time.perf_counter()
-        epoch_end(trainer, pl_module)
-        sync(pl_module)
-        e = trainer.current_epoch
-        callback.blocked[e] = callback.blocked.get(e, 0.0) + time.perf_counter() - start
+    def timed(hook, into):
+        def wrapper(trainer, pl_module):
+            start = time.perf_counter()
+            hook(trainer, pl_module)
+            sync(pl_module)
+            into[trainer.current_epoch] = into.get(trainer.current_epoch, 0.0) + time.perf_counter() - start
+        return wrapper
 
     def on_fit_end(trainer, pl_module):
         start = time.perf_counter()
         fit_end(trainer, pl_module)
         callback.blocked_at_end += time.perf_counter() - start
 
-    callback.on_validation_epoch_end, callback.on_fit_end = on_validation_epoch_end, on_fit_end
+    callback.on_validation_epoch_end = timed(epoch_end, callback.blocked)
+    callback.run = timed(run, callback.ran)
+    callback.on_fit_end = on_fit_end
     return callback
 
 
-def default_set(max_per_class: int, asynchronous: bool):
-    return [blocking(AttributionCallback(probe_size=64, save_heatmaps=False)),
-            blocking(ExplanationMetricsCallback(probe_size=64)),
-            blocking(SpRAyCallback(max_per_class=max_per_class, every_n_epochs=SPRAY_EVERY, save_virelay=False,
-                                   asynchronous=asynchronous))]
+def default_set(max_per_class: int | None, asynchronous: bool):
+    """The callbacks at their defaults (``max_per_class``: SpRAy's, if given)."""
+    spray = {} if max_per_class is None else {"max_per_class": max_per_class}
+    return [blocking(AttributionCallback(asynchronous=asynchronous)), blocking(ExplanationMetricsCallback()),
+            blocking(SpRAyCallback(asynchronous=asynchronous, **spray))]
+
+
+def per_epoch(callback, epoch_50k: float) -> tuple[float, float]:
+    """(blocked, background) seconds per epoch of 50k samples: the callback's own work per run
+    (after epoch 0's warm-up where it ran later too), the deliveries' logger calls, and the wait a
+    50k-sample epoch would see for the background analysis (its run time beyond that epoch: the
+    analysis of one epoch is delivered at the end of the next); all divided by its period."""
+    runs = sorted(callback.ran)
+    steady = [callback.ran[e] for e in runs if e > 0] or [callback.ran[runs[0]]]
+    worker = callback._worker   # None for a callback with nothing to hand off
+    flushing = sum(callback.blocked.values()) + callback.blocked_at_end - sum(callback.ran.values())
+    replay = max(0.0, flushing - (worker.wait_seconds if worker else 0.0)) / len(runs)
+    busy = worker.busy_seconds / len(runs) if worker and worker.asynchronous else 0.0
+    blocked = sum(steady) / len(steady) + replay + max(0.0, busy - epoch_50k)
+    return blocked / callback.every_n_epochs, busy / callback.every_n_epochs
+
+
+class Settle(pl.Callback):
+    """Before the callbacks' epoch-end work, let the background analyses of the last epoch finish
+    (untimed): in an epoch of 50k samples they would have (``per_epoch`` adds the wait where they
+    would not), and in the benchmark's short epochs they would share the cores with the timed work."""
+
+    def __init__(self, callbacks):
+        self.callbacks = callbacks
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        for cb in self.callbacks:
+            pending = getattr(cb._worker, "_pending", None)
+            if hasattr(pending, "result"):
+                pending.result()
 
 
 def fit(module, data, callbacks, device, epochs, batches):
     timer = EpochTimer()
+    folder = tempfile.mkdtemp(prefix="xai-overhead-")
+    # an offline W&B run, as users log: media are encoded in the worker, logged in the training thread
+    logger = WandbLogger(project="xai-overhead", save_dir=folder, offline=True)
     trainer = pl.Trainer(accelerator=device, devices=1, max_epochs=epochs, limit_train_batches=batches,
-                         logger=False, default_root_dir=tempfile.mkdtemp(prefix="xai-overhead-"),
+                         logger=logger, default_root_dir=folder,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, callbacks=[timer, *callbacks])
+                         num_sanity_val_steps=0, callbacks=[timer, Settle(callbacks), *callbacks])
     trainer.fit(module, data)
+    logger.experiment.finish()
     return timer
 
 
@@ -138,7 +180,7 @@ def metric_costs(make_module, data, device):
     costs = {}
     for spec in ("sparseness",) + tuple(DEFAULT_METRICS):  # the first pays the warm-up and is measured again
         name = metric_name(spec)
-        cb = blocking(ExplanationMetricsCallback(probe_size=64, metrics=[spec]))
+        cb = blocking(ExplanationMetricsCallback(metrics=[spec]))
         trainer = pl.Trainer(accelerator=device, devices=1, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
                              default_root_dir=tempfile.mkdtemp(prefix="xai-overhead-"))
@@ -166,27 +208,18 @@ def measure(name, device, epochs, batches, max_per_class):
         torch.manual_seed(0)
         callbacks = default_set(max_per_class, asynchronous)
         run = fit(make_module(), data, callbacks, device, epochs, batches)
-        # the training speed of this run's last epoch (no warm-up, no background analysis beside it):
-        # measured minutes apart from the blocked times, so a shared machine's load weighs on both alike
+        # the training speed of this run's last epoch (no warm-up): measured in the same run, so a
+        # shared machine's load weighs on training and callbacks alike
         per_sample = run.train_seconds[-1] / run.samples[-1]
         epoch_50k = per_sample * EPOCH_SAMPLES
-        attribution, metrics, spray = callbacks
-        per_epoch = {type(cb).__name__: sum(cb.blocked.get(e, 0.0) for e in range(1, epochs)) / (epochs - 1)
-                     for cb in (attribution, metrics)}
-        # SpRAy ran at epoch 0: its inline work then, any wait later, the last delivery at the end
-        per_epoch["SpRAyCallback"] = (sum(spray.blocked.values()) + spray.blocked_at_end) / SPRAY_EVERY
-        worker = spray._worker
-        # the benchmark's epochs are short, so the background analysis may not be done by the next
-        # one: that wait is measured, and replaced by the wait a 50k-sample epoch would see
-        wait_50k = max(0.0, worker.busy_seconds - epoch_50k) if asynchronous else 0.0
-        per_epoch["SpRAyCallback"] += (wait_50k - worker.wait_seconds) / SPRAY_EVERY if asynchronous else 0.0
-        blocked = sum(per_epoch.values())
-        rows.append({"model": name, "spray": "background" if asynchronous else "inline",
-                     "train_s": per_sample * run.samples[-1], "epoch_50k": epoch_50k, **per_epoch,
-                     "background_s": (worker.busy_seconds if asynchronous else 0.0) / SPRAY_EVERY,
-                     "waits": worker.waits, "wait_s": worker.wait_seconds, "blocked_s": blocked,
-                     "share_50k": blocked / epoch_50k,
-                     # epoch 1 trains beside the background analysis of epoch 0 (on the CPU they share cores)
+        costs = {type(cb).__name__: per_epoch(cb, epoch_50k) for cb in callbacks}
+        blocked = sum(b for b, _ in costs.values())
+        rows.append({"model": name, "mode": "background" if asynchronous else "inline", "epoch_50k": epoch_50k,
+                     **{k: b for k, (b, _) in costs.items()}, "background_s": sum(g for _, g in costs.values()),
+                     "waits": sum(cb._worker.waits for cb in callbacks if cb._worker),
+                     "wait_s": sum(cb._worker.wait_seconds for cb in callbacks if cb._worker),
+                     "blocked_s": blocked, "share_50k": blocked / epoch_50k,
+                     # epoch 1 trains beside the background analyses of epoch 0 (on the CPU they share cores)
                      "train_slowdown": run.train_seconds[1] / run.samples[1] / per_sample})
     return rows, metric_costs(make_module, data, device), epoch_50k
 
@@ -197,28 +230,30 @@ def main():
     parser.add_argument("--models", nargs="+", default=["demo", "resnet18"])
     parser.add_argument("--epochs", type=int, default=3, help="at least 3: epoch 1 overlaps the analysis, the last not")
     parser.add_argument("--batches", type=int, default=20, help="training batches per epoch")
-    parser.add_argument("--max-per-class", type=int, default=50, help="SpRAy's samples per class")
+    parser.add_argument("--max-per-class", type=int, default=None, help="SpRAy's samples per class (default: its default)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="DemoCNN only, 10 batches, 20 SpRAy samples per class")
+    parser.add_argument("--quick", action="store_true", help="DemoCNN only, 10 batches an epoch")
     args = parser.parse_args()
     if args.quick:
-        args.models, args.batches, args.max_per_class = ["demo"], 10, 20
+        args.models, args.batches = ["demo"], 10
     torch.set_num_threads(args.threads)
     print(f"device={args.device} threads={args.threads} epochs={args.epochs} batches/epoch={args.batches} "
-          f"SpRAy max_per_class={args.max_per_class}")
-    print("| model | SpRAy | 50k epoch s | attribution s | metrics s | SpRAy blocked s (/5) | SpRAy background s (/5) "
+          f"SpRAy max_per_class={args.max_per_class or SpRAyCallback().max_per_class}")
+    print(f"SpRAy every {SpRAyCallback().every_n_epochs} epochs (and the last); per epoch of 50k samples:")
+    print("| model | analyses | 50k epoch s | attribution s | metrics s | SpRAy s | background s "
           "| waits here (s) | blocked s/epoch | blocked / 50k epoch | epoch 1 training slowdown |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     costs = {}
     for name in args.models:
         rows, costs[name], epoch_50k = measure(name, args.device, args.epochs, args.batches, args.max_per_class)
         for r in rows:
-            print(f"| {r['model']} | {r['spray']} | {r['epoch_50k']:.1f} | {r['AttributionCallback']:.2f} "
+            print(f"| {r['model']} | {r['mode']} | {r['epoch_50k']:.1f} | {r['AttributionCallback']:.2f} "
                   f"| {r['ExplanationMetricsCallback']:.2f} | {r['SpRAyCallback']:.2f} | {r['background_s']:.2f} "
                   f"| {r['waits']} ({r['wait_s']:.2f}) | {r['blocked_s']:.2f} | {r['share_50k']:.1%} "
                   f"| {r['train_slowdown']:.2f}x |", flush=True)
         costs[name] = {k: (v, v / epoch_50k) for k, v in costs[name].items()}
-    print("\nEach default metric alone, per epoch (probe set of 64): seconds (share of a 50k-sample epoch)")
+    print(f"\nEach default metric alone, per epoch (probe set of {ExplanationMetricsCallback().probe_size}): "
+          "seconds (share of a 50k-sample epoch)")
     names = [metric_name(spec) for spec in DEFAULT_METRICS]
     print("| model | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))

@@ -130,9 +130,9 @@ def test_evidence_on_an_analytic_shortcut_model():
     assert (ev.excess[:8] > 0.9).all() and ev.separation[:8].min() >= 3 and (ev.separation[8:] == 0).all()
     assert np.abs(ev.excess[8:]).max() < 0.05 and ev.z[:8].min() > ev.z[8:].max()
     # each sample as is and removed; per component its 8 transfers; the region's 8 controls; detail
-    # and tone of 16 donors per class into each pool sample (class 1's pool: the 20 of class 0;
-    # class 0's: the 8 the detector gives class 1)
-    assert ev.forward_passes == 2 * 40 + 3 * 40 * 8 + 40 * 8 + 2 * (20 + 8) * 16
+    # and tone of 16 donors per class into each pool sample (class 1's pool: 16 of the 20 of class 0,
+    # max_others; class 0's: the 8 the detector gives class 1)
+    assert ev.forward_passes == 2 * 40 + 3 * 40 * 8 + 40 * 8 + 2 * (16 + 8) * 16
     assert set(ev.partners[:8].ravel()) <= set(range(20, 40)), "transferred into other classes only"
     assert all(set(ev.donors[i]) <= set(range(20)) - {i} for i in range(20)), "controls from the sample's class"
     # class 1 samples the detector does not give class 1 are no partners of class 0 (they have no room to rise)

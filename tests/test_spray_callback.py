@@ -35,7 +35,7 @@ def artifact_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("spray_artifact")
     logger = WandbLogger(project="xai-callbacks-tests", save_dir=str(tmp), offline=True)
-    cb = SpRAyCallback(classes=[0, 1], max_per_class=60)
+    cb = SpRAyCallback(classes=[0, 1], max_per_class=60, every_n_epochs=1)
     gate = ExplanationGate(action="warn")  # the default rule: no SpRAy cluster flagged
     dm = ShortcutDigitsDataModule(ambiguity=0.3)
     trainer = make_trainer(tmp, [cb, gate], logger=logger, max_epochs=EPOCHS)
@@ -135,7 +135,7 @@ def test_virelay_databases_written_each_epoch(artifact_run):
 
 def test_state_dict_round_trip(artifact_run):
     cb, _, _ = artifact_run
-    clone = SpRAyCallback(classes=[0, 1], max_per_class=60)
+    clone = SpRAyCallback(classes=[0, 1], max_per_class=60, every_n_epochs=1)
     clone.load_state_dict(cb.state_dict())
     assert clone.sample_indices == cb.sample_indices
     assert clone.trackers[0].history == cb.trackers[0].history and clone.trackers[0].next_id == cb.trackers[0].next_id

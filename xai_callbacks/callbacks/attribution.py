@@ -69,7 +69,8 @@ class AttributionCallback(ExplanationCallback):
         audio_keep: share of positions in the explanation-kept part of a sound, in (0, 1].
         asynchronous: while fitting, render, encode and write in a background thread (False:
             inline, as in ``validate``; the logged content is the same).
-        every_n_epochs, probe_size, seed, target, on_error: see :class:`ExplanationCallback`.
+        every_n_epochs, probe_size, seed, target, on_error: see :class:`ExplanationCallback`
+            (32 probe samples by default, 16 of them shown).
 
     Raises:
         ValueError: an unknown method or method option, or a bad base argument (the message names
@@ -89,7 +90,7 @@ class AttributionCallback(ExplanationCallback):
     def __init__(self, methods: Sequence[str] = ("saliency", "lrp.epsilon_plus_flat"),
                  method_options: Mapping[str, Mapping] | None = None, n_images: int = 16,
                  batch_size: int | None = None, save_heatmaps: bool = True, every_n_epochs: int = 1,
-                 probe_size: int = 64, seed: int = 0, target: Any = "label", on_error: str = "warn", vocab=None,
+                 probe_size: int = 32, seed: int = 0, target: Any = "label", on_error: str = "warn", vocab=None,
                  n_audio: int = 2, audio_keep: float = 0.2, asynchronous: bool = True):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, seed=seed, target=target,
                          on_error=on_error)

@@ -246,7 +246,8 @@ class ExplanationCallback(pl.Callback):
       ``xai/<Callback>/wait_s``).
 
     Args:
-        every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``.
+        every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``, and on the
+            last epoch of ``fit`` (``max_epochs - 1``).
         probe_size: number of validation samples in the fixed probe set.
         seed: seed of the probe set's stratified draw (and of the callback's own random draws).
         target: what is explained: ``"label"`` (the sample's class label), ``"prediction"`` (the
@@ -300,7 +301,13 @@ class ExplanationCallback(pl.Callback):
 
     # -- schedule and error policy --------------------------------------------------------
     def should_run(self, trainer: pl.Trainer) -> bool:
-        return not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0
+        """On epochs that are a multiple of ``every_n_epochs``, and on the last epoch of ``fit``
+        (``max_epochs - 1``), so that the final model is always analysed (and gated)."""
+        if trainer.sanity_checking:
+            return False
+        last = trainer.state.fn == "fit" and trainer.max_epochs is not None and \
+            trainer.current_epoch == trainer.max_epochs - 1
+        return last or trainer.current_epoch % self.every_n_epochs == 0
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self.flush(trainer)  # the previous analysis, before this epoch's gate check

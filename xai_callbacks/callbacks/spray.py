@@ -80,7 +80,8 @@ class SpRAyCallback(ExplanationCallback):
         method_options: options of the method.
         classes: class ids to analyse; None: every class in the validation set.
         class_names: optional class id -> name used in logged keys (default: the id).
-        max_per_class: validation samples explained per class.
+        max_per_class: validation samples explained per class (a shortcut needs 5 of them,
+            ``min_members``, to be confirmed: raise it for shortcuts rarer than 10 % of a class).
         target: explain the ``"label"`` (true class, as SpRAy does), the ``"prediction"``, or a target
             function (see :class:`ExplanationCallback`); samples are grouped by their (first) label.
         spray_options: keyword arguments of :func:`~xai_callbacks.spray.spray` (``k``,
@@ -106,9 +107,16 @@ class SpRAyCallback(ExplanationCallback):
         evidence_options: keyword arguments of ``sample_evidence`` (``components``, ``area``,
             ``pastes``, ``min_separation``, ``min_rise``, ``floor``, ``min_members``, ``max_share``).
         max_others: per class, other-class samples (of the analysed ones the model does not give
-            the class, a seeded draw) the components are transferred into.
+            the class, a seeded draw) the components are transferred into. All of a class's
+            samples share them, so the paired comparison is over the same partners; the detail
+            and tone controls cost ``2 * pastes * max_others`` forward passes per class.
         n_typical: typical members shown per strategy.
-        every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``.
+        every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``, and on the
+            last epoch of ``fit`` (so the gate decides on the final model). The defaults (50 per
+            class, every 20 epochs) keep the default callback set near 3 % of a 50k-sample epoch
+            on two CPU cores (``benchmarks/overhead.py``): the causal check costs about 34 forward
+            passes per analysed sample plus ``2 * pastes * max_others`` per class, about 6 s per
+            analysis for the demo's 10 classes there. Analyse more often where the budget allows.
         seed: seed of the per-class sample and of SpRAy.
         asynchronous: while fitting, run everything after the model (clustering,
             embeddings, tracking, pictures, tables, ViRelAy files) in a background
@@ -139,11 +147,11 @@ class SpRAyCallback(ExplanationCallback):
 
     def __init__(self, method: str = "lrp.epsilon_plus_flat", method_options: Mapping[str, Any] | None = None,
                  classes: Sequence[int] | None = None, class_names: Mapping[int, str] | None = None,
-                 max_per_class: int = 100, target: Any = "label", spray_options: Mapping[str, Any] | None = None,
+                 max_per_class: int = 50, target: Any = "label", spray_options: Mapping[str, Any] | None = None,
                  min_similarity: float = 0.8, batch_size: int | None = 256, save_virelay: bool = True,
-                 n_typical: int = 5, every_n_epochs: int = 1, seed: int = 0, on_error: str = "warn",
+                 n_typical: int = 5, every_n_epochs: int = 20, seed: int = 0, on_error: str = "warn",
                  evidence: bool = True, infiller: Any = "blur", evidence_options: Mapping[str, Any] | None = None,
-                 max_others: int = 64, features: str = "heatmaps", concept_layer: str | None = None,
+                 max_others: int = 16, features: str = "heatmaps", concept_layer: str | None = None,
                  asynchronous: bool = True):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=max(1, int(max_per_class)), seed=seed,
                          target=target, on_error=on_error)

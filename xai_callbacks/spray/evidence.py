@@ -272,7 +272,7 @@ def transfer(component: str, into: torch.Tensor, source: torch.Tensor, keep: tor
 def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Tensor, classes, *,
                     components: tuple[str, ...] = COMPONENTS, infiller: str | Infiller = "blur", area: float = 1 / 8,
                     pastes: int = 8, min_separation: float = MIN_SEPARATION, min_rise: float = MIN_RISE,
-                    floor: float = 0.01, min_members: int = 5, max_share: float = 0.5, max_others: int = 64,
+                    floor: float = 0.01, min_members: int = 5, max_share: float = 0.5, max_others: int = 16,
                     batch_size: int = 256, seed: int = 0) -> SampleEvidence:
     """Paired transfer evidence for every analysed sample (see the module docstring).
 
