@@ -246,8 +246,8 @@ class ExplanationCallback(pl.Callback):
       ``xai/<Callback>/wait_s``).
 
     Args:
-        every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``, and on the
-            last epoch of ``fit`` (``max_epochs - 1``).
+        every_n_epochs: while fitting, run on epochs where ``current_epoch % every_n_epochs == 0``
+            and on the last epoch (``max_epochs - 1``); a standalone ``validate`` always runs.
         probe_size: number of validation samples in the fixed probe set.
         seed: seed of the probe set's stratified draw (and of the callback's own random draws).
         target: what is explained: ``"label"`` (the sample's class label), ``"prediction"`` (the
@@ -301,10 +301,13 @@ class ExplanationCallback(pl.Callback):
 
     # -- schedule and error policy --------------------------------------------------------
     def should_run(self, trainer: pl.Trainer) -> bool:
-        """On epochs that are a multiple of ``every_n_epochs``, and on the last epoch of ``fit``
-        (``max_epochs - 1``), so that the final model is always analysed (and gated)."""
+        """In ``fit`` on epochs that are a multiple of ``every_n_epochs`` and on the last epoch
+        (``max_epochs - 1``), so that the final model is always analysed (and gated); in every
+        standalone ``validate`` (an evaluation asked for)."""
         if trainer.sanity_checking:
             return False
+        if trainer.state.fn == "validate":
+            return True
         last = trainer.state.fn == "fit" and trainer.max_epochs is not None and \
             trainer.current_epoch == trainer.max_epochs - 1
         return last or trainer.current_epoch % self.every_n_epochs == 0
