@@ -109,13 +109,13 @@ class SpRAyCallback(ExplanationCallback):
         max_others: per class, other-class samples (of the analysed ones the model does not give
             the class, a seeded draw) the components are transferred into. All of a class's
             samples share them, so the paired comparison is over the same partners; the detail
-            and tone controls cost ``2 * pastes * max_others`` forward passes per class.
+            and tone controls cost ``4 * pastes * max_others`` forward passes per class.
         n_typical: typical members shown per strategy.
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``, and on the
             last epoch of ``fit`` (so the gate decides on the final model). The defaults (50 per
             class, every 20 epochs) keep the default callback set near 3 % of a 50k-sample epoch
             on two CPU cores (``benchmarks/overhead.py``): the causal check costs about 34 forward
-            passes per analysed sample plus ``2 * pastes * max_others`` per class, about 6 s per
+            passes per analysed sample plus ``4 * pastes * max_others`` per class, about 6 s per
             analysis for the demo's 10 classes there. Analyse more often where the budget allows.
         seed: seed of the per-class sample and of SpRAy.
         asynchronous: while fitting, run everything after the model (clustering,
