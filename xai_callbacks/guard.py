@@ -117,8 +117,9 @@ class ModelSnapshot:
 
     def changed(self) -> list[str]:
         """What differs from the snapshot in the model's weights and structure: parameter and
-        submodule tables, parameter and BatchNorm buffer storage, and (where copied) values. Attributes and other buffers are not
-        compared: models may cache things there in forward (rotary tables, masks)."""
+        submodule tables, parameter and BatchNorm buffer storage, and (where copied) values.
+        Attributes and other buffers are not compared: models may cache things there in forward
+        (rotary tables, masks)."""
         out = []
         for m, _, params, _, children in self.modules:
             for what, now, before in (("parameters", m._parameters, params), ("submodules", m._modules, children)):

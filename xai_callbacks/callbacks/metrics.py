@@ -17,8 +17,9 @@ __all__ = ["ExplanationMetricsCallback", "DEFAULT_METRICS"]
 # faithfulness, robustness and complexity, needing no masks (localisation metrics such as
 # relevance_mass need the batch's masks: add them where you have them). Cheap enough for every
 # epoch: pixel flipping in 16 steps (17 forward passes per probe sample instead of 65) and
-# max-sensitivity over 5 perturbations (instead of 10) keep the metrics callback near 1.3 % of a
-# 50k-sample epoch on the CPU (``benchmarks/overhead.py``); the metrics' own defaults are finer.
+# max-sensitivity over 5 perturbations (instead of 10) on 32 probe samples keep the metrics
+# callback near 1 % of a 50k-sample epoch on the CPU (``benchmarks/overhead.py``); the metrics'
+# own defaults are finer.
 DEFAULT_METRICS = ({"name": "pixel_flipping", "n_steps": 16}, {"name": "max_sensitivity", "n_samples": 5},
                    "sparseness", "complexity")
 
@@ -68,9 +69,8 @@ class ExplanationMetricsCallback(ExplanationCallback):
         batch_size: perturbed inputs per forward pass / explainer call, for every metric
             (a metric's own ``batch_size`` option wins).
         every_n_epochs, probe_size, seed, target, on_error: see :class:`ExplanationCallback`
-            (the probe set is 32 samples by default: with the default metrics the callback stays
-            near 0.6 % of a 50k-sample epoch on the CPU, ``benchmarks/overhead.py``)
-            (``target`` also accepts a target function, e.g. for multi-label or regression models).
+            (32 probe samples by default, see ``DEFAULT_METRICS``; ``target`` also accepts a
+            target function, e.g. for multi-label or regression models).
 
     Under DDP each rank scores its share of the probe set and the metrics' states are summed across
     ranks; a metric is computed only if it was scored on every rank (else it is skipped everywhere).
