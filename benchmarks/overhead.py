@@ -13,7 +13,8 @@ deliveries, and the wait for its background analysis that an epoch of 50k sample
 analysis's run time beyond that epoch; the benchmark's own short epochs make training wait more:
 ``waits here``, measured and not counted). Each callback's time is divided by its period and
 summed, and given as a share of an epoch of 50k samples at the per-sample training speed of the
-run's last epoch (measured in the same run, so a shared machine's load weighs on both alike).
+inline run's last epoch (nothing runs beside it; measured in the same process, so a shared
+machine's load weighs on both alike).
 ``background s`` is the work the workers did beside training (CPU time a GPU run would not wait
 for; on the CPU it shares the cores with training: ``epoch 1 training slowdown``). A second table
 gives each default metric's cost per epoch (one ``trainer.validate`` per metric, alone on the
@@ -208,10 +209,12 @@ def measure(name, device, epochs, batches, max_per_class):
         torch.manual_seed(0)
         callbacks = default_set(max_per_class, asynchronous)
         run = fit(make_module(), data, callbacks, device, epochs, batches)
-        # the training speed of this run's last epoch (no warm-up): measured in the same run, so a
-        # shared machine's load weighs on training and callbacks alike
-        per_sample = run.train_seconds[-1] / run.samples[-1]
-        epoch_50k = per_sample * EPOCH_SAMPLES
+        if not asynchronous:
+            # the training speed of the inline run's last epoch (no warm-up, nothing in the
+            # background beside it), for both runs: measured in the same process minutes apart,
+            # so a shared machine's load weighs on training and callbacks alike
+            per_sample = run.train_seconds[-1] / run.samples[-1]
+            epoch_50k = per_sample * EPOCH_SAMPLES
         costs = {type(cb).__name__: per_epoch(cb, epoch_50k) for cb in callbacks}
         blocked = sum(b for b, _ in costs.values())
         rows.append({"model": name, "mode": "background" if asynchronous else "inline", "epoch_50k": epoch_50k,
