@@ -34,7 +34,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xai_callbacks import AttributionCallback, ExplanationMetricsCallback, SpRAyCallback
-from xai_callbacks.callbacks.metrics import DEFAULT_METRICS
 from xai_callbacks.data import ShortcutDigitsDataModule
 from xai_callbacks.models import Classifier, DemoCNN
 
@@ -179,9 +178,8 @@ def fit(module, data, callbacks, device, epochs, batches):
 def metric_costs(make_module, data, device):
     """Seconds each default metric takes for one epoch's probe set (the metric alone)."""
     costs = {}
-    for spec in ("sparseness",) + tuple(DEFAULT_METRICS):  # the first pays the warm-up and is measured again
-        name = metric_name(spec)
-        cb = blocking(ExplanationMetricsCallback(metrics=[spec]))
+    for name, options in [("sparseness", {})] + metric_specs():  # the first pays the warm-up, measured again
+        cb = blocking(ExplanationMetricsCallback(metrics=[{"name": name, **options}]))
         trainer = pl.Trainer(accelerator=device, devices=1, logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
                              default_root_dir=tempfile.mkdtemp(prefix="xai-overhead-"))
@@ -190,8 +188,9 @@ def metric_costs(make_module, data, device):
     return costs
 
 
-def metric_name(spec) -> str:
-    return spec if isinstance(spec, str) else spec["name"]
+def metric_specs() -> list[tuple[str, dict]]:
+    """The default metrics as the callback reads them: ``(name, options)``."""
+    return ExplanationMetricsCallback().specs
 
 
 def model_and_data(name):
@@ -257,7 +256,7 @@ def main():
         costs[name] = {k: (v, v / epoch_50k) for k, v in costs[name].items()}
     print(f"\nEach default metric alone, per epoch (probe set of {ExplanationMetricsCallback().probe_size}): "
           "seconds (share of a 50k-sample epoch)")
-    names = [metric_name(spec) for spec in DEFAULT_METRICS]
+    names = [name for name, _ in metric_specs()]
     print("| model | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for name, c in costs.items():

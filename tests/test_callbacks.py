@@ -179,3 +179,15 @@ def test_tensorboard_logger_gets_the_heatmap_images(tmp_path):
     events = EventAccumulator(logger.log_dir)
     events.Reload()
     assert events.Tags()["images"] == [f"xai/heatmaps/saliency/{i}" for i in range(3)]
+
+
+def test_last_epoch_is_known_only_for_a_bounded_run():
+    from types import SimpleNamespace
+
+    from xai_callbacks.callbacks.base import on_last_epoch
+
+    assert on_last_epoch(SimpleNamespace(max_epochs=4, current_epoch=3))
+    assert not on_last_epoch(SimpleNamespace(max_epochs=4, current_epoch=2))
+    # bounded by max_steps: Lightning sets max_epochs to -1, and no epoch is the last one
+    assert not on_last_epoch(SimpleNamespace(max_epochs=-1, current_epoch=0))
+    assert not on_last_epoch(SimpleNamespace(max_epochs=None, current_epoch=7))

@@ -28,7 +28,7 @@ from ..infill import get_infiller
 from ..scoring import Target
 
 __all__ = ["ExplanationCallback", "Probe", "select_probe", "select_per_class", "dataset_labels", "val_dataloader",
-           "read_samples", "shard_map", "shard_indices", "average_gradients", "TARGETS"]
+           "read_samples", "shard_map", "shard_indices", "average_gradients", "on_last_epoch", "TARGETS"]
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,13 @@ def average_gradients(module: torch.nn.Module) -> None:
             p.grad /= dist.get_world_size()
 
 
+def on_last_epoch(trainer) -> bool:
+    """Whether the trainer is in the last epoch ``max_epochs`` allows (False without a bound:
+    ``max_epochs`` None or -1, as when training is bounded by ``max_steps``)."""
+    return trainer.max_epochs is not None and trainer.max_epochs > 0 and \
+        trainer.current_epoch >= trainer.max_epochs - 1
+
+
 def _log_error_total(trainer) -> None:
     """Log ``xai/errors``: the failures counted by all explanation callbacks of the run so far."""
     total = sum(cb.errors for cb in trainer.callbacks if isinstance(cb, ExplanationCallback))
@@ -308,9 +315,7 @@ class ExplanationCallback(pl.Callback):
             return False
         if trainer.state.fn == "validate":
             return True
-        last = trainer.state.fn == "fit" and trainer.max_epochs is not None and \
-            trainer.current_epoch == trainer.max_epochs - 1
-        return last or trainer.current_epoch % self.every_n_epochs == 0
+        return on_last_epoch(trainer) or trainer.current_epoch % self.every_n_epochs == 0
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         self.flush(trainer)  # the previous analysis, before this epoch's gate check

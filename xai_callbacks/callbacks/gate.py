@@ -12,6 +12,7 @@ import torch
 from .. import sinks
 from ..gate import (DEFAULT_RULES, REPORT_NAME, Check, describe, evaluate, failure_block, logged_by,
                     parse_rule, write_report)
+from .base import on_last_epoch
 from .progress import echo
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,7 @@ class ExplanationGate(pl.Callback):
                      f"something else logs it", log, above_bar=False)  # no bar is drawn yet
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        last = trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs - 1
-        if trainer.sanity_checking or not (trainer.current_epoch % self.every_n_epochs == 0 or last):
+        if trainer.sanity_checking or not (trainer.current_epoch % self.every_n_epochs == 0 or on_last_epoch(trainer)):
             return
         self._check(trainer)
 

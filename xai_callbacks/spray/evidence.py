@@ -56,6 +56,7 @@ from ..attribution import model_device
 from ..guard import model_guard, unwrap_model
 from ..infill import Infiller, gaussian_blur, get_infiller
 from ..scoring import check_class_target, score_perturbed
+from .suspicion import positive_part
 
 __all__ = ["SampleEvidence", "StrategyEvidence", "sample_evidence", "separated_group", "relevance_regions",
            "transfer", "COMPONENTS", "MIN_SEPARATION", "MIN_RISE"]
@@ -70,10 +71,7 @@ MIN_RISE = 0.2
 def _distribution(heatmaps: torch.Tensor, spatial: int) -> torch.Tensor:
     """(N, *S) positive channel-summed relevance scaled to sum 1 (``|R|`` where none is positive)."""
     r = heatmaps.float()
-    r = r.sum(1) if r.dim() == spatial + 2 else r
-    pos = r.clamp_min(0)
-    none = pos.flatten(1).sum(1) == 0
-    pos[none] = r[none].abs()
+    pos = positive_part(r.sum(1) if r.dim() == spatial + 2 else r)
     total = pos.flatten(1).sum(1).clamp_min(1e-30)
     return pos / total.view(-1, *[1] * spatial)
 

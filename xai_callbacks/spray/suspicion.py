@@ -34,12 +34,13 @@ from .pipeline import as_array, pool
 __all__ = ["positive_part", "relevance_distribution", "sample_suspicion", "cluster_suspicion", "mask_shares"]
 
 
-def positive_part(values: np.ndarray) -> np.ndarray:
-    """The positive part of each sample (first axis) of ``values``; ``|v|`` for a sample with no
-    positive entry (a heatmap of only negative relevance still has a distribution)."""
-    pos = np.clip(values, 0, None)
+def positive_part(values):
+    """The positive part of each sample (first axis) of ``values`` (a numpy array or a torch
+    tensor); ``|v|`` for a sample with no positive entry (a heatmap of only negative relevance
+    still has a distribution)."""
+    pos = values.clip(min=0)
     none = pos.reshape(len(pos), -1).sum(1) == 0
-    pos[none] = np.abs(values[none])
+    pos[none] = abs(values[none])
     return pos
 
 
