@@ -24,6 +24,7 @@ FFT-accelerated t-SNE, PCA) on the 32-dimensional spectral embedding.
     PYTHONPATH=. python benchmarks/spray.py            # N = 1000, 5000 (about 1-2 minutes)
     PYTHONPATH=. python benchmarks/spray.py --large    # adds N = 20000 (ours only by default)
     PYTHONPATH=. python benchmarks/spray.py --embedding --sizes 100 1000 5000
+    PYTHONPATH=. python benchmarks/spray.py --sizes 20000 100000 --device cuda   # kNN on a GPU
 """
 from __future__ import annotations
 
@@ -64,8 +65,9 @@ def _mem_kib(field: str) -> int:
     return 0
 
 
-def _pipeline(which: str):
-    """A function features (N, 1024) -> labels, for ``ours`` (k = 10), ``auto`` (k="auto") or ``corelay``."""
+def _pipeline(which: str, device: str | None = None):
+    """A function features (N, 1024) -> labels, for ``ours`` (k = 10), ``auto`` (k="auto") or ``corelay``;
+    ours runs its kNN search on ``device``."""
     if which == "corelay":
         from corelay.pipeline.spectral import SpectralClustering
         from corelay.processor.affinity import SparseKNN
@@ -83,13 +85,13 @@ def _pipeline(which: str):
 
     k = "auto" if which == "auto" else K_NEIGHBOURS
     return lambda x: spray(x.reshape(len(x), 32, 32), normalize=None, k=k, n_eigval=N_EIGVAL,
-                           n_clusters=N_CLUSTERS, normalize_rows=False, visualisation=None).labels
+                           n_clusters=N_CLUSTERS, normalize_rows=False, visualisation=None, device=device).labels
 
 
-def _run(which: str, n: int, queue) -> None:
+def _run(which: str, n: int, device: str | None, queue) -> None:
     from xai_callbacks.spray import preprocess
 
-    run = _pipeline(which)
+    run = _pipeline(which, device)
     run(preprocess(heatmaps(200, seed=1)[0]))  # warm-up: imports, thread pools
     x = preprocess(heatmaps(n)[0])
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current size
@@ -101,10 +103,10 @@ def _run(which: str, n: int, queue) -> None:
     queue.put((seconds, (_mem_kib("VmHWM") - before) / 1024, np.asarray(labels)))
 
 
-def measure(which: str, n: int):
+def measure(which: str, n: int, device: str | None = None):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_run, args=(which, n, queue))
+    proc = ctx.Process(target=_run, args=(which, n, device, queue))
     proc.start()
     result = queue.get()
     proc.join()
@@ -117,6 +119,7 @@ def main() -> None:
     parser.add_argument("--corelay-max", type=int, default=5000, help="largest N CoRelAy is run at")
     parser.add_argument("--sizes", type=int, nargs="+", help="the N to run (default 1000 5000, and 20000 with --large)")
     parser.add_argument("--embedding", action="store_true", help="time the 2-D embeddings instead")
+    parser.add_argument("--device", default=None, help="where our kNN search runs (e.g. cuda; default: the CPU)")
     args = parser.parse_args()
     from sklearn.metrics import adjusted_rand_score
 
@@ -132,8 +135,8 @@ def main() -> None:
 
     for n in sizes:
         truth = heatmaps(n)[1]
-        ours_s, ours_mb, ours_labels = measure("ours", n)
-        auto_s, _, auto_labels = measure("auto", n)
+        ours_s, ours_mb, ours_labels = measure("ours", n, args.device)
+        auto_s, _, auto_labels = measure("auto", n, args.device)
         row = (f"{n:>6} | {ours_s:>7.2f} {ours_mb:>9.0f} {adjusted_rand_score(truth, ours_labels):>9.3f} | "
                f"{neighbours(n):>6} {auto_s:>6.2f} {adjusted_rand_score(truth, auto_labels):>9.3f} | ")
         if n <= args.corelay_max:

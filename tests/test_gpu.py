@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,3 +56,14 @@ def test_callbacks_in_a_gpu_trainer(tmp_path):
     trainer.fit(Classifier(DemoCNN(width=8)), ShortcutDigitsDataModule())
     assert attribution.errors == metrics.errors == 0 and gate.passed is True
     assert all(h.device.type == "cuda" and h.dtype == torch.float32 for h in attribution.heatmaps.values())
+
+
+def test_spray_knn_on_cuda_matches_cpu():
+    from xai_callbacks.spray.pipeline import knn, preprocess
+    rng = np.random.default_rng(0)
+    x = preprocess(rng.random((3000, 1, 16, 16)).astype(np.float32))
+    dist, idx = knn(x, 10)
+    dist_g, idx_g = knn(x, 10, device="cuda", chunk=512)
+    assert isinstance(idx_g, np.ndarray)
+    np.testing.assert_allclose(dist_g, dist, rtol=1e-4)
+    assert (idx_g == idx).mean() > 0.99   # ties and float rounding may swap near-equal neighbours

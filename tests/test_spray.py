@@ -4,10 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from sklearn.metrics import adjusted_rand_score, roc_auc_score
 
 from xai_callbacks.spray import (StrategyTracker, affinity, check_heatmaps, eigengap, laplacian, mask_shares,
                                  preprocess, spectral_embedding, spray, write_virelay)
+from xai_callbacks.spray.pipeline import knn
 
 
 def blob(cy, cx, size=32, sigma=3.0):
@@ -90,6 +92,24 @@ def test_affinity_is_sparse_symmetric_knn_graph():
     ref = np.zeros_like(d)
     np.put_along_axis(ref, np.argsort(d, 1)[:, :7], 1.0, 1)
     np.testing.assert_allclose(affinity(x, k=7).toarray(), (ref + ref.T) / 2)
+
+
+def test_knn_takes_tensors_and_a_device_and_returns_cpu_arrays():
+    h, truth = strategies()
+    x = preprocess(h)
+    dist, idx = knn(x, 7)
+    # blocks of 5 rows, a tensor on an explicit device: the same neighbours and distances
+    dist_t, idx_t = knn(torch.from_numpy(x), 7, chunk=5, device="cpu")
+    assert isinstance(idx_t, np.ndarray) and np.array_equal(idx, idx_t)
+    np.testing.assert_allclose(dist, dist_t, atol=1e-5)  # float32 |a|^2 - 2ab + |b|^2, summed per block
+    d = np.sqrt(((x[:, None].astype(np.float64) - x[None]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    np.testing.assert_allclose(dist, np.sort(d, 1)[:, :7], atol=1e-4)
+    # spray on a tensor gives the same clusters as on the array
+    r = spray(torch.from_numpy(h), visualisation=None)
+    assert adjusted_rand_score(truth, r.labels) == 1.0
+    with pytest.raises(ValueError, match=r"k=7 neighbours need at least k \+ 1 = 8 samples, got 7"):
+        knn(x[:7], 7)
 
 
 def test_random_walk_laplacian_same_spectrum_scaled_vectors():

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from . import pipeline as _p
 from .suspicion import cluster_suspicion, mask_shares, positive_part, relevance_distribution, sample_suspicion
@@ -122,7 +123,8 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None, features=None,
           n_eigval: int = 32, normalize_rows: bool = True, n_clusters: int | None = None, min_clusters: int = 2,
           max_clusters: int = 10, eigengap_eps: float | None = 0.01, cluster_dims: int | None = None, clustering: str = "kmeans",
           clustering_options: dict[str, Any] | None = None, visualisation: str | None = "tsne",
-          n_typical: int = 5, grid: int = 8, threshold: float = 0.25, seed: int = 0) -> SpRAyResult:
+          n_typical: int = 5, grid: int = 8, threshold: float = 0.25, seed: int = 0,
+          device: str | None = None) -> SpRAyResult:
     """Spectral relevance analysis of the heatmaps of one class.
 
     Steps: :func:`~.pipeline.preprocess` -> :func:`~.pipeline.affinity` ->
@@ -166,6 +168,9 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None, features=None,
         grid: side of the pooled relevance maps the suspicion scores compare.
         threshold: cluster suspicion at or above which a cluster is flagged.
         seed: seeds the eigensolver's start vector, k-means and t-SNE.
+        device: where the kNN search, the step that grows with N^2, runs (e.g. ``"cuda"``);
+            None: on the device of ``features`` (or of ``heatmaps``) when given as a tensor, else the
+            CPU (see :func:`~.pipeline.knn`). The rest runs on the CPU.
 
     Raises:
         ValueError: unusable heatmaps or features (NaN / inf, constant heatmaps, all-zero feature
@@ -177,6 +182,8 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None, features=None,
         rel = concept_relevance(model, x, y, layer="features.9").relevance
         result = spray(heatmaps, features=rel)                     # cluster the concept relevances
     """
+    given = heatmaps if features is None else features
+    device = device or (str(given.device) if isinstance(given, torch.Tensor) else None)
     if features is None:
         points = _p.preprocess(heatmaps, channel_reduce=channel_reduce, absolute=absolute, size=size,
                                normalize=normalize)
@@ -189,7 +196,7 @@ def spray(heatmaps, *, masks: dict[str, Any] | None = None, features=None,
                          f"collect more samples of this class or lower k")
     if n_clusters is not None and not 1 <= n_clusters <= n:
         raise ValueError(f"n_clusters must be None (eigengap) or in [1, {n}], got {n_clusters}")
-    adjacency = _p.affinity(points, k=k, kind=affinity)
+    adjacency = _p.affinity(points, k=k, kind=affinity, device=device)
     lap = _p.laplacian(adjacency, kind=laplacian)
     eigenvalues, vectors = _p.spectral_embedding(lap, n_eigval=n_eigval, seed=seed, normalize_rows=False)
     if n_clusters is None:
