@@ -169,12 +169,16 @@ def preserve_values(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def grad_fp32() -> Iterator[None]:
-    """Leave ``inference_mode`` and ``no_grad``, enable grad, and turn autocast off (fp32)."""
+    """Leave ``inference_mode`` and ``no_grad``, enable grad, and turn autocast off (fp32); each
+    only where it is on (entering the five contexts regardless cost about 10 us per call)."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.inference_mode(False))
-        stack.enter_context(torch.enable_grad())
+        if torch.is_inference_mode_enabled():
+            stack.enter_context(torch.inference_mode(False))
+        if not torch.is_grad_enabled():
+            stack.enter_context(torch.enable_grad())
         for device_type in ("cpu", "cuda"):
-            stack.enter_context(torch.autocast(device_type, enabled=False))
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
         yield
 
 

@@ -157,8 +157,9 @@ def check_class_target(output: Any, target: torch.Tensor) -> None:
                          f"class-index target; got {shape}. For other outputs (regression, multi-label, "
                          "segmentation) pass a target function (output, batch) -> (B,) scores")
     n_classes = output.shape[1]
-    bad = (target < 0) | (target >= n_classes)
-    if bad.any():
+    low, high = torch.stack(torch.aminmax(target)).tolist() if target.numel() else (0, 0)   # one device sync
+    if low < 0 or high >= n_classes:
+        bad = (target < 0) | (target >= n_classes)
         raise ValueError(f"target {target[bad].tolist()} out of range: the model has {n_classes} classes, "
                          f"valid targets are 0..{n_classes - 1}")
 

@@ -179,8 +179,8 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "salie
         from .embedding import explain_tokens
         return explain_tokens(model, x, target, method, batch_size=batch_size, **options)
     fn = _lookup(method)
-    valid = method_options(method)
-    unknown = sorted(set(options) - set(valid))
+    valid = {name for name, _ in _options(fn)}
+    unknown = sorted(set(options) - valid)
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for method {method!r}; valid: {sorted(valid)}")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
@@ -202,16 +202,16 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "salie
             with torch.no_grad():
                 target = model_scores(module, x).argmax(dim=1)
         target = as_target(target, x.shape[0], x.device, batch=x)
-        step = batch_size or x.shape[0]
+        step = min(batch_size or x.shape[0], x.shape[0])
         parts = []
         for i in range(0, x.shape[0], step):
-            rows = torch.arange(i, min(i + step, x.shape[0]))
-            part_target, part_model = select(target, rows), module
+            end = min(i + step, x.shape[0])
+            part_target, part_model = target if step == x.shape[0] else select(target, torch.arange(i, end)), module
             if isinstance(part_target, Target) and method not in _TARGET_FUNCTIONS:
                 part_model = TargetModel(module, part_target)
-                part_target = torch.zeros(len(rows), dtype=torch.long, device=x.device)
+                part_target = torch.zeros(end - i, dtype=torch.long, device=x.device)
             parts.append(fn(part_model, x[i:i + step].detach().requires_grad_(True), part_target, **options))
-    relevance = torch.cat(parts).detach().float()
+    relevance = (parts[0] if len(parts) == 1 else torch.cat(parts)).detach().float()
     if relevance.shape != x.shape:
         raise RuntimeError(f"method {method!r} returned shape {tuple(relevance.shape)} for input "
                            f"{tuple(x.shape)}; this is a bug in the method")
