@@ -156,9 +156,7 @@ class Settle(pl.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module):
         for cb in self.callbacks:
-            pending = getattr(cb._worker, "_pending", None)
-            if hasattr(pending, "result"):
-                pending.result()
+            cb.wait_for_analysis()
 
 
 def fit(module, data, callbacks, device, epochs, batches):

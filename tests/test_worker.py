@@ -173,6 +173,21 @@ def test_worker_records_logger_calls_and_reports_failures():
     worker.close()
 
 
+def test_wait_blocks_until_the_analysis_finished_without_collecting_it():
+    worker, release, returned = AnalysisWorker(asynchronous=True), threading.Event(), threading.Event()
+    worker.submit(0, 0, lambda: release.wait() and 7)
+    waiter = threading.Thread(target=lambda: (worker.wait(), returned.set()))
+    waiter.start()
+    waiter.join(timeout=0.2)
+    assert not returned.is_set()   # still running: wait() has not returned
+    release.set()
+    waiter.join()
+    assert returned.is_set() and worker.pending   # finished, not collected
+    assert worker.collect().result == 7 and worker.waits == 0   # neither wait counts as training waiting
+    worker.wait()   # nothing pending: returns at once
+    worker.close()
+
+
 def test_attribution_pictures_and_files_are_made_off_the_training_thread_with_the_same_content(tmp_path, monkeypatch):
     from xai_callbacks import AttributionCallback, render
 

@@ -436,6 +436,13 @@ class ExplanationCallback(pl.Callback):
         the analysis's epoch, each problem is warned and counted in ``xai/errors``."""
         raise NotImplementedError
 
+    def wait_for_analysis(self) -> None:
+        """Block until the background analysis in flight, if any, has finished; it is delivered,
+        as always, by the next :meth:`flush` (a benchmark calls this so that the background work
+        does not share the cores with what it times)."""
+        if self._worker is not None:
+            self._worker.wait()
+
     def flush(self, trainer, collective: bool = True) -> bool:
         """Deliver the pending analysis, if any: wait for it (a wait is counted), make its logger
         calls, :meth:`deliver` it and log its scalars (``sinks.log_results``, with its epoch);

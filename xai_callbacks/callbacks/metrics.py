@@ -55,6 +55,9 @@ class ExplanationMetricsCallback(ExplanationCallback):
     EarlyStopping and ModelCheckpoint can monitor it); the curves of pixel flipping, region
     perturbation, insertion, deletion and parameter randomisation go to line plots
     ``xai/curves/<metric key>`` with one line per method; the run summary holds the last values.
+    The scalars are logged inline (a gate or EarlyStopping sees them at once); while fitting, the
+    line plots are drawn in a background thread beside the next epoch (``asynchronous``) and
+    delivered at the end of the next validation epoch and of ``fit``, labelled with their epoch.
     A metric that fails warns and is counted in ``xai/errors`` (``on_error="warn"``), the others
     still run. Latest values stay in :attr:`values`.
 
@@ -68,6 +71,8 @@ class ExplanationMetricsCallback(ExplanationCallback):
             data has ``object_mask`` and ``artifact_mask``).
         batch_size: perturbed inputs per forward pass / explainer call, for every metric
             (a metric's own ``batch_size`` option wins).
+        asynchronous: while fitting, draw the curves in a background thread (False: inline, as in
+            ``validate``; the logged content is the same).
         every_n_epochs, probe_size, seed, target, on_error: see :class:`ExplanationCallback`
             (32 probe samples by default, see ``DEFAULT_METRICS``; ``target`` also accepts a
             target function, e.g. for multi-label or regression models).
@@ -87,9 +92,10 @@ class ExplanationMetricsCallback(ExplanationCallback):
     def __init__(self, methods: Sequence[str] = ("saliency",), metrics: Any = DEFAULT_METRICS,
                  method_options: Mapping[str, Mapping] | None = None, mask_key: str = "object_mask",
                  batch_size: int = 256, every_n_epochs: int = 1, probe_size: int = 32, seed: int = 0,
-                 target: Any = "label", on_error: str = "warn"):
+                 target: Any = "label", on_error: str = "warn", asynchronous: bool = True):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, seed=seed, target=target,
                          on_error=on_error)
+        self.asynchronous = bool(asynchronous)
         methods, self.method_options = check_methods(methods, method_options)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -143,8 +149,16 @@ class ExplanationMetricsCallback(ExplanationCallback):
         self.values = values
         sinks.log_scalars(pl_module, values)
         sinks.log_summary(trainer, values)
+        if curves:  # drawing needs no model: in the background worker while fitting
+            self.analyse_later(trainer, self._plot, curves)
+
+    @staticmethod
+    def _plot(trainer, curves: dict[str, tuple[list[float], dict[str, list[float]], str]]) -> None:
         for key, (fractions, ys, axis) in curves.items():
             sinks.log_line_plot(trainer, f"xai/curves/{key}", fractions, ys, title=key, xname=axis)
+
+    def deliver(self, trainer, result: None) -> tuple[dict[str, float], list[str]]:
+        return {}, []
 
     def _update(self, trainer, pl_module, method, i, x, target, relevance, masks) -> None:
         metric = self._metric(trainer, pl_module, method, i)

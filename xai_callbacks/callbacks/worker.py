@@ -128,6 +128,12 @@ class AnalysisWorker:
             raise RuntimeError(f"{self.name}: an analysis is still pending; collect() it before submitting the next")
         self._pending = Outcome(epoch, step, result, failure)
 
+    def wait(self) -> None:
+        """Block until the pending analysis, if any, has finished, without collecting it (not
+        counted as a wait: for callers that want the cores idle before timing something)."""
+        if isinstance(self._pending, Future):
+            self._pending.exception()
+
     def collect(self) -> Outcome | None:
         """The pending analysis's :class:`Outcome` (None if none is pending), waiting for it if it
         is still running; a wait is counted in :attr:`waits` and :attr:`wait_seconds`, the
