@@ -127,7 +127,8 @@ def blocking(callback):
 def default_set(max_per_class: int | None, asynchronous: bool):
     """The callbacks at their defaults (``max_per_class``: SpRAy's, if given)."""
     spray = {} if max_per_class is None else {"max_per_class": max_per_class}
-    return [blocking(AttributionCallback(asynchronous=asynchronous)), blocking(ExplanationMetricsCallback()),
+    return [blocking(AttributionCallback(asynchronous=asynchronous)),
+            blocking(ExplanationMetricsCallback(asynchronous=asynchronous)),
             blocking(SpRAyCallback(asynchronous=asynchronous, **spray))]
 
 

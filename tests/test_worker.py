@@ -116,6 +116,31 @@ def test_training_waits_for_an_unfinished_analysis_and_the_wait_is_logged(tmp_pa
     assert [m["epoch"] for m, _ in log.spray_rows()] == [0, 1]
 
 
+def test_the_analysis_starts_when_training_resumes_not_beside_the_epoch_end_work(tmp_path):
+    cb = SpRAyCallback(classes=[0, 1], evidence=False, save_virelay=False, spray_options={"visualisation": None},
+                       **CHEAP)
+    analyse, started, seen = cb._analyse, threading.Event(), []
+
+    def spy(*args):
+        started.set()
+        return analyse(*args)
+
+    cb._analyse = spy
+
+    class After(Callback):   # runs after cb's epoch-end work, then training resumes
+        def on_validation_epoch_end(self, trainer, pl_module):
+            seen.append(("epoch end", trainer.current_epoch, started.is_set()))
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0 and trainer.current_epoch == 1:
+                started.wait(timeout=60)   # cb.on_train_batch_start (earlier in the list) started it
+                seen.append(("batch", trainer.current_epoch, started.is_set()))
+
+    make_trainer(tmp_path, [cb, After()], max_epochs=2, **SMALL).fit(small_module(), ShortcutDigitsDataModule())
+    assert seen[:2] == [("epoch end", 0, False), ("batch", 1, True)]
+    assert cb.deliveries == 2 and set(cb.results) == {0, 1}
+
+
 class FailAtEpoch(Classifier):
     def __init__(self, error):
         torch.manual_seed(0)

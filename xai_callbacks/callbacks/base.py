@@ -322,6 +322,10 @@ class ExplanationCallback(pl.Callback):
         if self.should_run(trainer):
             self.run_safely(trainer, pl_module, self.run)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._worker is not None:   # the last validation's analysis runs beside training from here
+            self._worker.start()
+
     def on_fit_end(self, trainer, pl_module) -> None:
         errors = self.errors
         if self.flush(trainer) and self.errors != errors:

@@ -4,7 +4,10 @@ A callback splits an epoch's work in two. What needs the model (attributions of 
 weights, causal checks) runs inline in ``on_validation_epoch_end``; what needs only their
 results (clustering, embeddings, rendering, media encoding, files) goes to an
 :class:`AnalysisWorker`, a thread that overlaps it with the next training epoch (torch, numpy,
-scikit-learn and PNG encoding release the GIL). The worker's logger calls are recorded
+scikit-learn and PNG encoding release the GIL). The thread starts on the analysis when training
+resumes (:meth:`AnalysisWorker.start`, called by the callbacks on the next training batch), not
+at once: beside the other callbacks' epoch-end work it would compete with them for the cores and
+the GIL, which ``benchmarks/overhead.py`` measured as a slower inline part. The worker's logger calls are recorded
 (:func:`xai_callbacks.sinks.recording`) and made later in the training thread, labelled with the
 epoch and step the analysis belongs to (:class:`TrainerAt`).
 
@@ -87,6 +90,7 @@ class AnalysisWorker:
 
         worker = AnalysisWorker()
         worker.submit(epoch, step, analyse, heatmaps.cpu())  # returns at once
+        worker.start()                                    # when training resumes
         ...                                               # training goes on
         outcome = worker.collect()                        # waits if it is not finished
         sinks.replay(outcome.calls)
@@ -98,7 +102,7 @@ class AnalysisWorker:
         self.busy_seconds = 0.0  # seconds the collected analyses ran
         self.waiting = threading.Event()  # set while collect() waits for an unfinished analysis
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future | Outcome | None = None
+        self._pending: Future | Outcome | tuple | None = None   # a tuple: submitted, not started
 
     @property
     def pending(self) -> bool:
@@ -106,8 +110,10 @@ class AnalysisWorker:
         return self._pending is not None
 
     def submit(self, epoch: int, step: int, fn: Callable, *args) -> None:
-        """Start ``fn(*args)`` for ``epoch`` (at global ``step``): it must touch no model and no global random state
-        (it runs beside training) and may call the sinks, whose logger calls are recorded.
+        """Hand over ``fn(*args)`` for ``epoch`` (at global ``step``), to run in the thread from
+        :meth:`start` on (or at once, in the caller's thread, when not ``asynchronous``): it must
+        touch no model and no global random state (it runs beside training) and may call the
+        sinks, whose logger calls are recorded.
 
         Raises:
             RuntimeError: an analysis is still pending (collect it first: at most one in flight).
@@ -117,9 +123,15 @@ class AnalysisWorker:
         if not self.asynchronous:
             self._pending = _record(epoch, step, fn, args)
             return
+        self._pending = (epoch, step, fn, args)
+
+    def start(self) -> None:
+        """Start the submitted analysis in the thread, if it has not started yet."""
+        if not isinstance(self._pending, tuple):
+            return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.name)
-        self._pending = self._pool.submit(_record, epoch, step, fn, args)
+        self._pending = self._pool.submit(_record, *self._pending)
 
     def skip(self, epoch: int, step: int, result: Any = None, failure: str = "") -> None:
         """Register an analysis that needs no work (another rank's share, or a failure before the
@@ -131,6 +143,7 @@ class AnalysisWorker:
     def wait(self) -> None:
         """Block until the pending analysis, if any, has finished, without collecting it (not
         counted as a wait: for callers that want the cores idle before timing something)."""
+        self.start()
         if isinstance(self._pending, Future):
             self._pending.exception()
 
@@ -138,6 +151,7 @@ class AnalysisWorker:
         """The pending analysis's :class:`Outcome` (None if none is pending), waiting for it if it
         is still running; a wait is counted in :attr:`waits` and :attr:`wait_seconds`, the
         analysis's run time added to :attr:`busy_seconds`."""
+        self.start()
         pending, self._pending = self._pending, None
         if not isinstance(pending, Future):
             self.busy_seconds += pending.seconds if pending is not None else 0.0
