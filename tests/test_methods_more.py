@@ -113,6 +113,28 @@ def test_deeplift_matches_captum_and_sums_to_the_score_difference():
     torch.testing.assert_close(ours.flatten(1).sum(1), delta, rtol=1e-4, atol=1e-5)  # summation-to-delta
 
 
+class TwiceReLU(nn.Module):
+    """One ReLU module called twice per forward, as in torchvision's ResNet blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.relu = nn.Linear(8, 8), nn.Linear(8, 3), nn.ReLU()
+
+    def forward(self, x):
+        return self.b(self.relu(self.a(self.relu(x.flatten(1)))))
+
+
+def test_deeplift_on_a_reused_relu_names_the_module_and_the_methods_that_apply():
+    from xai_callbacks.attribution.transformer import MethodNotApplicableError
+
+    model = TwiceReLU()
+    with pytest.raises(MethodNotApplicableError, match=r"'deeplift' does not apply to TwiceReLU: .*'relu' is called "
+                                                       r"2 times.*Methods that apply to TwiceReLU: \[.*'saliency'") as err:
+        explain(model, torch.randn(2, 8), 0, method="deeplift")
+    assert "'deeplift'" not in str(err.value).split("Methods that apply")[1]
+    assert not any(m._forward_hooks for m in model.modules())   # the counting hooks are gone
+
+
 def test_deconvnet_matches_captum():
     model, x = demo_cnn().eval(), torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([2, 5])

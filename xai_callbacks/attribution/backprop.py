@@ -55,6 +55,8 @@ def deeplift(model, x, target, *, baseline: float | torch.Tensor = 0.0) -> torch
 
     Raises:
         ValueError: a target out of range or a model output that is not (B, n_classes) scores.
+        MethodNotApplicableError: a nonlinearity module called more than once per forward (as
+            torchvision's ResNet calls its ``relu``), naming the modules and the other methods.
         AssertionError: (captum) a ``baseline`` that does not broadcast to ``x``.
 
     Example: ``explain(model, x, y, method="deeplift", baseline=0.0)``.
@@ -63,7 +65,39 @@ def deeplift(model, x, target, *, baseline: float | torch.Tensor = 0.0) -> torch
     with warnings.catch_warnings(), allow_nondeterministic():
         warnings.filterwarnings("ignore", message="Setting forward, backward hooks")
         warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation")
-        return ca.DeepLift(model).attribute(x, baselines=baseline, target=target)
+        try:
+            return ca.DeepLift(model).attribute(x, baselines=baseline, target=target)
+        except RuntimeError as err:
+            reused = _reused_nonlinearities(model, x[:1])
+            if not reused:
+                raise
+            from .transformer import MethodNotApplicableError, _architecture, applicable_methods
+
+            arch = _architecture(model)
+            raise MethodNotApplicableError(
+                f"method 'deeplift' does not apply to {arch}: captum's DeepLift keeps one input per "
+                f"nonlinearity module, and {', '.join(f'{n!r} is called {k} times' for n, k in reused[:5])} per "
+                f"forward (give each call its own module to use it). Methods that apply to {arch}: "
+                f"{[m for m in applicable_methods(model) if m != 'deeplift']}") from err
+
+
+def _reused_nonlinearities(model: nn.Module, x: torch.Tensor) -> list[tuple[str, int]]:
+    """(name, calls) of the modules captum's DeepLift treats as nonlinearities that one forward
+    pass of ``x`` calls more than once."""
+    try:
+        from captum.attr._core.deep_lift import SUPPORTED_NON_LINEAR
+    except ImportError:   # a captum without this table: report captum's own error
+        return []
+    calls: dict[str, int] = {}
+    handles = [m.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
+               for name, m in model.named_modules() if type(m) in SUPPORTED_NON_LINEAR]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(name or type(model).__name__, k) for name, k in calls.items() if k > 1]
 
 
 @register_method("deconvnet")
