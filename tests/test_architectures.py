@@ -206,6 +206,20 @@ def test_zennit_lrp_on_transformers_names_architecture_method_and_alternatives(m
     assert type(model).__name__ in msg and repr(method) in msg and "lrp.cp" in msg and "saliency" in msg
 
 
+def test_callbacks_name_a_method_that_does_not_apply_before_any_epoch():
+    from xai_callbacks import AttributionCallback, SpRAyCallback
+    from xai_callbacks.models import Classifier
+
+    module = Classifier(vit())
+    with pytest.warns(UserWarning, match=r"AttributionCallback: method\(s\) \['lrp.epsilon_plus_flat'\] do not apply "
+                                         r"to VisionTransformer; methods that apply: \[.*'lrp.cp'"):
+        AttributionCallback().setup(None, module, "fit")
+    with pytest.raises(MethodNotApplicableError, match=r"SpRAyCallback: method\(s\) \['lrp.epsilon_plus_flat'\]"):
+        SpRAyCallback(on_error="raise").setup(None, module, "fit")
+    AttributionCallback(methods=["saliency", "lrp.cp"], on_error="raise").setup(None, module, "fit")   # they apply
+    AttributionCallback(on_error="raise").setup(None, Classifier(), "fit")   # the defaults apply to a CNN
+
+
 def test_vit_gradcam_reads_the_token_grid_not_the_patch_embedding():
     """Reference computed here by hand: gradients and activations of the last block's input
     tokens, class token dropped, 4x4 grid, channel weights = mean gradient."""
@@ -234,6 +248,23 @@ def test_swin_gradcam_runs_on_its_feature_grid():
     model, x = swin(), torch.rand(2, 3, 32, 32)
     rel = explain(model, x, 3, method="gradcam", relu=False)
     assert rel.shape == x.shape and torch.isfinite(rel).all() and rel.abs().sum() > 0
+
+
+def test_convnext_gradcam_is_captums_on_its_last_convolution():
+    """ConvNeXt has LayerNorm but no attention: a CNN whose last convolution is a spatial map."""
+    from captum.attr import LayerGradCam
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    from xai_callbacks.attribution.transformer import applicable_methods
+
+    torch.manual_seed(0)
+    model = ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=3).eval()
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 2])
+    last = [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]
+    ref = LayerGradCam(model, last).attribute(x.clone().requires_grad_(True), target=y, relu_attributions=True)
+    ref = torch.nn.functional.interpolate(ref, size=(32, 32), mode="bilinear", align_corners=False).expand_as(x)
+    torch.testing.assert_close(explain(model, x, y, method="gradcam"), ref, rtol=1e-5, atol=1e-7)
+    assert "gradcam" in applicable_methods(model) and "lrp.epsilon_plus_flat" not in applicable_methods(model)
 
 
 def test_attention_rollout_of_one_layer_without_residual_is_the_class_token_attention():

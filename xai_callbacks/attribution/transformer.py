@@ -26,7 +26,7 @@ from . import CheckedForward, register_method
 from ..guard import input_gradient
 
 __all__ = ["MethodNotApplicableError", "ConservativeTransformerLRP", "AttentionLRP", "transformer_layers",
-           "applicable_methods", "refuse_transformer", "token_grid"]
+           "attention_layers", "applicable_methods", "refuse_transformer", "token_grid"]
 
 _EPS = 1e-10
 TRANSFORMER_LRP = ("lrp.cp", "lrp.attn")
@@ -42,6 +42,12 @@ def transformer_layers(model: nn.Module) -> list[str]:
     kinds = {type(m).__name__ for m in model.modules()
              if isinstance(m, (nn.MultiheadAttention, nn.LayerNorm)) or "Attention" in type(m).__name__}
     return sorted(kinds)
+
+
+def attention_layers(model: nn.Module) -> list[str]:
+    """Names of the attention layer types in ``model`` (a CNN with LayerNorm, such as ConvNeXt,
+    has none: its last convolution is a spatial map for Grad-CAM)."""
+    return [k for k in transformer_layers(model) if "Attention" in k]
 
 
 def _architecture(model: nn.Module) -> str:
@@ -70,7 +76,7 @@ def applicable_methods(model: nn.Module, tokens: bool = False) -> list[str]:
             continue
         if m == "attention_rollout" and not _has_class_token_attention(model):
             continue
-        if m == "gradcam" and transformer and _token_layer(model) is None:
+        if m == "gradcam" and attention_layers(model) and _token_layer(model) is None:
             continue
         out.append(m)
     return out

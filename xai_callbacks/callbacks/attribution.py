@@ -105,6 +105,10 @@ class AttributionCallback(ExplanationCallback):
         self.heatmaps: dict[str, torch.Tensor] = {}
 
     @property
+    def explained_methods(self) -> tuple[str, ...]:
+        return tuple(self.methods)
+
+    @property
     def state_key(self) -> str:
         return self._generate_state_key(methods=self.methods)
 

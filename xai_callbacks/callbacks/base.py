@@ -349,6 +349,30 @@ class ExplanationCallback(pl.Callback):
         _say_once(f"{type(self).__name__} runs in validation only (fit / validate); trainer.test computes and "
                   "logs nothing of it: call trainer.validate(model, dataloaders=<test loader>) to explain test data", self)
 
+    @property
+    def explained_methods(self) -> tuple[str, ...]:
+        """The attribution methods the callback calls (checked against the model at setup)."""
+        return ()
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Name, before any epoch runs, each of :attr:`explained_methods` that does not apply to
+        the model's architecture (zennit's LRP composites on a transformer, attention rollout on a
+        CNN, ...) with the methods that do: raised as a ``MethodNotApplicableError`` with
+        ``on_error="raise"``, else warned (each epoch that tries it is then counted in ``xai/errors``)."""
+        from ..attribution.transformer import MethodNotApplicableError, _architecture, applicable_methods
+
+        if not self.explained_methods:
+            return
+        valid = applicable_methods(pl_module)
+        bad = [m for m in self.explained_methods if m not in valid]
+        if not bad:
+            return
+        message = (f"{type(self).__name__}: method(s) {bad} do not apply to {_architecture(pl_module)}; "
+                   f"methods that apply: {valid}")
+        if self.on_error == "raise":
+            raise MethodNotApplicableError(message)
+        warnings.warn(message, UserWarning, stacklevel=2)
+
     def count_error(self, message: str) -> None:
         """Warn ``"<Callback> <message>"`` and count it in :attr:`errors` (logged as ``xai/errors``):
         for a failure under ``on_error="warn"``, or a problem that skipped part of the work."""

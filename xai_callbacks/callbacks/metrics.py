@@ -104,6 +104,10 @@ class ExplanationMetricsCallback(ExplanationCallback):
         self._metrics: dict[tuple[str, int], ExplanationMetric] = {}
 
     @property
+    def explained_methods(self) -> tuple[str, ...]:
+        return tuple(self.methods)
+
+    @property
     def state_key(self) -> str:
         return self._generate_state_key(methods=self.methods, metrics=[n for n, _ in self.specs])
 

@@ -199,12 +199,19 @@ class SpRAyCallback(ExplanationCallback):
         extra = {"concept_layer": self.concept_layer} if self.features == "concepts" else {}
         return self._generate_state_key(method=self.method, classes=self.classes, **extra)
 
+    @property
+    def explained_methods(self) -> tuple[str, ...]:
+        return (self.method,)
+
     def setup(self, trainer, pl_module, stage: str) -> None:
-        """Check ``concept_layer`` against the model before any epoch runs.
+        """Check the method and ``concept_layer`` against the model before any epoch runs.
 
         Raises:
             ValueError: the model has no module of that name (the message lists its module names).
+            MethodNotApplicableError: with ``on_error="raise"``, a method that does not apply to
+                the model (see :meth:`ExplanationCallback.setup`).
         """
+        super().setup(trainer, pl_module, stage)
         if self.features == "concepts":
             find_concept_layer(unwrap_model(pl_module), self.concept_layer)
 
