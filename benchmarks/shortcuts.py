@@ -27,12 +27,14 @@ For each scenario x architecture:
 
 ``--features heatmaps concepts`` analyses each trained model twice: SpRAy on the pixel heatmaps
 and on the concept relevances of ``CONCEPT_LAYERS[arch]`` (``SpRAyCallback(features="concepts")``).
-``--cache DIR`` keeps the trained weights, so a second run skips training.
+``--cache DIR`` keeps the trained weights, so a second run skips training. ``--photos`` takes the
+classes from other photographs (the calibration used the default four).
 
     nice -n 10 python benchmarks/shortcuts.py                         # everything (~25 min on 2 cores)
     nice -n 10 python benchmarks/shortcuts.py --archs cnn --kinds stamp clean
     nice -n 10 python benchmarks/shortcuts.py --cost                  # + SpRAy epoch time with / without the check
     nice -n 10 python benchmarks/shortcuts.py --archs cnn --features heatmaps concepts --cache /tmp/shortcut-models
+    nice -n 10 python benchmarks/shortcuts.py --archs cnn --photos coffee chelsea astronaut rocket
 """
 from __future__ import annotations
 
@@ -220,6 +222,9 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--photos", nargs="+", default=None, metavar="NAME",
+                    help="skimage.data photos of the classes (default: brick grass gravel moon), e.g. coffee chelsea "
+                         "astronaut rocket: other real images for the same scenarios")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cost", action="store_true", help="also time the SpRAy epoch without the causal check")
     ap.add_argument("--cache", default=None, help="folder for trained weights: reruns load them instead of training")
@@ -236,12 +241,15 @@ def main(argv=None) -> int:
     print(head, flush=True)
     t0 = time.perf_counter()
     for name, base, kind, prev in scenarios(args.kinds, vars(args)):
-        train_set, val = make_shortcut_images(kind, base=base, n_per_class=args.n_per_class, prevalence=prev, ambiguity=args.ambiguity if base == "photos" else 0.0,
+        photos = tuple(args.photos) if args.photos and base == "photos" else 4
+        train_set, val = make_shortcut_images(kind, base=base, classes=photos, n_per_class=args.n_per_class,
+                                              prevalence=prev, ambiguity=args.ambiguity if base == "photos" else 0.0,
                                               seed=args.seed)
         for arch in args.archs:
             start = time.perf_counter()
             model = build(arch, train_set.x.shape[1], int(train_set.targets.max()) + 1, args.seed)
-            cached = args.cache and os.path.join(args.cache, f"{name}-{arch}-p{prev}-a{args.ambiguity}-n{args.n_per_class}"
+            other = "-" + "_".join(args.photos) if args.photos and base == "photos" else ""
+            cached = args.cache and os.path.join(args.cache, f"{name}{other}-{arch}-p{prev}-a{args.ambiguity}-n{args.n_per_class}"
                                                              f"-e{args.epochs}-lr{args.lr}-s{args.seed}.pt")
             if cached and os.path.exists(cached):
                 model.load_state_dict(torch.load(cached))
