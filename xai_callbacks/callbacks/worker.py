@@ -7,9 +7,9 @@ results (clustering, embeddings, rendering, media encoding, files) goes to an
 scikit-learn and PNG encoding release the GIL). The thread starts on the analysis when training
 resumes (:meth:`AnalysisWorker.start`, called by the callbacks on the next training batch), not
 at once: beside the other callbacks' epoch-end work it would compete with them for the cores and
-the GIL, which ``benchmarks/overhead.py`` measured as a slower inline part. The worker's logger calls are recorded
-(:func:`xai_callbacks.sinks.recording`) and made later in the training thread, labelled with the
-epoch and step the analysis belongs to (:class:`TrainerAt`).
+the GIL, which ``benchmarks/overhead.py`` measured as a slower inline part. The worker's logger
+calls are recorded (:func:`xai_callbacks.sinks.recording`) and made later in the training
+thread, labelled with the epoch and step the analysis belongs to (:class:`TrainerAt`).
 
 When results arrive is fixed, not timed: the analysis of epoch ``e`` is delivered at the end of
 the next validation epoch (before the :class:`~xai_callbacks.ExplanationGate` checks it), at the
