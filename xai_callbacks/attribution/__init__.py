@@ -9,6 +9,7 @@ Every method is registered under one name (see :func:`available_methods`) and ca
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from typing import Callable
@@ -116,6 +117,25 @@ class CheckedForward:
             check_class_target(out, self.target)
             self.checked = True
         return out
+
+
+@contextlib.contextmanager
+def output_checked(model: nn.Module, target: torch.Tensor):
+    """While the body runs, ``model``'s first output is checked as :class:`CheckedForward` checks
+    it, by a forward hook: for captum methods that need the module itself (their hooks go on its
+    layers), without a forward pass of its own."""
+    checked = []
+
+    def hook(module, inputs, out):
+        if not checked:
+            check_class_target(out, target)
+            checked.append(True)
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class TargetModel(nn.Module):

@@ -31,16 +31,10 @@ from zennit.layer import Sum
 from zennit.rules import Norm, Pass
 from zennit.types import AvgPool, BatchNorm, Convolution, Linear
 
-from . import CheckedForward, register_method
+from . import CheckedForward, output_checked, register_method
 from ..guard import allow_nondeterministic
 
 __all__ = ["deeplift", "deconvnet", "excitation_backprop", "contrastive_excitation_backprop", "Excitation"]
-
-
-def _validate(model, x: torch.Tensor, target: torch.Tensor) -> None:
-    """Check the scores and the target on the whole batch before captum puts its hooks on."""
-    with torch.no_grad():
-        CheckedForward(model, target)(x)
 
 
 @register_method("deeplift")
@@ -61,8 +55,7 @@ def deeplift(model, x, target, *, baseline: float | torch.Tensor = 0.0) -> torch
 
     Example: ``explain(model, x, y, method="deeplift", baseline=0.0)``.
     """
-    _validate(model, x, target)
-    with warnings.catch_warnings(), allow_nondeterministic():
+    with warnings.catch_warnings(), allow_nondeterministic(), output_checked(model, target):
         warnings.filterwarnings("ignore", message="Setting forward, backward hooks")
         warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation")
         try:
@@ -113,8 +106,7 @@ def deconvnet(model, x, target) -> torch.Tensor:
 
     Example: ``explain(model, x, y, method="deconvnet")``.
     """
-    _validate(model, x, target)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), output_checked(model, target):
         warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
         return ca.Deconvolution(model).attribute(x, target=target)
 

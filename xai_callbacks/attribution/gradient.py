@@ -7,7 +7,7 @@ import warnings
 import captum.attr as ca
 import torch
 
-from . import CheckedForward, register_method
+from . import CheckedForward, output_checked, register_method
 from ..guard import input_gradient
 
 INTEGRATIONS = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
@@ -125,7 +125,6 @@ def guided_backprop(model, x, target) -> torch.Tensor:
 
     Example: ``explain(model, x, y, method="guided_backprop")``.
     """
-    CheckedForward(model, target)(x[:1])  # validate scores and target before captum's hooks
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), output_checked(model, target):
         warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
         return ca.GuidedBackprop(model).attribute(x, target=target)
