@@ -65,5 +65,5 @@ def test_spray_knn_on_cuda_matches_cpu():
     dist, idx = knn(x, 10)
     dist_g, idx_g = knn(x, 10, device="cuda", chunk=512)
     assert isinstance(idx_g, np.ndarray)
-    np.testing.assert_allclose(dist_g, dist, rtol=1e-4)
-    assert (idx_g == idx).mean() > 0.99   # ties and float rounding may swap near-equal neighbours
+    np.testing.assert_allclose(dist_g, dist, rtol=2e-3)   # TF32 matmuls, where enabled, round to 1e-3
+    assert (idx_g == idx).mean() > 0.98   # rounding may swap near-equal neighbours
