@@ -113,10 +113,14 @@ class CheckedForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
+        self.check(out)
+        return out
+
+    def check(self, out: torch.Tensor) -> None:
+        """Check ``out`` (the first time only)."""
         if not self.checked:
             check_class_target(out, self.target)
             self.checked = True
-        return out
 
 
 @contextlib.contextmanager
@@ -124,12 +128,10 @@ def output_checked(model: nn.Module, target: torch.Tensor):
     """While the body runs, ``model``'s first output is checked as :class:`CheckedForward` checks
     it, by a forward hook: for captum methods that need the module itself (their hooks go on its
     layers), without a forward pass of its own."""
-    checked = []
+    forward = CheckedForward(model, target)
 
-    def hook(module, inputs, out):
-        if not checked:
-            check_class_target(out, target)
-            checked.append(True)
+    def hook(module, inputs, out) -> None:
+        forward.check(out)
 
     handle = model.register_forward_hook(hook)
     try:

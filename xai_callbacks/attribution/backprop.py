@@ -64,14 +64,11 @@ def deeplift(model, x, target, *, baseline: float | torch.Tensor = 0.0) -> torch
             reused = _reused_nonlinearities(model, x[:1])
             if not reused:
                 raise
-            from .transformer import MethodNotApplicableError, _architecture, applicable_methods
+            from .transformer import not_applicable
 
-            arch = _architecture(model)
-            raise MethodNotApplicableError(
-                f"method 'deeplift' does not apply to {arch}: captum's DeepLift keeps one input per "
-                f"nonlinearity module, and {', '.join(f'{n!r} is called {k} times' for n, k in reused[:5])} per "
-                f"forward (give each call its own module to use it). Methods that apply to {arch}: "
-                f"{[m for m in applicable_methods(model) if m != 'deeplift']}") from err
+            calls = ", ".join(f"{n!r} is called {k} times" for n, k in reused[:5])
+            raise not_applicable(model, "deeplift", f"captum's DeepLift keeps one input per nonlinearity module, "
+                                 f"and {calls} per forward (give each call its own module to use it)") from err
 
 
 def _reused_nonlinearities(model: nn.Module, x: torch.Tensor) -> list[tuple[str, int]]:

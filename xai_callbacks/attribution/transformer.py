@@ -83,9 +83,12 @@ def applicable_methods(model: nn.Module, tokens: bool = False) -> list[str]:
 
 
 def not_applicable(model: nn.Module, method: str, reason: str) -> MethodNotApplicableError:
+    """The error for ``method`` on ``model``: why, and the other methods that apply (never the
+    refused one, also where the static check in :func:`applicable_methods` lets it pass)."""
     arch = _architecture(model)
+    others = [m for m in applicable_methods(model) if m != method]
     return MethodNotApplicableError(f"method {method!r} does not apply to {arch}: {reason}. "
-                                    f"Methods that apply to {arch}: {applicable_methods(model)}")
+                                    f"Methods that apply to {arch}: {others}")
 
 
 def refuse_transformer(model: nn.Module, method: str, reason: str) -> None:
