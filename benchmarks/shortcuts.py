@@ -62,14 +62,15 @@ FEATURES = ("heatmaps", "concepts")
 CONCEPT_LAYERS = {"cnn": "model.features.9", "resnet18": "model.layer4", "vgg11": "model.features.27",
                   "mobilenet": "model.features.12"}
 SHORTCUT_CLASS = 0
+RELIED = 0.2   # a sample's shortcut is relied on when pasting it moves this share of other samples (as for void)
 
 
-def build(arch: str, channels: int, classes: int, seed: int) -> torch.nn.Module:
+def build(arch: str, channels: int, classes: int, seed: int, size: int = 32) -> torch.nn.Module:
     torch.manual_seed(seed)
     if arch == "cnn":
         from xai_callbacks.models import DemoCNN
 
-        return DemoCNN(in_channels=channels, n_classes=classes, width=16)
+        return DemoCNN(in_channels=channels, n_classes=classes, width=16, image_size=size)
     import torchvision
 
     if arch == "resnet18":
@@ -129,6 +130,26 @@ def intervention(model, val) -> tuple[float, float]:
     return paste, removal
 
 
+@torch.no_grad()
+def reliance(model, val, rows: np.ndarray, partners: int = 32, seed: int = 0) -> np.ndarray:
+    """(len(rows),) per shortcut sample: the share of ``partners`` other-class validation images the
+    model does not give the shortcut class that it does once this sample's own shortcut is pasted in
+    (its artifact pixels; for the global ``colour`` and ``watermark`` the same shift or pattern)."""
+    c = SHORTCUT_CLASS
+    other = torch.nonzero((val.targets != c) & (predict(model, val.clean_x) != c)).flatten()
+    pick = other[torch.randperm(len(other), generator=torch.Generator().manual_seed(seed))[:partners]]
+    into = val.clean_x[pick]
+    out = np.zeros(len(rows))
+    for k, i in enumerate(rows):
+        if val.kind in ("colour", "watermark"):
+            pasted, _ = plant_shortcut(into, val.kind, seed=seed)
+        else:
+            mask = val.artifact_mask[i:i + 1]
+            pasted = into * (1 - mask) + val.x[i:i + 1] * mask
+        out[k] = float((predict(model, pasted) == c).float().mean())
+    return out
+
+
 def analyse(model, val, folder: str, evidence: bool = True, concept_layer: str | None = None) -> dict:
     """SpRAyCallback + ExplanationGate (defaults) in Trainer.validate; the CLI gate's exit code."""
     import lightning.pytorch as pl
@@ -158,11 +179,12 @@ def analyse(model, val, folder: str, evidence: bool = True, concept_layer: str |
     return {"cb": cb, "gate": code, "seconds": seconds}
 
 
-def score(cb, val, shortcut: bool) -> dict:
+def score(cb, val, shortcut: bool, model=None) -> dict:
     idx = np.array(cb.sample_indices)
     labels = val.targets.numpy()[idx]
     has_all = val.has_artifact.numpy()[idx]
-    out = {"recall": np.nan, "purity": np.nan, "auc": np.nan, "flagged": 0, "false": 0, "passes": 0, "n": len(idx)}
+    out = {"recall": np.nan, "recall_relied": np.nan, "relied": 0, "purity": np.nan, "auc": np.nan, "flagged": 0,
+           "false": 0, "passes": 0, "n": len(idx)}
     for c, r in cb.results.items():
         ev = r.evidence
         out["passes"] += ev.forward_passes if ev is not None else 0
@@ -172,6 +194,11 @@ def score(cb, val, shortcut: bool) -> dict:
             in_flag = np.isin(r.labels, np.flatnonzero(r.flagged))
             out["flagged"] = n_flag
             out["recall"] = float((has & in_flag).sum() / max(has.sum(), 1))
+            if model is not None:   # recall over the shortcut samples whose own shortcut the model relies on
+                relied = np.zeros_like(has)
+                relied[has] = reliance(model, val, idx[labels == c][has]) >= RELIED
+                out["relied"] = int(relied.sum())
+                out["recall_relied"] = float((relied & in_flag).sum() / relied.sum()) if relied.any() else np.nan
             out["purity"] = float((has & in_flag).sum() / in_flag.sum()) if in_flag.any() else np.nan
             susp = ev.sample_suspicion if ev is not None else r.suspicion
             out["auc"] = float(roc_auc_score(has, susp)) if 0 < has.sum() < len(has) else np.nan
@@ -219,6 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prevalence", type=float, default=0.3)
     ap.add_argument("--ambiguity", type=float, default=0.4)
     ap.add_argument("--n-per-class", type=int, default=200)
+    ap.add_argument("--size", type=int, default=32, help="side of the square images")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -237,20 +265,22 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     rows = []
     head = (f"{'scenario':<17} {'arch':<9} {'features':<8} {'acc':>5} {'paste':>5} {'remov':>5} {'used':>5} {'recall':>6} "
-            f"{'purity':>6} {'flag':>4} {'false':>5} {'auc':>5} {'gate':>4} {'fwd/smp':>7} {'s':>5} {'best_p':>6} {'best_r':>6}")
+            f"{'relied':>9} {'purity':>6} {'flag':>4} {'false':>5} {'auc':>5} {'gate':>4} {'fwd/smp':>7} {'s':>5} {'best_p':>6} {'best_r':>6}")
     print(head, flush=True)
     t0 = time.perf_counter()
     for name, base, kind, prev in scenarios(args.kinds, vars(args)):
         photos = tuple(args.photos) if args.photos and base == "photos" else 4
         train_set, val = make_shortcut_images(kind, base=base, classes=photos, n_per_class=args.n_per_class,
-                                              prevalence=prev, ambiguity=args.ambiguity if base == "photos" else 0.0,
-                                              seed=args.seed)
+                                              size=args.size, prevalence=prev, seed=args.seed,
+                                              ambiguity=args.ambiguity if base == "photos" else 0.0)
         for arch in args.archs:
             start = time.perf_counter()
-            model = build(arch, train_set.x.shape[1], int(train_set.targets.max()) + 1, args.seed)
+            model = build(arch, train_set.x.shape[1], int(train_set.targets.max()) + 1, args.seed, args.size)
             other = "-" + "_".join(args.photos) if args.photos and base == "photos" else ""
-            cached = args.cache and os.path.join(args.cache, f"{name}{other}-{arch}-p{prev}-a{args.ambiguity}-n{args.n_per_class}"
-                                                             f"-e{args.epochs}-lr{args.lr}-s{args.seed}.pt")
+            other += f"-{args.size}px" if args.size != 32 else ""
+            cached = args.cache and os.path.join(args.cache, f"{name}{other}-{arch}-p{prev}-a{args.ambiguity}"
+                                                             f"-n{args.n_per_class}-e{args.epochs}-lr{args.lr}"
+                                                             f"-s{args.seed}.pt")
             if cached and os.path.exists(cached):
                 model.load_state_dict(torch.load(cached))
                 model.eval()
@@ -269,7 +299,7 @@ def main(argv=None) -> int:
                     if args.cost:  # the same SpRAy epoch without the causal check, run first (it pays the warm-up)
                         plain = analyse(model, val, folder + "/plain", evidence=False, concept_layer=layer)
                     res = analyse(model, val, folder, concept_layer=layer)
-                    s = score(res["cb"], val, shortcut)
+                    s = score(res["cb"], val, shortcut, model)
                     if args.cost:
                         s["cost"] = res["seconds"] / plain["seconds"]
                 row = dict(scenario=name, arch=arch, features=features, acc=acc, paste=paste, removal=removal,
@@ -277,7 +307,8 @@ def main(argv=None) -> int:
                            seconds=time.perf_counter() - start, **s)
                 rows.append(row)
                 print(f"{name:<17} {arch:<9} {features:<8} {acc:5.2f} {paste:5.2f} {removal:5.2f} {row['used']:>5} "
-                      f"{s['recall']:6.2f} {s['purity']:6.2f} {s['flagged']:4d} {s['false']:5d} {s['auc']:5.2f} "
+                      f"{s['recall']:6.2f} {s['recall_relied']:4.2f}/{s['relied']:<4d} {s['purity']:6.2f} "
+                      f"{s['flagged']:4d} {s['false']:5d} {s['auc']:5.2f} "
                       f"{res['gate']:4d} {s['passes'] / s['n']:7.1f} {row['seconds']:5.0f} "
                       f"{s.get('best_purity', np.nan):6.2f} {s.get('best_recall', np.nan):6.2f}"
                       + (f" cost x{s['cost']:.2f}" if "cost" in s else "")

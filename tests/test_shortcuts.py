@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import make_trainer
+from xai_callbacks.attribution import explain
 from xai_callbacks.callbacks.gate import ExplanationGate
 from xai_callbacks.callbacks.spray import SpRAyCallback
 from xai_callbacks.cli import main
@@ -61,6 +62,12 @@ def test_photo_stamp_is_flagged_and_gated_its_clean_control_passes(tmp_path):
     assert (has0 & in_flagged).sum() / in_flagged.sum() >= 0.8, "purity"
     assert not any(cb.results[c].flagged.any() for c in (1, 2, 3)), "a strategy of a clean class was flagged"
     assert gate.passed is False and main(["gate", str(tmp_path / "shortcut")]) == 1
+    # the regions are located by gradient x input (evidence_regions), relative to the class's median
+    x0 = val.x[idx[labels == 0]]
+    heat = explain(module, x0, torch.zeros(len(x0), dtype=torch.long), method="input_x_gradient").sum(1)
+    share = heat.clamp_min(0) / heat.clamp_min(0).flatten(1).sum(1).view(-1, 1, 1)
+    expected = relevance_regions(heat, share.median(0).values, area=1 / 8)
+    assert torch.equal(r.evidence.regions, expected)
 
     module, val = trained(0.0, tmp_path / "clean")
     cb, gate = analyse(module, val, tmp_path / "clean")

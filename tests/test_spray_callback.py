@@ -190,6 +190,10 @@ def test_bad_arguments_and_sample_selection():
         SpRAyCallback(spray_options={"kk": 3})
     with pytest.raises(ValueError, match="unknown attribution method"):
         SpRAyCallback(method="nope")
+    with pytest.raises(ValueError, match=r"unknown attribution method\(s\) \['grad'\]; valid: .*'input_x_gradient'"):
+        SpRAyCallback(evidence_regions="grad")
+    assert SpRAyCallback().explained_methods == ("lrp.epsilon_plus_flat", "input_x_gradient")
+    assert SpRAyCallback(evidence=False).explained_methods == ("lrp.epsilon_plus_flat",)
     _, val = ShortcutDigitsDataModule(), None
     from xai_callbacks.data import make_shortcut_digits
 
