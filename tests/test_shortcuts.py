@@ -17,7 +17,7 @@ from xai_callbacks.cli import main
 from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, plant_shortcut
 from xai_callbacks.models import Classifier, DemoCNN
 from xai_callbacks.infill import gaussian_blur
-from xai_callbacks.spray.evidence import relevance_regions, sample_evidence, transfer
+from xai_callbacks.spray.evidence import MIN_SEPARATION, relevance_regions, sample_evidence, transfer
 
 OPTIONS = dict(kind="stamp", n_per_class=200, ambiguity=0.4, seed=0)
 
@@ -136,12 +136,13 @@ def test_evidence_on_an_analytic_shortcut_model():
     assert (ev.rise[:8] > 0.9).all() and (ev.flip_rate[:8] == 1).all() and (ev.drop[:8] > 0.9).all()
     assert (ev.excess[:8] > 0.9).all() and ev.separation[:8].min() >= 3 and (ev.separation[8:] == 0).all()
     assert np.abs(ev.excess[8:]).max() < 0.05 and ev.z[:8].min() > ev.z[8:].max()
-    # each sample as is and removed; per component its 8 transfers; the region's 8 controls; detail
-    # and tone of 16 donors per class into each pool sample (class 1's pool: 16 of the 20 of class 0,
-    # max_others; class 0's: the 8 the detector gives class 1)
-    assert ev.forward_passes == 2 * 40 + 3 * 40 * 8 + 40 * 8 + 2 * (16 + 8) * 16
+    # each sample as is and removed; per component its 8 transfers, and the component of 16 donors
+    # per class into each pool sample (class 1's pool: 16 of the 20 of class 0, max_others; class 0's:
+    # the 8 the detector gives class 1)
+    assert ev.forward_passes == 2 * 40 + 3 * 40 * 8 + 3 * (16 + 8) * 16
     assert set(ev.partners[:8].ravel()) <= set(range(20, 40)), "transferred into other classes only"
-    assert all(set(ev.donors[i]) <= set(range(20)) - {i} for i in range(20)), "controls from the sample's class"
+    assert (ev.donors[:20] == ev.donors[0]).all() and len(set(ev.donors[0])) == 16, "16 donors shared by the class"
+    assert set(ev.donors[0]) <= set(range(20)) and set(ev.donors[20]) <= set(range(20, 40)), "donors of the class"
     # class 1 samples the detector does not give class 1 are no partners of class 0 (they have no room to rise)
     assert set(ev.partners[20:].ravel()) <= set(range(8))
     with pytest.raises(ValueError, match="at least two classes"):
@@ -187,8 +188,13 @@ def test_evidence_confirms_a_shortcut_without_a_place(kind):
     # the partner's blur, still enough to give them the class
     assert ev.excess[:8].min() > (0.9 if kind == "tone" else 0.5) and (ev.flip_rate[:8] == 1).all()
     assert np.abs(ev.excess[8:]).max() < 0.05
+    # the group's separation decides against the threshold of its own component
+    strict = sample_evidence(model, x, heat, classes, min_separation={**MIN_SEPARATION, kind: ev.separation.max() + 1})
+    assert not strict.confirmed.any() and strict.params["min_separation"][kind] == ev.separation.max() + 1
     with pytest.raises(ValueError, match="components must be"):
         sample_evidence(model, x, heat, classes, components=("region", "edges"))
+    with pytest.raises(ValueError, match="min_separation needs a value for every component"):
+        sample_evidence(model, x, heat, classes, min_separation={"region": 3})
 
 
 def test_transfer_takes_one_component_from_the_source():
