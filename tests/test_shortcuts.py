@@ -138,8 +138,8 @@ def test_evidence_on_an_analytic_shortcut_model():
     assert np.abs(ev.excess[8:]).max() < 0.05 and ev.z[:8].min() > ev.z[8:].max()
     # each sample as is and removed; per component its 8 transfers, and the component of 16 donors
     # per class into each pool sample (class 1's pool: 16 of the 20 of class 0, max_others; class 0's:
-    # the 8 the detector gives class 1)
-    assert ev.forward_passes == 2 * 40 + 3 * 40 * 8 + 3 * (16 + 8) * 16
+    # the 8 the detector gives class 1); per sample 8 class mates' content through its region
+    assert ev.forward_passes == 2 * 40 + 3 * 40 * 8 + 3 * (16 + 8) * 16 + 40 * 8
     assert set(ev.partners[:8].ravel()) <= set(range(20, 40)), "transferred into other classes only"
     assert (ev.donors[:20] == ev.donors[0]).all() and len(set(ev.donors[0])) == 16, "16 donors shared by the class"
     assert set(ev.donors[0]) <= set(range(20)) and set(ev.donors[20]) <= set(range(20, 40)), "donors of the class"

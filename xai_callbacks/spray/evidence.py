@@ -19,8 +19,11 @@ like the class far better than what the rest of the class carries. For each anal
    class as well) transferred into the same partners: per partner the lower quartile over the
    donors, and ``excess`` is the median over partners of the class probability with ``i``'s
    component minus that. The lower quartile stays typical of the class while up to three
-   quarters of the donors share ``i``'s shortcut. What all of the class carries (the object, the
-   class's texture, the most relevant part of any of its samples) cancels; a shortcut does not.
+   quarters of the donors share ``i``'s shortcut. The region has a second control, for its place:
+   per partner a class mate's content through ``i``'s region (the upper quartile over partners of
+   the difference), and its ``excess`` is the smaller of the two. What all of the class carries
+   (the object, the class's texture, the most relevant part of any of its samples, what any of
+   its samples has at that place) cancels; a shortcut does not.
 3. **Removal** (reported, not decided on): the region is removed through an infiller (blur by
    default; the GAN inpainter when one is trained keeps the removal in-distribution) and
    ``drop`` is the fall of the class probability.
@@ -40,7 +43,8 @@ prevalence 0.5), not on one scenario; the README gives the figures and what is m
 (class-specific backgrounds, ResNet-18's frame).
 
 Cost: ``forward_passes`` counts the model evaluations: per sample itself (all classes'
-probabilities at once), its removal and ``pastes`` transfers per component; per class its
+probabilities at once), its removal, ``pastes`` transfers per component and ``pastes`` place
+controls of its region; per class its
 ``2 * pastes`` donors' components in each pool sample; all batched on the model's device under
 :func:`xai_callbacks.guard.model_guard`. No Lightning, no W&B here.
 """
@@ -128,7 +132,9 @@ class SampleEvidence:
             sample's component is transferred into them.
         excess: (N,) how much more the sample's component raises the class probability of its
             partners than the class's controls do: the median over partners of (with the sample's
-            component - the lower quartile over the class's shared donors' same component).
+            component - the lower quartile over the class's shared donors' same component); for
+            the region at most the upper quartile over partners of (with the sample's region -
+            with a class mate's content there).
         flip_rate: (N,) share of the partners the model did not give the class (probability < 0.5)
             and does with the sample's component.
         drop: (N,) fall of the sample's class probability when its region is removed.
@@ -406,6 +412,7 @@ def _measure(model, x, heatmaps, classes, components, fill, area, pastes, max_ot
     regions = torch.zeros(n, *x.shape[2:], dtype=torch.bool, device=device)
     partners = np.zeros((n, pastes), dtype=np.int64)   # into the pool list below
     donors = np.full((n, 2 * pastes), -1, dtype=np.int64)   # into the N samples (-1: fewer in the class)
+    mates = np.zeros((n, pastes), dtype=np.int64)            # into the N samples
     pool_rows, pool_before = [], []   # per class, the other-class samples its components go into, their score
     passes = 0
     rng = np.random.default_rng(seed)
@@ -438,6 +445,9 @@ def _measure(model, x, heatmaps, classes, components, fill, area, pastes, max_ot
         reference = _distribution(heatmaps[idx], spatial).median(0).values
         regions[idx] = relevance_regions(heatmaps[idx], reference, area)
         partners[rows] = len(pool_rows) + draw(len(pool), len(rows))
+        for r in rows:   # the region's place control: per partner another sample of the class
+            others_c = rows[rows != r]
+            mates[r] = others_c[draw(len(others_c), 1)[0]]
         shared = rng.choice(rows, min(2 * pastes, len(rows)), replace=False)
         donors[rows, :len(shared)] = shared
         shared_dst += np.repeat(np.arange(len(pool_rows), len(pool_rows) + len(pool)), len(shared)).tolist()
@@ -470,6 +480,15 @@ def _measure(model, x, heatmaps, classes, components, fill, area, pastes, max_ot
         low[s_dst, s_slot] = control
         low = low.nanquantile(0.25, dim=1)
         excess[:, k] = (with_own - low[flat].view(n, pastes)).median(1).values.cpu().numpy()
+        if component == "region":   # and per partner a class mate's content through the sample's own
+            # region: what any sample of the class has at that place (the upper quartile over
+            # partners stays high while up to three quarters of the mates share the shortcut)
+            mate = torch.from_numpy(mates.reshape(-1)).to(device)
+            with_mate = score(lambda i: transfer("region", x[dst[i]], x[mate[i]], keep[src[i]]), len(src),
+                              target[src]).view(n, pastes)
+            passes += len(src)
+            place = (with_own - with_mate).quantile(0.75, dim=1).cpu().numpy()
+            excess[:, k] = np.minimum(excess[:, k], place)
         rise[:, k] = (with_own - before).mean(1).cpu().numpy()
         eligible = (before < 0.5).float()
         flip[:, k] = (((before < 0.5) & (with_own >= 0.5)).float().sum(1) / eligible.sum(1).clamp_min(1)
