@@ -40,13 +40,13 @@ like the class far better than what the rest of the class carries. For each anal
 The thresholds are calibrated on ``benchmarks/shortcuts.py`` (seven kinds of shortcut, a digits
 stamp and three clean controls, the small CNN over three seeds: 33 trained models, plus eight at
 prevalence 0.5), not on one scenario; the README gives the figures and what is missed
-(class-specific backgrounds, ResNet-18's frame).
+(colour shifts on varied photos, class-specific backgrounds).
 
 Cost: ``forward_passes`` counts the model evaluations: per sample itself (all classes'
 probabilities at once), its removal, ``pastes`` transfers per component and ``pastes`` place
-controls of its region; per class its
-``2 * pastes`` donors' components in each pool sample; all batched on the model's device under
-:func:`xai_callbacks.guard.model_guard`. No Lightning, no W&B here.
+controls of its region; per class its ``2 * pastes`` donors' components in each pool sample; all
+batched on the model's device under :func:`xai_callbacks.guard.model_guard`. No Lightning, no
+W&B here.
 """
 from __future__ import annotations
 
