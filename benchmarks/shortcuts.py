@@ -139,15 +139,14 @@ def reliance(model, val, rows: np.ndarray, partners: int = 32, seed: int = 0) ->
     other = torch.nonzero((val.targets != c) & (predict(model, val.clean_x) != c)).flatten()
     pick = other[torch.randperm(len(other), generator=torch.Generator().manual_seed(seed))[:partners]]
     into = val.clean_x[pick]
-    out = np.zeros(len(rows))
-    for k, i in enumerate(rows):
-        if val.kind in ("colour", "watermark"):
-            pasted, _ = plant_shortcut(into, val.kind, seed=seed)
-        else:
-            mask = val.artifact_mask[i:i + 1]
-            pasted = into * (1 - mask) + val.x[i:i + 1] * mask
-        out[k] = float((predict(model, pasted) == c).float().mean())
-    return out
+
+    def moved(pasted: torch.Tensor) -> float:
+        return float((predict(model, pasted) == c).float().mean())
+
+    if val.kind in ("colour", "watermark"):   # every sample carries the same shift or pattern
+        return np.full(len(rows), moved(plant_shortcut(into, val.kind, seed=seed)[0]))
+    masks = val.artifact_mask[rows]
+    return np.array([moved(into * (1 - m) + val.x[i:i + 1] * m) for i, m in zip(rows, masks)])
 
 
 def analyse(model, val, folder: str, evidence: bool = True, concept_layer: str | None = None) -> dict:
