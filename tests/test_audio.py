@@ -153,6 +153,9 @@ def test_shared_rde_keeps_the_channel_a_class_reads_and_drops_the_other():
                        infiller="constant", steps=80, l1=4.0)
         assert torch.equal(keep, keep[:1].expand_as(keep))          # one mask for all samples
         assert keep[0, c, 0] > 0.9 and keep[0, 1 - c, 0] < 0.1
+        exact = explain(model, x, c, method="rde", variant="exhaustive", components="channels", shared=True,
+                        infiller="constant", l1=4.0)
+        assert torch.equal(exact, (torch.arange(2) == c).float().view(1, 2, 1).expand_as(x))
     per_bin = explain(model, x[:2], 0, method="rde", variant="concrete", components="elements", infiller="constant",
                       steps=60, l1=2.0)
     assert per_bin[:, 0].mean() > 0.8 and per_bin[:, 1].mean() < 0.2
@@ -212,6 +215,7 @@ def test_callbacks_run_on_spectra_and_write_plots_sounds_and_the_class_table(tmp
     assert inpainter.inpainter.generator.config["dims"] == 1
     assert attribution.heatmaps["rde"].shape == (6, 2, 32)
     assert set(table.importance) == set(range(6)) and all(len(v) == 2 for v in table.importance.values())
+    assert all(v in (0.0, 1.0) for vs in table.importance.values() for v in vs), "exhaustive: binary answers"
     assert set(spray.results) == {2, 3}
     media = {p.parent.name for p in tmp_path.rglob("*") if p.suffix in (".png", ".wav")}
     assert {"xai__heatmaps__rde", "xai__audio__rde", "inpainter__examples", "spray__3__prototypes"} <= media

@@ -103,6 +103,32 @@ def test_matching_pursuit_picks_the_decisive_components():
     assert torch.allclose(one[0], many[0], atol=1e-6)
 
 
+def test_exhaustive_rde_is_the_exact_rate_distortion_minimiser():
+    d, k = 24, 4
+    groups = torch.arange(d) % k
+    weights = torch.tensor([3.0, 1.2, 0.6, 0.05])
+    model = AdditiveModel(groups, weights)
+    x = 0.3 + 0.4 * torch.rand(6, d, generator=torch.Generator().manual_seed(2))
+    # with the constant fill (0, tanh(0) = 0), dropping component j changes the logit f by
+    # a_j tanh(sum of group j): the distortion of a mask is 0.5 (sum over dropped j of that)^2
+    contrib = torch.tanh(x @ nn.functional.one_hot(groups).float()) * weights          # (6, k)
+    masks = torch.tensor([[(m >> j) & 1 for j in range(k)] for m in range(2 ** k)], dtype=torch.float)
+    for l1 in (0.5, 3.0, 20.0):
+        cost = 0.5 * (contrib @ (1 - masks).T) ** 2 + l1 * masks.mean(1)                # (6, 2^k)
+        expected = masks[cost.argmin(1)]
+        r = explain(model, x, 1, method="rde", variant="exhaustive", components=groups, infiller="constant",
+                    l1=l1, n_samples=1)
+        assert torch.equal(r[:, :k], expected), (l1, r[:, :k], expected)
+        shared = explain(model, x, 1, method="rde", variant="exhaustive", components=groups, infiller="constant",
+                         l1=l1, n_samples=1, shared=True)
+        assert torch.equal(shared[:, :k], masks[cost.mean(0).argmin()].expand(6, k))
+    assert not torch.equal(masks[(0.5 * (contrib @ (1 - masks).T) ** 2 + 0.5 * masks.mean(1)).argmin(1)],
+                           masks[(0.5 * (contrib @ (1 - masks).T) ** 2 + 20 * masks.mean(1)).argmin(1)])
+    with pytest.raises(ValueError, match="2\\^K binary masks; K = 11"):
+        explain(AdditiveModel(torch.arange(11), torch.ones(11)), torch.rand(2, 11), 1, method="rde",
+                variant="exhaustive", components=torch.arange(11))
+
+
 def test_gan_infiller_passed_or_auto_is_used_and_gradients_reach_the_mask(region_data):
     model, x, _ = region_data
     x = x[:2]

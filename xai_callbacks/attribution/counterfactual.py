@@ -8,8 +8,9 @@
   keeps the target log-probability) and the smallest destroying region (removed part destroys it).
 * ``rde`` (MacDonald et al. 2019; Heiss et al. 2020): rate-distortion explanation on pre-softmax
   scores, distortion 0.5 (f_c(x) - f_c(z))^2 plus L1 on the kept mask; the mask relaxed to
-  [0, 1] (``variant="relaxed"``), Bernoulli-concrete (``"concrete"``), or grown greedily by
-  matching pursuit over few components (``"matching_pursuit"``). Masks act on pixels or on
+  [0, 1] (``variant="relaxed"``), Bernoulli-concrete (``"concrete"``), grown greedily by
+  matching pursuit over few components (``"matching_pursuit"``), or binary and exact over at most
+  ten (``"exhaustive"``). Masks act on pixels or on
   user-given component groups (``components``; ``"channels"``: one entry per channel,
   ``"elements"``: one per input element). ``shared=True`` optimises one mask for the whole batch
   (the class-wise query of Heiss et al.: pass the samples of one class).
@@ -36,6 +37,8 @@ from ..scoring import score_perturbed, target_scores
 __all__ = ["meaningful_perturbation", "fido_ssr", "fido_sdr", "rde", "MaskSpace"]
 
 _OUTPUTS = ("logit", "log_probability", "probability")
+RDE_VARIANTS = ("relaxed", "concrete", "matching_pursuit", "exhaustive")
+MAX_EXHAUSTIVE = 10     # rde variant "exhaustive" tries all 2^K masks of K <= this many entries
 _MODES = {1: "linear", 2: "bilinear"}
 
 
@@ -357,23 +360,27 @@ def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller 
       addition lowers the distortion most, for ``max_components`` rounds (every component is
       tested each round, so use it with few components: ``components`` or a small ``mask_size``).
       Relevance of a chosen component = the distortion it removed when added; 0 for the others.
+    * ``variant="exhaustive"``: s binary, the exact minimiser of distortion + rate over all 2^K
+      masks of K <= 10 entries (each distortion averaged over ``n_samples`` fills). For a few
+      components, e.g. the class-wise magnitude-vs-phase query, where the concrete relaxation's
+      noisy gradients can settle on either of two nearly equal masks. Relevance = the binary mask.
 
     To explain in a transformed domain (e.g. magnitude and phase of a spectrum), explain the
     model composed with the inverse transform on the transformed input, and pass the groups as
     ``components``.
 
-    ``shared=True`` (relaxed / concrete): one mask for the whole batch, minimising the batch's mean
+    ``shared=True`` (not matching pursuit): one mask for the whole batch, minimising the batch's mean
     distortion plus the rate: which components a set of samples (e.g. all samples of a class)
     relies on. With ``components="channels"`` on spectra (magnitude, phase) this is the paper's
     magnitude-vs-phase query; every sample's relevance is the same mask.
 
     Args:
         model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
-        variant: ``relaxed``, ``concrete`` or ``matching_pursuit``.
+        variant: ``relaxed``, ``concrete``, ``matching_pursuit`` or ``exhaustive``.
         infiller: fills the dropped part: a name, an Infiller, or ``auto`` (blur unless the GAN is passed).
         steps: Adam steps (relaxed / concrete); lr: Adam learning rate (None: 0.05 on s for relaxed,
             0.5 on theta for concrete).
-        l1: weight of the rate term (relaxed / concrete).
+        l1: weight of the rate term (not matching pursuit).
         temperature: temperature of the concrete relaxation.
         n_samples: Monte-Carlo samples of the infiller (and concrete mask) per evaluation.
         mask_size: side (or (h, w)) of the mask for images / length for signals, upsampled; None: full size.
@@ -381,24 +388,24 @@ def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller 
             group; or ``"channels"`` / ``"elements"`` (see :class:`MaskSpace`).
         max_components: matching pursuit: how many components to add.
         batch_size: matching pursuit: inputs per forward pass.
-        shared: one mask for the whole batch (relaxed / concrete; see above).
+        shared: one mask for the whole batch (not matching pursuit; see above).
         seed: seed of the own generator for concrete samples.
 
     Raises:
-        ValueError: bad options, components or mask_size; matching pursuit over more than 256
-            entries or with ``shared``.
+        ValueError: bad options, components or mask_size; exhaustive over more than 10 entries;
+            matching pursuit over more than 256 entries or with ``shared``.
 
     Example::
 
         # which of magnitude and phase do the samples of class 2 rely on (one mask for all of them)?
-        keep = rde(model, x[y == 2], 2, variant="concrete", components="channels", shared=True,
-                   infiller=gan, steps=200, l1=4.0)
+        keep = rde(model, x[y == 2], 2, variant="exhaustive", components="channels", shared=True,
+                   infiller=gan, l1=6.0)
         magnitude, phase = keep[0, :, 0]
     """
     lr = lr if lr is not None else (0.5 if variant == "concrete" else 0.05)
     _check_common("rde", steps, lr, n_samples)
-    if variant not in ("relaxed", "concrete", "matching_pursuit"):
-        raise ValueError(f"rde variant must be 'relaxed', 'concrete' or 'matching_pursuit', got {variant!r}")
+    if variant not in RDE_VARIANTS:
+        raise ValueError(f"rde variant must be one of {RDE_VARIANTS}, got {variant!r}")
     space = MaskSpace(x, components=components, mask_size=mask_size)
     fill = get_infiller(infiller)
     b = x.shape[0]
@@ -406,7 +413,7 @@ def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller 
         reference = target_scores(model(x), target, "logit")
     if variant == "matching_pursuit":
         if shared:
-            raise ValueError("rde shared=True needs variant 'relaxed' or 'concrete', not matching pursuit")
+            raise ValueError("rde shared=True needs variant 'relaxed', 'concrete' or 'exhaustive', not matching pursuit")
         return _matching_pursuit(model, fill, space, x, target, reference, n_samples, max_components, batch_size)
     if not temperature > 0:
         raise ValueError(f"rde temperature must be > 0, got {temperature}")
@@ -423,6 +430,9 @@ def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller 
         scores = target_scores(model(fill(x_rep, keep)), target, "logit", check=False)
         return (0.5 * (ref_rep - scores) ** 2).view(n_samples, b).mean(0)
 
+    if variant == "exhaustive":
+        return _exhaustive(distortion, space, b, rows, l1, n_samples, shared, x.device)
+
     if variant == "relaxed":
         def loss_fn(s):
             return reduce(distortion(_repeat(s, n_samples)) + l1 * s.flatten(1).mean(1))
@@ -436,6 +446,25 @@ def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller 
 
     theta = _optimize(torch.full((rows, *space.shape), 2.0, device=x.device), loss_fn, steps, lr, clamp=False)
     return space.relevance(torch.sigmoid(theta).expand(b, *space.shape))
+
+
+def _exhaustive(distortion, space, b, rows, l1, n_samples, shared, device):
+    k = space.size
+    if k > MAX_EXHAUSTIVE:
+        raise ValueError(f"rde variant 'exhaustive' tries all 2^K binary masks; K = {k} mask entries here, at most "
+                         f"{MAX_EXHAUSTIVE}: pass components= with fewer groups, or variant='concrete'")
+    masks = ((torch.arange(2 ** k)[:, None] >> torch.arange(k)) & 1).float()          # (2^K, K)
+    best_cost = best = None
+    with torch.no_grad():
+        for m in masks.to(device):
+            d = distortion(m.view(1, *space.shape).expand(n_samples * rows, *space.shape))   # (b,)
+            cost = (d.mean(0, keepdim=True) if shared else d) + l1 * m.mean()
+            if best is None:
+                best_cost, best = cost, m.expand(len(cost), k).clone()
+            else:
+                better = cost < best_cost
+                best_cost, best[better] = torch.where(better, cost, best_cost), m
+    return space.relevance(best.view(-1, *space.shape).expand(b, *space.shape))
 
 
 def _matching_pursuit(model, fill, space, x, target, reference, n_samples, max_components, batch_size):

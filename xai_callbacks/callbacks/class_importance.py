@@ -15,12 +15,17 @@ __all__ = ["ClassImportanceCallback"]
 class ClassImportanceCallback(ExplanationCallback):
     """The class-wise rate-distortion query of Heiss et al. (2020), their Table 1.
 
-    Every ``every_n_epochs`` validation epochs, for each class: one Bernoulli-concrete mask over
-    the ``components`` (default ``"channels"``: for spectra, one entry for the whole magnitude and
-    one for the whole phase), optimised over up to ``max_per_class`` validation samples of the
-    class at once (:func:`~xai_callbacks.attribution.counterfactual.rde` with ``shared=True``):
-    the distortion of the class's pre-softmax score, averaged over the samples, plus ``l1`` times
-    the mask's mean keep probability. The removed components are filled by ``infiller``
+    Every ``every_n_epochs`` validation epochs, for each class: one mask over the ``components``
+    (default ``"channels"``: for spectra, one entry for the whole magnitude and one for the whole
+    phase), chosen for up to ``max_per_class`` validation samples of the class at once
+    (:func:`~xai_callbacks.attribution.counterfactual.rde` with ``shared=True``) to minimise the
+    distortion of the class's pre-softmax score, averaged over the samples, plus ``l1`` times the
+    mask's mean keep probability. ``variant="exhaustive"`` (the default, for at most 10
+    components) tries every binary mask and returns the exact minimiser (0 or 1 per component);
+    ``"concrete"`` optimises the paper's Bernoulli-concrete relaxation (keep probabilities), whose
+    noisy gradients can settle on either of two masks of nearly equal cost (on the audio demo's
+    spectra it disagreed with the exact answer in about half of the cases, README, Audio).
+    The removed components are filled by ``infiller``
     (``"auto"``: the GAN of an :class:`~xai_callbacks.callbacks.inpainter.InpainterCallback` of
     the same trainer once trained, else blur). A keep probability near 1 means the class needs
     that component; near 0, the component can be replaced by the infiller's guess without
@@ -37,10 +42,11 @@ class ClassImportanceCallback(ExplanationCallback):
         classes: class ids to query; None: every class in the validation set.
         class_names: class id -> name in logged keys (default: the dataset's ``class_names``, else the id).
         max_per_class: validation samples per class the mask is optimised over.
-        steps: Adam steps; lr: Adam learning rate on the mask's logits (None: rde's default).
+        variant: ``exhaustive`` or ``concrete`` (see above).
+        steps: Adam steps (concrete); lr: Adam learning rate on the mask's logits (None: rde's default).
         l1: weight of the rate (mean keep probability).
         temperature: temperature of the concrete relaxation (the paper: 0.1).
-        n_samples: Monte-Carlo mask and infiller samples per step.
+        n_samples: infiller (and concrete mask) samples per evaluated mask.
         infiller: what fills removed components: ``"auto"``, ``"gan"``, another infiller name or instance.
         every_n_epochs, seed, on_error: see :class:`ExplanationCallback`.
 
@@ -55,7 +61,8 @@ class ClassImportanceCallback(ExplanationCallback):
 
     def __init__(self, components: Any = "channels", component_names: Sequence[str] | None = None,
                  classes: Sequence[int] | None = None, class_names: Mapping[int, str] | None = None,
-                 max_per_class: int = 32, steps: int = 150, lr: float | None = None, l1: float = 4.0,
+                 max_per_class: int = 32, variant: str = "exhaustive", steps: int = 150, lr: float | None = None,
+                 l1: float = 4.0,
                  temperature: float = 0.1, n_samples: int = 2, infiller: Any = "auto", every_n_epochs: int = 1,
                  seed: int = 0, on_error: str = "warn"):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=max(1, int(max_per_class)), seed=seed,
@@ -69,7 +76,9 @@ class ClassImportanceCallback(ExplanationCallback):
         self.classes = None if classes is None else [int(c) for c in classes]
         self.class_names = {int(k): str(v) for k, v in (class_names or {}).items()}
         self.max_per_class = max_per_class
-        self.options = dict(variant="concrete", steps=steps, lr=lr, l1=l1, temperature=temperature,
+        if variant not in ("exhaustive", "concrete"):
+            raise ValueError(f"ClassImportanceCallback variant must be 'exhaustive' or 'concrete', got {variant!r}")
+        self.options = dict(variant=variant, steps=steps, lr=lr, l1=l1, temperature=temperature,
                             n_samples=n_samples, infiller=infiller, seed=seed)
         self.sample_indices: list[int] | None = None
         self.importance: dict[int, list[float]] = {}
