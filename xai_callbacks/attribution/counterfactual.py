@@ -454,16 +454,12 @@ def _exhaustive(distortion, space, b, rows, l1, n_samples, shared, device):
         raise ValueError(f"rde variant 'exhaustive' tries all 2^K binary masks; K = {k} mask entries here, at most "
                          f"{MAX_EXHAUSTIVE}: pass components= with fewer groups, or variant='concrete'")
     masks = ((torch.arange(2 ** k)[:, None] >> torch.arange(k)) & 1).float()          # (2^K, K)
-    best_cost = best = None
     with torch.no_grad():
+        cost = []
         for m in masks.to(device):
             d = distortion(m.view(1, *space.shape).expand(n_samples * rows, *space.shape))   # (b,)
-            cost = (d.mean(0, keepdim=True) if shared else d) + l1 * m.mean()
-            if best is None:
-                best_cost, best = cost, m.expand(len(cost), k).clone()
-            else:
-                better = cost < best_cost
-                best_cost, best[better] = torch.where(better, cost, best_cost), m
+            cost.append((d.mean(0, keepdim=True) if shared else d) + l1 * m.mean())
+        best = masks.to(device)[torch.stack(cost).argmin(0)]                           # (rows, K)
     return space.relevance(best.view(-1, *space.shape).expand(b, *space.shape))
 
 
