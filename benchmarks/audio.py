@@ -9,7 +9,7 @@ Lightning, same batches); then, on the validation spectra:
 * per class, ``rde(..., components="channels", shared=True)`` with each fill and a few ``l1``:
   the exact answer (``variant="exhaustive"``) next to the paper's concrete relaxation.
 
-    python benchmarks/audio.py [--n-per-class 120] [--epochs 12] [--gan-steps 11] [--seed 0]
+    python benchmarks/audio.py [--n-per-class 120] [--epochs 12] [--gan-steps 16] [--seed 0]
 """
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-per-class", type=int, default=120)
     ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--gan-steps", type=int, default=11, help="inpainter updates per classifier batch")
+    ap.add_argument("--gan-steps", type=int, default=16, help="inpainter updates per classifier batch")
     ap.add_argument("--adv-weight", type=float, default=0.3, help="weight of the inpainter's adversarial loss")
     ap.add_argument("--channel-drop", type=float, default=0.5, help="share of training masks that remove a channel")
-    ap.add_argument("--l1", type=float, nargs="+", default=[2.0, 6.0, 10.0])
+    ap.add_argument("--l1", type=float, nargs="+", default=[1.0, 2.0, 6.0])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
