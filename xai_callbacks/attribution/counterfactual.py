@@ -453,13 +453,13 @@ def _exhaustive(distortion, space, b, rows, l1, n_samples, shared, device):
     if k > MAX_EXHAUSTIVE:
         raise ValueError(f"rde variant 'exhaustive' tries all 2^K binary masks; K = {k} mask entries here, at most "
                          f"{MAX_EXHAUSTIVE}: pass components= with fewer groups, or variant='concrete'")
-    masks = ((torch.arange(2 ** k)[:, None] >> torch.arange(k)) & 1).float()          # (2^K, K)
+    masks = ((torch.arange(2 ** k, device=device)[:, None] >> torch.arange(k, device=device)) & 1).float()  # (2^K, K)
     with torch.no_grad():
         cost = []
-        for m in masks.to(device):
+        for m in masks:
             d = distortion(m.view(1, *space.shape).expand(n_samples * rows, *space.shape))   # (b,)
             cost.append((d.mean(0, keepdim=True) if shared else d) + l1 * m.mean())
-        best = masks.to(device)[torch.stack(cost).argmin(0)]                           # (rows, K)
+        best = masks[torch.stack(cost).argmin(0)]                                      # (rows, K)
     return space.relevance(best.view(-1, *space.shape).expand(b, *space.shape))
 
 
