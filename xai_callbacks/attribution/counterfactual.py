@@ -413,7 +413,8 @@ def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller 
         reference = target_scores(model(x), target, "logit")
     if variant == "matching_pursuit":
         if shared:
-            raise ValueError("rde shared=True needs variant 'relaxed', 'concrete' or 'exhaustive', not matching pursuit")
+            raise ValueError("rde shared=True needs variant 'relaxed', 'concrete' or 'exhaustive', "
+                             "not matching pursuit")
         return _matching_pursuit(model, fill, space, x, target, reference, n_samples, max_components, batch_size)
     if not temperature > 0:
         raise ValueError(f"rde temperature must be > 0, got {temperature}")
