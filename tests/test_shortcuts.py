@@ -17,7 +17,7 @@ from xai_callbacks.cli import main
 from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, plant_shortcut
 from xai_callbacks.models import Classifier, DemoCNN
 from xai_callbacks.infill import gaussian_blur
-from xai_callbacks.spray.evidence import MIN_SEPARATION, relevance_regions, sample_evidence, transfer
+from xai_callbacks.spray.evidence import AREAS, MIN_SEPARATION, relevance_regions, sample_evidence, transfer
 
 OPTIONS = dict(kind="stamp", n_per_class=200, ambiguity=0.4, seed=0)
 
@@ -66,8 +66,10 @@ def test_photo_stamp_is_flagged_and_gated_its_clean_control_passes(tmp_path):
     x0 = val.x[idx[labels == 0]]
     heat = explain(module, x0, torch.zeros(len(x0), dtype=torch.long), method="input_x_gradient").sum(1)
     share = heat.clamp_min(0) / heat.clamp_min(0).flatten(1).sum(1).view(-1, 1, 1)
-    expected = relevance_regions(heat, share.median(0).values, area=1 / 8)
-    assert torch.equal(r.evidence.regions, expected)
+    expected = [relevance_regions(heat, share.median(0).values, area=a) for a in AREAS]
+    regions = r.evidence.regions
+    assert all(any(torch.equal(regions[i], e[i]) for e in expected) for i in range(len(regions)))
+    assert torch.equal(regions[in_flagged], expected[0][in_flagged]), "described by the first area that confirms"
 
     module, val = trained(0.0, tmp_path / "clean")
     cb, gate = analyse(module, val, tmp_path / "clean")
@@ -149,6 +151,45 @@ def test_evidence_on_an_analytic_shortcut_model():
         sample_evidence(_Detector(), x[:20], heat[:20], classes[:20])
     with pytest.raises(ValueError, match="one heatmap and one class per sample"):
         sample_evidence(_Detector(), x, heat[:10], classes)
+
+
+class _CornerOrContent(torch.nn.Module):
+    """Class 1 when the top-left 4x4 corner (the shortcut) or the bottom half (the class's content) is bright."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        signal = torch.maximum(x[:, :, :4, :4].mean((1, 2, 3)), x[:, :, 8:].mean((1, 2, 3))) - 0.5
+        return torch.stack([torch.zeros_like(signal), 40 * self.w * signal], 1)
+
+
+def test_a_region_that_holds_the_class_content_hides_the_shortcut_a_smaller_one_confirms_it():
+    gen = torch.Generator().manual_seed(3)
+    x = 0.2 + 0.05 * torch.rand(40, 1, 16, 16, generator=gen)
+    classes = np.array([1] * 20 + [0] * 20)
+    x[:20, :, 8:] += 0.6                          # class 1's content: a bright bottom half
+    x[:8, :, :4, :4] = 1.0                        # 8 of them also carry the corner
+    heat = 0.1 * torch.rand(40, 1, 16, 16, generator=gen)
+    heat[:20, :, 8:] += 1.0
+    heat[:8, :, :4, :4] += 2.0
+    heat[20:, :, :8, 8:] += 1.0
+    model = _CornerOrContent()
+    # half the image: every sample's region carries the class (the corner or the content), nothing stands out
+    assert not sample_evidence(model, x, heat, classes, area=1 / 2).confirmed.any()
+    ev = sample_evidence(model, x, heat, classes, area=(1 / 2, 1 / 16))
+    assert ev.confirmed.tolist() == (np.arange(40) < 8).tolist() and ev.params["area"] == (1 / 2, 1 / 16)
+    # described by the area that confirms them: their region is the corner
+    assert (ev.component[:8] == "region").all() and (ev.extent()[:8] == 1 / 16).all()
+    assert ev.regions[:8, :4, :4].all() and ev.regions[:8].sum() == 8 * 16
+    # removing the corner leaves the content, which still carries the class: removal alone would miss it
+    assert ev.drop[:8].max() < 0.01
+    # per sample itself, its removal per area, its 8 transfers per check (two areas, detail, tone)
+    # and 8 place controls per area; per check 16 donors into each sample of the two pools of 16
+    assert ev.forward_passes == 40 + 2 * 40 + 4 * 40 * 8 + 2 * 40 * 8 + 4 * 16 * (16 + 16)
+    with pytest.raises(ValueError, match="every area in"):
+        sample_evidence(model, x, heat, classes, area=(1 / 8, 0))
 
 
 class _GlobalDetector(torch.nn.Module):
