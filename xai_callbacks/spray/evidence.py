@@ -11,7 +11,8 @@ like the class far better than what the rest of the class carries. For each anal
    relevance distribution exceeds the per-position median of its class most: a stamp, tags, a
    frame, a patch; the median is the typical sample up to 50 % prevalence and cancels what every
    heatmap of the class shares, such as the LRP bias towards the top-left corner of small
-   ResNet inputs), its fine **detail** (a high-frequency watermark, a texture) and its per-channel
+   ResNet inputs; checked at each of ``area``'s shares of the input, an eighth and a
+   thirty-second by default), its fine **detail** (a high-frequency watermark, a texture) and its per-channel
    **tone** (a colour or brightness shift). Detail and tone have no region: the heatmaps cannot
    point at them, the intervention can.
 2. **Control.** The same component of ``2 * pastes`` donors of the class (shared by all its
@@ -43,8 +44,9 @@ controls on textures, scenes and digits; the small CNN over three seeds, ResNet-
 shifts on varied photos, class-specific backgrounds).
 
 Cost: ``forward_passes`` counts the model evaluations: per sample itself (all classes'
-probabilities at once), its removal, ``pastes`` transfers per component and ``pastes`` place
-controls of its region; per class its ``2 * pastes`` donors' components in each pool sample; all
+probabilities at once), its removal per region area, ``pastes`` transfers per check (the region at
+each area, the detail, the tone) and ``pastes`` place controls per area; per class and check its
+``2 * pastes`` donors in each pool sample; all
 batched on the model's device under :func:`xai_callbacks.guard.model_guard`. No Lightning, no
 W&B here.
 """
@@ -75,11 +77,12 @@ COMPONENTS = ("region", "detail", "tone")
 #: in a thirty-second.
 AREAS = (1 / 8, 1 / 32)
 
-#: Separation a confirmed group reaches, per component. Calibrated on the benchmark's classes without
-#: a planted shortcut (58 models: three architectures, textures and scenes, 32 and 64 pixels): their
-#: largest separations were 3.0 for a region, 1.8 for the detail and 6.5 for the tone (a photo
-#: class's own colours vary: a few light-grey crops of a suit stand apart), the weakest shortcuts
-#: caught by one component alone 5.3 (region), 4.0 (detail) and 17 (tone).
+#: Separation a confirmed group reaches, per component. Calibrated on 56 benchmark models (three
+#: architectures; textures and scenes; 32 and 64 pixels; 180 classes without a planted shortcut):
+#: those classes' largest separations were 3.0 for a region, 1.8 for the detail and 5.3 for the tone
+#: (6.5 over other donor draws: a photo class's own colours vary, a few light-grey crops of a suit
+#: stand apart), the weakest shortcuts caught by one component alone 5.3 (region), 4.5 (detail) and
+#: 48 (tone).
 MIN_SEPARATION = MappingProxyType({"region": 4.0, "detail": 3.0, "tone": 10.0})
 #: Excess every member of a confirmed group reaches (probability units): a 12x12 stamp on 64x64
 #: crops raises other crops' class probability by 0.17 to 0.28 more than a class mate's region does.
@@ -146,13 +149,14 @@ class SampleEvidence:
             with a class mate's content there).
         flip_rate: (N,) share of the partners the model did not give the class (probability < 0.5)
             and does with the sample's component.
-        drop: (N,) fall of the sample's class probability when its region is removed.
+        drop: (N,) fall of the sample's class probability when its region (above) is removed.
         z: (N,) ``excess`` above its class's median, in units of the spread of all samples'
             (centred) excesses of that component: the per-sample suspicion.
         separation: (N,) the separation of the confirmed group the sample belongs to (0 if none).
         confirmed: (N,) bool: in a class's top group of some component that is separated from
             the rest by at least ``min_separation`` (:func:`separated_group`).
-        regions: (N, *S) bool region of each sample (where its relevance exceeds its class's median).
+        regions: (N, *S) bool region of each sample (where its relevance exceeds its class's median),
+            at the area of its strongest check (the first area for detail and tone).
         partners: (N, pastes) the other-class samples (indices into the N) transferred into.
         donors: (N, 2 * pastes) the control donors of the sample's class, shared by the class
             (indices into the N; -1 pads a class of fewer samples).
