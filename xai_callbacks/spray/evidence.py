@@ -12,8 +12,8 @@ like the class far better than what the rest of the class carries. For each anal
    frame, a patch; the median is the typical sample up to 50 % prevalence and cancels what every
    heatmap of the class shares, such as the LRP bias towards the top-left corner of small
    ResNet inputs; an eighth of the input by default, each of several shares on its own when
-   ``area`` gives several), its fine **detail** (a high-frequency watermark, a texture) and its per-channel
-   **tone** (a colour or brightness shift). Detail and tone have no region: the heatmaps cannot
+   ``area`` gives several), its fine **detail** (a high-frequency watermark, a texture) and its
+   per-channel **tone** (a colour or brightness shift). Detail and tone have no region: the heatmaps cannot
    point at them, the intervention can.
 2. **Control.** The same component of ``2 * pastes`` donors of the class (shared by all its
    samples; for the region each donor's own region, the most relevant part of a sample of the
@@ -72,7 +72,7 @@ __all__ = ["SampleEvidence", "StrategyEvidence", "sample_evidence", "separated_g
 #: What the evidence transfers from a sample into other classes' samples (see :func:`transfer`).
 COMPONENTS = ("region", "detail", "tone")
 
-#: The region's shares of the input, each checked on its own. An eighth holds a stamp, tags, a patch
+#: The region's shares of the input, each checked on its own. An eighth covers a stamp, tags, a patch
 #: or half a frame at 32 and 64 pixels. Several shares can be given (``area=(1 / 8, 1 / 32)``): on
 #: 64-pixel scene crops a stamp's thirty-second stands apart where its eighth, holding much of the
 #: photo, does not, but only with ``min_rise`` 0.1, which also confirms natural groups (see MIN_RISE).
@@ -523,5 +523,5 @@ def _measure(model, x, heatmaps, classes, checks, fill, areas, pastes, max_other
         flip[:, k] = (((before < 0.5) & (with_own >= 0.5)).float().sum(1) / eligible.sum(1).clamp_min(1)
                       ).cpu().numpy()
     passes += n * len(areas) + len(src) * len(checks)
-    return dict(rise=rise, excess=excess, flip=flip, drop=(own[:, None] - removed).cpu().numpy(), regions=regions.cpu(),
-                partners=pool_t.cpu().numpy()[partners], donors=donors, passes=passes)
+    return dict(rise=rise, excess=excess, flip=flip, drop=(own[:, None] - removed).cpu().numpy(),
+                regions=regions.cpu(), partners=pool_t.cpu().numpy()[partners], donors=donors, passes=passes)
