@@ -424,7 +424,7 @@ def rde(model, x, target, *, variant: str = "relaxed", infiller: str | Infiller 
     rows = 1 if shared else b              # one mask, or one per sample
     reduce = torch.mean if shared else torch.sum
 
-    def distortion(keep_param):            # keep_param (n_samples * rows, ...) -> (rows,)
+    def distortion(keep_param):            # keep_param (n_samples * rows, ...) -> (b,), per sample
         if shared:
             keep_param = keep_param.repeat_interleave(b, dim=0)
         keep = space.expand(keep_param)

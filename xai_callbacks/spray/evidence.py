@@ -46,9 +46,8 @@ shifts on varied photos, class-specific backgrounds).
 Cost: ``forward_passes`` counts the model evaluations: per sample itself (all classes'
 probabilities at once), its removal per region area, ``pastes`` transfers per check (the region at
 each area, the detail, the tone) and ``pastes`` place controls per area; per class and check its
-``2 * pastes`` donors in each pool sample; all
-batched on the model's device under :func:`xai_callbacks.guard.model_guard`. No Lightning, no
-W&B here.
+``2 * pastes`` donors in each pool sample; all batched on the model's device under
+:func:`xai_callbacks.guard.model_guard`. No Lightning, no W&B here.
 """
 from __future__ import annotations
 
