@@ -9,7 +9,7 @@ Lightning, same batches); then, on the validation spectra:
 * per class, ``rde(..., components="channels", shared=True)`` with each fill and a few ``l1``:
   the exact answer (``variant="exhaustive"``) next to the paper's concrete relaxation.
 
-    python benchmarks/audio.py [--n-per-class 120] [--epochs 12] [--gan-steps 16] [--seed 0]
+    python benchmarks/audio.py [--n-per-class 120] [--epochs 12] [--gan-steps 16] [--hypotheses 1] [--seed 0]
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def main() -> None:
     ap.add_argument("--gan-steps", type=int, default=16, help="inpainter updates per classifier batch")
     ap.add_argument("--adv-weight", type=float, default=0.3, help="weight of the inpainter's adversarial loss")
     ap.add_argument("--channel-drop", type=float, default=0.5, help="share of training masks that remove a channel")
+    ap.add_argument("--hypotheses", type=int, default=1, help="fills the inpainter proposes at once")
     ap.add_argument("--l1", type=float, nargs="+", default=[1.0, 2.0, 6.0])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -42,7 +43,7 @@ def main() -> None:
     net = SpectrumCNN(2, len(names), width=16)
     opt = torch.optim.Adam(net.parameters(), 3e-3)
     gan = GANInpainter(channels=2, dims=1, per_channel=True, channel_drop=args.channel_drop,
-                       adv_weight=args.adv_weight, warmup_steps=300, seed=args.seed)
+                       adv_weight=args.adv_weight, warmup_steps=300, seed=args.seed, hypotheses=args.hypotheses)
     start = time.time()
     for epoch in range(args.epochs):
         net.train()

@@ -57,6 +57,37 @@ def test_generator_any_size_and_infiller_keeps_known_pixels():
         get_infiller("gan")
 
 
+def test_several_hypotheses_cover_both_answers_a_kept_part_leaves():
+    """Signals whose second channel is +0.5 or -0.5 at random, whatever the first holds: with the
+    second channel removed the expected answer is two-valued. Two proposals trained
+    winner-takes-all settle on one value each, and the infiller draws both."""
+    gen = torch.Generator().manual_seed(1)
+
+    def batch(n):
+        first = torch.randn(n, 1, 16, generator=gen).cumsum(2) / 4
+        sign = torch.randint(0, 2, (n, 1, 1), generator=gen) * 2 - 1
+        return torch.cat([first, 0.5 * sign.expand(n, 1, 16)], 1)
+
+    inp = GANInpainter(channels=2, width=8, dims=1, per_channel=True, channel_drop=1.0, adv_weight=0.0,
+                       hypotheses=2, seed=0)
+    for _ in range(200):
+        inp.train_step(batch(64))
+    x = batch(200)
+    keep = torch.ones_like(x)
+    keep[:, 1] = 0
+    with torch.no_grad():
+        proposed, logits = inp.generator.proposals(x, keep)
+        filled = inp.infiller(seed=0)(x, keep)[:, 1].mean(-1)
+        low, high = proposed[:, :, 1].mean((0, 2)).sort().values.tolist()
+        assert abs(low + 0.5) < 0.1 and abs(high - 0.5) < 0.1, (low, high)
+        chance = logits.softmax(1)           # either is the closest half of the time
+        assert (chance - 0.5).abs().max() < 0.15, chance
+        assert 0.3 < (filled > 0).float().mean() < 0.7 and (filled.abs() > 0.35).all()
+        assert torch.equal(inp.generator(x, keep, head=torch.ones(200, dtype=torch.long)), proposed[:, 1])
+    with pytest.raises(ValueError, match="hypotheses"):
+        InpaintGenerator(hypotheses=0)
+
+
 @pytest.fixture(scope="module")
 def trained(digits):
     """A few hundred steps on the training digits (about 15 s on one core)."""

@@ -60,6 +60,9 @@ class InpainterCallback(ExplanationCallback):
         per_channel: one keep mask per channel (e.g. the magnitude of a spectrum kept, its phase
             removed), for explainers whose masks act on channels separately (``components``).
         channel_drop: with ``per_channel``, the share of training masks that remove one whole channel.
+        hypotheses: fills G proposes at once, trained winner-takes-all; the infiller draws one per
+            sample (for data where the kept part leaves several answers: see
+            :class:`~xai_callbacks.infill.gan.GANInpainter`).
         n_images: probe samples shown in ``inpainter/examples``.
         save_generator: write G to the run directory at each scheduled epoch.
         seed: seeds G and D's initialisation, the training masks and noise, the probe set and the
@@ -86,7 +89,7 @@ class InpainterCallback(ExplanationCallback):
                  valid_weight: float = 0.2, adv_weight: float = 0.01, mask_sampler: MaskSampler | Mapping | None = None,
                  baselines: Sequence[str | Infiller] = ("constant", "blur", "noise"), n_images: int = 8,
                  save_generator: bool = True, seed: int = 0, every_n_epochs: int = 1, probe_size: int = 64,
-                 on_error: str = "warn", per_channel: bool = False, channel_drop: float = 0.0):
+                 on_error: str = "warn", per_channel: bool = False, channel_drop: float = 0.0, hypotheses: int = 1):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, seed=seed,
                          on_error=on_error)
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
@@ -96,7 +99,7 @@ class InpainterCallback(ExplanationCallback):
         self.every_n_steps, self.steps_per_batch = every_n_steps, steps_per_batch
         self.options = dict(width=width, value_range=value_range, warmup_steps=warmup_steps, lr_g=lr_g, lr_d=lr_d,
                             hole_weight=hole_weight, valid_weight=valid_weight, adv_weight=adv_weight, seed=seed,
-                            per_channel=per_channel, channel_drop=channel_drop)
+                            per_channel=per_channel, channel_drop=channel_drop, hypotheses=hypotheses)
         if not 0 <= channel_drop <= 1 or (channel_drop and not per_channel):
             raise ValueError(f"channel_drop must be in [0, 1] and needs per_channel=True; got channel_drop="
                              f"{channel_drop}, per_channel={per_channel}")

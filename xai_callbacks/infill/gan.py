@@ -5,7 +5,12 @@ Pieces (Chang et al. 2019, FIDO; Heiss et al. 2020; SN-PatchGAN of Yu et al. 201
 * :class:`InpaintGenerator` G(x, keep, noise): a small U-Net that sees the kept pixels, the mask
   and a noise channel; its output is composited into the known pixels by the infiller. Images
   (``dims=2``, (B, C, H, W)) or signals such as spectra (``dims=1``, (B, C, L)); with
-  ``per_channel=True`` it sees one mask per channel (e.g. magnitude kept, phase removed).
+  ``per_channel=True`` it sees one mask per channel (e.g. magnitude kept, phase removed). With
+  ``hypotheses=K > 1`` it proposes K fills at once, trained winner-takes-all (multiple-choice
+  learning, Guzman-Rivera et al. 2012; relaxed as in Rupprecht et al. 2017): where the kept part
+  leaves several answers (a dark or a bright spectrum behind the same phase) the proposals
+  cover them instead of collapsing onto one; a small head learns how likely each is the
+  closest, and the infiller draws one per sample by that chance.
 * :class:`PatchDiscriminator`: spectrally normalised convolutions scoring patches of
   (image, hole mask); trained with the hinge loss (:func:`hinge_d_loss`, :func:`hinge_g_loss`).
 * :class:`MaskSampler`: keep masks from a mixture of boxes, Bernoulli pixels and low-resolution
@@ -36,6 +41,9 @@ __all__ = ["InpaintGenerator", "PatchDiscriminator", "MaskSampler", "GANInpainte
 
 
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d}
+#: With several proposals, the share of a sample's hole L1 that the proposals other than the
+#: closest one share (relaxed winner-takes-all: Rupprecht et al. 2017 use 0.05).
+RELAXATION = 0.05
 _DIMS = {1: "signals (B, C, L)", 2: "images (B, C, H, W)"}
 
 
@@ -65,6 +73,8 @@ class InpaintGenerator(nn.Module):
         dims: 2 for images (B, C, H, W), 1 for signals (B, C, L) such as spectra.
         per_channel: G sees one mask per channel (a channel can be removed while another is
             kept); False: the mean of the channels' masks.
+        hypotheses: fills proposed at once (:meth:`proposals`); :meth:`forward` returns one per
+            sample.
 
     Raises:
         ValueError: a count below its minimum, a bad ``value_range`` or ``dims``.
@@ -73,20 +83,23 @@ class InpaintGenerator(nn.Module):
 
         G = InpaintGenerator(channels=2, dims=1, per_channel=True)
         proposal = G(x, keep)                    # x, keep: (B, 2, L)
+        candidates = G.proposals(x, keep)        # (B, hypotheses, 2, L)
     """
 
     def __init__(self, channels: int = 1, width: int = 16, noise_channels: int = 1,
-                 value_range: tuple[float, float] | None = None, dims: int = 2, per_channel: bool = False):
+                 value_range: tuple[float, float] | None = None, dims: int = 2, per_channel: bool = False,
+                 hypotheses: int = 1):
         super().__init__()
-        if channels < 1 or width < 1 or noise_channels < 0:
-            raise ValueError(f"InpaintGenerator needs channels >= 1, width >= 1, noise_channels >= 0; got "
-                             f"channels={channels}, width={width}, noise_channels={noise_channels}")
+        if channels < 1 or width < 1 or noise_channels < 0 or hypotheses < 1:
+            raise ValueError(f"InpaintGenerator needs channels >= 1, width >= 1, noise_channels >= 0, hypotheses >= 1; "
+                             f"got channels={channels}, width={width}, noise_channels={noise_channels}, "
+                             f"hypotheses={hypotheses}")
         if value_range is not None and not value_range[1] > value_range[0]:
             raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
         _check_dims(dims)
         self.config = {"channels": channels, "width": width, "noise_channels": noise_channels,
                        "value_range": None if value_range is None else tuple(map(float, value_range)),
-                       "dims": dims, "per_channel": bool(per_channel)}
+                       "dims": dims, "per_channel": bool(per_channel), "hypotheses": int(hypotheses)}
         w, d = width, dims
         self.enc1 = _conv(channels + (channels if per_channel else 1) + noise_channels, w, dims=d)
         self.enc2 = nn.Sequential(_conv(w, 2 * w, stride=2, dims=d), _conv(2 * w, 2 * w, dims=d))
@@ -94,11 +107,24 @@ class InpaintGenerator(nn.Module):
         self.mid = nn.Sequential(_conv(4 * w, 4 * w, dilation=2, dims=d), _conv(4 * w, 4 * w, dilation=4, dims=d))
         self.dec2 = _conv(4 * w + 2 * w, 2 * w, dims=d)
         self.dec1 = _conv(2 * w + w, w, dims=d)
-        self.out = _CONVS[d](w, channels, 3, padding=1)
+        self.out = _CONVS[d](w, channels * hypotheses, 3, padding=1)
+        if hypotheses > 1:   # how likely each proposal is the closest, from the (detached) bottleneck
+            self.chance = nn.Sequential(nn.Linear(4 * w, 4 * w), nn.LeakyReLU(0.2), nn.Linear(4 * w, hypotheses))
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor | None = None,
+                head: torch.Tensor | None = None) -> torch.Tensor:
         """Args: x (B, C, H, W) (or (B, C, L) with ``dims=1``); keep (B, 1 or C, ...) in [0, 1],
-        1 = known position; noise (B, noise_channels, ...) or None (zeros)."""
+        1 = known position; noise (B, noise_channels, ...) or None (zeros); head (B,) the
+        proposal each sample gets, or None (the most likely)."""
+        out, logits = self.proposals(x, keep, noise)
+        if head is None:
+            head = logits.argmax(1)
+        return out[torch.arange(len(out), device=out.device), head.to(out.device)]
+
+    def proposals(self, x: torch.Tensor, keep: torch.Tensor, noise: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every proposed fill (B, hypotheses, C, ...) and the log-odds (B, hypotheses) of each
+        being the closest to the truth (arguments as :meth:`forward`)."""
         cfg = self.config
         dims = cfg["dims"]
         if x.dim() != dims + 2 or x.shape[1] != cfg["channels"]:
@@ -119,10 +145,12 @@ class InpaintGenerator(nn.Module):
         d2 = self.dec2(torch.cat([F.interpolate(e3, size=e2.shape[2:], mode="nearest"), e2], dim=1))
         d1 = self.dec1(torch.cat([F.interpolate(d2, size=e1.shape[2:], mode="nearest"), e1], dim=1))
         out = self.out(d1)[(slice(None), slice(None), *(slice(0, n) for n in size))]
+        out = out.view(b, cfg["hypotheses"], cfg["channels"], *size)
+        logits = self.chance(e3.detach().flatten(2).mean(2)) if cfg["hypotheses"] > 1 else out.new_zeros(b, 1)
         if cfg["value_range"] is not None:
             low, high = cfg["value_range"]
             out = low + (high - low) * torch.sigmoid(out)
-        return out
+        return out, logits
 
 
 class PatchDiscriminator(nn.Module):
@@ -280,7 +308,11 @@ class GANInpainter:
     :meth:`train_step` takes a batch of images or signals (detached here), draws keep masks and
     noise from the own generator, and does one D and one G update: G minimises ``hole_weight`` * L1
     on the holes + ``valid_weight`` * L1 on the kept positions (of its raw output) + ``adv_weight``
-    * hinge loss, the adversarial terms starting after ``warmup_steps`` L1-only steps.
+    * hinge loss, the adversarial terms starting after ``warmup_steps`` L1-only steps. With
+    ``hypotheses`` > 1 the hole L1 of each sample goes to its closest proposal (weight 1 -
+    :data:`RELAXATION`, the others share the rest, so none is left untrained), the kept-position
+    L1 and the adversarial terms to every proposal; G's chance head learns (cross-entropy, on
+    detached features) which proposal is the closest.
 
     With ``per_channel=True`` each channel has its own keep mask (:meth:`masks`): half of the
     samples draw one mask per channel, the others one shared by the channels; then, with
@@ -301,6 +333,7 @@ class GANInpainter:
         dims: 2 for images (B, C, H, W), 1 for signals (B, C, L).
         per_channel: one keep mask per channel (see above).
         channel_drop: with ``per_channel``, the probability that a training mask removes one whole channel.
+        hypotheses: fills G proposes at once (see above and :class:`InpaintGenerator`).
 
     Raises:
         ValueError: a rate, weight or probability out of range, or ``channel_drop`` without ``per_channel``.
@@ -316,7 +349,7 @@ class GANInpainter:
                  noise_channels: int = 1, lr_g: float = 2e-3, lr_d: float = 2e-3, hole_weight: float = 1.0,
                  valid_weight: float = 0.2, adv_weight: float = 0.01, warmup_steps: int = 200,
                  mask_sampler: MaskSampler | None = None, seed: int = 0, device: torch.device | str = "cpu",
-                 dims: int = 2, per_channel: bool = False, channel_drop: float = 0.0):
+                 dims: int = 2, per_channel: bool = False, channel_drop: float = 0.0, hypotheses: int = 1):
         for name, v in (("lr_g", lr_g), ("lr_d", lr_d)):
             if not v > 0:
                 raise ValueError(f"GANInpainter {name} must be > 0, got {v}")
@@ -329,7 +362,7 @@ class GANInpainter:
                              f"channel_drop={channel_drop}, per_channel={per_channel}")
         with rng_guard(seed):  # initialisation draws do not touch the global RNG streams
             self.generator = InpaintGenerator(channels, width, noise_channels, value_range, dims,
-                                              per_channel).to(device)
+                                              per_channel, hypotheses).to(device)
             self.discriminator = PatchDiscriminator(channels, width, dims=dims, per_channel=per_channel).to(device)
         self.channel_drop = float(channel_drop)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=lr_g, betas=(0.5, 0.9))
@@ -383,24 +416,36 @@ class GANInpainter:
         G, D = self.generator, self.discriminator
         G.train()
         D.train()
+        k = cfg["hypotheses"]
         with grad_fp32():
-            fake = G(x, keep, noise)
-            comp = x * keep + fake * (1 - keep)
+            fakes, logits = G.proposals(x, keep, noise)              # (B, K, C, *S), (B, K)
+            keep_k = keep.unsqueeze(1).expand(-1, k, *keep.shape[1:])
+            fake, keep_all = fakes.flatten(0, 1), keep_k.flatten(0, 1)
+            comp = x.repeat_interleave(k, 0) * keep_all + fake * (1 - keep_all)
             losses = {}
             if adversarial:
                 self.opt_d.zero_grad(set_to_none=True)
-                loss_d = hinge_d_loss(D(x, keep), D(comp.detach(), keep))
+                loss_d = hinge_d_loss(D(x, keep), D(comp.detach(), keep_all))
                 loss_d.backward()
                 if grad_sync is not None:
                     grad_sync(D)
                 self.opt_d.step()
                 losses["loss_d"] = loss_d.item()
             self.opt_g.zero_grad(set_to_none=True)
-            hole = masked_l1(fake, x, 1 - keep)
-            valid = masked_l1(fake, x, keep)
-            loss_g = self.weights["hole"] * hole + self.weights["valid"] * valid
+            holes = (1 - keep_k).expand_as(fakes)
+            error = ((fakes - x.unsqueeze(1)).abs() * holes).flatten(2).sum(2)   # (B, K) per proposal
+            weight, chance = torch.ones_like(error), 0.0
+            if k > 1:   # winner takes all, relaxed; the chance head learns which proposal wins
+                winner = error.detach().argmin(1)
+                weight = torch.full_like(error, RELAXATION / (k - 1))
+                weight.scatter_(1, winner[:, None], 1 - RELAXATION)
+                chance = F.cross_entropy(logits, winner)
+                losses["chance"] = chance.item()
+            hole = (weight * error).sum() / holes[:, 0].sum().clamp_min(1e-8)
+            valid = masked_l1(fake, x.repeat_interleave(k, 0), keep_all)
+            loss_g = self.weights["hole"] * hole + self.weights["valid"] * valid + chance
             if adversarial:
-                adv = hinge_g_loss(D(comp, keep))
+                adv = hinge_g_loss(D(comp, keep_all))
                 loss_g = loss_g + self.weights["adv"] * adv
                 losses["loss_adv"] = adv.item()
             loss_g.backward()
@@ -434,7 +479,7 @@ class GANInpainter:
 
 def _with_defaults(config: dict | None) -> dict | None:
     """A generator config with the keys added after it was saved at their defaults (older files)."""
-    return None if config is None else {"dims": 2, "per_channel": False, **config}
+    return None if config is None else {"dims": 2, "per_channel": False, "hypotheses": 1, **config}
 
 
 def save_generator(generator: InpaintGenerator, path: str | Path) -> Path:
@@ -459,8 +504,10 @@ class GANInfiller(Infiller):
     """Fill removed pixels with a trained :class:`InpaintGenerator` (registered as ``gan``).
 
     The fill is G(x, keep, noise), composited into the kept pixels by :meth:`Infiller.__call__`;
-    soft masks blend. Noise comes from an own generator seeded with ``seed`` (one per device), so
-    repeated calls draw fresh noise (Monte-Carlo samples) and a new infiller repeats them.
+    soft masks blend; a G of several proposals gives each sample one of them, drawn by its
+    learned chance of being the closest. Noise (and that draw) comes from an own generator
+    seeded with ``seed`` (one per device), so repeated calls draw fresh noise (Monte-Carlo
+    samples) and a new infiller repeats them.
     Gradients flow to ``x`` and ``keep`` (mask-optimising explainers), never into G's ``.grad``
     when taken with ``torch.autograd.grad``.
 
@@ -494,7 +541,12 @@ class GANInfiller(Infiller):
         was_training = G.training
         G.eval()
         try:
-            out = G(x.to(device), keep.to(device), noise.to(device))
+            out, logits = G.proposals(x.to(device), keep.to(device), noise.to(device))
+            head = torch.zeros(len(out), dtype=torch.long, device=device)
+            if logits.shape[1] > 1:   # one proposal per sample, drawn by its chance of being the closest
+                uniform = torch.rand(len(out), 1, generator=rng, device=x.device, dtype=logits.dtype).to(device)
+                head = (logits.softmax(1).cumsum(1) < uniform).sum(1).clamp_max(logits.shape[1] - 1)
+            out = out[torch.arange(len(out), device=device), head]
         finally:
             G.train(was_training)
         return out.to(x.device)
