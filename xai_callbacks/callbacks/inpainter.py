@@ -30,7 +30,8 @@ class InpainterCallback(ExplanationCallback):
     ``inpainter/l1/<fill>`` and ``inpainter/psnr/<fill>`` (masked-region L1 and PSNR) and
     ``inpainter/agreement/<fill>`` (share of probe samples whose predicted class is the same on
     the filled and the original input) for the GAN and each baseline; the epoch's mean training
-    losses ``inpainter/loss_g``, ``inpainter/loss_d``, ``inpainter/l1_hole``; a panel
+    losses ``inpainter/loss_g``, ``inpainter/loss_d``, ``inpainter/l1_hole`` (and
+    ``inpainter/chance``, the cross-entropy of G's chance head, with several ``hypotheses``); a panel
     ``inpainter/examples`` (input | mask | GAN fill | first baseline's fill; for signals (B, C, L),
     one plot per channel of the input and the fills with the removed positions shaded); and G alone
     in ``<run dir>/inpainter/generator.pt`` (load with ``xai_callbacks.infill.gan.load_generator``).
