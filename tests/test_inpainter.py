@@ -60,7 +60,8 @@ def test_generator_any_size_and_infiller_keeps_known_pixels():
 def test_several_hypotheses_cover_both_answers_a_kept_part_leaves():
     """Signals whose second channel is +0.5 or -0.5 at random, whatever the first holds: with the
     second channel removed the expected answer is two-valued. Two proposals trained
-    winner-takes-all settle on one value each, and the infiller draws both."""
+    winner-takes-all settle on one value each, each is the closest half of the time, and the
+    infiller draws both."""
     gen = torch.Generator().manual_seed(1)
 
     def batch(n):
@@ -86,6 +87,8 @@ def test_several_hypotheses_cover_both_answers_a_kept_part_leaves():
         assert torch.equal(inp.generator(x, keep, head=torch.ones(200, dtype=torch.long)), proposed[:, 1])
     with pytest.raises(ValueError, match="hypotheses"):
         InpaintGenerator(hypotheses=0)
+    with pytest.raises(ValueError, match="hypotheses"):
+        InpainterCallback(hypotheses=0)
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,7 @@ class InpainterCallback(ExplanationCallback):
         every_n_epochs, probe_size, on_error: see :class:`ExplanationCallback`.
 
     Raises:
-        ValueError: ``every_n_steps`` < 1, a bad mask sampler argument, an unknown baseline
+        ValueError: ``every_n_steps`` or ``hypotheses`` < 1, a bad mask sampler argument, an unknown baseline
             infiller or a bad base argument (the message names the valid ones); with
             ``on_error="raise"``, inputs that are not images (B, C, H, W) or a failing step.
 
@@ -97,6 +97,8 @@ class InpainterCallback(ExplanationCallback):
             raise ValueError(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
         if not isinstance(steps_per_batch, int) or steps_per_batch < 1:
             raise ValueError(f"steps_per_batch must be an int >= 1, got {steps_per_batch!r}")
+        if not isinstance(hypotheses, int) or hypotheses < 1:
+            raise ValueError(f"hypotheses must be an int >= 1 (fills G proposes at once), got {hypotheses!r}")
         self.every_n_steps, self.steps_per_batch = every_n_steps, steps_per_batch
         self.options = dict(width=width, value_range=value_range, warmup_steps=warmup_steps, lr_g=lr_g, lr_d=lr_d,
                             hole_weight=hole_weight, valid_weight=valid_weight, adv_weight=adv_weight, seed=seed,
