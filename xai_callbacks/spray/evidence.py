@@ -82,9 +82,8 @@ AREAS = (1 / 8,)
 #: those classes' largest separations were 3.0 for a region, 1.8 for the detail and 4.0 for the tone
 #: (6.5 over other donor draws: a photo class's own colours vary, a few light-grey crops of a suit
 #: stand apart), the weakest shortcuts caught by one component alone 5.8 (region), 4.5 (detail) and
-#: 48 (tone). On 20 models of four photos outside that set the largest region separation of a class
-#: without a shortcut was 3.7; the region's threshold sits between that and 5.8.
-MIN_SEPARATION = MappingProxyType({"region": 4.5, "detail": 3.0, "tone": 10.0})
+#: 48 (tone).
+MIN_SEPARATION = MappingProxyType({"region": 4.0, "detail": 3.0, "tone": 10.0})
 #: Excess every member of a confirmed group reaches (probability units). A 12x12 stamp on 64-pixel
 #: scene crops raises other crops' class probability by 0.17 to 0.28 more than a class mate's
 #: thirty-second does, but so does the region of six 3s of a clean digits ResNet-18 (0.17 to 0.46):
@@ -319,7 +318,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         max_others: per class, the pool of other-class samples (a seeded draw) transferred into.
         min_separation: separation (:func:`separated_group`) at or above which a class's top
             group of one component is confirmed: one number for every component, or one per
-            component (default :data:`MIN_SEPARATION`: 4.5 for the region, 3 for the detail, 10 for
+            component (default :data:`MIN_SEPARATION`: 4 for the region, 3 for the detail, 10 for
             the tone).
         min_rise: excess (probability units) every confirmed sample reaches.
         floor: added to the spreads (probability units), so that a model whose transfers move
