@@ -420,8 +420,8 @@ class GANInpainter:
         with grad_fp32():
             fakes, logits = G.proposals(x, keep, noise)              # (B, K, C, *S), (B, K)
             keep_k = keep.unsqueeze(1).expand(-1, k, *keep.shape[1:])
-            fake, keep_all = fakes.flatten(0, 1), keep_k.flatten(0, 1)
-            comp = x.repeat_interleave(k, 0) * keep_all + fake * (1 - keep_all)
+            fake, keep_all, x_all = fakes.flatten(0, 1), keep_k.flatten(0, 1), x.repeat_interleave(k, 0)
+            comp = x_all * keep_all + fake * (1 - keep_all)
             losses = {}
             if adversarial:
                 self.opt_d.zero_grad(set_to_none=True)
@@ -442,7 +442,7 @@ class GANInpainter:
                 chance = F.cross_entropy(logits, winner)
                 losses["chance"] = chance.item()
             hole = (weight * error).sum() / holes[:, 0].sum().clamp_min(1e-8)
-            valid = masked_l1(fake, x.repeat_interleave(k, 0), keep_all)
+            valid = masked_l1(fake, x_all, keep_all)
             loss_g = self.weights["hole"] * hole + self.weights["valid"] * valid + chance
             if adversarial:
                 adv = hinge_g_loss(D(comp, keep_all))
