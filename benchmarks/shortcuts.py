@@ -62,6 +62,7 @@ FEATURES = ("heatmaps", "concepts")
 CONCEPT_LAYERS = {"cnn": "model.features.9", "resnet18": "model.layer4", "vgg11": "model.features.27",
                   "mobilenet": "model.features.12"}
 SHORTCUT_CLASS = 0
+GLOBAL_KINDS = ("colour", "watermark", "blur", "noise", "grey")   # kinds that change the whole image
 RELIED = 0.2   # a sample's shortcut is relied on when pasting it moves this share of other samples (as for void)
 
 
@@ -134,7 +135,7 @@ def intervention(model, val) -> tuple[float, float]:
 def reliance(model, val, rows: np.ndarray, partners: int = 32, seed: int = 0) -> np.ndarray:
     """(len(rows),) per shortcut sample: the share of ``partners`` other-class validation images the
     model does not give the shortcut class that it does once this sample's own shortcut is pasted in
-    (its artifact pixels; for the global ``colour`` and ``watermark`` the same shift or pattern)."""
+    (its artifact pixels; for the global kinds the same shift, pattern or filter)."""
     c = SHORTCUT_CLASS
     other = torch.nonzero((val.targets != c) & (predict(model, val.clean_x) != c)).flatten()
     pick = other[torch.randperm(len(other), generator=torch.Generator().manual_seed(seed))[:partners]]
@@ -143,7 +144,7 @@ def reliance(model, val, rows: np.ndarray, partners: int = 32, seed: int = 0) ->
     def moved(pasted: torch.Tensor) -> float:
         return float((predict(model, pasted) == c).float().mean())
 
-    if val.kind in ("colour", "watermark"):   # every sample carries the same shift or pattern
+    if val.kind in GLOBAL_KINDS:   # a change of the whole image: the same shift, pattern or filter
         return np.full(len(rows), moved(plant_shortcut(into, val.kind, seed=seed)[0]))
     masks = val.artifact_mask[rows]
     return np.array([moved(into * (1 - m) + val.x[i:i + 1] * m) for i, m in zip(rows, masks)])

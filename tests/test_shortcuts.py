@@ -81,7 +81,8 @@ def test_photo_stamp_is_flagged_and_gated_its_clean_control_passes(tmp_path):
 
 def test_scenarios_plant_each_kind_at_its_prevalence_with_a_clean_twin():
     for kind in SHORTCUT_KINDS:
-        train, val = make_shortcut_images(kind, n_per_class=20, prevalence=0.5, seed=1)
+        photos = ("coffee", "chelsea", "astronaut") if kind == "grey" else 4   # the textures have no colour
+        train, val = make_shortcut_images(kind, classes=photos, n_per_class=20, prevalence=0.5, seed=1)
         for split in (train, val):
             has = split.has_artifact
             assert not has[split.targets != 0].any()
@@ -95,6 +96,8 @@ def test_scenarios_plant_each_kind_at_its_prevalence_with_a_clean_twin():
         make_shortcut_images("sticker")
     with pytest.raises(ValueError, match="object_mask"):
         plant_shortcut(torch.zeros(1, 3, 8, 8), "background")
+    with pytest.raises(ValueError, match="grey.*no colour"):
+        make_shortcut_images("grey", n_per_class=20)   # brick, grass, gravel and moon are grey photos
 
 
 def test_regions_follow_what_a_heatmap_adds_over_its_class():
@@ -185,15 +188,20 @@ def test_a_region_that_holds_the_class_content_hides_the_shortcut_a_smaller_one_
     assert ev.regions[:8, :4, :4].all() and ev.regions[:8].sum() == 8 * 16
     # removing the corner leaves the content, which still carries the class: removal alone would miss it
     assert ev.drop[:8].max() < 0.01
-    # per sample itself, its removal per area, its 8 transfers per check (two areas, detail, tone)
-    # and 8 place controls per area; per check 16 donors into each sample of the two pools of 16
+    # per sample itself, its removal per area, its 8 transfers per check (two areas, detail, tone:
+    # one-channel images have no saturation) and 8 place controls per area; per check 16 donors
+    # into each sample of the two pools of 16
+    assert ev.params["components"] == ("region", "detail", "tone")
     assert ev.forward_passes == 40 + 2 * 40 + 4 * 40 * 8 + 2 * 40 * 8 + 4 * 16 * (16 + 16)
+    with pytest.raises(ValueError, match="saturation needs RGB"):
+        sample_evidence(model, x, heat, classes, components=("saturation",))
     with pytest.raises(ValueError, match="every area in"):
         sample_evidence(model, x, heat, classes, area=(1 / 8, 0))
 
 
 class _GlobalDetector(torch.nn.Module):
-    """Class 1 when the mean of channel 0 (``tone``) or the fine-detail energy (``detail``) is high."""
+    """Class 1 when the mean of channel 0 (``tone``) or the fine-detail energy (``detail``) is high,
+    or the colour (``saturation``: the values' spread over the channels) is low."""
 
     def __init__(self, kind: str):
         super().__init__()
@@ -202,20 +210,25 @@ class _GlobalDetector(torch.nn.Module):
     def forward(self, x):
         if self.kind == "tone":
             signal = x[:, 0].mean((1, 2)) - 0.45
+        elif self.kind == "saturation":
+            signal = 4 * (0.03 - (x - x.mean(1, keepdim=True)).pow(2).mean((1, 2, 3)).sqrt())   # a steep step
         else:
             signal = (x - gaussian_blur(x, 1.0)).abs().mean((1, 2, 3)) - 0.12
         return torch.stack([torch.zeros_like(signal), 60 * self.w * signal], 1)
 
 
-@pytest.mark.parametrize("kind", ["tone", "detail"])
+@pytest.mark.parametrize("kind", ["tone", "detail", "saturation"])
 def test_evidence_confirms_a_shortcut_without_a_place(kind):
-    """A colour shift or a fine checker on 8 of 20 samples of class 1 has no region in the heatmaps;
-    its transfer against the class's own donors confirms exactly those 8."""
+    """A colour shift, a fine checker or grey on 8 of 20 samples of class 1 has no region in the
+    heatmaps; its transfer against the class's own donors confirms exactly those 8."""
     gen = torch.Generator().manual_seed(1)
     x = 0.2 + 0.2 * gaussian_blur(torch.rand(40, 3, 16, 16, generator=gen), 1.0)   # smooth, dim images
     i = torch.arange(16)
     if kind == "tone":
         x[:8, 0] += 0.5
+    elif kind == "saturation":   # colourful, the same mean in every channel; 8 of them grey
+        x = 0.5 + 5 * (x - 0.3)   # colour spread (root mean square over the channels) 0.06-0.08
+        x[:8] = x[:8].mean(1, keepdim=True).expand(-1, 3, -1, -1)
     else:
         x[:8] += 0.25 * ((i[:, None] + i[None, :]) % 2).float()
     classes = np.array([1] * 20 + [0] * 20)
@@ -228,7 +241,8 @@ def test_evidence_confirms_a_shortcut_without_a_place(kind):
     # the tone moves partners all the way; the detail of a checker keeps part of its energy over
     # the partner's blur, still enough to give them the class
     assert ev.excess[:8].min() > (0.9 if kind == "tone" else 0.5) and (ev.flip_rate[:8] == 1).all()
-    assert np.abs(ev.excess[8:]).max() < 0.05
+    # (class 0's colourful regions do colour the grey partners it is transferred into: a tail, unconfirmed)
+    assert np.abs(ev.excess[8:20 if kind == "saturation" else 40]).max() < 0.05
     # the group's separation decides against the threshold of its own component
     strict = sample_evidence(model, x, heat, classes, min_separation={**MIN_SEPARATION, kind: ev.separation.max() + 1})
     assert not strict.confirmed.any() and strict.params["min_separation"][kind] == ev.separation.max() + 1
@@ -250,6 +264,14 @@ def test_transfer_takes_one_component_from_the_source():
     torch.testing.assert_close(toned - toned.mean((2, 3), keepdim=True), into - into.mean((2, 3), keepdim=True))
     detailed = transfer("detail", into, source)
     torch.testing.assert_close(detailed - gaussian_blur(into, 1.0), source - gaussian_blur(source, 1.0))
+    saturated = transfer("saturation", into, source)   # into's brightness, its colour at source's strength
+    torch.testing.assert_close(saturated.mean(1), into.mean(1))
+    chroma, own, wanted = ((t - t.mean(1, keepdim=True)).flatten(1) for t in (saturated, into, source))
+    torch.testing.assert_close(chroma.norm(dim=1), wanted.norm(dim=1))
+    assert torch.nn.functional.cosine_similarity(chroma, own).min() > 0.999
+    grey = transfer("saturation", into, source.mean(1, keepdim=True).expand_as(source))
+    torch.testing.assert_close(grey, into.mean(1, keepdim=True).expand_as(into))
+    assert torch.equal(transfer("saturation", into[:, :1], source[:, :1]), into[:, :1])   # one channel: no colour
     signals = transfer("tone", into[:, :, 0], source[:, :, 0])   # (B, C, L) signals alike
     torch.testing.assert_close(signals.mean(2), source[:, :, 0].mean(2))
     with pytest.raises(ValueError, match="needs keep"):

@@ -44,7 +44,7 @@ class SpRAyCallback(ExplanationCallback):
     * ``spray/<class>/strategy_share``: each strategy's share of the class over epochs;
     * ``spray/<class>/evidence`` (with ``evidence=True``): per strategy its most confirmed member,
       the member with its region removed, an other-class sample, and that sample with the member's
-      strongest component (region, detail or tone) transferred into it; the clusters table gains
+      strongest component (region, detail, tone or saturation) transferred into it; the clusters table gains
       ``component``, ``region_size``, ``score_drop``, ``transfer_rate``, ``score_rise``,
       ``score_excess``, ``z`` and the embedding table each sample's ``evidence`` score;
     * scalars ``spray/<class>/n_clusters``, ``spray/<class>/n_flagged`` (flagged strategies: what the
@@ -97,8 +97,8 @@ class SpRAyCallback(ExplanationCallback):
         save_virelay: write the ViRelAy databases each time.
         evidence: confirm shortcuts causally (:func:`~xai_callbacks.spray.evidence.sample_evidence`):
             transfer each analysed sample's region (where its relevance exceeds its class's
-            median), fine detail and tone into other classes' analysed samples, against the same
-            transfer from other samples of its class; a group of the class whose component
+            median), fine detail, tone and (RGB) saturation into other classes' analysed samples,
+            against the same transfer from other samples of its class; a group of the class whose component
             carries the class far better than the rest's, separated from the rest by a gap,
             forms the class's flagged strategy. False: the heatmap-shape suspicion decides (no
             model calls after the explanations).
@@ -114,8 +114,9 @@ class SpRAyCallback(ExplanationCallback):
             ``pastes``, ``min_separation``, ``min_rise``, ``floor``, ``min_members``, ``max_share``).
         max_others: per class, other-class samples (of the analysed ones the model does not give
             the class, a seeded draw) the components are transferred into. All of a class's
-            samples share them, so the paired comparison is over the same partners; the detail
-            and tone controls cost ``4 * pastes * max_others`` forward passes per class.
+            samples share them, so the paired comparison is over the same partners; the controls of
+            each global component (detail, tone, saturation) cost ``2 * pastes * max_others``
+            forward passes per class.
         n_typical: typical members shown per strategy.
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``, and on the
             last epoch of ``fit`` (so the gate decides on the final model). The defaults (50 per

@@ -12,6 +12,10 @@ shortcut). The kinds (:data:`SHORTCUT_KINDS`):
 * ``frame``: a coloured border around the image;
 * ``colour``: a global colour shift (brightness on one-channel images);
 * ``watermark``: a faint high-frequency pattern spread over the whole image;
+* ``blur``: the image's fine detail removed (a Gaussian blur, sigma ``size / 32``: a softer lens
+  or a resampled source);
+* ``noise``: sensor-like noise, independent Gaussian per pixel (std 0.06), drawn per sample;
+* ``grey``: the colour removed (each pixel its channel mean; RGB images only);
 * ``background``: every sample is an object (a disc cut from its class's photo) on a background;
   the backgrounds come from a neutral pool, except that the shortcut samples get one fixed,
   class-specific background.
@@ -29,12 +33,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..infill import gaussian_blur
 from . import ShortcutDigits, check_split
 
 __all__ = ["SHORTCUT_KINDS", "PHOTO_CLASSES", "BACKGROUND_POOL", "ShortcutImages", "make_shortcut_images",
            "plant_shortcut", "photo_crops"]
 
-SHORTCUT_KINDS = ("stamp", "tags", "patch", "frame", "colour", "watermark", "background")
+SHORTCUT_KINDS = ("stamp", "tags", "patch", "frame", "colour", "watermark", "blur", "noise", "grey", "background")
 PHOTO_CLASSES = ("brick", "grass", "gravel", "moon", "coffee", "chelsea", "astronaut", "rocket")
 BACKGROUND_POOL = ("camera", "page", "text", "clock", "coins")
 SHORTCUT_BACKGROUND = "immunohistochemistry"
@@ -155,6 +160,15 @@ def plant_shortcut(x: torch.Tensor, kind: str, object_mask: torch.Tensor | None 
         i = torch.arange(h)
         board = ((i[:, None] + i[None, :]) % 2).float() * 2 - 1
         x, mask = (x + 0.06 * board).clamp(0, 1), torch.ones_like(mask)
+    elif kind == "blur":
+        x, mask = gaussian_blur(x, h / 32), torch.ones_like(mask)
+    elif kind == "noise":
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(rng.integers(2 ** 31))))
+        x, mask = x + 0.06 * noise, torch.ones_like(mask)
+    elif kind == "grey":
+        if c != 3:
+            raise ValueError(f"the 'grey' shortcut removes colour and needs RGB images, got {c} channel(s)")
+        x, mask = x.mean(1, keepdim=True).expand_as(x), torch.ones_like(mask)
     else:  # background
         if object_mask is None:
             raise ValueError("the 'background' shortcut needs object_mask (N, 1, H, W): the object's disc")
@@ -233,6 +247,9 @@ def make_shortcut_images(kind: str = "stamp", base: str = "photos", classes: int
     else:
         x, y = _digits(k, size)
     channels = x.shape[1]
+    if kind == "grey" and prevalence > 0 and (x.amax(1) - x.amin(1)).max() < 1e-3:
+        raise ValueError(f"the 'grey' shortcut removes colour, but the images of {names or base} have no colour; "
+                         f"use colour photos (e.g. classes={PHOTO_CLASSES[4:]})")
     if kind == "background":
         disc = _disc(size, 0.32 * size)
         pool = torch.cat([photo_crops(nm, -(-len(x) // len(BACKGROUND_POOL)), size, rng) for nm in BACKGROUND_POOL])
