@@ -2,7 +2,8 @@
 
 Scenarios (``xai_callbacks.data.make_shortcut_images``): crops of real photographs from
 scikit-image (4 classes, 32x32 RGB) with a shortcut on ``--prevalence`` of class 0, one per
-kind (stamp, tags, patch, frame, colour, watermark, background), and their clean controls (the
+kind (stamp, tags, patch, frame, colour, watermark, blur, noise, grey, background; grey only on
+colour photos such as ``--photos coffee chelsea astronaut rocket``), and their clean controls (the
 same images without the shortcut: one for plain crops, one for the object-on-background
 composites); plus the digits with a stamp and their clean control. Architectures, trained from
 scratch on the CPU: a small CNN (``DemoCNN``), torchvision's ResNet-18, VGG-11-BN (its classifier
@@ -270,9 +271,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for name, base, kind, prev in scenarios(args.kinds, vars(args)):
         photos = tuple(args.photos) if args.photos and base == "photos" else 4
-        train_set, val = make_shortcut_images(kind, base=base, classes=photos, n_per_class=args.n_per_class,
-                                              size=args.size, prevalence=prev, seed=args.seed,
-                                              ambiguity=args.ambiguity if base == "photos" else 0.0)
+        try:
+            train_set, val = make_shortcut_images(kind, base=base, classes=photos, n_per_class=args.n_per_class,
+                                                  size=args.size, prevalence=prev, seed=args.seed,
+                                                  ambiguity=args.ambiguity if base == "photos" else 0.0)
+        except ValueError as err:   # e.g. grey on photos without colour
+            print(f"{name:<17} skipped: {err}", flush=True)
+            continue
         for arch in args.archs:
             start = time.perf_counter()
             model = build(arch, train_set.x.shape[1], int(train_set.targets.max()) + 1, args.seed, args.size)

@@ -1,4 +1,4 @@
-"""The demo's small CNN and a LightningModule that trains any classifier on (x, y) batches."""
+"""The demos' small networks and a LightningModule that trains any classifier on (x, y) batches."""
 from __future__ import annotations
 
 import lightning.pytorch as pl
@@ -9,7 +9,7 @@ from zennit.layer import Sum
 
 from .data import unpack_batch
 
-__all__ = ["DemoCNN", "SpectrumCNN", "ResidualBlock", "Classifier"]
+__all__ = ["DemoCNN", "SpectrumCNN", "RadioUNet", "ResidualBlock", "Classifier"]
 
 
 class ResidualBlock(nn.Module):
@@ -88,6 +88,41 @@ class SpectrumCNN(nn.Module):
         if x.dim() != 3:
             raise ValueError(f"SpectrumCNN expects signals (B, C, L), got shape {tuple(x.shape)}")
         return self.head(self.features(x))
+
+
+class RadioUNet(nn.Module):
+    """A small U-Net for image-to-image regression, such as radio maps (N, 4, S, S) -> (N, 1, S, S)
+    (:mod:`xai_callbacks.data.radio`): ``depth`` max-pooled stages of two conv-ReLU layers
+    (``width`` channels, doubled per stage), nearest upsampling with skip connections and a 1x1
+    output convolution. The sides must be divisible by ``2 ** (depth - 1)``; at 32 x 32 and
+    ``depth`` 4 the coarsest stage sees the whole map."""
+
+    def __init__(self, in_channels: int = 4, out_channels: int = 1, width: int = 16, depth: int = 4):
+        super().__init__()
+        if min(in_channels, out_channels, width, depth) < 1:
+            raise ValueError(f"RadioUNet needs in_channels, out_channels, width and depth >= 1; got {in_channels}, "
+                             f"{out_channels}, {width}, {depth}")
+
+        def stage(i, o):
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.ReLU(), nn.Conv2d(o, o, 3, padding=1), nn.ReLU())
+
+        widths = [width * 2 ** k for k in range(depth)]
+        self.down = nn.ModuleList(stage(i, o) for i, o in zip([in_channels] + widths[:-1], widths))
+        self.up = nn.ModuleList(stage(widths[k + 1] + widths[k], widths[k]) for k in reversed(range(depth - 1)))
+        self.out = nn.Conv2d(width, out_channels, 1)
+        self.factor = 2 ** (depth - 1)
+
+    def forward(self, x):
+        if x.dim() != 4 or x.shape[2] % self.factor or x.shape[3] % self.factor:
+            raise ValueError(f"RadioUNet expects images (N, C, H, W) with H and W divisible by {self.factor}, got "
+                             f"{tuple(x.shape)}")
+        skips = []
+        for k, stage in enumerate(self.down):
+            x = stage(x if k == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        for stage, skip in zip(self.up, reversed(skips[:-1])):
+            x = stage(torch.cat([F.interpolate(x, scale_factor=2.0), skip], 1))
+        return self.out(x)
 
 
 class Classifier(pl.LightningModule):

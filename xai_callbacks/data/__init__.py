@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["ShortcutDigits", "make_shortcut_digits", "ShortcutDigitsDataModule", "Batch", "unpack_batch",
            "ARTIFACT_KINDS", "SHORTCUT_KINDS", "ShortcutImages", "make_shortcut_images", "plant_shortcut",
-           "NoteSpectra", "NoteSpectraDataModule", "make_note_spectra"]
+           "NoteSpectra", "NoteSpectraDataModule", "make_note_spectra", "RadioMaps", "make_radio_maps"]
 
 ARTIFACT_KINDS = ("square", "checker", "cross")
 
@@ -180,3 +180,4 @@ class ShortcutDigitsDataModule(SplitDataModule):
 
 from .shortcuts import SHORTCUT_KINDS, ShortcutImages, make_shortcut_images, plant_shortcut  # noqa: E402
 from .notes import NoteSpectra, NoteSpectraDataModule, make_note_spectra  # noqa: E402
+from .radio import RadioMaps, make_radio_maps  # noqa: E402

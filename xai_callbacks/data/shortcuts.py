@@ -247,9 +247,9 @@ def make_shortcut_images(kind: str = "stamp", base: str = "photos", classes: int
     else:
         x, y = _digits(k, size)
     channels = x.shape[1]
-    if kind == "grey" and prevalence > 0 and (x.amax(1) - x.amin(1)).max() < 1e-3:
-        raise ValueError(f"the 'grey' shortcut removes colour, but the images of {names or base} have no colour; "
-                         f"use colour photos (e.g. classes={PHOTO_CLASSES[4:]})")
+    if kind == "grey" and prevalence > 0 and (x.amax(1) - x.amin(1))[y == shortcut_class].max() < 1e-3:
+        raise ValueError(f"the 'grey' shortcut removes colour, but class {shortcut_class} of {names or base} has "
+                         f"no colour; use colour photos (e.g. classes={PHOTO_CLASSES[4:]})")
     if kind == "background":
         disc = _disc(size, 0.32 * size)
         pool = torch.cat([photo_crops(nm, -(-len(x) // len(BACKGROUND_POOL)), size, rng) for nm in BACKGROUND_POOL])
