@@ -83,9 +83,9 @@ AREAS = (1 / 8,)
 #: those classes' largest separations were 3.0 for a region, 1.8 for the detail and 4.0 for the tone
 #: (6.5 over other donor draws: a photo class's own colours vary, a few light-grey crops of a suit
 #: stand apart), the weakest shortcuts caught by one component alone 5.8 (region), 4.5 (detail) and
-#: 48 (tone). The saturation's, as the tone's, a global property a photo class's crops vary in:
-#: over 18 models of colour scenes and other photos (small CNN and ResNet-18), every class without
-#: a planted grey share stayed below 1; the small CNN's grey crops of a scene class stood at 29.
+#: 48 (tone). The saturation's is the tone's (a global property a photo class's crops vary in):
+#: over 18 benchmark models (10 on colour photos; small CNN and ResNet-18) every class without a
+#: planted grey share stayed below 1; the small CNN's grey crops of a scene class stood at 29.
 MIN_SEPARATION = MappingProxyType({"region": 4.0, "detail": 3.0, "tone": 10.0, "saturation": 10.0})
 #: Excess every member of a confirmed group reaches (probability units). A 12x12 stamp on 64-pixel
 #: scene crops raises other crops' class probability by 0.17 to 0.28 more than a class mate's
