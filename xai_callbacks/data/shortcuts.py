@@ -121,7 +121,8 @@ def plant_shortcut(x: torch.Tensor, kind: str, object_mask: torch.Tensor | None 
         seed: seeds the per-sample draws (positions, phases, background crops).
 
     Raises:
-        ValueError: for an unknown kind, a missing object mask, or images that are not square.
+        ValueError: for an unknown kind, a missing object mask, images that are not square, or
+            ``grey`` on images that are not RGB.
     """
     if kind not in SHORTCUT_KINDS:
         raise ValueError(f"unknown shortcut kind {kind!r}; valid: {SHORTCUT_KINDS}")
