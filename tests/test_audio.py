@@ -122,6 +122,28 @@ def test_gan_on_signals_per_channel_masks_and_whole_channel_removal(tmp_path):
         GANInpainter(channels=2, dims=1, channel_drop=0.5)
 
 
+def test_gan_trained_on_notes_fills_a_removed_magnitude_better_than_constant_and_blur():
+    """The demo's inpainter settings, 1200 steps on 252 notes (about 40 s on 2 cores): with the
+    whole magnitude removed, G reads the partials' positions from the phase. Over seeds 0-3 its
+    held-out L1 was 0.13-0.16 against 0.20-0.21 (constant) and 0.21-0.22 (blur). The phase is not asserted:
+    G draws one plausible phase, further from the true one than the median-like fills (README)."""
+    torch.manual_seed(0)
+    train, val = make_note_spectra(n_per_class=60, shortcut=None, seed=0)
+    gan = GANInpainter(channels=2, dims=1, per_channel=True, channel_drop=0.5, adv_weight=0.3, warmup_steps=100,
+                       seed=0)
+    order = torch.Generator().manual_seed(0)
+    while gan.steps < 1200:
+        for rows in torch.randperm(len(train.x), generator=order).split(32):
+            gan.train_step(train.x[rows])
+    keep = torch.ones_like(val.x)
+    keep[:, MAGNITUDE] = 0
+    errors = {}
+    for fill in (gan.infiller(seed=1), get_infiller("constant"), get_infiller("blur")):
+        with torch.no_grad():
+            errors[fill.name] = float((fill(val.x, keep) - val.x)[:, MAGNITUDE].abs().mean())
+    assert errors["gan"] < 0.85 * min(errors["constant0"], errors["blur2"]), errors
+
+
 def test_image_generator_configs_saved_before_signals_still_load(tmp_path):
     g = InpaintGenerator(channels=1, width=4)
     state = {"config": {k: v for k, v in g.config.items() if k not in ("dims", "per_channel")},
