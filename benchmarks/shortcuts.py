@@ -22,7 +22,10 @@ For each scenario x architecture:
    strategies), purity (share of the flagged strategies' samples that carry the shortcut),
    flagged strategies in the shortcut class, false flags (flagged strategies of other classes,
    or of any class on a clean control), the ROC AUC of the per-sample suspicion within the
-   shortcut class, and the forward passes of the causal check (and per analysed sample);
+   shortcut class, the forward passes of the causal check (and per analysed sample), and how
+   close each side came to the threshold: the separation ratio (best-separated group over its
+   threshold, >= 1 flagged) of the shortcut class (``sep0``) and the largest of the other classes
+   (``sep_rest``);
    and, whatever is flagged, how well the clustering isolates the shortcut samples: purity and
    recall of the shortcut class's best cluster (the one with the highest F1 for them).
 
@@ -216,6 +219,10 @@ def score(cb, val, shortcut: bool, model=None) -> dict:
             out["false"] += n_flag
             out["shape_false"] = out.get("shape_false", 0) + int((r.cluster_suspicion >= 0.25).sum())
         if ev is not None:
+            if c == SHORTCUT_CLASS:
+                out["sep0"] = ev.separation_ratio
+            else:
+                out["sep_rest"] = max(out.get("sep_rest", 0.0), ev.separation_ratio)
             out.setdefault("max_other", 0.0)
             if not (shortcut and c == SHORTCUT_CLASS):
                 out["max_other"] = max(out["max_other"], float(ev.transfer_rate.max(initial=0)))
@@ -266,7 +273,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     rows = []
     head = (f"{'scenario':<17} {'arch':<9} {'features':<8} {'acc':>5} {'paste':>5} {'remov':>5} {'used':>5} {'recall':>6} "
-            f"{'relied':>9} {'purity':>6} {'flag':>4} {'false':>5} {'auc':>5} {'gate':>4} {'fwd/smp':>7} {'s':>5} {'best_p':>6} {'best_r':>6}")
+            f"{'relied':>9} {'purity':>6} {'flag':>4} {'false':>5} {'auc':>5} {'gate':>4} {'fwd/smp':>7} {'s':>5} {'best_p':>6} {'best_r':>6} "
+            f"{'sep0':>5} {'sep_rest':>8}")
     print(head, flush=True)
     t0 = time.perf_counter()
     for name, base, kind, prev in scenarios(args.kinds, vars(args)):
@@ -315,7 +323,8 @@ def main(argv=None) -> int:
                       f"{s['recall']:6.2f} {s['recall_relied']:4.2f}/{s['relied']:<4d} {s['purity']:6.2f} "
                       f"{s['flagged']:4d} {s['false']:5d} {s['auc']:5.2f} "
                       f"{res['gate']:4d} {s['passes'] / s['n']:7.1f} {row['seconds']:5.0f} "
-                      f"{s.get('best_purity', np.nan):6.2f} {s.get('best_recall', np.nan):6.2f}"
+                      f"{s.get('best_purity', np.nan):6.2f} {s.get('best_recall', np.nan):6.2f} "
+                      f"{s.get('sep0', np.nan):5.2f} {s.get('sep_rest', np.nan):8.2f}"
                       + (f" cost x{s['cost']:.2f}" if "cost" in s else "")
                       + (f"  clusters {s.get('clusters')} max_other {s.get('max_other', 0):.2f} shape_false {s.get('shape_false', 0)}" if args.verbose else ""),
                       flush=True)

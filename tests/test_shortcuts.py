@@ -61,6 +61,8 @@ def test_photo_stamp_is_flagged_and_gated_its_clean_control_passes(tmp_path):
     assert (has0 & in_flagged).sum() / has0.sum() >= 0.9, f"recall; transfer {r.evidence.transfer_rate}"
     assert (has0 & in_flagged).sum() / in_flagged.sum() >= 0.8, "purity"
     assert not any(cb.results[c].flagged.any() for c in (1, 2, 3)), "a strategy of a clean class was flagged"
+    # the class's strongest group over its threshold: at least 1 where flagged, how close the others came
+    assert r.evidence.separation_ratio >= 1 > max(cb.results[c].evidence.separation_ratio for c in (1, 2, 3))
     assert gate.passed is False and main(["gate", str(tmp_path / "shortcut")]) == 1
     # the regions are located by gradient x input (evidence_regions), relative to the class's median
     x0 = val.x[idx[labels == 0]]
@@ -76,6 +78,7 @@ def test_photo_stamp_is_flagged_and_gated_its_clean_control_passes(tmp_path):
     assert sorted(cb.results) == [0, 1, 2, 3]
     for c, r in cb.results.items():
         assert not r.flagged.any(), f"clean control, class {c}: transfer {r.evidence.transfer_rate}"
+        assert 0 <= r.evidence.separation_ratio < 1
     assert gate.passed is True and main(["gate", str(tmp_path / "clean")]) == 0
 
 
@@ -141,6 +144,8 @@ def test_evidence_on_an_analytic_shortcut_model():
     assert (ev.rise[:8] > 0.9).all() and (ev.flip_rate[:8] == 1).all() and (ev.drop[:8] > 0.9).all()
     assert (ev.excess[:8] > 0.9).all() and ev.separation[:8].min() >= 3 and (ev.separation[8:] == 0).all()
     assert np.abs(ev.excess[8:]).max() < 0.05 and ev.z[:8].min() > ev.z[8:].max()
+    # per sample its class's best group over the threshold: class 1's confirmed group, class 0 none
+    assert (ev.separation_ratio[:20] == ev.separation[:8].max() / 4).all() and (ev.separation_ratio[20:] < 1).all()
     # each sample as is and removed; per component its 8 transfers, and the component of 16 donors
     # per class into each pool sample (class 1's pool: 16 of the 20 of class 0, max_others; class 0's:
     # the 8 the detector gives class 1); per sample 8 class mates' content through its region

@@ -96,13 +96,14 @@ def test_wandb_run_has_spray_scalars_plots_tables_images(artifact_run):
 
     for key in ("spray/0/n_clusters", "spray/0/max_suspicion", "spray/1/n_clusters", "spray/suspicious_share",
                 "spray/0/n_flagged", "spray/0/transfer_rate", "spray/0/score_drop", "spray/0/region_size",
-                "spray/0/forward_passes"):
+                "spray/0/forward_passes", "spray/0/separation_ratio", "spray/1/separation_ratio"):
         assert len([r for r in rows if key in r]) == EPOCHS, key
     # logged in the background, each with the epoch it belongs to (an ``epoch`` value, not a W&B step)
     assert [r["epoch"] for r in rows if "spray/0/max_suspicion" in r] == list(range(EPOCHS))
     assert [r["epoch"] for r in rows if r.get("spray/0/clusters/_type") == "table-file"] == list(range(EPOCHS))
     last = [r for r in rows if "spray/0/max_suspicion" in r][-1]
     assert last["spray/0/n_flagged"] == 1 and 0 < last["spray/suspicious_share"] < 0.5
+    assert last["spray/0/separation_ratio"] >= 1 > last["spray/1/separation_ratio"]
     # the 5x5 checker is confirmed by its fine detail, which covers the whole input
     assert last["spray/0/region_size"] == 1
     for cls in ("0", "1"):

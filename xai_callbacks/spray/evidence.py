@@ -159,6 +159,9 @@ class SampleEvidence:
         z: (N,) ``excess`` above its class's median, in units of the spread of all samples'
             (centred) excesses of that component: the per-sample suspicion.
         separation: (N,) the separation of the confirmed group the sample belongs to (0 if none).
+        separation_ratio: (N,) per sample, its class's best-separated group (over every check)
+            as a share of that check's ``min_separation``: >= 1 where the class has a confirmed
+            group, how close it came where not; 0 when no group reaches ``min_rise``.
         confirmed: (N,) bool: in a class's top group of some component that is separated from
             the rest by at least ``min_separation`` (:func:`separated_group`).
         regions: (N, *S) bool region of each sample (where its relevance exceeds its class's median),
@@ -179,6 +182,7 @@ class SampleEvidence:
     drop: np.ndarray
     z: np.ndarray
     separation: np.ndarray
+    separation_ratio: np.ndarray
     confirmed: np.ndarray
     regions: torch.Tensor
     partners: np.ndarray
@@ -223,6 +227,8 @@ class StrategyEvidence:
         sample_suspicion: (n,) each sample's evidence score ``z``.
         regions: (n, *S) bool region of each sample.
         forward_passes: model evaluations spent on the class's samples.
+        separation_ratio: the class's best-separated group over its check's ``min_separation``
+            (>= 1: flagged; below, how close the class came).
         params: the parameters of the check.
     """
 
@@ -238,6 +244,7 @@ class StrategyEvidence:
     sample_suspicion: np.ndarray
     regions: torch.Tensor
     forward_passes: int
+    separation_ratio: float
     params: dict = field(default_factory=dict)
 
     @classmethod
@@ -263,6 +270,7 @@ class StrategyEvidence:
                    transfer_rate=mean(per["flip_rate"]), score_rise=mean(per["rise"]),
                    score_excess=mean(per["excess"]), z=mean(per["z"]), flagged=np.asarray(flagged, bool), top=top,
                    sample_suspicion=per["z"], regions=evidence.regions[rows], forward_passes=passes,
+                   separation_ratio=float(np.max(evidence.separation_ratio[rows], initial=0.0)),
                    params=evidence.params)
 
     def as_dict(self) -> dict[str, np.ndarray]:
@@ -393,6 +401,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
                      batch_size, seed)
     excess = m["excess"]
     z, separation = np.zeros_like(excess), np.zeros_like(excess)
+    ratio = np.zeros(len(classes))
     for k, (component, _) in enumerate(checks):
         centred = excess[:, k].copy()
         for c in values:
@@ -401,6 +410,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         for c in values:
             rows = np.flatnonzero(classes == c)
             group, score = separated_group(excess[rows, k], min_members, max_share, min_rise, floor)
+            ratio[rows] = np.maximum(ratio[rows], score / separation_of[component])
             if score >= separation_of[component]:
                 separation[rows[group], k] = score
     confirmed = separation > 0
@@ -411,7 +421,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
     return SampleEvidence(classes=classes, component=np.array([c for c, _ in checks])[best],
                           rise=m["rise"][rows, best], excess=excess[rows, best], flip_rate=m["flip"][rows, best],
                           drop=m["drop"][rows, area_of], z=z[rows, best], separation=separation[rows, best],
-                          confirmed=confirmed.any(1), regions=m["regions"][area_of, rows],
+                          separation_ratio=ratio, confirmed=confirmed.any(1), regions=m["regions"][area_of, rows],
                           partners=m["partners"], donors=m["donors"], forward_passes=m["passes"], infiller=fill,
                           params=params)
 

@@ -62,7 +62,9 @@ def _top_strategy(result: SpRAyResult) -> int:
 def class_scalars(result: SpRAyResult, ids: Sequence[int]) -> dict[str, float]:
     """The class's scalars (logged as ``spray/<class>/<name>``): ``n_clusters``, ``max_suspicion``,
     ``n_flagged``, ``suspicious_strategy`` (its id), and with causal evidence that strategy's
-    ``transfer_rate``, ``score_drop``, ``region_size`` and the check's ``forward_passes``.
+    ``transfer_rate``, ``score_drop``, ``region_size``, the check's ``forward_passes`` and the
+    class's ``separation_ratio`` (its best-separated group over the threshold: >= 1 flagged, below
+    it how close the class came).
 
     Args:
         result: the class's SpRAy result (at least one cluster).
@@ -74,7 +76,8 @@ def class_scalars(result: SpRAyResult, ids: Sequence[int]) -> dict[str, float]:
     ev = result.evidence
     if ev is not None and len(ev.z):
         values.update(transfer_rate=float(ev.transfer_rate[top]), score_drop=float(ev.score_drop[top]),
-                      region_size=float(ev.region_size[top]), forward_passes=float(ev.forward_passes))
+                      region_size=float(ev.region_size[top]), forward_passes=float(ev.forward_passes),
+                      separation_ratio=ev.separation_ratio)
     values["suspicious_strategy"] = float(ids[top])
     return values
 

@@ -26,7 +26,7 @@ One directory per call holds:
   and, outside ViRelAy's keys, ``spray/`` with the per-sample and per-cluster scores, the
   prototypes, the strategy ids and, when the causal check ran, ``spray/evidence/`` (per cluster:
   region size, score drop, transfer rate, score rise, flagged, checked; per sample: suspicion
-  and the tested member's region);
+  and the tested member's region; the class's separation ratio);
 * ``label-map.json`` and ``project.yaml``: the ViRelAy project over these files.
 """
 from __future__ import annotations
@@ -229,3 +229,4 @@ def _write_class(f, class_id: int, rows: np.ndarray, result: SpRAyResult, class_
         e["sample_suspicion"] = np.asarray(evidence.sample_suspicion, dtype=np.float32)
         e["region"] = _np(evidence.regions).astype(bool)
         e.attrs["params"] = json.dumps(getattr(evidence, "params", {}), default=str)
+        e.attrs["separation_ratio"] = float(evidence.separation_ratio)
