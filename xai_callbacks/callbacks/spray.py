@@ -52,7 +52,8 @@ class SpRAyCallback(ExplanationCallback):
       ``spray/<class>/suspicious_strategy`` (id of the flagged strategy, else of the one with the
       highest evidence score, or the highest suspicion without evidence), with evidence that strategy's
       ``spray/<class>/transfer_rate``, ``score_drop``, ``region_size`` and the class's
-      ``spray/<class>/forward_passes`` (cost of the check), and
+      ``spray/<class>/forward_passes`` (cost of the check) and ``spray/<class>/separation_ratio``
+      (its best-separated group over the threshold: >= 1 flagged, below it how close it came), and
       ``spray/suspicious_share`` (share of analysed samples in flagged clusters), logged on every
       rank so callbacks can monitor them;
 
