@@ -43,6 +43,7 @@ classes from other photographs (the calibration used the default four).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -154,7 +155,8 @@ def reliance(model, val, rows: np.ndarray, partners: int = 32, seed: int = 0) ->
     return np.array([moved(into * (1 - m) + val.x[i:i + 1] * m) for i, m in zip(rows, masks)])
 
 
-def analyse(model, val, folder: str, evidence: bool = True, concept_layer: str | None = None) -> dict:
+def analyse(model, val, folder: str, evidence: bool = True, concept_layer: str | None = None,
+            evidence_options: dict | None = None) -> dict:
     """SpRAyCallback + ExplanationGate (defaults) in Trainer.validate; the CLI gate's exit code."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
@@ -165,7 +167,7 @@ def analyse(model, val, folder: str, evidence: bool = True, concept_layer: str |
     from xai_callbacks.models import Classifier
 
     cb = SpRAyCallback(spray_options={"visualisation": None}, save_virelay=False, evidence=evidence,
-                       features="concepts" if concept_layer else "heatmaps", concept_layer=concept_layer)
+                       evidence_options=evidence_options, features="concepts" if concept_layer else "heatmaps", concept_layer=concept_layer)
     gate = ExplanationGate(action="warn")
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[cb, gate], enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=folder)
@@ -267,6 +269,8 @@ def main(argv=None) -> int:
     ap.add_argument("--verbose", action="store_true", help="print the shortcut class's clusters")
     ap.add_argument("--features", nargs="+", default=["heatmaps"], choices=FEATURES,
                     help="what SpRAy clusters; several: each trained model is analysed once per choice")
+    ap.add_argument("--evidence-options", type=json.loads, default=None, metavar="JSON",
+                    help='SpRAyCallback evidence_options instead of the defaults, e.g. \'{"area": [0.125, 0.03125]}\'')
     args = ap.parse_args(argv)
     for name in ("lightning.pytorch", "xai_callbacks"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -311,7 +315,7 @@ def main(argv=None) -> int:
                 with tempfile.TemporaryDirectory() as folder:
                     if args.cost:  # the same SpRAy epoch without the causal check, run first (it pays the warm-up)
                         plain = analyse(model, val, folder + "/plain", evidence=False, concept_layer=layer)
-                    res = analyse(model, val, folder, concept_layer=layer)
+                    res = analyse(model, val, folder, concept_layer=layer, evidence_options=args.evidence_options)
                     s = score(res["cb"], val, shortcut, model)
                     if args.cost:
                         s["cost"] = res["seconds"] / plain["seconds"]

@@ -104,8 +104,8 @@ def test_wandb_run_has_spray_scalars_plots_tables_images(artifact_run):
     last = [r for r in rows if "spray/0/max_suspicion" in r][-1]
     assert last["spray/0/n_flagged"] == 1 and 0 < last["spray/suspicious_share"] < 0.5
     assert last["spray/0/separation_ratio"] >= 1 > last["spray/1/separation_ratio"]
-    # the 5x5 checker is confirmed by its fine detail, which covers the whole input
-    assert last["spray/0/region_size"] == 1
+    # the 5x5 checker is confirmed by its region of a thirty-second of the input (32 of 1024 pixels)
+    assert last["spray/0/region_size"] == 1 / 32
     for cls in ("0", "1"):
         assert len(logged(f"spray/{cls}/clusters", "table-file")) == EPOCHS
         assert len(logged(f"spray/{cls}/embedding", "table-file")) == EPOCHS

@@ -11,11 +11,11 @@ like the class far better than what the rest of the class carries. For each anal
    relevance distribution exceeds the per-position median of its class most: a stamp, tags, a
    frame, a patch; the median is the typical sample up to 50 % prevalence and cancels what every
    heatmap of the class shares, such as the LRP bias towards the top-left corner of small
-   ResNet inputs; an eighth of the input by default, each of several shares on its own when
-   ``area`` gives several), its fine **detail** (a high-frequency watermark, a texture), its
-   per-channel **tone** (a colour or brightness shift) and, on RGB images, its colour
-   **saturation** (grey images among colour ones). Detail, tone and saturation have no region:
-   the heatmaps cannot point at them, the intervention can.
+   ResNet inputs; an eighth and a thirty-second of the input by default, each share on its own),
+   its fine **detail** (a high-frequency watermark, a texture), its per-channel **tone** (a
+   colour or brightness shift) and, on RGB images, its colour **saturation** (grey images among
+   colour ones). Detail, tone and saturation have no region: the heatmaps cannot point at them,
+   the intervention can.
 2. **Control.** The same component of ``2 * pastes`` donors of the class (shared by all its
    samples; for the region each donor's own region, the most relevant part of a sample of the
    class as well) transferred into the same partners: per partner the lower quartile over the
@@ -32,7 +32,8 @@ like the class far better than what the rest of the class carries. For each anal
 4. **Decision.** Per class and component, the excesses are sorted and the top group best
    separated from the rest is found (:func:`separated_group`: the gap to the rest in units of
    the rest's robust spread). The group is **confirmed** when its separation reaches
-   ``min_separation``, every member's excess reaches ``min_rise`` and it holds between
+   ``min_separation``, every member's excess reaches ``min_rise`` (scaled with a region's side)
+   and it holds between
    ``min_members`` and ``max_share`` of the class. A shortcut is a discrete thing a sample has
    or has not, so its group stands apart; a graded feature of the data (how much ink a digit
    has, how typical a texture is) forms a tail without a gap and is not confirmed.
@@ -72,11 +73,12 @@ __all__ = ["SampleEvidence", "StrategyEvidence", "sample_evidence", "separated_g
 #: What the evidence transfers from a sample into other classes' samples (see :func:`transfer`).
 COMPONENTS = ("region", "detail", "tone", "saturation")
 
-#: The region's shares of the input, each checked on its own. An eighth covers a stamp, tags, a patch
-#: or half a frame at 32 and 64 pixels. Several shares can be given (``area=(1 / 8, 1 / 32)``): on
-#: 64-pixel scene crops a stamp's thirty-second stands apart where its eighth, holding much of the
-#: photo, does not, but only with ``min_rise`` 0.1, which also confirms natural groups (see MIN_RISE).
-AREAS = (1 / 8,)
+#: The region's shares of the input, each checked on its own: an eighth (a stamp, tags, a patch or
+#: half a frame at 32 pixels) and a thirty-second (a small stamp or tag on a larger input, where an
+#: eighth around it holds so much of the photo that a class mate's eighth transfers almost as well:
+#: on 64-pixel scene crops, two draws of analysed crops, a 12x12 stamp's eighth stood apart by 0.5,
+#: its thirty-second by 2.1 and 6.1; the threshold is 4).
+AREAS = (1 / 8, 1 / 32)
 
 #: Separation a confirmed group reaches, per component. Calibrated on 62 benchmark models (three
 #: architectures; textures and scenes; 32 and 64 pixels; 199 classes without a planted shortcut):
@@ -87,10 +89,11 @@ AREAS = (1 / 8,)
 #: over 18 benchmark models (10 on colour photos; small CNN and ResNet-18) every class without a
 #: planted grey share stayed below 1; the small CNN's grey crops of a scene class stood at 29.
 MIN_SEPARATION = MappingProxyType({"region": 4.0, "detail": 3.0, "tone": 10.0, "saturation": 10.0})
-#: Excess every member of a confirmed group reaches (probability units). A 12x12 stamp on 64-pixel
-#: scene crops raises other crops' class probability by 0.17 to 0.28 more than a class mate's
-#: thirty-second does, but so does the region of six 3s of a clean digits ResNet-18 (0.17 to 0.46):
-#: at 0.1 both are confirmed, at 0.2 neither.
+#: Excess every member of a confirmed group reaches (probability units), for an eighth of the input
+#: and the global components; a region of share ``a`` is asked ``MIN_RISE * sqrt(8 a)`` (in
+#: proportion to its side: 0.1 for a thirty-second), as less of the input carries less of a class.
+#: At 0.1 for an eighth, six 3s of a clean digits ResNet-18 were confirmed (0.17 to 0.46): their
+#: region makes other digits 3s, a natural group an intervention cannot tell from a stamp.
 MIN_RISE = 0.2
 
 
@@ -336,7 +339,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         infiller: how a region is removed for ``drop``: a name (``blur``, ``constant``, ``noise``,
             ``gan``) or an :class:`~xai_callbacks.infill.Infiller` instance (e.g. a trained GAN).
         area: each region's share of the input, in (0, 1], or several shares, each checked as a
-            region of its own (default :data:`AREAS`: an eighth).
+            region of its own (default :data:`AREAS`: an eighth and a thirty-second).
         pastes: other-class samples each component of each sample is transferred into; the
             class's ``2 * pastes`` shared donors are its controls.
         max_others: per class, the pool of other-class samples (a seeded draw) transferred into.
@@ -344,7 +347,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
             group of one component is confirmed: one number for every component, or one per
             component (default :data:`MIN_SEPARATION`: 4 for the region, 3 for the detail, 10 for
             the tone and the saturation).
-        min_rise: excess (probability units) every confirmed sample reaches.
+        min_rise: excess (probability units) every confirmed sample reaches; for a region of share
+            ``a`` it is scaled by ``sqrt(8 a)`` (the same for an eighth, half for a thirty-second).
         floor: added to the spreads (probability units), so that a model whose transfers move
             nothing does not turn tiny differences into large scores.
         min_members: the smallest confirmed group: a strategy, not a few odd samples (5 is 10 % of
@@ -400,6 +404,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         m = _measure(model, x.clone(), heatmaps.clone(), classes, checks, fill, areas, pastes, max_others,
                      batch_size, seed)
     excess = m["excess"]
+    # a region is asked for a rise in proportion to its side (see MIN_RISE)
+    rise_of = [min_rise * (np.sqrt(8 * areas[j]) if c == "region" else 1.0) for c, j in checks]
     z, separation = np.zeros_like(excess), np.zeros_like(excess)
     ratio = np.zeros(len(classes))
     for k, (component, _) in enumerate(checks):
@@ -409,7 +415,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         z[:, k] = centred / (_spread(centred) + floor)
         for c in values:
             rows = np.flatnonzero(classes == c)
-            group, score = separated_group(excess[rows, k], min_members, max_share, min_rise, floor)
+            group, score = separated_group(excess[rows, k], min_members, max_share, rise_of[k], floor)
             ratio[rows] = np.maximum(ratio[rows], score / separation_of[component])
             if score >= separation_of[component]:
                 separation[rows[group], k] = score
