@@ -32,7 +32,8 @@ For each scenario x architecture:
 ``--features heatmaps concepts`` analyses each trained model twice: SpRAy on the pixel heatmaps
 and on the concept relevances of ``CONCEPT_LAYERS[arch]`` (``SpRAyCallback(features="concepts")``).
 ``--cache DIR`` keeps the trained weights, so a second run skips training. ``--photos`` takes the
-classes from other photographs (the calibration used the default four).
+classes from other photographs (the calibration used the default four). ``--evidence-options JSON``
+replaces the callback's default ``evidence_options`` (e.g. ``'{"area": 0.125}'``: the eighth alone).
 
     nice -n 10 python benchmarks/shortcuts.py                         # everything (~25 min on 2 cores)
     nice -n 10 python benchmarks/shortcuts.py --archs cnn --kinds stamp clean
@@ -167,7 +168,8 @@ def analyse(model, val, folder: str, evidence: bool = True, concept_layer: str |
     from xai_callbacks.models import Classifier
 
     cb = SpRAyCallback(spray_options={"visualisation": None}, save_virelay=False, evidence=evidence,
-                       evidence_options=evidence_options, features="concepts" if concept_layer else "heatmaps", concept_layer=concept_layer)
+                       evidence_options=evidence_options, features="concepts" if concept_layer else "heatmaps",
+                       concept_layer=concept_layer)
     gate = ExplanationGate(action="warn")
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[cb, gate], enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=folder)
