@@ -33,10 +33,9 @@ like the class far better than what the rest of the class carries. For each anal
    separated from the rest is found (:func:`separated_group`: the gap to the rest in units of
    the rest's robust spread). The group is **confirmed** when its separation reaches
    ``min_separation``, every member's excess reaches ``min_rise`` (scaled with a region's side)
-   and it holds between
-   ``min_members`` and ``max_share`` of the class. A shortcut is a discrete thing a sample has
-   or has not, so its group stands apart; a graded feature of the data (how much ink a digit
-   has, how typical a texture is) forms a tail without a gap and is not confirmed.
+   and it holds between ``min_members`` and ``max_share`` of the class. A shortcut is a discrete
+   thing a sample has or has not, so its group stands apart; a graded feature of the data (how
+   much ink a digit has, how typical a texture is) forms a tail without a gap and is not confirmed.
    :meth:`~xai_callbacks.spray.core.SpRAyResult.confirm` makes a class's confirmed samples its
    flagged strategy.
 
