@@ -233,7 +233,7 @@ def test_causal_evidence_is_kept_in_the_analysis_file(tmp_path):
                               excess=z / 25, flip_rate=z / 10, drop=z / 30, z=z, separation=confirmed * 5.0,
                               separation_ratio=np.full(n, 1.25), confirmed=confirmed,
                               regions=torch.zeros(n, SIZE, SIZE, dtype=torch.bool),
-                              partners=np.zeros((n, 2), int), donors=np.zeros((n, 2), int), forward_passes=10,
+                              partners=np.zeros((n, 2), int), forward_passes=10,
                               infiller=get_infiller("blur"), params=dict(min_members=3, max_share=0.5))
     r = r.confirm(evidence, np.arange(n), heat)
     flagged = int(np.flatnonzero(r.flagged)[0])

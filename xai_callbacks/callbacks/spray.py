@@ -113,18 +113,13 @@ class SpRAyCallback(ExplanationCallback):
             input finds it, ``benchmarks/shortcuts.py``).
         evidence_options: keyword arguments of ``sample_evidence`` (``components``, ``area``,
             ``pastes``, ``min_separation``, ``min_rise``, ``floor``, ``min_members``, ``max_share``).
-        max_others: per class, other-class samples (of the analysed ones the model does not give
-            the class, a seeded draw) the components are transferred into. All of a class's
-            samples share them, so the paired comparison is over the same partners; the controls of
-            each global component (detail, tone, saturation) cost ``2 * pastes * max_others``
-            forward passes per class.
         n_typical: typical members shown per strategy.
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``, and on the
             last epoch of ``fit`` (so the gate decides on the final model). The defaults (50 per
             class, every 20 epochs) keep the default callback set near 3 % of a 50k-sample epoch
-            on two CPU cores (``benchmarks/overhead.py``): the causal check costs about 34 forward
-            passes per analysed sample plus ``4 * pastes * max_others`` per class, about 6 s per
-            analysis for the demo's 10 classes there. Analyse more often where the budget allows.
+            on two CPU cores (``benchmarks/overhead.py``): the causal check costs 51 forward
+            passes per analysed sample (59 on colour images), about SECONDS s per analysis for the demo's 10
+            classes there. Analyse more often where the budget allows.
         seed: seed of the per-class sample and of SpRAy.
         asynchronous: while fitting, run everything after the model (clustering,
             embeddings, tracking, pictures, tables, ViRelAy files) in a background
@@ -137,7 +132,7 @@ class SpRAyCallback(ExplanationCallback):
 
     Raises:
         ValueError: an unknown method, method option, ``spray_options`` or ``evidence_options`` key,
-            ``max_per_class`` < 2 or ``max_others`` < 1, ``features="concepts"`` without a
+            ``max_per_class`` < 2, ``features="concepts"`` without a
             ``concept_layer`` or with a target function (the message names the valid values); at
             setup, a ``concept_layer`` the model does not have (listing its module names); with
             ``on_error="raise"``, a validation set without samples of ``classes`` or without labels,
@@ -159,7 +154,7 @@ class SpRAyCallback(ExplanationCallback):
                  min_similarity: float = 0.8, batch_size: int | None = 256, save_virelay: bool = True,
                  n_typical: int = 5, every_n_epochs: int = 20, seed: int = 0, on_error: str = "warn",
                  evidence: bool = True, infiller: Any = "blur", evidence_options: Mapping[str, Any] | None = None,
-                 max_others: int = 16, evidence_regions: str | None = "input_x_gradient", features: str = "heatmaps",
+                 evidence_regions: str | None = "input_x_gradient", features: str = "heatmaps",
                  concept_layer: str | None = None, asynchronous: bool = True):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=max(1, int(max_per_class)), seed=seed,
                          target=target, on_error=on_error)
@@ -186,17 +181,14 @@ class SpRAyCallback(ExplanationCallback):
         self.max_per_class, self.spray_options, self.min_similarity = max_per_class, options, min_similarity
         self.batch_size, self.save_virelay, self.n_typical, self.seed = batch_size, save_virelay, n_typical, seed
         ev_options = dict(evidence_options or {})
-        own = {"infiller", "max_others", "batch_size"}  # the callback's own arguments
+        own = {"infiller", "batch_size"}  # the callback's own arguments
         bad = sorted(set(ev_options) - set(sample_evidence.__kwdefaults__) | (own & set(ev_options)))
         if bad:
             raise ValueError(f"unknown evidence_options {bad}; valid: "
                              f"{sorted(set(sample_evidence.__kwdefaults__) - own)}")
         if evidence_regions is not None:
             check_methods([evidence_regions])
-        if not isinstance(max_others, int) or max_others < 1:
-            raise ValueError(f"max_others must be an int >= 1, got {max_others!r}")
         self.evidence, self.infiller, self.evidence_options = bool(evidence), infiller, ev_options
-        self.max_others = max_others
         self.evidence_regions = evidence_regions if evidence and evidence_regions != method else None
         self.asynchronous = bool(asynchronous)
         self.sample_indices: list[int] | None = None
@@ -310,7 +302,7 @@ class SpRAyCallback(ExplanationCallback):
         self.progress.update(status=f"causal evidence for {len(rows)} samples")
         model = _OneRow(trainer.lightning_module) if self._signals else trainer.lightning_module
         return sample_evidence(model, data["x"][rows], data.get("regions", data["heatmaps"])[rows], labels[rows],
-                               infiller=self.infiller, max_others=self.max_others, batch_size=self.batch_size or 256,
+                               infiller=self.infiller, batch_size=self.batch_size or 256,
                                **{"seed": self.seed, **self.evidence_options}), rows
 
     def _analyse(self, trainer, data: dict[str, torch.Tensor], evidence, trackers: dict[int, StrategyTracker]

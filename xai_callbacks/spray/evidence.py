@@ -7,7 +7,8 @@ like the class far better than what the rest of the class carries. For each anal
 ``i`` of class ``c`` (:func:`sample_evidence`):
 
 1. **Components.** Up to four parts of ``i`` are transferred (:func:`transfer`) into ``pastes``
-   samples of other classes that the model does not give ``c``: its **region** (where its
+   samples of other classes that the model does not give ``c`` (the class's partners, the same
+   for all its samples): its **region** (where its
    relevance distribution exceeds the per-position median of its class most: a stamp, tags, a
    frame, a patch; the median is the typical sample up to 50 % prevalence and cancels what every
    heatmap of the class shares, such as the LRP bias towards the top-left corner of small
@@ -16,12 +17,12 @@ like the class far better than what the rest of the class carries. For each anal
    colour or brightness shift) and, on RGB images, its colour **saturation** (grey images among
    colour ones). Detail, tone and saturation have no region: the heatmaps cannot point at them,
    the intervention can.
-2. **Control.** The same component of ``2 * pastes`` donors of the class (shared by all its
-   samples; for the region each donor's own region, the most relevant part of a sample of the
-   class as well) transferred into the same partners: per partner the lower quartile over the
-   donors, and ``excess`` is the median over partners of the class probability with ``i``'s
-   component minus that. The lower quartile stays typical of the class while up to three
-   quarters of the donors share ``i``'s shortcut. The region has a second control, for its place:
+2. **Control.** As every sample of the class goes into the same partners, each partner has its
+   control at no further cost: the lower quartile over the class's samples of the class
+   probability their same component gives it (for the region each sample's own region, the most
+   relevant part of a sample of the class as well), and ``excess`` is the median over partners
+   of the class probability with ``i``'s component minus that. The lower quartile stays typical
+   of the class while up to three quarters of the class share ``i``'s shortcut. The region has a second control, for its place:
    per partner a class mate's content through ``i``'s region (the upper quartile over partners of
    the difference), and its ``excess`` is the smaller of the two. What all of the class carries
    (the object, the class's texture, the most relevant part of any of its samples, what any of
@@ -44,10 +45,10 @@ controls on textures, scenes and digits; the small CNN over three seeds, ResNet-
 32 and 64 pixels), not on one scenario; the README gives the figures and what is missed (colour
 shifts on varied photos, class-specific backgrounds).
 
-Cost: ``forward_passes`` counts the model evaluations: per sample itself (all classes'
+Cost: ``forward_passes`` counts the model evaluations, per sample: itself (all classes'
 probabilities at once), its removal per region area, ``pastes`` transfers per check (the region at
-each area, the detail, the tone, the saturation) and ``pastes`` place controls per area; per class and check its
-``2 * pastes`` donors in each pool sample; all batched on the model's device under
+each area, the detail, the tone, the saturation) and ``pastes`` place controls per area; with the
+defaults 59 on colour images and 51 on others. All batched on the model's device under
 :func:`xai_callbacks.guard.model_guard`. No Lightning, no W&B here.
 """
 from __future__ import annotations
@@ -84,7 +85,7 @@ AREAS = (1 / 8, 1 / 32)
 #: Separation a confirmed group reaches, per component. Calibrated on 62 benchmark models (three
 #: architectures; textures and scenes; 32 and 64 pixels; 199 classes without a planted shortcut):
 #: those classes' largest separations were 3.0 for a region, 1.8 for the detail and 4.0 for the tone
-#: (6.5 over other donor draws: a photo class's own colours vary, a few light-grey crops of a suit
+#: (6.5 over other draws: a photo class's own colours vary, a few light-grey crops of a suit
 #: stand apart), the weakest shortcuts caught by one component alone 5.8 (region), 4.5 (detail) and
 #: 48 (tone). The saturation's is the tone's (a global property a photo class's crops vary in):
 #: over 18 benchmark models (10 on colour photos; small CNN and ResNet-18) every class without a
@@ -154,7 +155,7 @@ class SampleEvidence:
             sample's component is transferred into them.
         excess: (N,) how much more the sample's component raises the class probability of its
             partners than the class's controls do: the median over partners of (with the sample's
-            component - the lower quartile over the class's shared donors' same component); for
+            component - the lower quartile over the class's samples' same component); for
             the region at most the upper quartile over partners of (with the sample's region -
             with a class mate's content there).
         flip_rate: (N,) share of the partners the model did not give the class (probability < 0.5)
@@ -170,9 +171,8 @@ class SampleEvidence:
             the rest by at least ``min_separation`` (:func:`separated_group`).
         regions: (N, *S) bool region of each sample (where its relevance exceeds its class's median),
             at the area of its strongest check (the first area for the global components).
-        partners: (N, pastes) the other-class samples (indices into the N) transferred into.
-        donors: (N, 2 * pastes) the control donors of the sample's class, shared by the class
-            (indices into the N; -1 pads a class of fewer samples).
+        partners: (N, pastes) the other-class samples (indices into the N) transferred into, the
+            same for all samples of a class.
         forward_passes: model evaluations spent.
         infiller: the infiller that removed the regions.
         params: the parameters of the check.
@@ -190,7 +190,6 @@ class SampleEvidence:
     confirmed: np.ndarray
     regions: torch.Tensor
     partners: np.ndarray
-    donors: np.ndarray
     forward_passes: int
     infiller: Infiller
     params: dict = field(default_factory=dict)
@@ -323,7 +322,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
                     area: float | tuple[float, ...] = AREAS,
                     pastes: int = 8, min_separation: float | Mapping[str, float] = MIN_SEPARATION,
                     min_rise: float = MIN_RISE,
-                    floor: float = 0.01, min_members: int = 5, max_share: float = 0.5, max_others: int = 16,
+                    floor: float = 0.01, min_members: int = 5, max_share: float = 0.5,
                     batch_size: int = 256, seed: int = 0) -> SampleEvidence:
     """Paired transfer evidence for every analysed sample (see the module docstring).
 
@@ -341,9 +340,9 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
             ``gan``) or an :class:`~xai_callbacks.infill.Infiller` instance (e.g. a trained GAN).
         area: each region's share of the input, in (0, 1], or several shares, each checked as a
             region of its own (default :data:`AREAS`: an eighth and a thirty-second).
-        pastes: other-class samples each component of each sample is transferred into; the
-            class's ``2 * pastes`` shared donors are its controls.
-        max_others: per class, the pool of other-class samples (a seeded draw) transferred into.
+        pastes: other-class samples (a seeded draw, the same for all samples of a class) each
+            component of each sample is transferred into; the class's other samples transferred
+            into them are the controls.
         min_separation: separation (:func:`separated_group`) at or above which a class's top
             group of one component is confirmed: one number for every component, or one per
             component (default :data:`MIN_SEPARATION`: 4 for the region, 3 for the detail, 10 for
@@ -358,7 +357,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         max_share: the largest confirmed group, as a share of its class (a class's majority
             strategy is what the class is).
         batch_size: inputs per forward pass.
-        seed: seeds the draw of partners and donors.
+        seed: seeds the draw of partners and class mates.
 
     Raises:
         ValueError: for mismatched shapes, fewer than two classes, a class with one sample, or bad
@@ -375,7 +374,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
     values, counts = np.unique(classes, return_counts=True)
     if len(values) < 2 or counts.min() < 2:
         raise ValueError("sample_evidence needs at least two classes of at least two samples each (components are "
-                         "transferred into other classes' samples, with a donor of the same class as control); got "
+                         "transferred into other classes' samples, against the same class's others); got "
                          f"class counts {dict(zip(values.tolist(), counts.tolist()))}")
     components = tuple(components)
     if not components or set(components) - set(COMPONENTS):
@@ -395,15 +394,14 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
                      else dict.fromkeys(COMPONENTS, float(min_separation)))
     if set(components) - set(separation_of):
         raise ValueError(f"min_separation needs a value for every component {components}, got {min_separation}")
-    if pastes < 1 or min_members < 1 or max_others < 1:
-        raise ValueError(f"pastes, min_members and max_others must be >= 1, got {pastes}, {min_members}, {max_others}")
+    if pastes < 1 or min_members < 1:
+        raise ValueError(f"pastes and min_members must be >= 1, got {pastes}, {min_members}")
     fill = get_infiller(infiller)
     params = dict(components=components, infiller=getattr(fill, "name", type(fill).__name__), area=areas,
                   pastes=pastes, min_separation={c: separation_of[c] for c in components}, min_rise=min_rise,
-                  floor=floor, min_members=min_members, max_share=max_share, max_others=max_others, seed=seed)
+                  floor=floor, min_members=min_members, max_share=max_share, seed=seed)
     with torch.inference_mode(False), torch.no_grad():  # inputs may be inference tensors (Trainer.validate)
-        m = _measure(model, x.clone(), heatmaps.clone(), classes, checks, fill, areas, pastes, max_others,
-                     batch_size, seed)
+        m = _measure(model, x.clone(), heatmaps.clone(), classes, checks, fill, areas, pastes, batch_size, seed)
     excess = m["excess"]
     # a region is asked for a rise in proportion to its side (see MIN_RISE)
     rise_of = [min_rise * (np.sqrt(8 * areas[j]) if c == "region" else 1.0) for c, j in checks]
@@ -429,7 +427,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
                           rise=m["rise"][rows, best], excess=excess[rows, best], flip_rate=m["flip"][rows, best],
                           drop=m["drop"][rows, area_of], z=z[rows, best], separation=separation[rows, best],
                           separation_ratio=ratio, confirmed=confirmed.any(1), regions=m["regions"][area_of, rows],
-                          partners=m["partners"], donors=m["donors"], forward_passes=m["passes"], infiller=fill,
+                          partners=m["partners"], forward_passes=m["passes"], infiller=fill,
                           params=params)
 
 
@@ -466,18 +464,15 @@ def separated_group(excess: np.ndarray, min_members: int = 5, max_share: float =
     return np.sort(order[:size]), best
 
 
-def _measure(model, x, heatmaps, classes, checks, fill, areas, pastes, max_others, batch_size, seed) -> dict:
+def _measure(model, x, heatmaps, classes, checks, fill, areas, pastes, batch_size, seed) -> dict:
     device = model_device(unwrap_model(model))
     x = x.detach().to(device, torch.float32)
     heatmaps = heatmaps.detach().to(device, torch.float32)
     spatial = x.dim() - 2
     n = len(x)
     regions = torch.zeros(len(areas), n, *x.shape[2:], dtype=torch.bool, device=device)   # per area
-    partners = np.zeros((n, pastes), dtype=np.int64)   # into the pool list below
-    donors = np.full((n, 2 * pastes), -1, dtype=np.int64)   # into the N samples (-1: fewer in the class)
-    mates = np.zeros((n, pastes), dtype=np.int64)            # into the N samples
-    pool_rows, pool_before = [], []   # per class, the other-class samples its components go into, their score
-    passes = 0
+    partners = np.zeros((n, pastes), dtype=np.int64)   # into the N samples; the same for a whole class
+    mates = np.zeros((n, pastes), dtype=np.int64)      # into the N samples
     rng = np.random.default_rng(seed)
 
     def draw(size: int, rows: int) -> np.ndarray:   # (rows, pastes) positions in range(size), distinct if possible
@@ -493,72 +488,55 @@ def _measure(model, x, heatmaps, classes, checks, fill, areas, pastes, max_other
         probs = torch.cat([module(part).softmax(1) for part in x.split(batch_size)])
     check_class_target(probs, torch.from_numpy(classes).to(device))
     probs = probs.cpu().numpy()
-    passes += n
-    shared_dst, shared_src, shared_slot = [], [], []   # controls: each pool sample x each class donor
-    for c in np.unique(classes):
-        rows = np.flatnonzero(classes == c)
-        others = np.flatnonzero(classes != c)
+    members = [np.flatnonzero(classes == c) for c in np.unique(classes)]
+    for rows in members:
+        c = int(classes[rows[0]])
         # transfer only into samples the model does not give the class (they have room to rise);
         # the lowest-scored ones when too few are left
-        p_c = probs[others, int(c)]
+        others = np.flatnonzero(classes != c)
+        p_c = probs[others, c]
         not_c = others[p_c < 0.5] if (p_c < 0.5).sum() >= pastes else others[np.argsort(p_c)[:pastes]]
-        pool = np.sort(rng.choice(not_c, min(max_others, len(not_c)), replace=False))
-        pool_before += probs[pool, int(c)].tolist()
+        partners[rows] = not_c[draw(len(not_c), 1)[0]]
         idx = torch.from_numpy(rows).to(device)
         reference = _distribution(heatmaps[idx], spatial).median(0).values
         for j, area in enumerate(areas):
             regions[j, idx] = relevance_regions(heatmaps[idx], reference, area)
-        partners[rows] = len(pool_rows) + draw(len(pool), len(rows))
         for r in rows:   # the region's place control: per partner another sample of the class
             others_c = rows[rows != r]
             mates[r] = others_c[draw(len(others_c), 1)[0]]
-        shared = rng.choice(rows, min(2 * pastes, len(rows)), replace=False)
-        donors[rows, :len(shared)] = shared
-        shared_dst += np.repeat(np.arange(len(pool_rows), len(pool_rows) + len(pool)), len(shared)).tolist()
-        shared_src += np.tile(shared, len(pool)).tolist()
-        shared_slot += np.tile(np.arange(len(shared)), len(pool)).tolist()
-        pool_rows += pool.tolist()
-    pool_t = torch.tensor(pool_rows, device=device)
     target = torch.from_numpy(classes).to(device)
     keeps = (~regions).float()[:, :, None]   # (areas, N, 1, *S)
     src = torch.arange(n, device=device).repeat_interleave(pastes)
-    flat = torch.from_numpy(partners.reshape(-1)).to(device)
-    dst = pool_t[flat]
-    s_dst, s_src, s_slot = (torch.tensor(v, device=device) for v in (shared_dst, shared_src, shared_slot))
-
+    dst = torch.from_numpy(partners.reshape(-1)).to(device)
+    mate = torch.from_numpy(mates.reshape(-1)).to(device)
     own = torch.from_numpy(probs[np.arange(n), classes]).to(device)
     removed = torch.stack([score(lambda i: fill(x[i], keep[i]), n, target) for keep in keeps], 1)   # (N, areas)
-    before = torch.tensor(pool_before, device=device)[flat].view(n, pastes)
+    before = torch.from_numpy(probs[partners, classes[:, None]]).to(device)   # (N, pastes)
     rise, flip, excess = (np.zeros((n, len(checks))) for _ in range(3))
     for k, (component, j) in enumerate(checks):
         keep = keeps[j] if component == "region" else None
 
-        def into(rows, by):   # the component of sample by[i] (its own region) into rows[i]
-            return lambda i: transfer(component, x[rows[i]], x[by[i]], None if keep is None else keep[by[i]])
+        def into(by):   # the component of sample by[i] (through its own region) into partner dst[i]
+            return lambda i: transfer(component, x[dst[i]], x[by[i]], None if keep is None else keep[src[i]])
 
-        with_own = score(into(dst, src), len(src), target[src]).view(n, pastes)
-        # the control, per partner: the lower quartile over the class's shared donors' same component
-        # (for the region: each donor's own region), typical of the class while up to three quarters
-        # of the donors share the sample's shortcut
-        control = score(into(pool_t[s_dst], s_src), len(s_src), target[s_src])
-        passes += len(s_src)
-        low = control.new_full((len(pool_rows), 2 * pastes), float("nan"))   # pool sample x its donors
-        low[s_dst, s_slot] = control
-        low = low.nanquantile(0.25, dim=1)
-        excess[:, k] = (with_own - low[flat].view(n, pastes)).median(1).values.cpu().numpy()
+        with_own = score(into(src), len(src), target[src]).view(n, pastes)
+        # the control, per partner: the lower quartile over the class's samples (all of which go into
+        # the same partners) of their same component, typical of the class while up to three
+        # quarters of the class share the sample's shortcut
+        low = torch.empty_like(with_own)
+        for rows in members:
+            low[rows] = with_own[rows].quantile(0.25, dim=0, keepdim=True)
+        excess[:, k] = (with_own - low).median(1).values.cpu().numpy()
         if component == "region":   # and per partner a class mate's content through the sample's own
             # region: what any sample of the class has at that place (the upper quartile over
             # partners stays high while up to three quarters of the mates share the shortcut)
-            mate = torch.from_numpy(mates.reshape(-1)).to(device)
-            with_mate = score(lambda i: transfer("region", x[dst[i]], x[mate[i]], keep[src[i]]), len(src),
-                              target[src]).view(n, pastes)
-            passes += len(src)
+            with_mate = score(into(mate), len(src), target[src]).view(n, pastes)
             place = (with_own - with_mate).quantile(0.75, dim=1).cpu().numpy()
             excess[:, k] = np.minimum(excess[:, k], place)
         rise[:, k] = (with_own - before).mean(1).cpu().numpy()
         eligible = (before < 0.5).float()
         flip[:, k] = (((before < 0.5) & (with_own >= 0.5)).float().sum(1) / eligible.sum(1).clamp_min(1)
                       ).cpu().numpy()
-    passes += n * len(areas) + len(src) * len(checks)
+    passes = n * (1 + len(areas)) + len(src) * (len(checks) + len(areas))
     return dict(rise=rise, excess=excess, flip=flip, drop=(own[:, None] - removed).cpu().numpy(),
-                regions=regions.cpu(), partners=pool_t.cpu().numpy()[partners], donors=donors, passes=passes)
+                regions=regions.cpu(), partners=partners, passes=passes)
