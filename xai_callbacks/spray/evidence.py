@@ -496,7 +496,8 @@ def _measure(model, x, heatmaps, classes, checks, fill, areas, pastes, batch_siz
         others = np.flatnonzero(classes != c)
         p_c = probs[others, c]
         not_c = others[p_c < 0.5] if (p_c < 0.5).sum() >= pastes else others[np.argsort(p_c)[:pastes]]
-        partners[rows] = not_c[draw(len(not_c), 1)[0]]
+        pool = rng.choice(not_c, min(2 * pastes, len(not_c)), replace=False)   # the class's partners
+        partners[rows] = pool[draw(len(pool), len(rows))]
         idx = torch.from_numpy(rows).to(device)
         reference = _distribution(heatmaps[idx], spatial).median(0).values
         for j, area in enumerate(areas):
@@ -520,12 +521,16 @@ def _measure(model, x, heatmaps, classes, checks, fill, areas, pastes, batch_siz
             return lambda i: transfer(component, x[dst[i]], x[by[i]], None if keep is None else keep[src[i]])
 
         with_own = score(into(src), len(src), target[src]).view(n, pastes)
-        # the control, per partner: the lower quartile over the class's samples (all of which go into
-        # the same partners) of their same component, typical of the class while up to three
-        # quarters of the class share the sample's shortcut
+        # the control, per partner: the lower quartile of what the class's samples that went into it
+        # (about half of the class) give it with their same component, typical of the class while
+        # up to three quarters of them share the sample's shortcut
         low = torch.empty_like(with_own)
         for rows in members:
-            low[rows] = with_own[rows].quantile(0.25, dim=0, keepdim=True)
+            got, into_q = with_own[rows], torch.from_numpy(partners[rows]).to(device)
+            low_c = torch.empty_like(got)
+            for q in into_q.unique():
+                low_c[into_q == q] = got[into_q == q].quantile(0.25)
+            low[rows] = low_c
         excess[:, k] = (with_own - low).median(1).values.cpu().numpy()
         if component == "region":   # and per partner a class mate's content through the sample's own
             # region: what any sample of the class has at that place (the upper quartile over
