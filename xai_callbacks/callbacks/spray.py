@@ -118,8 +118,8 @@ class SpRAyCallback(ExplanationCallback):
             last epoch of ``fit`` (so the gate decides on the final model). The defaults (50 per
             class, every 20 epochs) keep the default callback set near 3 % of a 50k-sample epoch
             on two CPU cores (``benchmarks/overhead.py``): the causal check costs 51 forward
-            passes per analysed sample (59 on colour images), about SECONDS s per analysis for the demo's 10
-            classes there. Analyse more often where the budget allows.
+            passes per analysed sample (59 on colour images). Analyse more often where the budget
+            allows.
         seed: seed of the per-class sample and of SpRAy.
         asynchronous: while fitting, run everything after the model (clustering,
             embeddings, tracking, pictures, tables, ViRelAy files) in a background
