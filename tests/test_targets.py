@@ -52,6 +52,32 @@ def test_score_perturbed_maps_each_input_to_its_samples_target():
     assert torch.allclose(got, model(x)[:, 1].repeat(2).detach())
 
 
+class _Layouts(nn.Module):
+    """A convolution, then its output viewed as contiguous (or reshaped); records each input's layout."""
+
+    def __init__(self, view: bool):
+        super().__init__()
+        self.conv, self.view, self.seen = nn.Conv2d(3, 4, 3), view, []
+
+    def forward(self, x):
+        self.seen.append(x.is_contiguous())
+        h = self.conv(x)
+        return (x.view(len(x), -1) if self.view else x.reshape(len(x), -1))[:, :2] + h.mean((2, 3))[:, :2]
+
+
+@pytest.mark.parametrize("view", [False, True])
+def test_score_perturbed_gives_the_same_scores_through_either_memory_layout(view):
+    torch.manual_seed(0)
+    model, x = _Layouts(view), torch.randn(10, 3, 8, 8)
+    t = torch.arange(10) % 2
+    want = model(x).gather(1, t[:, None])[:, 0].detach()
+    model.seen.clear()
+    got = score_perturbed(model, lambda idx: x[idx], torch.arange(10), t, batch_size=4)
+    assert torch.allclose(got, want, atol=1e-6)
+    # channels-last on the CPU; a model that views its input fails on that once, then gets it contiguous
+    assert model.seen == ([False, True, True, True] if view else [False, False, False])
+
+
 @pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "integrated_gradients", "smoothgrad",
                                     "guided_backprop", "occlusion"])
 def test_regression_attributions_of_a_linear_model_are_analytic(method):

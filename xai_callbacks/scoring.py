@@ -228,12 +228,26 @@ def score_perturbed(model: nn.Module, make_inputs: Callable[[torch.Tensor], torc
         # tensor, which the guard's normal mode may not write into
         scores = torch.empty(n, device=device)
         sample_of = sample_of.to(device)
+        layout = [device.type == "cpu"]   # channels-last images while the model accepts them
         for start in range(0, n, batch_size):
             idx = torch.arange(start, min(n, start + batch_size), device=device)
-            out = module(make_inputs(idx))
+            out = _forward(module, make_inputs(idx), layout)
             scores[start:start + len(idx)] = target_scores(out, select(target, sample_of[idx]), output,
                                                            check=start == 0)
     return scores
+
+
+def _forward(module: nn.Module, x: torch.Tensor, layout: list[bool]) -> torch.Tensor:
+    """``module(x)``; while ``layout[0]``, 4-D inputs go in channels-last. The values are the same
+    and convolutions on the CPU run faster (on two cores, 2026-12-04: a small CNN's forward pass 1.2x,
+    ResNet-18's and VGG-11's 1.5x at 32 pixels). A model that views its input as contiguous
+    (``x.view(n, -1)``) raises on it: then ``layout[0]`` turns False and ``x`` goes in as it is."""
+    if layout[0] and x.dim() == 4:
+        try:
+            return module(x.contiguous(memory_format=torch.channels_last))
+        except RuntimeError:
+            layout[0] = False
+    return module(x)
 
 
 # ------------------------------------------------------------------------------ target helpers
