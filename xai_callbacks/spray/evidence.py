@@ -552,8 +552,9 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
         # (offline over 98 benchmark models it changed no decision and spared 95 % of its passes)
         need = np.flatnonzero(excess[:, k] >= rise_of[k]) if component == "region" else []
         if len(need):
-            at = (torch.from_numpy(need).to(device)[:, None] * pastes + torch.arange(pastes, device=device)).view(-1)
-            place = (with_own[need] - scores(mate, at)).quantile(0.75, dim=1).cpu().numpy()
+            pick = torch.from_numpy(need).to(device)
+            at = (pick[:, None] * pastes + torch.arange(pastes, device=device)).view(-1)
+            place = (with_own[pick] - scores(mate, at)).quantile(0.75, dim=1).cpu().numpy()
             excess[need, k] = np.minimum(excess[need, k], place)
             passes += len(at)
         rise[:, k] = (with_own - before).mean(1).cpu().numpy()
