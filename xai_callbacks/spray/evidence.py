@@ -161,8 +161,8 @@ class SampleEvidence:
         excess: (N,) how much more the sample's component raises the class probability of its
             partners than the class's controls do: the median over partners of (with the sample's
             component - the lower quartile over the class's samples' same component); for
-            the region at most the upper quartile over partners of (with the sample's region -
-            with a class mate's content there).
+            the region, where that reaches the rise, at most the upper quartile over partners of
+            (with the sample's region - with a class mate's content there).
         flip_rate: (N,) share of the partners the model did not give the class (probability < 0.5)
             and does with the sample's component.
         drop: (N,) fall of the sample's class probability when its region (above) is removed.
