@@ -78,6 +78,20 @@ def test_score_perturbed_gives_the_same_scores_through_either_memory_layout(view
     assert model.seen == ([False, True, True, True] if view else [False, False, False])
 
 
+@pytest.mark.parametrize("make", ["vit", "mobilenet"])
+def test_score_perturbed_on_torchvision_models_equals_their_forward(make):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = (torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                  hidden_dim=32, mlp_dim=64, num_classes=3) if make == "vit"
+             else torchvision.models.mobilenet_v3_small(num_classes=3)).eval()
+    x, t = torch.randn(12, 3, 32, 32), torch.arange(12) % 3
+    got = score_perturbed(model, lambda idx: x[idx], torch.arange(12), t, batch_size=5)
+    with torch.no_grad():
+        assert torch.allclose(got, model(x).gather(1, t[:, None])[:, 0], atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "integrated_gradients", "smoothgrad",
                                     "guided_backprop", "occlusion"])
 def test_regression_attributions_of_a_linear_model_are_analytic(method):
