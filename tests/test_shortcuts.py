@@ -146,10 +146,15 @@ def test_evidence_on_an_analytic_shortcut_model():
     assert np.abs(ev.excess[8:]).max() < 0.05 and ev.z[:8].min() > ev.z[8:].max()
     # per sample its class's best group over the threshold: class 1's confirmed group, class 0 none
     assert (ev.separation_ratio[:20] == ev.separation[:8].max() / 4).all() and (ev.separation_ratio[20:] < 1).all()
-    # each sample as is and removed; per component its 8 transfers; 8 class mates' content through
-    # its region only for the 8 samples whose excess reaches the rise (no other can be confirmed);
-    # the controls (the class's other samples in the same partners) cost nothing more
-    assert ev.forward_passes == 2 * 40 + 3 * 40 * 8 + 8 * 8
+    # each sample as is and removed; per component its first 4 transfers, the other 4 only for class
+    # 1's region, the one check whose stage-one group comes near a confirmed one; 8 class mates'
+    # content through its region only for the 8 samples whose excess reaches the rise (no other can
+    # be confirmed); the controls (the class's other samples in the same partners) cost nothing more
+    assert ev.forward_passes == 2 * 40 + 3 * 40 * 4 + 20 * 4 + 8 * 8
+    # measuring every check with all 8 pastes decides the same, at 8 transfers per check
+    full = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16, screen=0)
+    assert full.forward_passes == 2 * 40 + 3 * 40 * 8 + 8 * 8
+    assert full.confirmed.tolist() == shortcut.tolist() and np.array_equal(full.excess[:8], ev.excess[:8])
     # class 1's pool: 16 of the 20 of class 0, each sample into 8 distinct ones of it
     assert all(len(set(p)) == 8 for p in ev.partners), "8 distinct partners per sample"
     assert len(set(ev.partners[:20].ravel())) == 16 and set(ev.partners[:20].ravel()) <= set(range(20, 40))
@@ -193,12 +198,15 @@ def test_a_region_that_holds_the_class_content_hides_the_shortcut_a_smaller_one_
     assert ev.regions[:8, :4, :4].all() and ev.regions[:8].sum() == 8 * 16
     # removing the corner leaves the content, which still carries the class: removal alone would miss it
     assert ev.drop[:8].max() < 0.01
-    # per sample itself, its removal, its 8 transfers per check (two areas, detail, tone: one-channel
-    # images have no saturation) and 8 place controls per area where its excess reaches the rise:
-    # at least the 8 corners, far from all 80 (sample, area) pairs
+    # with every check measured in full: per sample itself, its removal, its 8 transfers per check
+    # (two areas, detail, tone: one-channel images have no saturation) and 8 place controls per area
+    # where its excess reaches the rise: at least the 8 corners, far from all 80 (sample, area) pairs
     assert ev.params["components"] == ("region", "detail", "tone")
-    controlled, rest = divmod(ev.forward_passes - 2 * 40 - 4 * 40 * 8, 8)
+    full = sample_evidence(model, x, heat, classes, area=(1 / 2, 1 / 16), screen=0)
+    assert full.confirmed.tolist() == ev.confirmed.tolist()
+    controlled, rest = divmod(full.forward_passes - 2 * 40 - 4 * 40 * 8, 8)
     assert rest == 0 and 8 <= controlled < 40
+    assert ev.forward_passes < full.forward_passes   # the default goes on only where a group comes near
     with pytest.raises(ValueError, match="saturation needs RGB"):
         sample_evidence(model, x, heat, classes, components=("saturation",))
     with pytest.raises(ValueError, match="every area in"):
