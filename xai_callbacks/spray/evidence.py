@@ -55,8 +55,8 @@ probabilities at once), its removal, half of ``pastes`` transfers per check (the
 area, the detail, the tone, the saturation), the other half for the checks of its class that come
 near a confirmed group (18 % over 98 benchmark models), and ``pastes`` place controls per area
 where its excess reaches ``min_rise`` (about 5 %); with the defaults about 26 on colour images
-(19-29 over the benchmark) and 21 on others. All batched on the model's device under :func:`xai_callbacks.guard.model_guard`. No
-Lightning, no W&B here.
+and 21 on others (18-29 over the benchmark). All batched on the model's device under
+:func:`xai_callbacks.guard.model_guard`. No Lightning, no W&B here.
 """
 from __future__ import annotations
 
