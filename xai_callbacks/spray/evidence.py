@@ -432,8 +432,9 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
     def extend(first: np.ndarray, k: int) -> bool:   # one class's stage-one excesses of check k (see SCREEN)
         score = separated_group(first, min_members, max_share, rise_of[k] / 2, floor)[1]
         return score >= screen * separation_of[checks[k][0]]
+    device = model_device(unwrap_model(model))
     with torch.inference_mode(False), torch.no_grad():  # inputs may be inference tensors (Trainer.validate)
-        x = x.clone()
+        x = x.detach().to(device, torch.float32, copy=True)   # on the model's device once, for every pass
         m = _measure(model, x, heatmaps.clone(), classes, checks, rise_of, areas, pastes, batch_size, seed, extend)
     excess = m["excess"]
     z, separation = np.zeros_like(excess), np.zeros_like(excess)
@@ -456,9 +457,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
     area_of = np.array([0 if j is None else j for _, j in checks])[best]
     regions = m["regions"][area_of, rows]
     with torch.inference_mode(False), torch.no_grad():
-        device = model_device(unwrap_model(model))
-        keep, inputs = (~regions).float()[:, None].to(device), x.to(device, torch.float32)
-        removed = score_perturbed(model, lambda i: fill(inputs[i], keep[i]), torch.arange(len(x), device=device),
+        keep = (~regions).float()[:, None].to(device)
+        removed = score_perturbed(model, lambda i: fill(x[i], keep[i]), torch.arange(len(x), device=device),
                                   torch.from_numpy(classes).to(device), output="probability",
                                   batch_size=batch_size).cpu().numpy()
     return SampleEvidence(classes=classes, component=np.array([c for c, _ in checks])[best],
