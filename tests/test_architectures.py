@@ -7,6 +7,7 @@ import pathlib
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -215,9 +216,32 @@ def test_callbacks_name_a_method_that_does_not_apply_before_any_epoch():
                                          r"to VisionTransformer; methods that apply: \[.*'lrp.cp'"):
         AttributionCallback().setup(None, module, "fit")
     with pytest.raises(MethodNotApplicableError, match=r"SpRAyCallback: method\(s\) \['lrp.epsilon_plus_flat'\]"):
-        SpRAyCallback(on_error="raise").setup(None, module, "fit")
+        SpRAyCallback(method="lrp.epsilon_plus_flat", on_error="raise").setup(None, module, "fit")
     AttributionCallback(methods=["saliency", "lrp.cp"], on_error="raise").setup(None, module, "fit")   # they apply
     AttributionCallback(on_error="raise").setup(None, Classifier(), "fit")   # the defaults apply to a CNN
+
+
+def test_spray_at_its_defaults_explains_a_vit_with_attnlrp_and_a_cnn_with_zennit(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from conftest import make_trainer
+    from xai_callbacks import SpRAyCallback
+    from xai_callbacks.models import Classifier
+
+    cnn = SpRAyCallback(on_error="raise")
+    cnn.setup(None, Classifier(), "fit")
+    assert cnn.method == "lrp.epsilon_plus_flat" and cnn.explained_methods == ("lrp.epsilon_plus_flat",
+                                                                                "input_x_gradient")
+    torch.manual_seed(0)
+    x, y = torch.rand(24, 3, 32, 32), torch.arange(24) % 2
+    cb = SpRAyCallback(max_per_class=12, evidence=False, save_virelay=False, on_error="raise",
+                       spray_options={"visualisation": None, "k": 4})
+    make_trainer(tmp_path, [cb]).validate(Classifier(vit()), DataLoader(TensorDataset(x, y), 12),
+                                          verbose=False)
+    assert cb.method == "lrp.attn" and sorted(cb.results) == [0, 1]
+    assert cb.results[0].prototypes.shape[1:] == (3, 32, 32) and np.isfinite(cb.results[0].prototypes).all()
+    with pytest.raises(ValueError, match=r"method_options \{'epsilon': 0.1\} need a named method"):
+        SpRAyCallback(method_options={"epsilon": 0.1})
 
 
 def test_vit_gradcam_reads_the_token_grid_not_the_patch_embedding():

@@ -155,6 +155,13 @@ def test_evidence_on_an_analytic_shortcut_model():
     full = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16, screen=0)
     assert full.forward_passes == 2 * 40 + 3 * 40 * 8 + 8 * 8
     assert full.confirmed.tolist() == shortcut.tolist() and np.array_equal(full.excess[:8], ev.excess[:8])
+    # the model's probabilities, where the caller has them, spare the first pass and decide the same
+    given = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16,
+                            probabilities=_Detector()(x).softmax(1).detach())
+    assert given.forward_passes == ev.forward_passes - 40
+    assert np.array_equal(given.excess, ev.excess) and np.array_equal(given.partners, ev.partners)
+    with pytest.raises(ValueError, match=r"probabilities must be \(N, classes\) with N = 40"):
+        sample_evidence(_Detector(), x, heat, classes, probabilities=torch.ones(39, 2))
     # class 1's pool: 16 of the 20 of class 0, each sample into 8 distinct ones of it
     assert all(len(set(p)) == 8 for p in ev.partners), "8 distinct partners per sample"
     assert len(set(ev.partners[:20].ravel())) == 16 and set(ev.partners[:20].ravel()) <= set(range(20, 40))

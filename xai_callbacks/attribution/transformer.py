@@ -26,7 +26,7 @@ from . import CheckedForward, register_method
 from ..guard import input_gradient
 
 __all__ = ["MethodNotApplicableError", "ConservativeTransformerLRP", "AttentionLRP", "transformer_layers",
-           "attention_layers", "applicable_methods", "refuse_transformer", "token_grid"]
+           "attention_layers", "applicable_methods", "model_lrp", "refuse_transformer", "token_grid"]
 
 _EPS = 1e-10
 TRANSFORMER_LRP = ("lrp.cp", "lrp.attn")
@@ -80,6 +80,14 @@ def applicable_methods(model: nn.Module, tokens: bool = False) -> list[str]:
             continue
         out.append(m)
     return out
+
+
+def model_lrp(model: nn.Module) -> str:
+    """The LRP method for ``model``'s architecture: ``lrp.epsilon_plus_flat`` (zennit's composite)
+    where it applies, ``lrp.attn`` (AttnLRP) on models with attention or LayerNorm, which zennit
+    has no rules for; ``input_x_gradient`` where no LRP applies."""
+    valid = applicable_methods(model)
+    return next((m for m in ("lrp.epsilon_plus_flat", "lrp.attn") if m in valid), "input_x_gradient")
 
 
 def not_applicable(model: nn.Module, method: str, reason: str) -> MethodNotApplicableError:

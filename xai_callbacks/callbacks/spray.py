@@ -10,6 +10,7 @@ import torch
 
 from .. import render, sinks
 from ..attribution import check_methods, explain, method_options
+from ..attribution.transformer import model_lrp
 from ..concepts import concept_relevance, find_concept_layer
 from ..guard import model_guard, unwrap_model
 from ..spray import SpRAyResult, StrategyTracker, check_heatmaps, spray, write_virelay
@@ -77,8 +78,10 @@ class SpRAyCallback(ExplanationCallback):
     validation epoch or of ``fit``; a checkpoint holds the trackers of delivered analyses).
 
     Args:
-        method: attribution method (see ``xai_callbacks.attribution.available_methods``).
-        method_options: options of the method.
+        method: attribution method (see ``xai_callbacks.attribution.available_methods``); None:
+            the model's LRP, chosen at setup (:func:`~xai_callbacks.attribution.transformer.model_lrp`:
+            ``lrp.epsilon_plus_flat`` on CNNs and MLPs, ``lrp.attn`` on transformers such as a ViT).
+        method_options: options of the method (they need a named ``method``).
         classes: class ids to analyse; None: every class in the validation set.
         class_names: optional class id -> name used in logged keys (default: the id).
         max_per_class: validation samples explained per class (a shortcut needs 5 of them,
@@ -148,7 +151,7 @@ class SpRAyCallback(ExplanationCallback):
         SpRAyCallback(features="concepts", concept_layer="model.features.9")  # concept-space SpRAy
     """
 
-    def __init__(self, method: str = "lrp.epsilon_plus_flat", method_options: Mapping[str, Any] | None = None,
+    def __init__(self, method: str | None = None, method_options: Mapping[str, Any] | None = None,
                  classes: Sequence[int] | None = None, class_names: Mapping[int, str] | None = None,
                  max_per_class: int = 50, target: Any = "label", spray_options: Mapping[str, Any] | None = None,
                  min_similarity: float = 0.8, batch_size: int | None = 256, save_virelay: bool = True,
@@ -158,7 +161,10 @@ class SpRAyCallback(ExplanationCallback):
                  concept_layer: str | None = None, asynchronous: bool = True):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=max(1, int(max_per_class)), seed=seed,
                          target=target, on_error=on_error)
-        (method,), checked = check_methods([method], {method: method_options or {}})
+        if method is None and method_options:
+            raise ValueError(f"method_options {dict(method_options)} need a named method; method=None picks the "
+                             f"model's LRP at setup")
+        checked = check_methods([method], {method: method_options or {}})[1] if method is not None else {None: {}}
         if not isinstance(max_per_class, int) or max_per_class < 2:
             raise ValueError(f"max_per_class must be an int >= 2, got {max_per_class!r}")
         options = dict(spray_options or {})
@@ -175,13 +181,13 @@ class SpRAyCallback(ExplanationCallback):
             raise ValueError("features='concepts' explains a class: use target='label' or 'prediction', "
                              "not a target function")
         self.features, self.concept_layer = features, concept_layer if features == "concepts" else None
-        self.method, self.method_options = method, checked[method]
+        self.method, self.method_options, self._named_method = method, checked[method], method
         self.classes = None if classes is None else [int(c) for c in classes]
         self.class_names = {int(k): str(v) for k, v in (class_names or {}).items()}
         self.max_per_class, self.spray_options, self.min_similarity = max_per_class, options, min_similarity
         self.batch_size, self.save_virelay, self.n_typical, self.seed = batch_size, save_virelay, n_typical, seed
         ev_options = dict(evidence_options or {})
-        own = {"infiller", "batch_size"}  # the callback's own arguments
+        own = {"infiller", "batch_size", "probabilities"}  # the callback's own arguments
         bad = sorted(set(ev_options) - set(sample_evidence.__kwdefaults__) | (own & set(ev_options)))
         if bad:
             raise ValueError(f"unknown evidence_options {bad}; valid: "
@@ -189,7 +195,7 @@ class SpRAyCallback(ExplanationCallback):
         if evidence_regions is not None:
             check_methods([evidence_regions])
         self.evidence, self.infiller, self.evidence_options = bool(evidence), infiller, ev_options
-        self.evidence_regions = evidence_regions if evidence and evidence_regions != method else None
+        self._regions = evidence_regions if evidence else None
         self.asynchronous = bool(asynchronous)
         self.sample_indices: list[int] | None = None
         self._signals = False
@@ -203,17 +209,25 @@ class SpRAyCallback(ExplanationCallback):
         return self._generate_state_key(method=self.method, classes=self.classes, **extra)
 
     @property
+    def evidence_regions(self) -> str | None:
+        """The method that locates the evidence's regions where it is not ``method`` (None: the heatmaps)."""
+        return self._regions if self._regions != self.method else None
+
+    @property
     def explained_methods(self) -> tuple[str, ...]:
         return (self.method,) + ((self.evidence_regions,) if self.evidence_regions else ())
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        """Check the method and ``concept_layer`` against the model before any epoch runs.
+        """Choose the method where it is None (the model's LRP), check it and ``concept_layer``
+        against the model before any epoch runs.
 
         Raises:
             ValueError: the model has no module of that name (the message lists its module names).
             MethodNotApplicableError: with ``on_error="raise"``, a method that does not apply to
                 the model (see :meth:`ExplanationCallback.setup`).
         """
+        if self._named_method is None:
+            self.method = model_lrp(pl_module)
         super().setup(trainer, pl_module, stage)
         if self.features == "concepts":
             find_concept_layer(unwrap_model(pl_module), self.concept_layer)
@@ -303,6 +317,7 @@ class SpRAyCallback(ExplanationCallback):
         model = _OneRow(trainer.lightning_module) if self._signals else trainer.lightning_module
         return sample_evidence(model, data["x"][rows], data.get("regions", data["heatmaps"])[rows], labels[rows],
                                infiller=self.infiller, batch_size=self.batch_size or 256,
+                               probabilities=data["scores"][rows].float().softmax(1),
                                **{"seed": self.seed, **self.evidence_options}), rows
 
     def _analyse(self, trainer, data: dict[str, torch.Tensor], evidence, trackers: dict[int, StrategyTracker]

@@ -51,11 +51,12 @@ controls on textures, scenes and digits; the small CNN over three seeds, ResNet-
 shifts on varied photos, class-specific backgrounds).
 
 Cost: ``forward_passes`` counts the model evaluations, per sample: itself (all classes'
-probabilities at once), its removal, half of ``pastes`` transfers per check (the region at each
-area, the detail, the tone, the saturation), the other half for the checks of its class that come
-near a confirmed group (18 % over 98 benchmark models), and ``pastes`` place controls per area
-where its excess reaches ``min_rise`` (about 5 %); with the defaults about 26 on colour images
-and 21 on others (18-29 over the benchmark). All batched on the model's device under
+probabilities at once; none where ``probabilities`` are given, as the callback does), its
+removal, half of ``pastes`` transfers per check (the region at each area, the detail, the tone,
+the saturation), the other half for the checks of its class that come near a confirmed group
+(18 % over 98 benchmark models), and ``pastes`` place controls per area where its excess reaches
+``min_rise`` (about 5 %); with the defaults about 26 on colour images and 21 on others (18-29
+over the benchmark), one less with ``probabilities``. All batched on the model's device under
 :func:`xai_callbacks.guard.model_guard`. No Lightning, no W&B here.
 """
 from __future__ import annotations
@@ -345,7 +346,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
                     pastes: int = 8, min_separation: float | Mapping[str, float] = MIN_SEPARATION,
                     min_rise: float = MIN_RISE,
                     floor: float = 0.01, min_members: int = 5, max_share: float = 0.5, screen: float = SCREEN,
-                    batch_size: int = 256, seed: int = 0) -> SampleEvidence:
+                    probabilities: torch.Tensor | None = None, batch_size: int = 256, seed: int = 0
+                    ) -> SampleEvidence:
     """Paired transfer evidence for every analysed sample (see the module docstring).
 
     Args:
@@ -381,6 +383,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         screen: the stage-one separation, as a share of ``min_separation``, at which a class's check
             is measured with the rest of its pastes (see :data:`SCREEN`); 0 measures every check of
             every class with all ``pastes``.
+        probabilities: (N, classes) the model's softmax of ``x`` where already computed (the
+            callback has it from explaining): spares the first N forward passes.
         batch_size: inputs per forward pass.
         seed: seeds the draw of partners and class mates.
 
@@ -422,6 +426,9 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
     if pastes < 1 or min_members < 1 or not 0 <= screen <= 1:
         raise ValueError(f"pastes and min_members must be >= 1 and screen in [0, 1], got {pastes}, {min_members}, "
                          f"{screen}")
+    if probabilities is not None and (probabilities.dim() != 2 or len(probabilities) != len(x)):
+        raise ValueError(f"probabilities must be (N, classes) with N = {len(x)} like x, got "
+                         f"{tuple(probabilities.shape)}")
     fill = get_infiller(infiller)
     params = dict(components=components, infiller=getattr(fill, "name", type(fill).__name__), area=areas,
                   pastes=pastes, min_separation={c: separation_of[c] for c in components}, min_rise=min_rise,
@@ -435,7 +442,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
     device = model_device(unwrap_model(model))
     with torch.inference_mode(False), torch.no_grad():  # inputs may be inference tensors (Trainer.validate)
         x = x.detach().to(device, torch.float32, copy=True)   # on the model's device once, for every pass
-        m = _measure(model, x, heatmaps.clone(), classes, checks, rise_of, areas, pastes, batch_size, seed, extend)
+        m = _measure(model, x, heatmaps.clone(), classes, checks, rise_of, areas, pastes, batch_size, seed, extend,
+                     probabilities)
     excess = m["excess"]
     z, separation = np.zeros_like(excess), np.zeros_like(excess)
     ratio = np.zeros(len(classes))
@@ -502,7 +510,8 @@ def separated_group(excess: np.ndarray, min_members: int = 5, max_share: float =
     return np.sort(order[:size]), best
 
 
-def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_size, seed, extend) -> dict:
+def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_size, seed, extend,
+             probs) -> dict:
     device = model_device(unwrap_model(model))
     x = x.detach().to(device, torch.float32)
     heatmaps = heatmaps.detach().to(device, torch.float32)
@@ -518,10 +527,13 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
             return np.argsort(rng.random((rows, size)), axis=1)[:, :pastes]
         return rng.integers(0, size, (rows, pastes))
 
-    with model_guard(model) as module, torch.no_grad():   # every class's probability of every sample
-        probs = torch.cat([module(part).softmax(1) for part in x.split(batch_size)])
-    check_class_target(probs, torch.from_numpy(classes).to(device))
-    probs = probs.cpu().numpy()
+    passes = 0
+    if probs is None:   # every class's probability of every sample
+        with model_guard(model) as module, torch.no_grad():
+            probs = torch.cat([module(part).softmax(1) for part in x.split(batch_size)])
+        passes = n
+    check_class_target(probs, torch.from_numpy(classes).to(probs.device))
+    probs = probs.detach().float().cpu().numpy()
     members = [np.flatnonzero(classes == c) for c in np.unique(classes)]
     for rows in members:
         c = int(classes[rows[0]])
@@ -546,7 +558,6 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
     mate = torch.from_numpy(mates.reshape(-1)).to(device)
     before = torch.from_numpy(probs[partners, classes[:, None]]).to(device)   # (N, pastes)
     rise, flip, excess = (np.zeros((n, len(checks))) for _ in range(3))
-    passes = n
     stage_one = max(1, pastes // 2)   # stage one's pastes
     for k, (component, j) in enumerate(checks):
         keep = keeps[j] if component == "region" else None

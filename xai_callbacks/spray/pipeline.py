@@ -8,6 +8,7 @@ other than ``ward``, see :func:`clustering`).
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
@@ -387,10 +388,24 @@ def clustering(embedding: np.ndarray, n_clusters: int, algorithm: str = "kmeans"
         est = cluster.DBSCAN(**options)
     else:
         est = cluster.HDBSCAN(**{"min_cluster_size": 5, "copy": True, **options})
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="openmp"):  # see visualisation_embedding
+    with _one_openmp_thread():
         return np.asarray(est.fit_predict(embedding), dtype=np.int64)
+
+
+@lru_cache(maxsize=1)
+def _threadpools():
+    """The loaded thread pools, found once (3 ms a search; scikit-learn and torch are imported by
+    the first call)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _one_openmp_thread():
+    """One OpenMP thread inside: scikit-learn's OpenMP threads next to torch's oversubscribe the
+    cores (measured 100x slower for 55 samples inside a Lightning run on 2 cores); one thread is
+    fast at these sizes."""
+    return _threadpools().limit(limits=1, user_api="openmp")
 
 
 def visualisation_embedding(embedding: np.ndarray, kind: str | None = "tsne", seed: int = 0,
@@ -417,12 +432,9 @@ def visualisation_embedding(embedding: np.ndarray, kind: str | None = "tsne", se
 
         return PCA(n_components=2, random_state=seed).fit_transform(embedding).astype(np.float32)
     from sklearn.manifold import TSNE
-    from threadpoolctl import threadpool_limits
 
     tsne = TSNE(n_components=2, perplexity=min(perplexity, (n - 1) / 3), init="pca", random_state=seed)
-    # scikit-learn's OpenMP threads next to torch's oversubscribe the cores: measured 100x slower
-    # for 55 samples inside a Lightning run on 2 cores; one thread is fast at these sizes
-    with threadpool_limits(limits=1, user_api="openmp"):
+    with _one_openmp_thread():
         return tsne.fit_transform(embedding).astype(np.float32)
 
 
