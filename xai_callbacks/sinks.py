@@ -240,8 +240,9 @@ def log_table(trainer, key: str, columns: Sequence[str], rows: Sequence[Sequence
 
 
 def log_line_plot(trainer, key: str, x: Sequence[float], ys: Mapping[str, Sequence[float]], title: str = "",
-                  xname: str = "x") -> None:
-    """Several named curves over a shared ``x``: a W&B line plot, else a matplotlib PNG."""
+                  xname: str = "x", fallback: bool = True) -> None:
+    """Several named curves over a shared ``x``: a W&B line plot, else (with ``fallback``) a
+    matplotlib PNG. ``fallback=False`` for curves a logged picture already shows."""
     if not trainer.is_global_zero:
         return
     wandbs = wandb_loggers(trainer)
@@ -254,12 +255,15 @@ def log_line_plot(trainer, key: str, x: Sequence[float], ys: Mapping[str, Sequen
             _emit(lg.experiment.log, {key: plot, "trainer/global_step": trainer.global_step,
                                       "epoch": trainer.current_epoch})
         return
+    if not fallback:
+        return
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.14, top=0.9)   # bbox_inches="tight" drew it twice
     for name, y in ys.items():
         ax.plot(list(x), list(y), label=name)
     ax.set_xlabel(xname)
@@ -267,7 +271,7 @@ def log_line_plot(trainer, key: str, x: Sequence[float], ys: Mapping[str, Sequen
     ax.legend()
     folder = run_dir(trainer) / "media" / _safe(key)
     folder.mkdir(parents=True, exist_ok=True)
-    fig.savefig(folder / f"epoch{trainer.current_epoch:04d}.png", dpi=80, bbox_inches="tight")
+    fig.savefig(folder / f"epoch{trainer.current_epoch:04d}.png", dpi=80)
     plt.close(fig)
 
 

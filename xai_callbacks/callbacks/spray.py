@@ -378,9 +378,10 @@ class SpRAyCallback(ExplanationCallback):
         name = self.name_of(c)
         key = f"spray/{name}"
         x, heat, idx = data["x"][rows], data["heatmaps"][rows], data["indices"][rows].tolist()
+        # a W&B chart; elsewhere the spectrum picture below shows the same eigenvalues
         sinks.log_line_plot(trainer, f"{key}/eigenvalues", list(range(1, len(r.eigenvalues) + 1)),
                             {"eigenvalue": r.eigenvalues.tolist()}, title=f"class {name}: Laplacian spectrum "
-                            f"({r.n_clusters} clusters by eigengap)", xname="index")
+                            f"({r.n_clusters} clusters by eigengap)", xname="index", fallback=False)
         sinks.log_images(trainer, f"{key}/spectrum", [render.spectrum_picture(
             r.eigenvalues, r.n_clusters, f"class {name}: {r.n_clusters} strategies by the eigengap")], [f"class {name}"])
         if r.embedding is not None:
