@@ -120,8 +120,8 @@ class SpRAyCallback(ExplanationCallback):
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``, and on the
             last epoch of ``fit`` (so the gate decides on the final model). The defaults (50 per
             class, every 20 epochs) keep the default callback set near 3 % of a 50k-sample epoch
-            on two CPU cores (``benchmarks/overhead.py``): the causal check costs about 21 forward
-            passes per analysed sample (26 on colour images). Analyse more often where the budget
+            on two CPU cores (``benchmarks/overhead.py``): the causal check costs about 20 forward
+            passes per analysed sample (25 on colour images). Analyse more often where the budget
             allows.
         seed: seed of the per-class sample and of SpRAy.
         asynchronous: while fitting, run everything after the model (clustering,
@@ -315,9 +315,10 @@ class SpRAyCallback(ExplanationCallback):
             return None
         self.progress.update(status=f"causal evidence for {len(rows)} samples")
         model = _OneRow(trainer.lightning_module) if self._signals else trainer.lightning_module
+        scores = data["scores"][rows].float()   # the explanation's forward pass: the check's first
         return sample_evidence(model, data["x"][rows], data.get("regions", data["heatmaps"])[rows], labels[rows],
                                infiller=self.infiller, batch_size=self.batch_size or 256,
-                               probabilities=data["scores"][rows].float().softmax(1),
+                               probabilities=scores.softmax(1) if scores.dim() == 2 else None,
                                **{"seed": self.seed, **self.evidence_options}), rows
 
     def _analyse(self, trainer, data: dict[str, torch.Tensor], evidence, trackers: dict[int, StrategyTracker]
