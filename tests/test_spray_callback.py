@@ -193,8 +193,10 @@ def test_bad_arguments_and_sample_selection():
         SpRAyCallback(method="nope")
     with pytest.raises(ValueError, match=r"unknown attribution method\(s\) \['grad'\]; valid: .*'input_x_gradient'"):
         SpRAyCallback(evidence_regions="grad")
-    assert SpRAyCallback().explained_methods == ("lrp.epsilon_plus_flat", "input_x_gradient")
-    assert SpRAyCallback(evidence=False).explained_methods == ("lrp.epsilon_plus_flat",)
+    lrp = "lrp.epsilon_plus_flat"
+    assert SpRAyCallback(method=lrp).explained_methods == (lrp, "input_x_gradient")
+    assert SpRAyCallback(method=lrp, evidence=False).explained_methods == (lrp,)
+    assert SpRAyCallback(method="input_x_gradient").explained_methods == ("input_x_gradient",)   # once
     _, val = ShortcutDigitsDataModule(), None
     from xai_callbacks.data import make_shortcut_digits
 
