@@ -214,11 +214,16 @@ def test_callbacks_name_a_method_that_does_not_apply_before_any_epoch():
     module = Classifier(vit())
     with pytest.warns(UserWarning, match=r"AttributionCallback: method\(s\) \['lrp.epsilon_plus_flat'\] do not apply "
                                          r"to VisionTransformer; methods that apply: \[.*'lrp.cp'"):
-        AttributionCallback().setup(None, module, "fit")
+        AttributionCallback(methods=["saliency", "lrp.epsilon_plus_flat"]).setup(None, module, "fit")
     with pytest.raises(MethodNotApplicableError, match=r"SpRAyCallback: method\(s\) \['lrp.epsilon_plus_flat'\]"):
         SpRAyCallback(method="lrp.epsilon_plus_flat", on_error="raise").setup(None, module, "fit")
     AttributionCallback(methods=["saliency", "lrp.cp"], on_error="raise").setup(None, module, "fit")   # they apply
-    AttributionCallback(on_error="raise").setup(None, Classifier(), "fit")   # the defaults apply to a CNN
+    cnn, transformer = AttributionCallback(on_error="raise"), AttributionCallback(on_error="raise")
+    cnn.setup(None, Classifier(), "fit")   # the defaults: saliency and the model's LRP
+    transformer.setup(None, module, "fit")
+    assert cnn.methods == ["saliency", "lrp.epsilon_plus_flat"] and transformer.methods == ["saliency", "lrp.attn"]
+    with pytest.raises(ValueError, match="need named methods"):
+        AttributionCallback(method_options={"saliency": {}})
 
 
 def test_spray_at_its_defaults_explains_a_vit_with_attnlrp_and_a_cnn_with_zennit(tmp_path):

@@ -9,6 +9,7 @@ import torch
 
 from .. import render, sinks
 from ..attribution import check_methods, explain, method_options
+from ..attribution.transformer import model_lrp
 from ..guard import model_guard
 from ..scoring import select
 from .base import ExplanationCallback, Probe, shard_map, val_dataloader
@@ -58,8 +59,12 @@ class AttributionCallback(ExplanationCallback):
     epoch and at the end of ``fit``, labelled with the epoch it belongs to.
 
     Args:
-        methods: attribution method names (see ``xai_callbacks.attribution.available_methods``).
-        method_options: per-method options, e.g. ``{"integrated_gradients": {"n_steps": 64}}``.
+        methods: attribution method names (see ``xai_callbacks.attribution.available_methods``);
+            None: saliency and the model's LRP, chosen at setup
+            (:func:`~xai_callbacks.attribution.transformer.model_lrp`: ``lrp.epsilon_plus_flat`` on
+            CNNs and MLPs, ``lrp.attn`` on transformers such as a ViT).
+        method_options: per-method options, e.g. ``{"integrated_gradients": {"n_steps": 64}}``
+            (they need named ``methods``).
         n_images: how many probe samples are rendered per method (all are saved to disk).
         batch_size: samples per explainer call (None: the whole probe set at once).
         save_heatmaps: write the ``.npz`` file each time.
@@ -87,14 +92,18 @@ class AttributionCallback(ExplanationCallback):
         cb.heatmaps["saliency"]  # (32, C, H, W), the last epoch's heatmaps
     """
 
-    def __init__(self, methods: Sequence[str] = ("saliency", "lrp.epsilon_plus_flat"),
+    def __init__(self, methods: Sequence[str] | None = None,
                  method_options: Mapping[str, Mapping] | None = None, n_images: int = 16,
                  batch_size: int | None = None, save_heatmaps: bool = True, every_n_epochs: int = 1,
                  probe_size: int = 32, seed: int = 0, target: Any = "label", on_error: str = "warn", vocab=None,
                  n_audio: int = 2, audio_keep: float = 0.2, asynchronous: bool = True):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=probe_size, seed=seed, target=target,
                          on_error=on_error)
-        methods, self.method_options = check_methods(methods, method_options)
+        if methods is None and method_options:
+            raise ValueError(f"method_options {dict(method_options)} need named methods; methods=None picks saliency "
+                             f"and the model's LRP at setup")
+        self._named_methods = methods
+        methods, self.method_options = check_methods(methods or ["saliency"], method_options)
         self.methods, self.n_images, self.batch_size, self.save_heatmaps = methods, n_images, batch_size, save_heatmaps
         self.vocab = vocab
         if not 0 < audio_keep <= 1 or n_audio < 0:
@@ -107,6 +116,13 @@ class AttributionCallback(ExplanationCallback):
     @property
     def explained_methods(self) -> tuple[str, ...]:
         return tuple(self.methods)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Choose the methods where they are None (saliency and the model's LRP), then check them
+        against the model (:meth:`ExplanationCallback.setup`)."""
+        if self._named_methods is None:
+            self.methods = ["saliency", model_lrp(pl_module)]
+        super().setup(trainer, pl_module, stage)
 
     @property
     def state_key(self) -> str:
