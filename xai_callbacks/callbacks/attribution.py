@@ -103,7 +103,7 @@ class AttributionCallback(ExplanationCallback):
             raise ValueError(f"method_options {dict(method_options)} need named methods; methods=None picks saliency "
                              f"and the model's LRP at setup")
         self._named_methods = methods
-        methods, self.method_options = check_methods(methods or ["saliency"], method_options)
+        methods, self.method_options = check_methods(["saliency"] if methods is None else methods, method_options)
         self.methods, self.n_images, self.batch_size, self.save_heatmaps = methods, n_images, batch_size, save_heatmaps
         self.vocab = vocab
         if not 0 < audio_keep <= 1 or n_audio < 0:
