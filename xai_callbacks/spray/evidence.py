@@ -512,8 +512,7 @@ def separated_group(excess: np.ndarray, min_members: int = 5, max_share: float =
 
 def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_size, seed, extend,
              probs) -> dict:
-    device = model_device(unwrap_model(model))
-    x = x.detach().to(device, torch.float32)
+    device = x.device   # sample_evidence put x on the model's device
     heatmaps = heatmaps.detach().to(device, torch.float32)
     spatial = x.dim() - 2
     n = len(x)
