@@ -147,11 +147,12 @@ def test_evidence_on_an_analytic_shortcut_model():
     assert np.abs(ev.excess[8:]).max() < 0.05 and ev.z[:8].min() > ev.z[8:].max()
     # per sample its class's best group over the threshold: class 1's confirmed group, class 0 none
     assert (ev.separation_ratio[:20] == ev.separation[:8].max() / 4).all() and (ev.separation_ratio[20:] < 1).all()
-    # each sample as is and removed; per component its first 4 transfers, the other 4 only for class
-    # 1's region, the one check whose stage-one group comes near a confirmed one; 8 class mates'
-    # content through its region only for the 8 samples whose excess reaches the rise (no other can
-    # be confirmed); the controls (the class's other samples in the same partners) cost nothing more
-    assert ev.forward_passes == 2 * 40 + 3 * 40 * 4 + 20 * 4 + 8 * 8
+    # each sample as is and removed; its first 4 transfers of the region and the detail and 2 of the
+    # tone, the other 4 only for class 1's region, the one check whose stage-one group comes near a
+    # confirmed one; 8 class mates' content through its region only for the 8 samples whose excess
+    # reaches the rise (no other can be confirmed); the controls (the class's other samples in the
+    # same partners) cost nothing more
+    assert ev.forward_passes == 2 * 40 + 2 * 40 * 4 + 40 * 2 + 20 * 4 + 8 * 8
     # measuring every check with all 8 pastes decides the same, at 8 transfers per check
     full = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16, screen=0)
     assert full.forward_passes == 2 * 40 + 3 * 40 * 8 + 8 * 8
