@@ -223,7 +223,7 @@ def spectrum_picture(eigenvalues, n_clusters: int, title: str = "", n_show: int 
     ax.set_ylabel("eigenvalue")
     ax.set_title(title or f"Laplacian spectrum: {n_clusters} strategies by the eigengap", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.2, right=0.97, bottom=0.15, top=0.9)   # fixed: tight_layout draws it once more
     return figure_rgb(fig)
 
 
