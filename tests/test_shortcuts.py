@@ -153,6 +153,8 @@ def test_evidence_on_an_analytic_shortcut_model():
     # reaches the rise (no other can be confirmed); the controls (the class's other samples in the
     # same partners) cost nothing more
     assert ev.forward_passes == 2 * 40 + 2 * 40 * 4 + 40 * 2 + 20 * 4 + 8 * 8
+    # counted per sample: the 8 corners 24 each, the rest of class 1 16, class 0 12; a strategy sums its members'
+    assert ev.passes.tolist() == [24] * 8 + [16] * 12 + [12] * 20
     # measuring every check with all 8 pastes decides the same, at 8 transfers per check
     full = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16, screen=0)
     assert full.forward_passes == 2 * 40 + 3 * 40 * 8 + 8 * 8

@@ -233,11 +233,12 @@ def test_causal_evidence_is_kept_in_the_analysis_file(tmp_path):
                               excess=z / 25, flip_rate=z / 10, drop=z / 30, z=z, separation=confirmed * 5.0,
                               separation_ratio=np.full(n, 1.25), confirmed=confirmed,
                               regions=torch.zeros(n, SIZE, SIZE, dtype=torch.bool),
-                              partners=np.zeros((n, 2), int), forward_passes=10,
+                              partners=np.zeros((n, 2), int), passes=np.full(n, 10),
                               infiller=get_infiller("blur"), params=dict(min_members=3, max_share=0.5))
     r = r.confirm(evidence, np.arange(n), heat)
     flagged = int(np.flatnonzero(r.flagged)[0])
     assert r.flagged.sum() == 1 and (r.labels[:4] == flagged).all() and (r.labels[4:] != flagged).all()
+    assert r.evidence.forward_passes == 10 * n   # the class's samples' passes
     paths = write_virelay(tmp_path / "ev", heat, np.zeros(n, int), {0: (np.arange(n), r)}, inputs=heat,
                           predictions=np.zeros((n, 2)))
     with h5py.File(paths["analysis"]) as f:

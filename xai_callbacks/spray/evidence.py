@@ -51,7 +51,7 @@ controls on textures, scenes and digits; the small CNN over three seeds, ResNet-
 32 and 64 pixels), not on one scenario; the README gives the figures and what is missed (colour
 shifts on varied photos, class-specific backgrounds).
 
-Cost: ``forward_passes`` counts the model evaluations, per sample: itself (all classes'
+Cost: ``passes`` counts the model evaluations per sample (``forward_passes`` their sum): itself (all classes'
 probabilities at once; none where ``probabilities`` are given, as the callback does), its
 removal, half of ``pastes`` transfers per check (the region at each area, the detail; a quarter
 for the tone and the saturation), the rest for the checks of its class that come near a confirmed
@@ -214,7 +214,7 @@ class SampleEvidence:
             at the area of its strongest check (the first area for the global components).
         partners: (N, pastes) the other-class samples (indices into the N) transferred into, drawn
             from the class's pool of ``2 * pastes``.
-        forward_passes: model evaluations spent.
+        passes: (N,) model evaluations spent on each sample (:attr:`forward_passes`: all of them).
         infiller: the infiller that removed the regions.
         params: the parameters of the check.
     """
@@ -231,9 +231,14 @@ class SampleEvidence:
     confirmed: np.ndarray
     regions: torch.Tensor
     partners: np.ndarray
-    forward_passes: int
+    passes: np.ndarray
     infiller: Infiller
     params: dict = field(default_factory=dict)
+
+    @property
+    def forward_passes(self) -> int:
+        """Model evaluations spent on all samples."""
+        return int(self.passes.sum())
 
     def extent(self) -> np.ndarray:
         """(N,) share of the input each sample's strongest component covers (1 for ``detail``,
@@ -309,11 +314,10 @@ class StrategyEvidence:
 
         top = np.array([np.flatnonzero(labels == j)[np.argmax(per["z"][labels == j])] if (labels == j).any() else -1
                         for j in range(k)])
-        passes = evidence.forward_passes * len(rows) // max(len(evidence.classes), 1)
         return cls(component=most_common(per["component"]), region_size=mean(size), score_drop=mean(per["drop"]),
                    transfer_rate=mean(per["flip_rate"]), score_rise=mean(per["rise"]),
                    score_excess=mean(per["excess"]), z=mean(per["z"]), flagged=np.asarray(flagged, bool), top=top,
-                   sample_suspicion=per["z"], regions=evidence.regions[rows], forward_passes=passes,
+                   sample_suspicion=per["z"], regions=evidence.regions[rows], forward_passes=int(evidence.passes[rows].sum()),
                    separation_ratio=float(np.max(evidence.separation_ratio[rows], initial=0.0)),
                    params=evidence.params)
 
@@ -500,7 +504,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
                           rise=m["rise"][rows, best], excess=excess[rows, best], flip_rate=m["flip"][rows, best],
                           drop=m["own"] - removed, z=z[rows, best], separation=separation[rows, best],
                           separation_ratio=ratio, confirmed=confirmed.any(1), regions=regions,
-                          partners=m["partners"], forward_passes=m["passes"] + len(x), infiller=fill,
+                          partners=m["partners"], passes=m["passes"] + 1, infiller=fill,
                           params=params)
 
 
@@ -569,11 +573,11 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
             return np.argsort(rng.random((rows, size)), axis=1)[:, :pastes]
         return rng.integers(0, size, (rows, pastes))
 
-    passes = 0
+    passes = np.zeros(n, dtype=np.int64)   # per sample
     if probs is None:   # every class's probability of every sample
         with model_guard(model) as module, torch.no_grad():
             probs = torch.cat([module(part).softmax(1) for part in x.split(batch_size)])
-        passes = n
+        passes += 1
     check_class_target(probs, torch.from_numpy(classes).to(probs.device))
     probs = probs.detach().float().cpu().numpy()
     members = [np.flatnonzero(classes == c) for c in np.unique(classes)]
@@ -617,7 +621,7 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
         stage_one = max(1, pastes // (4 if component in WHOLE else 2))   # stage one's pastes (see SCREEN)
         with_own, used = torch.zeros(n, pastes, device=device), np.full(n, stage_one)
         with_own[:, :stage_one] = scores(src, np.arange(n), torch.arange(stage_one, device=device))
-        passes += n * stage_one
+        passes += stage_one
         if stage_one < pastes:
             first = _excess(with_own, used, members, partners)
             more = [rows for rows in members if extend(first[rows], k)]
@@ -625,7 +629,7 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
                 rows = np.concatenate(more)
                 with_own[rows, stage_one:] = scores(src, rows, torch.arange(stage_one, pastes, device=device))
                 used[rows] = pastes
-                passes += len(rows) * (pastes - stage_one)
+                passes[rows] += pastes - stage_one
         excess[:, k] = _excess(with_own, used, members, partners)
         # per partner a class mate's content through the sample's own region: what any sample of the
         # class has at that place (the upper quartile over partners stays high while up to three
@@ -637,7 +641,7 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
             rows = need[used[need] == m]
             place = with_own[rows, :m] - scores(mate, rows, torch.arange(m, device=device))
             excess[rows, k] = np.minimum(excess[rows, k], place.quantile(0.75, dim=1).cpu().numpy())
-            passes += len(rows) * m
+            passes[rows] += m
         measured = torch.arange(pastes, device=device)[None] < torch.from_numpy(used).to(device)[:, None]
         rise[:, k] = (((with_own - before) * measured).sum(1) / measured.sum(1)).cpu().numpy()
         eligible = (before < 0.5) & measured
