@@ -51,9 +51,9 @@ controls on textures, scenes and digits; the small CNN over three seeds, ResNet-
 32 and 64 pixels), not on one scenario; the README gives the figures and what is missed (colour
 shifts on varied photos, class-specific backgrounds).
 
-Cost: ``passes`` counts the model evaluations per sample (``forward_passes`` their sum): itself (all classes'
-probabilities at once; none where ``probabilities`` are given, as the callback does), its
-removal, half of ``pastes`` transfers per check (the region at each area, the detail; a quarter
+Cost: ``passes`` counts the model evaluations per sample (``forward_passes`` their sum): itself
+(all classes' probabilities at once; none where ``probabilities`` are given, as the callback
+does), its removal, half of ``pastes`` transfers per check (the region at each area, the detail; a quarter
 for the tone and the saturation), the rest for the checks of its class that come near a confirmed
 group (18 % over 98 benchmark models), and ``pastes`` place controls per area where its excess
 reaches ``min_rise`` (about 5 %); with the defaults about 22 on colour images and 19 on others,
@@ -78,7 +78,8 @@ from ..scoring import check_class_target, score_perturbed
 from .suspicion import positive_part
 
 __all__ = ["SampleEvidence", "StrategyEvidence", "sample_evidence", "separated_group", "largest_minority",
-           "relevance_regions", "transfer", "AREAS", "COMPONENTS", "MIN_SEPARATION", "MIN_RISE", "SCREEN", "WHOLE", "MINORITY_Z"]
+           "relevance_regions", "transfer", "AREAS", "COMPONENTS", "MIN_SEPARATION", "MIN_RISE", "SCREEN", "WHOLE",
+           "MINORITY_Z"]
 
 #: What the evidence transfers from a sample into other classes' samples (see :func:`transfer`).
 COMPONENTS = ("region", "detail", "tone", "saturation")
@@ -131,11 +132,11 @@ WHOLE = ("tone", "saturation")
 #: quartile). A shortcut is carried by a minority of its class; with few analysed samples a
 #: class's own majority can fall below half of them by chance (in the benchmark a class whose
 #: tone or texture its own crops carry, beside the crops showing other classes' photos) and stand
-#: apart as a group. Offline over 116 benchmark models (six architectures) with every class subsampled: at 25 samples
-#: per class (three draws) the classes without a planted shortcut were flagged 9 times with the
-#: share alone and 2 times with the bound (each at 1.1 of its threshold), at 35 per class (two
-#: draws) 6 and 0 times; no caught shortcut was lost, and at 50 per class no decision changed. With
-#: z = 1 (an 84 % bound) 4 to 5 shortcut classes were lost at 25 per class.
+#: apart as a group. Offline over 116 benchmark models (six architectures) with every class
+#: subsampled: at 25 samples per class (three draws) the classes without a planted shortcut were
+#: flagged 9 times with the share alone and 2 times with the bound (each at 1.1 of its threshold),
+#: at 35 per class (two draws) 6 and 0 times; no caught shortcut was lost, and at 50 per class no
+#: decision changed. With z = 1 (an 84 % bound) 4 to 5 shortcut classes were lost at 25 per class.
 MINORITY_Z = 0.6745
 
 
@@ -317,7 +318,8 @@ class StrategyEvidence:
         return cls(component=most_common(per["component"]), region_size=mean(size), score_drop=mean(per["drop"]),
                    transfer_rate=mean(per["flip_rate"]), score_rise=mean(per["rise"]),
                    score_excess=mean(per["excess"]), z=mean(per["z"]), flagged=np.asarray(flagged, bool), top=top,
-                   sample_suspicion=per["z"], regions=evidence.regions[rows], forward_passes=int(evidence.passes[rows].sum()),
+                   sample_suspicion=per["z"], regions=evidence.regions[rows],
+                   forward_passes=int(evidence.passes[rows].sum()),
                    separation_ratio=float(np.max(evidence.separation_ratio[rows], initial=0.0)),
                    params=evidence.params)
 
@@ -522,9 +524,9 @@ def largest_minority(n: int, max_share: float = 0.5) -> int:
         >>> largest_minority(50), largest_minority(25)
         (22, 10)
     """
-    m = np.arange(n + 1)
-    p, z2 = m / max(n, 1), MINORITY_Z ** 2 / max(n, 1)
-    upper = (p + z2 / 2 + MINORITY_Z * np.sqrt(p * (1 - p) / max(n, 1) + z2 / (4 * max(n, 1)))) / (1 + z2)
+    m, size = np.arange(n + 1), max(n, 1)
+    p, z2 = m / size, MINORITY_Z ** 2 / size
+    upper = (p + z2 / 2 + MINORITY_Z * np.sqrt(p * (1 - p) / size + z2 / (4 * size))) / (1 + z2)
     return int(m[upper < max_share].max(initial=0))
 
 
@@ -616,9 +618,9 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
             return score_perturbed(model, make, src[at], target, output="probability",
                                    batch_size=batch_size).view(len(rows), len(cols))
 
-        # stage one: every sample into the first half of its partners; the rest only for the
-        # classes whose stage-one excesses come near a confirmed group (see SCREEN)
-        stage_one = max(1, pastes // (4 if component in WHOLE else 2))   # stage one's pastes (see SCREEN)
+        # stage one: every sample into the first half of its partners (a quarter for WHOLE); the
+        # rest only for the classes whose stage-one excesses come near a confirmed group (see SCREEN)
+        stage_one = max(1, pastes // (4 if component in WHOLE else 2))
         with_own, used = torch.zeros(n, pastes, device=device), np.full(n, stage_one)
         with_own[:, :stage_one] = scores(src, np.arange(n), torch.arange(stage_one, device=device))
         passes += stage_one
