@@ -121,9 +121,9 @@ class SpRAyCallback(ExplanationCallback):
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``, and on the
             last epoch of ``fit`` (so the gate decides on the final model). The defaults (50 per
             class, every 20 epochs) keep the default callback set near 3 % of a 50k-sample epoch
-            on two CPU cores (``benchmarks/overhead.py``): the causal check costs about 20 forward
-            passes per analysed sample (25 on colour images). Analyse more often where the budget
-            allows.
+            on two CPU cores (``benchmarks/overhead.py``): the causal check costs 15-28 forward
+            passes per analysed sample over the shortcut benchmark (15-22 on its clean controls).
+            Analyse more often where the budget allows.
         seed: seed of the per-class sample and of SpRAy.
         asynchronous: while fitting, run everything after the model (clustering,
             embeddings, tracking, pictures, tables, ViRelAy files) in a background
@@ -165,7 +165,8 @@ class SpRAyCallback(ExplanationCallback):
         if method is None and method_options:
             raise ValueError(f"method_options {dict(method_options)} need a named method; method=None picks the "
                              f"model's LRP at setup")
-        checked = check_methods([method], {method: method_options or {}})[1] if method is not None else {None: {}}
+        method_options = (check_methods([method], {method: method_options or {}})[1][method] if method is not None
+                          else {})
         if not isinstance(max_per_class, int) or max_per_class < 2:
             raise ValueError(f"max_per_class must be an int >= 2, got {max_per_class!r}")
         options = dict(spray_options or {})
@@ -182,7 +183,7 @@ class SpRAyCallback(ExplanationCallback):
             raise ValueError("features='concepts' explains a class: use target='label' or 'prediction', "
                              "not a target function")
         self.features, self.concept_layer = features, concept_layer if features == "concepts" else None
-        self.method, self.method_options, self._named_method = method, checked[method], method
+        self.method, self.method_options, self._named_method = method, method_options, method
         self.classes = None if classes is None else [int(c) for c in classes]
         self.class_names = {int(k): str(v) for k, v in (class_names or {}).items()}
         self.max_per_class, self.spray_options, self.min_similarity = max_per_class, options, min_similarity

@@ -56,9 +56,9 @@ Cost: ``passes`` counts the model evaluations per sample (``forward_passes`` the
 does), its removal, half of ``pastes`` transfers per check (the region at each area, the detail; a quarter
 for the tone and the saturation), the rest for the checks of its class that come near a confirmed
 group (18 % over 98 benchmark models), and ``pastes`` place controls per area where its excess
-reaches ``min_rise`` (about 5 %); with the defaults about 22 on colour images and 19 on others,
-one less with ``probabilities``. All batched on the model's device under
-:func:`xai_callbacks.guard.model_guard`. No Lightning, no W&B here.
+reaches ``min_rise`` (about 5 %); with the defaults 15-22 on the benchmark's clean controls and
+15-28 over all of it (as the callback counts them), one more without ``probabilities``. All
+batched on the model's device under :func:`xai_callbacks.guard.model_guard`. No Lightning, no W&B here.
 """
 from __future__ import annotations
 
