@@ -39,6 +39,13 @@ def main(out: str, devices: int) -> None:
     validate = pl.Trainer(logger=CSVLogger(out, name="validate", version=0), callbacks=[attribution, metrics, spray], **common)
     validate.validate(module, ShortcutDigitsDataModule(batch_size=50), verbose=False)
     values = {k: float(v) for k, v in validate.callback_metrics.items()}
+    # SpRAy's causal check alone on this rank: its model evaluations, counted by a forward hook
+    seen = [0]
+    handle = module.model.register_forward_pre_hook(lambda m, args: seen.__setitem__(0, seen[0] + len(args[0])))
+    data = spray._collect(validate, module)
+    seen[0] = 0
+    evidence, _ = spray._evidence(validate, data)
+    handle.remove()
 
     fit = pl.Trainer(logger=CSVLogger(out, name="fit", version=0), callbacks=[gate], max_epochs=4,
                      limit_train_batches=3, num_sanity_val_steps=0, **common)
@@ -47,7 +54,9 @@ def main(out: str, devices: int) -> None:
         json.dump({"world_size": fit.world_size, "probe_indices": attribution.probe_indices,
                    "heatmap_sums": {m: float(h.sum()) for m, h in attribution.heatmaps.items()},
                    "spray_labels": {c: r.labels.tolist() for c, r in spray.results.items()},
-                   "values": values, "stopped_at_epoch": fit.current_epoch, "gate_passed": gate.passed}, f)
+                   "values": values, "stopped_at_epoch": fit.current_epoch, "gate_passed": gate.passed,
+                   "check_inputs": seen[0], "check_passes": int(evidence.forward_passes),
+                   "excess": evidence.excess.tolist(), "drop": evidence.drop.tolist()}, f)
 
 
 if __name__ == "__main__":

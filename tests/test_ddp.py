@@ -45,6 +45,12 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert ranks[0]["spray_labels"] == single["spray_labels"] and set(single["spray_labels"]) == {"0", "1"}
     for key in ("spray/0/n_clusters", "spray/1/max_suspicion", "spray/suspicious_share"):
         assert ranks[1]["values"][key] == pytest.approx(single["values"][key], rel=1e-4), key
+    # its causal check: the same evidence on every rank, each rank evaluating half of the inputs
+    for r in ranks:
+        np.testing.assert_allclose(r["excess"], single["excess"], atol=1e-5)
+        np.testing.assert_allclose(r["drop"], single["drop"], atol=1e-5)
+        assert r["check_passes"] == single["check_passes"] == single["check_inputs"] > 0
+        assert 0.4 * single["check_inputs"] < r["check_inputs"] < 0.6 * single["check_inputs"]
     # the gate's decision is taken on all ranks together: both stop after the first epoch
     assert [r["stopped_at_epoch"] for r in ranks] == [1, 1] and single["stopped_at_epoch"] == 1
     assert [r["gate_passed"] for r in ranks] == [False, False]

@@ -31,7 +31,8 @@ class SpRAyCallback(ExplanationCallback):
     Every ``every_n_epochs`` validation epochs: explain a fixed, seeded sample of the validation
     set (up to ``max_per_class`` per class, chosen once by dataset index and kept in
     ``state_dict``; each DDP rank explains its share, the heatmaps are gathered with
-    ``trainer.strategy.all_gather``), run :func:`xai_callbacks.spray.spray` per class on rank 0,
+    ``trainer.strategy.all_gather``), confirm shortcuts causally (``evidence``; the ranks share
+    its forward passes), run :func:`xai_callbacks.spray.spray` per class on rank 0,
     match the clusters to the strategies of earlier epochs (:class:`StrategyTracker`: a strategy
     keeps its id), and log per class:
 
@@ -253,7 +254,7 @@ class SpRAyCallback(ExplanationCallback):
             if y is None:
                 raise ValueError("SpRAy needs labels: batches must be (x, y, ...) or dicts with 'y'")
             x, y, masks = x.to(dev), torch.as_tensor(y).to(dev), {k: v.to(dev) for k, v in masks.items()}
-            with model_guard(pl_module) as model:
+            with model_guard(pl_module) as model, torch.no_grad():
                 scores = model(x.clone()).float()
             target = self.targets(pl_module, Probe(x, y, masks, idx))
             y = y.reshape(len(y), -1)[:, 0].long()  # grouped by class; the first label where labels are not ids
@@ -285,7 +286,7 @@ class SpRAyCallback(ExplanationCallback):
     def run(self, trainer, pl_module) -> None:
         data = self._collect(trainer, pl_module)
         evidence, failure = None, ""
-        if trainer.is_global_zero and self.evidence:  # the causal check needs this epoch's model: inline
+        if self.evidence:  # the causal check needs this epoch's model: inline, its passes split across DDP ranks
             try:
                 evidence = self._evidence(trainer, data)
             except Exception as err:  # delivered as the analysis's failure, so all ranks stay in step
@@ -318,9 +319,11 @@ class SpRAyCallback(ExplanationCallback):
         self.progress.update(status=f"causal evidence for {len(rows)} samples")
         model = _OneRow(trainer.lightning_module) if self._signals else trainer.lightning_module
         scores = data["scores"][rows].float()   # the explanation's forward pass: the check's first
+        device = trainer.lightning_module.device
         return sample_evidence(model, data["x"][rows], data.get("regions", data["heatmaps"])[rows], labels[rows],
                                infiller=self.infiller, batch_size=self.batch_size or 256,
                                probabilities=scores.softmax(1) if scores.dim() == 2 else None,
+                               shard=lambda fn, n: shard_map(trainer, fn, torch.arange(n, device=device)),
                                **{"seed": self.seed, **self.evidence_options}), rows
 
     def _analyse(self, trainer, data: dict[str, torch.Tensor], evidence, trackers: dict[int, StrategyTracker]

@@ -63,7 +63,7 @@ batched on the model's device under :func:`xai_callbacks.guard.model_guard`. No 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -370,7 +370,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
                     pastes: int = 8, min_separation: float | Mapping[str, float] = MIN_SEPARATION,
                     min_rise: float = MIN_RISE,
                     floor: float = 0.01, min_members: int = 5, max_share: float = 0.5, screen: float = SCREEN,
-                    probabilities: torch.Tensor | None = None, batch_size: int = 256, seed: int = 0
+                    probabilities: torch.Tensor | None = None, batch_size: int = 256, seed: int = 0,
+                    shard: Callable[[Callable[[torch.Tensor], torch.Tensor], int], torch.Tensor] | None = None
                     ) -> SampleEvidence:
     """Paired transfer evidence for every analysed sample (see the module docstring).
 
@@ -412,6 +413,11 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
             callback has it from explaining): spares the first N forward passes.
         batch_size: inputs per forward pass.
         seed: seeds the draw of partners and class mates.
+        shard: how the scores of ``n`` perturbed inputs are spread over processes:
+            ``shard(fn, n)`` returns ``fn(idx)`` for ``idx = range(n)`` (LongTensor on the model's
+            device), ``fn`` treating its inputs independently; ``SpRAyCallback`` splits them
+            across DDP ranks and gathers them (every rank calls this function alike). None: all
+            in this process.
 
     Raises:
         ValueError: for mismatched shapes, fewer than two classes, a class with one sample, or bad
@@ -473,10 +479,18 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         score = separated_group(first, min_members, max_share, rise_of[k] / 2, floor)[1]
         return score >= screen * separation_of[checks[k][0]]
     device = model_device(unwrap_model(model))
+    target = torch.from_numpy(classes).to(device)
+
+    def class_probability(make: Callable[[torch.Tensor], torch.Tensor], sample_of: torch.Tensor) -> torch.Tensor:
+        """(n,) class probabilities of the n inputs ``make(idx)`` made from samples ``sample_of``."""
+        def part(idx: torch.Tensor) -> torch.Tensor:
+            return score_perturbed(model, lambda i: make(idx[i]), sample_of[idx], target, output="probability",
+                                   batch_size=batch_size)
+        return part(torch.arange(len(sample_of), device=device)) if shard is None else shard(part, len(sample_of))
     with torch.inference_mode(False), torch.no_grad():  # inputs may be inference tensors (Trainer.validate)
         x = x.detach().to(device, torch.float32, copy=True)   # on the model's device once, for every pass
         m = _measure(model, x, heatmaps.clone(), classes, checks, rise_of, areas, pastes, batch_size, seed, extend,
-                     probabilities)
+                     probabilities, class_probability)
     excess = m["excess"]
     z, separation = np.zeros_like(excess), np.zeros_like(excess)
     ratio = np.zeros(len(classes))
@@ -499,9 +513,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
     regions = m["regions"][area_of, rows]
     with torch.inference_mode(False), torch.no_grad():
         keep = (~regions).float()[:, None].to(device)
-        removed = score_perturbed(model, lambda i: fill(x[i], keep[i]), torch.arange(len(x), device=device),
-                                  torch.from_numpy(classes).to(device), output="probability",
-                                  batch_size=batch_size).cpu().numpy()
+        removed = class_probability(lambda i: fill(x[i], keep[i]), torch.arange(len(x), device=device)).cpu().numpy()
     return SampleEvidence(classes=classes, component=np.array([c for c, _ in checks])[best],
                           rise=m["rise"][rows, best], excess=excess[rows, best], flip_rate=m["flip"][rows, best],
                           drop=m["own"] - removed, z=z[rows, best], separation=separation[rows, best],
@@ -560,7 +572,7 @@ def separated_group(excess: np.ndarray, min_members: int = 5, max_share: float =
 
 
 def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_size, seed, extend,
-             probs) -> dict:
+             probs, class_probability) -> dict:
     device = x.device   # sample_evidence put x on the model's device
     heatmaps = heatmaps.detach().to(device, torch.float32)
     spatial = x.dim() - 2
@@ -599,7 +611,6 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
         for r in rows:   # the region's place control: per partner another sample of the class
             others_c = rows[rows != r]
             mates[r] = others_c[draw(len(others_c), 1)[0]]
-    target = torch.from_numpy(classes).to(device)
     keeps = (~regions).float()[:, :, None]   # (areas, N, 1, *S)
     src = torch.arange(n, device=device).repeat_interleave(pastes)   # per transfer: the sample, its partner
     dst = torch.from_numpy(partners.reshape(-1)).to(device)          # and the class mate of the place control
@@ -615,8 +626,7 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
             def make(i):
                 t = at[i]
                 return transfer(component, x[dst[t]], x[by[t]], None if keep is None else keep[src[t]])
-            return score_perturbed(model, make, src[at], target, output="probability",
-                                   batch_size=batch_size).view(len(rows), len(cols))
+            return class_probability(make, src[at]).view(len(rows), len(cols))
 
         # stage one: every sample into the first half of its partners (a quarter for WHOLE); the
         # rest only for the classes whose stage-one excesses come near a confirmed group (see SCREEN)
