@@ -164,6 +164,17 @@ def test_evidence_on_an_analytic_shortcut_model():
                             probabilities=_Detector()(x).softmax(1).detach())
     assert given.forward_passes == ev.forward_passes - 40
     assert np.array_equal(given.excess, ev.excess) and np.array_equal(given.partners, ev.partners)
+    # spread over processes (as SpRAyCallback does across DDP ranks): each part scored on its own, the same evidence
+    parts = []
+
+    def shard(fn, n):
+        idx = torch.arange(n).tensor_split(3)
+        parts.extend(len(i) for i in idx)
+        return torch.cat([fn(i) for i in idx])
+    sharded = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16, shard=shard)
+    assert sum(parts) == ev.forward_passes - 40 and max(parts) < 40 * 4   # all but the probabilities' pass
+    assert np.array_equal(sharded.excess, ev.excess) and np.array_equal(sharded.drop, ev.drop)
+    assert sharded.passes.tolist() == ev.passes.tolist()
     with pytest.raises(ValueError, match=r"probabilities must be \(N, classes\) with N = 40"):
         sample_evidence(_Detector(), x, heat, classes, probabilities=torch.ones(39, 2))
     # class 1's pool: 16 of the 20 of class 0, each sample into 8 distinct ones of it
