@@ -42,10 +42,14 @@ def usable_rows(labels: np.ndarray, usable: np.ndarray, class_id: int, k: int | 
     rows = np.flatnonzero((labels == class_id) & usable)
     k = neighbours(len(rows), k)
     bad = int(((labels == class_id) & ~usable).sum())
-    problems = [f"class {name}: {bad} heatmap(s) are NaN / inf or constant and were left out"] if bad else []
+    problems = [f"class {name}: {bad} heatmap(s) are NaN / inf or constant and were left out (constant: the "
+                "class's score does not depend on these inputs for the method, e.g. a ReLU after the last layer "
+                "that is 0 there)"] if bad else []
     if len(rows) <= k:
+        fix = ("the heatmaps are unusable: try another method or check the model's output for the class"
+               if len(rows) + bad > k else "raise max_per_class or lower spray_options['k']")
         problems.append(f"class {name}: {len(rows)} usable heatmap(s), SpRAy with k={k} needs more than {k}; "
-                        "skipped (raise max_per_class or lower spray_options['k'])")
+                        f"skipped ({fix})")
         return None, problems
     return rows, problems
 
