@@ -58,7 +58,8 @@ for the tone and the saturation), the rest for the checks of its class that come
 group (18 % over 98 benchmark models), and ``pastes`` place controls per area where its excess
 reaches ``min_rise`` (about 5 %); with the defaults 15-22 on the benchmark's clean controls and
 15-28 over all of it (as the callback counts them), one more without ``probabilities``. All
-batched on the model's device under :func:`xai_callbacks.guard.model_guard`. No Lightning, no W&B here.
+batched on the model's device under :func:`xai_callbacks.guard.model_guard` (and split across processes
+with ``shard``, as ``SpRAyCallback`` does across DDP ranks). No Lightning, no W&B here.
 """
 from __future__ import annotations
 
