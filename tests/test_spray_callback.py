@@ -207,3 +207,38 @@ def test_bad_arguments_and_sample_selection():
     picked = select_per_class(val, [0, 5], 7, seed=1)
     assert picked == select_per_class(val, [0, 5], 7, seed=1) != select_per_class(val, [0, 5], 7, seed=2)
     assert sorted(np.bincount(val.targets.numpy()[picked], minlength=10)[[0, 5]].tolist()) == [7, 7]
+
+
+def test_tabular_rows_and_token_ids_are_analysed_as_one_channel_signals(tmp_path):
+    """(N, F) rows: a linear model, two planted strategies in class 0 (its evidence on feature 2
+    or on feature 9); token ids (N, L): a small text transformer at the defaults. No causal check
+    (it transfers parts of images and signals): a warning says so and SpRAy still runs."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from test_architectures import TextTransformer
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(48, 12, generator=gen) * 0.1
+    y = torch.arange(48) % 2
+    x[0:48:4, 2] += 1.0                      # half of class 0: feature 2
+    x[2:48:4, 9] += 1.0                      # the other half: feature 9
+    x[1::2, 5] += 1.0                        # class 1: feature 5
+    linear = torch.nn.Linear(12, 2, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.stack([torch.ones(12), -torch.ones(12)]))
+        linear.weight[1, 5] = 3.0
+    cb = SpRAyCallback(method="input_x_gradient", max_per_class=24, save_virelay=False, on_error="raise")
+    with pytest.warns(UserWarning, match=r"not of token ids or tabular rows \(N, L\), so the heatmap-shape"):
+        make_trainer(tmp_path, [cb]).validate(Classifier(linear), DataLoader(TensorDataset(x, y), 16), verbose=False)
+    r = cb.results[0]
+    assert r.n_clusters == 2 and r.prototypes.shape[1:] == (1, 1, 12) and r.evidence is None
+    idx = np.array(cb.sample_indices)
+    first = (x[idx[y[idx].numpy() == 0], 2] > 0.5).numpy()   # class 0's rows in the analysed order
+    assert {frozenset(r.labels[first]), frozenset(r.labels[~first])} == {frozenset({0}), frozenset({1})}
+    tokens = torch.randint(0, 50, (48, 10), generator=gen)
+    cb = SpRAyCallback(max_per_class=24, save_virelay=False, on_error="raise")
+    with pytest.warns(UserWarning, match="not of token ids"):
+        make_trainer(tmp_path, [cb]).validate(Classifier(TextTransformer()), DataLoader(TensorDataset(tokens, y), 16),
+                                              verbose=False)
+    assert cb.method == "lrp.attn" and sorted(cb.results) == [0, 1] and cb.errors == 0
+    assert cb.results[1].prototypes.shape[1:] == (1, 1, 10) and np.isfinite(cb.results[1].prototypes).all()

@@ -72,7 +72,9 @@ class SpRAyCallback(ExplanationCallback):
     The callback writes the epoch's ViRelAy databases to ``<run dir>/spray/epoch_NNNN/``. Signals
     (B, C, L), such as spectra, are analysed as one-row images (B, C, 1, L): clustering, the shape
     suspicion and the evidence regions work along L, the model sees the signals as they are, and
-    prototypes, members and evidence are drawn as signal plots. A class with
+    prototypes, members and evidence are drawn as signal plots. Token ids and tabular rows (B, L)
+    are analysed as one-channel signals, without the evidence (the check transfers parts of images
+    and signals; it warns and the heatmap-shape suspicion alone flags). A class with
     too few usable heatmaps (NaN, constant, or not more than ``k``) is skipped with a warning
     counted in ``xai/errors``. The latest delivered results stay in :attr:`results` and
     :attr:`strategy_ids` (with ``asynchronous``, an epoch's results arrive at the end of the next
@@ -201,7 +203,7 @@ class SpRAyCallback(ExplanationCallback):
         self._regions = evidence_regions if evidence else None
         self.asynchronous = bool(asynchronous)
         self.sample_indices: list[int] | None = None
-        self._signals = False
+        self._signals = self._rows = False
         self.trackers: dict[int, StrategyTracker] = {}
         self.results: dict[int, SpRAyResult] = {}
         self.strategy_ids: dict[int, list[int]] = {}
@@ -276,6 +278,10 @@ class SpRAyCallback(ExplanationCallback):
         self.progress.update(status=f"explaining {len(self.sample_indices)} samples ({self.method})")
         # each DDP rank explains its share; everything is gathered on every rank
         data = shard_map(trainer, explain_share, torch.tensor(self.sample_indices, device=dev))
+        self._rows = data["x"].dim() == 2   # token ids or tabular rows (N, L): one-channel signals here
+        if self._rows:
+            data = {k: v[:, None] if k in ("x", "heatmaps", "regions") or k.startswith("mask:") else v
+                    for k, v in data.items()}
         self._signals = data["x"].dim() == 3
         if self._signals:  # one-row images (N, C, 1, L) for the 2-D analysis
             data = {k: v[:, :, None] if k in ("x", "heatmaps", "regions") or k.startswith("mask:") else v
@@ -306,7 +312,14 @@ class SpRAyCallback(ExplanationCallback):
         return labels, classes, usable
 
     def _evidence(self, trainer, data: dict[str, torch.Tensor]) -> tuple[SampleEvidence, np.ndarray] | None:
-        """Causal evidence for the usable analysed samples and their rows (None with one class only)."""
+        """Causal evidence for the usable analysed samples and their rows (None with one class only,
+        or for token ids and tabular rows)."""
+        if self._rows:
+            warnings.warn("SpRAyCallback: the causal check transfers parts of images (N, C, H, W) or signals "
+                          "(N, C, L) into other samples, not of token ids or tabular rows (N, L), so the "
+                          "heatmap-shape suspicion alone flags strategies (evidence=False says so without this "
+                          "warning)", stacklevel=2)
+            return None
         labels, classes, usable = self._usable(data)
         rows = np.flatnonzero(usable & np.isin(labels, classes))
         values, counts = np.unique(labels[rows], return_counts=True)
