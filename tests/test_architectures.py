@@ -226,6 +226,25 @@ def test_callbacks_name_a_method_that_does_not_apply_before_any_epoch():
         AttributionCallback(method_options={"saliency": {}})
 
 
+def test_the_model_lrp_of_a_dense_first_layer_has_no_flat_rule():
+    """The flat rule gives every input of a dense first layer the same relevance: on an MLP over
+    features (or an embedding followed by dense layers) each heatmap would be constant."""
+    from xai_callbacks.attribution.transformer import model_lrp
+
+    torch.manual_seed(0)
+    mlp, rows = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), torch.randn(5, 6)
+    flat = explain(mlp, rows, 1, method="lrp.epsilon_plus_flat")
+    assert torch.allclose(flat, flat[:, :1].expand_as(flat), rtol=1e-4)   # constant over the features
+    assert model_lrp(mlp) == model_lrp(BagOfEmbeddings()) == "lrp.epsilon_plus"
+    assert model_lrp(densenet()) == "lrp.epsilon_plus_flat" and model_lrp(vit()) == "lrp.attn"
+    rel = explain(mlp, rows, 1, method=model_lrp(mlp))
+    assert (rel.std(1) > 1e-3).all()
+    # on a bias-free ReLU MLP the epsilon rule everywhere is gradient x input (LRP-0)
+    bias_free = nn.Sequential(nn.Linear(6, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False))
+    torch.testing.assert_close(explain(bias_free, rows, 1, method="lrp.epsilon_plus", epsilon=1e-12),
+                               explain(bias_free, rows, 1, method="input_x_gradient"), rtol=1e-4, atol=1e-5)
+
+
 def test_spray_at_its_defaults_explains_a_vit_with_attnlrp_and_a_cnn_with_zennit(tmp_path):
     from torch.utils.data import DataLoader, TensorDataset
 

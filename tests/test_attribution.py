@@ -18,7 +18,7 @@ ca = pytest.importorskip("captum.attr")
 zennit = pytest.importorskip("zennit")
 from zennit.attribution import Gradient  # noqa: E402
 from zennit.canonizers import SequentialMergeBatchNorm  # noqa: E402
-from zennit.composites import EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlusFlat  # noqa: E402
+from zennit.composites import EpsilonAlpha2Beta1, EpsilonGammaBox, EpsilonPlus, EpsilonPlusFlat  # noqa: E402
 
 ALL_METHODS = ["saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "guided_backprop",
                "gradcam", "lrp.epsilon_plus_flat", "lrp.epsilon_gamma_box", "lrp.epsilon_alpha2_beta1",
@@ -130,7 +130,8 @@ def test_integrated_gradients_completeness_within_one_percent_at_64_steps():
 
 @pytest.mark.parametrize("method, net", [
     ("lrp.epsilon_plus_flat", "mlp"), ("lrp.epsilon_gamma_box", "mlp"), ("lrp.epsilon_alpha2_beta1", "mlp"),
-    ("lrp.epsilon_plus_flat", "conv"), ("lrp.epsilon_gamma_box", "conv"),
+    ("lrp.epsilon_plus", "mlp"), ("lrp.epsilon_plus_flat", "conv"), ("lrp.epsilon_gamma_box", "conv"),
+    ("lrp.epsilon_plus", "conv"),
     # alpha2-beta1 on convolutions is not conservative where a unit has no negative contributions
 ])
 def test_lrp_conserves_relevance_on_bias_free_relu_net(method, net):
@@ -222,6 +223,7 @@ def zennit_reference(method: str, model: nn.Module, x: torch.Tensor, target: tor
     high = x.amax(dim=(1, 2, 3), keepdim=True).expand_as(x)
     composite = {
         "lrp.epsilon_plus_flat": lambda: EpsilonPlusFlat(canonizers=canonizers),
+        "lrp.epsilon_plus": lambda: EpsilonPlus(canonizers=canonizers),
         "lrp.epsilon_gamma_box": lambda: EpsilonGammaBox(low=low, high=high, canonizers=canonizers),
         "lrp.epsilon_alpha2_beta1": lambda: EpsilonAlpha2Beta1(canonizers=canonizers),
     }[method]()
@@ -231,7 +233,7 @@ def zennit_reference(method: str, model: nn.Module, x: torch.Tensor, target: tor
 
 
 PARITY = ["saliency", "input_x_gradient", "integrated_gradients", "guided_backprop", "gradcam", "occlusion",
-          "lrp.epsilon_plus_flat", "lrp.epsilon_gamma_box", "lrp.epsilon_alpha2_beta1"]
+          "lrp.epsilon_plus_flat", "lrp.epsilon_plus", "lrp.epsilon_gamma_box", "lrp.epsilon_alpha2_beta1"]
 
 
 @pytest.fixture(scope="module", params=["demo_cnn", "resnet18"])

@@ -177,6 +177,19 @@ def epsilon_plus_flat(model, x, target, *, epsilon: float = 1e-6) -> torch.Tenso
                "lrp.epsilon_plus_flat")
 
 
+@register_method("lrp.epsilon_plus")
+def epsilon_plus(model, x, target, *, epsilon: float = 1e-6) -> torch.Tensor:
+    """Epsilon rule on dense layers, z+ on convolutions, nothing special on the first layer: the
+    model's LRP where the input meets a dense layer first (an MLP on features, an embedding and
+    dense layers), on which the flat rule of ``lrp.epsilon_plus_flat`` spreads the relevance evenly
+    over every input feature (each heatmap constant). Arguments and errors as in
+    ``lrp.epsilon_plus_flat``.
+
+    Example: ``explain(mlp, rows, y, method="lrp.epsilon_plus")``.
+    """
+    return lrp(model, x, target, lambda c: composites.EpsilonPlus(epsilon=epsilon, canonizers=c), "lrp.epsilon_plus")
+
+
 @register_method("lrp.epsilon_gamma_box")
 def epsilon_gamma_box(model, x, target, *, low: float | None = None, high: float | None = None,
                       epsilon: float = 1e-6, gamma: float = 0.25) -> torch.Tensor:

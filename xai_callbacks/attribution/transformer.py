@@ -83,11 +83,15 @@ def applicable_methods(model: nn.Module, tokens: bool = False) -> list[str]:
 
 
 def model_lrp(model: nn.Module) -> str:
-    """The LRP method for ``model``'s architecture: ``lrp.epsilon_plus_flat`` (zennit's composite)
-    where it applies, ``lrp.attn`` (AttnLRP) on models with attention or LayerNorm, which zennit
-    has no rules for; ``input_x_gradient`` where no LRP applies."""
+    """The LRP method for ``model``'s architecture: zennit's ``lrp.epsilon_plus_flat`` where the
+    input meets a convolution first, ``lrp.epsilon_plus`` where it meets a dense layer first (the
+    flat rule would give every input feature the same relevance there), ``lrp.attn`` (AttnLRP) on
+    models with attention or LayerNorm, which zennit has no rules for; ``input_x_gradient`` where
+    no LRP applies."""
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))), None)
+    zennit = "lrp.epsilon_plus" if isinstance(first, nn.Linear) else "lrp.epsilon_plus_flat"
     valid = applicable_methods(model)
-    return next((m for m in ("lrp.epsilon_plus_flat", "lrp.attn") if m in valid), "input_x_gradient")
+    return next((m for m in (zennit, "lrp.attn") if m in valid), "input_x_gradient")
 
 
 def not_applicable(model: nn.Module, method: str, reason: str) -> MethodNotApplicableError:

@@ -62,7 +62,7 @@ class AttributionCallback(ExplanationCallback):
         methods: attribution method names (see ``xai_callbacks.attribution.available_methods``);
             None: saliency and the model's LRP, chosen at setup
             (:func:`~xai_callbacks.attribution.transformer.model_lrp`: ``lrp.epsilon_plus_flat`` on
-            CNNs and MLPs, ``lrp.attn`` on transformers such as a ViT).
+            CNNs, ``lrp.epsilon_plus`` on MLPs, ``lrp.attn`` on transformers such as a ViT).
         method_options: per-method options, e.g. ``{"integrated_gradients": {"n_steps": 64}}``
             (they need named ``methods``).
         n_images: how many probe samples are rendered per method (all are saved to disk).

@@ -83,7 +83,8 @@ class SpRAyCallback(ExplanationCallback):
     Args:
         method: attribution method (see ``xai_callbacks.attribution.available_methods``); None:
             the model's LRP, chosen at setup (:func:`~xai_callbacks.attribution.transformer.model_lrp`:
-            ``lrp.epsilon_plus_flat`` on CNNs and MLPs, ``lrp.attn`` on transformers such as a ViT).
+            ``lrp.epsilon_plus_flat`` on CNNs, ``lrp.epsilon_plus`` on MLPs, ``lrp.attn`` on transformers
+            such as a ViT).
         method_options: options of the method (they need a named ``method``).
         classes: class ids to analyse; None: every class in the validation set.
         class_names: optional class id -> name used in logged keys (default: the id).
