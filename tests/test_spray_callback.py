@@ -210,9 +210,10 @@ def test_bad_arguments_and_sample_selection():
 
 
 def test_tabular_rows_and_token_ids_are_analysed_as_one_channel_signals(tmp_path):
-    """(N, F) rows: a linear model at the defaults, two planted strategies in class 0 (its evidence on feature 2
-    or on feature 9); token ids (N, L): a small text transformer at the defaults. No causal check
-    (it transfers parts of images and signals): a warning says so and SpRAy still runs."""
+    """(N, F) rows: a linear model at the defaults, two planted strategies in class 0 (its
+    evidence on feature 2 or on feature 9); token ids (N, L): a small text transformer at the
+    defaults. No causal check (it transfers parts of images and signals): a warning says so and
+    SpRAy still runs."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from test_architectures import TextTransformer
@@ -231,7 +232,8 @@ def test_tabular_rows_and_token_ids_are_analysed_as_one_channel_signals(tmp_path
     with pytest.warns(UserWarning, match=r"not of token ids or tabular rows \(N, L\), so the heatmap-shape"):
         make_trainer(tmp_path, [cb]).validate(Classifier(linear), DataLoader(TensorDataset(x, y), 16), verbose=False)
     r = cb.results[0]
-    assert cb.method == "lrp.epsilon_plus" and r.n_clusters == 2 and r.prototypes.shape[1:] == (1, 1, 12) and r.evidence is None
+    assert cb.method == "lrp.epsilon_plus" and r.evidence is None
+    assert r.n_clusters == 2 and r.prototypes.shape[1:] == (1, 1, 12)
     idx = np.array(cb.sample_indices)
     first = (x[idx[y[idx].numpy() == 0], 2] > 0.5).numpy()   # class 0's rows in the analysed order
     assert {frozenset(r.labels[first]), frozenset(r.labels[~first])} == {frozenset({0}), frozenset({1})}
