@@ -184,9 +184,9 @@ def test_too_few_and_constant_heatmaps_warn_count_and_training_goes_on(tmp_path)
         make_trainer(tmp_path, [cb]).validate(module, ShortcutDigitsDataModule())
     text = " ".join(str(w.message) for w in caught)
     assert "class 3: 20 heatmap(s) are NaN / inf or constant and were left out" in text and cb.errors == 2
-    # enough samples, none usable: the advice is not "raise max_per_class"
-    assert "class 3: 0 usable heatmap(s), SpRAy with k=10 needs more than 10; skipped (the heatmaps are " \
-           "unusable: try another method" in text
+    # none usable: the advice names the unusable heatmaps
+    assert "class 3: 0 usable heatmap(s), SpRAy with k=10 needs more than 10; skipped (raise max_per_class or " \
+           "lower spray_options['k']; for the NaN / constant ones try another method" in text
 
 
 def test_bad_arguments_and_sample_selection():

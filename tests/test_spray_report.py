@@ -17,9 +17,14 @@ def test_usable_rows_leave_out_broken_heatmaps_and_skip_small_classes():
     labels = np.array([0] * 6 + [1] * 6)
     rows, problems = usable_rows(labels, check_heatmaps(heat), 0, k=3, name="cat")
     assert rows.tolist() == [2, 3, 4, 5]
-    assert problems == ["class cat: 2 heatmap(s) are NaN / inf or constant and were left out"]
+    assert len(problems) == 1 and problems[0].startswith("class cat: 2 heatmap(s) are NaN / inf or constant and "
+                                                         "were left out (constant: the class's score does not")
     rows, problems = usable_rows(labels, check_heatmaps(heat), 1, k=6, name="dog")
-    assert rows is None and "class dog: 6 usable heatmap(s), SpRAy with k=6 needs more than 6" in problems[0]
+    assert rows is None and problems == ["class dog: 6 usable heatmap(s), SpRAy with k=6 needs more than 6; skipped "
+                                         "(raise max_per_class or lower spray_options['k'])"]
+    rows, problems = usable_rows(labels, check_heatmaps(heat), 0, k=4, name="cat")
+    assert rows is None and problems[1].endswith("; for the NaN / constant ones try another method or check the "
+                                                 "model's output for the class)")
 
 
 def test_scalars_share_and_tables_describe_the_result():

@@ -46,8 +46,8 @@ def usable_rows(labels: np.ndarray, usable: np.ndarray, class_id: int, k: int | 
                 "class's score does not depend on these inputs for the method, e.g. a ReLU after the last layer "
                 "that is 0 there)"] if bad else []
     if len(rows) <= k:
-        fix = ("the heatmaps are unusable: try another method or check the model's output for the class"
-               if len(rows) + bad > k else "raise max_per_class or lower spray_options['k']")
+        fix = "raise max_per_class or lower spray_options['k']" + (
+            "; for the NaN / constant ones try another method or check the model's output for the class" if bad else "")
         problems.append(f"class {name}: {len(rows)} usable heatmap(s), SpRAy with k={k} needs more than {k}; "
                         f"skipped ({fix})")
         return None, problems
