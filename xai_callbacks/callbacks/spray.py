@@ -265,7 +265,7 @@ class SpRAyCallback(ExplanationCallback):
                 "batch_size": self.batch_size,
                 **self.resolve_infillers(trainer, self.method_options, method_options(self.method))})
             out = {"x": x.float(), "heatmaps": heat, "labels": y, "scores": scores.detach(), "indices": idx}
-            if self.evidence_regions:
+            if self.evidence_regions and x.dim() > 2:   # rows (N, L) get no causal check (see _evidence)
                 out["regions"] = explain(pl_module, x, target, method=self.evidence_regions,
                                          batch_size=self.batch_size)
             if self.features == "concepts":
@@ -279,14 +279,18 @@ class SpRAyCallback(ExplanationCallback):
         self.progress.update(status=f"explaining {len(self.sample_indices)} samples ({self.method})")
         # each DDP rank explains its share; everything is gathered on every rank
         data = shard_map(trainer, explain_share, torch.tensor(self.sample_indices, device=dev))
+
+        def new_axis(d: dict[str, torch.Tensor], dim: int) -> dict[str, torch.Tensor]:
+            """A new axis at ``dim`` in the inputs and in what is shaped like them."""
+            return {k: v.unsqueeze(dim) if k in ("x", "heatmaps", "regions") or k.startswith("mask:") else v
+                    for k, v in d.items()}
+
         self._rows = data["x"].dim() == 2   # token ids or tabular rows (N, L): one-channel signals here
         if self._rows:
-            data = {k: v[:, None] if k in ("x", "heatmaps", "regions") or k.startswith("mask:") else v
-                    for k, v in data.items()}
+            data = new_axis(data, 1)
         self._signals = data["x"].dim() == 3
         if self._signals:  # one-row images (N, C, 1, L) for the 2-D analysis
-            data = {k: v[:, :, None] if k in ("x", "heatmaps", "regions") or k.startswith("mask:") else v
-                    for k, v in data.items()}
+            data = new_axis(data, 2)
         return {k: v.cpu() for k, v in data.items()}
 
     # -- one epoch -------------------------------------------------------------------------------
