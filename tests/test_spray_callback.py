@@ -112,7 +112,9 @@ def test_wandb_run_has_spray_scalars_plots_tables_images(artifact_run):
         assert len(logged(f"spray/{cls}/prototypes", "images/separated")) == EPOCHS
         assert len(logged(f"spray/{cls}/scatter", "images/separated")) == EPOCHS
         assert len(logged(f"spray/{cls}/evidence", "images/separated")) == EPOCHS
+        # the spectrum as a W&B chart; the picture of it is for runs without W&B
         assert len([r for r in rows if any(k.startswith(f"spray/{cls}/eigenvalues") for k in r)]) == EPOCHS
+        assert not logged(f"spray/{cls}/spectrum", "images/separated")
         assert len([r for r in rows if any(k.startswith(f"spray/{cls}/strategy_share") for k in r)]) == EPOCHS
     assert [r["xai/errors"] for r in rows if "xai/errors" in r] == [0] * EPOCHS
 
@@ -154,6 +156,8 @@ def test_clean_data_flags_no_cluster(tmp_path):
     for c, r in cb.results.items():
         assert r.n_clusters >= 2 and not r.flagged.any(), f"class {c}: cluster suspicion {r.cluster_suspicion}"
     assert trainer.callback_metrics["spray/suspicious_share"] == 0
+    # without W&B the spectrum of each class is a picture with the gap marked
+    assert {p.parent.name for p in tmp_path.rglob("media/*/*.png")} >= {f"spray__{c}__spectrum" for c in range(10)}
     # the default gate passes, in the run and in CI
     assert gate.passed is True and len(gate.epochs[-1]["checks"]) == 10
     assert main(["gate", str(tmp_path)]) == 0

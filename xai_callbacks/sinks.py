@@ -240,9 +240,8 @@ def log_table(trainer, key: str, columns: Sequence[str], rows: Sequence[Sequence
 
 
 def log_line_plot(trainer, key: str, x: Sequence[float], ys: Mapping[str, Sequence[float]], title: str = "",
-                  xname: str = "x", fallback: bool = True) -> None:
-    """Several named curves over a shared ``x``: a W&B line plot, else (with ``fallback``) a
-    matplotlib PNG. ``fallback=False`` for curves a logged picture already shows."""
+                  xname: str = "x") -> None:
+    """Several named curves over a shared ``x``: a W&B line plot, else a matplotlib PNG."""
     if not trainer.is_global_zero:
         return
     wandbs = wandb_loggers(trainer)
@@ -254,8 +253,6 @@ def log_line_plot(trainer, key: str, x: Sequence[float], ys: Mapping[str, Sequen
         for lg in wandbs:
             _emit(lg.experiment.log, {key: plot, "trainer/global_step": trainer.global_step,
                                       "epoch": trainer.current_epoch})
-        return
-    if not fallback:
         return
     import matplotlib
 

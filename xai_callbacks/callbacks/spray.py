@@ -402,12 +402,15 @@ class SpRAyCallback(ExplanationCallback):
         name = self.name_of(c)
         key = f"spray/{name}"
         x, heat, idx = data["x"][rows], data["heatmaps"][rows], data["indices"][rows].tolist()
-        # a W&B chart; elsewhere the spectrum picture below shows the same eigenvalues
-        sinks.log_line_plot(trainer, f"{key}/eigenvalues", list(range(1, len(r.eigenvalues) + 1)),
-                            {"eigenvalue": r.eigenvalues.tolist()}, title=f"class {name}: Laplacian spectrum "
-                            f"({r.n_clusters} clusters by eigengap)", xname="index", fallback=False)
-        sinks.log_images(trainer, f"{key}/spectrum", [render.spectrum_picture(
-            r.eigenvalues, r.n_clusters, f"class {name}: {r.n_clusters} strategies by the eigengap")], [f"class {name}"])
+        # the spectrum: a W&B chart (its title names the gap), elsewhere a picture with the gap marked
+        if sinks.wandb_loggers(trainer):
+            sinks.log_line_plot(trainer, f"{key}/eigenvalues", list(range(1, len(r.eigenvalues) + 1)),
+                                {"eigenvalue": r.eigenvalues.tolist()}, title=f"class {name}: Laplacian spectrum, "
+                                f"{r.n_clusters} strategies by the gap after eigenvalue {r.n_clusters}", xname="index")
+        else:
+            sinks.log_images(trainer, f"{key}/spectrum", [render.spectrum_picture(
+                r.eigenvalues, r.n_clusters, f"class {name}: {r.n_clusters} strategies by the eigengap")],
+                [f"class {name}"])
         if r.embedding is not None:
             sinks.log_table(trainer, f"{key}/embedding", *embedding_table(r, ids, idx))
             scatter = render.strategy_scatter(r.embedding, sample_strategies(r, ids),

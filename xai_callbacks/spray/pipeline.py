@@ -433,7 +433,10 @@ def visualisation_embedding(embedding: np.ndarray, kind: str | None = "tsne", se
         return PCA(n_components=2, random_state=seed).fit_transform(embedding).astype(np.float32)
     from sklearn.manifold import TSNE
 
-    tsne = TSNE(n_components=2, perplexity=min(perplexity, (n - 1) / 3), init="pca", random_state=seed)
+    # 500 iterations (250 after the early exaggeration), not scikit-learn's 1000: on two groups of 50,
+    # 100 and 300 points the KL divergence and the trustworthiness were the same, in half the time
+    tsne = TSNE(n_components=2, perplexity=min(perplexity, (n - 1) / 3), init="pca", max_iter=500,
+                random_state=seed)
     with _one_openmp_thread():
         return tsne.fit_transform(embedding).astype(np.float32)
 
