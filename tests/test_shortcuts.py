@@ -188,6 +188,37 @@ def test_evidence_on_an_analytic_shortcut_model():
         sample_evidence(_Detector(), x, heat[:10], classes)
 
 
+def test_the_check_calls_the_model_with_channels_last_weights_and_leaves_its_own_as_they_are():
+    from xai_callbacks.spray.evidence import _ChannelsLast
+
+    torch.manual_seed(0)
+    model = DemoCNN(in_channels=3, n_classes=4, width=8, image_size=16).eval()
+    before = {n: p for n, p in model.named_parameters()}
+    seen = []
+    model.features[0].register_forward_hook(
+        lambda m, i, o: seen.append(m.weight.is_contiguous(memory_format=torch.channels_last)))
+    x = torch.rand(6, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    net = _ChannelsLast(model)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), model(x), rtol=1e-5, atol=1e-5)
+    assert seen == [True, False]   # channels-last weights inside the check, the model's own outside
+    assert dict(model.named_parameters()) == before and all(p.is_contiguous() for p in before.values())
+
+    class Flat(torch.nn.Module):   # reads its kernel as a matrix: a channels-last kernel cannot be viewed so
+        def __init__(self):
+            super().__init__()
+            self.kernel = torch.nn.Parameter(torch.randn(4, 3, 2, 2))
+
+        def forward(self, x):
+            return x.flatten(2).mean(2) @ self.kernel.view(4, -1)[:, :3].T
+
+    flat = Flat()
+    fallback = _ChannelsLast(flat)
+    with torch.no_grad():
+        torch.testing.assert_close(fallback(x), flat(x))
+    assert fallback.weights == {}
+
+
 class _CornerOrContent(torch.nn.Module):
     """Class 1 when the top-left 4x4 corner (the shortcut) or the bottom half (the class's content) is bright."""
 
