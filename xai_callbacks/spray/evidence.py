@@ -530,8 +530,10 @@ class _ChannelsLast(torch.nn.Module):
     """``model`` called with channels-last copies of its 4-D weights; the model itself is not
     touched. On the CPU the check's images go in channels-last already
     (:func:`~xai_callbacks.scoring.score_perturbed`); with the weights so as well ResNet-18's
-    forward pass at 32 pixels took 0.85 instead of 1.1 ms per image (two cores, 2026-12-04). A
-    model that cannot be called so is called as it is."""
+    forward pass at 32 pixels ran 1.25-1.53x faster, the other models of ``benchmarks/layout.py``
+    (small CNN, VGG-11-BN, MobileNetV3, EfficientNet-B0, DenseNet-121 at 32 and 64 pixels, ResNet-18
+    at 64) 0.93-1.10x, about as fast (two cores, 2026-12-04). A model that cannot be called so is
+    called as it is."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
