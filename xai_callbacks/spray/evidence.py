@@ -479,10 +479,11 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
     def extend(first: np.ndarray, k: int) -> bool:   # one class's stage-one excesses of check k (see SCREEN)
         score = separated_group(first, min_members, max_share, rise_of[k] / 2, floor)[1]
         return score >= screen * separation_of[checks[k][0]]
-    device = model_device(unwrap_model(model))
+    module = unwrap_model(model)
+    device = model_device(module)
     # on the CPU with channels-last weights; a model Lightning compiled runs as the guard gives it
-    if device.type == "cpu" and not getattr(unwrap_model(model), "_compiler_ctx", None):
-        model = _ChannelsLast(unwrap_model(model))
+    if device.type == "cpu" and not getattr(module, "_compiler_ctx", None):
+        model = _ChannelsLast(module)
     target = torch.from_numpy(classes).to(device)
 
     def class_probability(make: Callable[[torch.Tensor], torch.Tensor], sample_of: torch.Tensor) -> torch.Tensor:
@@ -538,7 +539,7 @@ class _ChannelsLast(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.inference_mode(False):   # the copies are used outside inference mode
             self.weights = {name: p.detach().contiguous(memory_format=torch.channels_last)
                             for name, p in model.named_parameters() if p.dim() == 4}
 
