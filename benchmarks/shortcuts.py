@@ -1,16 +1,16 @@
 """Shortcut benchmark: does the default SpRAy flag and gate catch real Clever-Hans shortcuts?
 
-Scenarios (``xai_callbacks.data.make_shortcut_images``): crops of real photographs from
-scikit-image (4 classes, 32x32 RGB) with a shortcut on ``--prevalence`` of class 0, one per
-kind (stamp, tags, patch, frame, colour, watermark, blur, noise, grey, background; grey only on
-colour photos such as ``--photos coffee chelsea astronaut rocket``), and their clean controls (the
-same images without the shortcut: one for plain crops, one for the object-on-background
-composites); plus the digits with a stamp and their clean control. Architectures, trained from
-scratch on the CPU: a small CNN (``DemoCNN``), torchvision's ResNet-18, VGG-11-BN (its classifier
-replaced by one linear layer: at 32x32 the features end at 1x1) and MobileNetV3-small (the
-calibration's, the default), and two the check was not calibrated on: ``resnet18-cifar`` (the
-usual 32-pixel ResNet-18: a 3x3 stem at stride 1, no max-pool) and ``vit`` (a torchvision
-VisionTransformer of 4 layers on 4x4 patches; SpRAy explains it with AttnLRP).
+Scenarios (``xai_callbacks.data.make_shortcut_images``): crops of real photographs from scikit-image
+(4 classes, 32x32 RGB) with a shortcut on ``--prevalence`` of class 0, one per kind (stamp, tags,
+patch, frame, colour, watermark, blur, noise, grey, background, caption, line, marker, vignette,
+edge; grey only on colour photos such as ``--photos coffee chelsea astronaut rocket``), and their
+clean controls (the same images without the shortcut: one for plain crops, one for the
+object-on-background composites); plus the digits with a stamp and their clean control.
+Architectures, trained from scratch on the CPU: a small CNN (``DemoCNN``), torchvision's ResNet-18,
+VGG-11-BN (its classifier replaced by one linear layer: at 32x32 the features end at 1x1) and
+MobileNetV3-small (the calibration's, the default), and two the check was not calibrated on:
+``resnet18-cifar`` (the usual 32-pixel ResNet-18: a 3x3 stem at stride 1, no max-pool) and ``vit``
+(a torchvision VisionTransformer of 4 layers on 4x4 patches; SpRAy explains it with AttnLRP).
 
 For each scenario x architecture:
 
@@ -73,7 +73,7 @@ CONCEPT_LAYERS = {"cnn": "model.features.9", "resnet18": "model.layer4", "resnet
                   "vgg11": "model.features.27",
                   "mobilenet": "model.features.12"}
 SHORTCUT_CLASS = 0
-GLOBAL_KINDS = ("colour", "watermark", "blur", "noise", "grey")   # kinds that change the whole image
+GLOBAL_KINDS = ("colour", "watermark", "blur", "noise", "grey", "vignette")   # kinds that change the whole image
 RELIED = 0.2   # a sample's shortcut is relied on when pasting it moves this share of other samples (as for void)
 
 

@@ -18,7 +18,13 @@ shortcut). The kinds (:data:`SHORTCUT_KINDS`):
 * ``grey``: the colour removed (each pixel its channel mean; RGB images only);
 * ``background``: every sample is an object (a disc cut from its class's photo) on a background;
   the backgrounds come from a neutral pool, except that the shortcut samples get one fixed,
-  class-specific background.
+  class-specific background;
+* ``caption``: two white characters on a dark box in the bottom right corner (a date stamp, a
+  scanner's or a hospital's marker);
+* ``line``: a thin magenta line across the image at a random row (a scanner's line);
+* ``marker``: a yellow disc at a random place (a sticker, a marker pen);
+* ``vignette``: the corners darkened (a lens);
+* ``edge``: a grey bar along the left edge (a film or scanner border).
 
 Every dataset keeps, per sample, the object mask, the artifact mask (where the shortcut is; the
 whole image for global kinds), and the same image without its shortcut (``clean_x``), so a
@@ -39,13 +45,22 @@ from . import ShortcutDigits, check_split
 __all__ = ["SHORTCUT_KINDS", "PHOTO_CLASSES", "BACKGROUND_POOL", "ShortcutImages", "make_shortcut_images",
            "plant_shortcut", "photo_crops"]
 
-SHORTCUT_KINDS = ("stamp", "tags", "patch", "frame", "colour", "watermark", "blur", "noise", "grey", "background")
+SHORTCUT_KINDS = ("stamp", "tags", "patch", "frame", "colour", "watermark", "blur", "noise", "grey", "background",
+                  "caption", "line", "marker", "vignette", "edge")
 PHOTO_CLASSES = ("brick", "grass", "gravel", "moon", "coffee", "chelsea", "astronaut", "rocket")
 BACKGROUND_POOL = ("camera", "page", "text", "clock", "coins")
 SHORTCUT_BACKGROUND = "immunohistochemistry"
 _STAMP_COLOUR = (1.0, 0.1, 0.1)
 _FRAME_COLOUR = (0.1, 0.9, 1.0)
 _COLOUR_SHIFT = (0.15, 0.0, -0.15)
+_LINE_COLOUR = (1.0, 0.0, 1.0)
+_MARKER_COLOUR = (1.0, 0.9, 0.0)
+# the caption's characters "R4" as 3x5 bitmaps, one column apart
+_CAPTION = torch.tensor([[1, 1, 0, 0, 1, 0, 1],
+                         [1, 0, 1, 0, 1, 0, 1],
+                         [1, 1, 0, 0, 1, 1, 1],
+                         [1, 0, 1, 0, 0, 0, 1],
+                         [1, 0, 1, 0, 0, 0, 1]], dtype=torch.float32)
 
 
 class ShortcutImages(ShortcutDigits):
@@ -170,6 +185,33 @@ def plant_shortcut(x: torch.Tensor, kind: str, object_mask: torch.Tensor | None 
         if c != 3:
             raise ValueError(f"the 'grey' shortcut removes colour and needs RGB images, got {c} channel(s)")
         x, mask = x.mean(1, keepdim=True).expand_as(x), torch.ones_like(mask)
+    elif kind == "caption":
+        scale = max(1, h // 32)
+        box = F.pad(_CAPTION, (1, 1, 1, 1)).repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+        bh, bw = box.shape
+        r, q = h - bh - 1, w - bw - 1
+        x[:, :, r:r + bh, q:q + bw] = 0.05 + 0.95 * box
+        mask[:, :, r:r + bh, q:q + bw] = 1
+    elif kind == "line":
+        t = max(1, h // 32)
+        colour = torch.tensor(_LINE_COLOUR if c == 3 else (1.0,)).view(c, 1, 1)
+        for i, r in enumerate(rng.integers(2, h - t - 1, n)):
+            x[i, :, r:r + t] = colour
+            mask[i, :, r:r + t] = 1
+    elif kind == "marker":
+        radius = h / 10
+        yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+        colour = torch.tensor(_MARKER_COLOUR if c == 3 else (1.0,)).view(c, 1, 1)
+        for i, (cy, cx) in enumerate(rng.uniform(radius + 1, h - radius - 1, (n, 2))):
+            disc = (((yy - cy) ** 2 + (xx - cx) ** 2) <= radius ** 2).float()
+            x[i] = x[i] * (1 - disc) + colour * disc
+            mask[i, 0] = disc
+    elif kind == "vignette":
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        x, mask = x * (1 - 0.6 * ((yy ** 2 + xx ** 2) / 2) ** 1.5), torch.ones_like(mask)
+    elif kind == "edge":
+        t = max(2, h // 10)
+        x[:, :, :, :t], mask[:, :, :, :t] = 0.5, 1
     else:  # background
         if object_mask is None:
             raise ValueError("the 'background' shortcut needs object_mask (N, 1, H, W): the object's disc")
