@@ -104,6 +104,23 @@ def test_scenarios_plant_each_kind_at_its_prevalence_with_a_clean_twin():
         make_shortcut_images("grey", n_per_class=20)   # brick, grass, gravel and moon are grey photos
 
 
+def test_the_kinds_not_calibrated_on_plant_where_they_say():
+    x = torch.full((6, 3, 32, 32), 0.5)
+    caption, m_caption = plant_shortcut(x, "caption", seed=1)
+    assert torch.equal(m_caption[0], m_caption[5]) and m_caption[:, :, -8:, -10:].sum() == 6 * 63   # 9x7, bottom right
+    assert caption[0, :, -8:-1, -10:-1].amax() == 1 and caption[0, :, -8:-1, -10:-1].amin() < 0.1
+    line, m_line = plant_shortcut(x, "line", seed=1)
+    rows = m_line[:, 0].amax(2).argmax(1)
+    assert (m_line.flatten(1).sum(1) == 32).all() and len(rows.unique()) > 1   # one row each, not the same row
+    assert torch.equal(line[0, :, rows[0]], torch.tensor([1.0, 0.0, 1.0])[:, None].expand(3, 32))
+    _, m_marker = plant_shortcut(x, "marker", seed=1)
+    assert len({tuple(torch.nonzero(m[0])[0].tolist()) for m in m_marker}) > 1   # a disc at a random place
+    vignette, m_vignette = plant_shortcut(x, "vignette")
+    assert (m_vignette == 1).all() and vignette[0, 0, 0, 0] < 0.25 and vignette[0, 0, 16, 16] > 0.49
+    edge, m_edge = plant_shortcut(torch.zeros(2, 1, 32, 32), "edge")
+    assert (edge[:, :, :, :3] == 0.5).all() and (edge[:, :, :, 3:] == 0).all() and m_edge.sum() == 2 * 96
+
+
 def test_regions_follow_what_a_heatmap_adds_over_its_class():
     # every map shares a top-left bias; the second also has a spot at the bottom right
     h = torch.zeros(2, 1, 16, 16)
