@@ -117,10 +117,15 @@ def photo_crops(name: str, n: int, size: int, rng: np.random.Generator) -> torch
     return crops.clamp(0, 1)
 
 
+def _colour(rgb: tuple[float, float, float], channels: int) -> torch.Tensor:
+    """(channels, 1, 1): the colour ``rgb`` on RGB images, white on one-channel ones."""
+    return torch.tensor(rgb if channels == 3 else (1.0,)).view(channels, 1, 1)
+
+
 def _checker(side: int, channels: int) -> torch.Tensor:
     i = torch.arange(side)
     board = ((i[:, None] // max(1, side // 3) + i[None, :] // max(1, side // 3)) % 2).float()
-    colour = torch.tensor(_STAMP_COLOUR[:channels] if channels == 3 else (1.0,))[:, None, None]
+    colour = _colour(_STAMP_COLOUR, channels)
     return board * colour + (1 - board) * (1 - colour)
 
 
@@ -167,7 +172,7 @@ def plant_shortcut(x: torch.Tensor, kind: str, object_mask: torch.Tensor | None 
     elif kind == "frame":
         width = max(1, h // 16)
         mask[:, :, :width], mask[:, :, -width:], mask[:, :, :, :width], mask[:, :, :, -width:] = 1, 1, 1, 1
-        colour = torch.tensor(_FRAME_COLOUR if c == 3 else (1.0,)).view(1, c, 1, 1)
+        colour = _colour(_FRAME_COLOUR, c)
         x = x * (1 - mask) + colour * mask
     elif kind == "colour":
         shift = torch.tensor(_COLOUR_SHIFT if c == 3 else (0.15,)).view(1, c, 1, 1)
@@ -194,14 +199,14 @@ def plant_shortcut(x: torch.Tensor, kind: str, object_mask: torch.Tensor | None 
         mask[:, :, r:r + bh, q:q + bw] = 1
     elif kind == "line":
         t = max(1, h // 32)
-        colour = torch.tensor(_LINE_COLOUR if c == 3 else (1.0,)).view(c, 1, 1)
+        colour = _colour(_LINE_COLOUR, c)
         for i, r in enumerate(rng.integers(2, h - t - 1, n)):
             x[i, :, r:r + t] = colour
             mask[i, :, r:r + t] = 1
     elif kind == "marker":
         radius = h / 10
         yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
-        colour = torch.tensor(_MARKER_COLOUR if c == 3 else (1.0,)).view(c, 1, 1)
+        colour = _colour(_MARKER_COLOUR, c)
         for i, (cy, cx) in enumerate(rng.uniform(radius + 1, h - radius - 1, (n, 2))):
             disc = (((yy - cy) ** 2 + (xx - cx) ** 2) <= radius ** 2).float()
             x[i] = x[i] * (1 - disc) + colour * disc
