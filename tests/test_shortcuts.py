@@ -17,8 +17,8 @@ from xai_callbacks.cli import main
 from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, plant_shortcut
 from xai_callbacks.models import Classifier, DemoCNN
 from xai_callbacks.infill import gaussian_blur
-from xai_callbacks.spray.evidence import (AREAS, MIN_SEPARATION, largest_minority, relevance_regions, sample_evidence,
-                                          separated_group, transfer)
+from xai_callbacks.spray.evidence import (AREAS, COMPONENTS, MIN_SEPARATION, largest_minority, relevance_regions,
+                                          sample_evidence, separated_group, transfer)
 
 OPTIONS = dict(kind="stamp", n_per_class=200, ambiguity=0.4, seed=0)
 
@@ -285,7 +285,8 @@ def test_a_region_that_holds_the_class_content_hides_the_shortcut_a_smaller_one_
 
 class _GlobalDetector(torch.nn.Module):
     """Class 1 when the mean of channel 0 (``tone``) or the fine-detail energy (``detail``) is high,
-    or the colour (``saturation``: the values' spread over the channels) is low."""
+    or the colour (``saturation``: the values' spread over the channels) is low, or the corners are
+    dark against the centre (``shading``)."""
 
     def __init__(self, kind: str):
         super().__init__()
@@ -296,15 +297,19 @@ class _GlobalDetector(torch.nn.Module):
             signal = x[:, 0].mean((1, 2)) - 0.45
         elif self.kind == "saturation":
             signal = 4 * (0.03 - (x - x.mean(1, keepdim=True)).pow(2).mean((1, 2, 3)).sqrt())   # a steep step
+        elif self.kind == "shading":
+            corners = x[:, :, ::15, ::15].mean((1, 2, 3))   # the four corner pixels against the 4x4 centre
+            signal = 0.75 - corners / x[:, :, 6:10, 6:10].mean((1, 2, 3))
         else:
             signal = (x - gaussian_blur(x, 1.0)).abs().mean((1, 2, 3)) - 0.12
         return torch.stack([torch.zeros_like(signal), 60 * self.w * signal], 1)
 
 
-@pytest.mark.parametrize("kind", ["tone", "detail", "saturation"])
+@pytest.mark.parametrize("kind", ["tone", "detail", "saturation", "shading"])
 def test_evidence_confirms_a_shortcut_without_a_place(kind):
-    """A colour shift, a fine checker or grey on 8 of 20 samples of class 1 has no region in the
-    heatmaps; its transfer against the class's other samples' confirms exactly those 8."""
+    """A colour shift, a fine checker, grey or a vignette on 8 of 20 samples of class 1 has no region
+    in the heatmaps; its transfer against the class's other samples' confirms exactly those 8 (the
+    shading when asked for: it is not among the default components)."""
     gen = torch.Generator().manual_seed(1)
     x = 0.2 + 0.2 * gaussian_blur(torch.rand(40, 3, 16, 16, generator=gen), 1.0)   # smooth, dim images
     i = torch.arange(16)
@@ -313,22 +318,30 @@ def test_evidence_confirms_a_shortcut_without_a_place(kind):
     elif kind == "saturation":   # colourful, the same mean in every channel; 8 of them grey
         x = 0.5 + 5 * (x - 0.3)   # colour spread (root mean square over the channels) 0.06-0.08
         x[:8] = x[:8].mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    elif kind == "shading":   # the corners darkened to 0.3 of the centre
+        r2 = (torch.linspace(-1, 1, 16)[:, None] ** 2 + torch.linspace(-1, 1, 16)[None] ** 2) / 2
+        x[:8] *= 1 - 0.7 * r2
     else:
         x[:8] += 0.25 * ((i[:, None] + i[None, :]) % 2).float()
     classes = np.array([1] * 20 + [0] * 20)
     heat = torch.rand(40, 3, 16, 16, generator=gen)   # relevance everywhere: no place to point at
     model = _GlobalDetector(kind)
     assert (model(x).argmax(1) == torch.from_numpy(np.arange(40) < 8).long()).all()
-    ev = sample_evidence(model, x, heat, classes)
+    if kind == "shading":
+        assert not sample_evidence(model, x, heat, classes).confirmed.any()   # the default components miss it
+    ev = sample_evidence(model, x, heat, classes, components=COMPONENTS)
     assert ev.confirmed.tolist() == (np.arange(40) < 8).tolist()
     assert (ev.component[:8] == kind).all() and (ev.extent()[:8] == 1).all()
     # the tone moves partners all the way; the detail of a checker keeps part of its energy over
     # the partner's blur, still enough to give them the class
     assert ev.excess[:8].min() > (0.9 if kind == "tone" else 0.5) and (ev.flip_rate[:8] == 1).all()
-    # (class 0's colourful regions do colour the grey partners it is transferred into: a tail, unconfirmed)
-    assert np.abs(ev.excess[8:20 if kind == "saturation" else 40]).max() < 0.05
-    # the group's separation decides against the threshold of its own component
-    strict = sample_evidence(model, x, heat, classes, min_separation={**MIN_SEPARATION, kind: ev.separation.max() + 1})
+    # (class 0's colourful regions do colour the grey partners it is transferred into, and its
+    # uneven light darkens a few partners' corners: tails, unconfirmed)
+    assert np.abs(ev.excess[8:20 if kind == "saturation" else 40]).max() < (0.2 if kind == "shading" else 0.05)
+    # the group's separation decides against the threshold of its own component (checked alone: the
+    # shading of channel 0's brighter tone carries it as well)
+    strict = sample_evidence(model, x, heat, classes, components=(kind,),
+                             min_separation={**MIN_SEPARATION, kind: ev.separation.max() + 1})
     assert not strict.confirmed.any() and strict.params["min_separation"][kind] == ev.separation.max() + 1
     with pytest.raises(ValueError, match="components must be"):
         sample_evidence(model, x, heat, classes, components=("region", "edges"))
@@ -358,6 +371,23 @@ def test_transfer_takes_one_component_from_the_source():
     assert torch.equal(transfer("saturation", into[:, :1], source[:, :1]), into[:, :1])   # one channel: no colour
     signals = transfer("tone", into[:, :, 0], source[:, :, 0])   # (B, C, L) signals alike
     torch.testing.assert_close(signals.mean(2), source[:, :, 0].mean(2))
+    # shading: into's own brightness changes nothing; a flat source's makes into flat in brightness,
+    # its detail and colour kept; a vignetted source's darkens into's corners alike
+    torch.testing.assert_close(transfer("shading", into, into), into)
+    flat = torch.full((2, 3, 16, 16), 0.5)
+    r2 = (torch.linspace(-1, 1, 16)[:, None] ** 2 + torch.linspace(-1, 1, 16)[None] ** 2) / 2
+    shaded = transfer("shading", flat, flat * (1 - 0.6 * r2))
+    torch.testing.assert_close(shaded, flat * gaussian_blur((1 - 0.6 * r2).expand(2, 1, 16, 16), 2.0))
+    assert shaded[:, :, 0, 0].max() < 0.7 * shaded[:, :, 8, 8].min()
+    wide = torch.rand(2, 3, 16, 16, generator=gen)
+    lit = transfer("shading", wide, wide + 0.3 * (1 - r2))   # the source's uneven light on into's detail
+    ratio = lit / wide
+    torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio))   # every channel scaled alike
+    assert ratio[:, 0, 8, 8].min() > ratio[:, 0, 0, 0].max()
+    # normalised inputs: with their black as ``low``, the same transfer, normalised
+    a, b = 4.0, -2.0
+    torch.testing.assert_close(transfer("shading", a * wide + b, a * lit + b, low=b),
+                               a * transfer("shading", wide, lit) + b)
     with pytest.raises(ValueError, match="needs keep"):
         transfer("region", into, source)
     with pytest.raises(ValueError, match="unknown component"):

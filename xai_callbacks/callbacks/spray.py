@@ -46,9 +46,9 @@ class SpRAyCallback(ExplanationCallback):
     * ``spray/<class>/strategy_share``: each strategy's share of the class over epochs;
     * ``spray/<class>/evidence`` (with ``evidence=True``): per strategy its most confirmed member,
       the member with its region removed, an other-class sample, and that sample with the member's
-      strongest component (region, detail, tone or saturation) transferred into it; the clusters table gains
-      ``component``, ``region_size``, ``score_drop``, ``transfer_rate``, ``score_rise``,
-      ``score_excess``, ``z`` and the embedding table each sample's ``evidence`` score;
+      strongest component (region, detail, tone, saturation or shading) transferred into it; the
+      clusters table gains ``component``, ``region_size``, ``score_drop``, ``transfer_rate``,
+      ``score_rise``, ``score_excess``, ``z`` and the embedding table each sample's ``evidence`` score;
     * scalars ``spray/<class>/n_clusters``, ``spray/<class>/n_flagged`` (flagged strategies: what the
       default gate rule checks), ``spray/<class>/max_suspicion`` (heatmap shape alone),
       ``spray/<class>/suspicious_strategy`` (id of the flagged strategy, else of the one with the
@@ -106,8 +106,8 @@ class SpRAyCallback(ExplanationCallback):
         save_virelay: write the ViRelAy databases each time.
         evidence: confirm shortcuts causally (:func:`~xai_callbacks.spray.evidence.sample_evidence`):
             transfer each analysed sample's region (where its relevance exceeds its class's
-            median), fine detail, tone and (RGB) saturation into other classes' analysed samples,
-            against the same transfer from other samples of its class; a group of the class whose component
+            median), fine detail, tone, (RGB) saturation and shading into other classes' analysed
+            samples, against the same transfer from other samples of its class; a group of the class whose component
             carries the class far better than the rest's, separated from the rest by a gap,
             forms the class's flagged strategy. False: the heatmap-shape suspicion decides (no
             model calls after the explanations).
