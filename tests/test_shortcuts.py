@@ -332,6 +332,12 @@ def test_evidence_confirms_a_shortcut_without_a_place(kind):
     ev = sample_evidence(model, x, heat, classes, components=COMPONENTS)
     assert ev.confirmed.tolist() == (np.arange(40) < 8).tolist()
     assert (ev.component[:8] == kind).all() and (ev.extent()[:8] == 1).all()
+    # the dashboard's example: the sample, it without its region, its first partner, and that
+    # partner with the sample's component (the shading above the analysed inputs' black)
+    shown, j = ev.example(0, x), int(ev.partners[0, 0])
+    low = x.amin((0, 2, 3), keepdim=True)
+    torch.testing.assert_close(shown[3], transfer(kind, x[j:j + 1], x[:1], low=low)[0])
+    assert torch.equal(shown[0], x[0]) and torch.equal(shown[2], x[j]) and model(shown[3:]).argmax(1).item() == 1
     # the tone moves partners all the way; the detail of a checker keeps part of its energy over
     # the partner's blur, still enough to give them the class
     assert ev.excess[:8].min() > (0.9 if kind == "tone" else 0.5) and (ev.flip_rate[:8] == 1).all()
