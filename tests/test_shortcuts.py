@@ -344,8 +344,7 @@ def test_evidence_confirms_a_shortcut_without_a_place(kind):
     # (class 0's colourful regions do colour the grey partners it is transferred into, and its
     # uneven light darkens a few partners' corners: tails, unconfirmed)
     assert np.abs(ev.excess[8:20 if kind == "saturation" else 40]).max() < (0.2 if kind == "shading" else 0.05)
-    # the group's separation decides against the threshold of its own component (checked alone: the
-    # shading of channel 0's brighter tone carries it as well)
+    # the group's separation decides against the threshold of its own component (checked alone)
     strict = sample_evidence(model, x, heat, classes, components=(kind,),
                              min_separation={**MIN_SEPARATION, kind: ev.separation.max() + 1})
     assert not strict.confirmed.any() and strict.params["min_separation"][kind] == ev.separation.max() + 1

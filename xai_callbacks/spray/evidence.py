@@ -6,18 +6,18 @@ shortcut is something a *minority* of a class carries that makes other classes' 
 like the class far better than what the rest of the class carries. For each analysed sample
 ``i`` of class ``c`` (:func:`sample_evidence`):
 
-1. **Components.** Up to four parts of ``i`` (five with the shading) are transferred (:func:`transfer`) into ``pastes``
-   samples of other classes that the model does not give ``c`` (drawn from the class's pool of
-   ``2 * pastes`` partners): its **region** (where its
+1. **Components.** Up to four parts of ``i`` (five with the shading) are transferred
+   (:func:`transfer`) into ``pastes`` samples of other classes that the model does not give ``c``
+   (drawn from the class's pool of ``2 * pastes`` partners): its **region** (where its
    relevance distribution exceeds the per-position median of its class most: a stamp, tags, a
    frame, a patch; the median is the typical sample up to 50 % prevalence and cancels what every
    heatmap of the class shares, such as the LRP bias towards the top-left corner of small
    ResNet inputs; an eighth and a thirty-second of the input by default, each share on its own),
    its fine **detail** (a high-frequency watermark, a texture), its per-channel **tone** (a
    colour or brightness shift), on RGB images its colour **saturation** (grey images among
-   colour ones) and, where asked for (:data:`DEFAULT_COMPONENTS`), its **shading**, the coarse
-   brightness over the input (a vignette, uneven light). Detail, tone, saturation and shading
-   have no region: the heatmaps cannot point at them, the intervention can.
+   colour ones) and, where asked for (it is not among :data:`DEFAULT_COMPONENTS`), its
+   **shading**, the coarse brightness over the input (a vignette, uneven light). Detail, tone,
+   saturation and shading have no region: the heatmaps cannot point at them, the intervention can.
 2. **Control.** As the class's samples go into the same pool, each partner has its control at no
    further cost: the lower quartile of the class probability that the class's samples that went
    into it (about half of the class) give it with their same component (for the region each
@@ -31,8 +31,8 @@ like the class far better than what the rest of the class carries. For each anal
    (the object, the class's texture, the most relevant part of any of its samples, what any of
    its samples has at that place) cancels; a shortcut does not.
    Measured in two stages (:data:`SCREEN`): every sample's components go into half of its
-   partners (the tone, the saturation and the shading into a quarter, :data:`WHOLE`); a class's check goes on
-   into the rest where those excesses come near a confirmed group.
+   partners (the tone, the saturation and the shading into a quarter, :data:`WHOLE`); a class's
+   check goes on into the rest where those excesses come near a confirmed group.
 3. **Removal** (reported, not decided on): the region is removed through an infiller (blur by
    default; the GAN inpainter when one is trained keeps the removal in-distribution) and
    ``drop`` is the fall of the class probability.
@@ -55,8 +55,8 @@ shifts on varied photos, class-specific backgrounds).
 Cost: ``passes`` counts the model evaluations per sample (``forward_passes`` their sum): itself
 (all classes' probabilities at once; none where ``probabilities`` are given, as the callback
 does), its removal, half of ``pastes`` transfers per check (the region at each area, the detail; a quarter
-for the tone, the saturation and the shading), the rest for the checks of its class that come near a confirmed
-group (18 % over 98 benchmark models), and ``pastes`` place controls per area where its excess
+for the tone, the saturation and the shading), the rest for the checks of its class that come near a
+confirmed group (18 % over 98 benchmark models), and ``pastes`` place controls per area where its excess
 reaches ``min_rise`` (about 5 %); with the defaults 15-22 on the benchmark's clean controls and
 15-28 over all of it (as the callback counts them; 17-32 with the shading), one more without
 ``probabilities``. All
@@ -199,8 +199,8 @@ class SampleEvidence:
 
     Attributes:
         classes: (N,) the class each sample is analysed for.
-        component: (N,) the component (``region``, ``detail``, ``tone``, ``saturation``, ``shading``) the fields
-            below describe.
+        component: (N,) the component (``region``, ``detail``, ``tone``, ``saturation``,
+            ``shading``) the fields below describe.
         rise: (N,) mean rise of the class probability of ``pastes`` other-class samples when the
             sample's component is transferred into them (half of them where its class's check
             stopped after the first stage, see :data:`SCREEN`; the same for the fields below).
@@ -405,8 +405,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         heatmaps: (N, C, *S) or (N, *S) their relevance for their class.
         classes: (N,) the class (output index) each sample is analysed for.
         components: what is transferred: any of ``region``, ``detail``, ``tone``, ``saturation``,
-            ``shading`` (:func:`transfer`), in order of preference: a sample confirmed by several is described
-            by the first (a stamp is shown as a region even when its fine detail also transfers).
+            ``shading`` (:func:`transfer`), in order of preference: a sample confirmed by several
+            is described by the first (a stamp is shown as a region even when its fine detail also transfers).
             ``saturation`` is measured on RGB inputs with colour only and skipped on others.
             Default :data:`DEFAULT_COMPONENTS` (all but ``shading``).
         infiller: how a region is removed for ``drop``: a name (``blur``, ``constant``, ``noise``,
