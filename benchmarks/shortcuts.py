@@ -8,9 +8,10 @@ clean controls (the same images without the shortcut: one for plain crops, one f
 object-on-background composites); plus the digits with a stamp and their clean control.
 Architectures, trained from scratch on the CPU: a small CNN (``DemoCNN``), torchvision's ResNet-18,
 VGG-11-BN (its classifier replaced by one linear layer: at 32x32 the features end at 1x1) and
-MobileNetV3-small (the calibration's, the default), and two the check was not calibrated on:
-``resnet18-cifar`` (the usual 32-pixel ResNet-18: a 3x3 stem at stride 1, no max-pool) and ``vit``
-(a torchvision VisionTransformer of 4 layers on 4x4 patches; SpRAy explains it with AttnLRP).
+MobileNetV3-small (the calibration's, the default), and three the check was not calibrated on:
+``resnet18-cifar`` (the usual 32-pixel ResNet-18: a 3x3 stem at stride 1, no max-pool), ``vit``
+(a torchvision VisionTransformer of 4 layers on 4x4 patches; SpRAy explains it with AttnLRP) and
+``mlp`` (no convolution: two hidden layers of 256 and 128 ReLU units on the flattened image).
 
 For each scenario x architecture:
 
@@ -65,7 +66,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, plant_shortcut  # noqa: E402
 
-ARCHS = ("cnn", "resnet18", "vgg11", "mobilenet", "resnet18-cifar", "vit")
+ARCHS = ("cnn", "resnet18", "vgg11", "mobilenet", "resnet18-cifar", "vit", "mlp")
 CALIBRATED = ARCHS[:4]   # the architectures the check's thresholds were calibrated on (the default)
 FEATURES = ("heatmaps", "concepts")
 # concept-space SpRAy: the layer whose channels are the concepts (names inside models.Classifier)
@@ -83,6 +84,9 @@ def build(arch: str, channels: int, classes: int, seed: int, size: int = 32) -> 
         from xai_callbacks.models import DemoCNN
 
         return DemoCNN(in_channels=channels, n_classes=classes, width=16, image_size=size)
+    if arch == "mlp":
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(channels * size * size, 256), torch.nn.ReLU(),
+                                   torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, classes))
     import torchvision
 
     if arch == "resnet18":
