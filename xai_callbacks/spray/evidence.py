@@ -59,9 +59,9 @@ for the tone, the saturation and the shading), the rest for the checks of its cl
 confirmed group (18 % over 98 benchmark models), and ``pastes`` place controls per area where its excess
 reaches ``min_rise`` (about 5 %); with the defaults 15-22 on the benchmark's clean controls and
 15-28 over all of it (as the callback counts them; 17-32 with the shading), one more without
-``probabilities``. All
-batched on the model's device under :func:`xai_callbacks.guard.model_guard` (and split across processes
-with ``shard``, as ``SpRAyCallback`` does across DDP ranks). No Lightning, no W&B here.
+``probabilities``. All batched on the model's device under :func:`xai_callbacks.guard.model_guard`
+(and split across processes with ``shard``, as ``SpRAyCallback`` does across DDP ranks). No
+Lightning, no W&B here.
 """
 from __future__ import annotations
 
@@ -264,8 +264,7 @@ class SampleEvidence:
         xi, xj = x[i:i + 1].detach().float().cpu(), x[j:j + 1].detach().float().cpu()
         with torch.inference_mode(False), torch.no_grad():
             removed = self.infiller(xi.clone(), keep)
-            low = torch.tensor(self.params.get("low", [0.0])).view(1, -1, *[1] * (x.dim() - 2))
-            pasted = transfer(str(self.component[i]), xj, xi, keep, low)
+            pasted = transfer(str(self.component[i]), xj, xi, keep, _black(x.detach().float().cpu()))
         return torch.cat([xi, removed, xj, pasted])
 
 
@@ -517,10 +516,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         return part(torch.arange(len(sample_of), device=device)) if shard is None else shard(part, len(sample_of))
     with torch.inference_mode(False), torch.no_grad():  # inputs may be inference tensors (Trainer.validate)
         x = x.detach().to(device, torch.float32, copy=True)   # on the model's device once, for every pass
-        low = x.amin(dim=(0, *range(2, x.dim())), keepdim=True)   # the inputs' black, per channel (shading)
-        params["low"] = low.flatten().tolist()
         m = _measure(model, x, heatmaps.clone(), classes, checks, rise_of, areas, pastes, batch_size, seed, extend,
-                     probabilities, class_probability, low)
+                     probabilities, class_probability, _black(x))
     excess = m["excess"]
     z, separation = np.zeros_like(excess), np.zeros_like(excess)
     ratio = np.zeros(len(classes))
@@ -575,6 +572,12 @@ class _ChannelsLast(torch.nn.Module):
             except RuntimeError:
                 self.weights = {}
         return self.model(x)
+
+
+def _black(x: torch.Tensor) -> torch.Tensor:
+    """(1, C, 1...): the per-channel minimum of the analysed inputs ``x`` (N, C, *S), the black the
+    ``shading`` transfer scales above."""
+    return x.amin(dim=(0, *range(2, x.dim())), keepdim=True)
 
 
 def _spread(values: np.ndarray) -> float:
