@@ -17,8 +17,8 @@ from xai_callbacks.cli import main
 from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, plant_shortcut
 from xai_callbacks.models import Classifier, DemoCNN
 from xai_callbacks.infill import gaussian_blur
-from xai_callbacks.spray.evidence import (AREAS, COMPONENTS, MIN_SEPARATION, largest_minority, relevance_regions,
-                                          sample_evidence, separated_group, transfer)
+from xai_callbacks.spray.evidence import (AREAS, COMPONENTS, MAJORITY_SEPARATION, MIN_SEPARATION, group_sizes,
+                                          relevance_regions, sample_evidence, separated_group, transfer)
 
 OPTIONS = dict(kind="stamp", n_per_class=200, ambiguity=0.4, seed=0)
 
@@ -433,26 +433,32 @@ def test_a_smaller_region_is_asked_for_a_smaller_rise():
     assert not sample_evidence(model, x, heat, classes, min_rise=0.4).confirmed.any()
 
 
-def test_a_confirmed_group_is_credibly_a_minority_of_its_class():
-    """Half of a small class can be its majority by chance: 12 of 25 samples that stand apart are
-    no confirmed group, 10 of 25 are, and 12 of 50 as well (the bound follows the class's size)."""
-    assert [largest_minority(n) for n in (10, 20, 25, 50)] == [3, 8, 10, 22]
-    high, low = 0.5 + np.linspace(0, 0.02, 12), np.linspace(-0.02, 0.02, 38)
+def test_a_group_that_may_be_the_majority_of_its_class_must_stand_further_apart():
+    """A shortcut on half of a class is confirmed where it stands far apart; a group that is
+    credibly more than half of the class (its majority strategy) is not: of 25 samples, 10 that
+    stand apart count fully, 14 count half, 16 not at all (the bounds follow the class's size)."""
+    assert [group_sizes(n) for n in (9, 25, 50)] == [(3, 5), (10, 14), (22, 27)]
+    high, low = 0.5 + np.linspace(0, 0.02, 30), np.linspace(-0.02, 0.02, 36)
 
     def group(n_high, n):
         return separated_group(np.concatenate([high[:n_high], low[:n - n_high]]))
 
-    members, score = group(10, 25)
-    assert members.tolist() == list(range(10)) and score > MIN_SEPARATION["region"]
-    assert group(12, 25)[1] < 1, "12 of 25 may be the class's majority"
-    members, score = group(12, 50)
-    assert members.tolist() == list(range(12)) and score > MIN_SEPARATION["region"]
-    # a class too small for any credible group of min_members is named, with the size it takes
+    full = group(10, 25)
+    assert full[0].tolist() == list(range(10)) and full[1] > MIN_SEPARATION["region"]
+    members, score = group(14, 25)
+    assert members.tolist() == list(range(14))
+    assert score == pytest.approx(separated_group(np.concatenate([high[:14], low[:11]]), max_share=1)[1] /
+                                  MAJORITY_SEPARATION)
+    assert group(16, 25)[1] < 1, "16 of 25 is credibly the class's majority"
+    members, score = group(27, 50)
+    assert members.tolist() == list(range(27)) and score > MIN_SEPARATION["region"]
+    assert group(30, 50)[1] < 1
+    # a class too small for any group of min_members is named, with the size it takes
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(30, 1, 16, 16, generator=gen)
-    with pytest.warns(UserWarning, match=r"classes \[1\] have too few analysed samples \(10 at the fewest\).* 13 "
+    x = torch.rand(28, 1, 16, 16, generator=gen)
+    with pytest.warns(UserWarning, match=r"classes \[1\] have too few analysed samples \(8 at the fewest\).* 9 "
                                          r"samples per class"):
-        ev = sample_evidence(_Detector(), x, torch.rand(30, 1, 16, 16, generator=gen), [1] * 10 + [0] * 20)
-    assert not ev.confirmed[:10].any()
+        ev = sample_evidence(_Detector(), x, torch.rand(28, 1, 16, 16, generator=gen), [1] * 8 + [0] * 20)
+    assert not ev.confirmed[:8].any()
     with pytest.raises(ValueError, match="max_share in"):
-        sample_evidence(_Detector(), x, x, [1] * 10 + [0] * 20, max_share=0)
+        sample_evidence(_Detector(), x, x, [1] * 8 + [0] * 20, max_share=0)

@@ -90,7 +90,7 @@ class SpRAyCallback(ExplanationCallback):
         class_names: optional class id -> name used in logged keys (default: the id).
         max_per_class: validation samples explained per class (a shortcut needs 5 of them,
             ``min_members``, to be confirmed: raise it for shortcuts rarer than 10 % of a class; the
-            check was calibrated at 50, and a class of fewer than 13 can confirm nothing).
+            check was calibrated at 50, and a class of fewer than 9 can confirm nothing).
         target: explain the ``"label"`` (true class, as SpRAy does), the ``"prediction"``, or a target
             function (see :class:`ExplanationCallback`); samples are grouped by their (first) label.
         spray_options: keyword arguments of :func:`~xai_callbacks.spray.spray` (``k``,
