@@ -151,7 +151,7 @@ SHARE_Z = 0.6745
 #: credibly less than half of its class (the upper quartile of its share is half or more: more than
 #: 22 of 50 analysed samples, 10 of 25): it may be the class's own majority strategy, as it may be a
 #: shortcut carried by up to half of the class (the benchmark plants them in 10-50 %). Over the
-#: benchmark's cached models (2026-12-05; 142 models at 50 samples per class, 79 at 25; every
+#: benchmark's cached models (2026-12-05; 142 models at 50 samples per class, 99 at 25; every
 #: check stored, the decision replayed): the groups of that size in classes without a planted
 #: shortcut stood at 1.04-1.46 of their threshold (34 of 50 crops of the moon texture by their fine
 #: detail, 28 of 50 of the Hubble deep field by their tone: the class's own photo beside other
