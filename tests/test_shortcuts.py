@@ -433,6 +433,26 @@ def test_a_smaller_region_is_asked_for_a_smaller_rise():
     assert not sample_evidence(model, x, heat, classes, min_rise=0.4).confirmed.any()
 
 
+def test_a_shortcut_on_half_of_a_class_is_confirmed_end_to_end():
+    """The analytic corner shortcut on 10 of 20 samples of class 1 (not credibly less than half of
+    them) is confirmed, at half its separation. Every check with all 8 pastes (``screen=0``): with 20
+    samples per class the first stage's 4 give a partner about 5 transfers of the class, too few for
+    their lower quartile to stay free of a shortcut that half of the class carries."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, 16, 16, generator=gen) * 0.4
+    x[:10, :, :4, :4] = 1.0
+    heat = torch.rand(40, 1, 16, 16, generator=gen) * 0.1
+    heat[:10, :, :4, :4] += 1.0
+    ev = sample_evidence(_Detector(), x, heat, np.array([1] * 20 + [0] * 20), infiller="constant", area=1 / 16,
+                         screen=0)
+    assert group_sizes(20) == (8, 11)
+    assert ev.confirmed.tolist() == [True] * 10 + [False] * 30
+    assert (ev.component[:10] == "region").all() and ev.separation[:10].min() >= MIN_SEPARATION["region"]
+    # the same group counted fully (the rest's excesses here are of each sample's own best check)
+    whole = separated_group(ev.excess[:20], max_share=1)[1]
+    assert ev.separation[:10].max() == pytest.approx(whole / MAJORITY_SEPARATION, rel=1e-3)
+
+
 def test_a_group_that_may_be_the_majority_of_its_class_must_stand_further_apart():
     """A shortcut on half of a class is confirmed where it stands far apart; a group that is
     credibly more than half of the class (its majority strategy) is not: of 25 samples, 10 that
