@@ -460,15 +460,14 @@ def test_a_group_that_may_be_the_majority_of_its_class_must_stand_further_apart(
     assert [group_sizes(n) for n in (9, 25, 50)] == [(3, 5), (10, 14), (22, 27)]
     high, low = 0.5 + np.linspace(0, 0.02, 30), np.linspace(-0.02, 0.02, 36)
 
-    def group(n_high, n):
-        return separated_group(np.concatenate([high[:n_high], low[:n - n_high]]))
+    def group(n_high, n, max_share=0.5):
+        return separated_group(np.concatenate([high[:n_high], low[:n - n_high]]), max_share=max_share)
 
     full = group(10, 25)
     assert full[0].tolist() == list(range(10)) and full[1] > MIN_SEPARATION["region"]
     members, score = group(14, 25)
     assert members.tolist() == list(range(14))
-    assert score == pytest.approx(separated_group(np.concatenate([high[:14], low[:11]]), max_share=1)[1] /
-                                  MAJORITY_SEPARATION)
+    assert score == pytest.approx(group(14, 25, max_share=1)[1] / MAJORITY_SEPARATION)
     assert group(16, 25)[1] < 1, "16 of 25 is credibly the class's majority"
     members, score = group(27, 50)
     assert members.tolist() == list(range(27)) and score > MIN_SEPARATION["region"]
