@@ -17,8 +17,9 @@ from xai_callbacks.cli import main
 from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, plant_shortcut
 from xai_callbacks.models import Classifier, DemoCNN
 from xai_callbacks.infill import gaussian_blur
-from xai_callbacks.spray.evidence import (AREAS, COMPONENTS, MAJORITY_SEPARATION, MIN_SEPARATION, group_sizes,
-                                          relevance_regions, sample_evidence, separated_group, transfer)
+from xai_callbacks.spray.evidence import (AREAS, COMPONENTS, MAJORITY_SEPARATION, MIN_SEPARATION,
+                                          border_mask, group_sizes, relevance_regions, sample_evidence,
+                                          separated_group, transfer)
 
 OPTIONS = dict(kind="stamp", n_per_class=200, ambiguity=0.4, seed=0)
 
@@ -303,6 +304,45 @@ class _GlobalDetector(torch.nn.Module):
         else:
             signal = (x - gaussian_blur(x, 1.0)).abs().mean((1, 2, 3)) - 0.12
         return torch.stack([torch.zeros_like(signal), 60 * self.w * signal], 1)
+
+
+def test_border_mask_is_the_outer_sixteenth_of_each_side():
+    assert border_mask((32, 32)).sum() == 32 * 32 - 28 * 28 and not border_mask((32, 32))[2:-2, 2:-2].any()
+    assert border_mask((16, 16)).sum() == 16 * 16 - 14 * 14   # at least one position
+    # a one-row image (a signal) has a border at its two ends only
+    assert border_mask((1, 64)).nonzero()[:, 1].tolist() == [0, 1, 2, 3, 60, 61, 62, 63]
+
+
+def test_the_border_confirms_a_frame_the_relevance_regions_miss():
+    """A bright frame one position wide on 8 of 20 samples of class 1, relevance everywhere: no
+    region of the heatmaps holds the frame, the border does (when asked for: not a default; the
+    sharp frame's fine detail transfers as well)."""
+    gen = torch.Generator().manual_seed(1)
+    x = 0.2 + 0.2 * gaussian_blur(torch.rand(40, 3, 16, 16, generator=gen), 1.0)
+    ring = border_mask((16, 16))
+    x[:8, :, ring] = 0.9
+    classes = np.array([1] * 20 + [0] * 20)
+    heat = torch.rand(40, 3, 16, 16, generator=gen)
+
+    class FrameDetector(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            signal = x[:, :, ring].mean((1, 2)) - x[:, :, ~ring].mean((1, 2)) - 0.3   # a frame brighter than the rest
+            return torch.stack([torch.zeros_like(signal), 60 * self.w * signal], 1)
+
+    model = FrameDetector()
+    assert (model(x).argmax(1) == torch.from_numpy(np.arange(40) < 8).long()).all()
+    assert not sample_evidence(model, x, heat, classes, components=("region",)).confirmed.any()
+    ev = sample_evidence(model, x, heat, classes, components=("region", "border"))
+    assert ev.confirmed.tolist() == (np.arange(40) < 8).tolist()
+    assert (ev.component[:8] == "border").all() and np.allclose(ev.extent()[:8], 60 / 256)
+    assert (ev.regions[:8] == ring).all() and ev.excess[:8].min() > 0.9
+    shown, j = ev.example(0, x), int(ev.partners[0, 0])
+    torch.testing.assert_close(shown[3], transfer("border", x[j:j + 1], x[:1])[0])
+    assert model(shown[3:]).argmax(1).item() == 1 and torch.equal(shown[1][:, ~ring], x[0][:, ~ring])
 
 
 @pytest.mark.parametrize("kind", ["tone", "detail", "saturation", "shading"])

@@ -46,7 +46,7 @@ class SpRAyCallback(ExplanationCallback):
     * ``spray/<class>/strategy_share``: each strategy's share of the class over epochs;
     * ``spray/<class>/evidence`` (with ``evidence=True``): per strategy its most confirmed member,
       the member with its region removed, an other-class sample, and that sample with the member's
-      strongest component (region, detail, tone, saturation or shading) transferred into it; the
+      strongest component (region, detail, tone, saturation, shading or border) transferred into it; the
       clusters table gains ``component``, ``region_size``, ``score_drop``, ``transfer_rate``,
       ``score_rise``, ``score_excess``, ``z`` and the embedding table each sample's ``evidence`` score;
     * scalars ``spray/<class>/n_clusters``, ``spray/<class>/n_flagged`` (flagged strategies: what the
@@ -107,7 +107,7 @@ class SpRAyCallback(ExplanationCallback):
         evidence: confirm shortcuts causally (:func:`~xai_callbacks.spray.evidence.sample_evidence`):
             transfer each analysed sample's region (where its relevance exceeds its class's
             median), fine detail, tone and (RGB) saturation (with ``evidence_options``
-            ``components``, also its shading) into other classes' analysed samples, against the
+            ``components``, also its shading or its border) into other classes' analysed samples, against the
             same transfer from other samples of its class; a group of the class whose component
             carries the class far better than the rest's, separated from the rest by a gap,
             forms the class's flagged strategy. False: the heatmap-shape suspicion decides (no

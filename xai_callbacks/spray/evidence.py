@@ -6,7 +6,7 @@ shortcut is something part of a class carries that makes other classes' samples 
 like the class far better than what the rest of the class carries. For each analysed sample
 ``i`` of class ``c`` (:func:`sample_evidence`):
 
-1. **Components.** Up to four parts of ``i`` (five with the shading) are transferred
+1. **Components.** Up to four parts of ``i`` (six with the shading and the border) are transferred
    (:func:`transfer`) into ``pastes`` samples of other classes that the model does not give ``c``
    (drawn from the class's pool of ``2 * pastes`` partners): its **region** (where its
    relevance distribution exceeds the per-position median of its class most: a stamp, tags, a
@@ -16,15 +16,17 @@ like the class far better than what the rest of the class carries. For each anal
    its fine **detail** (a high-frequency watermark, a texture), its per-channel **tone** (a
    colour or brightness shift), on RGB images its colour **saturation** (grey images among
    colour ones) and, where asked for (it is not among :data:`DEFAULT_COMPONENTS`), its
-   **shading**, the coarse brightness over the input (a vignette, uneven light). Detail, tone,
-   saturation and shading have no region: the heatmaps cannot point at them, the intervention can.
+   **shading**, the coarse brightness over the input (a vignette, uneven light), and its **border**,
+   the outer sixteenth of each side (a frame, a bar along an edge), a region no heatmap has to find.
+   Detail, tone, saturation and shading have no region: the heatmaps cannot point at them, the
+   intervention can.
 2. **Control.** As the class's samples go into the same pool, each partner has its control at no
    further cost: the lower quartile of the class probability that the class's samples that went
    into it (about half of the class) give it with their same component (for the region each
    sample's own region, the most relevant part of a sample of the class as well), and ``excess``
    is the median over ``i``'s partners of the class probability with ``i``'s component minus
    that. The lower quartile stays typical of the class while up to three quarters of those
-   samples share ``i``'s shortcut. The region has a second control, for its place:
+   samples share ``i``'s shortcut. The region (and the border) has a second control, for its place:
    per partner a class mate's content through ``i``'s region (the upper quartile over partners of
    the difference), and its ``excess`` is the smaller of the two; it is measured only where the
    first excess reaches ``min_rise``, as no other sample can be confirmed. What all of the class carries
@@ -84,16 +86,23 @@ from .suspicion import positive_part
 
 __all__ = ["SampleEvidence", "StrategyEvidence", "sample_evidence", "separated_group", "group_sizes",
            "relevance_regions", "transfer", "AREAS", "COMPONENTS", "DEFAULT_COMPONENTS", "MIN_SEPARATION", "MIN_RISE",
-           "SCREEN", "WHOLE", "SHARE_Z", "MAJORITY_SEPARATION"]
+           "SCREEN", "WHOLE", "SHARE_Z", "MAJORITY_SEPARATION", "BORDER", "border_mask"]
 
 #: What the evidence can transfer from a sample into other classes' samples (see :func:`transfer`).
-COMPONENTS = ("region", "detail", "tone", "saturation", "shading")
-#: What :func:`sample_evidence` checks unless told: all but the shading, which catches a vignette
+COMPONENTS = ("region", "detail", "tone", "saturation", "shading", "border")
+#: What :func:`sample_evidence` checks unless told: all but the shading and the border (below), the
+#: shading catches a vignette
 #: (the benchmark's texture CNN and VGG-11-BN, separations 10.7 and 10.6; not ResNet-18's, 4.1) but
 #: where an object's brightness is its shape carries the object itself: on the clean digits
 #: ResNet-18 it confirmed a natural group of 1s (separation 29.5). ``components=COMPONENTS`` adds it
 #: where uneven light or a lens is the suspected shortcut.
 DEFAULT_COMPONENTS = COMPONENTS[:4]
+#: The ``border`` component's width, a share of each side of the input (at least one position; a
+#: side of one position, as the row of a one-row image, has none): the benchmark's frames (the same
+#: width) and a vignette's darkest part. ``components=(*DEFAULT_COMPONENTS, "border")`` adds it where
+#: a frame, a scanner's margin or a bar along an edge is the suspected shortcut (see the README's
+#: "The opt-in border").
+BORDER = 1 / 16
 
 #: The region's shares of the input, each checked on its own: an eighth (a stamp, tags, a patch or
 #: half a frame at 32 pixels) and a thirty-second (a small stamp or tag on a larger input, where an
@@ -113,8 +122,10 @@ AREAS = (1 / 8, 1 / 32)
 #: over 18 benchmark models (10 on colour photos; small CNN and ResNet-18) every class without a
 #: planted grey share stayed below 1; the small CNN's grey crops of a scene class stood at 29.
 #: With the controls taken from the class's own transfers (one draw over 97 benchmark models) the
-#: classes without a planted shortcut stayed below 0.45 of these thresholds.
-MIN_SEPARATION = MappingProxyType({"region": 4.0, "detail": 3.0, "tone": 10.0, "saturation": 10.0, "shading": 10.0})
+#: classes without a planted shortcut stayed below 0.45 of these thresholds. The border's is the
+#: region's: it is a region, of a fixed place.
+MIN_SEPARATION = MappingProxyType({"region": 4.0, "detail": 3.0, "tone": 10.0, "saturation": 10.0, "shading": 10.0,
+                                   "border": 4.0})
 #: Excess every member of a confirmed group reaches (probability units), for an eighth of the input
 #: and the global components; a region of share ``a`` is asked ``MIN_RISE * sqrt(8 a)`` (in
 #: proportion to its side: 0.1 for a thirty-second), as less of the input carries less of a class.
@@ -168,6 +179,23 @@ def _distribution(heatmaps: torch.Tensor, spatial: int) -> torch.Tensor:
     pos = positive_part(r.sum(1) if r.dim() == spatial + 2 else r)
     total = pos.flatten(1).sum(1).clamp_min(1e-30)
     return pos / total.view(-1, *[1] * spatial)
+
+
+def border_mask(size: tuple[int, ...]) -> torch.Tensor:
+    """(*size) bool: the positions within :data:`BORDER` of a side, per dimension (at least one
+    position; a dimension of one or two positions has no border).
+
+    Example:
+        >>> border_mask((32, 32)).sum().item()   # 2 positions along each side
+        240
+    """
+    mask = torch.zeros(tuple(size), dtype=torch.bool)
+    for d, n in enumerate(size):
+        if n > 2:
+            width = max(1, int(n * BORDER))
+            mask.narrow(d, 0, width).fill_(True)
+            mask.narrow(d, n - width, width).fill_(True)
+    return mask
 
 
 def relevance_regions(heatmaps: torch.Tensor, reference: torch.Tensor, area: float = 1 / 8) -> torch.Tensor:
@@ -267,7 +295,7 @@ class SampleEvidence:
         """(N,) share of the input each sample's strongest component covers (1 for ``detail``,
         ``tone``, ``saturation`` and ``shading``, which change the whole input)."""
         size = self.regions.flatten(1).float().mean(1).numpy()
-        return np.where(self.component == "region", size, 1.0)
+        return np.where(np.isin(self.component, ("region", "border")), size, 1.0)
 
     def example(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """(4, C, *S): sample ``i``, it with its region removed, its first partner, and the partner
@@ -356,6 +384,8 @@ def transfer(component: str, into: torch.Tensor, source: torch.Tensor, keep: tor
     """``into`` with one component taken from ``source`` (both (B, C, *S)).
 
     * ``region``: the positions where ``keep`` (B, 1, *S) is 0 come from ``source``;
+    * ``border``: the positions of :func:`border_mask` come from ``source`` (or those where
+      ``keep`` is 0, where given);
     * ``detail``: the fine detail (the input minus its Gaussian blur, sigma 1 position) of ``source``
       over the blur of ``into``;
     * ``tone``: ``into`` shifted so that its per-channel mean is that of ``source``;
@@ -370,7 +400,9 @@ def transfer(component: str, into: torch.Tensor, source: torch.Tensor, keep: tor
     Raises:
         ValueError: for an unknown component, or ``region`` without ``keep``.
     """
-    if component == "region":
+    if component == "border" and keep is None:
+        keep = (~border_mask(into.shape[2:])).to(into)[None, None]
+    if component in ("region", "border"):
         if keep is None:
             raise ValueError("transfer('region', ...) needs keep, the (B, 1, *S) mask of what stays")
         return into * keep + source * (1 - keep)
@@ -417,10 +449,10 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         heatmaps: (N, C, *S) or (N, *S) their relevance for their class.
         classes: (N,) the class (output index) each sample is analysed for.
         components: what is transferred: any of ``region``, ``detail``, ``tone``, ``saturation``,
-            ``shading`` (:func:`transfer`), in order of preference: a sample confirmed by several
+            ``shading``, ``border`` (:func:`transfer`), in order of preference: a sample confirmed by several
             is described by the first (a stamp is shown as a region even when its fine detail also transfers).
             ``saturation`` is measured on RGB inputs with colour only and skipped on others.
-            Default :data:`DEFAULT_COMPONENTS` (all but ``shading``).
+            Default :data:`DEFAULT_COMPONENTS` (all but ``shading`` and ``border``).
         infiller: how a region is removed for ``drop``: a name (``blur``, ``constant``, ``noise``,
             ``gan``) or an :class:`~xai_callbacks.infill.Infiller` instance (e.g. a trained GAN).
         area: each region's share of the input, in (0, 1], or several shares, each checked as a
@@ -430,8 +462,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
             class); the class's other samples transferred into the same partner are the controls.
         min_separation: separation (:func:`separated_group`) at or above which a class's top
             group of one component is confirmed: one number for every component, or one per
-            component (default :data:`MIN_SEPARATION`: 4 for the region, 3 for the detail, 10 for
-            the tone, the saturation and the shading).
+            component (default :data:`MIN_SEPARATION`: 4 for the region and the border, 3 for the
+            detail, 10 for the tone, the saturation and the shading).
         min_rise: excess (probability units) every confirmed sample reaches; for a region of share
             ``a`` it is scaled by ``sqrt(8 a)`` (the same for an eighth, half for a thirty-second).
         floor: added to the spreads (probability units), so that a model whose transfers move
@@ -485,8 +517,9 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
     if not areas or not all(0 < a <= 1 for a in areas) or floor <= 0:
         raise ValueError(f"need every area in (0, 1] and floor > 0; got area={area}, floor={floor}")
     areas = tuple(float(a) for a in areas)
-    # what is measured: the region once per area, then the other components
-    checks = [(c, j) for c in components for j in (range(len(areas)) if c == "region" else (None,))]
+    # what is measured: the region once per area, the border as a region after them, then the other components
+    checks = [(c, j) for c in components
+              for j in (range(len(areas)) if c == "region" else (len(areas),) if c == "border" else (None,))]
     separation_of = (dict(min_separation) if isinstance(min_separation, Mapping)
                      else dict.fromkeys(COMPONENTS, float(min_separation)))
     if set(components) - set(separation_of):
@@ -654,7 +687,8 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
     heatmaps = heatmaps.detach().to(device, torch.float32)
     spatial = x.dim() - 2
     n = len(x)
-    regions = torch.zeros(len(areas), n, *x.shape[2:], dtype=torch.bool, device=device)   # per area
+    regions = torch.zeros(len(areas) + 1, n, *x.shape[2:], dtype=torch.bool, device=device)   # per area, border
+    regions[len(areas)] = border_mask(x.shape[2:]).to(device)
     partners = np.zeros((n, pastes), dtype=np.int64)   # into the N samples; the same for a whole class
     mates = np.zeros((n, pastes), dtype=np.int64)      # into the N samples
     rng = np.random.default_rng(seed)
@@ -695,7 +729,7 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
     before = torch.from_numpy(probs[partners, classes[:, None]]).to(device)   # (N, pastes)
     rise, flip, excess = (np.zeros((n, len(checks))) for _ in range(3))
     for k, (component, j) in enumerate(checks):
-        keep = keeps[j] if component == "region" else None
+        keep = keeps[j] if j is not None else None
 
         def scores(by, rows, cols):   # (rows, cols): the component of sample by[t] into partner dst[t]
             at = (torch.as_tensor(rows, device=device)[:, None] * pastes + cols[None]).reshape(-1)
@@ -725,7 +759,7 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
         # quarters of the mates share the shortcut). Measured only where the excess reaches the
         # check's rise: the control only lowers an excess, and only those samples can be confirmed
         # (offline over 98 benchmark models it changed no decision and spared 95 % of its passes)
-        need = np.flatnonzero(excess[:, k] >= rise_of[k]) if component == "region" else np.zeros(0, int)
+        need = np.flatnonzero(excess[:, k] >= rise_of[k]) if j is not None else np.zeros(0, int)
         for m in np.unique(used[need]):
             rows = need[used[need] == m]
             place = with_own[rows, :m] - scores(mate, rows, torch.arange(m, device=device))
