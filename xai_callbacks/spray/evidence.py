@@ -15,9 +15,9 @@ like the class far better than what the rest of the class carries. For each anal
    ResNet inputs; an eighth and a thirty-second of the input by default, each share on its own),
    its fine **detail** (a high-frequency watermark, a texture), its per-channel **tone** (a
    colour or brightness shift), on RGB images its colour **saturation** (grey images among
-   colour ones) and, where asked for (it is not among :data:`DEFAULT_COMPONENTS`), its
+   colour ones) and, where asked for (they are not among :data:`DEFAULT_COMPONENTS`), its
    **shading**, the coarse brightness over the input (a vignette, uneven light), and its **border**,
-   the outer sixteenth of each side (a frame, a bar along an edge), a region no heatmap has to find.
+   the outer sixteenth of each side (a frame, a margin), a region no heatmap has to find.
    Detail, tone, saturation and shading have no region: the heatmaps cannot point at them, the
    intervention can.
 2. **Control.** As the class's samples go into the same pool, each partner has its control at no
@@ -100,8 +100,7 @@ DEFAULT_COMPONENTS = COMPONENTS[:4]
 #: The ``border`` component's width, a share of each side of the input (at least one position; a
 #: side of one position, as the row of a one-row image, has none): the benchmark's frames (the same
 #: width) and a vignette's darkest part. ``components=(*DEFAULT_COMPONENTS, "border")`` adds it where
-#: a frame, a scanner's margin or a bar along an edge is the suspected shortcut (see the README's
-#: "The opt-in border").
+#: a frame or a scanner's margin is the suspected shortcut (see the README's "The opt-in border").
 BORDER = 1 / 16
 
 #: The region's shares of the input, each checked on its own: an eighth (a stamp, tags, a patch or
