@@ -90,12 +90,12 @@ __all__ = ["SampleEvidence", "StrategyEvidence", "sample_evidence", "separated_g
 
 #: What the evidence can transfer from a sample into other classes' samples (see :func:`transfer`).
 COMPONENTS = ("region", "detail", "tone", "saturation", "shading", "border")
-#: What :func:`sample_evidence` checks unless told: all but the shading and the border (below), the
-#: shading catches a vignette
-#: (the benchmark's texture CNN and VGG-11-BN, separations 10.7 and 10.6; not ResNet-18's, 4.1) but
-#: where an object's brightness is its shape carries the object itself: on the clean digits
-#: ResNet-18 it confirmed a natural group of 1s (separation 29.5). ``components=COMPONENTS`` adds it
-#: where uneven light or a lens is the suspected shortcut.
+#: What :func:`sample_evidence` checks unless told: all but the shading and the border (:data:`BORDER`).
+#: The shading catches a vignette (the benchmark's texture CNN and VGG-11-BN, separations 10.7 and
+#: 10.6; not ResNet-18's, 4.1) but where an object's brightness is its shape carries the object
+#: itself: on the clean digits ResNet-18 it confirmed a natural group of 1s (separation 29.5).
+#: ``components=(*DEFAULT_COMPONENTS, "shading")`` adds it where uneven light or a lens is the
+#: suspected shortcut.
 DEFAULT_COMPONENTS = COMPONENTS[:4]
 #: The ``border`` component's width, a share of each side of the input (at least one position; a
 #: side of one position, as the row of a one-row image, has none): the benchmark's frames (the same
