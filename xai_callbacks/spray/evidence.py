@@ -686,8 +686,10 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
     heatmaps = heatmaps.detach().to(device, torch.float32)
     spatial = x.dim() - 2
     n = len(x)
-    regions = torch.zeros(len(areas) + 1, n, *x.shape[2:], dtype=torch.bool, device=device)   # per area, border
-    regions[len(areas)] = border_mask(x.shape[2:]).to(device)
+    border = any(c == "border" for c, _ in checks)
+    regions = torch.zeros(len(areas) + border, n, *x.shape[2:], dtype=torch.bool, device=device)   # per area, border
+    if border:
+        regions[len(areas)] = border_mask(x.shape[2:]).to(device)
     partners = np.zeros((n, pastes), dtype=np.int64)   # into the N samples; the same for a whole class
     mates = np.zeros((n, pastes), dtype=np.int64)      # into the N samples
     rng = np.random.default_rng(seed)
