@@ -71,6 +71,7 @@ def test_photo_stamp_is_flagged_and_gated_its_clean_control_passes(tmp_path):
     heat = explain(module, x0, torch.zeros(len(x0), dtype=torch.long), method="input_x_gradient").sum(1)
     share = heat.clamp_min(0) / heat.clamp_min(0).flatten(1).sum(1).view(-1, 1, 1)
     expected = [relevance_regions(heat, share.median(0).values, area=a) for a in AREAS]
+    expected.append(border_mask(heat.shape[1:]).expand_as(heat))   # the border, a region of a fixed place
     regions = r.evidence.regions
     assert all(any(torch.equal(regions[i], e[i]) for e in expected) for i in range(len(regions)))
     assert torch.equal(regions[in_flagged], expected[0][in_flagged]), "described by the first area that confirms"
@@ -165,17 +166,18 @@ def test_evidence_on_an_analytic_shortcut_model():
     assert np.abs(ev.excess[8:]).max() < 0.05 and ev.z[:8].min() > ev.z[8:].max()
     # per sample its class's best group over the threshold: class 1's confirmed group, class 0 none
     assert (ev.separation_ratio[:20] == ev.separation[:8].max() / 4).all() and (ev.separation_ratio[20:] < 1).all()
-    # each sample as is and removed; its first 4 transfers of the region and the detail and 2 of the
-    # tone, the other 4 only for class 1's region, the one check whose stage-one group comes near a
-    # confirmed one; 8 class mates' content through its region only for the 8 samples whose excess
-    # reaches the rise (no other can be confirmed); the controls (the class's other samples in the
-    # same partners) cost nothing more
-    assert ev.forward_passes == 2 * 40 + 2 * 40 * 4 + 40 * 2 + 20 * 4 + 8 * 8
-    # counted per sample: the 8 corners 24 each, the rest of class 1 16, class 0 12; a strategy sums its members'
-    assert ev.passes.tolist() == [24] * 8 + [16] * 12 + [12] * 20
+    # each sample as is and removed; its first 4 transfers of the region, the detail and the border
+    # (which holds part of the corner) and 2 of the tone, the other 4 only for class 1's region and
+    # border, the checks whose stage-one group comes near a confirmed one; 8 class mates' content
+    # through its region and its border only for the 8 samples whose excess reaches the rise (no
+    # other can be confirmed); the controls (the class's other samples in the same partners) cost
+    # nothing more
+    assert ev.forward_passes == 2 * 40 + 3 * 40 * 4 + 40 * 2 + 2 * 20 * 4 + 2 * 8 * 8
+    # counted per sample: the 8 corners 40 each, the rest of class 1 24, class 0 16; a strategy sums its members'
+    assert ev.passes.tolist() == [40] * 8 + [24] * 12 + [16] * 20
     # measuring every check with all 8 pastes decides the same, at 8 transfers per check
     full = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16, screen=0)
-    assert full.forward_passes == 2 * 40 + 3 * 40 * 8 + 8 * 8
+    assert full.forward_passes == 2 * 40 + 4 * 40 * 8 + 2 * 8 * 8
     assert full.confirmed.tolist() == shortcut.tolist() and np.array_equal(full.excess[:8], ev.excess[:8])
     # the model's probabilities, where the caller has them, spare the first pass and decide the same
     given = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16,
@@ -270,13 +272,14 @@ def test_a_region_that_holds_the_class_content_hides_the_shortcut_a_smaller_one_
     # removing the corner leaves the content, which still carries the class: removal alone would miss it
     assert ev.drop[:8].max() < 0.01
     # with every check measured in full: per sample itself, its removal, its 8 transfers per check
-    # (two areas, detail, tone: one-channel images have no saturation) and 8 place controls per area
-    # where its excess reaches the rise: at least the 8 corners, far from all 80 (sample, area) pairs
-    assert ev.params["components"] == ("region", "detail", "tone")
+    # (two areas, detail, tone, border: one-channel images have no saturation) and 8 place controls
+    # per area and for the border where its excess reaches the rise: at least the 8 corners, far
+    # from all 120 (sample, region) pairs
+    assert ev.params["components"] == ("region", "detail", "tone", "border")
     full = sample_evidence(model, x, heat, classes, area=(1 / 2, 1 / 16), screen=0)
     assert full.confirmed.tolist() == ev.confirmed.tolist()
-    controlled, rest = divmod(full.forward_passes - 2 * 40 - 4 * 40 * 8, 8)
-    assert rest == 0 and 8 <= controlled < 40
+    controlled, rest = divmod(full.forward_passes - 2 * 40 - 5 * 40 * 8, 8)
+    assert rest == 0 and 8 <= controlled < 60
     assert ev.forward_passes < full.forward_passes   # the default goes on only where a group comes near
     with pytest.raises(ValueError, match="saturation needs RGB"):
         sample_evidence(model, x, heat, classes, components=("saturation",))
@@ -308,15 +311,16 @@ class _GlobalDetector(torch.nn.Module):
 
 def test_border_mask_is_the_outer_sixteenth_of_each_side():
     assert border_mask((32, 32)).sum() == 32 * 32 - 28 * 28 and not border_mask((32, 32))[2:-2, 2:-2].any()
-    assert border_mask((16, 16)).sum() == 16 * 16 - 14 * 14   # at least one position
+    assert border_mask((16, 16)).sum() == 16 * 16 - 14 * 14
+    assert not border_mask((8, 8)).any() and border_mask((15, 40)).sum() == 15 * 2 * 2   # none along a short side
     # a one-row image (a signal) has a border at its two ends only
     assert border_mask((1, 64)).nonzero()[:, 1].tolist() == [0, 1, 2, 3, 60, 61, 62, 63]
 
 
 def test_the_border_confirms_a_frame_the_relevance_regions_miss():
     """A bright frame one position wide on 8 of 20 samples of class 1, relevance everywhere: no
-    region of the heatmaps holds the frame, the border does (when asked for: not a default; the
-    sharp frame's fine detail transfers as well)."""
+    region of the heatmaps holds the frame, the border does (the sharp frame's fine detail
+    transfers as well, so the check here is asked for the region and the border alone)."""
     gen = torch.Generator().manual_seed(1)
     x = 0.2 + 0.2 * gaussian_blur(torch.rand(40, 3, 16, 16, generator=gen), 1.0)
     ring = border_mask((16, 16))
@@ -349,7 +353,8 @@ def test_the_border_confirms_a_frame_the_relevance_regions_miss():
 def test_evidence_confirms_a_shortcut_without_a_place(kind):
     """A colour shift, a fine checker, grey or a vignette on 8 of 20 samples of class 1 has no region
     in the heatmaps; its transfer against the class's other samples' confirms exactly those 8 (the
-    shading when asked for: it is not among the default components)."""
+    shading when asked for: it is not among the default components; their border holds the
+    vignette's darkest part)."""
     gen = torch.Generator().manual_seed(1)
     x = 0.2 + 0.2 * gaussian_blur(torch.rand(40, 3, 16, 16, generator=gen), 1.0)   # smooth, dim images
     i = torch.arange(16)
@@ -367,8 +372,11 @@ def test_evidence_confirms_a_shortcut_without_a_place(kind):
     heat = torch.rand(40, 3, 16, 16, generator=gen)   # relevance everywhere: no place to point at
     model = _GlobalDetector(kind)
     assert (model(x).argmax(1) == torch.from_numpy(np.arange(40) < 8).long()).all()
-    if kind == "shading":
-        assert not sample_evidence(model, x, heat, classes).confirmed.any()   # the default components miss it
+    if kind == "shading":   # the vignette's dark corners lie in the border, a default component
+        default = sample_evidence(model, x, heat, classes)
+        assert default.confirmed.tolist() == (np.arange(40) < 8).tolist() and (default.component[:8] == "border").all()
+        assert not sample_evidence(model, x, heat, classes, components=("region", "detail", "tone", "saturation")
+                                   ).confirmed.any()   # nothing else of the defaults holds it
     ev = sample_evidence(model, x, heat, classes, components=COMPONENTS)
     assert ev.confirmed.tolist() == (np.arange(40) < 8).tolist()
     assert (ev.component[:8] == kind).all() and (ev.extent()[:8] == 1).all()
@@ -469,8 +477,9 @@ def test_a_smaller_region_is_asked_for_a_smaller_rise():
     assert ev.confirmed.tolist() == (np.arange(40) < 8).tolist()
     assert (ev.extent()[:8] == 1 / 32).all(), "confirmed by the thirty-second, not the eighth"
     # the eighth alone is asked 0.2 and confirms nothing; a min_rise of 0.4 asks 0.2 of the thirty-second
-    assert not sample_evidence(model, x, heat, classes, area=1 / 8).confirmed.any()
-    assert not sample_evidence(model, x, heat, classes, min_rise=0.4).confirmed.any()
+    # (the relevance regions alone: the border holds part of the corner and of the content)
+    assert not sample_evidence(model, x, heat, classes, area=1 / 8, components=("region",)).confirmed.any()
+    assert not sample_evidence(model, x, heat, classes, min_rise=0.4, components=("region",)).confirmed.any()
 
 
 def test_a_shortcut_on_half_of_a_class_is_confirmed_end_to_end():

@@ -6,7 +6,7 @@ shortcut is something part of a class carries that makes other classes' samples 
 like the class far better than what the rest of the class carries. For each analysed sample
 ``i`` of class ``c`` (:func:`sample_evidence`):
 
-1. **Components.** Up to four parts of ``i`` (six with the shading and the border) are transferred
+1. **Components.** Up to five parts of ``i`` (six with the shading) are transferred
    (:func:`transfer`) into ``pastes`` samples of other classes that the model does not give ``c``
    (drawn from the class's pool of ``2 * pastes`` partners): its **region** (where its
    relevance distribution exceeds the per-position median of its class most: a stamp, tags, a
@@ -15,9 +15,9 @@ like the class far better than what the rest of the class carries. For each anal
    ResNet inputs; an eighth and a thirty-second of the input by default, each share on its own),
    its fine **detail** (a high-frequency watermark, a texture), its per-channel **tone** (a
    colour or brightness shift), on RGB images its colour **saturation** (grey images among
-   colour ones) and, where asked for (they are not among :data:`DEFAULT_COMPONENTS`), its
-   **shading**, the coarse brightness over the input (a vignette, uneven light), and its **border**,
-   the outer sixteenth of each side (a frame, a margin), a region no heatmap has to find.
+   colour ones), its **border**, the outer sixteenth of each side (a frame, a margin), a region
+   no heatmap has to find, and, where asked for (it is not among :data:`DEFAULT_COMPONENTS`), its
+   **shading**, the coarse brightness over the input (a vignette, uneven light).
    Detail, tone, saturation and shading have no region: the heatmaps cannot point at them, the
    intervention can.
 2. **Control.** As the class's samples go into the same pool, each partner has its control at no
@@ -90,17 +90,17 @@ __all__ = ["SampleEvidence", "StrategyEvidence", "sample_evidence", "separated_g
 
 #: What the evidence can transfer from a sample into other classes' samples (see :func:`transfer`).
 COMPONENTS = ("region", "detail", "tone", "saturation", "shading", "border")
-#: What :func:`sample_evidence` checks unless told: all but the shading and the border (:data:`BORDER`).
+#: What :func:`sample_evidence` checks unless told: all but the shading.
 #: The shading catches a vignette (the benchmark's texture CNN and VGG-11-BN, separations 10.7 and
 #: 10.6; not ResNet-18's, 4.1) but where an object's brightness is its shape carries the object
 #: itself: on the clean digits ResNet-18 it confirmed a natural group of 1s (separation 29.5).
 #: ``components=(*DEFAULT_COMPONENTS, "shading")`` adds it where uneven light or a lens is the
 #: suspected shortcut.
-DEFAULT_COMPONENTS = COMPONENTS[:4]
-#: The ``border`` component's width, a share of each side of the input (at least one position; a
-#: side of one position, as the row of a one-row image, has none): the benchmark's frames (the same
-#: width) and a vignette's darkest part. ``components=(*DEFAULT_COMPONENTS, "border")`` adds it where
-#: a frame or a scanner's margin is the suspected shortcut (see the README's "The opt-in border").
+DEFAULT_COMPONENTS = ("region", "detail", "tone", "saturation", "border")
+#: The ``border`` component's width, a share of each side of the input (a side of fewer than 16
+#: positions, as the row of a one-row image, has none): the benchmark's frames (the same
+#: width) and a vignette's darkest part. The relevance region of an eighth holds only part of a
+#: frame (about half of a 2-pixel frame at 32 pixels); the border pastes all of it.
 BORDER = 1 / 16
 
 #: The region's shares of the input, each checked on its own: an eighth (a stamp, tags, a patch or
@@ -181,8 +181,9 @@ def _distribution(heatmaps: torch.Tensor, spatial: int) -> torch.Tensor:
 
 
 def border_mask(size: tuple[int, ...]) -> torch.Tensor:
-    """(*size) bool: the positions within :data:`BORDER` of a side, per dimension (at least one
-    position; a dimension of one or two positions has no border).
+    """(*size) bool: the positions within :data:`BORDER` of a side, per dimension (a dimension of
+    fewer than 16 positions has none: on smaller inputs a ring of one position would be a large
+    part of the input, no longer its margin).
 
     Example:
         >>> border_mask((32, 32)).sum().item()   # 2 positions along each side
@@ -190,8 +191,8 @@ def border_mask(size: tuple[int, ...]) -> torch.Tensor:
     """
     mask = torch.zeros(tuple(size), dtype=torch.bool)
     for d, n in enumerate(size):
-        if n > 2:
-            width = max(1, int(n * BORDER))
+        width = int(n * BORDER)
+        if width:
             mask.narrow(d, 0, width).fill_(True)
             mask.narrow(d, n - width, width).fill_(True)
     return mask
@@ -451,7 +452,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
             ``shading``, ``border`` (:func:`transfer`), in order of preference: a sample confirmed by several
             is described by the first (a stamp is shown as a region even when its fine detail also transfers).
             ``saturation`` is measured on RGB inputs with colour only and skipped on others.
-            Default :data:`DEFAULT_COMPONENTS` (all but ``shading`` and ``border``).
+            Default :data:`DEFAULT_COMPONENTS` (all but ``shading``).
         infiller: how a region is removed for ``drop``: a name (``blur``, ``constant``, ``noise``,
             ``gan``) or an :class:`~xai_callbacks.infill.Infiller` instance (e.g. a trained GAN).
         area: each region's share of the input, in (0, 1], or several shares, each checked as a
