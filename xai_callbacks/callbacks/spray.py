@@ -126,8 +126,8 @@ class SpRAyCallback(ExplanationCallback):
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``, and on the
             last epoch of ``fit`` (so the gate decides on the final model). The defaults (50 per
             class, every 20 epochs) keep the default callback set near 3 % of a 50k-sample epoch
-            on two CPU cores (``benchmarks/overhead.py``): the causal check costs 15-28 forward
-            passes per analysed sample over the shortcut benchmark (15-22 on its clean controls).
+            on two CPU cores (``benchmarks/overhead.py``): the causal check costs 19-36 forward
+            passes per analysed sample over the shortcut benchmark (19-28 on its clean controls).
             Analyse more often where the budget allows.
         seed: seed of the per-class sample and of SpRAy.
         asynchronous: while fitting, run everything after the model (clustering,

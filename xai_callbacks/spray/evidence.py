@@ -58,11 +58,11 @@ shifts on varied photos, class-specific backgrounds).
 
 Cost: ``passes`` counts the model evaluations per sample (``forward_passes`` their sum): itself
 (all classes' probabilities at once; none where ``probabilities`` are given, as the callback
-does), its removal, half of ``pastes`` transfers per check (the region at each area, the detail; a quarter
-for the tone, the saturation and the shading), the rest for the checks of its class that come near a
-confirmed group (18 % over 98 benchmark models), and ``pastes`` place controls per area where its excess
-reaches ``min_rise`` (about 5 %); with the defaults 15-22 on the benchmark's clean controls and
-15-28 over all of it (as the callback counts them; 17-32 with the shading), one more without
+does), its removal, half of ``pastes`` transfers per check (the region at each area, the border, the detail; a
+quarter for the tone, the saturation and the shading), the rest for the checks of its class that come near a
+confirmed group (18 % over 98 benchmark models), and ``pastes`` place controls per area and for the border where
+its excess reaches ``min_rise`` (about 5 %); with the defaults 19-28 on the benchmark's clean controls and
+19-36 over its four-class models (as the callback counts them; up to 44 on two classes), one more without
 ``probabilities``. All batched on the model's device under :func:`xai_callbacks.guard.model_guard`
 (and split across processes with ``shard``, as ``SpRAyCallback`` does across DDP ranks). No
 Lightning, no W&B here.
