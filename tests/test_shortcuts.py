@@ -315,6 +315,12 @@ def test_border_mask_is_the_outer_sixteenth_of_each_side():
     assert not border_mask((8, 8)).any() and border_mask((15, 40)).sum() == 15 * 2 * 2   # none along a short side
     # a one-row image (a signal) has a border at its two ends only
     assert border_mask((1, 64)).nonzero()[:, 1].tolist() == [0, 1, 2, 3, 60, 61, 62, 63]
+    # on inputs without one the default check skips it (as the saturation on grey inputs); asked alone, it says why
+    x, classes = torch.rand(20, 1, 8, 8), np.array([0, 1] * 10)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    assert sample_evidence(model, x, x[:, 0], classes).params["components"] == ("region", "detail", "tone")
+    with pytest.raises(ValueError, match=r"border needs a side of at least 16 positions, got inputs of size \(8, 8\)"):
+        sample_evidence(model, x, x[:, 0], classes, components=("border",))
 
 
 def test_the_border_confirms_a_frame_the_relevance_regions_miss():

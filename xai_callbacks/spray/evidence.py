@@ -451,7 +451,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         components: what is transferred: any of ``region``, ``detail``, ``tone``, ``saturation``,
             ``shading``, ``border`` (:func:`transfer`), in order of preference: a sample confirmed by several
             is described by the first (a stamp is shown as a region even when its fine detail also transfers).
-            ``saturation`` is measured on RGB inputs with colour only and skipped on others.
+            ``saturation`` is measured on RGB inputs with colour only and skipped on others, the
+            ``border`` on inputs with a side of 16 or more positions only.
             Default :data:`DEFAULT_COMPONENTS` (all but ``shading``).
         infiller: how a region is removed for ``drop``: a name (``blur``, ``constant``, ``noise``,
             ``gan``) or an :class:`~xai_callbacks.infill.Infiller` instance (e.g. a trained GAN).
@@ -513,6 +514,11 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         if not components:
             raise ValueError(f"the saturation needs RGB inputs (3 channels) with colour, got {x.shape[1]} "
                              f"channel(s); add another component of {COMPONENTS}")
+    if not border_mask(x.shape[2:]).any():   # the border: a side of 16 or more positions
+        components = tuple(c for c in components if c != "border")
+        if not components:
+            raise ValueError(f"the border needs a side of at least 16 positions, got inputs of size "
+                             f"{tuple(x.shape[2:])}; add another component of {COMPONENTS}")
     areas = (area,) if np.isscalar(area) else tuple(area)
     if not areas or not all(0 < a <= 1 for a in areas) or floor <= 0:
         raise ValueError(f"need every area in (0, 1] and floor > 0; got area={area}, floor={floor}")
