@@ -509,16 +509,18 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
     components = tuple(components)
     if not components or set(components) - set(COMPONENTS):
         raise ValueError(f"components must be a non-empty subset of {COMPONENTS}, got {components}")
-    if x.shape[1] != 3 or (x - x.mean(1, keepdim=True)).abs().max() < 1e-6:   # saturation: RGB with colour
-        components = tuple(c for c in components if c != "saturation")
-        if not components:
-            raise ValueError(f"the saturation needs RGB inputs (3 channels) with colour, got {x.shape[1]} "
-                             f"channel(s); add another component of {COMPONENTS}")
-    if not border_mask(x.shape[2:]).any():   # the border: a side of 16 or more positions
-        components = tuple(c for c in components if c != "border")
-        if not components:
-            raise ValueError(f"the border needs a side of at least 16 positions, got inputs of size "
-                             f"{tuple(x.shape[2:])}; add another component of {COMPONENTS}")
+    unusable = {}   # components these inputs do not have, skipped: why, for the error where none is left
+    if x.shape[1] != 3 or (x - x.mean(1, keepdim=True)).abs().max() < 1e-6:
+        unusable["saturation"] = (f"the saturation needs RGB inputs (3 channels) with colour, got {x.shape[1]} "
+                                  "channel(s)")
+    if not border_mask(x.shape[2:]).any():
+        unusable["border"] = (f"the border needs a side of at least 16 positions, got inputs of size "
+                              f"{tuple(x.shape[2:])}")
+    usable = tuple(c for c in components if c not in unusable)
+    if not usable:
+        raise ValueError(f"{'; '.join(unusable[c] for c in dict.fromkeys(components))}; add another component of "
+                         f"{COMPONENTS}")
+    components = usable
     areas = (area,) if np.isscalar(area) else tuple(area)
     if not areas or not all(0 < a <= 1 for a in areas) or floor <= 0:
         raise ValueError(f"need every area in (0, 1] and floor > 0; got area={area}, floor={floor}")
