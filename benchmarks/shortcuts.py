@@ -10,8 +10,11 @@ Architectures, trained from scratch on the CPU: a small CNN (``DemoCNN``), torch
 VGG-11-BN (its classifier replaced by one linear layer: at 32x32 the features end at 1x1) and
 MobileNetV3-small (the calibration's, the default), and three the check was not calibrated on:
 ``resnet18-cifar`` (the usual 32-pixel ResNet-18: a 3x3 stem at stride 1, no max-pool), ``vit``
-(a torchvision VisionTransformer of 4 layers on 4x4 patches; SpRAy explains it with AttnLRP) and
-``mlp`` (no convolution: two hidden layers of 256 and 128 ReLU units on the flattened image).
+(a torchvision VisionTransformer of 4 layers on 4x4 patches; SpRAy explains it with AttnLRP),
+``mlp`` (no convolution: two hidden layers of 256 and 128 ReLU units on the flattened image), and
+torchvision's ``shufflenet`` (ShuffleNetV2 x1.0), ``densenet`` (DenseNet-121) and ``efficientnet``
+(EfficientNet-B0) as they come (at 32 pixels they learn the photos poorly in a few epochs: see
+"Architectures the check never saw" in docs/shortcut-benchmark.md).
 
 For each scenario x architecture:
 
@@ -66,7 +69,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, plant_shortcut  # noqa: E402
 
-ARCHS = ("cnn", "resnet18", "vgg11", "mobilenet", "resnet18-cifar", "vit", "mlp")
+ARCHS = ("cnn", "resnet18", "vgg11", "mobilenet", "resnet18-cifar", "vit", "mlp", "shufflenet", "densenet",
+         "efficientnet")
 CALIBRATED = ARCHS[:4]   # the architectures the check's thresholds were calibrated on (the default)
 FEATURES = ("heatmaps", "concepts")
 # concept-space SpRAy: the layer whose channels are the concepts (names inside models.Classifier)
@@ -115,6 +119,11 @@ def build(arch: str, channels: int, classes: int, seed: int, size: int = 32) -> 
         if channels != 3:
             model.features[0][0] = torch.nn.Conv2d(channels, 16, 3, 2, 1, bias=False)
         return model
+    if arch in ("shufflenet", "densenet", "efficientnet"):   # as torchvision builds them (a 1x1 convolution to RGB first)
+        make = {"shufflenet": torchvision.models.shufflenet_v2_x1_0, "densenet": torchvision.models.densenet121,
+                "efficientnet": torchvision.models.efficientnet_b0}[arch]
+        model = make(num_classes=classes)
+        return model if channels == 3 else torch.nn.Sequential(torch.nn.Conv2d(channels, 3, 1), model)
     raise ValueError(f"unknown architecture {arch!r}; valid: {ARCHS}")
 
 
