@@ -58,7 +58,7 @@ def small_module(seed=0):
     return Classifier(DemoCNN(width=8), lr=3e-3)
 
 
-CHEAP = dict(method="saliency", max_per_class=20, evidence_options={"pastes": 2})
+CHEAP = dict(method="saliency", max_per_class=20, evidence_options={"pastes": 1})
 
 
 def fit(tmp_path, asynchronous, evidence=True, visualisation="tsne"):

@@ -45,11 +45,9 @@ like the class far better than what the rest of the class carries. For each anal
    and it holds at least ``min_members`` samples and is not credibly more than ``max_share`` (half)
    of the class (:func:`group_sizes`: 27 of 50 analysed samples, 14 of 25); a group that is not
    credibly less than half (more than 22 of 50) may be the class's own majority strategy and must
-   stand apart :data:`MAJORITY_SEPARATION` times as far. And it must **replicate**: chosen on
-   either half of the partners, it stands on the other half as well (:data:`REPLICATION`). A
-   shortcut is a discrete thing a sample has or has not, so its group stands apart whichever
-   partners it goes into; a graded feature of the data (how much ink a digit has, how typical a
-   texture is) forms a tail without a gap and is not confirmed.
+   stand apart :data:`MAJORITY_SEPARATION` times as far. A shortcut is a discrete
+   thing a sample has or has not, so its group stands apart; a graded feature of the data (how
+   much ink a digit has, how typical a texture is) forms a tail without a gap and is not confirmed.
    :meth:`~xai_callbacks.spray.core.SpRAyResult.confirm` makes a class's confirmed samples its
    flagged strategy.
 
@@ -88,8 +86,7 @@ from .suspicion import positive_part
 
 __all__ = ["SampleEvidence", "StrategyEvidence", "sample_evidence", "separated_group", "group_sizes",
            "relevance_regions", "transfer", "AREAS", "COMPONENTS", "DEFAULT_COMPONENTS", "MIN_SEPARATION", "MIN_RISE",
-           "SCREEN", "WHOLE", "SHARE_Z", "MAJORITY_SEPARATION", "REPLICATION", "BORDER", "border_mask",
-           "held_out_separation"]
+           "SCREEN", "WHOLE", "SHARE_Z", "MAJORITY_SEPARATION", "BORDER", "border_mask"]
 
 #: What the evidence can transfer from a sample into other classes' samples (see :func:`transfer`).
 COMPONENTS = ("region", "detail", "tone", "saturation", "shading", "border")
@@ -173,21 +170,6 @@ SHARE_Z = 0.6745
 #: refused, and 8 of those 10 models were missed or caught in part; now 6 more shortcut models are
 #: caught at 50 per class and 7 at 25, and no flag is added.
 MAJORITY_SEPARATION = 2.0
-#: A group that reaches its threshold must replicate: chosen again on each half of the partners
-#: (the excesses over the first and over the second half alike), measured on the other half
-#: (:func:`held_out_separation`), it may fall below the rest there by at most this share of the
-#: check's ``min_separation`` (in the better of the two directions); else its separation counts as
-#: that held-out separation plus ``1 + REPLICATION`` thresholds (below the threshold). The best
-#: of many group sizes is chosen, which favours a chance gap in a graded tail; a shortcut's
-#: samples stand apart whichever partners they go into. Over 139 benchmark models (every check's
-#: per-partner excesses stored, the decision replayed; 2026-12-05) that includes 12 of three
-#: architectures the thresholds never saw (ShuffleNetV2, DenseNet-121 trained 15 epochs): every
-#: confirmed group in a class without a planted shortcut (7: a ShuffleNetV2 clean control's
-#: gravel crops by their border, natural groups of horse and gravel crops, the seed-3 ``page``
-#: class by its fine detail, a DenseNet-121's gravel crops) fell below the rest by 1.04 thresholds
-#: or more, every planted group that stayed confirmed by 0.25 at most; lost were the textures
-#: ResNet-18's tags (recall 0.50) and two ShuffleNetV2 shortcuts.
-REPLICATION = 0.5
 
 
 def _distribution(heatmaps: torch.Tensor, spatial: int) -> torch.Tensor:
@@ -276,11 +258,9 @@ class SampleEvidence:
         separation: (N,) the separation of the confirmed group the sample belongs to (0 if none).
         separation_ratio: (N,) per sample, its class's best-separated group (over every check)
             as a share of that check's ``min_separation``: >= 1 where the class has a confirmed
-            group, how close it came where not (a group that does not replicate counts below 1,
-            see :data:`REPLICATION`); 0 when no group reaches ``min_rise``.
+            group, how close it came where not; 0 when no group reaches ``min_rise``.
         confirmed: (N,) bool: in a class's top group of some component that is separated from
-            the rest by at least ``min_separation`` (:func:`separated_group`) and replicates on
-            each half of the partners (:func:`held_out_separation`).
+            the rest by at least ``min_separation`` (:func:`separated_group`).
         regions: (N, *S) bool region of each sample (where its relevance exceeds its class's median),
             at the area of its strongest check (the first area for the global components).
         partners: (N, pastes) the other-class samples (indices into the N) transferred into, drawn
@@ -552,9 +532,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
                      else dict.fromkeys(COMPONENTS, float(min_separation)))
     if set(components) - set(separation_of):
         raise ValueError(f"min_separation needs a value for every component {components}, got {min_separation}")
-    if pastes < 2 or min_members < 1 or not 0 <= screen <= 1 or not 0 < max_share <= 1:
-        raise ValueError(f"pastes must be >= 2 (a group must replicate on each half of them), min_members >= 1, "
-                         f"screen in [0, 1] and max_share in (0, 1], got "
+    if pastes < 1 or min_members < 1 or not 0 <= screen <= 1 or not 0 < max_share <= 1:
+        raise ValueError(f"pastes and min_members must be >= 1, screen in [0, 1] and max_share in (0, 1], got "
                          f"{pastes}, {min_members}, {screen}, {max_share}")
     small = [int(v) for v, n in zip(values, counts) if group_sizes(n, max_share)[1] < min_members]
     if small:
@@ -603,18 +582,11 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         for c in values:
             centred[classes == c] -= np.median(centred[classes == c])
         z[:, k] = centred / (_spread(centred) + floor)
-        need = separation_of[component]
         for c in values:
             rows = np.flatnonzero(classes == c)
             group, score = separated_group(excess[rows, k], min_members, max_share, rise_of[k], floor)
-            if score >= need:   # a group chosen on half of the partners must stand on the other half
-                first, second = m["halves"][rows, k].T
-                held = max(held_out_separation(first, second, min_members, max_share, rise_of[k], floor),
-                           held_out_separation(second, first, min_members, max_share, rise_of[k], floor))
-                if held < -REPLICATION * need:   # counts as how close it came, below the threshold
-                    score = max(0.0, held + (1 + REPLICATION) * need)
-            ratio[rows] = np.maximum(ratio[rows], score / need)
-            if score >= need:
+            ratio[rows] = np.maximum(ratio[rows], score / separation_of[component])
+            if score >= separation_of[component]:
                 separation[rows[group], k] = score
     confirmed = separation > 0
     best = np.where(confirmed.any(1), confirmed.argmax(1), z.argmax(1))   # the first confirmed check
@@ -717,25 +689,6 @@ def separated_group(excess: np.ndarray, min_members: int = 5, max_share: float =
     return np.sort(order[:size]), best
 
 
-def held_out_separation(first: np.ndarray, second: np.ndarray, min_members: int = 5, max_share: float = 0.5,
-                        min_rise: float = MIN_RISE, floor: float = 0.01) -> float:
-    """The top group of one class's excesses ``first`` (:func:`separated_group`) measured on
-    ``second``, the same samples' excesses over other partners: the gap between the group's smallest
-    and the rest's largest in units of the rest's spread (1.4826 MAD) plus ``floor``; negative
-    where the group falls into the rest, ``-inf`` where ``first`` has no group.
-
-    Example:
-        >>> held_out_separation(np.array([0.6, 0.5, 0.4, 0.0, 0.01, 0.02]), np.array([0.5, 0.6, 0.3, 0.01, 0.0, 0.02]),
-        ...                     min_members=3)
-        11.2...
-    """
-    group, _ = separated_group(first, min_members, max_share, min_rise, floor)
-    if not len(group):
-        return -np.inf
-    rest = np.delete(second, group)
-    return float((second[group].min() - rest.max()) / (_spread(rest) + floor))
-
-
 def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_size, seed, extend,
              probs, class_probability, low) -> dict:
     device = x.device   # sample_evidence put x on the model's device
@@ -785,7 +738,6 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
     mate = torch.from_numpy(mates.reshape(-1)).to(device)
     before = torch.from_numpy(probs[partners, classes[:, None]]).to(device)   # (N, pastes)
     rise, flip, excess = (np.zeros((n, len(checks))) for _ in range(3))
-    halves = np.zeros((n, len(checks), 2))
     for k, (component, j) in enumerate(checks):
         keep = keeps[j] if j is not None else None
 
@@ -804,17 +756,14 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
         with_own[:, :stage_one] = scores(src, np.arange(n), torch.arange(stage_one, device=device))
         passes += stage_one
         if stage_one < pastes:
-            first = _excess(with_own, used, members, partners).nanmedian(1).values.cpu().numpy()
+            first = _excess(with_own, used, members, partners)
             more = [rows for rows in members if extend(first[rows], k)]
             if more:
                 rows = np.concatenate(more)
                 with_own[rows, stage_one:] = scores(src, rows, torch.arange(stage_one, pastes, device=device))
                 used[rows] = pastes
                 passes[rows] += pastes - stage_one
-        per = _excess(with_own, used, members, partners)
-        excess[:, k] = per.nanmedian(1).values.cpu().numpy()
-        # each half of the partners on its own, for the replication (see REPLICATION)
-        halves[:, k] = torch.stack([h.nanquantile(0.5, dim=1) for h in per.tensor_split(2, dim=1)], 1).cpu().numpy()
+        excess[:, k] = _excess(with_own, used, members, partners)
         # per partner a class mate's content through the sample's own region: what any sample of the
         # class has at that place (the upper quartile over partners stays high while up to three
         # quarters of the mates share the shortcut). Measured only where the excess reaches the
@@ -831,23 +780,21 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
         eligible = (before < 0.5) & measured
         flip[:, k] = ((eligible & (with_own >= 0.5)).float().sum(1) / eligible.float().sum(1).clamp_min(1)
                       ).cpu().numpy()
-    return dict(rise=rise, excess=excess, halves=halves, flip=flip, own=probs[np.arange(n), classes],
-                regions=regions.cpu(), partners=partners, passes=passes)
+    return dict(rise=rise, excess=excess, flip=flip, own=probs[np.arange(n), classes], regions=regions.cpu(),
+                partners=partners, passes=passes)
 
 
-def _excess(with_own: torch.Tensor, used: np.ndarray, members: list[np.ndarray], partners: np.ndarray
-            ) -> torch.Tensor:
-    """(N, pastes) per sample and each of its first ``used`` partners its component's class
+def _excess(with_own: torch.Tensor, used: np.ndarray, members: list[np.ndarray], partners: np.ndarray) -> np.ndarray:
+    """(N,) per sample the median over its first ``used`` partners of its component's class
     probability minus the partner's control: the lower quartile of what the class's samples that
     went into the same partner give it with their same component (typical of the class while up
-    to three quarters of them share the sample's shortcut); NaN beyond ``used``, which is the same
-    within a class. The sample's excess is the median over its partners."""
-    out = torch.full_like(with_own, float("nan"))
+    to three quarters of them share the sample's shortcut). ``used`` is the same within a class."""
+    out = np.zeros(len(with_own))
     for rows in members:
         m = int(used[rows[0]])
         got, into = with_own[rows, :m], torch.from_numpy(partners[rows, :m]).to(with_own.device)
         low = torch.empty_like(got)
         for q in into.unique():
             low[into == q] = got[into == q].quantile(0.25)
-        out[rows, :m] = got - low
+        out[rows] = (got - low).median(1).values.cpu().numpy()
     return out
