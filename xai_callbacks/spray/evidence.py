@@ -53,8 +53,10 @@ like the class far better than what the rest of the class carries. For each anal
 
 The thresholds are calibrated on ``benchmarks/shortcuts.py`` (the kinds of shortcut and clean
 controls on textures, scenes and digits; the small CNN over three seeds, ResNet-18 and VGG-11-BN;
-32 and 64 pixels), not on one scenario; the README gives the figures and what is missed (colour
-shifts on varied photos, class-specific backgrounds).
+32 and 64 pixels), not on one scenario; the README gives the figures, what is missed (colour
+shifts on varied photos, class-specific backgrounds) and what is flagged though nothing was planted
+(natural groups of a class's own crops on weak ShuffleNetV2 and DenseNet-121 models, architectures
+the calibration never saw).
 
 Cost: ``passes`` counts the model evaluations per sample (``forward_passes`` their sum): itself
 (all classes' probabilities at once; none where ``probabilities`` are given, as the callback
