@@ -8,7 +8,7 @@ clean controls (the same images without the shortcut: one for plain crops, one f
 object-on-background composites); plus the digits with a stamp and their clean control.
 Architectures, trained from scratch on the CPU: a small CNN (``DemoCNN``), torchvision's ResNet-18,
 VGG-11-BN (its classifier replaced by one linear layer: at 32x32 the features end at 1x1) and
-MobileNetV3-small (the calibration's, the default), and three the check was not calibrated on:
+MobileNetV3-small (the calibration's, the default), and six the check was not calibrated on:
 ``resnet18-cifar`` (the usual 32-pixel ResNet-18: a 3x3 stem at stride 1, no max-pool), ``vit``
 (a torchvision VisionTransformer of 4 layers on 4x4 patches; SpRAy explains it with AttnLRP),
 ``mlp`` (no convolution: two hidden layers of 256 and 128 ReLU units on the flattened image), and
@@ -119,7 +119,7 @@ def build(arch: str, channels: int, classes: int, seed: int, size: int = 32) -> 
         if channels != 3:
             model.features[0][0] = torch.nn.Conv2d(channels, 16, 3, 2, 1, bias=False)
         return model
-    if arch in ("shufflenet", "densenet", "efficientnet"):   # as torchvision builds them (a 1x1 convolution to RGB first)
+    if arch in ("shufflenet", "densenet", "efficientnet"):   # as torchvision builds them; grey inputs: a 1x1 conv
         make = {"shufflenet": torchvision.models.shufflenet_v2_x1_0, "densenet": torchvision.models.densenet121,
                 "efficientnet": torchvision.models.efficientnet_b0}[arch]
         model = make(num_classes=classes)
