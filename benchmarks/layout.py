@@ -2,7 +2,7 @@
 in channels-last (what :func:`xai_callbacks.scoring.score_perturbed` does on the CPU), and the
 causal check's channels-last copies of the 4-D weights on top (``_ChannelsLast`` in
 :mod:`xai_callbacks.spray.evidence`); milliseconds per image (best of the interleaved repeats)
-and the ratios, all in one run.
+and the ratios, all in one run. ``democnn_grey`` is the digits demo's model, on one channel.
 
     PYTHONPATH=. python benchmarks/layout.py [--sizes 32 64] [--n 256] [--repeats 3] [--threads 2]
 """
@@ -18,6 +18,7 @@ from xai_callbacks.models import DemoCNN
 from xai_callbacks.spray.evidence import _ChannelsLast
 
 ARCHS = {"democnn": lambda size: DemoCNN(in_channels=3, n_classes=4, width=16, image_size=size),
+         "democnn_grey": lambda size: DemoCNN(in_channels=1, n_classes=10, width=16, image_size=size),
          "resnet18": lambda size: torchvision.models.resnet18(num_classes=4),
          "vgg11_bn": lambda size: torchvision.models.vgg11_bn(num_classes=4),
          "mobilenet_v3_small": lambda size: torchvision.models.mobilenet_v3_small(num_classes=4),
@@ -35,14 +36,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     def last(t):
-        return t.contiguous(memory_format=torch.channels_last)
+        return t.to(memory_format=torch.channels_last)
 
     print(f"{'model':20s} {'size':>4s} | {'as is':>7s} {'cl in':>7s} {'cl w':>7s} ms/image | "
           f"{'as is / cl in':>13s} {'cl in / cl w':>12s} | copy of the weights")
     for size in args.sizes:
         for name, make in ARCHS.items():
             model = make(size).eval()
-            x = torch.randn(args.n, 3, size, size)
+            x = torch.randn(args.n, 1 if name.endswith("grey") else 3, size, size)
             start = time.perf_counter()
             weights = _ChannelsLast(model)
             copy_ms = (time.perf_counter() - start) * 1000

@@ -223,6 +223,10 @@ def test_the_check_calls_the_model_with_channels_last_weights_and_leaves_its_own
         torch.testing.assert_close(net(x), model(x), rtol=1e-5, atol=1e-5)
     assert seen == [True, False]   # channels-last weights inside the check, the model's own outside
     assert dict(model.named_parameters()) == before and all(p.is_contiguous() for p in before.values())
+    # a depthwise or 1x1 kernel is contiguous in either layout: its copy must have the channels-last
+    # strides (channel stride 1), or the convolution takes the contiguous layout
+    thin = _ChannelsLast(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3, groups=3), torch.nn.Conv2d(3, 4, 1)))
+    assert [w.stride() for w in thin.weights.values()] == [(9, 1, 3, 1), (3, 1, 3, 3)]
 
     class Flat(torch.nn.Module):   # reads its kernel as a matrix: a channels-last kernel cannot be viewed so
         def __init__(self):

@@ -78,6 +78,21 @@ def test_score_perturbed_gives_the_same_scores_through_either_memory_layout(view
     assert model.seen == ([False, True, True, True] if view else [False, False, False])
 
 
+def test_one_channel_images_go_in_with_channels_last_strides():
+    """A one-channel image is contiguous in either layout; the convolution reads its strides to
+    choose one, so they must be the channels-last ones (channel stride 1), not the contiguous ones."""
+    torch.manual_seed(0)
+    conv, strides = nn.Conv2d(1, 4, 3), []
+    model = nn.Sequential(conv, nn.Flatten(), nn.LazyLinear(2))
+    conv.register_forward_pre_hook(lambda m, args: strides.append(args[0].stride()))
+    x, t = torch.randn(6, 1, 8, 8), torch.arange(6) % 2
+    with torch.no_grad():
+        want = model(x).gather(1, t[:, None])[:, 0]
+    got = score_perturbed(model, lambda idx: x[idx], torch.arange(6), t, batch_size=6)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert strides[0] == (64, 64, 8, 1) and strides[1] == (64, 1, 8, 1)
+
+
 @pytest.mark.parametrize("make", ["vit", "mobilenet"])
 def test_score_perturbed_on_torchvision_models_equals_their_forward(make):
     import torchvision

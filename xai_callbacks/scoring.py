@@ -239,12 +239,14 @@ def score_perturbed(model: nn.Module, make_inputs: Callable[[torch.Tensor], torc
 
 def _forward(module: nn.Module, x: torch.Tensor, layout: list[bool]) -> torch.Tensor:
     """``module(x)``; while ``layout[0]``, 4-D inputs go in channels-last. The values are the same
-    and convolutions on the CPU run faster (on two cores, 2026-12-04: a small CNN's forward pass 1.2x,
-    ResNet-18's and VGG-11's 1.5x at 32 pixels). A model that views its input as contiguous
+    and convolutions on the CPU run faster (``benchmarks/layout.py``, two cores, 2026-12-05: 1.2-1.5x
+    over seven models at 32 and 64 pixels, the digits demo's one-channel small CNN included; made
+    with ``Tensor.to(memory_format=...)``, as ``contiguous(memory_format=...)`` leaves one-channel
+    images in strides read as the contiguous layout). A model that views its input as contiguous
     (``x.view(n, -1)``) raises on it: then ``layout[0]`` turns False and ``x`` goes in as it is."""
     if layout[0] and x.dim() == 4:
         try:
-            return module(x.contiguous(memory_format=torch.channels_last))
+            return module(x.to(memory_format=torch.channels_last))
         except RuntimeError:
             layout[0] = False
     return module(x)

@@ -610,17 +610,19 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
 class _ChannelsLast(torch.nn.Module):
     """``model`` called with channels-last copies of its 4-D weights; the model itself is not
     touched. On the CPU the check's images go in channels-last already
-    (:func:`~xai_callbacks.scoring.score_perturbed`); with the weights so as well ResNet-18's
-    forward pass at 32 pixels ran 1.25-1.53x faster, the other models of ``benchmarks/layout.py``
-    (small CNN, VGG-11-BN, MobileNetV3, EfficientNet-B0, DenseNet-121 at 32 and 64 pixels, ResNet-18
-    at 64) 0.93-1.10x, about as fast (two cores, 2026-12-04). A model that cannot be called so is
-    called as it is."""
+    (:func:`~xai_callbacks.scoring.score_perturbed`); with the weights so as well the forward pass
+    at 32 pixels ran 1.4x faster for ResNet-18 and 2.7-2.8x for MobileNetV3-small and
+    EfficientNet-B0, about as fast for the other models of ``benchmarks/layout.py`` and at 64
+    pixels (two cores, 2026-12-05). The copies are made with ``Tensor.to(memory_format=...)``:
+    ``contiguous(memory_format=...)`` leaves a kernel with a dimension of one (a 1x1 or a depthwise
+    convolution's) in strides the convolution takes for the contiguous layout, which left those two
+    models as slow as before. A model that cannot be called so is called as it is."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
         with torch.inference_mode(False):   # the copies are used outside inference mode
-            self.weights = {name: p.detach().contiguous(memory_format=torch.channels_last)
+            self.weights = {name: p.detach().to(memory_format=torch.channels_last)
                             for name, p in model.named_parameters() if p.dim() == 4}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
