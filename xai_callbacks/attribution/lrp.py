@@ -12,6 +12,8 @@ back if anything raises (:func:`~xai_callbacks.guard.preserve_values`).
 
 Transformers (attention, LayerNorm) have no zennit rules; the composites here refuse them before
 touching the model and name the methods that apply (``lrp.cp``, see ``transformer.py``).
+torchvision models that add, gate or pool with functions (MobileNets, EfficientNet, MNASNet,
+RegNet, ShuffleNetV2, DenseNet) run those as modules while explained (:class:`TorchvisionCanonizer`).
 Models with their own residual additions should add through ``zennit.layer.Sum`` so the
 composites see them.
 """
@@ -90,44 +92,76 @@ def traced_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tupl
     return pairs
 
 
-class DenseNetHeadCanonizer(canonizers.AttributeCanonizer):
-    """torchvision's DenseNet applies its final ReLU and average pooling as functions, which no
-    LRP rule sees: the pooling would spread relevance evenly over positions and the ReLU's
-    gradient would drop what lands on negative features. While registered, the DenseNet runs them
-    as modules (``head_relu``, ``head_pool``), so they get the composites' rules (pass, norm)."""
+class TorchvisionCanonizer(canonizers.AttributeCanonizer):
+    """torchvision models that add, gate or pool with functions, which no LRP rule sees: a residual
+    addition passes the full relevance into both of its inputs (on a MobileNetV2, EfficientNet-B0,
+    MNASNet or RegNet the input's relevance summed to 10-10^6 times the explained logit), a
+    squeeze-and-excitation gate scales it by the gate, a pooling spreads it evenly over positions
+    and a ReLU's gradient drops what lands on negative features. While registered these run as
+    modules or pass relevance as LRP does: residual additions (MobileNetV2, MobileNetV3,
+    EfficientNet, MNASNet, RegNet blocks) through ``zennit.layer.Sum`` (normalised, as zennit's
+    ResNet canonizer does), the squeeze-and-excitation gate as a constant (the gated signal takes
+    all of the relevance), and the heads of DenseNet, ShuffleNetV2, MobileNetV2 and MNASNet through
+    ``nn.AdaptiveAvgPool2d`` (and DenseNet's ReLU as ``nn.ReLU``), so the composites' rules (sum
+    and pooling: norm; activation: pass) apply. The forward values stay the same."""
 
     def __init__(self):
         super().__init__(self.attributes)
 
     @staticmethod
     def attributes(name: str, module: nn.Module) -> dict | None:
-        from torchvision.models.densenet import DenseNet
+        from torchvision.models import densenet, efficientnet, mnasnet, mobilenetv2, mobilenetv3, regnet, shufflenetv2
+        from torchvision.ops.misc import SqueezeExcitation
+        from zennit.layer import Sum
 
-        if not isinstance(module, DenseNet):
-            return None
-        relu, pool = nn.ReLU(), nn.AdaptiveAvgPool2d(1)
+        def residual(branch, shortcut=lambda x: x, after=lambda x: x):
+            add = Sum()
+            return {"canonizer_sum": add,
+                    "forward": lambda x: after(add(torch.stack([shortcut(x), branch(x)], dim=-1)))}
 
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            return module.classifier(torch.flatten(pool(relu(module.features(x))), 1))
+        def head(features, classifier):
+            pool = nn.AdaptiveAvgPool2d(1)
+            return {"canonizer_pool": pool, "forward": lambda x: classifier(torch.flatten(pool(features(x)), 1))}
 
-        return {"head_relu": relu, "head_pool": pool, "forward": forward}
+        if isinstance(module, mobilenetv2.InvertedResidual) and module.use_res_connect:
+            return residual(module.conv)
+        if isinstance(module, (mobilenetv3.InvertedResidual, efficientnet.MBConv, efficientnet.FusedMBConv)) \
+                and module.use_res_connect:   # stochastic depth is the identity in eval mode
+            return residual(module.block)
+        if isinstance(module, mnasnet._InvertedResidual) and module.apply_residual:
+            return residual(module.layers)
+        if isinstance(module, regnet.ResBottleneckBlock):
+            return residual(module.f, module.proj or (lambda x: x), module.activation)
+        if isinstance(module, SqueezeExcitation):   # value scale * x, relevance all to x
+            return {"forward": lambda x: x + (module._scale(x) * x - x).detach()}
+        if isinstance(module, densenet.DenseNet):
+            relu = nn.ReLU()
+            out = head(lambda x: relu(module.features(x)), module.classifier)
+            return {**out, "canonizer_relu": relu}
+        if isinstance(module, shufflenetv2.ShuffleNetV2):
+            return head(lambda x: module.conv5(module.stage4(module.stage3(module.stage2(module.maxpool(
+                module.conv1(x)))))), module.fc)
+        if isinstance(module, mobilenetv2.MobileNetV2):
+            return head(module.features, module.classifier)
+        if isinstance(module, mnasnet.MNASNet):
+            return head(module.layers, module.classifier)
+        return None
 
     def copy(self):
-        return DenseNetHeadCanonizer()
+        return TorchvisionCanonizer()
 
 
 def default_canonizers(model: nn.Module, example: torch.Tensor | None = None) -> list:
     """The canonizers for ``model``: zennit's ResNet canonizer for torchvision ResNets, else
-    :class:`TracedMergeBatchNorm` traced with ``example`` (after :class:`DenseNetHeadCanonizer`
-    on torchvision DenseNets; without ``example``, :func:`lrp` traces with the explained batch)."""
-    from torchvision.models.densenet import DenseNet
+    :class:`TracedMergeBatchNorm` traced with ``example`` (after :class:`TorchvisionCanonizer`, which
+    changes only the torchvision blocks it knows; without ``example``, :func:`lrp` traces with the
+    explained batch)."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
     from zennit.torchvision import ResNetCanonizer
 
     if any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
         return [ResNetCanonizer()]
-    head = [DenseNetHeadCanonizer()] if any(isinstance(m, DenseNet) for m in model.modules()) else []
-    return head + [TracedMergeBatchNorm(None if example is None else example[:1].detach())]
+    return [TorchvisionCanonizer(), TracedMergeBatchNorm(None if example is None else example[:1].detach())]
 
 
 def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite, method: str = "lrp") -> torch.Tensor:
