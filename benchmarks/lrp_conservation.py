@@ -1,0 +1,66 @@
+"""Conservation of LRP on torchvision architectures: the input's relevance summed, over the
+explained logit (random weights, CPU).
+
+    PYTHONPATH=. python benchmarks/lrp_conservation.py [--models mobilenet_v2 ...] [--size 64] [--n 3]
+
+Each model gets BatchNorm statistics of random inputs (so activations keep their scale through
+depth), then every bias and BatchNorm shift is zeroed: there LRP-epsilon and z+ conserve, and the
+printed ratio is 1 up to what a rule cannot pass on. Printed per model: the ratio for each of
+``n`` random inputs under ``lrp.epsilon_plus_flat``.
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+import torchvision.models as tv
+
+from xai_callbacks.attribution import explain
+
+MODELS = ("resnet18", "vgg11_bn", "densenet121", "googlenet", "squeezenet1_1", "mobilenet_v2", "mobilenet_v3_small",
+          "efficientnet_b0", "mnasnet0_5", "regnet_x_400mf", "regnet_y_400mf", "shufflenet_v2_x1_0")
+
+
+def bias_free(model: torch.nn.Module, size: int) -> torch.nn.Module:
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.momentum = None
+        m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(32, 3, size, size))
+        for m in model.modules():
+            if isinstance(getattr(m, "bias", None), torch.Tensor):
+                m.bias.zero_()
+        for m in norms:
+            m.running_mean.zero_()
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--n", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    print(f"{'model':20s} relevance sum / logit ({args.n} inputs of 3x{args.size}x{args.size})")
+    for name in args.models:
+        torch.manual_seed(0)
+        kwargs = dict(aux_logits=False, init_weights=True) if name == "googlenet" else {}
+        model = bias_free(getattr(tv, name)(num_classes=4, **kwargs), args.size)
+        x = torch.rand(args.n, 3, args.size, args.size)
+        with torch.no_grad():
+            out = model(x)
+        target = out.argmax(1)
+        logit = out.gather(1, target[:, None])[:, 0]
+        relevance = explain(model, x, target, method="lrp.epsilon_plus_flat")
+        ratios = relevance.flatten(1).sum(1) / logit
+        print(f"{name:20s} " + " ".join(f"{r:9.3g}" for r in ratios.tolist()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
