@@ -94,8 +94,9 @@ def traced_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tupl
 
 class TorchvisionCanonizer(canonizers.AttributeCanonizer):
     """torchvision models that add, gate or pool with functions, which no LRP rule sees: a residual
-    addition passes the full relevance into both of its inputs (on a MobileNetV2, EfficientNet-B0,
-    MNASNet or RegNet the input's relevance summed to 10-10^6 times the explained logit), a
+    addition passes the full relevance into both of its inputs (on bias-free MobileNetV2 and MNASNet
+    the input's relevance summed to 10^3 times the explained logit, on EfficientNet-B0 to 10^29, on
+    RegNet-Y to NaN: ``benchmarks/lrp_conservation.py``), a
     squeeze-and-excitation gate scales it by the gate, a pooling spreads it evenly over positions
     and a ReLU's gradient drops what lands on negative features. While registered these run as
     modules or pass relevance as LRP does: residual additions (MobileNetV2, MobileNetV3,
