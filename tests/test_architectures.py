@@ -135,8 +135,8 @@ def _bias_free(model: nn.Module, size: int) -> nn.Module:
 def test_lrp_conserves_relevance_through_torchvisions_functional_additions_and_gates(name, rtol):
     """Residual additions as functions passed the full relevance into both inputs: the input's
     relevance summed to 10^3 (MobileNetV2, MNASNet) up to 10^29 (EfficientNet-B0) times the logit,
-    and NaN on RegNet-Y (``benchmarks/lrp_conservation.py``). With them as zennit Sum layers, bias-free models conserve; with a
-    squeeze-and-excitation gate (MobileNetV3, EfficientNet, RegNet-Y) the gate is held constant,
+    and NaN on RegNet-Y (``benchmarks/lrp_conservation.py``). With them as zennit Sum layers,
+    bias-free models conserve; with a squeeze-and-excitation gate (MobileNetV3, EfficientNet, RegNet-Y) the gate is held constant,
     which conserves up to a few tens of percent here (0.64-1.34 over three 64-pixel samples each)."""
     import torchvision
 

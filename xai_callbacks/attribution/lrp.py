@@ -104,7 +104,7 @@ class TorchvisionCanonizer(canonizers.AttributeCanonizer):
     ResNet canonizer does), the squeeze-and-excitation gate as a constant (the gated signal takes
     all of the relevance), and the heads of DenseNet, ShuffleNetV2, MobileNetV2 and MNASNet through
     ``nn.AdaptiveAvgPool2d`` (and DenseNet's ReLU as ``nn.ReLU``), so the composites' rules (sum
-    and pooling: norm; activation: pass) apply. The forward values stay the same."""
+    and pooling: norm; activation: pass) apply. The forward values stay the same (up to rounding)."""
 
     def __init__(self):
         super().__init__(self.attributes)
@@ -132,7 +132,7 @@ class TorchvisionCanonizer(canonizers.AttributeCanonizer):
         if isinstance(module, mnasnet._InvertedResidual) and module.apply_residual:
             return residual(module.layers)
         if isinstance(module, regnet.ResBottleneckBlock):
-            return residual(module.f, module.proj or (lambda x: x), module.activation)
+            return residual(module.f, module.proj if module.proj is not None else (lambda x: x), module.activation)
         if isinstance(module, SqueezeExcitation):   # value scale * x, relevance all to x
             return {"forward": lambda x: x + (module._scale(x) * x - x).detach()}
         if isinstance(module, densenet.DenseNet):
