@@ -152,6 +152,37 @@ def test_lrp_conserves_relevance_through_torchvisions_functional_additions_and_g
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and hook_count(model) == 0
 
 
+def test_excitation_backprop_through_a_functional_residual_addition_is_a_distribution():
+    """Marginal winning probabilities sum to 1 over the input; RegNet's residual additions as
+    functions passed the full probability into both inputs (about 10^6 at 64 pixels)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.regnet_x_400mf(num_classes=4).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    mwp = explain(model, x, 1, method="excitation_backprop")
+    torch.testing.assert_close(mwp.flatten(1).sum(1), torch.ones(2), rtol=1e-4, atol=1e-4)
+
+
+def test_cp_lrp_runs_through_in_place_activations_and_additions():
+    """torchvision's SiLU(inplace=True) then an in-place residual addition (EfficientNetV2's fused
+    blocks): the identity rule's output is a new tensor, so the addition may write into it."""
+    class Block(nn.Module):
+        def __init__(self, inplace: bool):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.act, self.head = nn.Conv2d(3, 3, 3, padding=1), nn.SiLU(inplace=inplace), nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.act(self.conv(x))
+            h += x
+            return self.head(h.mean((2, 3)))
+
+    x = torch.rand(2, 3, 8, 8)
+    ours = explain(Block(inplace=True), x, 1, method="lrp.cp")
+    torch.testing.assert_close(ours, explain(Block(inplace=False), x, 1, method="lrp.cp"))
+
+
 # ---------------------------------------------------------------------------------------------
 # vision transformers
 

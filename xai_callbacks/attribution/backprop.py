@@ -150,13 +150,17 @@ def _composite(model: nn.Module, dual_layer: str | None):
 
 
 def _sum_canonizers(model: nn.Module) -> list:
-    """torchvision ResNet blocks get their residual addition as a zennit ``Sum`` (BatchNorm kept)."""
+    """torchvision's residual additions as zennit ``Sum`` layers (BatchNorm kept): ResNet blocks by
+    zennit's canonizers, the others (and gates and pooling heads) by
+    :class:`~xai_callbacks.attribution.lrp.TorchvisionCanonizer`."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
     from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
 
+    from .lrp import TorchvisionCanonizer
+
     if any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
         return [ResNetBasicBlockCanonizer(), ResNetBottleneckCanonizer()]
-    return []
+    return [TorchvisionCanonizer()]
 
 
 def _mwp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, layer: str | None, dual_layer: str | None):

@@ -178,7 +178,8 @@ class ConservativeTransformerLRP(TorchFunctionMode):
             x, *rest = args
             if rest:
                 raise TypeError(f"{func.__name__}: pass options by keyword under CP-LRP")
-            return _IdentityRule.apply(x, func, kwargs)
+            # not in place: the rule's output must be a new tensor (torchvision's SiLU(inplace=True))
+            return _IdentityRule.apply(x, func, {k: v for k, v in kwargs.items() if k != "inplace"})
         if func is F.multi_head_attention_forward or func is F.scaled_dot_product_attention:
             query, key, *rest = args
             return func(query.detach(), key.detach(), *rest, **kwargs)
