@@ -152,6 +152,19 @@ def test_lrp_conserves_relevance_through_torchvisions_functional_additions_and_g
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and hook_count(model) == 0
 
 
+def test_the_torchvision_canonizer_leaves_subclasses_with_their_own_forward_alone():
+    import torchvision
+
+    from xai_callbacks.attribution.lrp import TorchvisionCanonizer
+
+    class Features(torchvision.models.MobileNetV2):   # a user's model: the features, not the classes
+        def forward(self, x):
+            return self.features(x)
+
+    assert TorchvisionCanonizer.attributes("", torchvision.models.mobilenet_v2()) is not None
+    assert TorchvisionCanonizer.attributes("", Features()) is None
+
+
 def test_excitation_backprop_through_a_functional_residual_addition_is_a_distribution():
     """Marginal winning probabilities sum to 1 over the input; RegNet's residual additions as
     functions passed the full probability into both inputs (about 10^6 at 64 pixels)."""

@@ -104,7 +104,8 @@ class TorchvisionCanonizer(canonizers.AttributeCanonizer):
     ResNet canonizer does), the squeeze-and-excitation gate as a constant (the gated signal takes
     all of the relevance), and the heads of DenseNet, ShuffleNetV2, MobileNetV2 and MNASNet through
     ``nn.AdaptiveAvgPool2d`` (and DenseNet's ReLU as ``nn.ReLU``), so the composites' rules (sum
-    and pooling: norm; activation: pass) apply. The forward values stay the same (up to rounding)."""
+    and pooling: norm; activation: pass) apply. The forward values stay the same (up to rounding); a
+    subclass with a forward of its own is left as it is."""
 
     def __init__(self):
         super().__init__(self.attributes)
@@ -124,27 +125,32 @@ class TorchvisionCanonizer(canonizers.AttributeCanonizer):
             pool = nn.AdaptiveAvgPool2d(1)
             return {"canonizer_pool": pool, "forward": lambda x: classifier(torch.flatten(pool(features(x)), 1))}
 
-        if isinstance(module, mobilenetv2.InvertedResidual) and module.use_res_connect:
+        def stock(*classes) -> bool:   # one of ``classes``, with torchvision's own forward
+            cls = next((c for c in classes if isinstance(module, c)), None)
+            return cls is not None and all(getattr(type(module), f, None) is getattr(cls, f, None)
+                                           for f in ("forward", "_forward_impl"))
+
+        if stock(mobilenetv2.InvertedResidual) and module.use_res_connect:
             return residual(module.conv)
-        if isinstance(module, (mobilenetv3.InvertedResidual, efficientnet.MBConv, efficientnet.FusedMBConv)) \
+        if stock(mobilenetv3.InvertedResidual, efficientnet.MBConv, efficientnet.FusedMBConv) \
                 and module.use_res_connect:   # stochastic depth is the identity in eval mode
             return residual(module.block)
-        if isinstance(module, mnasnet._InvertedResidual) and module.apply_residual:
+        if stock(mnasnet._InvertedResidual) and module.apply_residual:
             return residual(module.layers)
-        if isinstance(module, regnet.ResBottleneckBlock):
+        if stock(regnet.ResBottleneckBlock):
             return residual(module.f, module.proj if module.proj is not None else (lambda x: x), module.activation)
-        if isinstance(module, SqueezeExcitation):   # value scale * x, relevance all to x
+        if stock(SqueezeExcitation):   # value scale * x, relevance all to x
             return {"forward": lambda x: x + (module._scale(x) * x - x).detach()}
-        if isinstance(module, densenet.DenseNet):
+        if stock(densenet.DenseNet):
             relu = nn.ReLU()
             out = head(lambda x: relu(module.features(x)), module.classifier)
             return {**out, "canonizer_relu": relu}
-        if isinstance(module, shufflenetv2.ShuffleNetV2):
+        if stock(shufflenetv2.ShuffleNetV2):
             return head(lambda x: module.conv5(module.stage4(module.stage3(module.stage2(module.maxpool(
                 module.conv1(x)))))), module.fc)
-        if isinstance(module, mobilenetv2.MobileNetV2):
+        if stock(mobilenetv2.MobileNetV2):
             return head(module.features, module.classifier)
-        if isinstance(module, mnasnet.MNASNet):
+        if stock(mnasnet.MNASNet):
             return head(module.layers, module.classifier)
         return None
 
