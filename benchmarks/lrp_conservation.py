@@ -23,6 +23,8 @@ MODELS = ("resnet18", "vgg11_bn", "densenet121", "googlenet", "squeezenet1_1", "
 
 
 def bias_free(model: torch.nn.Module, size: int) -> torch.nn.Module:
+    """``model`` with BatchNorm statistics of random inputs, then every bias and BatchNorm shift
+    zeroed, in eval mode (also used by ``tests/test_architectures.py``)."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.momentum = None

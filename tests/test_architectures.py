@@ -112,21 +112,16 @@ def test_densenet_lrp_equals_zennit_with_the_valid_merges_named():
 
 
 def _bias_free(model: nn.Module, size: int) -> nn.Module:
-    """BatchNorm statistics of random inputs (so activations keep their scale through depth),
-    then every bias and BatchNorm shift zeroed: LRP's z+ / epsilon rules conserve exactly."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.momentum = None
-        m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(16, 3, size, size, generator=torch.Generator().manual_seed(1)))
-        for m in model.modules():
-            if isinstance(getattr(m, "bias", None), torch.Tensor):
-                m.bias.zero_()
-        for m in norms:
-            m.running_mean.zero_()
-    return model.eval()
+    """``benchmarks/lrp_conservation.py``'s model preparation: BatchNorm statistics of random
+    inputs, then every bias and BatchNorm shift zeroed (LRP's z+ / epsilon rules conserve)."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "lrp_conservation.py"
+    spec = importlib.util.spec_from_file_location("lrp_conservation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(1)
+    return module.bias_free(model, size)
 
 
 @pytest.mark.parametrize("name,rtol", [("mobilenet_v2", 1e-2), ("mnasnet0_5", 1e-2), ("regnet_x_400mf", 1e-2),
