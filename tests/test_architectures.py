@@ -93,15 +93,20 @@ def test_densenet_lrp_conserves_relevance_and_leaves_the_model_untouched(method)
 def test_densenet_lrp_equals_zennit_with_the_valid_merges_named():
     """The traced merge finds exactly the valid (conv, BatchNorm) pairs: conv0 -> norm0 and each
     layer's conv1 -> norm2; the BatchNorms after concatenations stay (zennit's pass rule)."""
-    from zennit.canonizers import NamedMergeBatchNorm
+    from zennit.canonizers import AttributeCanonizer, NamedMergeBatchNorm
     from zennit.composites import EpsilonPlusFlat
 
-    from xai_callbacks.attribution.lrp import TorchvisionCanonizer
+    def head_as_modules(name, module):   # DenseNet's functional ReLU and pooling as zennit sees modules
+        if not isinstance(module, tv.DenseNet):
+            return None
+        relu, pool = nn.ReLU(), nn.AdaptiveAvgPool2d(1)
+        return {"head_relu": relu, "head_pool": pool,
+                "forward": lambda x: module.classifier(torch.flatten(pool(relu(module.features(x))), 1))}
 
     model, x = densenet(), torch.rand(2, 3, 16, 16)
     names = [((n.replace("norm2", "conv1"),), n) for n, _ in model.named_modules() if n.endswith("norm2")]
     merges = NamedMergeBatchNorm([(("features.conv0",), "features.norm0")] + names)
-    composite = EpsilonPlusFlat(canonizers=[TorchvisionCanonizer(), merges])
+    composite = EpsilonPlusFlat(canonizers=[AttributeCanonizer(head_as_modules), merges])
     xr = x.clone().requires_grad_(True)
     with composite.context(model) as modified:
         out = modified(xr)
@@ -130,8 +135,8 @@ def _bias_free(model: nn.Module, size: int) -> nn.Module:
 def test_lrp_conserves_relevance_through_torchvisions_functional_additions_and_gates(name, rtol):
     """Residual additions as functions passed the full relevance into both inputs: the input's
     relevance summed to 10^3 (MobileNetV2, MNASNet) up to 10^29 (EfficientNet-B0) times the logit,
-    and NaN on RegNet-Y (``benchmarks/lrp_conservation.py``). With them as zennit Sum layers,
-    bias-free models conserve; with a squeeze-and-excitation gate (MobileNetV3, EfficientNet, RegNet-Y) the gate is held constant,
+    and NaN on RegNet-Y (``benchmarks/lrp_conservation.py``). With the norm rule on them
+    (``FunctionalRules``), bias-free models conserve; with a squeeze-and-excitation gate (MobileNetV3, EfficientNet, RegNet-Y) the gate is held constant,
     which conserves up to a few tens of percent here (0.64-1.34 over three 64-pixel samples each)."""
     import torchvision
 
@@ -147,17 +152,68 @@ def test_lrp_conserves_relevance_through_torchvisions_functional_additions_and_g
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and hook_count(model) == 0
 
 
-def test_the_torchvision_canonizer_leaves_subclasses_with_their_own_forward_alone():
-    import torchvision
+def test_the_gate_canonizer_leaves_subclasses_with_their_own_forward_alone():
+    from torchvision.ops.misc import SqueezeExcitation
 
-    from xai_callbacks.attribution.lrp import TorchvisionCanonizer
+    from xai_callbacks.attribution.lrp import SqueezeExcitationCanonizer
 
-    class Features(torchvision.models.MobileNetV2):   # a user's model: the features, not the classes
+    class Gate(SqueezeExcitation):   # a user's block: not the stock gate
         def forward(self, x):
-            return self.features(x)
+            return x * self._scale(x).pow(2)
 
-    assert TorchvisionCanonizer.attributes("", torchvision.models.mobilenet_v2()) is not None
-    assert TorchvisionCanonizer.attributes("", Features()) is None
+    assert SqueezeExcitationCanonizer.attributes("", SqueezeExcitation(8, 2)) is not None
+    assert SqueezeExcitationCanonizer.attributes("", Gate(8, 2)) is None
+
+
+class _OwnResidualCNN(nn.Module):
+    """A residual CNN as CIFAR code writes it: ``out += shortcut`` then ``F.relu``, ``F.avg_pool2d``
+    and ``x.mean``: every addition and pooling a function, no bias."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.blocks = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1, bias=False) for _ in range(4))
+        self.head = nn.Linear(8, 3, bias=False)
+
+    def forward(self, x):
+        out = torch.nn.functional.relu(self.stem(x))
+        for conv in self.blocks:
+            h = conv(out)
+            h += out
+            out = torch.nn.functional.relu(h)
+        return self.head(torch.nn.functional.avg_pool2d(out, 2).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["lrp.epsilon_plus_flat", "lrp.epsilon_plus"])
+def test_lrp_conserves_relevance_through_a_models_own_functional_additions_and_pooling(method):
+    """Without the norm rule on functional additions each addition passed the full relevance into
+    both inputs: the input's relevance summed to 8.6x the logit here; now to the logit."""
+    model, x = _OwnResidualCNN().eval(), torch.rand(2, 3, 8, 8)
+    rel = explain(model, x, 1, method=method)
+    assert_conserved(rel, model, x, 1, rtol=1e-4)
+
+
+def test_token_lrp_through_a_mean_of_embeddings_follows_the_tokens():
+    """A bag of embeddings (the mean over tokens, then a dense layer): the mean's norm rule gives
+    each token its share; its gradient gave every token the same relevance."""
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embedding, self.head = nn.Embedding(20, 6), nn.Linear(6, 2, bias=False)
+
+        def forward(self, tokens):
+            return self.head(self.embedding(tokens).mean(1))
+
+    model, tokens = Bag().eval(), torch.tensor([[1, 2, 3, 4], [5, 5, 6, 7]])
+    rel = explain(model, tokens, 0, method="lrp.epsilon_plus")
+    with torch.no_grad():
+        e, logit = model.embedding(tokens), model(tokens)[:, 0]
+        want = (e * model.head.weight[0]).sum(2) / e.shape[1]   # token i's part of the linear logit
+    # up to the dense layer's epsilon stabiliser (the first logit is -0.002)
+    torch.testing.assert_close(rel, want, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(rel.sum(1), logit, rtol=1e-3, atol=1e-5)
 
 
 def test_excitation_backprop_through_a_functional_residual_addition_is_a_distribution():

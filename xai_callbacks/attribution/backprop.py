@@ -33,6 +33,7 @@ from zennit.types import AvgPool, BatchNorm, Convolution, Linear
 
 from . import CheckedForward, output_checked, register_method
 from ..guard import allow_nondeterministic
+from .lrp import FunctionalRules, SqueezeExcitationCanonizer
 
 __all__ = ["deeplift", "deconvnet", "excitation_backprop", "contrastive_excitation_backprop", "Excitation"]
 
@@ -150,17 +151,15 @@ def _composite(model: nn.Module, dual_layer: str | None):
 
 
 def _sum_canonizers(model: nn.Module) -> list:
-    """torchvision's residual additions as zennit ``Sum`` layers (BatchNorm kept): ResNet blocks by
-    zennit's canonizers, the others (and gates and pooling heads) by
-    :class:`~xai_callbacks.attribution.lrp.TorchvisionCanonizer`."""
+    """torchvision ResNet blocks get their residual addition as a zennit ``Sum`` (BatchNorm kept);
+    squeeze-and-excitation gates are constants (other functional additions and pooling: the
+    forward runs under :class:`~xai_callbacks.attribution.lrp.FunctionalRules`)."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
     from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
 
-    from .lrp import TorchvisionCanonizer
-
     if any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
         return [ResNetBasicBlockCanonizer(), ResNetBottleneckCanonizer()]
-    return [TorchvisionCanonizer()]
+    return [SqueezeExcitationCanonizer()]
 
 
 def _mwp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, layer: str | None, dual_layer: str | None):
@@ -174,7 +173,8 @@ def _mwp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, layer: str | N
                 lambda module, inputs, output: captured.append(output.clone()) or captured[-1])
         try:
             forward.model = modified
-            out = forward(x)
+            with FunctionalRules(stabilizer=1e-20):   # as the composite's sums and pooling
+                out = forward(x)
         finally:
             if handle is not None:
                 handle.remove()

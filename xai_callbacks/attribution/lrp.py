@@ -12,22 +12,24 @@ back if anything raises (:func:`~xai_callbacks.guard.preserve_values`).
 
 Transformers (attention, LayerNorm) have no zennit rules; the composites here refuse them before
 touching the model and name the methods that apply (``lrp.cp``, see ``transformer.py``).
-torchvision models that add, gate or pool with functions (MobileNets, EfficientNet, MNASNet,
-RegNet, ShuffleNetV2, DenseNet) run those as modules while explained (:class:`TorchvisionCanonizer`).
-Models with their own residual additions should add through ``zennit.layer.Sum`` so the
-composites see them.
+Additions and average pooling written as functions (a residual ``out += x``, ``x.mean((2, 3))``,
+``F.adaptive_avg_pool2d``) get the norm rule of zennit's ``Sum`` and pooling layers during the
+forward pass (:class:`FunctionalRules`), so any model's residual additions conserve relevance;
+torchvision's squeeze-and-excitation gates are held constant (:class:`SqueezeExcitationCanonizer`).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from zennit import composites, canonizers
 from zennit.types import BatchNorm, Linear as ZennitLinear
 
 from . import CheckedForward, TargetModel, register_method
 from ..guard import input_gradient, preserve_values
 from ..scoring import target_scores
-from .transformer import refuse_transformer
+from .transformer import _is_activation, refuse_transformer
 
 
 class TracedMergeBatchNorm(canonizers.SequentialMergeBatchNorm):
@@ -92,83 +94,109 @@ def traced_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tupl
     return pairs
 
 
-class TorchvisionCanonizer(canonizers.AttributeCanonizer):
-    """torchvision models that add, gate or pool with functions, which no LRP rule sees: a residual
-    addition passes the full relevance into both of its inputs (on bias-free MobileNetV2 and MNASNet
-    the input's relevance summed to 10^3 times the explained logit, on EfficientNet-B0 to 10^29, on
-    RegNet-Y to NaN: ``benchmarks/lrp_conservation.py``), a
-    squeeze-and-excitation gate scales it by the gate, a pooling spreads it evenly over positions
-    and a ReLU's gradient drops what lands on negative features. While registered these run as
-    modules or pass relevance as LRP does: residual additions (MobileNetV2, MobileNetV3,
-    EfficientNet, MNASNet, RegNet blocks) through ``zennit.layer.Sum`` (normalised, as zennit's
-    ResNet canonizer does), the squeeze-and-excitation gate as a constant (the gated signal takes
-    all of the relevance), and the heads of DenseNet, ShuffleNetV2, MobileNetV2 and MNASNet through
-    ``nn.AdaptiveAvgPool2d`` (and DenseNet's ReLU as ``nn.ReLU``), so the composites' rules (sum
-    and pooling: norm; activation: pass) apply. The forward values stay the same (up to rounding); a
-    subclass with a forward of its own is left as it is."""
+class SqueezeExcitationCanonizer(canonizers.AttributeCanonizer):
+    """torchvision's squeeze-and-excitation block (MobileNetV3, EfficientNet, RegNet-Y) gates its
+    input by a product no rule sees, whose gradient scales the relevance by the gate and sends
+    part of it into the gate's own branch. While registered the gate is a constant: the gated
+    signal takes all of the relevance (as LRP treats multiplicative gates), the value is the same
+    (up to rounding). A subclass with a forward of its own is left as it is."""
 
     def __init__(self):
         super().__init__(self.attributes)
 
     @staticmethod
     def attributes(name: str, module: nn.Module) -> dict | None:
-        from torchvision.models import densenet, efficientnet, mnasnet, mobilenetv2, mobilenetv3, regnet, shufflenetv2
         from torchvision.ops.misc import SqueezeExcitation
-        from zennit.layer import Sum
 
-        def residual(branch, shortcut=lambda x: x, after=lambda x: x):
-            add = Sum()
-            return {"canonizer_sum": add,
-                    "forward": lambda x: after(add(torch.stack([shortcut(x), branch(x)], dim=-1)))}
-
-        def head(features, classifier):
-            pool = nn.AdaptiveAvgPool2d(1)
-            return {"canonizer_pool": pool, "forward": lambda x: classifier(torch.flatten(pool(features(x)), 1))}
-
-        def stock(*classes) -> bool:   # one of ``classes``, with torchvision's own forward
-            cls = next((c for c in classes if isinstance(module, c)), None)
-            return cls is not None and all(getattr(type(module), f, None) is getattr(cls, f, None)
-                                           for f in ("forward", "_forward_impl"))
-
-        if stock(mobilenetv2.InvertedResidual) and module.use_res_connect:
-            return residual(module.conv)
-        if stock(mobilenetv3.InvertedResidual, efficientnet.MBConv, efficientnet.FusedMBConv) \
-                and module.use_res_connect:   # stochastic depth is the identity in eval mode
-            return residual(module.block)
-        if stock(mnasnet._InvertedResidual) and module.apply_residual:
-            return residual(module.layers)
-        if stock(regnet.ResBottleneckBlock):
-            return residual(module.f, module.proj if module.proj is not None else (lambda x: x), module.activation)
-        if stock(SqueezeExcitation):   # value scale * x, relevance all to x
+        if isinstance(module, SqueezeExcitation) and type(module).forward is SqueezeExcitation.forward:
             return {"forward": lambda x: x + (module._scale(x) * x - x).detach()}
-        if stock(densenet.DenseNet):
-            relu = nn.ReLU()
-            out = head(lambda x: relu(module.features(x)), module.classifier)
-            return {**out, "canonizer_relu": relu}
-        if stock(shufflenetv2.ShuffleNetV2):
-            return head(lambda x: module.conv5(module.stage4(module.stage3(module.stage2(module.maxpool(
-                module.conv1(x)))))), module.fc)
-        if stock(mobilenetv2.MobileNetV2):
-            return head(module.features, module.classifier)
-        if stock(mnasnet.MNASNet):
-            return head(module.layers, module.classifier)
         return None
 
     def copy(self):
-        return TorchvisionCanonizer()
+        return SqueezeExcitationCanonizer()
+
+
+def _stabilized(z: torch.Tensor, stabilizer: float) -> torch.Tensor:
+    return z + stabilizer * torch.where(z >= 0, 1.0, -1.0).to(z)
+
+
+class _NormAdd(torch.autograd.Function):
+    """``a + b`` forward; backward splits the relevance above in proportion to ``a`` and ``b``
+    (zennit's norm rule of a ``Sum`` layer)."""
+
+    @staticmethod
+    def forward(ctx, a, b, stabilizer):
+        ctx.stabilizer = stabilizer
+        ctx.save_for_backward(a, b)   # not the sum: an in-place activation may write into it
+        return a + b
+
+    @staticmethod
+    def backward(ctx, relevance):
+        a, b = ctx.saved_tensors
+        ratio = relevance / _stabilized(a + b, ctx.stabilizer)
+        return a * ratio, b * ratio, None
+
+
+class _NormPool(torch.autograd.Function):
+    """``pool(x)`` forward (a mean over positions); backward the norm rule: the relevance above
+    over the output, through the pooling's gradient, times the input."""
+
+    @staticmethod
+    def forward(ctx, x, pool, stabilizer):
+        ctx.pool, ctx.stabilizer = pool, stabilizer
+        ctx.save_for_backward(x)
+        return pool(x)
+
+    @staticmethod
+    def backward(ctx, relevance):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            out = ctx.pool(leaf)
+            (grad,) = torch.autograd.grad(out, leaf, relevance / _stabilized(out.detach(), ctx.stabilizer))
+        return x * grad, None, None
+
+
+class FunctionalRules(TorchFunctionMode):
+    """Within this mode (the forward pass of :func:`lrp`), an addition of two activations of one
+    shape (``a + b``, ``a += b``, ``torch.add``) and an average pooling (``x.mean(...)``,
+    ``F.adaptive_avg_pool2d``, ``F.avg_pool2d``, ...) written as functions pass relevance as
+    zennit's norm rule does for ``Sum`` and pooling layers. Without it no rule sees them: the
+    gradient of an addition passes the full relevance into both inputs (a residual network's
+    relevance doubles at each block) and a mean spreads it evenly over positions. Forward values
+    are unchanged. ``stabilizer`` is added to each denominator with its sign (zennit's norm rule's
+    default: 1e-6)."""
+
+    _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__,
+            torch.Tensor.add_}
+    _POOL = {torch.mean, torch.Tensor.mean, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+             F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
+
+    def __init__(self, stabilizer: float = 1e-6):
+        super().__init__()
+        self.stabilizer = stabilizer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func in self._ADD and len(args) == 2 and not kwargs and all(map(_is_activation, args))
+                and args[0].shape == args[1].shape):
+            return _NormAdd.apply(*args, self.stabilizer)
+        if func in self._POOL and args and _is_activation(args[0]):
+            rest = args[1:]
+            return _NormPool.apply(args[0], lambda t: func(t, *rest, **kwargs), self.stabilizer)
+        return func(*args, **kwargs)
 
 
 def default_canonizers(model: nn.Module, example: torch.Tensor | None = None) -> list:
     """The canonizers for ``model``: zennit's ResNet canonizer for torchvision ResNets, else
-    :class:`TracedMergeBatchNorm` traced with ``example`` (after :class:`TorchvisionCanonizer`, which
-    changes only the torchvision blocks it knows; without ``example``, :func:`lrp` traces with the
-    explained batch)."""
+    :class:`TracedMergeBatchNorm` traced with ``example`` (after :class:`SqueezeExcitationCanonizer`;
+    without ``example``, :func:`lrp` traces with the explained batch)."""
     from torchvision.models.resnet import BasicBlock, Bottleneck
     from zennit.torchvision import ResNetCanonizer
 
     if any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
         return [ResNetCanonizer()]
-    return [TorchvisionCanonizer(), TracedMergeBatchNorm(None if example is None else example[:1].detach())]
+    return [SqueezeExcitationCanonizer(), TracedMergeBatchNorm(None if example is None else example[:1].detach())]
 
 
 def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite, method: str = "lrp") -> torch.Tensor:
@@ -189,11 +217,13 @@ def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite, meth
         with composite.context(model) as modified:
             x = x.requires_grad_(True)
             if isinstance(modified, TargetModel):  # a target function: relevance starts at the model's own output,
-                out = modified.inner(x)             # R = output * d score / d output (sums to a linear score)
+                with FunctionalRules():             # R = output * d score / d output (sums to a linear score)
+                    out = modified.inner(x)
                 score = target_scores(out, modified.target)
             else:
                 forward.model = modified
-                out = forward(x)
+                with FunctionalRules():
+                    out = forward(x)
                 score = out.gather(1, target[:, None])
             (d_score,) = torch.autograd.grad(score.sum(), out, retain_graph=True)
             return input_gradient(out, x, grad_outputs=d_score * out.detach())
