@@ -169,9 +169,10 @@ class _OwnResidualCNN(nn.Module):
     """A residual CNN as CIFAR code writes it: ``out += shortcut`` then ``F.relu``, ``F.avg_pool2d``
     and ``x.mean``: every addition and pooling a function, no bias."""
 
-    def __init__(self):
+    def __init__(self, add: str = "+="):
         super().__init__()
         torch.manual_seed(0)
+        self.add = add
         self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
         self.blocks = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1, bias=False) for _ in range(4))
         self.head = nn.Linear(8, 3, bias=False)
@@ -180,16 +181,24 @@ class _OwnResidualCNN(nn.Module):
         out = torch.nn.functional.relu(self.stem(x))
         for conv in self.blocks:
             h = conv(out)
-            h += out
+            if self.add == "+=":
+                h += out
+            elif self.add == "add_":   # a statement: h itself must change
+                h.add_(out)
+            else:
+                h = torch.add(h, out)
             out = torch.nn.functional.relu(h)
         return self.head(torch.nn.functional.avg_pool2d(out, 2).mean((2, 3)))
 
 
-@pytest.mark.parametrize("method", ["lrp.epsilon_plus_flat", "lrp.epsilon_plus"])
-def test_lrp_conserves_relevance_through_a_models_own_functional_additions_and_pooling(method):
+@pytest.mark.parametrize("method,add", [("lrp.epsilon_plus_flat", "+="), ("lrp.epsilon_plus", "add_"),
+                                        ("lrp.epsilon_plus", "torch.add")])
+def test_lrp_conserves_relevance_through_a_models_own_functional_additions_and_pooling(method, add):
     """Without the norm rule on functional additions each addition passed the full relevance into
     both inputs: the input's relevance summed to 8.6x the logit here; now to the logit."""
-    model, x = _OwnResidualCNN().eval(), torch.rand(2, 3, 8, 8)
+    model, x = _OwnResidualCNN(add).eval(), torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), _OwnResidualCNN("+=").eval()(x))   # the three spell one model
     rel = explain(model, x, 1, method=method)
     assert_conserved(rel, model, x, 1, rtol=1e-4)
 

@@ -159,7 +159,7 @@ class _NormPool(torch.autograd.Function):
 
 class FunctionalRules(TorchFunctionMode):
     """Within this mode (the forward pass of :func:`lrp`), an addition of two activations of one
-    shape (``a + b``, ``a += b``, ``torch.add``) and an average pooling (``x.mean(...)``,
+    shape (``a + b``, ``a += b``, ``torch.add``, ``a.add_(b)``) and an average pooling (``x.mean(...)``,
     ``F.adaptive_avg_pool2d``, ``F.avg_pool2d``, ...) written as functions pass relevance as
     zennit's norm rule does for ``Sum`` and pooling layers. Without it no rule sees them: the
     gradient of an addition passes the full relevance into both inputs (a residual network's
@@ -167,8 +167,7 @@ class FunctionalRules(TorchFunctionMode):
     are unchanged. ``stabilizer`` is added to each denominator with its sign (zennit's norm rule's
     default: 1e-6)."""
 
-    _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__,
-            torch.Tensor.add_}
+    _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__}
     _POOL = {torch.mean, torch.Tensor.mean, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
              F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
 
@@ -178,8 +177,11 @@ class FunctionalRules(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if (func in self._ADD and len(args) == 2 and not kwargs and all(map(_is_activation, args))
-                and args[0].shape == args[1].shape):
+        if (func in self._ADD or func is torch.Tensor.add_) and len(args) == 2 and not kwargs \
+                and all(map(_is_activation, args)) and args[0].shape == args[1].shape:
+            # ``a += b`` takes the new tensor as ``a``; ``a.add_(b)`` must change ``a`` itself
+            if func is torch.Tensor.add_:
+                return args[0].copy_(_NormAdd.apply(args[0].clone(), args[1], self.stabilizer))
             return _NormAdd.apply(*args, self.stabilizer)
         if func in self._POOL and args and _is_activation(args[0]):
             rest = args[1:]
