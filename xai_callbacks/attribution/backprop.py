@@ -141,32 +141,23 @@ def classifier_layer_name(model: nn.Module) -> str:
     return names[-1]
 
 
-def _composite(model: nn.Module, dual_layer: str | None):
+def _composite(dual_layer: str | None):
+    """The MWP rules; squeeze-and-excitation gates are constants, and residual additions and
+    pooling written as functions (torchvision's ResNet blocks among them) get the norm rule from
+    the forward pass under :class:`~xai_callbacks.attribution.lrp.FunctionalRules`."""
     layer_map = [(Sum, Norm(stabilizer=1e-20)), (AvgPool, Norm(stabilizer=1e-20)), (BatchNorm, Pass()),
                  (Convolution, Excitation()), (Linear, Excitation())]
     if dual_layer is None:
-        return LayerMapComposite(layer_map=layer_map, canonizers=_sum_canonizers(model))
+        return LayerMapComposite(layer_map=layer_map, canonizers=[SqueezeExcitationCanonizer()])
     return NameLayerMapComposite(name_map=[((dual_layer,), Excitation(dual=True))], layer_map=layer_map,
-                                 canonizers=_sum_canonizers(model))
-
-
-def _sum_canonizers(model: nn.Module) -> list:
-    """torchvision ResNet blocks get their residual addition as a zennit ``Sum`` (BatchNorm kept);
-    squeeze-and-excitation gates are constants (other functional additions and pooling: the
-    forward runs under :class:`~xai_callbacks.attribution.lrp.FunctionalRules`)."""
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-    from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
-
-    if any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
-        return [ResNetBasicBlockCanonizer(), ResNetBottleneckCanonizer()]
-    return [SqueezeExcitationCanonizer()]
+                                 canonizers=[SqueezeExcitationCanonizer()])
 
 
 def _mwp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, layer: str | None, dual_layer: str | None):
     """MWP (B, C_l, ...) at the input (``layer`` None) or at the output of the module ``layer``."""
     forward = CheckedForward(model, target)
     captured = []
-    with _composite(model, dual_layer).context(model) as modified:
+    with _composite(dual_layer).context(model) as modified:
         handle = None
         if layer is not None:
             handle = named_module(modified, layer, "excitation_backprop layer").register_forward_hook(
