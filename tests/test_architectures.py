@@ -152,6 +152,20 @@ def test_lrp_conserves_relevance_through_torchvisions_functional_additions_and_g
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and hook_count(model) == 0
 
 
+def test_configured_lrp_and_concept_relevance_conserve_through_functional_additions():
+    """``lrp.composite`` and the concept relevance run their own zennit forward passes: under the
+    same functional rules (on a bias-free MobileNetV2 both summed to about 1,000x the logit before)."""
+    import torchvision
+
+    from xai_callbacks.concepts import concept_relevance
+
+    torch.manual_seed(0)
+    model = _bias_free(torchvision.models.mobilenet_v2(num_classes=4), 32)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    assert_conserved(explain(model, x, 1, method="lrp.composite"), model, x, 1, rtol=1e-2)
+    assert_conserved(concept_relevance(model, x, 1, "features.10").heatmap, model, x, 1, rtol=1e-2)
+
+
 def test_the_gate_canonizer_leaves_subclasses_with_their_own_forward_alone():
     from torchvision.ops.misc import SqueezeExcitation
 

@@ -19,7 +19,7 @@ from torch import nn
 from zennit import composites
 
 from .attribution import model_device
-from .attribution.lrp import default_canonizers
+from .attribution.lrp import FunctionalRules, default_canonizers
 from .guard import input_gradient, model_guard, preserve_values, unwrap_model
 from .scoring import as_target, check_class_target
 
@@ -76,7 +76,8 @@ def _lrp_at_layer(model, x, target, layer: str, channel_mask: torch.Tensor | Non
             handle = find_concept_layer(modified, layer).register_forward_hook(hook)
             try:
                 x = x.detach().clone().requires_grad_(True)
-                out = modified(x)
+                with FunctionalRules():
+                    out = modified(x)
             finally:
                 handle.remove()
             check_class_target(out, target)

@@ -1,9 +1,8 @@
 """Layer-wise relevance propagation through zennit's composites and canonizers.
 
-Canonizers are picked from the model: torchvision ResNets get zennit's ``ResNetCanonizer``
-(BatchNorm merged, residual additions as explicit ``Sum`` layers); other models get
-:class:`TracedMergeBatchNorm`, which merges a BatchNorm into the linear or convolution layer
-before it only where one forward pass shows that the BatchNorm reads exactly that layer's output.
+Every model gets :class:`TracedMergeBatchNorm`, which merges a BatchNorm into the linear or
+convolution layer before it only where one forward pass shows that the BatchNorm reads exactly
+that layer's output.
 A BatchNorm after a concatenation (DenseNet) or after a pooling layer is left as it is and gets
 zennit's rule for BatchNorm (relevance passed through unchanged). Canonizers merge BatchNorm
 running statistics, which is valid in eval mode only: the guard puts the model in eval mode
@@ -190,14 +189,11 @@ class FunctionalRules(TorchFunctionMode):
 
 
 def default_canonizers(model: nn.Module, example: torch.Tensor | None = None) -> list:
-    """The canonizers for ``model``: zennit's ResNet canonizer for torchvision ResNets, else
-    :class:`TracedMergeBatchNorm` traced with ``example`` (after :class:`SqueezeExcitationCanonizer`;
-    without ``example``, :func:`lrp` traces with the explained batch)."""
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-    from zennit.torchvision import ResNetCanonizer
-
-    if any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules()):
-        return [ResNetCanonizer()]
+    """The canonizers for ``model``: :class:`SqueezeExcitationCanonizer` and
+    :class:`TracedMergeBatchNorm` traced with ``example`` (without it, :func:`lrp` traces with the
+    explained batch). Residual additions and pooling written as functions are not canonized: the
+    forward pass runs under :class:`FunctionalRules` (on torchvision's ResNets the same relevance,
+    bit for bit, as zennit's ``ResNetCanonizer``)."""
     return [SqueezeExcitationCanonizer(), TracedMergeBatchNorm(None if example is None else example[:1].detach())]
 
 
@@ -446,7 +442,8 @@ def lrp_composite(model, x, target, *, rules: dict | None = None, output: str = 
                                      canonizers=default_canonizers(root, x))
         with composite.context(root):
             x = x.requires_grad_(True)
-            out = forward(x)
+            with FunctionalRules():
+                out = forward(x)
             if output == "logit":
                 weights = torch.zeros_like(out).scatter_(1, target[:, None], 1.0)
             else:
