@@ -1,12 +1,15 @@
-"""Conservation of LRP on torchvision architectures: the input's relevance summed, over the
-explained logit (random weights, CPU).
+"""Conservation of LRP and excitation backprop on torchvision architectures: the input's
+relevance summed, over the explained logit, and the marginal winning probabilities summed
+(random weights, CPU).
 
     PYTHONPATH=. python benchmarks/lrp_conservation.py [--models mobilenet_v2 ...] [--size 64] [--n 3]
 
 Each model gets BatchNorm statistics of random inputs (so activations keep their scale through
 depth), then every bias and BatchNorm shift is zeroed: there LRP-epsilon and z+ conserve, and the
 printed ratio is 1 up to what a rule cannot pass on. Printed per model: the ratio for each of
-``n`` random inputs under ``lrp.epsilon_plus_flat``.
+``n`` random inputs under ``lrp.epsilon_plus_flat``, then the total of ``excitation_backprop``'s
+winning probabilities for the same inputs (at most 1 and never negative for a distribution) and
+their smallest element.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    print(f"{'model':20s} relevance sum / logit ({args.n} inputs of 3x{args.size}x{args.size})")
+    print(f"{'model':20s} relevance sum / logit | MWP sum | smallest MWP ({args.n} inputs of 3x{args.size}x{args.size})")
     for name in args.models:
         torch.manual_seed(0)
         kwargs = dict(aux_logits=False, init_weights=True) if name == "googlenet" else {}
@@ -61,7 +64,9 @@ def main() -> None:
         logit = out.gather(1, target[:, None])[:, 0]
         relevance = explain(model, x, target, method="lrp.epsilon_plus_flat")
         ratios = relevance.flatten(1).sum(1) / logit
-        print(f"{name:20s} " + " ".join(f"{r:9.3g}" for r in ratios.tolist()), flush=True)
+        mwp = explain(model, x, target, method="excitation_backprop")
+        print(f"{name:20s} " + " ".join(f"{r:9.3g}" for r in ratios.tolist()) + " | "
+              + " ".join(f"{p:9.3g}" for p in mwp.flatten(1).sum(1).tolist()) + f" | {mwp.min().item():9.3g}", flush=True)
 
 
 if __name__ == "__main__":

@@ -251,6 +251,45 @@ def test_excitation_backprop_through_a_functional_residual_addition_is_a_distrib
     torch.testing.assert_close(mwp.flatten(1).sum(1), torch.ones(2), rtol=1e-4, atol=1e-4)
 
 
+def test_excitation_backprop_counts_negative_activations_as_not_excited():
+    """x = (1, -2) -> h = W1 x = (3, -1), no activation -> W2 = (1, 2), target 0.
+    With a+ = max(a, 0): P(h) = (1 * 3 / 3, 0) = (1, 0), then W1+ row 0 = (1, 0), x+ = (1, 0):
+    P(x) = (1, 0). The signed rule gave P(h) = (3 / (3 - 2), -2 / 1) = (3, -2)."""
+    net = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 1, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, -1.0], [1.0, 1.0]]))
+        net[1].weight.copy_(torch.tensor([[1.0, 2.0]]))
+    torch.testing.assert_close(explain(net, torch.tensor([[1.0, -2.0]]), 0, method="excitation_backprop"),
+                               torch.tensor([[1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("name", ["shufflenet_v2_x0_5", "mobilenet_v3_small", "efficientnet_b0"])
+def test_excitation_backprop_is_a_distribution_where_activations_go_negative(name):
+    """Depthwise convolutions feeding the next one (ShuffleNetV2), linear bottlenecks, Hardswish and
+    SiLU (MobileNetV3, EfficientNet), inputs normalised to signed values: MWP is non-negative and sums
+    to at most 1. With signed activations in the rule: sums of -10^2 (ShuffleNetV2), 10^11
+    (MobileNetV3), NaN (EfficientNet)."""
+    torch.manual_seed(0)
+    model = getattr(tv, name)(num_classes=4).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    mwp = explain(model, x, 1, method="excitation_backprop")
+    total = mwp.flatten(1).sum(1)
+    assert torch.isfinite(mwp).all() and (mwp >= 0).all() and (total > 0.01).all() and (total <= 1 + 1e-4).all()
+
+
+def test_excitation_backprop_refuses_layer_norm_models():
+    """ConvNeXt's LayerNorm and layer scale have no MWP rule (the probabilities vanished, 10^-6)."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    from xai_callbacks.attribution.transformer import applicable_methods
+
+    model = ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=3).eval()
+    for method in ("excitation_backprop", "excitation_backprop.contrastive"):
+        with pytest.raises(MethodNotApplicableError, match=rf"{method}' does not apply to ConvNeXt.*LayerNorm"):
+            explain(model, torch.rand(1, 3, 32, 32), 0, method=method)
+        assert method not in applicable_methods(model)
+
+
 def test_cp_lrp_runs_through_in_place_activations_and_additions():
     """torchvision's SiLU(inplace=True) then an in-place residual addition (EfficientNetV2's fused
     blocks): the identity rule's output is a new tensor, so the addition may write into it."""

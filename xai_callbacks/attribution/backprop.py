@@ -5,12 +5,18 @@ Excitation backprop (Zhang et al. 2016) passes *marginal winning probabilities* 
 network, starting from probability 1 at the target output. Through a linear map (dense,
 convolution) with input activations ``a`` and positive weights ``w+ = max(w, 0)``, bias left out:
 
-    P(a_j) = sum_i  a_j w+_ij / (sum_k a_k w+_ik)  P(a_i)
+    P(a_j) = sum_i  a+_j w+_ij / (sum_k a+_k w+_ik)  P(a_i),    a+ = max(a, 0)
 
 Average pooling and residual sums share the same normalised rule (their weights are positive);
-ReLU and max pooling pass the signal like the gradient; BatchNorm passes it unchanged. This is the
-definition TorchRay implements (its ``ExcitationBackpropContext``): the normaliser gets ``1e-20``
-added, inputs are used as they are (the rule assumes non-negative activations, as after a ReLU).
+element-wise activations and BatchNorm pass the signal unchanged, max pooling like the gradient.
+On a ReLU network with non-negative inputs this is the definition TorchRay implements (its
+``ExcitationBackpropContext``; the normaliser gets ``1e-20`` added). Where activations go negative
+(linear bottlenecks, a depthwise convolution feeding the next one, SiLU / GELU, inputs normalised
+to signed values) a negative unit counts as not excited (``a+``), as the paper's probabilistic
+reading has it; with the signed values themselves in the rule the "probabilities" go negative
+and unbounded (MobileNetV3 10^11, EfficientNet not finite), with ``a+`` they stay a distribution.
+An activation written as a function (``F.silu(x)``) passes the signal like its gradient; only
+``F.relu``'s gradient is the same as passing it unchanged.
 
 The contrastive variant subtracts the MWP of the target's *dual* unit, the classifier layer with
 its weights negated; as the propagation is linear in the signal from above, subtracting at any
@@ -28,12 +34,13 @@ from torch import nn
 from zennit.composites import LayerMapComposite, NameLayerMapComposite
 from zennit.core import BasicHook, ParamMod
 from zennit.layer import Sum
-from zennit.rules import Norm, Pass
-from zennit.types import AvgPool, BatchNorm, Convolution, Linear
+from zennit.rules import Pass
+from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
 from . import CheckedForward, output_checked, register_method
 from ..guard import allow_nondeterministic
 from .lrp import FunctionalRules, SqueezeExcitationCanonizer
+from .transformer import refuse_transformer
 
 __all__ = ["deeplift", "deconvnet", "excitation_backprop", "contrastive_excitation_backprop", "Excitation"]
 
@@ -110,13 +117,14 @@ def deconvnet(model, x, target) -> torch.Tensor:
 
 
 class Excitation(BasicHook):
-    """The excitation-backprop rule for a dense or convolution layer, as a zennit hook:
-    ``a * W+^T (p / (W+ a + 1e-20))``; ``dual=True`` uses the negated weights ``(-W)+``."""
+    """The excitation-backprop rule for a dense, convolution, sum or average-pooling layer, as a
+    zennit hook: ``a+ * W+^T (p / (W+ a+ + 1e-20))`` (a sum or pooling has only positive weights);
+    ``dual=True`` uses the negated weights ``(-W)+``."""
 
     def __init__(self, dual: bool = False):
         sign = -1.0 if dual else 1.0
         super().__init__(
-            input_modifiers=[lambda a: a],
+            input_modifiers=[lambda a: a.clamp(min=0)],
             param_modifiers=[ParamMod(lambda p, name: (sign * p).clamp(min=0), zero_params=["bias"],
                                       require_params=False)],
             output_modifiers=[lambda z: z],
@@ -141,12 +149,15 @@ def classifier_layer_name(model: nn.Module) -> str:
     return names[-1]
 
 
+_NO_RULES = "excitation backprop has no rules for attention and LayerNorm"
+
+
 def _composite(dual_layer: str | None):
     """The MWP rules; squeeze-and-excitation gates are constants, and residual additions and
-    pooling written as functions (torchvision's ResNet blocks among them) get the norm rule from
+    pooling written as functions (torchvision's ResNet blocks among them) get the same rule from
     the forward pass under :class:`~xai_callbacks.attribution.lrp.FunctionalRules`."""
-    layer_map = [(Sum, Norm(stabilizer=1e-20)), (AvgPool, Norm(stabilizer=1e-20)), (BatchNorm, Pass()),
-                 (Convolution, Excitation()), (Linear, Excitation())]
+    layer_map = [(Activation, Pass()), (BatchNorm, Pass()),
+                 (Sum, Excitation()), (AvgPool, Excitation()), (Convolution, Excitation()), (Linear, Excitation())]
     if dual_layer is None:
         return LayerMapComposite(layer_map=layer_map, canonizers=[SqueezeExcitationCanonizer()])
     return NameLayerMapComposite(name_map=[((dual_layer,), Excitation(dual=True))], layer_map=layer_map,
@@ -164,7 +175,7 @@ def _mwp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, layer: str | N
                 lambda module, inputs, output: captured.append(output.clone()) or captured[-1])
         try:
             forward.model = modified
-            with FunctionalRules(stabilizer=1e-20):   # as the composite's sums and pooling
+            with FunctionalRules(stabilizer=1e-20, positive=True):   # as the composite's sums and pooling
                 out = forward(x)
         finally:
             if handle is not None:
@@ -192,17 +203,20 @@ def excitation_backprop(model, x, target, *, layer: str | None = None) -> torch.
 
     Args:
         model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
-        layer: None for the MWP of every input element (sums to 1 where no normaliser vanishes;
-            meaningful for non-negative inputs), or a module name: the MWP of its output summed
-            over channels (TorchRay's saliency layer), bilinearly upsampled to the input size and
-            repeated over its channels.
+        layer: None for the MWP of every input element (non-negative; sums to 1 where every
+            unit with a winning probability has an excited input, to less where a unit's value
+            comes from negative inputs alone; a negative input element gets none), or a module
+            name: the MWP of its output summed over channels (TorchRay's saliency layer),
+            bilinearly upsampled to the input size and repeated over its channels.
 
     Raises:
         ValueError: a ``layer`` the model does not have (the message lists its modules), a target
             out of range or a model output that is not (B, n_classes) scores.
+        MethodNotApplicableError: a model with attention or LayerNorm (no MWP rule for them).
 
     Example: ``explain(model, x, y, method="excitation_backprop", layer="features.4")``.
     """
+    refuse_transformer(model, "excitation_backprop", _NO_RULES)
     return _to_input(_mwp(model, x, target, layer, None), x, layer)
 
 
@@ -222,9 +236,11 @@ def contrastive_excitation_backprop(model, x, target, *, layer: str | None = Non
     Raises:
         ValueError: a ``layer`` or ``classifier_layer`` the model does not have (the message lists
             its modules), a target out of range or a model output that is not (B, n_classes) scores.
+        MethodNotApplicableError: a model with attention or LayerNorm (no MWP rule for them).
 
     Example: ``explain(model, x, y, method="excitation_backprop.contrastive", layer="features.4")``.
     """
+    refuse_transformer(model, "excitation_backprop.contrastive", _NO_RULES)
     name = classifier_layer or classifier_layer_name(model)
     named_module(model, name, "excitation_backprop.contrastive classifier_layer")
     diff = _mwp(model, x, target, layer, None) - _mwp(model, x, target, layer, name)

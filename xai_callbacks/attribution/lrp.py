@@ -119,21 +119,25 @@ def _stabilized(z: torch.Tensor, stabilizer: float) -> torch.Tensor:
     return z + stabilizer * torch.where(z >= 0, 1.0, -1.0).to(z)
 
 
+def _weights(t: torch.Tensor, positive: bool) -> torch.Tensor:
+    return t.clamp(min=0) if positive else t
+
+
 class _NormAdd(torch.autograd.Function):
     """``a + b`` forward; backward splits the relevance above in proportion to ``a`` and ``b``
-    (zennit's norm rule of a ``Sum`` layer)."""
+    (zennit's norm rule of a ``Sum`` layer), or to their positive parts."""
 
     @staticmethod
-    def forward(ctx, a, b, stabilizer):
-        ctx.stabilizer = stabilizer
+    def forward(ctx, a, b, stabilizer, positive):
+        ctx.stabilizer, ctx.positive = stabilizer, positive
         ctx.save_for_backward(a, b)   # not the sum: an in-place activation may write into it
         return a + b
 
     @staticmethod
     def backward(ctx, relevance):
-        a, b = ctx.saved_tensors
+        a, b = (_weights(t, ctx.positive) for t in ctx.saved_tensors)
         ratio = relevance / _stabilized(a + b, ctx.stabilizer)
-        return a * ratio, b * ratio, None
+        return a * ratio, b * ratio, None, None
 
 
 class _NormPool(torch.autograd.Function):
@@ -141,19 +145,19 @@ class _NormPool(torch.autograd.Function):
     over the output, through the pooling's gradient, times the input."""
 
     @staticmethod
-    def forward(ctx, x, pool, stabilizer):
-        ctx.pool, ctx.stabilizer = pool, stabilizer
+    def forward(ctx, x, pool, stabilizer, positive):
+        ctx.pool, ctx.stabilizer, ctx.positive = pool, stabilizer, positive
         ctx.save_for_backward(x)
         return pool(x)
 
     @staticmethod
     def backward(ctx, relevance):
-        (x,) = ctx.saved_tensors
+        x = _weights(ctx.saved_tensors[0], ctx.positive)
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
             out = ctx.pool(leaf)
             (grad,) = torch.autograd.grad(out, leaf, relevance / _stabilized(out.detach(), ctx.stabilizer))
-        return x * grad, None, None
+        return x * grad, None, None, None
 
 
 class FunctionalRules(TorchFunctionMode):
@@ -164,15 +168,16 @@ class FunctionalRules(TorchFunctionMode):
     gradient of an addition passes the full relevance into both inputs (a residual network's
     relevance doubles at each block) and a mean spreads it evenly over positions. Forward values
     are unchanged. ``stabilizer`` is added to each denominator with its sign (zennit's norm rule's
-    default: 1e-6)."""
+    default: 1e-6); ``positive=True`` weighs by the inputs' positive parts (excitation backprop's
+    rule, under which only excited units win)."""
 
     _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__}
     _POOL = {torch.mean, torch.Tensor.mean, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
              F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
 
-    def __init__(self, stabilizer: float = 1e-6):
+    def __init__(self, stabilizer: float = 1e-6, positive: bool = False):
         super().__init__()
-        self.stabilizer = stabilizer
+        self.stabilizer, self.positive = stabilizer, positive
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -180,11 +185,11 @@ class FunctionalRules(TorchFunctionMode):
                 and all(map(_is_activation, args)) and args[0].shape == args[1].shape:
             # ``a += b`` takes the new tensor as ``a``; ``a.add_(b)`` must change ``a`` itself
             if func is torch.Tensor.add_:
-                return args[0].copy_(_NormAdd.apply(args[0].clone(), args[1], self.stabilizer))
-            return _NormAdd.apply(*args, self.stabilizer)
+                return args[0].copy_(_NormAdd.apply(args[0].clone(), args[1], self.stabilizer, self.positive))
+            return _NormAdd.apply(*args, self.stabilizer, self.positive)
         if func in self._POOL and args and _is_activation(args[0]):
             rest = args[1:]
-            return _NormPool.apply(args[0], lambda t: func(t, *rest, **kwargs), self.stabilizer)
+            return _NormPool.apply(args[0], lambda t: func(t, *rest, **kwargs), self.stabilizer, self.positive)
         return func(*args, **kwargs)
 
 

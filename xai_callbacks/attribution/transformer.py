@@ -72,7 +72,7 @@ def applicable_methods(model: nn.Module, tokens: bool = False) -> list[str]:
     for m in available_methods():
         if tokens and m not in GRADIENT_METHODS and not m.startswith("lrp."):
             continue
-        if transformer and m.startswith("lrp.") and m not in TRANSFORMER_LRP:
+        if transformer and (m.startswith("lrp.") and m not in TRANSFORMER_LRP or m.startswith("excitation_backprop")):
             continue
         if m == "attention_rollout" and not _has_class_token_attention(model):
             continue
