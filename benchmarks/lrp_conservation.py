@@ -3,6 +3,8 @@ relevance summed, over the explained logit, and the marginal winning probabiliti
 (random weights, CPU).
 
     PYTHONPATH=. python benchmarks/lrp_conservation.py [--models mobilenet_v2 ...] [--size 64] [--n 3]
+    PYTHONPATH=. python benchmarks/lrp_conservation.py --models timm/efficientnet_b0 ...   # timm's models
+    PYTHONPATH=. python benchmarks/lrp_conservation.py --timm    # TIMM_MODELS (needs ``pip install timm``)
 
 Each model gets BatchNorm statistics of random inputs (so activations keep their scale through
 depth), then every bias and BatchNorm shift is zeroed: there LRP-epsilon and z+ conserve, and the
@@ -21,6 +23,9 @@ import torchvision.models as tv
 
 from xai_callbacks.attribution import explain
 
+TIMM_MODELS = ("timm/efficientnet_b0", "timm/mobilenetv3_small_100", "timm/rexnet_100", "timm/ghostnet_100",
+               "timm/lcnet_050", "timm/tf_mixnet_s", "timm/ese_vovnet19b_dw", "timm/fastvit_t8", "timm/mobileone_s0",
+               "timm/xception41", "timm/hgnetv2_b0", "timm/nf_resnet26", "timm/resnet50d", "timm/dla34")
 MODELS = ("resnet18", "vgg11_bn", "densenet121", "googlenet", "squeezenet1_1", "mobilenet_v2", "mobilenet_v3_small",
           "efficientnet_b0", "mnasnet0_5", "regnet_x_400mf", "regnet_y_400mf", "shufflenet_v2_x1_0")
 
@@ -45,7 +50,9 @@ def bias_free(model: torch.nn.Module, size: int) -> torch.nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=list(MODELS),
+                        help="torchvision model names; timm's as timm/NAME")
+    parser.add_argument("--timm", action="store_true", help="run TIMM_MODELS instead")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--n", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -53,10 +60,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     print(f"{'model':20s} relevance sum / logit | MWP sum | smallest MWP ({args.n} inputs of 3x{args.size}x{args.size})")
-    for name in args.models:
+    for name in TIMM_MODELS if args.timm else args.models:
         torch.manual_seed(0)
-        kwargs = dict(aux_logits=False, init_weights=True) if name == "googlenet" else {}
-        model = bias_free(getattr(tv, name)(num_classes=4, **kwargs), args.size)
+        if name.startswith("timm/"):
+            import timm
+
+            model = timm.create_model(name[5:], num_classes=4)
+        else:
+            kwargs = dict(aux_logits=False, init_weights=True) if name == "googlenet" else {}
+            model = getattr(tv, name)(num_classes=4, **kwargs)
+        model = bias_free(model, args.size)
         x = torch.rand(args.n, 3, args.size, args.size)
         with torch.no_grad():
             out = model(x)

@@ -10,6 +10,7 @@ import types
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from xai_callbacks.attribution import explain
@@ -166,17 +167,61 @@ def test_configured_lrp_and_concept_relevance_conserve_through_functional_additi
     assert_conserved(concept_relevance(model, x, 1, "features.10").heatmap, model, x, 1, rtol=1e-2)
 
 
-def test_the_gate_canonizer_leaves_subclasses_with_their_own_forward_alone():
-    from torchvision.ops.misc import SqueezeExcitation
+class _GatedCNN(nn.Module):
+    """Gates as model code writes them, bias-free: a spatial gate (``x.mul_(g)`` in place), a
+    channel gate (squeeze-and-excitation, ``x * sigmoid(...)`` as timm's blocks write it), one
+    expanded to the signal's shape on the left (``g.expand_as(x) * x``)."""
 
-    from xai_callbacks.attribution.lrp import SqueezeExcitationCanonizer
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1, bias=False), nn.Conv2d(4, 8, 1, bias=False)
+        self.spatial, self.head = nn.Conv2d(1, 1, 3, padding=1, bias=False), nn.Linear(8, 3, bias=False)
 
-    class Gate(SqueezeExcitation):   # a user's block: not the stock gate
-        def forward(self, x):
-            return x * self._scale(x).pow(2)
+    def forward(self, x):
+        h = self.conv1(x)
+        h.mul_(torch.sigmoid(self.spatial(x.mean(1, keepdim=True))))
+        h = F.relu(h)
+        h = h * torch.sigmoid(self.fc2(F.relu(self.fc1(h.mean((2, 3), keepdim=True)))))
+        h = F.relu(self.conv2(h))
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(h, 1))))).view(-1, 8, 1, 1)
+        h = gate.expand_as(h) * h   # the gate as large as the signal: known as a sigmoid's output
+        return self.head(h.mean((2, 3)))
 
-    assert SqueezeExcitationCanonizer.attributes("", SqueezeExcitation(8, 2)) is not None
-    assert SqueezeExcitationCanonizer.attributes("", Gate(8, 2)) is None
+
+def test_lrp_and_excitation_backprop_hold_gates_written_as_functions_constant():
+    """The gated signal takes all of the relevance (or winning probability); the gradient of
+    ``x * g`` scaled it by the gate and sent part into the gate's own layers (0.16x the logit
+    here; timm's EfficientNet-B0 10^27x, MobileNetV3 10^15x: ``benchmarks/lrp_conservation.py
+    --timm``)."""
+    model, x = _GatedCNN().eval(), torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        target = int(model(x)[0].argmax())
+    assert_conserved(explain(model, x, target, method="lrp.epsilon_plus_flat"), model, x, target, rtol=2e-3)
+    mwp = explain(model, x, target, method="excitation_backprop")
+    torch.testing.assert_close(mwp.flatten(1).sum(1), torch.ones(2), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():   # forward values unchanged by the rules: the same logits as without them
+        from xai_callbacks.attribution.lrp import FunctionalRules
+
+        with FunctionalRules():
+            torch.testing.assert_close(model(x), model.forward(x))
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_small_100", "rexnet_100", "lcnet_050"])
+def test_lrp_and_excitation_backprop_conserve_on_timm_models_with_gates(name):
+    """timm's squeeze-and-excitation blocks (``x * self.gate(x_se)``, at 1x1 at the end of a
+    32-pixel input): bias-free, LRP summed to 4-10^11x the logit and MWP as much before the gate
+    rule (``benchmarks/lrp_conservation.py --timm``)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = _bias_free(timm.create_model(name, num_classes=4), 32)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        target = int(model(x)[0].argmax())
+    assert_conserved(explain(model, x, target, method="lrp.epsilon_plus_flat"), model, x, target, rtol=0.1)
+    mwp = explain(model, x, target, method="excitation_backprop")
+    assert (mwp >= 0).all() and ((mwp.flatten(1).sum(1) - 0.85).abs() < 0.15).all()
 
 
 class _OwnResidualCNN(nn.Module):

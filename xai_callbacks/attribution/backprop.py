@@ -39,7 +39,7 @@ from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
 from . import CheckedForward, output_checked, register_method
 from ..guard import allow_nondeterministic
-from .lrp import FunctionalRules, SqueezeExcitationCanonizer
+from .lrp import FunctionalRules
 from .transformer import refuse_transformer
 
 __all__ = ["deeplift", "deconvnet", "excitation_backprop", "contrastive_excitation_backprop", "Excitation"]
@@ -153,15 +153,14 @@ _NO_RULES = "excitation backprop has no rules for attention and LayerNorm"
 
 
 def _composite(dual_layer: str | None):
-    """The MWP rules; squeeze-and-excitation gates are constants, and residual additions and
-    pooling written as functions (torchvision's ResNet blocks among them) get the same rule from
-    the forward pass under :class:`~xai_callbacks.attribution.lrp.FunctionalRules`."""
+    """The MWP rules; residual additions and pooling written as functions (torchvision's ResNet
+    blocks among them) get the same rule, and gates (squeeze-and-excitation) are constants, from the
+    forward pass under :class:`~xai_callbacks.attribution.lrp.FunctionalRules`."""
     layer_map = [(Activation, Pass()), (BatchNorm, Pass()),
                  (Sum, Excitation()), (AvgPool, Excitation()), (Convolution, Excitation()), (Linear, Excitation())]
     if dual_layer is None:
-        return LayerMapComposite(layer_map=layer_map, canonizers=[SqueezeExcitationCanonizer()])
-    return NameLayerMapComposite(name_map=[((dual_layer,), Excitation(dual=True))], layer_map=layer_map,
-                                 canonizers=[SqueezeExcitationCanonizer()])
+        return LayerMapComposite(layer_map=layer_map)
+    return NameLayerMapComposite(name_map=[((dual_layer,), Excitation(dual=True))], layer_map=layer_map)
 
 
 def _mwp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, layer: str | None, dual_layer: str | None):

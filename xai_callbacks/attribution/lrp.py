@@ -13,8 +13,8 @@ Transformers (attention, LayerNorm) have no zennit rules; the composites here re
 touching the model and name the methods that apply (``lrp.cp``, see ``transformer.py``).
 Additions and average pooling written as functions (a residual ``out += x``, ``x.mean((2, 3))``,
 ``F.adaptive_avg_pool2d``) get the norm rule of zennit's ``Sum`` and pooling layers during the
-forward pass (:class:`FunctionalRules`), so any model's residual additions conserve relevance;
-torchvision's squeeze-and-excitation gates are held constant (:class:`SqueezeExcitationCanonizer`).
+forward pass, and gates (``x * sigmoid(...)`` of squeeze-and-excitation) are held constant
+(:class:`FunctionalRules`), so any model's residual additions and gates conserve relevance.
 """
 from __future__ import annotations
 
@@ -93,28 +93,6 @@ def traced_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tupl
     return pairs
 
 
-class SqueezeExcitationCanonizer(canonizers.AttributeCanonizer):
-    """torchvision's squeeze-and-excitation block (MobileNetV3, EfficientNet, RegNet-Y) gates its
-    input by a product no rule sees, whose gradient scales the relevance by the gate and sends
-    part of it into the gate's own branch. While registered the gate is a constant: the gated
-    signal takes all of the relevance (as LRP treats multiplicative gates), the value is the same
-    (up to rounding). A subclass with a forward of its own is left as it is."""
-
-    def __init__(self):
-        super().__init__(self.attributes)
-
-    @staticmethod
-    def attributes(name: str, module: nn.Module) -> dict | None:
-        from torchvision.ops.misc import SqueezeExcitation
-
-        if isinstance(module, SqueezeExcitation) and type(module).forward is SqueezeExcitation.forward:
-            return {"forward": lambda x: x + (module._scale(x) * x - x).detach()}
-        return None
-
-    def copy(self):
-        return SqueezeExcitationCanonizer()
-
-
 def _stabilized(z: torch.Tensor, stabilizer: float) -> torch.Tensor:
     return z + stabilizer * torch.where(z >= 0, 1.0, -1.0).to(z)
 
@@ -160,24 +138,67 @@ class _NormPool(torch.autograd.Function):
         return x * grad, None, None, None
 
 
+class _Gated(torch.autograd.Function):
+    """``signal * gate`` forward; backward passes the relevance above to the signal unchanged and
+    none to the gate (the gate is a constant: the gated signal takes all of the relevance)."""
+
+    @staticmethod
+    def forward(ctx, signal, gate):
+        ctx.gate_shape = gate.shape
+        return signal * gate
+
+    @staticmethod
+    def backward(ctx, relevance):   # zeros, not None: the rules of the gate's own layers expect a gradient
+        return relevance, relevance.new_zeros(ctx.gate_shape)
+
+
 class FunctionalRules(TorchFunctionMode):
     """Within this mode (the forward pass of :func:`lrp`), an addition of two activations of one
     shape (``a + b``, ``a += b``, ``torch.add``, ``a.add_(b)``) and an average pooling (``x.mean(...)``,
     ``F.adaptive_avg_pool2d``, ``F.avg_pool2d``, ...) written as functions pass relevance as
-    zennit's norm rule does for ``Sum`` and pooling layers. Without it no rule sees them: the
-    gradient of an addition passes the full relevance into both inputs (a residual network's
-    relevance doubles at each block) and a mean spreads it evenly over positions. Forward values
-    are unchanged. ``stabilizer`` is added to each denominator with its sign (zennit's norm rule's
+    zennit's norm rule does for ``Sum`` and pooling layers, and a product of two activations where
+    one is a gate (a sigmoid's output, or the factor that broadcasts over the other: squeeze-and-
+    excitation, spatial attention, a normaliser's inverse) holds the gate constant: the gated signal
+    takes all of the relevance.
+    Without it no rule sees them: the gradient of an addition passes the full relevance into both
+    inputs (a residual network's relevance doubles at each block), a mean spreads it evenly over
+    positions, and a gate scales the relevance and sends part of it into its own branch. Forward
+    values are unchanged. ``stabilizer`` is added to each denominator with its sign (zennit's norm rule's
     default: 1e-6); ``positive=True`` weighs by the inputs' positive parts (excitation backprop's
     rule, under which only excited units win)."""
 
     _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__}
+    _MUL = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__imul__}
     _POOL = {torch.mean, torch.Tensor.mean, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
              F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
+    _SIGMOID = {torch.sigmoid, torch.Tensor.sigmoid, F.hardsigmoid, torch.special.expit}
+    _RESHAPE = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.expand, torch.Tensor.expand_as,
+                torch.Tensor.unsqueeze, torch.unsqueeze, torch.Tensor.flatten, torch.flatten, torch.Tensor.squeeze,
+                torch.squeeze, torch.Tensor.permute, torch.permute, torch.Tensor.contiguous, torch.Tensor.__getitem__}
 
     def __init__(self, stabilizer: float = 1e-6, positive: bool = False):
         super().__init__()
         self.stabilizer, self.positive = stabilizer, positive
+        self._sigmoids = {}   # id -> tensor (kept alive, so ids stay unique) of sigmoid outputs and their reshapes
+
+    def _gate(self, a: torch.Tensor, b: torch.Tensor) -> int | None:
+        """Which factor of ``a * b`` is a gate (0 or 1), or None: the one that is a sigmoid's output
+        (or a reshape of one) where the other is not, else the one with fewer elements that
+        broadcasts to the other's shape (a channel gate (B, C, 1, 1), a spatial one (B, 1, H, W), a
+        normaliser's (B, N, 1)). The gate must broadcast to the signal's shape."""
+        sigmoid = [id(t) in self._sigmoids for t in (a, b)]
+        if sigmoid[0] != sigmoid[1]:
+            index = 0 if sigmoid[0] else 1
+        elif a.numel() != b.numel():
+            index = 0 if a.numel() < b.numel() else 1
+        else:
+            return None
+        gate, signal = (a, b) if index == 0 else (b, a)
+        try:
+            fits = torch.broadcast_shapes(gate.shape, signal.shape) == signal.shape
+        except RuntimeError:
+            return None
+        return index if fits else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -187,19 +208,27 @@ class FunctionalRules(TorchFunctionMode):
             if func is torch.Tensor.add_:
                 return args[0].copy_(_NormAdd.apply(args[0].clone(), args[1], self.stabilizer, self.positive))
             return _NormAdd.apply(*args, self.stabilizer, self.positive)
+        if (func in self._MUL or func is torch.Tensor.mul_) and len(args) == 2 and not kwargs \
+                and all(map(_is_activation, args)) and (index := self._gate(*args)) is not None:
+            gate, signal = args[index], args[1 - index]
+            if func is torch.Tensor.mul_:   # ``a.mul_(b)`` must change ``a`` itself
+                return args[0].copy_(_Gated.apply(signal.clone(), gate))
+            return _Gated.apply(signal, gate)
         if func in self._POOL and args and _is_activation(args[0]):
             rest = args[1:]
             return _NormPool.apply(args[0], lambda t: func(t, *rest, **kwargs), self.stabilizer, self.positive)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func in self._SIGMOID or (func in self._RESHAPE and args and id(args[0]) in self._sigmoids):
+            self._sigmoids[id(out)] = out
+        return out
 
 
 def default_canonizers(model: nn.Module, example: torch.Tensor | None = None) -> list:
-    """The canonizers for ``model``: :class:`SqueezeExcitationCanonizer` and
-    :class:`TracedMergeBatchNorm` traced with ``example`` (without it, :func:`lrp` traces with the
-    explained batch). Residual additions and pooling written as functions are not canonized: the
-    forward pass runs under :class:`FunctionalRules` (on torchvision's ResNets the same relevance,
-    bit for bit, as zennit's ``ResNetCanonizer``)."""
-    return [SqueezeExcitationCanonizer(), TracedMergeBatchNorm(None if example is None else example[:1].detach())]
+    """The canonizers for ``model``: :class:`TracedMergeBatchNorm` traced with ``example`` (without
+    it, :func:`lrp` traces with the explained batch). Residual additions, pooling and gates written
+    as functions are not canonized: the forward pass runs under :class:`FunctionalRules` (on
+    torchvision's ResNets the same relevance, bit for bit, as zennit's ``ResNetCanonizer``)."""
+    return [TracedMergeBatchNorm(None if example is None else example[:1].detach())]
 
 
 def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite, method: str = "lrp") -> torch.Tensor:
