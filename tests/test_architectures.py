@@ -208,6 +208,26 @@ def test_lrp_and_excitation_backprop_hold_gates_written_as_functions_constant():
             torch.testing.assert_close(model(x), model.forward(x))
 
 
+@pytest.mark.parametrize("make", ["torchvision/shufflenet_v2_x0_5", "timm/mobileone_s0", "timm/xception41"])
+def test_zplus_passes_on_the_relevance_of_units_without_positive_contributions(make):
+    """Depthwise convolutions feeding the next convolution without a ReLU (ShuffleNetV2, Xception)
+    and sums of convolution branches (MobileOne): a unit whose value comes from negative
+    contributions alone still gets relevance from above; zennit's z+ dropped it (ShuffleNetV2 kept
+    0.30-0.48 of the logit, Xception 0.24-0.31) or, negative, inflated the total (MobileOne up to
+    13x). On ReLU networks nothing changes (``test_lrp_composite_*`` compare with zennit)."""
+    library, name = make.split("/")
+    torch.manual_seed(0)
+    if library == "timm":
+        model = pytest.importorskip("timm").create_model(name, num_classes=4)
+    else:
+        model = getattr(tv, name)(num_classes=4)
+    model = _bias_free(model, 32)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        target = int(model(x)[0].argmax())
+    assert_conserved(explain(model, x, target, method="lrp.epsilon_plus_flat"), model, x, target, rtol=0.05)
+
+
 @pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_small_100", "rexnet_100", "lcnet_050"])
 def test_lrp_and_excitation_backprop_conserve_on_timm_models_with_gates(name):
     """timm's squeeze-and-excitation blocks (``x * self.gate(x_se)``, at 1x1 at the end of a

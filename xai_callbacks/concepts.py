@@ -19,7 +19,7 @@ from torch import nn
 from zennit import composites
 
 from .attribution import model_device
-from .attribution.lrp import FunctionalRules, default_canonizers
+from .attribution.lrp import FunctionalRules, default_canonizers, epsilon_plus_flat_composite
 from .guard import input_gradient, model_guard, preserve_values, unwrap_model
 from .scoring import as_target, check_class_target
 
@@ -70,7 +70,7 @@ def _lrp_at_layer(model, x, target, layer: str, channel_mask: torch.Tensor | Non
         return out
 
     with model_guard(model) as module, preserve_values(module):
-        composite = (make_composite or (lambda c: composites.EpsilonPlusFlat(canonizers=c)))(
+        composite = (make_composite or epsilon_plus_flat_composite)(
             default_canonizers(module, x))
         with composite.context(module) as modified:
             handle = find_concept_layer(modified, layer).register_forward_hook(hook)
@@ -94,7 +94,7 @@ def concept_relevance(model: nn.Module, x: torch.Tensor, target, layer: str, mak
         x: inputs (B, ...).
         target: class indices (int or (B,)); None for the predicted class.
         layer: module name whose output channels (dimension 1) are the concepts.
-        make_composite: ``canonizers -> zennit composite`` (default: EpsilonPlusFlat).
+        make_composite: ``canonizers -> zennit composite`` (default: ``lrp.epsilon_plus_flat``'s).
 
     Raises:
         ValueError: unknown layer, or a target that does not fit the model.
