@@ -228,6 +228,54 @@ def test_zplus_passes_on_the_relevance_of_units_without_positive_contributions(m
     assert_conserved(explain(model, x, target, method="lrp.epsilon_plus_flat"), model, x, target, rtol=0.05)
 
 
+class _StandardisedConv(nn.Conv2d):
+    """Weight standardisation as BiT / NF-ResNets write it: the forward convolves with a weight
+    computed from the stored one."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class _ScaledCNN(nn.Module):
+    """Bias-free; standardised convolutions, a residual branch scaled by a parameter (NF-ResNet's
+    alpha, a layer scale) and a division by a number."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = _StandardisedConv(3, 6, 3, padding=1, bias=False), _StandardisedConv(6, 6, 3, padding=1, bias=False)
+        self.alpha, self.head = nn.Parameter(torch.full((1, 6, 1, 1), 0.3)), nn.Linear(6, 3, bias=False)
+
+    def forward(self, x):
+        h = F.relu(self.conv1(x))
+        h = h + F.relu(self.conv2(h)) * self.alpha
+        return self.head((h / 4.0).mean((2, 3)))
+
+
+@pytest.mark.parametrize("make", ["own", "timm/nf_resnet26"])
+def test_lrp_sees_computed_weights_and_passes_constant_scalings(make):
+    """zennit's rules modify the stored weight, which a standardising layer transformed again (an
+    NF-ResNet-26's heatmaps were 0); a product with a constant scaled the relevance by it (0.89x
+    NF-ResNet-26's logit with the computed weights alone). The model is left as it was."""
+    if make == "own":
+        model = _ScaledCNN().eval()
+        x = torch.rand(2, 3, 10, 10, generator=torch.Generator().manual_seed(1))
+    else:
+        torch.manual_seed(0)
+        model = _bias_free(pytest.importorskip("timm").create_model("nf_resnet26", num_classes=4), 32)
+        x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        target = int(model(x)[0].argmax())
+    assert_conserved(explain(model, x, target, method="lrp.epsilon_plus_flat"), model, x, target, rtol=1e-2)
+    mwp = explain(model, x, target, method="excitation_backprop")
+    torch.testing.assert_close(mwp.flatten(1).sum(1), torch.ones(2), rtol=1e-3, atol=1e-3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any("forward" in vars(m) for m in model.modules()) and hook_count(model) == 0
+
+
 @pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_small_100", "rexnet_100", "lcnet_050"])
 def test_lrp_and_excitation_backprop_conserve_on_timm_models_with_gates(name):
     """timm's squeeze-and-excitation blocks (``x * self.gate(x_se)``, at 1x1 at the end of a

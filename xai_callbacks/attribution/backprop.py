@@ -39,7 +39,7 @@ from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
 from . import CheckedForward, output_checked, register_method
 from ..guard import allow_nondeterministic
-from .lrp import FunctionalRules
+from .lrp import ComputedWeightCanonizer, FunctionalRules
 from .transformer import refuse_transformer
 
 __all__ = ["deeplift", "deconvnet", "excitation_backprop", "contrastive_excitation_backprop", "Excitation"]
@@ -159,8 +159,9 @@ def _composite(dual_layer: str | None):
     layer_map = [(Activation, Pass()), (BatchNorm, Pass()),
                  (Sum, Excitation()), (AvgPool, Excitation()), (Convolution, Excitation()), (Linear, Excitation())]
     if dual_layer is None:
-        return LayerMapComposite(layer_map=layer_map)
-    return NameLayerMapComposite(name_map=[((dual_layer,), Excitation(dual=True))], layer_map=layer_map)
+        return LayerMapComposite(layer_map=layer_map, canonizers=[ComputedWeightCanonizer()])
+    return NameLayerMapComposite(name_map=[((dual_layer,), Excitation(dual=True))], layer_map=layer_map,
+                                 canonizers=[ComputedWeightCanonizer()])
 
 
 def _mwp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, layer: str | None, dual_layer: str | None):

@@ -64,6 +64,85 @@ class TracedMergeBatchNorm(canonizers.SequentialMergeBatchNorm):
         return instances
 
 
+_STOCK_FORWARD = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward}
+
+
+class _WeightArgument(TorchFunctionMode):
+    """Within this mode a convolution or dense function records the weight it is given and, with
+    ``module``, gets ``module.weight`` instead (as zennit's rules modify it)."""
+
+    _LINEAR = {F.conv1d, F.conv2d, F.conv3d, F.linear}
+
+    def __init__(self, module: nn.Module | None = None):
+        super().__init__()
+        self.module, self.weight = module, None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._LINEAR and len(args) >= 2:
+            self.weight = args[1]
+            if self.module is not None:
+                args = (args[0], self.module.weight, *args[2:])
+        return func(*args, **kwargs)
+
+
+def _computed_weight(module: nn.Module) -> torch.Tensor | None:
+    """The weight ``module``'s forward passes to its convolution or dense function where that is
+    not the stored one (weight standardisation computes it from the stored one), else None."""
+    weight = module.weight
+    if isinstance(module, nn.Linear):
+        shape = (1, module.in_features)
+    else:
+        shape = (1, module.in_channels, *((k - 1) * d + 1 for k, d in zip(module.kernel_size, module.dilation)))
+    mode = _WeightArgument()
+    with torch.no_grad(), mode:
+        module(torch.zeros(shape, dtype=weight.dtype, device=weight.device))
+    computed = mode.weight
+    if computed is None or computed is weight or computed.shape != weight.shape:
+        return None
+    return computed.detach().clone()
+
+
+class ComputedWeightCanonizer(canonizers.Canonizer):
+    """A convolution or dense layer whose forward computes the weight it convolves with from its
+    stored one (weight standardisation: timm's ``StdConv2d`` / ``ScaledStdConv2d`` of BiT and NF
+    ResNets). zennit's rules modify the stored weight, which such a layer would transform again
+    (an NF-ResNet's LRP heatmaps were 0). While registered the stored weight is the computed one,
+    and the forward convolves with the stored weight as the rules modify it; the layer's own
+    forward still runs (its padding and the rest). Stock layers and layers whose forward convolves
+    with the stored weight are left alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.module, self.weight = None, None
+
+    def apply(self, root_module: nn.Module) -> list:
+        instances = []
+        for module in root_module.modules():
+            if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and type(module).forward not in _STOCK_FORWARD \
+                    and (computed := _computed_weight(module)) is not None:
+                instance = ComputedWeightCanonizer()
+                instance.register(module, computed)
+                instances.append(instance)
+        return instances
+
+    def register(self, module: nn.Module, computed: torch.Tensor) -> None:
+        self.module, self.weight = module, module.weight
+        module.weight = nn.Parameter(computed, requires_grad=self.weight.requires_grad)
+        module.forward = self.forward
+
+    def forward(self, *args, **kwargs):
+        with _WeightArgument(self.module):
+            return type(self.module).forward(self.module, *args, **kwargs)
+
+    def remove(self) -> None:
+        del self.module.forward
+        self.module.weight = self.weight
+
+    def copy(self):
+        return ComputedWeightCanonizer()
+
+
 def traced_batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[nn.Module, nn.Module]]:
     """(linear, batchnorm) pairs where the BatchNorm's input is the linear layer's output and no
     other module reads that output, found by one forward pass of ``example`` without gradients."""
@@ -178,6 +257,20 @@ class _NormPool(torch.autograd.Function):
         return x * grad, None, None, None
 
 
+class _Scaled(torch.autograd.Function):
+    """``scale(signal)`` forward (a product with or division by a constant, element-wise);
+    backward passes the relevance above to the signal unchanged (each output element is one input
+    element's: LRP-0 of an element-wise linear map)."""
+
+    @staticmethod
+    def forward(ctx, signal, scale):
+        return scale(signal)
+
+    @staticmethod
+    def backward(ctx, relevance):
+        return relevance, None
+
+
 class _Gated(torch.autograd.Function):
     """``signal * gate`` forward; backward passes the relevance above to the signal unchanged and
     none to the gate (the gate is a constant: the gated signal takes all of the relevance)."""
@@ -202,8 +295,10 @@ class FunctionalRules(TorchFunctionMode):
     takes all of the relevance.
     Without it no rule sees them: the gradient of an addition passes the full relevance into both
     inputs (a residual network's relevance doubles at each block), a mean spreads it evenly over
-    positions, and a gate scales the relevance and sends part of it into its own branch. Forward
-    values are unchanged. ``stabilizer`` is added to each denominator with its sign (zennit's norm rule's
+    positions, and a gate scales the relevance and sends part of it into its own branch. A product
+    with or a division by a constant (``x * alpha``, ``x / 6``, a layer scale) passes the relevance
+    unchanged (LRP-0 of an element-wise linear map; its gradient scaled it). Forward values are
+    unchanged. ``stabilizer`` is added to each denominator with its sign (zennit's norm rule's
     default: 1e-6); ``positive=True`` weighs by the inputs' positive parts (excitation backprop's
     rule, under which only excited units win)."""
 
@@ -211,6 +306,8 @@ class FunctionalRules(TorchFunctionMode):
     _MUL = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__imul__}
     _POOL = {torch.mean, torch.Tensor.mean, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
              F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
+    _DIV = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.__itruediv__}
+    _IN_PLACE = {torch.Tensor.mul_, torch.Tensor.div_}
     _SIGMOID = {torch.sigmoid, torch.Tensor.sigmoid, F.hardsigmoid, torch.special.expit}
     _RESHAPE = {torch.Tensor.view, torch.Tensor.reshape, torch.reshape, torch.Tensor.expand, torch.Tensor.expand_as,
                 torch.Tensor.unsqueeze, torch.unsqueeze, torch.Tensor.flatten, torch.flatten, torch.Tensor.squeeze,
@@ -220,6 +317,22 @@ class FunctionalRules(TorchFunctionMode):
         super().__init__()
         self.stabilizer, self.positive = stabilizer, positive
         self._sigmoids = {}   # id -> tensor (kept alive, so ids stay unique) of sigmoid outputs and their reshapes
+
+    def _scaled(self, func, a, b) -> int | None:
+        """Which argument of a product or quotient is an activation scaled element-wise by a
+        constant (a parameter, a buffer, a number: ``x * alpha``, ``x / 6``, a layer scale), or
+        None. The quotient's activation must be the numerator; the result has its shape."""
+        active = [_is_activation(a), _is_activation(b)]
+        if active[0] == active[1] or (func in self._DIV or func is torch.Tensor.div_) and not active[0]:
+            return None
+        index = 0 if active[0] else 1
+        other = b if index == 0 else a
+        shape = other.shape if isinstance(other, torch.Tensor) else ()
+        try:
+            fits = torch.broadcast_shapes(shape, (a if index == 0 else b).shape) == (a if index == 0 else b).shape
+        except RuntimeError:
+            return None
+        return index if fits else None
 
     def _gate(self, a: torch.Tensor, b: torch.Tensor) -> int | None:
         """Which factor of ``a * b`` is a gate (0 or 1), or None: the one that is a sigmoid's output
@@ -254,6 +367,13 @@ class FunctionalRules(TorchFunctionMode):
             if func is torch.Tensor.mul_:   # ``a.mul_(b)`` must change ``a`` itself
                 return args[0].copy_(_Gated.apply(signal.clone(), gate))
             return _Gated.apply(signal, gate)
+        if (func in self._MUL or func in self._DIV or func in self._IN_PLACE) and len(args) == 2 and not kwargs \
+                and (index := self._scaled(func, *args)) is not None:
+            signal, other = args[index], args[1 - index]
+            scale = (lambda t: func(t, other)) if index == 0 else (lambda t: func(other, t))
+            if func in self._IN_PLACE:   # ``a.mul_(c)`` must change ``a`` itself
+                return args[0].copy_(_Scaled.apply(signal.clone(), scale))
+            return _Scaled.apply(signal, scale)
         if func in self._POOL and args and _is_activation(args[0]):
             rest = args[1:]
             return _NormPool.apply(args[0], lambda t: func(t, *rest, **kwargs), self.stabilizer, self.positive)
@@ -264,11 +384,11 @@ class FunctionalRules(TorchFunctionMode):
 
 
 def default_canonizers(model: nn.Module, example: torch.Tensor | None = None) -> list:
-    """The canonizers for ``model``: :class:`TracedMergeBatchNorm` traced with ``example`` (without
-    it, :func:`lrp` traces with the explained batch). Residual additions, pooling and gates written
+    """The canonizers for ``model``: :class:`ComputedWeightCanonizer` and :class:`TracedMergeBatchNorm`
+    traced with ``example`` (without it, :func:`lrp` traces with the explained batch). Residual additions, pooling and gates written
     as functions are not canonized: the forward pass runs under :class:`FunctionalRules` (on
     torchvision's ResNets the same relevance, bit for bit, as zennit's ``ResNetCanonizer``)."""
-    return [TracedMergeBatchNorm(None if example is None else example[:1].detach())]
+    return [ComputedWeightCanonizer(), TracedMergeBatchNorm(None if example is None else example[:1].detach())]
 
 
 def lrp(model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite, method: str = "lrp") -> torch.Tensor:
