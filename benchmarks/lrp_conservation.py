@@ -25,7 +25,8 @@ from xai_callbacks.attribution import explain
 
 TIMM_MODELS = ("timm/efficientnet_b0", "timm/mobilenetv3_small_100", "timm/rexnet_100", "timm/ghostnet_100",
                "timm/lcnet_050", "timm/tf_mixnet_s", "timm/ese_vovnet19b_dw", "timm/fastvit_t8", "timm/mobileone_s0",
-               "timm/xception41", "timm/hgnetv2_b0", "timm/nf_resnet26", "timm/resnet50d", "timm/dla34")
+               "timm/xception41", "timm/hgnetv2_b0", "timm/nf_resnet26", "timm/resnetv2_50x1_bit", "timm/resnet50d",
+               "timm/dla34")
 MODELS = ("resnet18", "vgg11_bn", "densenet121", "googlenet", "squeezenet1_1", "mobilenet_v2", "mobilenet_v3_small",
           "efficientnet_b0", "mnasnet0_5", "regnet_x_400mf", "regnet_y_400mf", "shufflenet_v2_x1_0")
 

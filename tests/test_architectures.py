@@ -239,17 +239,19 @@ class _StandardisedConv(nn.Conv2d):
 
 
 class _ScaledCNN(nn.Module):
-    """Bias-free; standardised convolutions, a residual branch scaled by a parameter (NF-ResNet's
-    alpha, a layer scale) and a division by a number."""
+    """Bias-free; standardised convolutions, a group normalisation (BiT), a residual branch scaled
+    by a parameter (NF-ResNet's alpha, a layer scale) and a division by a number."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.conv1, self.conv2 = _StandardisedConv(3, 6, 3, padding=1, bias=False), _StandardisedConv(6, 6, 3, padding=1, bias=False)
         self.alpha, self.head = nn.Parameter(torch.full((1, 6, 1, 1), 0.3)), nn.Linear(6, 3, bias=False)
+        self.norm = nn.GroupNorm(2, 6)
+        nn.init.zeros_(self.norm.bias)
 
     def forward(self, x):
-        h = F.relu(self.conv1(x))
+        h = F.relu(self.norm(self.conv1(x)))
         h = h + F.relu(self.conv2(h)) * self.alpha
         return self.head((h / 4.0).mean((2, 3)))
 
@@ -257,7 +259,9 @@ class _ScaledCNN(nn.Module):
 @pytest.mark.parametrize("make", ["own", "timm/nf_resnet26"])
 def test_lrp_sees_computed_weights_and_passes_constant_scalings(make):
     """zennit's rules modify the stored weight, which a standardising layer transformed again (an
-    NF-ResNet-26's heatmaps were 0); a product with a constant scaled the relevance by it (0.89x
+    NF-ResNet-26's heatmaps were 0); a group normalisation's gradient scaled the relevance by its
+    weight over the standard deviation (timm's BiT ResNetV2-50: 10^-9x the logit); a product with
+    a constant scaled it by the constant (0.89x
     NF-ResNet-26's logit with the computed weights alone). The model is left as it was."""
     if make == "own":
         model = _ScaledCNN().eval()

@@ -297,8 +297,8 @@ class FunctionalRules(TorchFunctionMode):
     inputs (a residual network's relevance doubles at each block), a mean spreads it evenly over
     positions, and a gate scales the relevance and sends part of it into its own branch. A product
     with or a division by a constant (``x * alpha``, ``x / 6``, a layer scale) passes the relevance
-    unchanged (LRP-0 of an element-wise linear map; its gradient scaled it). Forward values are
-    unchanged. ``stabilizer`` is added to each denominator with its sign (zennit's norm rule's
+    unchanged (LRP-0 of an element-wise linear map; its gradient scaled it), and so does a group
+    normalisation (as zennit's rule for BatchNorm). Forward values are unchanged. ``stabilizer`` is added to each denominator with its sign (zennit's norm rule's
     default: 1e-6); ``positive=True`` weighs by the inputs' positive parts (excitation backprop's
     rule, under which only excited units win)."""
 
@@ -374,6 +374,9 @@ class FunctionalRules(TorchFunctionMode):
             if func in self._IN_PLACE:   # ``a.mul_(c)`` must change ``a`` itself
                 return args[0].copy_(_Scaled.apply(signal.clone(), scale))
             return _Scaled.apply(signal, scale)
+        if func is F.group_norm and args and _is_activation(args[0]):   # as zennit's pass rule for BatchNorm
+            rest = args[1:]
+            return _Scaled.apply(args[0], lambda t: func(t, *rest, **kwargs))
         if func in self._POOL and args and _is_activation(args[0]):
             rest = args[1:]
             return _NormPool.apply(args[0], lambda t: func(t, *rest, **kwargs), self.stabilizer, self.positive)
