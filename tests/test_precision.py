@@ -1,6 +1,8 @@
 """bf16 mixed precision and compiled modules still give fp32 heatmaps equal to eager fp32 ones."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -38,6 +40,32 @@ def test_bf16_mixed_precision_heatmaps_are_fp32_and_match(tmp_path, trained):
     for method in METHODS:
         assert mixed[method].dtype == torch.float32, method
         assert _cosine(mixed[method], reference[method]).min() >= 0.999, method
+
+
+def test_true_precision_models_are_explained_in_their_own_dtype(tmp_path, trained):
+    """``precision="64-true"`` / ``"bf16-true"`` cast the weights: every explainer's fp32 inputs
+    met weights of another dtype and raised ("Input type (float) and bias type (double) should be
+    the same"). The guard casts each call's inputs to the weights' dtype and its outputs to fp32:
+    fp64 heatmaps equal fp32 ones; bf16 ones are fp32 tensors, finite, and the metrics and SpRAy
+    callbacks run through a bf16 fit."""
+    from xai_callbacks import ExplanationMetricsCallback, SpRAyCallback
+    from xai_callbacks.models import Classifier
+
+    reference = _heatmaps(tmp_path, trained)
+    for precision in ("64-true", "bf16-true"):
+        module = Classifier(DemoCNN(width=8))
+        module.load_state_dict(trained.state_dict())
+        got = _heatmaps(tmp_path, module, precision=precision)
+        for method in METHODS:
+            assert got[method].dtype == torch.float32 and torch.isfinite(got[method]).all(), (precision, method)
+            if precision == "64-true":
+                assert _cosine(got[method], reference[method]).min() >= 0.9999, method
+    spray = SpRAyCallback(classes=[0], on_error="raise")
+    metrics = ExplanationMetricsCallback(probe_size=16, on_error="raise")
+    module = Classifier(DemoCNN(width=8))
+    make_trainer(tmp_path, [spray, metrics], precision="bf16-true", max_epochs=1,
+                 limit_train_batches=2).fit(module, ShortcutDigitsDataModule())
+    assert 0 in spray.results and metrics.values and all(map(math.isfinite, metrics.values.values()))
 
 
 def test_compiled_module_heatmaps_match_eager(tmp_path, trained):

@@ -182,6 +182,27 @@ def grad_fp32() -> Iterator[None]:
         yield
 
 
+def _cast_at_the_boundary(module: nn.Module) -> list:
+    """For a model whose weights are not fp32 (Lightning's ``precision="bf16-true"``, ``"16-true"``,
+    ``"64-true"``): hooks that cast the floating inputs of each call to the weights' dtype and its
+    floating outputs to fp32, so the explainers' fp32 inputs, masks and baselines fit the model
+    and gradients reach the fp32 inputs. Removed by the guard on exit; none for an fp32 model."""
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    if dtype == torch.float32:
+        return []
+
+    def cast(value, to):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(to)
+        if isinstance(value, (tuple, list)):
+            return type(value)(cast(v, to) for v in value)
+        return value
+
+    return [module.register_forward_pre_hook(lambda m, args, kwargs: (cast(args, dtype), cast(kwargs, dtype)),
+                                             with_kwargs=True),
+            module.register_forward_hook(lambda m, args, output: cast(output, torch.float32))]
+
+
 @contextlib.contextmanager
 def allow_nondeterministic() -> Iterator[None]:
     """Let operations without a deterministic kernel warn instead of raise while the body runs
@@ -202,7 +223,8 @@ def model_guard(model: nn.Module, seed: int | None = None) -> Iterator[nn.Module
     """Context for one explainer call on ``model``; yields the unwrapped module in eval mode.
 
     It leaves ``inference_mode``, enables grad in fp32, forks the torch RNG (:func:`rng_guard`,
-    seeded with ``seed``), switches to eval mode, and on exit restores every ``training`` flag,
+    seeded with ``seed``), switches to eval mode, casts each call's inputs to the dtype of a model
+    whose weights are not fp32 and its outputs to fp32, and on exit restores every ``training`` flag,
     checks that the weights and hook tables are as before (restoring them and raising if not).
     """
     module = unwrap_model(model)
@@ -221,12 +243,15 @@ def model_guard(model: nn.Module, seed: int | None = None) -> Iterator[nn.Module
         compiled_forward = module.__dict__.get("forward")
         if "original_forward" in compiled:
             module.forward = compiled["original_forward"]
+        casts = _cast_at_the_boundary(module)
         try:
             yield module
         except BaseException:
             snapshot.restore()
             raise
         finally:
+            for handle in casts:
+                handle.remove()
             for m, flag in flags:   # also where the body switched a module to training
                 if m.training is not flag:
                     m.training = flag
