@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from zennit import canonizers, composites, core as zcore, rules as zrules
-from zennit.types import Convolution
-from zennit.types import BatchNorm, Linear as ZennitLinear
+from zennit.types import BatchNorm, Convolution, Linear as ZennitLinear
 
 from . import CheckedForward, TargetModel, register_method
 from ..guard import input_gradient, preserve_values
@@ -286,21 +285,25 @@ class _Gated(torch.autograd.Function):
 
 
 class FunctionalRules(TorchFunctionMode):
-    """Within this mode (the forward pass of :func:`lrp`), an addition of two activations of one
-    shape (``a + b``, ``a += b``, ``torch.add``, ``a.add_(b)``) and an average pooling (``x.mean(...)``,
-    ``F.adaptive_avg_pool2d``, ``F.avg_pool2d``, ...) written as functions pass relevance as
-    zennit's norm rule does for ``Sum`` and pooling layers, and a product of two activations where
-    one is a gate (a sigmoid's output, or the factor that broadcasts over the other: squeeze-and-
-    excitation, spatial attention, a normaliser's inverse) holds the gate constant: the gated signal
-    takes all of the relevance.
-    Without it no rule sees them: the gradient of an addition passes the full relevance into both
-    inputs (a residual network's relevance doubles at each block), a mean spreads it evenly over
-    positions, and a gate scales the relevance and sends part of it into its own branch. A product
-    with or a division by a constant (``x * alpha``, ``x / 6``, a layer scale) passes the relevance
-    unchanged (LRP-0 of an element-wise linear map; its gradient scaled it), and so does a group
-    normalisation (as zennit's rule for BatchNorm). Forward values are unchanged. ``stabilizer`` is added to each denominator with its sign (zennit's norm rule's
-    default: 1e-6); ``positive=True`` weighs by the inputs' positive parts (excitation backprop's
-    rule, under which only excited units win)."""
+    """Within this mode (the forward pass of the zennit-based methods) what a model writes as
+    functions, which no zennit rule sees, passes relevance as LRP would:
+
+    - an addition of two activations of one shape (``a + b``, ``a += b``, ``torch.add``,
+      ``a.add_(b)``) and an average pooling (``x.mean(...)``, ``F.adaptive_avg_pool2d``, ...): the
+      norm rule of zennit's ``Sum`` and pooling layers (the gradient passed the full relevance into
+      both addends, doubling a residual network's relevance at each block, and a mean spread it
+      evenly);
+    - a product of two activations where one is a gate (a sigmoid's output or a reshape of one,
+      else the factor that broadcasts over the other: squeeze-and-excitation, spatial attention):
+      the gate is a constant and the gated signal takes all of the relevance (the gradient scaled
+      it by the gate and sent part of it into the gate's branch);
+    - a product with or a division by a constant (``x * alpha``, ``x / 6``, a layer scale) and a
+      group normalisation: the relevance passes unchanged (LRP-0 of an element-wise map; zennit's
+      rule for BatchNorm), where the gradient scaled it.
+
+    Forward values are unchanged. ``stabilizer`` is added to each norm rule's denominator with its
+    sign (zennit's default: 1e-6); ``positive=True`` weighs by the inputs' positive parts
+    (excitation backprop's rule, under which only excited units win)."""
 
     _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__}
     _MUL = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__imul__}
@@ -325,14 +328,12 @@ class FunctionalRules(TorchFunctionMode):
         active = [_is_activation(a), _is_activation(b)]
         if active[0] == active[1] or (func in self._DIV or func is torch.Tensor.div_) and not active[0]:
             return None
-        index = 0 if active[0] else 1
-        other = b if index == 0 else a
-        shape = other.shape if isinstance(other, torch.Tensor) else ()
+        signal, other = (a, b) if active[0] else (b, a)
         try:
-            fits = torch.broadcast_shapes(shape, (a if index == 0 else b).shape) == (a if index == 0 else b).shape
+            fits = torch.broadcast_shapes(getattr(other, "shape", ()), signal.shape) == signal.shape
         except RuntimeError:
             return None
-        return index if fits else None
+        return (0 if active[0] else 1) if fits else None
 
     def _gate(self, a: torch.Tensor, b: torch.Tensor) -> int | None:
         """Which factor of ``a * b`` is a gate (0 or 1), or None: the one that is a sigmoid's output
@@ -388,9 +389,10 @@ class FunctionalRules(TorchFunctionMode):
 
 def default_canonizers(model: nn.Module, example: torch.Tensor | None = None) -> list:
     """The canonizers for ``model``: :class:`ComputedWeightCanonizer` and :class:`TracedMergeBatchNorm`
-    traced with ``example`` (without it, :func:`lrp` traces with the explained batch). Residual additions, pooling and gates written
-    as functions are not canonized: the forward pass runs under :class:`FunctionalRules` (on
-    torchvision's ResNets the same relevance, bit for bit, as zennit's ``ResNetCanonizer``)."""
+    traced with ``example`` (without it, :func:`lrp` traces with the explained batch). Residual
+    additions, pooling and gates written as functions are not canonized: the forward pass runs
+    under :class:`FunctionalRules` (on torchvision's ResNets the same relevance, bit for bit, as
+    zennit's ``ResNetCanonizer``)."""
     return [ComputedWeightCanonizer(), TracedMergeBatchNorm(None if example is None else example[:1].detach())]
 
 
