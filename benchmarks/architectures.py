@@ -2,6 +2,7 @@
 
     python benchmarks/architectures.py [--models resnet18 densenet121 ...] [--methods saliency ...]
                                        [--size 32] [--batch 2] [--threads 2]
+    python benchmarks/architectures.py --models timm/vit_tiny_patch16_224 timm/convnext_atto ...   # timm's
 
 Each cell either runs (relevance shaped like the input, finite, the model's ``state_dict``
 bit-identical afterwards, no hooks left) or raises the named ``MethodNotApplicableError``;
@@ -51,6 +52,19 @@ def models(size: int) -> dict:
         "swin_tiny": lambda: SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2],
                                              window_size=[4, 4], num_classes=10),
     }
+
+
+def timm_model(name: str, size: int) -> nn.Module:
+    """timm's model ``timm/NAME`` with 10 classes, for ``size``-pixel inputs where it takes an
+    image size (``pip install timm``)."""
+    import timm
+
+    if not name.startswith("timm/"):
+        raise SystemExit(f"unknown model {name!r}: torchvision's {list(models(32))} or timm's as timm/NAME")
+    try:
+        return timm.create_model(name[5:], num_classes=10, img_size=size)
+    except TypeError:   # a model without an image size (a CNN)
+        return timm.create_model(name[5:], num_classes=10)
 
 
 def randomise_batchnorm(model: nn.Module) -> nn.Module:
@@ -116,7 +130,7 @@ def main() -> None:
     costs = {}
     for name in names:
         torch.manual_seed(0)
-        model = randomise_batchnorm(builders[name]()).eval()
+        model = randomise_batchnorm(builders[name]() if name in builders else timm_model(name, args.size)).eval()
         table[name] = {}
         for m in methods:
             table[name][m] = cell(model, x, m)

@@ -644,6 +644,61 @@ def test_attention_rollout_of_one_layer_without_residual_is_the_class_token_atte
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6)
 
 
+def _timm_vit(distilled: bool) -> nn.Module:
+    """A one-block ViT as timm builds them (fused attention); ``distilled``: DeiT's with a class and
+    a distillation token before the 4x4 patch tokens."""
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    torch.manual_seed(0)
+    make = timm_vit.VisionTransformer
+    if distilled:
+        make = pytest.importorskip("timm.models.deit").VisionTransformerDistilled
+    model = make(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3).eval()
+    nn.init.normal_(model.head.weight, std=0.5)
+    return model
+
+
+def _timm_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The first block's normalised input tokens (B, prefix + 16, D)."""
+    seen = []
+    handle = model.blocks[0].norm1.register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("distilled", [False, True], ids=["vit", "deit_distilled"])
+def test_attention_rollout_and_gradcam_on_vits_built_as_timms_are(distilled):
+    """timm's attention is one fused ``F.scaled_dot_product_attention`` (no weights to read) and its
+    ViTs may put more than a class token before the patches (DeiT's distillation token): both
+    methods refused every timm ViT. Rollout of one block without the residual is the class
+    token's attention over the patches (computed here from the block's q and k); Grad-CAM's map is
+    the gradient-weighted channel sum over the patch tokens of the last block's normalised input."""
+    model, x = _timm_vit(distilled), torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    prefix, attn = model.num_prefix_tokens, model.blocks[0].attn
+    with torch.no_grad():
+        z = _timm_tokens(model, x)
+        q, k, _ = attn.qkv(z).reshape(2, z.shape[1], 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        w = (q @ k.transpose(-2, -1) * attn.head_dim ** -0.5).softmax(-1).mean(1)
+    expected = F.interpolate(w[:, 0, prefix:].reshape(2, 1, 4, 4), size=(32, 32), mode="bilinear",
+                             align_corners=False).expand(2, 3, 32, 32)
+    torch.testing.assert_close(explain(model, x, 0, method="attention_rollout", residual=0.0), expected,
+                               rtol=1e-4, atol=1e-6)
+
+    acts = []   # Grad-CAM by hand
+    handle = model.blocks[0].norm1.register_forward_hook(lambda m, i, o: acts.append(o))
+    try:
+        score = model(x.clone().requires_grad_(True))[:, 2].sum()
+    finally:
+        handle.remove()
+    (grad,) = torch.autograd.grad(score, acts[0])
+    a, g = acts[0].detach()[:, prefix:], grad[:, prefix:]   # (B, 16, D)
+    cam = (g.mean(1, keepdim=True) * a).sum(-1).clamp(min=0).reshape(2, 1, 4, 4)
+    expected = F.interpolate(cam, size=(32, 32), mode="bilinear", align_corners=False).expand(2, 3, 32, 32)
+    torch.testing.assert_close(explain(model, x, 2, method="gradcam"), expected, rtol=1e-4, atol=1e-6)
+
+
 def test_attention_rollout_refuses_swin_and_cnns():
     for model in (swin(), densenet()):
         with pytest.raises(MethodNotApplicableError, match=type(model).__name__):

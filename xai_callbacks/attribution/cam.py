@@ -43,9 +43,9 @@ def gradcam(model, x, target, *, layer: str | None = None, relu: bool = True) ->
         ValueError: a ``layer`` the model does not have (the message lists its convolution layers),
             a model without a convolution layer, a layer output that is not spatial, a target out of
             range or a model output that is not (B, n_classes) scores.
-        MethodNotApplicableError: a model with attention layers other than torchvision's ViT and
-            Swin, without ``layer`` (a CNN with LayerNorm, such as ConvNeXt, uses its last
-            convolution).
+        MethodNotApplicableError: a model with attention layers other than a ViT (torchvision's,
+            or one built as timm's are) and torchvision's Swin, without ``layer`` (a CNN with
+            LayerNorm, such as ConvNeXt, uses its last convolution).
 
     Example: ``explain(model, x, y, method="gradcam", layer="features.4")``.
     """

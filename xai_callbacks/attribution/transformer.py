@@ -252,25 +252,41 @@ def attention_lrp(model, x, target) -> torch.Tensor:
 # token grids: Grad-CAM on vision transformers, attention rollout
 
 
-def _token_layer(model: nn.Module) -> tuple[nn.Module, str] | None:
-    """(layer, layout) whose output Grad-CAM reads on a known vision transformer, else None.
-    ViT: the last encoder block's first LayerNorm (tokens (B, 1 + h*w, D); the last block's
-    output only feeds the class token forward). Swin: the feature stages (B, h, w, C)."""
-    from torchvision.models.swin_transformer import SwinTransformer
+def _vision_transformer(model: nn.Module) -> tuple[nn.Module, int] | None:
+    """(network, number of tokens before the patch tokens) of a ViT in ``model``: torchvision's
+    ``VisionTransformer`` (a class token), or one built as timm's are (``blocks``, ``patch_embed``
+    and ``num_prefix_tokens``: a class token, DeiT's distillation token, register tokens)."""
     from torchvision.models.vision_transformer import VisionTransformer
 
-    net = next((m for m in model.modules() if isinstance(m, (VisionTransformer, SwinTransformer))), None)
-    if isinstance(net, VisionTransformer):
-        return net.encoder.layers[-1].ln_1, "tokens"
-    if isinstance(net, SwinTransformer):
-        return net.features, "channels_last"
+    for m in model.modules():
+        if isinstance(m, VisionTransformer):
+            return m, 1
+        if isinstance(getattr(m, "blocks", None), nn.Module) and hasattr(m, "patch_embed") \
+                and isinstance(getattr(m, "num_prefix_tokens", None), int):
+            return m, m.num_prefix_tokens
     return None
 
 
-def token_grid(act: torch.Tensor, layout: str) -> torch.Tensor:
+def _token_layer(model: nn.Module) -> tuple[nn.Module, str, int | None] | None:
+    """(layer, layout, prefix tokens) whose output Grad-CAM reads on a known vision transformer,
+    else None. ViT: the last block's first LayerNorm (tokens (B, prefix + h*w, D); the last
+    block's output only feeds the class token forward). Swin: the feature stages (B, h, w, C)."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    vit = _vision_transformer(model)
+    if vit is not None:
+        net, prefix = vit
+        last = net.encoder.layers[-1].ln_1 if hasattr(net, "encoder") else net.blocks[-1].norm1
+        return last, "tokens", prefix
+    swin = next((m for m in model.modules() if isinstance(m, SwinTransformer)), None)
+    return (swin.features, "channels_last", None) if swin is not None else None
+
+
+def token_grid(act: torch.Tensor, layout: str, prefix: int | None = None) -> torch.Tensor:
     """Activations of a token layer as a (B, C, h, w) grid. ``layout``: "tokens" for (B, T, D)
-    with T = h*w or 1 + h*w (a class token first, dropped), "channels_last" for (B, h, w, C).
-    Raises ``ValueError`` when the tokens do not form a square grid."""
+    with T = prefix + h*w (``prefix`` tokens first, dropped; None: a class token or none, as the
+    count makes a square), "channels_last" for (B, h, w, C). Raises ``ValueError`` when the tokens
+    do not form a square grid."""
     if layout == "channels_last":
         if act.dim() != 4:
             raise ValueError(f"expected channels-last activations (B, h, w, C), got {tuple(act.shape)}")
@@ -278,14 +294,16 @@ def token_grid(act: torch.Tensor, layout: str) -> torch.Tensor:
     if act.dim() != 3:
         raise ValueError(f"expected token activations (B, T, D), got {tuple(act.shape)}")
     t = act.shape[1]
-    for drop in (1, 0):
-        side = math.isqrt(t - drop)
+    for drop in (1, 0) if prefix is None else (prefix,):
+        side = math.isqrt(max(t - drop, 0))
         if side * side == t - drop and side > 0:
             return act[:, drop:].transpose(1, 2).reshape(act.shape[0], act.shape[2], side, side)
-    raise ValueError(f"{t} tokens form neither a square grid nor a class token plus a square grid")
+    raise ValueError(f"{t} tokens form no square grid after {'a class token or none' if prefix is None else prefix}"
+                     f" prefix token(s)")
 
 
-def gradcam_tokens(model, x, target, layer: nn.Module, layout: str, relu: bool = True) -> torch.Tensor:
+def gradcam_tokens(model, x, target, layer: nn.Module, layout: str, prefix: int | None = None,
+                   relu: bool = True) -> torch.Tensor:
     """Grad-CAM on a token layer: channel weights are the gradient averaged over the token grid,
     the map is the weighted sum of the channels, upsampled to ``x``."""
     acts = []
@@ -297,7 +315,7 @@ def gradcam_tokens(model, x, target, layer: nn.Module, layout: str, relu: bool =
     act = acts[-1]
     score = out.gather(1, target[:, None]).sum()
     (grad,) = torch.autograd.grad(score, act)
-    a, g = token_grid(act.detach(), layout), token_grid(grad, layout)
+    a, g = token_grid(act.detach(), layout, prefix), token_grid(grad, layout, prefix)
     heat = (g.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1, keepdim=True)
     heat = heat.clamp(min=0) if relu else heat
     heat = F.interpolate(heat, size=x.shape[2:], mode="bilinear", align_corners=False)
@@ -305,13 +323,13 @@ def gradcam_tokens(model, x, target, layer: nn.Module, layout: str, relu: bool =
 
 
 def _has_class_token_attention(model: nn.Module) -> bool:
-    from torchvision.models.vision_transformer import VisionTransformer
-
-    return any(isinstance(m, VisionTransformer) for m in model.modules())
+    vit = _vision_transformer(model)
+    return vit is not None and any(getattr(vit[0], name, None) is not None for name in ("class_token", "cls_token"))
 
 
 class _RecordAttention(TorchFunctionMode):
-    """Records the head-averaged attention weights of every ``nn.MultiheadAttention`` call."""
+    """Records the head-averaged attention weights of every ``nn.MultiheadAttention`` and every
+    fused ``F.scaled_dot_product_attention`` call (timm's attention)."""
 
     def __init__(self):
         super().__init__()
@@ -324,7 +342,22 @@ class _RecordAttention(TorchFunctionMode):
             out, weights = func(*args, **kwargs)
             self.weights.append(weights.detach())
             return out, weights
+        if func is F.scaled_dot_product_attention:
+            self.weights.append(_attention_weights(*args, **kwargs).mean(1))
         return func(*args, **kwargs)
+
+
+def _attention_weights(query, key, value=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                       **_) -> torch.Tensor:
+    """The softmax weights ``F.scaled_dot_product_attention`` computes (B, heads, N, N), without
+    dropout."""
+    logits = query @ key.transpose(-2, -1) * (query.shape[-1] ** -0.5 if scale is None else scale)
+    if is_causal:
+        n, m = logits.shape[-2:]
+        attn_mask = torch.ones(n, m, dtype=torch.bool, device=logits.device).tril()
+    if attn_mask is not None:
+        logits = logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else logits + attn_mask
+    return logits.softmax(-1).detach()
 
 
 @register_method("attention_rollout")
@@ -345,7 +378,7 @@ def attention_rollout(model, x, target, *, residual: float = 0.5) -> torch.Tenso
     """
     if not _has_class_token_attention(model):
         raise not_applicable(model, "attention_rollout", "it needs a vision transformer with a class token "
-                             "and nn.MultiheadAttention (torchvision VisionTransformer)")
+                             "(torchvision's VisionTransformer, or one built as timm's are)")
     record = _RecordAttention()
     with torch.no_grad(), record:
         CheckedForward(model, target)(x)
@@ -355,6 +388,7 @@ def attention_rollout(model, x, target, *, residual: float = 0.5) -> torch.Tenso
         a = residual * eye + (1 - residual) * w
         a = a / a.sum(dim=-1, keepdim=True)
         rollout = a if rollout is None else a @ rollout
-    grid = token_grid(rollout[:, :1, :].transpose(1, 2), "tokens")  # (B, 1, h, w) without the class token
+    prefix = _vision_transformer(model)[1]
+    grid = token_grid(rollout[:, :1, :].transpose(1, 2), "tokens", prefix)  # (B, 1, h, w): the class token's row
     heat = F.interpolate(grid, size=x.shape[2:], mode="bilinear", align_corners=False)
     return heat.expand_as(x).contiguous()
