@@ -709,6 +709,40 @@ def test_attention_rollout_refuses_swin_and_cnns():
 # token models
 
 
+class _Logits(nn.Module):
+    """A HuggingFace classifier as a LightningModule's forward calls it."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, ids):
+        return self.net(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("method", ["lrp.cp", "lrp.attn", "integrated_gradients"])
+def test_a_huggingface_text_classifier_is_explained_per_token_with_either_attention(method):
+    """A HuggingFace BERT classifier as a LightningModule calls it (``net(ids).logits``): one
+    relevance per token, the same whether its attention runs eagerly (``matmul``, ``softmax``) or
+    fused (``F.scaled_dot_product_attention``), and the model's LRP is AttnLRP."""
+    transformers = pytest.importorskip("transformers")
+    from xai_callbacks.attribution.transformer import model_lrp
+
+    heatmaps = {}
+    for implementation in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=16, num_labels=3,
+                                         attn_implementation=implementation)
+        model = _Logits(transformers.BertForSequenceClassification(config)).eval()
+        ids = torch.randint(1, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+        heatmaps[implementation] = explain(model, ids, 1, method=method)
+        assert model_lrp(model) == "lrp.attn"
+    assert heatmaps["eager"].shape == (2, 8) and torch.isfinite(heatmaps["eager"]).all()
+    assert heatmaps["eager"].abs().amax() > 0
+    torch.testing.assert_close(heatmaps["eager"], heatmaps["sdpa"], rtol=1e-4, atol=1e-7)
+
+
 class BagOfEmbeddings(nn.Module):
     def __init__(self, bias: bool = True):
         super().__init__()
