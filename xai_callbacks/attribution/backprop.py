@@ -14,7 +14,8 @@ On a ReLU network with non-negative inputs this is the definition TorchRay imple
 (linear bottlenecks, a depthwise convolution feeding the next one, SiLU / GELU, inputs normalised
 to signed values) a negative unit counts as not excited (``a+``), as the paper's probabilistic
 reading has it; with the signed values themselves in the rule the "probabilities" go negative
-and unbounded (MobileNetV3 10^11, EfficientNet not finite), with ``a+`` they stay a distribution.
+and unbounded (MobileNetV3 10^11, EfficientNet not finite); with ``a+`` they stay non-negative
+and sum to at most 1 (the probability of a unit whose inputs are all unexcited is lost).
 An activation written as a function (``F.silu(x)``) passes the signal like its gradient; only
 ``F.relu``'s gradient is the same as passing it unchanged.
 

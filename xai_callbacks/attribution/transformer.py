@@ -371,8 +371,8 @@ def attention_rollout(model, x, target, *, residual: float = 0.5) -> torch.Tenso
         model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
 
     Raises:
-        MethodNotApplicableError: a model without a class token and ``nn.MultiheadAttention`` (CNNs,
-            Swin); the message lists the methods that apply.
+        MethodNotApplicableError: a model that is not a ViT with a class token (CNNs, Swin);
+            the message lists the methods that apply.
 
     Example: ``explain(model, x, y, method="attention_rollout", residual=0.5)``.
     """
