@@ -738,6 +738,8 @@ def test_a_huggingface_text_classifier_is_explained_per_token_with_either_attent
         ids = torch.randint(1, 50, (2, 8), generator=torch.Generator().manual_seed(1))
         heatmaps[implementation] = explain(model, ids, 1, method=method)
         assert model_lrp(model) == "lrp.attn"
+    with pytest.raises(ValueError, match=r"got SequenceClassifierOutput \(its scores are its \.logits"):
+        explain(model.net, ids, 1, method=method)   # the HuggingFace model itself: the error says what to do
     assert heatmaps["eager"].shape == (2, 8) and torch.isfinite(heatmaps["eager"]).all()
     assert heatmaps["eager"].abs().amax() > 0
     torch.testing.assert_close(heatmaps["eager"], heatmaps["sdpa"], rtol=1e-4, atol=1e-7)

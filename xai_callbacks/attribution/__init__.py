@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..guard import model_guard, unwrap_model
-from ..scoring import Target, as_target, check_class_target, select, target_scores
+from ..scoring import Target, as_target, check_class_target, logits_hint, select, target_scores
 
 __all__ = ["explain", "available_methods", "register_method", "method_options", "check_methods", "model_scores",
            "ExplainerFn", "TargetModel"]
@@ -101,7 +101,8 @@ def model_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"the model must return scores of shape (batch, n_classes) = ({x.shape[0]}, K); "
-                         f"got {shape}; for other outputs pass target=<function (output, batch) -> (B,) scores>")
+                         f"got {shape}{logits_hint(out)}; for other outputs pass target=<function (output, batch) "
+                         "-> (B,) scores>")
     return out
 
 
