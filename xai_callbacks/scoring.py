@@ -149,6 +149,14 @@ def select(target: torch.Tensor | Target, rows: torch.Tensor) -> torch.Tensor | 
     return target[rows.to(target.device)]
 
 
+def logits_hint(output: Any) -> str:
+    """A hint for an output that carries its scores as ``.logits`` (HuggingFace's ModelOutput)."""
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return (" (its scores are its .logits: explain a module whose forward returns model(x).logits, as a "
+                "LightningModule's forward does)")
+    return ""
+
+
 def check_class_target(output: Any, target: torch.Tensor) -> None:
     """Raise a ValueError unless ``output`` is (N, n_classes) scores and ``target`` valid classes."""
     if not isinstance(output, torch.Tensor) or output.dim() != 2:
@@ -156,14 +164,6 @@ def check_class_target(output: Any, target: torch.Tensor) -> None:
         raise ValueError(f"the model must return scores of shape (batch, n_classes) = ({len(target)}, K) for a "
                          f"class-index target; got {shape}{logits_hint(output)}. For other outputs (regression, "
                          "multi-label, segmentation) pass a target function (output, batch) -> (B,) scores")
-
-
-def logits_hint(output: Any) -> str:
-    """A hint for an output that carries its scores as ``.logits`` (HuggingFace's ModelOutput)."""
-    if isinstance(getattr(output, "logits", None), torch.Tensor):
-        return (" (its scores are its .logits: explain a module whose forward returns model(x).logits, as a "
-                "LightningModule's forward does)")
-    return ""
     n_classes = output.shape[1]
     low, high = torch.stack(torch.aminmax(target)).tolist() if target.numel() else (0, 0)   # one device sync
     if low < 0 or high >= n_classes:
