@@ -699,6 +699,38 @@ def test_attention_rollout_and_gradcam_on_vits_built_as_timms_are(distilled):
     torch.testing.assert_close(explain(model, x, 2, method="gradcam"), expected, rtol=1e-4, atol=1e-6)
 
 
+class _Hybrid(nn.Module):
+    """Convolutions, self-attention over the positions, a final convolution (as MobileViT)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.attention = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.MultiheadAttention(8, 2, batch_first=True)
+        self.final, self.head = nn.Conv2d(8, 8, 1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        b, c, hh, ww = h.shape
+        tokens = h.flatten(2).transpose(1, 2)
+        tokens = tokens + self.attention(tokens, tokens, tokens, need_weights=False)[0]
+        h = torch.relu(self.final(tokens.transpose(1, 2).reshape(b, c, hh, ww)))
+        return self.head(h.mean((2, 3)))
+
+
+def test_gradcam_on_a_hybrid_reads_the_convolution_after_the_attention():
+    """A model whose last convolution follows its attention (MobileViT, timm's ``mobilevit_xxs``
+    as well) was refused like a ViT; Grad-CAM is captum's at that convolution."""
+    from captum.attr import LayerGradCam
+
+    from xai_callbacks.attribution.transformer import applicable_methods
+
+    model, x, y = _Hybrid().eval(), torch.rand(2, 3, 16, 16), torch.tensor([0, 2])
+    ref = LayerGradCam(model, model.final).attribute(x.clone().requires_grad_(True), target=y, relu_attributions=True)
+    ref = F.interpolate(ref, size=(16, 16), mode="bilinear", align_corners=False).expand_as(x)
+    torch.testing.assert_close(explain(model, x, y, method="gradcam"), ref, rtol=1e-5, atol=1e-7)
+    assert "gradcam" in applicable_methods(model)
+
+
 def test_attention_rollout_refuses_swin_and_cnns():
     for model in (swin(), densenet()):
         with pytest.raises(MethodNotApplicableError, match=type(model).__name__):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import CheckedForward, register_method
-from .transformer import _token_layer, attention_layers, gradcam_tokens, not_applicable
+from .transformer import _token_layer, attention_layers, conv_after_attention, gradcam_tokens, not_applicable
 
 
 def find_layer(model: nn.Module, layer: str | None) -> nn.Module:
@@ -44,12 +44,13 @@ def gradcam(model, x, target, *, layer: str | None = None, relu: bool = True) ->
             a model without a convolution layer, a layer output that is not spatial, a target out of
             range or a model output that is not (B, n_classes) scores.
         MethodNotApplicableError: a model with attention layers other than a ViT (torchvision's,
-            or one built as timm's are) and torchvision's Swin, without ``layer`` (a CNN with
-            LayerNorm, such as ConvNeXt, uses its last convolution).
+            or one built as timm's are) and torchvision's Swin, without ``layer``, unless its last
+            convolution comes after its last attention layer (a hybrid such as MobileViT: that
+            convolution is used; a CNN with LayerNorm, such as ConvNeXt, uses its last convolution).
 
     Example: ``explain(model, x, y, method="gradcam", layer="features.4")``.
     """
-    if layer is None and attention_layers(model):
+    if layer is None and attention_layers(model) and not conv_after_attention(model):
         found = _token_layer(model)
         if found is None:
             raise not_applicable(model, "gradcam", "its default layer (the last convolution) is not where a "

@@ -39,9 +39,22 @@ class MethodNotApplicableError(ValueError):
 
 def transformer_layers(model: nn.Module) -> list[str]:
     """Names of the layer types in ``model`` that make it a transformer (attention, LayerNorm)."""
-    kinds = {type(m).__name__ for m in model.modules()
-             if isinstance(m, (nn.MultiheadAttention, nn.LayerNorm)) or "Attention" in type(m).__name__}
+    kinds = {type(m).__name__ for m in model.modules() if isinstance(m, nn.LayerNorm) or _is_attention(m)}
     return sorted(kinds)
+
+
+def _is_attention(m: nn.Module) -> bool:
+    return isinstance(m, nn.MultiheadAttention) or "Attention" in type(m).__name__
+
+
+def conv_after_attention(model: nn.Module) -> bool:
+    """Whether ``model``'s last convolution comes after its last attention layer in module order:
+    a hybrid's final convolution (MobileViT's), a spatial map of what the attention produced,
+    unlike a ViT's patch embedding."""
+    order = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd) or _is_attention(m)]
+    last_conv = max((i for i, m in enumerate(order) if isinstance(m, nn.modules.conv._ConvNd)), default=-1)
+    last_attention = max((i for i, m in enumerate(order) if _is_attention(m)), default=-1)
+    return last_conv > last_attention
 
 
 def attention_layers(model: nn.Module) -> list[str]:
@@ -76,7 +89,8 @@ def applicable_methods(model: nn.Module, tokens: bool = False) -> list[str]:
             continue
         if m == "attention_rollout" and not _has_class_token_attention(model):
             continue
-        if m == "gradcam" and attention_layers(model) and _token_layer(model) is None:
+        if m == "gradcam" and attention_layers(model) and _token_layer(model) is None \
+                and not conv_after_attention(model):
             continue
         out.append(m)
     return out
