@@ -256,6 +256,57 @@ class _ScaledCNN(nn.Module):
         return self.head((h / 4.0).mean((2, 3)))
 
 
+class ChannelAttention(nn.Module):
+    """CBAM's channel gate as user code names it: sigmoid(MLP(avg pool) + MLP(max pool))."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Conv2d(channels, 2, 1, bias=False), nn.ReLU(), nn.Conv2d(2, channels, 1, bias=False))
+
+    def forward(self, x):
+        return torch.sigmoid(self.mlp(F.adaptive_avg_pool2d(x, 1)) + self.mlp(F.adaptive_max_pool2d(x, 1)))
+
+
+class SpatialAttention(nn.Module):
+    """CBAM's spatial gate: sigmoid(conv([mean over channels, max over channels]))."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return torch.sigmoid(self.conv(torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)))
+
+
+class _CbamCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.ca, self.sa, self.head = ChannelAttention(8), SpatialAttention(), nn.Linear(8, 3, bias=False)
+
+    def forward(self, x):
+        h = F.relu(self.conv1(x))
+        h = F.relu(self.conv2(h))
+        h = h * self.ca(h)
+        h = h * self.sa(h)
+        return self.head(h.mean((2, 3)))
+
+
+def test_a_cnn_with_cbam_gates_named_attention_is_a_cnn():
+    """Modules named ``ChannelAttention`` / ``SpatialAttention`` (CBAM) made the model a
+    transformer by name: zennit's composites, excitation backprop and Grad-CAM's default layer
+    were refused. They are gates: LRP conserves through them (held constant)."""
+    from xai_callbacks.attribution.transformer import applicable_methods, model_lrp
+
+    model, x = _CbamCNN().eval(), torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    assert model_lrp(model) == "lrp.epsilon_plus_flat"
+    assert {"gradcam", "excitation_backprop", "lrp.epsilon_gamma_box"} <= set(applicable_methods(model))
+    with torch.no_grad():
+        target = int(model(x)[0].argmax())
+    assert_conserved(explain(model, x, target, method="lrp.epsilon_plus_flat"), model, x, target, rtol=2e-3)
+
+
 @pytest.mark.parametrize("make", ["own", "timm/nf_resnet26"])
 def test_lrp_sees_computed_weights_and_passes_constant_scalings(make):
     """zennit's rules modify the stored weight, which a standardising layer transformed again (an

@@ -44,7 +44,12 @@ def transformer_layers(model: nn.Module) -> list[str]:
 
 
 def _is_attention(m: nn.Module) -> bool:
-    return isinstance(m, nn.MultiheadAttention) or "Attention" in type(m).__name__
+    """Attention between positions or tokens, by type: ``nn.MultiheadAttention`` or a class named
+    "...Attention..." other than a channel or spatial gate (CBAM's ``ChannelAttention`` and
+    ``SpatialAttention`` scale a CNN's features by a sigmoid: gates, which the LRP rules hold
+    constant)."""
+    name = type(m).__name__
+    return isinstance(m, nn.MultiheadAttention) or "Attention" in name and not ("Channel" in name or "Spatial" in name)
 
 
 def conv_after_attention(model: nn.Module) -> bool:
