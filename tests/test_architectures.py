@@ -657,6 +657,10 @@ def test_vit_gradcam_reads_the_token_grid_not_the_patch_embedding():
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-6)
     conv_cam = explain(model, x, 3, method="gradcam", layer="conv_proj")
     assert not torch.allclose(ours, conv_cam)
+    named = explain(model, x, 3, method="gradcam", layer="encoder.layers.encoder_layer_1.ln_1")
+    torch.testing.assert_close(named, ref, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match=r"'ln_1' not found.*LayerNorms \(token output\): \[.*'encoder.layers"):
+        explain(model, x, 3, method="gradcam", layer="ln_1")   # the error lists the token layers to choose from
 
 
 def test_swin_gradcam_runs_on_its_feature_grid():

@@ -18,7 +18,9 @@ def find_layer(model: nn.Module, layer: str | None) -> nn.Module:
         names = dict(model.named_modules())
         if layer not in names:
             convs = [n for n, m in names.items() if isinstance(m, nn.modules.conv._ConvNd)]
-            raise ValueError(f"gradcam layer {layer!r} not found in the model; convolution layers: {convs}")
+            norms = [n for n, m in names.items() if isinstance(m, nn.LayerNorm)]   # a transformer's token layers
+            raise ValueError(f"gradcam layer {layer!r} not found in the model; convolution layers: {convs}"
+                             + (f"; LayerNorms (token output): {norms}" if norms else ""))
         return names[layer]
     convs = [m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)]
     if not convs:
