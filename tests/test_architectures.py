@@ -797,15 +797,39 @@ def test_attention_rollout_refuses_swin_and_cnns():
 # token models
 
 
+def test_a_huggingface_vit_gets_token_gradcam_and_rollout():
+    """HuggingFace's ViT (wrapped to return its logits) was not recognised as a ViT: default
+    Grad-CAM and rollout were refused. Its blocks are found by structure (a LayerNorm and an
+    attention layer in one module): Grad-CAM's default is its last block's first LayerNorm; rollout
+    reads the fused attention and names the fix for an eager one."""
+    transformers = pytest.importorskip("transformers")
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for implementation in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=64, num_labels=3,
+                                        attn_implementation=implementation)
+        model = _Logits(transformers.ViTForImageClassification(config), "pixel_values").eval()
+        last = [n for n, _ in model.named_modules() if n.endswith("layernorm_before")][-1]
+        torch.testing.assert_close(explain(model, x, 2, method="gradcam"),
+                                   explain(model, x, 2, method="gradcam", layer=last))
+        if implementation == "sdpa":
+            rollout = explain(model, x, 2, method="attention_rollout")
+            assert torch.isfinite(rollout).all() and (rollout >= 0).all() and rollout.amax() > 0
+        else:
+            with pytest.raises(MethodNotApplicableError, match="no attention weights were recorded.*sdpa"):
+                explain(model, x, 2, method="attention_rollout")
+
+
 class _Logits(nn.Module):
     """A HuggingFace classifier as a LightningModule's forward calls it."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, argument: str = "input_ids"):
         super().__init__()
-        self.net = net
+        self.net, self.argument = net, argument
 
-    def forward(self, ids):
-        return self.net(input_ids=ids).logits
+    def forward(self, inputs):
+        return self.net(**{self.argument: inputs}).logits
 
 
 @pytest.mark.parametrize("method", ["lrp.cp", "lrp.attn", "integrated_gradients"])

@@ -31,10 +31,11 @@ def find_layer(model: nn.Module, layer: str | None) -> nn.Module:
 
 @register_method("gradcam")
 def gradcam(model, x, target, *, layer: str | None = None, relu: bool = True) -> torch.Tensor:
-    """Grad-CAM at ``layer`` (default: the last convolution; on a torchvision ViT the last
-    encoder block's input tokens, on Swin the last feature stage), bilinearly upsampled to
-    ``x``'s spatial size and repeated over its channels. A named layer with (B, T, D) token
-    output is read as a token grid (a leading class token dropped).
+    """Grad-CAM at ``layer`` (default: the last convolution; on a vision transformer the last
+    block's first LayerNorm, i.e. its input tokens, on torchvision's Swin the last feature stage;
+    on a hybrid whose last convolution follows its attention, that convolution), bilinearly
+    upsampled to ``x``'s spatial size and repeated over its channels. A named layer with (B, T, D)
+    token output is read as a token grid (a leading class token dropped).
 
     Args:
         model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
@@ -45,10 +46,10 @@ def gradcam(model, x, target, *, layer: str | None = None, relu: bool = True) ->
         ValueError: a ``layer`` the model does not have (the message lists its convolution layers),
             a model without a convolution layer, a layer output that is not spatial, a target out of
             range or a model output that is not (B, n_classes) scores.
-        MethodNotApplicableError: a model with attention layers other than a ViT (torchvision's,
-            or one built as timm's are) and torchvision's Swin, without ``layer``, unless its last
-            convolution comes after its last attention layer (a hybrid such as MobileViT: that
-            convolution is used; a CNN with LayerNorm, such as ConvNeXt, uses its last convolution).
+        MethodNotApplicableError: a model with attention layers but no transformer blocks (a
+            LayerNorm and an attention layer in one module) and no convolution after its last
+            attention layer, without ``layer`` (a CNN with LayerNorm, such as ConvNeXt, uses its
+            last convolution).
 
     Example: ``explain(model, x, y, method="gradcam", layer="features.4")``.
     """

@@ -286,19 +286,32 @@ def _vision_transformer(model: nn.Module) -> tuple[nn.Module, int] | None:
     return None
 
 
+def _transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """A transformer's blocks in module order: the lowest modules with a LayerNorm child and an
+    attention layer below them (torchvision's ``EncoderBlock``, timm's ``Block``, HuggingFace's
+    ``ViTLayer``)."""
+    found = [m for m in model.modules() if any(isinstance(c, nn.LayerNorm) for c in m.children())
+             and any(_is_attention(d) for d in m.modules() if d is not m)]
+    ids = {id(m) for m in found}
+    return [m for m in found if not any(id(d) in ids for d in m.modules() if d is not m)]
+
+
 def _token_layer(model: nn.Module) -> tuple[nn.Module, str, int | None] | None:
-    """(layer, layout, prefix tokens) whose output Grad-CAM reads on a known vision transformer,
-    else None. ViT: the last block's first LayerNorm (tokens (B, prefix + h*w, D); the last
-    block's output only feeds the class token forward). Swin: the feature stages (B, h, w, C)."""
+    """(layer, layout, prefix tokens) whose output Grad-CAM reads on a vision transformer, else
+    None. Swin: the feature stages (B, h, w, C). Otherwise the last block's first LayerNorm
+    (tokens (B, prefix + h*w, D); the last block's output only feeds the class token forward),
+    with the prefix known for torchvision's and timm's ViTs (None: a class token or none)."""
     from torchvision.models.swin_transformer import SwinTransformer
 
-    vit = _vision_transformer(model)
-    if vit is not None:
-        net, prefix = vit
-        last = net.encoder.layers[-1].ln_1 if hasattr(net, "encoder") else net.blocks[-1].norm1
-        return last, "tokens", prefix
     swin = next((m for m in model.modules() if isinstance(m, SwinTransformer)), None)
-    return (swin.features, "channels_last", None) if swin is not None else None
+    if swin is not None:
+        return swin.features, "channels_last", None
+    blocks = _transformer_blocks(model)
+    if not blocks:
+        return None
+    first_norm = next(c for c in blocks[-1].children() if isinstance(c, nn.LayerNorm))
+    vit = _vision_transformer(model)
+    return first_norm, "tokens", vit[1] if vit is not None else None
 
 
 def token_grid(act: torch.Tensor, layout: str, prefix: int | None = None) -> torch.Tensor:
@@ -332,6 +345,8 @@ def gradcam_tokens(model, x, target, layer: nn.Module, layout: str, prefix: int 
     finally:
         handle.remove()
     act = acts[-1]
+    if layout == "tokens" and act.dim() == 4:   # a LayerNorm's (B, h, w, C): a windowed transformer's blocks
+        layout = "channels_last"
     score = out.gather(1, target[:, None]).sum()
     (grad,) = torch.autograd.grad(score, act)
     a, g = token_grid(act.detach(), layout, prefix), token_grid(grad, layout, prefix)
@@ -342,8 +357,9 @@ def gradcam_tokens(model, x, target, layer: nn.Module, layout: str, prefix: int 
 
 
 def _has_class_token_attention(model: nn.Module) -> bool:
-    vit = _vision_transformer(model)
-    return vit is not None and any(getattr(vit[0], name, None) is not None for name in ("class_token", "cls_token"))
+    """A transformer with a class token (a parameter named ``class_token`` or ``cls_token``)."""
+    return bool(_transformer_blocks(model)) and any(
+        name.rsplit(".", 1)[-1] in ("class_token", "cls_token") for name, _ in model.named_parameters())
 
 
 class _RecordAttention(TorchFunctionMode):
@@ -389,25 +405,37 @@ def attention_rollout(model, x, target, *, residual: float = 0.5) -> torch.Tenso
     Args:
         model, x, target: as :func:`~xai_callbacks.attribution.explain` passes them.
 
+    The attention weights are read from ``nn.MultiheadAttention`` (torchvision) and recomputed
+    for fused ``F.scaled_dot_product_attention`` (timm, HuggingFace's ``sdpa``).
+
     Raises:
-        MethodNotApplicableError: a model that is not a ViT with a class token (CNNs, Swin);
-            the message lists the methods that apply.
+        MethodNotApplicableError: a model that is not a transformer with a class token (CNNs,
+            Swin), one whose attention is neither of the above (an eager ``softmax(q k^T)``), or
+            one whose token count changes between layers (PiT); the message lists the methods
+            that apply.
 
     Example: ``explain(model, x, y, method="attention_rollout", residual=0.5)``.
     """
     if not _has_class_token_attention(model):
-        raise not_applicable(model, "attention_rollout", "it needs a vision transformer with a class token "
-                             "(torchvision's VisionTransformer, or one built as timm's are)")
+        raise not_applicable(model, "attention_rollout", "it needs a transformer with a class token (a "
+                             "parameter named class_token or cls_token)")
     record = _RecordAttention()
     with torch.no_grad(), record:
         CheckedForward(model, target)(x)
+    if len({w.shape[-1] for w in record.weights}) > 1:
+        raise not_applicable(model, "attention_rollout", "its token count changes between layers (a pooling "
+                             "transformer); rollout multiplies the layers' attention matrices")
     rollout = None
     for w in record.weights:
         eye = torch.eye(w.shape[-1], device=w.device, dtype=w.dtype)
         a = residual * eye + (1 - residual) * w
         a = a / a.sum(dim=-1, keepdim=True)
         rollout = a if rollout is None else a @ rollout
-    prefix = _vision_transformer(model)[1]
-    grid = token_grid(rollout[:, :1, :].transpose(1, 2), "tokens", prefix)  # (B, 1, h, w): the class token's row
+    if rollout is None:
+        raise not_applicable(model, "attention_rollout", "no attention weights were recorded in its forward pass "
+                             "(nn.MultiheadAttention or F.scaled_dot_product_attention; an attention computed as "
+                             "softmax(q k^T) is not recorded: use the fused one, e.g. attn_implementation='sdpa')")
+    vit = _vision_transformer(model)
+    grid = token_grid(rollout[:, :1, :].transpose(1, 2), "tokens", vit[1] if vit is not None else None)
     heat = F.interpolate(grid, size=x.shape[2:], mode="bilinear", align_corners=False)
     return heat.expand_as(x).contiguous()
