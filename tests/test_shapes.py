@@ -19,7 +19,7 @@ CHEAP = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"n_samples": 2},
 NOT_TABULAR = {"gradcam": "convolution layer", "meaningful_perturbation": r"images \(B, C, H, W\) or signals"}
 IMAGES_ONLY = {"lime": r"need images \(B, C, H, W\)", "kernel_shap": r"need images \(B, C, H, W\)",
                "extremal_perturbation": r"needs images \(B, C, H, W\)",
-               "attention_rollout": "does not apply to Sequential: it needs a vision transformer"}
+               "attention_rollout": "does not apply to Sequential: it needs a transformer with a class token"}
 IMAGE_METRICS = ("road", "irof", "sensitivity_n")
 
 
