@@ -16,7 +16,6 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from zennit import composites
 
 from .attribution import model_device
 from .attribution.lrp import FunctionalRules, default_canonizers, epsilon_plus_flat_composite

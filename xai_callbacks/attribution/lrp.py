@@ -284,6 +284,14 @@ class _Gated(torch.autograd.Function):
         return relevance, relevance.new_zeros(ctx.gate_shape)
 
 
+def _broadcasts_to(shape, target: torch.Size) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` without enlarging it."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
 class FunctionalRules(TorchFunctionMode):
     """Within this mode (the forward pass of the zennit-based methods) what a model writes as
     functions, which no zennit rule sees, passes relevance as LRP would:
@@ -329,11 +337,7 @@ class FunctionalRules(TorchFunctionMode):
         if active[0] == active[1] or (func in self._DIV or func is torch.Tensor.div_) and not active[0]:
             return None
         signal, other = (a, b) if active[0] else (b, a)
-        try:
-            fits = torch.broadcast_shapes(getattr(other, "shape", ()), signal.shape) == signal.shape
-        except RuntimeError:
-            return None
-        return (0 if active[0] else 1) if fits else None
+        return (0 if active[0] else 1) if _broadcasts_to(getattr(other, "shape", ()), signal.shape) else None
 
     def _gate(self, a: torch.Tensor, b: torch.Tensor) -> int | None:
         """Which factor of ``a * b`` is a gate (0 or 1), or None: the one that is a sigmoid's output
@@ -348,11 +352,7 @@ class FunctionalRules(TorchFunctionMode):
         else:
             return None
         gate, signal = (a, b) if index == 0 else (b, a)
-        try:
-            fits = torch.broadcast_shapes(gate.shape, signal.shape) == signal.shape
-        except RuntimeError:
-            return None
-        return index if fits else None
+        return index if _broadcasts_to(gate.shape, signal.shape) else None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
