@@ -18,8 +18,8 @@ from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, plant_short
 from xai_callbacks.models import Classifier, DemoCNN
 from xai_callbacks.infill import gaussian_blur
 from xai_callbacks.spray.evidence import (AREAS, COMPONENTS, MAJORITY_SEPARATION, MIN_SEPARATION,
-                                          border_mask, group_sizes, relevance_regions, sample_evidence,
-                                          separated_group, transfer)
+                                          border_mask, group_sizes, held_out_separation, relevance_regions,
+                                          sample_evidence, separated_group, transfer)
 
 OPTIONS = dict(kind="stamp", n_per_class=200, ambiguity=0.4, seed=0)
 
@@ -147,7 +147,7 @@ class _Detector(torch.nn.Module):
         return torch.stack([torch.zeros_like(corner), 40 * self.w * (corner - 0.5)], 1)
 
 
-def test_evidence_on_an_analytic_shortcut_model():
+def test_evidence_on_an_analytic_shortcut_model(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(40, 1, 16, 16, generator=gen) * 0.4
     classes = np.array([1] * 20 + [0] * 20)
@@ -195,6 +195,12 @@ def test_evidence_on_an_analytic_shortcut_model():
     assert sum(parts) == ev.forward_passes - 40 and max(parts) < 40 * 4   # all but the probabilities' pass
     assert np.array_equal(sharded.excess, ev.excess) and np.array_equal(sharded.drop, ev.drop)
     assert sharded.passes.tolist() == ev.passes.tolist()
+    # a group that did not stand apart on held-out partners would not be confirmed, however far apart it stands
+    monkeypatch.setattr("xai_callbacks.spray.evidence.held_out_separation", lambda *a, **k: 0.5)
+    unreplicated = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16)
+    assert not unreplicated.confirmed.any() and np.array_equal(unreplicated.excess, ev.excess)
+    assert unreplicated.separation_ratio[:20] == pytest.approx(0.5 / 4)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match=r"probabilities must be \(N, classes\) with N = 40"):
         sample_evidence(_Detector(), x, heat, classes, probabilities=torch.ones(39, 2))
     # class 1's pool: 16 of the 20 of class 0, each sample into 8 distinct ones of it
@@ -510,6 +516,26 @@ def test_a_shortcut_on_half_of_a_class_is_confirmed_end_to_end():
     # the same group counted fully (the rest's excesses here are of each sample's own best check)
     whole = separated_group(ev.excess[:20], max_share=1)[1]
     assert ev.separation[:10].max() == pytest.approx(whole / MAJORITY_SEPARATION, rel=1e-3)
+
+
+def test_a_group_must_stand_apart_on_partners_it_was_not_chosen_on():
+    """Per-partner excesses of 50 samples (8 partners each). A planted group lifts every partner and
+    stands apart on either half of them; a group that one draw of partners lifts (8 samples high on
+    the first four partners, 8 others on the last four) stands apart on the median over all eight but
+    falls back into the class on the half it was not chosen on; one member of a shortcut group left
+    out of a half's group does not turn the measure."""
+    rng = np.random.default_rng(0)
+    rest = rng.normal(0, 0.03, (38, 8))
+    planted = np.concatenate([0.5 + rng.normal(0, 0.05, (12, 8)), rest])
+    assert held_out_separation(planted) > 3 * MIN_SEPARATION["region"]
+    chance = np.concatenate([np.repeat([[0.6] * 4 + [0.0] * 4], 8, 0), np.repeat([[0.0] * 4 + [0.6] * 4], 8, 0),
+                             rng.normal(0, 0.01, (34, 8))])
+    assert separated_group(np.median(chance, 1))[1] > 3 * MIN_SEPARATION["region"], "all partners: a group of 16"
+    assert held_out_separation(chance) < 1
+    half = np.concatenate([0.5 + rng.normal(0, 0.05, (25, 8)), rng.normal(0, 0.03, (25, 8))])
+    half[0, :4] = 0.0   # on the first half the group is 24; the 25th member is in the rest on the second
+    assert held_out_separation(half) > MIN_SEPARATION["region"]
+    assert held_out_separation(np.ones((10, 1))) == float("inf"), "one partner: nothing to hold out"
 
 
 def test_a_group_that_may_be_the_majority_of_its_class_must_stand_further_apart():

@@ -48,6 +48,10 @@ like the class far better than what the rest of the class carries. For each anal
    stand apart :data:`MAJORITY_SEPARATION` times as far. A shortcut is a discrete
    thing a sample has or has not, so its group stands apart; a graded feature of the data (how
    much ink a digit has, how typical a texture is) forms a tail without a gap and is not confirmed.
+   A tail can still show a gap by chance, the one draw of partners lifting a few samples of it;
+   so the group must stand apart as far on partners it was not chosen on
+   (:func:`held_out_separation`: chosen on half of the partners, its median member against the
+   rest's upper quartile on the other half).
    :meth:`~xai_callbacks.spray.core.SpRAyResult.confirm` makes a class's confirmed samples its
    flagged strategy.
 
@@ -86,9 +90,9 @@ from ..infill import Infiller, gaussian_blur, get_infiller
 from ..scoring import check_class_target, score_perturbed
 from .suspicion import positive_part
 
-__all__ = ["SampleEvidence", "StrategyEvidence", "sample_evidence", "separated_group", "group_sizes",
-           "relevance_regions", "transfer", "AREAS", "COMPONENTS", "DEFAULT_COMPONENTS", "MIN_SEPARATION", "MIN_RISE",
-           "SCREEN", "WHOLE", "SHARE_Z", "MAJORITY_SEPARATION", "BORDER", "border_mask"]
+__all__ = ["SampleEvidence", "StrategyEvidence", "sample_evidence", "separated_group", "held_out_separation",
+           "group_sizes", "relevance_regions", "transfer", "AREAS", "COMPONENTS", "DEFAULT_COMPONENTS",
+           "MIN_SEPARATION", "MIN_RISE", "SCREEN", "WHOLE", "SHARE_Z", "MAJORITY_SEPARATION", "BORDER", "border_mask"]
 
 #: What the evidence can transfer from a sample into other classes' samples (see :func:`transfer`).
 COMPONENTS = ("region", "detail", "tone", "saturation", "shading", "border")
@@ -257,12 +261,15 @@ class SampleEvidence:
         drop: (N,) fall of the sample's class probability when its region (above) is removed.
         z: (N,) ``excess`` above its class's median, in units of the spread of all samples'
             (centred) excesses of that component: the per-sample suspicion.
-        separation: (N,) the separation of the confirmed group the sample belongs to (0 if none).
+        separation: (N,) the separation of the confirmed group the sample belongs to, at most its
+            :func:`held_out_separation` (0 if none).
         separation_ratio: (N,) per sample, its class's best-separated group (over every check)
-            as a share of that check's ``min_separation``: >= 1 where the class has a confirmed
-            group, how close it came where not; 0 when no group reaches ``min_rise``.
+            as a share of that check's ``min_separation`` (for a group that reaches it, the smaller of
+            its separation and its :func:`held_out_separation`): >= 1 where the class has a
+            confirmed group, how close it came where not; 0 when no group reaches ``min_rise``.
         confirmed: (N,) bool: in a class's top group of some component that is separated from
-            the rest by at least ``min_separation`` (:func:`separated_group`).
+            the rest by at least ``min_separation`` (:func:`separated_group`), on held-out partners
+            as well (:func:`held_out_separation`).
         regions: (N, *S) bool region of each sample (where its relevance exceeds its class's median),
             at the area of its strongest check (the first area for the global components).
         partners: (N, pastes) the other-class samples (indices into the N) transferred into, drawn
@@ -464,7 +471,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
             draw from the class's pool of ``2 * pastes`` (samples the model does not give the
             class); the class's other samples transferred into the same partner are the controls.
         min_separation: separation (:func:`separated_group`) at or above which a class's top
-            group of one component is confirmed: one number for every component, or one per
+            group of one component is confirmed, on all partners and on held-out ones
+            (:func:`held_out_separation`): one number for every component, or one per
             component (default :data:`MIN_SEPARATION`: 4 for the region and the border, 3 for the
             detail, 10 for the tone, the saturation and the shading).
         min_rise: excess (probability units) every confirmed sample reaches; for a region of share
@@ -587,6 +595,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         for c in values:
             rows = np.flatnonzero(classes == c)
             group, score = separated_group(excess[rows, k], min_members, max_share, rise_of[k], floor)
+            if score >= separation_of[component]:   # a group must stand apart on partners it was not chosen on too
+                score = min(score, held_out_separation(m["per"][rows, k], min_members, max_share, rise_of[k], floor))
             ratio[rows] = np.maximum(ratio[rows], score / separation_of[component])
             if score >= separation_of[component]:
                 separation[rows[group], k] = score
@@ -693,6 +703,42 @@ def separated_group(excess: np.ndarray, min_members: int = 5, max_share: float =
     return np.sort(order[:size]), best
 
 
+def held_out_separation(per_partner: np.ndarray, min_members: int = 5, max_share: float = 0.5,
+                        min_rise: float = MIN_RISE, floor: float = 0.01) -> float:
+    """How far one class's top group stands apart on partners it was not chosen on.
+
+    ``per_partner`` (n, pastes) holds each sample's excess per partner. The partners are split in
+    halves; the group is chosen on one half's excesses (each sample's median over those partners,
+    :func:`separated_group`) and measured on the other's: its median member's excess above the
+    rest's upper quartile, in units of the rest's spread plus ``floor``. The better of the two
+    directions is returned; a direction where no group qualifies counts as ``-inf``, and with one
+    partner (no halves) the result is ``inf`` (nothing to hold out).
+
+    The top of a graded tail (the crops of a class's own photo whose border transfers a little more
+    than the rest) stands apart where one draw of partners happens to leave a gap; chosen anew on
+    half of them, it falls back into its class on the other half. A planted shortcut is the same
+    thing in every member and stands apart on either half. Median and quartile, so that no single
+    sample on either side of the gap decides (a group of 24 chosen where 25 carry the shortcut).
+
+    Example:
+        >>> per = np.concatenate([np.full((6, 8), 0.6), np.zeros((20, 8))]) + 0.01 * np.arange(8)
+        >>> held_out_separation(per) > 10
+        True
+    """
+    half = per_partner.shape[1] // 2
+    if half == 0:
+        return float("inf")
+    a, b = np.median(per_partner[:, :half], 1), np.median(per_partner[:, half:], 1)
+    best = -float("inf")
+    for chosen, measured in ((a, b), (b, a)):
+        group = separated_group(chosen, min_members, max_share, min_rise, floor)[0]
+        if len(group):
+            rest = np.delete(measured, group)
+            gap = np.median(measured[group]) - np.quantile(rest, 0.75)
+            best = max(best, float(gap / (_spread(rest) + floor)))
+    return best
+
+
 def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_size, seed, extend,
              probs, class_probability, low) -> dict:
     device = x.device   # sample_evidence put x on the model's device
@@ -742,6 +788,7 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
     mate = torch.from_numpy(mates.reshape(-1)).to(device)
     before = torch.from_numpy(probs[partners, classes[:, None]]).to(device)   # (N, pastes)
     rise, flip, excess = (np.zeros((n, len(checks))) for _ in range(3))
+    per = np.full((n, len(checks), pastes), np.nan)   # per partner, before the place control (replication)
     for k, (component, j) in enumerate(checks):
         keep = keeps[j] if j is not None else None
 
@@ -760,14 +807,14 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
         with_own[:, :stage_one] = scores(src, np.arange(n), torch.arange(stage_one, device=device))
         passes += stage_one
         if stage_one < pastes:
-            first = _excess(with_own, used, members, partners)
+            first = _excess(with_own, used, members, partners)[0]
             more = [rows for rows in members if extend(first[rows], k)]
             if more:
                 rows = np.concatenate(more)
                 with_own[rows, stage_one:] = scores(src, rows, torch.arange(stage_one, pastes, device=device))
                 used[rows] = pastes
                 passes[rows] += pastes - stage_one
-        excess[:, k] = _excess(with_own, used, members, partners)
+        excess[:, k], per[:, k] = _excess(with_own, used, members, partners)
         # per partner a class mate's content through the sample's own region: what any sample of the
         # class has at that place (the upper quartile over partners stays high while up to three
         # quarters of the mates share the shortcut). Measured only where the excess reaches the
@@ -784,16 +831,18 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
         eligible = (before < 0.5) & measured
         flip[:, k] = ((eligible & (with_own >= 0.5)).float().sum(1) / eligible.float().sum(1).clamp_min(1)
                       ).cpu().numpy()
-    return dict(rise=rise, excess=excess, flip=flip, own=probs[np.arange(n), classes], regions=regions.cpu(),
-                partners=partners, passes=passes)
+    return dict(rise=rise, excess=excess, per=per, flip=flip, own=probs[np.arange(n), classes],
+                regions=regions.cpu(), partners=partners, passes=passes)
 
 
-def _excess(with_own: torch.Tensor, used: np.ndarray, members: list[np.ndarray], partners: np.ndarray) -> np.ndarray:
-    """(N,) per sample the median over its first ``used`` partners of its component's class
-    probability minus the partner's control: the lower quartile of what the class's samples that
-    went into the same partner give it with their same component (typical of the class while up
-    to three quarters of them share the sample's shortcut). ``used`` is the same within a class."""
-    out = np.zeros(len(with_own))
+def _excess(with_own: torch.Tensor, used: np.ndarray, members: list[np.ndarray], partners: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample and partner, its component's class probability minus the partner's control: the
+    lower quartile of what the class's samples that went into the same partner give it with their
+    same component (typical of the class while up to three quarters of them share the sample's
+    shortcut). Returns the (N,) median over each sample's first ``used`` partners and the (N, pastes)
+    differences (NaN for the partners not measured). ``used`` is the same within a class."""
+    out, per = np.zeros(len(with_own)), np.full(tuple(with_own.shape), np.nan)
     for rows in members:
         m = int(used[rows[0]])
         got, into = with_own[rows, :m], torch.from_numpy(partners[rows, :m]).to(with_own.device)
@@ -801,4 +850,5 @@ def _excess(with_own: torch.Tensor, used: np.ndarray, members: list[np.ndarray],
         for q in into.unique():
             low[into == q] = got[into == q].quantile(0.25)
         out[rows] = (got - low).median(1).values.cpu().numpy()
-    return out
+        per[rows, :m] = (got - low).cpu().numpy()
+    return out, per
