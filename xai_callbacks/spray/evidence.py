@@ -50,8 +50,8 @@ like the class far better than what the rest of the class carries. For each anal
    much ink a digit has, how typical a texture is) forms a tail without a gap and is not confirmed.
    A tail can still show a gap by chance, the one draw of partners lifting a few samples of it;
    so the group must stand apart as far on partners it was not chosen on
-   (:func:`held_out_separation`: chosen on half of the partners, its median member against the
-   rest's upper quartile on the other half).
+   (:func:`held_out_separation`: chosen on half of the partners, its members' lower quartile
+   against the rest's upper quartile on the other half).
    :meth:`~xai_callbacks.spray.core.SpRAyResult.confirm` makes a class's confirmed samples its
    flagged strategy.
 
@@ -709,16 +709,16 @@ def held_out_separation(per_partner: np.ndarray, min_members: int = 5, max_share
 
     ``per_partner`` (n, pastes) holds each sample's excess per partner. The partners are split in
     halves; the group is chosen on one half's excesses (each sample's median over those partners,
-    :func:`separated_group`) and measured on the other's: its median member's excess above the
-    rest's upper quartile, in units of the rest's spread plus ``floor``. The better of the two
+    :func:`separated_group`) and measured on the other's: the lower quartile of its members'
+    excesses above the rest's upper quartile, in units of the rest's spread plus ``floor``. The better of the two
     directions is returned; a direction where no group qualifies counts as ``-inf``, and with one
     partner (no halves) the result is ``inf`` (nothing to hold out).
 
     The top of a graded tail (the crops of a class's own photo whose border transfers a little more
     than the rest) stands apart where one draw of partners happens to leave a gap; chosen anew on
     half of them, it falls back into its class on the other half. A planted shortcut is the same
-    thing in every member and stands apart on either half. Median and quartile, so that no single
-    sample on either side of the gap decides (a group of 24 chosen where 25 carry the shortcut).
+    thing in every member and stands apart on either half. Quartiles, so that no single sample on
+    either side of the gap decides (a group of 24 chosen where 25 carry the shortcut).
 
     Example:
         >>> per = np.concatenate([np.full((6, 8), 0.6), np.zeros((20, 8))]) + 0.01 * np.arange(8)
@@ -734,7 +734,7 @@ def held_out_separation(per_partner: np.ndarray, min_members: int = 5, max_share
         group = separated_group(chosen, min_members, max_share, min_rise, floor)[0]
         if len(group):
             rest = np.delete(measured, group)
-            gap = np.median(measured[group]) - np.quantile(rest, 0.75)
+            gap = np.quantile(measured[group], 0.25) - np.quantile(rest, 0.75)
             best = max(best, float(gap / (_spread(rest) + floor)))
     return best
 
