@@ -6,7 +6,7 @@ patch, frame, colour, watermark, blur, noise, grey, background, caption, line, m
 edge; grey only on colour photos such as ``--photos coffee chelsea astronaut rocket``), and their
 clean controls (the same images without the shortcut: one for plain crops, one for the
 object-on-background composites); plus the digits with a stamp and their clean control.
-Architectures, trained from scratch on the CPU: a small CNN (``DemoCNN``), torchvision's ResNet-18,
+Architectures, trained from scratch (on ``--device``: a GPU where there is one): a small CNN (``DemoCNN``), torchvision's ResNet-18,
 VGG-11-BN (its classifier replaced by one linear layer: at 32x32 the features end at 1x1) and
 MobileNetV3-small (the calibration's, the default), and six the check was not calibrated on:
 ``resnet18-cifar`` (the usual 32-pixel ResNet-18: a 3x3 stem at stride 1, no max-pool), ``vit``
@@ -127,15 +127,20 @@ def build(arch: str, channels: int, classes: int, seed: int, size: int = 32) -> 
     raise ValueError(f"unknown architecture {arch!r}; valid: {ARCHS}")
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def train(model, data, epochs: int, lr: float, seed: int, batch_size: int = 64) -> float:
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    device = _device(model)
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(data), generator=gen).split(batch_size):
             if len(idx) < 2:
                 continue
-            loss = F.cross_entropy(model(data.x[idx]), data.targets[idx])
+            loss = F.cross_entropy(model(data.x[idx].to(device)), data.targets[idx].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -146,7 +151,7 @@ def train(model, data, epochs: int, lr: float, seed: int, batch_size: int = 64) 
 @torch.no_grad()
 def predict(model, x: torch.Tensor) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(part).argmax(1) for part in x.split(256)])
+    return torch.cat([model(part.to(_device(model))).argmax(1).cpu() for part in x.split(256)])
 
 
 def intervention(model, val) -> tuple[float, float]:
@@ -201,7 +206,9 @@ def analyse(model, val, folder: str, evidence: bool = True, concept_layer: str |
                        evidence_options=evidence_options, features="concepts" if concept_layer else "heatmaps",
                        concept_layer=concept_layer)
     gate = ExplanationGate(action="warn")
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[cb, gate], enable_progress_bar=False,
+    device = _device(model)
+    trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
+                         callbacks=[cb, gate], enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, default_root_dir=folder)
     module = Classifier(model)
     start = time.perf_counter()
@@ -209,6 +216,7 @@ def analyse(model, val, folder: str, evidence: bool = True, concept_layer: str |
         warnings.simplefilter("ignore")
         trainer.validate(module, DataLoader(val, batch_size=128), verbose=False)
     seconds = time.perf_counter() - start
+    model.to(device)   # Lightning's teardown moves the module to the CPU
     import contextlib
     import io
 
@@ -296,6 +304,8 @@ def main(argv=None) -> int:
                     help="skimage.data photos of the classes (default: brick grass gravel moon), e.g. coffee chelsea "
                          "astronaut rocket: other real images for the same scenarios")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where the models are trained and analysed (the cached weights are the same on either)")
     ap.add_argument("--cost", action="store_true", help="also time the default SpRAy epoch (t-SNE, ViRelAy files) "
                                                         "with / without the causal check")
     ap.add_argument("--cache", default=None, help="folder for trained weights: reruns load them instead of training")
@@ -325,14 +335,15 @@ def main(argv=None) -> int:
             continue
         for arch in args.archs:
             start = time.perf_counter()
-            model = build(arch, train_set.x.shape[1], int(train_set.targets.max()) + 1, args.seed, args.size)
+            model = build(arch, train_set.x.shape[1], int(train_set.targets.max()) + 1, args.seed, args.size
+                          ).to(args.device)
             other = "-" + "_".join(args.photos) if args.photos and base == "photos" else ""
             other += f"-{args.size}px" if args.size != 32 else ""
             cached = args.cache and os.path.join(args.cache, f"{name}{other}-{arch}-p{prev}-a{args.ambiguity}"
                                                              f"-n{args.n_per_class}-e{args.epochs}-lr{args.lr}"
                                                              f"-s{args.seed}.pt")
             if cached and os.path.exists(cached):
-                model.load_state_dict(torch.load(cached))
+                model.load_state_dict(torch.load(cached, map_location=args.device))
                 model.eval()
             else:
                 train(model, train_set, args.epochs, args.lr, args.seed)

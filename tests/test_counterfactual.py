@@ -168,3 +168,37 @@ def test_matching_pursuit_over_a_coarse_pixel_grid(region_data):
     # cell (0, 0) holds 36 of the region's 100 pixels, more than any other cell
     assert (cells.flatten(1).argmax(1) == 0).all(), cells
     assert (cells[:, 2:, :] == 0).all() and (cells[:, :, 2:] == 0).all(), "cells off the region stay at 0"
+
+
+def test_mask_resize_and_blur_equal_torch_ops_and_pass_gradients():
+    """The masks' upsampling and the Gaussian blur avoid the torch ops whose backward pass has no
+    deterministic CUDA kernel (bilinear ``interpolate``, reflection padding); they compute the same."""
+    import math
+
+    import torch.nn.functional as F
+
+    from xai_callbacks.attribution.counterfactual import linear_resize
+    from xai_callbacks.infill import gaussian_blur
+
+    gen = torch.Generator().manual_seed(0)
+    for shape, size in [((2, 1, 4, 4), (16, 16)), ((2, 3, 7, 9), (4, 30)), ((1, 1, 5), (17,))]:
+        m = torch.rand(shape, generator=gen, requires_grad=True)
+        mode = "bilinear" if len(size) == 2 else "linear"
+        torch.testing.assert_close(linear_resize(m, size), F.interpolate(m, size=size, mode=mode, align_corners=False))
+        w = torch.rand(shape[:2] + size, generator=gen)
+        got, = torch.autograd.grad((linear_resize(m, size) * w).sum(), m)
+        want, = torch.autograd.grad((F.interpolate(m, size=size, mode=mode, align_corners=False) * w).sum(), m)
+        torch.testing.assert_close(got, want)
+    for shape, sigma in [((2, 3, 16, 16), 1.0), ((1, 2, 3, 40), 2.0), ((2, 1, 50), 5.0), ((3, 2, 2), 1.0)]:
+        x = torch.rand(shape, generator=gen)
+        r = max(1, math.ceil(3 * sigma))
+        t = torch.arange(-r, r + 1, dtype=x.dtype)
+        k = torch.exp(-0.5 * (t / sigma) ** 2)
+        k = k / k.sum()
+        want = x
+        for d in range(2, x.dim()):   # each position axis: pad (reflect where longer than r), convolve
+            moved = want.movedim(d, -1)
+            flat = moved.reshape(-1, 1, moved.shape[-1])
+            padded = F.pad(flat, (r, r), mode="reflect" if flat.shape[-1] > r else "replicate")
+            want = F.conv1d(padded, k.view(1, 1, -1)).view(moved.shape).movedim(-1, d)
+        torch.testing.assert_close(gaussian_blur(x, sigma), want)

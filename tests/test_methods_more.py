@@ -240,6 +240,29 @@ def test_extremal_preservation_mask_finds_the_region_at_its_area():
     torch.testing.assert_close(rel, masks[:, :1, 0].expand_as(x))
 
 
+def test_extremal_mask_of_a_model_blind_to_its_input_prefers_no_place():
+    """Tied mask values share the area constraint's pull: a model that ignores its input gets a
+    uniform mask (in the sort's order of ties, 0.85 of its mass went to the bottom half of a 32x32
+    image in 50 steps), and the targets are the step at each rank where nothing is tied."""
+    from xai_callbacks.attribution.extremal import extremal_masks, rank_targets
+
+    class Blind(nn.Module):
+        def forward(self, x):
+            return torch.stack([x.sum((1, 2, 3)) * 0, x.sum((1, 2, 3)) * 0 + 1], 1)
+
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    masks = extremal_masks(Blind(), x, torch.tensor([0, 1]), areas=[0.1], steps=30)
+    spread = masks.flatten(2).amax(2) - masks.flatten(2).amin(2)
+    assert (spread < 1e-4).all(), spread
+    m = torch.rand(3, 10, generator=torch.Generator().manual_seed(1))
+    step = torch.zeros(3, 10)
+    step[:, 7:] = 1
+    targets = rank_targets(m, step)
+    assert torch.equal(targets.gather(1, m.argsort(1)), step)   # each element: the step at its rank
+    assert rank_targets(torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.1, 0.7, 0.7, 0.2]]),
+                        torch.tensor([[0.0, 0, 0, 1], [0, 0, 1, 1]])).tolist() == [[0.25] * 4, [0, 1, 1, 0]]
+
+
 def test_extremal_errors():
     model, x = RegionScore(), torch.ones(1, 1, 32, 32)
     with pytest.raises(ValueError, match=r"areas must be fractions in \(0, 1\)"):

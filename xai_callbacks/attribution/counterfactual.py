@@ -39,7 +39,18 @@ __all__ = ["meaningful_perturbation", "fido_ssr", "fido_sdr", "rde", "MaskSpace"
 _OUTPUTS = ("logit", "log_probability", "probability")
 RDE_VARIANTS = ("relaxed", "concrete", "matching_pursuit", "exhaustive")
 MAX_EXHAUSTIVE = 10     # rde variant "exhaustive" tries all 2^K masks of K <= this many entries
-_MODES = {1: "linear", 2: "bilinear"}
+def linear_resize(m: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """(B, C, *S) -> (B, C, *size), (bi)linear as ``F.interpolate(..., align_corners=False)``,
+    as one matrix product per axis: the same values, and a backward pass that is deterministic on
+    CUDA (``interpolate``'s has no deterministic kernel: a mask optimised under
+    ``Trainer(deterministic=True)`` on a GPU would raise)."""
+    for d, n in enumerate(size):
+        dim = 2 + d
+        if m.shape[dim] != n:
+            unit = torch.eye(m.shape[dim], device=m.device, dtype=m.dtype)[:, None]
+            weights = F.interpolate(unit, size=n, mode="linear", align_corners=False)[:, 0]   # (in, out)
+            m = (m.movedim(dim, -1) @ weights).movedim(-1, dim)
+    return m
 
 
 class MaskSpace:
@@ -118,7 +129,7 @@ class MaskSpace:
             size = tuple(size or self.positions)
             if tuple(m.shape[2:]) == size:
                 return m
-            return F.interpolate(m, size=size, mode=_MODES[len(size)], align_corners=False)
+            return linear_resize(m, size)
         return m
 
     def relevance(self, m: torch.Tensor) -> torch.Tensor:

@@ -11,23 +11,39 @@ their sum (``"dual"``). The mask is parameterised at ``1 / mask_step`` of the im
 Gaussian-smoothed (``smoothing``, in mask cells) and bilinearly upsampled; the removed part goes
 through any :mod:`xai_callbacks.infill` infiller (``auto``: the GAN inpainter while one trains,
 else blur). All samples and areas are optimised in one batch with Adam; the relevance is the
-mean of the masks over the areas, so what survives at small areas weighs most.
+mean of the masks over the areas, so what survives at small areas weighs most. Tied mask values
+share the area constraint's pull (:func:`rank_targets`).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 
 from . import register_method
-from .counterfactual import _OUTPUTS, _optimize
+from .counterfactual import _OUTPUTS, _optimize, linear_resize
 from ..infill import Infiller, gaussian_blur, get_infiller
 from ..scoring import target_scores
 
-__all__ = ["extremal_masks", "extremal_perturbation"]
+__all__ = ["extremal_masks", "extremal_perturbation", "rank_targets"]
 
 GAMES = ("preservation", "deletion", "dual")
+
+
+def rank_targets(m: torch.Tensor, step: torch.Tensor, tie: float = 1e-5) -> torch.Tensor:
+    """(R, n): per element of each row of ``m`` the value of ``step`` (sorted ascending) at its rank,
+    averaged over runs of values less than ``tie`` apart. ``mean((m - rank_targets(m, step))^2)``
+    is the area constraint ``mean((sort(m) - step)^2)`` with the gradient of tied elements shared:
+    a constant start or a region the model ignores is pulled alike, not in the order the sort
+    leaves ties in (or the upsampling's rounding puts them in), which put the mask of a model blind
+    to its input in one part of the image, another part on CUDA than on the CPU."""
+    v, order = m.sort(dim=1)
+    first = torch.ones_like(v, dtype=torch.bool)
+    first[:, 1:] = v[:, 1:] - v[:, :-1] > tie
+    block = first.flatten().long().cumsum(0) - 1                     # runs of tied values, row by row
+    sums = torch.zeros(block.numel(), device=m.device, dtype=step.dtype).index_add_(0, block, step.flatten())
+    mean = sums / torch.bincount(block, minlength=block.numel()).clamp_min(1)
+    return torch.empty_like(step).scatter_(1, order, mean[block].view_as(step))
 
 
 def extremal_masks(model, x, target, *, areas=(0.05, 0.1, 0.2), game: str = "preservation",
@@ -62,7 +78,7 @@ def extremal_masks(model, x, target, *, areas=(0.05, 0.1, 0.2), game: str = "pre
     def masks(p):
         if smoothing > 0:
             p = gaussian_blur(p, smoothing)
-        return F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+        return linear_resize(p, (h, w))
 
     def loss_fn(p):
         m = masks(p)
@@ -71,7 +87,8 @@ def extremal_masks(model, x, target, *, areas=(0.05, 0.1, 0.2), game: str = "pre
             reward = reward + target_scores(model(fill(x_rep, m)), target, output)
         if game in ("deletion", "dual"):
             reward = reward - target_scores(model(fill(x_rep, 1 - m)), target, output)
-        area = ((m.flatten(1).sort(dim=1).values - step_fn) ** 2).mean(1)
+        flat = m.flatten(1)
+        area = ((flat - rank_targets(flat.detach(), step_fn)) ** 2).mean(1)
         return (-reward + area_weight * area).sum()
 
     p0 = torch.full((n_areas * b, 1, -(-h // mask_step), -(-w // mask_step)), 0.5, device=x.device)

@@ -92,6 +92,17 @@ class NoiseInfiller(Infiller):
         return self.low + (self.high - self.low) * u
 
 
+def _padded(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """``x`` with ``radius`` positions added at both ends of ``dim``: reflected (as ``F.pad``'s
+    ``reflect``) where the axis is longer than ``radius``, else its end repeated. By index, since
+    the reflection's backward pass has no deterministic CUDA kernel (masks blurred inside an
+    optimisation would raise under ``Trainer(deterministic=True)`` on a GPU)."""
+    n = x.shape[dim]
+    i = torch.arange(-radius, n + radius, device=x.device)
+    i = n - 1 - (n - 1 - i.abs()).abs() if n > radius else i.clamp(0, n - 1)
+    return x.index_select(dim, i)
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur along the position axes: (H, W) of images (B, C, H, W), L of
     signals (B, C, L), F of tabular rows (B, F). Raises ValueError for other shapes."""
@@ -106,11 +117,9 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     k = k / k.sum()
     c = x.shape[1]
     if x.dim() == 3:
-        h = F.pad(x, (radius, radius), mode="reflect" if x.shape[-1] > radius else "replicate")
-        return F.conv1d(h, k.view(1, 1, -1).expand(c, 1, -1), groups=c)
-    h = F.pad(x, (radius, radius, 0, 0), mode="reflect" if x.shape[-1] > radius else "replicate")
-    h = F.conv2d(h, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    v = F.pad(h, (0, 0, radius, radius), mode="reflect" if x.shape[-2] > radius else "replicate")
+        return F.conv1d(_padded(x, radius, -1), k.view(1, 1, -1).expand(c, 1, -1), groups=c)
+    h = F.conv2d(_padded(x, radius, -1), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    v = _padded(h, radius, -2)
     return F.conv2d(v, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 

@@ -650,6 +650,12 @@ def _black(x: torch.Tensor) -> torch.Tensor:
     return x.amin(dim=(0, *range(2, x.dim())), keepdim=True)
 
 
+def _median(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t.median(dim).values`` (the lower of the two middle values) by sorting: ``torch.median``
+    along a dimension has no deterministic CUDA kernel (``Trainer(deterministic=True)`` on a GPU)."""
+    return t.sort(dim).values.select(dim, (t.shape[dim] - 1) // 2)
+
+
 def _spread(values: np.ndarray) -> float:
     """1.4826 x the median absolute deviation: the standard deviation of normal values, robustly."""
     return float(1.4826 * np.median(np.abs(values - np.median(values)))) if len(values) else 0.0
@@ -776,7 +782,7 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
         pool = rng.choice(not_c, min(2 * pastes, len(not_c)), replace=False)   # the class's partners
         partners[rows] = pool[draw(len(pool), len(rows))]
         idx = torch.from_numpy(rows).to(device)
-        reference = _distribution(heatmaps[idx], spatial).median(0).values
+        reference = _median(_distribution(heatmaps[idx], spatial), 0)
         for j, area in enumerate(areas):
             regions[j, idx] = relevance_regions(heatmaps[idx], reference, area)
         for r in rows:   # the region's place control: per partner another sample of the class
@@ -849,6 +855,6 @@ def _excess(with_own: torch.Tensor, used: np.ndarray, members: list[np.ndarray],
         low = torch.empty_like(got)
         for q in into.unique():
             low[into == q] = got[into == q].quantile(0.25)
-        out[rows] = (got - low).median(1).values.cpu().numpy()
+        out[rows] = _median(got - low, 1).cpu().numpy()
         per[rows, :m] = (got - low).cpu().numpy()
     return out, per
