@@ -131,6 +131,33 @@ def test_default_rule_without_spray_fails_at_the_end_naming_key_and_callback(tmp
     assert "NOT LOGGED (logged by SpRAyCallback)" in capsys.readouterr().out
 
 
+def test_a_key_never_logged_names_why_the_attached_callback_did_not_log_it(tmp_path, capsys, monkeypatch):
+    """SpRAyCallback attached but failing (as its causal check did under deterministic algorithms
+    on CUDA): the gate names the failure, not "attach it"; attached and well, a misspelt rule's
+    key: the gate asks whether the key is right."""
+    import xai_callbacks.callbacks.spray as spray_callback
+    from xai_callbacks import SpRAyCallback
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("median_cuda has no deterministic implementation")
+
+    data = ShortcutDigitsDataModule()
+    cb = SpRAyCallback(max_per_class=20, spray_options={"visualisation": None}, save_virelay=False)
+    monkeypatch.setattr(spray_callback, "sample_evidence", fails)
+    with pytest.raises(GateFailure, match=r"SpRAyCallback is attached but failed 1 time\(s\), the last: .*epoch 0: "
+                                          r"RuntimeError: median_cuda has no deterministic"):
+        make_trainer(tmp_path / "failed", [cb, ExplanationGate(action="raise")]).validate(module(), data)
+    assert main(["gate", str(tmp_path / "failed")]) == 1
+    assert "SpRAyCallback is attached but failed 1 time(s)" in capsys.readouterr().out
+    monkeypatch.undo()
+    cb = SpRAyCallback(max_per_class=20, spray_options={"visualisation": None}, save_virelay=False)
+    gate = ExplanationGate(rules=["spray/*/n_flaged < 1"], action="warn")
+    make_trainer(tmp_path / "typo", [cb, gate]).validate(module(), data)
+    assert cb.errors == 0 and gate.passed is False
+    assert main(["gate", str(tmp_path / "typo")]) == 1
+    assert "SpRAyCallback is attached but logged no such key (is the rule's key right?)" in capsys.readouterr().out
+
+
 def test_key_logged_only_from_a_later_epoch_is_pending_not_failed(tmp_path):
     gate = ExplanationGate(rules=["late/value > 0"], action="raise")
     trainer = make_trainer(tmp_path, [LateLogger(start=1), gate], max_epochs=2, limit_train_batches=2)

@@ -105,7 +105,7 @@ def _gate(args) -> int:
     failed = [c for c in checks if not c.passed]
     if failed:
         print(failure_block(failed, last["values"], epoch=last["epoch"], run_dir=path.parent, report=path,
-                            final=bool(report.get("final"))))
+                            final=bool(report.get("final")), callbacks=report.get("callbacks")))
     print(f"gate: {len(checks) - len(failed)} check(s) passed, {len(failed)} failed")
     return 1 if failed else 0
 

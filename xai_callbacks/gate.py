@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
 
-__all__ = ["Rule", "Check", "parse_rule", "evaluate", "context", "describe", "logged_by", "evidence",
+__all__ = ["Rule", "Check", "parse_rule", "evaluate", "context", "describe", "logged_by", "not_logged", "evidence",
            "failure_block", "read_report", "write_report", "find_report", "REPORT_NAME", "DEFAULT_RULES"]
 
 # no SpRAy strategy flagged in any class (flagged by causal evidence: removal and transfer); a failure names the class
@@ -108,6 +108,20 @@ def logged_by(key: str) -> str:
     return "the LightningModule (self.log)"
 
 
+def not_logged(key: str, callbacks: Mapping[str, Mapping] | None = None) -> str:
+    """Why a rule's ``key`` may have gone unlogged: the callback that logs it is not attached, it is
+    attached and failed (its failures and the last one's message), or it is attached and logs no
+    such key (a misspelt rule). ``callbacks``: the attached callbacks by class name, each with
+    ``errors`` and ``last_error`` (None: not known)."""
+    source = logged_by(key)
+    state = None if callbacks is None else callbacks.get(source)
+    if state is None:
+        return f"it is logged by {source}: attach it (or drop the rule)"
+    if state.get("errors"):
+        return f"{source} is attached but failed {state['errors']} time(s), the last: {state.get('last_error')}"
+    return f"{source} is attached but logged no such key (is the rule's key right?)"
+
+
 def evidence(key: str, run_dir: str | Path | None = None, epoch: int | None = None) -> list[str]:
     """Where to look at what a failed ``key`` is about: dashboard panels and files of the run."""
     parts = key.split("/")
@@ -127,9 +141,11 @@ def evidence(key: str, run_dir: str | Path | None = None, epoch: int | None = No
 
 
 def failure_block(checks: Iterable[Check], values: Mapping[str, float], *, epoch: int | None, action: str = "",
-                  run_dir: str | Path | None = None, report: str | Path | None = None, final: bool = False) -> str:
+                  run_dir: str | Path | None = None, report: str | Path | None = None, final: bool = False,
+                  callbacks: Mapping[str, Mapping] | None = None) -> str:
     """The text a failing gate prints: each failed rule with its key (for SpRAy: the class and its
-    most suspicious strategy), the value, who logs it, and where the evidence is."""
+    most suspicious strategy), the value, who logs it, and where the evidence is; for a key never
+    logged, why (:func:`not_logged`, with the run's ``callbacks``)."""
     failed = [c for c in checks if not c.passed]
     when = "at the end of the run" if final else f"at epoch {epoch}"
     lines = [f"==== xai-callbacks gate FAILED {when}: {len(failed)} check(s) ===="]
@@ -137,7 +153,7 @@ def failure_block(checks: Iterable[Check], values: Mapping[str, float], *, epoch
         lines.append(f"  rule '{c.rule}'")
         if c.value is None:
             lines.append(f"    {c.key}: never logged" + (" by the end of the run" if final else "") +
-                         f"; it is logged by {logged_by(c.key)}: attach it (or drop the rule)")
+                         f"; {not_logged(c.key, callbacks)}")
             continue
         parts = c.key.split("/")
         around = context(c.key, values)
@@ -160,15 +176,17 @@ def failure_block(checks: Iterable[Check], values: Mapping[str, float], *, epoch
 
 
 def write_report(path: str | Path, rules: Iterable[Rule | str], epochs: list[dict], final: dict | None = None,
-                 missing: str = "fail") -> Path:
+                 missing: str = "fail", callbacks: Mapping[str, Mapping] | None = None) -> Path:
     """``gate.json``: the rules, each checked epoch (values and checks), the end-of-run check
-    (``final``: rules whose key was never logged), and the verdict (fail when the last checked
-    epoch or the end-of-run check failed)."""
+    (``final``: rules whose key was never logged), the run's callbacks with their failures
+    (:func:`not_logged`), and the verdict (fail when the last checked epoch or the end-of-run check
+    failed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     last = epochs[-1] if epochs else None
     verdicts = [e["passed"] for e in ([last] if last else []) + ([final] if final else [])]
     report = {"rules": [str(parse_rule(r)) for r in rules], "missing": missing, "epochs": epochs, "final": final,
+              "callbacks": dict(callbacks or {}),
               "verdict": None if not verdicts else ("pass" if all(verdicts) else "fail")}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2))

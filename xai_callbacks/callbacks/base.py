@@ -295,6 +295,7 @@ class ExplanationCallback(pl.Callback):
         self.target = target
         self.probe_indices: list[int] | None = None
         self.errors = 0
+        self.last_error: str | None = None   # the last failure's message
         self._probe: Probe | None = None
         self.asynchronous = False  # subclasses that split their work set it from their argument
         self.deliveries = 0  # analyses delivered so far (the gate re-checks after late ones)
@@ -377,6 +378,7 @@ class ExplanationCallback(pl.Callback):
         """Warn ``"<Callback> <message>"`` and count it in :attr:`errors` (logged as ``xai/errors``):
         for a failure under ``on_error="warn"``, or a problem that skipped part of the work."""
         self.errors += 1
+        self.last_error = message
         warnings.warn(f"{type(self).__name__} {message}", UserWarning, stacklevel=3)
 
     def guarded(self, what: str, fn, *args) -> tuple[bool, Any]:

@@ -11,7 +11,7 @@ import torch
 
 from .. import sinks
 from ..gate import (DEFAULT_RULES, REPORT_NAME, Check, describe, evaluate, failure_block, logged_by,
-                    parse_rule, write_report)
+                    not_logged, parse_rule, write_report)
 from .base import on_last_epoch
 from .progress import echo
 
@@ -168,6 +168,12 @@ class ExplanationGate(pl.Callback):
                                         report=report, final=True), log, above_bar=False)
 
     @staticmethod
+    def _callbacks(trainer) -> dict[str, dict]:
+        """The attached callbacks by class name with their failures so far (why a key went unlogged)."""
+        return {type(cb).__name__: {"errors": int(getattr(cb, "errors", 0)), "last_error": getattr(cb, "last_error", None)}
+                for cb in trainer.callbacks}
+
+    @staticmethod
     def _values(trainer) -> dict[str, float]:
         return {k: float(v) for k, v in trainer.callback_metrics.items()
                 if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
@@ -179,20 +185,22 @@ class ExplanationGate(pl.Callback):
             return None
         self._run_dir = sinks.run_dir(trainer)
         path = write_report(self._run_dir / REPORT_NAME, self.rules, self.epochs, final=self.final,
-                            missing=self.missing)
+                            missing=self.missing, callbacks=self._callbacks(trainer))
         summary = {"gate/passed": self.passed is not False, "gate/epoch": trainer.current_epoch}
         summary.update({f"gate/{c.key}": c.value for c in checks if c.value is not None})
         sinks.log_summary(trainer, summary)
         return path
 
     def _fail(self, trainer, failed: list[Check], values: dict, report, final: bool) -> None:
-        reasons = "; ".join(describe(c, values) + (f" (logged by {logged_by(c.key)})" if c.value is None else "")
+        callbacks = self._callbacks(trainer)
+        reasons = "; ".join(describe(c, values) + (f" ({not_logged(c.key, callbacks)})" if c.value is None else "")
                             for c in failed) or "on another rank"
         when = "at the end of the run" if final else f"at epoch {trainer.current_epoch}"
         message = f"explanation gate failed {when}: {reasons}"
         action = "raise" if self.action == "raise" else ("" if final else self.action)
         echo(trainer, failure_block(failed, values, epoch=trainer.current_epoch, action=action,
-                                    run_dir=self._run_dir, report=report, final=final), log, above_bar=not final)
+                                    run_dir=self._run_dir, report=report, final=final, callbacks=callbacks),
+             log, above_bar=not final)
         if trainer.is_global_zero:
             self._alert(trainer, message)
         if self.action == "raise":
