@@ -6,10 +6,10 @@ patch, frame, colour, watermark, blur, noise, grey, background, caption, line, m
 edge; grey only on colour photos such as ``--photos coffee chelsea astronaut rocket``), and their
 clean controls (the same images without the shortcut: one for plain crops, one for the
 object-on-background composites); plus the digits with a stamp and their clean control.
-Architectures, trained from scratch (on ``--device``: a GPU where there is one): a small CNN (``DemoCNN``), torchvision's ResNet-18,
-VGG-11-BN (its classifier replaced by one linear layer: at 32x32 the features end at 1x1) and
-MobileNetV3-small (the calibration's, the default), and six the check was not calibrated on:
-``resnet18-cifar`` (the usual 32-pixel ResNet-18: a 3x3 stem at stride 1, no max-pool), ``vit``
+Architectures, trained from scratch (on ``--device``: a GPU where there is one): a small CNN
+(``DemoCNN``), torchvision's ResNet-18, VGG-11-BN (its classifier replaced by one linear layer: at
+32x32 the features end at 1x1) and MobileNetV3-small (the calibration's, the default), and six the
+check was not calibrated on: ``resnet18-cifar`` (the usual 32-pixel ResNet-18: a 3x3 stem at stride 1, no max-pool), ``vit``
 (a torchvision VisionTransformer of 4 layers on 4x4 patches; SpRAy explains it with AttnLRP),
 ``mlp`` (no convolution: two hidden layers of 256 and 128 ReLU units on the flattened image), and
 torchvision's ``shufflenet`` (ShuffleNetV2 x1.0), ``densenet`` (DenseNet-121) and ``efficientnet``

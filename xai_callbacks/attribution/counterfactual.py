@@ -39,6 +39,8 @@ __all__ = ["meaningful_perturbation", "fido_ssr", "fido_sdr", "rde", "MaskSpace"
 _OUTPUTS = ("logit", "log_probability", "probability")
 RDE_VARIANTS = ("relaxed", "concrete", "matching_pursuit", "exhaustive")
 MAX_EXHAUSTIVE = 10     # rde variant "exhaustive" tries all 2^K masks of K <= this many entries
+
+
 def linear_resize(m: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     """(B, C, *S) -> (B, C, *size), (bi)linear as ``F.interpolate(..., align_corners=False)``,
     as one matrix product per axis: the same values, and a backward pass that is deterministic on

@@ -170,8 +170,8 @@ class ExplanationGate(pl.Callback):
     @staticmethod
     def _callbacks(trainer) -> dict[str, dict]:
         """The attached callbacks by class name with their failures so far (why a key went unlogged)."""
-        return {type(cb).__name__: {"errors": int(getattr(cb, "errors", 0)), "last_error": getattr(cb, "last_error", None)}
-                for cb in trainer.callbacks}
+        return {type(cb).__name__: {"errors": int(getattr(cb, "errors", 0)),
+                                    "last_error": getattr(cb, "last_error", None)} for cb in trainer.callbacks}
 
     @staticmethod
     def _values(trainer) -> dict[str, float]:

@@ -33,8 +33,6 @@ samples with :func:`plant_shortcut`.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
