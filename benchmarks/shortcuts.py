@@ -36,6 +36,8 @@ For each scenario x architecture:
    and, whatever is flagged, how well the clustering isolates the shortcut samples: purity and
    recall of the shortcut class's best cluster (the one with the highest F1 for them).
 
+The run ends with a summary line over its rows (the counts of the README's tables).
+
 ``--features heatmaps concepts`` analyses each trained model twice: SpRAy on the pixel heatmaps
 and on the concept relevances of ``CONCEPT_LAYERS[arch]`` (``SpRAyCallback(features="concepts")``).
 ``--cache DIR`` keeps the trained weights, so a second run skips training. ``--photos`` takes the
@@ -271,6 +273,21 @@ def score(cb, val, shortcut: bool, model=None) -> dict:
     return out
 
 
+def summary(rows: list[dict]) -> str:
+    """One line over the printed rows: shortcut models that used their shortcut, how many of them are
+    caught (recall >= 0.9 at purity >= 0.8) and gated, clean controls that flag, and shortcut models
+    with a class flagged where nothing was planted."""
+    used = [r for r in rows if r["used"] == "yes"]
+    void = sum(r["used"] == "VOID" for r in rows)
+    controls = [r for r in rows if r["used"] == "-"]
+    caught = sum(r["recall"] >= 0.9 and r["purity"] >= 0.8 for r in used)
+    gated = sum(r["gate"] == 1 for r in used)
+    flagging = sum(r["false"] > 0 or r["gate"] != 0 for r in controls)
+    return (f"summary: {len(used)} shortcut models used their shortcut ({void} void), {caught} caught, {gated} "
+            f"gated; {flagging} of {len(controls)} clean controls flag; "
+            f"{sum(r['false'] > 0 for r in used)} shortcut models with another class flagged")
+
+
 def scenarios(kinds, base_options) -> list[tuple[str, str, str, float]]:
     """(name, base, kind, prevalence) for the requested kinds and their clean controls."""
     out = []
@@ -380,6 +397,7 @@ def main(argv=None) -> int:
                       + (f" cost x{s['cost']:.2f}" if "cost" in s else "")
                       + (f"  clusters {s.get('clusters')} max_other {s.get('max_other', 0):.2f} shape_false {s.get('shape_false', 0)}" if args.verbose else ""),
                       flush=True)
+    print(summary(rows))
     print(f"total {time.perf_counter() - t0:.0f} s")
     return 0
 
