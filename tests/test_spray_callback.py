@@ -175,10 +175,12 @@ def test_default_gate_fails_the_shortcut_demo_naming_class_and_strategy(artifact
 
 def test_too_few_and_constant_heatmaps_warn_count_and_training_goes_on(tmp_path):
     cb = SpRAyCallback(classes=[0, 1], max_per_class=8, save_virelay=False)  # k = 10 needs > 10 per class
-    trainer = make_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=2, limit_val_batches=2)
+    gate = ExplanationGate(rules=["spray/classes_skipped < 1"], action="warn")   # the classes not checked
+    trainer = make_trainer(tmp_path, [cb, gate], max_epochs=1, limit_train_batches=2, limit_val_batches=2)
     with pytest.warns(UserWarning, match=r"class 0: 8 usable heatmap\(s\), SpRAy with k=10 needs more than 10"):
         trainer.fit(small_module(), ShortcutDigitsDataModule())
     assert cb.errors == 2 and trainer.current_epoch == 1 and cb.results == {}
+    assert float(trainer.callback_metrics["spray/classes_skipped"]) == 2 and gate.passed is False
     # a model whose scores do not depend on the input: constant (zero) saliency maps
     module = small_module()
     torch.nn.init.zeros_(module.model.head[-1].weight)

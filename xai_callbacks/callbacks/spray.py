@@ -56,7 +56,8 @@ class SpRAyCallback(ExplanationCallback):
       ``spray/<class>/transfer_rate``, ``score_drop``, ``region_size`` and the class's
       ``spray/<class>/forward_passes`` (cost of the check) and ``spray/<class>/separation_ratio``
       (its best-separated group over the threshold: >= 1 flagged, below it how close it came), and
-      ``spray/suspicious_share`` (share of analysed samples in flagged clusters), logged on every
+      ``spray/suspicious_share`` (share of analysed samples in flagged clusters) and
+      ``spray/classes_skipped`` (classes not checked: too few usable heatmaps), logged on every
       rank so callbacks can monitor them;
 
     With ``features="concepts"`` SpRAy clusters each sample's *concept relevances* instead of its
@@ -76,7 +77,8 @@ class SpRAyCallback(ExplanationCallback):
     are analysed as one-channel signals, without the evidence (the check transfers parts of images
     and signals; it warns and the heatmap-shape suspicion alone flags). A class with
     too few usable heatmaps (NaN, constant, or not more than ``k``) is skipped with a warning
-    counted in ``xai/errors``. The latest delivered results stay in :attr:`results` and
+    counted in ``xai/errors``, and ``spray/classes_skipped`` counts such classes (a gate rule
+    ``spray/classes_skipped < 1`` asks for every class to be checked). The latest delivered results stay in :attr:`results` and
     :attr:`strategy_ids` (with ``asynchronous``, an epoch's results arrive at the end of the next
     validation epoch or of ``fit``; a checkpoint holds the trackers of delivered analyses).
 
@@ -360,12 +362,14 @@ class SpRAyCallback(ExplanationCallback):
             evidence, analysed = evidence
             position[analysed], inputs = np.arange(len(analysed)), data["x"][analysed]
         scalars, problems, results, rows_of, strategy_ids = {}, [], {}, {}, {}
+        skipped = 0   # classes with too few usable heatmaps: not checked (a gate rule can ask for none)
         for i, c in enumerate(classes):
             name = self.name_of(c)
             self.progress.update(advance=int(i > 0), status=f"SpRAy class {name}", total=len(classes) if i == 0 else None)
             rows, found = usable_rows(labels, usable, c, options.get("k", spray.__kwdefaults__["k"]), name)
             problems += found
             if rows is None:
+                skipped += 1
                 continue
             result = spray(data["heatmaps"][rows], masks={m: v[rows] for m, v in masks.items()} or None,
                            features=None if concepts is None else concepts[rows], n_typical=self.n_typical,
@@ -381,6 +385,7 @@ class SpRAyCallback(ExplanationCallback):
             results[c], rows_of[c], strategy_ids[c] = result, rows, ids
             scalars.update({f"spray/{name}/{k}": v for k, v in class_scalars(result, ids).items()})
             self._log_class(trainer, c, result, ids, tracker, data, rows, evidence, position, inputs)
+        scalars["spray/classes_skipped"] = float(skipped)
         if results:
             scalars["spray/suspicious_share"] = suspicious_share(list(results.values()))
         if self.save_virelay and results:
