@@ -12,7 +12,7 @@ import torch
 from .. import sinks
 from ..gate import (DEFAULT_RULES, REPORT_NAME, Check, describe, evaluate, failure_block, logged_by,
                     not_logged, parse_rule, write_report)
-from .base import on_last_epoch
+from .base import ExplanationCallback, on_last_epoch
 from .progress import echo
 
 log = logging.getLogger(__name__)
@@ -169,9 +169,10 @@ class ExplanationGate(pl.Callback):
 
     @staticmethod
     def _callbacks(trainer) -> dict[str, dict]:
-        """The attached callbacks by class name with their failures so far (why a key went unlogged)."""
-        return {type(cb).__name__: {"errors": int(getattr(cb, "errors", 0)),
-                                    "last_error": getattr(cb, "last_error", None)} for cb in trainer.callbacks}
+        """The attached callbacks by class name, the explanation callbacks with their failures so far
+        (why a key went unlogged)."""
+        return {type(cb).__name__: {"errors": int(cb.errors), "last_error": cb.last_error}
+                if isinstance(cb, ExplanationCallback) else {} for cb in trainer.callbacks}
 
     @staticmethod
     def _values(trainer) -> dict[str, float]:
