@@ -271,18 +271,19 @@ def attention_lrp(model, x, target) -> torch.Tensor:
 # token grids: Grad-CAM on vision transformers, attention rollout
 
 
-def _vision_transformer(model: nn.Module) -> tuple[nn.Module, int] | None:
-    """(network, number of tokens before the patch tokens) of a ViT in ``model``: torchvision's
+def _prefix_tokens(model: nn.Module) -> int | None:
+    """The number of tokens before the patch tokens of a ViT in ``model``: torchvision's
     ``VisionTransformer`` (a class token), or one built as timm's are (``blocks``, ``patch_embed``
-    and ``num_prefix_tokens``: a class token, DeiT's distillation token, register tokens)."""
+    and ``num_prefix_tokens``: a class token, DeiT's distillation token, register tokens); None
+    for other models (:func:`token_grid` then assumes a class token or none)."""
     from torchvision.models.vision_transformer import VisionTransformer
 
     for m in model.modules():
         if isinstance(m, VisionTransformer):
-            return m, 1
+            return 1
         if isinstance(getattr(m, "blocks", None), nn.Module) and hasattr(m, "patch_embed") \
                 and isinstance(getattr(m, "num_prefix_tokens", None), int):
-            return m, m.num_prefix_tokens
+            return m.num_prefix_tokens
     return None
 
 
@@ -310,8 +311,7 @@ def _token_layer(model: nn.Module) -> tuple[nn.Module, str, int | None] | None:
     if not blocks:
         return None
     first_norm = next(c for c in blocks[-1].children() if isinstance(c, nn.LayerNorm))
-    vit = _vision_transformer(model)
-    return first_norm, "tokens", vit[1] if vit is not None else None
+    return first_norm, "tokens", _prefix_tokens(model)
 
 
 def token_grid(act: torch.Tensor, layout: str, prefix: int | None = None) -> torch.Tensor:
@@ -435,7 +435,6 @@ def attention_rollout(model, x, target, *, residual: float = 0.5) -> torch.Tenso
         raise not_applicable(model, "attention_rollout", "no attention weights were recorded in its forward pass "
                              "(nn.MultiheadAttention or F.scaled_dot_product_attention; an attention computed as "
                              "softmax(q k^T) is not recorded: use the fused one, e.g. attn_implementation='sdpa')")
-    vit = _vision_transformer(model)
-    grid = token_grid(rollout[:, :1, :].transpose(1, 2), "tokens", vit[1] if vit is not None else None)
+    grid = token_grid(rollout[:, :1, :].transpose(1, 2), "tokens", _prefix_tokens(model))
     heat = F.interpolate(grid, size=x.shape[2:], mode="bilinear", align_corners=False)
     return heat.expand_as(x).contiguous()

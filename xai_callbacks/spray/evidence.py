@@ -716,8 +716,8 @@ def held_out_separation(per_partner: np.ndarray, min_members: int = 5, max_share
     ``per_partner`` (n, pastes) holds each sample's excess per partner. The partners are split in
     halves; the group is chosen on one half's excesses (each sample's median over those partners,
     :func:`separated_group`) and measured on the other's: the lower quartile of its members'
-    excesses above the rest's upper quartile, in units of the rest's spread plus ``floor``. The better of the two
-    directions is returned; a direction where no group qualifies counts as ``-inf``, and with one
+    excesses above the rest's upper quartile, in units of the rest's spread plus ``floor``. The
+    better of the two directions is returned; a direction where no group qualifies counts as ``-inf``, and with one
     partner (no halves) the result is ``inf`` (nothing to hold out).
 
     The top of a graded tail (the crops of a class's own photo whose border transfers a little more
@@ -855,6 +855,7 @@ def _excess(with_own: torch.Tensor, used: np.ndarray, members: list[np.ndarray],
         low = torch.empty_like(got)
         for q in into.unique():
             low[into == q] = got[into == q].quantile(0.25)
-        out[rows] = _median(got - low, 1).cpu().numpy()
-        per[rows, :m] = (got - low).cpu().numpy()
+        diff = got - low
+        out[rows] = _median(diff, 1).cpu().numpy()
+        per[rows, :m] = diff.cpu().numpy()
     return out, per
