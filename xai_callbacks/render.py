@@ -7,6 +7,8 @@ neighbour, integer factor) and laid side by side by :func:`tile_row`.
 
 >>> img = panel(x[0], relevance[0])                     # input | overlay | colour scale
 >>> row = tile_row([input_rgb(a) for a in x[:4]], gap=2)
+>>> row.shape, row.dtype                                # four 32-pixel tiles, three gaps
+((32, 134, 3), dtype('uint8'))
 """
 from __future__ import annotations
 

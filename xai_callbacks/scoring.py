@@ -14,8 +14,10 @@ batch it explains by :class:`Target`; ``select(target, rows)`` picks the targets
 (for a class-index target that is ``target[rows]``), so a stack of perturbed copies scores each
 copy against its own sample's target.
 
+>>> from xai_callbacks.attribution import explain
 >>> from xai_callbacks.scoring import Target, multilabel_target
->>> target = Target(multilabel_target(), batch=(x, y))   # sum of the logits of the positive labels
+>>> labels = torch.nn.functional.one_hot(y, 10)            # multi-hot labels, (N, classes)
+>>> target = Target(multilabel_target(), batch=(x, labels))   # sum of the logits of the positive labels
 >>> R = explain(model, x, target=target, method="saliency")
 """
 from __future__ import annotations

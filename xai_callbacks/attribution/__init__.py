@@ -6,6 +6,8 @@ Every method is registered under one name (see :func:`available_methods`) and ca
 
 >>> from xai_callbacks.attribution import explain
 >>> R = explain(model, x, target=y, method="lrp.epsilon_plus_flat")
+>>> R.shape == x.shape
+True
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ time. Every sample carries ``object_mask`` (bins where the clean note has magnit
 
 >>> train, val = make_note_spectra(n_per_class=100, shortcut_class=3, seed=0)
 >>> train.x.shape, train.class_names[3]
-(torch.Size([600, 2, 128]), 'reed')
+(torch.Size([420, 2, 128]), 'reed')
 """
 from __future__ import annotations
 

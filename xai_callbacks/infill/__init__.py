@@ -11,7 +11,9 @@ inpainter when one is handed over (``gan=``; the callbacks pass the one an
 :class:`~xai_callbacks.callbacks.inpainter.InpainterCallback` trains), blur otherwise.
 
 >>> fill = get_infiller("blur", sigma=2.0)
->>> x_removed = fill(x, keep)
+>>> x_removed = fill(x, keep)                 # keep: 1 where x stays, 0 where it is removed
+>>> torch.equal(x_removed * keep, x * keep)
+True
 """
 from __future__ import annotations
 

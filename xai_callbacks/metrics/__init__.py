@@ -8,7 +8,8 @@ infiller in it (``pixel_flipping_morf_aopc.blur2``).
 
 >>> from xai_callbacks.metrics import get_metric, available_metrics
 >>> m = get_metric("pixel_flipping", model=model, order="morf", infiller="blur")
->>> m.update(x, y, relevance); m.compute()
+>>> m.update(x, y, relevance); m.compute().shape
+torch.Size([])
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """SpRAy (spectral relevance analysis): find a class's prediction strategies by clustering heatmaps.
 
 >>> from xai_callbacks.spray import spray
->>> result = spray(heatmaps_of_one_class)          # (N, C, H, W) relevance
->>> result.n_clusters, result.labels, result.flagged
+>>> result = spray(heatmaps_of_one_class, k=5)     # (N, C, H, W) relevance
+>>> len(result.labels) == len(heatmaps_of_one_class), len(result.flagged) == result.n_clusters
+(True, True)
 
 The steps are named as in Lapuschkin et al. (2019) and CoRelAy (:mod:`.pipeline`); the
 suspicion scores are in :mod:`.suspicion`, cluster matching across epochs in :mod:`.tracking`,

@@ -83,8 +83,9 @@ class SpRAyResult:
             ValueError: when ``rows`` does not give one evidence row per sample of the result.
 
         Example:
-            >>> result = spray(heatmaps[rows]).confirm(evidence, rows, heatmaps[rows])
-            >>> result.flagged, result.evidence.transfer_rate
+            >>> result = spray(heatmaps[rows], k=5).confirm(evidence, rows, heatmaps[rows])
+            >>> result.flagged.shape == result.evidence.transfer_rate.shape == (result.n_clusters,)
+            True
         """
         from .evidence import StrategyEvidence
 

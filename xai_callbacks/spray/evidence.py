@@ -217,7 +217,11 @@ def relevance_regions(heatmaps: torch.Tensor, reference: torch.Tensor, area: flo
         ValueError: for an area outside (0, 1] or a reference of another shape.
 
     Example:
-        >>> regions = relevance_regions(heatmaps, reference=torch.zeros(32, 32), area=1 / 8)
+        >>> heat = torch.zeros(2, 32, 32)
+        >>> heat[:, :4, :4] = 1.0   # relevance in the top-left corner only
+        >>> regions = relevance_regions(heat, reference=torch.full((32, 32), 1 / 1024), area=1 / 64)
+        >>> regions.sum((1, 2)).tolist(), regions[:, :4, :4].all().item()
+        ([16, 16], True)
     """
     if not 0 < area <= 1:
         raise ValueError(f"area must be in (0, 1], got {area}")
@@ -504,8 +508,9 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
             parameters.
 
     Example:
-        >>> ev = sample_evidence(model, x, heatmaps, y)
-        >>> ev.confirmed.sum(), ev.component[ev.confirmed], ev.separation.max()
+        >>> ev = sample_evidence(model, x, heatmaps, y.numpy())
+        >>> ev.confirmed.shape == ev.excess.shape == (len(x),)
+        True
     """
     classes = np.asarray(classes).reshape(-1)
     if x.dim() not in (3, 4) or len(x) != len(classes) or len(heatmaps) != len(x):

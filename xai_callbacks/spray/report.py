@@ -5,10 +5,11 @@ strings (no Lightning, no wandb; the pictures come from :mod:`xai_callbacks.rend
 Strategies are named by their persistent ids (``ids[j]`` for cluster ``j``, from
 :class:`~xai_callbacks.spray.tracking.StrategyTracker`), samples by their dataset indices.
 
->>> rows, problems = usable_rows(labels, check_heatmaps(heatmaps), class_id=0, k=10, name="0")
->>> result = spray(heatmaps[rows])
->>> class_scalars(result, ids=[0, 1, 2])
-{'n_clusters': 3.0, 'max_suspicion': 0.41, 'n_flagged': 1.0, 'suspicious_strategy': 2.0}
+>>> from xai_callbacks.spray import check_heatmaps, spray
+>>> rows, problems = usable_rows(labels, check_heatmaps(heatmaps), class_id=0, k=5, name="0")
+>>> result = spray(heatmaps[rows], k=5)
+>>> sorted(class_scalars(result, ids=list(range(result.n_clusters))))
+['max_suspicion', 'n_clusters', 'n_flagged', 'suspicious_strategy']
 """
 from __future__ import annotations
 
