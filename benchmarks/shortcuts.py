@@ -8,13 +8,14 @@ clean controls (the same images without the shortcut: one for plain crops, one f
 object-on-background composites); plus the digits with a stamp and their clean control.
 Architectures, trained from scratch (on ``--device``: a GPU where there is one): a small CNN
 (``DemoCNN``), torchvision's ResNet-18, VGG-11-BN (its classifier replaced by one linear layer: at
-32x32 the features end at 1x1) and MobileNetV3-small (the calibration's, the default), and six the
+32x32 the features end at 1x1) and MobileNetV3-small (the calibration's, the default), and ten the
 check was not calibrated on: ``resnet18-cifar`` (the usual 32-pixel ResNet-18: a 3x3 stem at stride 1, no max-pool), ``vit``
 (a torchvision VisionTransformer of 4 layers on 4x4 patches; SpRAy explains it with AttnLRP),
 ``mlp`` (no convolution: two hidden layers of 256 and 128 ReLU units on the flattened image), and
-torchvision's ``shufflenet`` (ShuffleNetV2 x1.0), ``densenet`` (DenseNet-121) and ``efficientnet``
-(EfficientNet-B0) as they come (at 32 pixels they learn the photos poorly in a few epochs: see
-"Architectures the check never saw" in docs/shortcut-benchmark.md).
+torchvision's ``shufflenet`` (ShuffleNetV2 x1.0), ``densenet`` (DenseNet-121), ``efficientnet``
+(EfficientNet-B0), ``mobilenetv2`` (MobileNetV2), ``regnet`` (RegNetY-400MF), ``convnext``
+(ConvNeXt-T) and ``squeezenet`` (SqueezeNet 1.1) as they come (at 32 pixels they learn the photos
+poorly in a few epochs: see "Architectures the check never saw" in docs/shortcut-benchmark.md).
 
 For each scenario x architecture:
 
@@ -41,7 +42,8 @@ The run ends with a summary line over its rows (the counts of the README's table
 ``--features heatmaps concepts`` analyses each trained model twice: SpRAy on the pixel heatmaps
 and on the concept relevances of ``CONCEPT_LAYERS[arch]`` (``SpRAyCallback(features="concepts")``).
 ``--cache DIR`` keeps the trained weights, so a second run skips training. ``--photos`` takes the
-classes from other photographs (the calibration used the default four). ``--evidence-options JSON``
+classes from other photographs (the calibration used the default four). ``--stamp-side`` sets the
+side of the stamp and the tags (a share of the image side; 3/16 by default). ``--evidence-options JSON``
 replaces the callback's default ``evidence_options`` (e.g. ``'{"area": 0.125}'``: the eighth alone).
 
     nice -n 10 python benchmarks/shortcuts.py                         # everything (~25 min on 2 cores)
@@ -70,9 +72,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 os.environ.setdefault("WANDB_MODE", "offline")
 
 from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, plant_shortcut  # noqa: E402
+from xai_callbacks.data.shortcuts import STAMP_SIDE  # noqa: E402
 
-ARCHS = ("cnn", "resnet18", "vgg11", "mobilenet", "resnet18-cifar", "vit", "mlp", "shufflenet", "densenet",
-         "efficientnet")
+# torchvision models as torchvision builds them (grey inputs through a 1x1 convolution), never calibrated on
+AS_BUILT = ("shufflenet", "densenet", "efficientnet", "mobilenetv2", "regnet", "convnext", "squeezenet")
+ARCHS = ("cnn", "resnet18", "vgg11", "mobilenet", "resnet18-cifar", "vit", "mlp", *AS_BUILT)
 CALIBRATED = ARCHS[:4]   # the architectures the check's thresholds were calibrated on (the default)
 FEATURES = ("heatmaps", "concepts")
 # concept-space SpRAy: the layer whose channels are the concepts (names inside models.Classifier)
@@ -121,9 +125,11 @@ def build(arch: str, channels: int, classes: int, seed: int, size: int = 32) -> 
         if channels != 3:
             model.features[0][0] = torch.nn.Conv2d(channels, 16, 3, 2, 1, bias=False)
         return model
-    if arch in ("shufflenet", "densenet", "efficientnet"):   # as torchvision builds them; grey inputs: a 1x1 conv
+    if arch in AS_BUILT:
         make = {"shufflenet": torchvision.models.shufflenet_v2_x1_0, "densenet": torchvision.models.densenet121,
-                "efficientnet": torchvision.models.efficientnet_b0}[arch]
+                "efficientnet": torchvision.models.efficientnet_b0, "mobilenetv2": torchvision.models.mobilenet_v2,
+                "regnet": torchvision.models.regnet_y_400mf, "convnext": torchvision.models.convnext_tiny,
+                "squeezenet": torchvision.models.squeezenet1_1}[arch]
         model = make(num_classes=classes)
         return model if channels == 3 else torch.nn.Sequential(torch.nn.Conv2d(channels, 3, 1), model)
     raise ValueError(f"unknown architecture {arch!r}; valid: {ARCHS}")
@@ -162,7 +168,7 @@ def intervention(model, val) -> tuple[float, float]:
     other = val.targets != c
     x = val.clean_x[other]
     before = predict(model, x)
-    planted, _ = plant_shortcut(x, val.kind, val.object_mask[other], seed=99)
+    planted, _ = plant_shortcut(x, val.kind, val.object_mask[other], seed=99, stamp_side=val.stamp_side)
     after = predict(model, planted)
     paste = float(((before != c) & (after == c)).sum() / max(int((before != c).sum()), 1))
     has = val.has_artifact
@@ -186,7 +192,7 @@ def reliance(model, val, rows: np.ndarray, partners: int = 32, seed: int = 0) ->
         return float((predict(model, pasted) == c).float().mean())
 
     if val.kind in GLOBAL_KINDS:   # a change of the whole image: the same shift, pattern or filter
-        return np.full(len(rows), moved(plant_shortcut(into, val.kind, seed=seed)[0]))
+        return np.full(len(rows), moved(plant_shortcut(into, val.kind, seed=seed, stamp_side=val.stamp_side)[0]))
     masks = val.artifact_mask[rows]
     return np.array([moved(into * (1 - m) + val.x[i:i + 1] * m) for i, m in zip(rows, masks)])
 
@@ -314,6 +320,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ambiguity", type=float, default=0.4)
     ap.add_argument("--n-per-class", type=int, default=200)
     ap.add_argument("--size", type=int, default=32, help="side of the square images")
+    ap.add_argument("--stamp-side", type=float, default=STAMP_SIDE,
+                    help="side of the stamp and the tags, a share of the image side")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -346,6 +354,7 @@ def main(argv=None) -> int:
         try:
             train_set, val = make_shortcut_images(kind, base=base, classes=photos, n_per_class=args.n_per_class,
                                                   size=args.size, prevalence=prev, seed=args.seed,
+                                                  stamp_side=args.stamp_side,
                                                   ambiguity=args.ambiguity if base == "photos" else 0.0)
         except ValueError as err:   # e.g. grey on photos without colour
             print(f"{name:<17} skipped: {err}", flush=True)
@@ -356,6 +365,8 @@ def main(argv=None) -> int:
                           ).to(args.device)
             other = "-" + "_".join(args.photos) if args.photos and base == "photos" else ""
             other += f"-{args.size}px" if args.size != 32 else ""
+            small = args.stamp_side != STAMP_SIDE and kind in ("stamp", "tags") and prev > 0
+            other += f"-side{args.stamp_side:g}" if small else ""
             cached = args.cache and os.path.join(args.cache, f"{name}{other}-{arch}-p{prev}-a{args.ambiguity}"
                                                              f"-n{args.n_per_class}-e{args.epochs}-lr{args.lr}"
                                                              f"-s{args.seed}.pt")

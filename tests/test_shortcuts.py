@@ -123,6 +123,20 @@ def test_the_kinds_not_calibrated_on_plant_where_they_say():
     assert (edge[:, :, :, :3] == 0.5).all() and (edge[:, :, :, 3:] == 0).all() and m_edge.sum() == 2 * 96
 
 
+def test_the_stamp_side_sets_the_stamp_and_the_tags_and_the_datasets_keep_it():
+    x = torch.full((4, 3, 32, 32), 0.5)
+    for side, pixels in ((3 / 16, 6), (1 / 8, 4), (1 / 64, 2)):   # at least 2 pixels
+        _, mask = plant_shortcut(x, "stamp", stamp_side=side)
+        assert torch.equal(mask[:, 0, 1:1 + pixels, 1:1 + pixels], torch.ones(4, pixels, pixels))
+        assert mask.sum() == 4 * pixels ** 2
+        _, tags = plant_shortcut(x, "tags", seed=1, stamp_side=side)
+        assert (tags.flatten(1).sum(1) == pixels ** 2).all()
+    _, val = make_shortcut_images("stamp", n_per_class=20, prevalence=0.5, seed=1, stamp_side=1 / 8)
+    assert val.stamp_side == 1 / 8 and val.artifact_mask[val.has_artifact].flatten(1).sum(1).eq(16).all()
+    with pytest.raises(ValueError, match=r"stamp_side must be in \(0, 0.5\).*got 0.5"):
+        plant_shortcut(x, "stamp", stamp_side=0.5)
+
+
 def test_regions_follow_what_a_heatmap_adds_over_its_class():
     # every map shares a top-left bias; the second also has a spot at the bottom right
     h = torch.zeros(2, 1, 16, 16)

@@ -6,7 +6,8 @@ A shortcut (Clever-Hans cue) is planted on a share (``prevalence``) of one class
 training and validation alike; ``prevalence=0`` gives the clean control (the same images, no
 shortcut). The kinds (:data:`SHORTCUT_KINDS`):
 
-* ``stamp``: a small coloured checker at one fixed position (top left);
+* ``stamp``: a small coloured checker at one fixed position (top left; its side ``stamp_side``,
+  :data:`STAMP_SIDE` of the image side by default);
 * ``tags``: the same checker at one of the four corners, drawn per sample;
 * ``patch``: a patch of a stripe texture (random phase) at a random position;
 * ``frame``: a coloured border around the image;
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from ..infill import gaussian_blur
 from . import ShortcutDigits, check_split
 
-__all__ = ["SHORTCUT_KINDS", "PHOTO_CLASSES", "BACKGROUND_POOL", "ShortcutImages", "make_shortcut_images",
+__all__ = ["SHORTCUT_KINDS", "PHOTO_CLASSES", "BACKGROUND_POOL", "STAMP_SIDE", "ShortcutImages", "make_shortcut_images",
            "plant_shortcut", "photo_crops"]
 
 SHORTCUT_KINDS = ("stamp", "tags", "patch", "frame", "colour", "watermark", "blur", "noise", "grey", "background",
@@ -48,6 +49,8 @@ SHORTCUT_KINDS = ("stamp", "tags", "patch", "frame", "colour", "watermark", "blu
 PHOTO_CLASSES = ("brick", "grass", "gravel", "moon", "coffee", "chelsea", "astronaut", "rocket")
 BACKGROUND_POOL = ("camera", "page", "text", "clock", "coins")
 SHORTCUT_BACKGROUND = "immunohistochemistry"
+#: The default side of the ``stamp`` and the ``tags``, a share of the image side (6 pixels at 32).
+STAMP_SIDE = 3 / 16
 _STAMP_COLOUR = (1.0, 0.1, 0.1)
 _FRAME_COLOUR = (0.1, 0.9, 1.0)
 _COLOUR_SHIFT = (0.15, 0.0, -0.15)
@@ -65,13 +68,14 @@ class ShortcutImages(ShortcutDigits):
     """Tensors of a shortcut scenario (items: dicts ``x, y, object_mask, artifact_mask, index``).
 
     Attributes beyond :class:`~xai_callbacks.data.ShortcutDigits`: ``clean_x`` (the same images
-    without the shortcut), ``kind``, ``shortcut_class``, ``prevalence``.
+    without the shortcut), ``kind``, ``shortcut_class``, ``prevalence``, ``stamp_side``.
     """
 
     def __init__(self, x, y, object_mask, artifact_mask, clean_x, kind: str, shortcut_class: int | None,
-                 prevalence: float):
+                 prevalence: float, stamp_side: float = STAMP_SIDE):
         super().__init__(x, y, object_mask, artifact_mask)
         self.clean_x, self.kind, self.shortcut_class, self.prevalence = clean_x, kind, shortcut_class, prevalence
+        self.stamp_side = stamp_side
 
 
 def _photo(name: str) -> torch.Tensor:
@@ -127,8 +131,8 @@ def _checker(side: int, channels: int) -> torch.Tensor:
     return board * colour + (1 - board) * (1 - colour)
 
 
-def plant_shortcut(x: torch.Tensor, kind: str, object_mask: torch.Tensor | None = None, seed: int = 0
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def plant_shortcut(x: torch.Tensor, kind: str, object_mask: torch.Tensor | None = None, seed: int = 0,
+                   stamp_side: float = STAMP_SIDE) -> tuple[torch.Tensor, torch.Tensor]:
     """Plant the shortcut ``kind`` on images ``x``; returns the images and the artifact masks.
 
     Args:
@@ -137,20 +141,24 @@ def plant_shortcut(x: torch.Tensor, kind: str, object_mask: torch.Tensor | None 
         object_mask: (N, 1, H, W) the object's disc, needed for ``background`` (everything else
             becomes the shortcut background).
         seed: seeds the per-sample draws (positions, phases, background crops).
+        stamp_side: the side of the ``stamp`` and the ``tags`` as a share of the image side (at least
+            2 pixels), in (0, 0.5).
 
     Raises:
-        ValueError: for an unknown kind, a missing object mask, images that are not square, or
-            ``grey`` on images that are not RGB.
+        ValueError: for an unknown kind, a missing object mask, images that are not square, a
+            ``stamp_side`` outside (0, 0.5), or ``grey`` on images that are not RGB.
     """
     if kind not in SHORTCUT_KINDS:
         raise ValueError(f"unknown shortcut kind {kind!r}; valid: {SHORTCUT_KINDS}")
+    if not 0 < stamp_side < 0.5:
+        raise ValueError(f"stamp_side must be in (0, 0.5) (a share of the image side), got {stamp_side}")
     n, c, h, w = x.shape
     if h != w:
         raise ValueError(f"shortcut images must be square, got {h}x{w}")
     rng = np.random.default_rng(seed)
     x, mask = x.clone(), torch.zeros(n, 1, h, w)
     if kind in ("stamp", "tags"):
-        side = max(3, round(3 * h / 16))
+        side = max(2, round(stamp_side * h))
         stamp = _checker(side, c)
         corners = [(1, 1), (1, w - side - 1), (h - side - 1, 1), (h - side - 1, w - side - 1)]
         where = np.zeros(n, int) if kind == "stamp" else rng.integers(0, 4, n)
@@ -244,8 +252,8 @@ def _digits(classes: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_shortcut_images(kind: str = "stamp", base: str = "photos", classes: int | tuple[str, ...] = 4,
                          size: int = 32, n_per_class: int = 300, shortcut_class: int = 0,
-                         prevalence: float = 0.3, ambiguity: float = 0.0, val_fraction: float = 0.3, seed: int = 0
-                         ) -> tuple[ShortcutImages, ShortcutImages]:
+                         prevalence: float = 0.3, ambiguity: float = 0.0, val_fraction: float = 0.3, seed: int = 0,
+                         stamp_side: float = STAMP_SIDE) -> tuple[ShortcutImages, ShortcutImages]:
     """Train and validation splits of one shortcut scenario (``prevalence=0``: its clean control).
 
     Args:
@@ -263,9 +271,10 @@ def make_shortcut_images(kind: str = "stamp", base: str = "photos", classes: int
             as in real data, and a shortcut becomes worth learning (photos only).
         val_fraction: share of each class held out for validation.
         seed: seeds crops, split, the choice of shortcut samples and the shortcut's draws.
+        stamp_side: the side of the ``stamp`` and the ``tags`` (see :func:`plant_shortcut`).
 
     Raises:
-        ValueError: for an unknown kind or base, a bad class count, prevalence or fraction.
+        ValueError: for an unknown kind or base, a bad class count, prevalence, fraction or stamp side.
     """
     if kind not in SHORTCUT_KINDS:
         raise ValueError(f"unknown shortcut kind {kind!r}; valid: {SHORTCUT_KINDS}")
@@ -315,12 +324,12 @@ def make_shortcut_images(kind: str = "stamp", base: str = "photos", classes: int
         is_val[idx[:n_val]] = True
         if c == shortcut_class and prevalence > 0:
             marked = np.concatenate([s[: int(round(prevalence * len(s)))] for s in (idx[:n_val], idx[n_val:])])
-            planted, m = plant_shortcut(x[marked], kind, object_mask[marked], seed=seed + 1)
+            planted, m = plant_shortcut(x[marked], kind, object_mask[marked], seed=seed + 1, stamp_side=stamp_side)
             x[marked], artifact_mask[marked] = planted, m
     object_mask = object_mask * (1 - artifact_mask)
 
     def split(sel):
         return ShortcutImages(x[sel], y[sel], object_mask[sel], artifact_mask[sel], clean_x[sel], kind,
-                              shortcut_class if prevalence > 0 else None, prevalence)
+                              shortcut_class if prevalence > 0 else None, prevalence, stamp_side)
 
     return split(~is_val), split(is_val)
