@@ -325,8 +325,9 @@ class SpRAyCallback(ExplanationCallback):
         if self._rows:
             warnings.warn("SpRAyCallback: the causal check transfers parts of images (N, C, H, W) or signals "
                           "(N, C, L) into other samples, not of token ids or tabular rows (N, L), so the "
-                          "heatmap-shape suspicion alone flags strategies (evidence=False says so without this "
-                          "warning)", stacklevel=2)
+                          "heatmap-shape suspicion alone flags strategies; it caught none of the shortcuts planted "
+                          "in token and tabular test sets, so a gate that passes says nothing about shortcuts here "
+                          "(evidence=False says so without this warning)", stacklevel=2)
             return None
         labels, classes, usable = self._usable(data)
         rows = np.flatnonzero(usable & np.isin(labels, classes))
