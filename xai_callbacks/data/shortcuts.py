@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from ..infill import gaussian_blur
 from . import ShortcutDigits, check_split
 
-__all__ = ["SHORTCUT_KINDS", "PHOTO_CLASSES", "BACKGROUND_POOL", "STAMP_SIDE", "ShortcutImages", "make_shortcut_images",
-           "plant_shortcut", "photo_crops"]
+__all__ = ["SHORTCUT_KINDS", "PHOTO_CLASSES", "BACKGROUND_POOL", "STAMP_SIDE", "ShortcutImages",
+           "make_shortcut_images", "plant_shortcut", "photo_crops"]
 
 SHORTCUT_KINDS = ("stamp", "tags", "patch", "frame", "colour", "watermark", "blur", "noise", "grey", "background",
                   "caption", "line", "marker", "vignette", "edge")
