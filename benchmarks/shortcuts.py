@@ -344,7 +344,7 @@ def main(argv=None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     rows = []
-    head = (f"{'scenario':<17} {'arch':<9} {'features':<8} {'acc':>5} {'paste':>5} {'remov':>5} {'used':>5} {'recall':>6} "
+    head = (f"{'scenario':<17} {'arch':<11} {'features':<8} {'acc':>5} {'paste':>5} {'remov':>5} {'used':>5} {'recall':>6} "
             f"{'relied':>9} {'purity':>6} {'flag':>4} {'false':>5} {'auc':>5} {'gate':>4} {'fwd/smp':>7} {'s':>5} {'best_p':>6} {'best_r':>6} "
             f"{'sep0':>5} {'sep_rest':>8}")
     print(head, flush=True)
@@ -385,7 +385,7 @@ def main(argv=None) -> int:
             for features in args.features:
                 layer = CONCEPT_LAYERS.get(arch) if features == "concepts" else None
                 if features == "concepts" and layer is None:
-                    print(f"{name:<17} {arch:<9} concepts skipped: no concept layer for {arch}", flush=True)
+                    print(f"{name:<17} {arch:<11} concepts skipped: no concept layer for {arch}", flush=True)
                     continue
                 with tempfile.TemporaryDirectory() as folder:
                     res = analyse(model, val, folder, concept_layer=layer, evidence_options=args.evidence_options)
@@ -399,7 +399,7 @@ def main(argv=None) -> int:
                            used=("yes" if used else "VOID") if shortcut else "-", gate=res["gate"],
                            seconds=time.perf_counter() - start, **s)
                 rows.append(row)
-                print(f"{name:<17} {arch:<9} {features:<8} {acc:5.2f} {paste:5.2f} {removal:5.2f} {row['used']:>5} "
+                print(f"{name:<17} {arch:<11} {features:<8} {acc:5.2f} {paste:5.2f} {removal:5.2f} {row['used']:>5} "
                       f"{s['recall']:6.2f} {s['recall_relied']:4.2f}/{s['relied']:<4d} {s['purity']:6.2f} "
                       f"{s['flagged']:4d} {s['false']:5d} {s['auc']:5.2f} "
                       f"{res['gate']:4d} {s['passes'] / s['n']:7.1f} {row['seconds']:5.0f} "
