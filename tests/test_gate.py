@@ -194,3 +194,23 @@ def test_failure_block_is_printed_above_the_progress_bar(tmp_path, capsys, caplo
     assert line.lstrip().startswith("==== xai-callbacks gate FAILED at epoch 0")
     (record,) = [r for r in caplog.records if "gate FAILED" in r.getMessage()]
     assert "at the end of the run" in record.getMessage() and record.name == "xai_callbacks.callbacks.gate"
+
+
+def test_a_model_with_the_same_output_for_every_input_fails_the_gate_saying_so(tmp_path, capsys):
+    """A dead network (SqueezeNet 1.1 trained on small crops ended so: a ReLU after its last layer,
+    0 everywhere): no heatmap can be analysed, SpRAy logs nothing, and the gate's message names the
+    model's constant output rather than only the skipped classes."""
+    from xai_callbacks import SpRAyCallback
+
+    torch.manual_seed(0)
+    dead = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 10), torch.nn.ReLU())
+    with torch.no_grad():
+        dead[1].bias.fill_(-1e3)   # every logit 0 after the ReLU
+    cb = SpRAyCallback(max_per_class=20, spray_options={"visualisation": None}, save_virelay=False)
+    with pytest.raises(GateFailure, match=r"spray/\*/n_flagged = not logged .*SpRAyCallback is attached but failed "
+                                          r"\d+ time\(s\), the last: at epoch 0: the model gives all 200 analysed "
+                                          r"samples the same output"):
+        make_trainer(tmp_path, [cb, ExplanationGate(action="raise")]).validate(Classifier(dead),
+                                                                               ShortcutDigitsDataModule())
+    assert cb.errors > 10   # each class skipped, and the model's output
+    assert main(["gate", str(tmp_path)]) == 1 and "the same output" in capsys.readouterr().out

@@ -78,9 +78,11 @@ class SpRAyCallback(ExplanationCallback):
     and signals; it warns and the heatmap-shape suspicion alone flags). A class with
     too few usable heatmaps (NaN, constant, or not more than ``k``) is skipped with a warning
     counted in ``xai/errors``, and ``spray/classes_skipped`` counts such classes (a gate rule
-    ``spray/classes_skipped < 1`` asks for every class to be checked). The latest delivered results stay in :attr:`results` and
-    :attr:`strategy_ids` (with ``asynchronous``, an epoch's results arrive at the end of the next
-    validation epoch or of ``fit``; a checkpoint holds the trackers of delivered analyses).
+    ``spray/classes_skipped < 1`` asks for every class to be checked); a model that gives every
+    analysed sample the same output (a dead network) is named as the cause, last (the gate shows the
+    last failure). The latest delivered results stay in :attr:`results` and :attr:`strategy_ids`
+    (with ``asynchronous``, an epoch's results arrive at the end of the next validation epoch or of
+    ``fit``; a checkpoint holds the trackers of delivered analyses).
 
     Args:
         method: attribution method (see ``xai_callbacks.attribution.available_methods``); None:
@@ -387,6 +389,11 @@ class SpRAyCallback(ExplanationCallback):
             scalars.update({f"spray/{name}/{k}": v for k, v in class_scalars(result, ids).items()})
             self._log_class(trainer, c, result, ids, tracker, data, rows, evidence, position, inputs)
         scalars["spray/classes_skipped"] = float(skipped)
+        scores = data["scores"]
+        if len(scores) > 1 and bool((scores == scores[:1]).all()):   # said last: the gate shows the last failure
+            problems.append(f"the model gives all {len(scores)} analysed samples the same output, so no heatmap can "
+                            "show how it decides (a dead model? e.g. a ReLU after its last layer that is 0 "
+                            "everywhere)")
         if results:
             scalars["spray/suspicious_share"] = suspicious_share(list(results.values()))
         if self.save_virelay and results:
