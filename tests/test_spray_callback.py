@@ -189,7 +189,8 @@ def test_too_few_and_constant_heatmaps_warn_count_and_training_goes_on(tmp_path)
         warnings.simplefilter("always")
         make_trainer(tmp_path, [cb]).validate(module, ShortcutDigitsDataModule())
     text = " ".join(str(w.message) for w in caught)
-    assert "class 3: 20 heatmap(s) are NaN / inf or constant and were left out" in text and cb.errors == 2
+    assert "class 3: 20 heatmap(s) are NaN / inf or constant and were left out" in text and cb.errors == 3
+    assert "the model gives all 20 analysed samples the same output" in text   # its logits are its bias
     # none usable: the advice names the unusable heatmaps
     assert "class 3: 0 usable heatmap(s), SpRAy with k=10 needs more than 10; skipped (raise max_per_class or " \
            "lower spray_options['k']; for the NaN / constant ones try another method" in text
