@@ -192,7 +192,7 @@ def reliance(model, val, rows: np.ndarray, partners: int = 32, seed: int = 0) ->
         return float((predict(model, pasted) == c).float().mean())
 
     if val.kind in GLOBAL_KINDS:   # a change of the whole image: the same shift, pattern or filter
-        return np.full(len(rows), moved(plant_shortcut(into, val.kind, seed=seed, stamp_side=val.stamp_side)[0]))
+        return np.full(len(rows), moved(plant_shortcut(into, val.kind, seed=seed)[0]))
     masks = val.artifact_mask[rows]
     return np.array([moved(into * (1 - m) + val.x[i:i + 1] * m) for i, m in zip(rows, masks)])
 
