@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics import adjusted_rand_score, roc_auc_score
 
 from xai_callbacks.spray import (StrategyTracker, affinity, check_heatmaps, eigengap, laplacian, mask_shares,
-                                 preprocess, spectral_embedding, spray, write_virelay)
+                                 preprocess, relevance_distribution, spectral_embedding, spray, write_virelay)
 from xai_callbacks.spray.pipeline import knn
 
 
@@ -177,13 +177,15 @@ def test_suspicion_flags_nothing_without_artifact():
 
 
 def test_mask_shares_analytic():
-    h = np.zeros((2, 1, 4, 4), np.float32)
+    h = np.zeros((3, 1, 4, 4), np.float32)
     h[0, 0, 0, 0], h[0, 0, 3, 3], h[0, 0, 1, 1] = 3.0, 1.0, -5.0  # negative relevance is ignored
     h[1, 0, 2, 2] = 2.0
-    m = np.zeros((2, 4, 4))
+    h[2, 0, 0, 0], h[2, 0, 2, 2] = -3.0, -1.0   # none positive: where |R| is (as relevance_distribution)
+    m = np.zeros((3, 4, 4))
     m[:, 0, 0] = 1
     s = mask_shares(h, {"a": m})["a"]
-    np.testing.assert_allclose(s, [0.75, 0.0])
+    np.testing.assert_allclose(s, [0.75, 0.0, 0.75])
+    np.testing.assert_allclose(relevance_distribution(h[2:], grid=4)[0, 0], 0.75)
     with pytest.raises(ValueError, match="mask 'a' has shape"):
         mask_shares(h, {"a": m[:, :2]})
 

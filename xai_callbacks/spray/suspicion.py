@@ -21,7 +21,8 @@ grid**2`` the share of a uniform map per cell:
   - ``share_c``: the cluster's share of the class (a small cluster is more suspicious).
 
 A cluster is *flagged* when ``S_c >= threshold``. When masks are given, :func:`mask_shares`
-reports the share of positive relevance on each mask (e.g. object and artifact).
+reports the share of positive relevance on each mask (e.g. object and artifact; ``|R|`` where a
+heatmap has none, as for ``P_i``).
 """
 from __future__ import annotations
 
@@ -106,7 +107,10 @@ def cluster_suspicion(dist: np.ndarray, labels: np.ndarray) -> dict[str, np.ndar
 
 
 def mask_shares(heatmaps, masks: dict[str, object]) -> dict[str, np.ndarray]:
-    """Share of each heatmap's positive relevance on each mask: ``{name: (N,) array}``.
+    """Share of each heatmap's positive relevance on each mask: ``{name: (N,) array}``; ``|R|``
+    for a heatmap with no positive relevance (:func:`positive_part`), as the relevance
+    distributions do (an explanation of a class the model does not give, all negative where it
+    is, still shows where it looks).
 
     Args:
         heatmaps: (N, C, H, W) or (N, H, W) relevance.
@@ -116,7 +120,7 @@ def mask_shares(heatmaps, masks: dict[str, object]) -> dict[str, np.ndarray]:
     h = as_array(heatmaps).astype(np.float64)
     if h.ndim == 3:
         h = h[:, None]
-    pos = np.clip(h.sum(1), 0, None)
+    pos = positive_part(h.sum(1))
     total = np.maximum(pos.reshape(len(pos), -1).sum(1), 1e-30)
     shares = {}
     for name, m in masks.items():
