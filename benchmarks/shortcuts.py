@@ -3,8 +3,8 @@
 Scenarios (``xai_callbacks.data.make_shortcut_images``): crops of real photographs from scikit-image
 (4 classes, 32x32 RGB) with a shortcut on ``--prevalence`` of class 0, one per kind (stamp, tags,
 patch, frame, colour, watermark, blur, noise, grey, background, caption, line, marker, vignette,
-edge; grey only on colour photos such as ``--photos coffee chelsea astronaut rocket``), and their
-clean controls (the same images without the shortcut: one for plain crops, one for the
+edge, logo; grey only on colour photos such as ``--photos coffee chelsea astronaut rocket``), and
+their clean controls (the same images without the shortcut: one for plain crops, one for the
 object-on-background composites); plus the digits with a stamp and their clean control.
 Architectures, trained from scratch (on ``--device``: a GPU where there is one): a small CNN
 (``DemoCNN``), torchvision's ResNet-18, VGG-11-BN (its classifier replaced by one linear layer: at

@@ -121,6 +121,12 @@ def test_the_kinds_not_calibrated_on_plant_where_they_say():
     assert (m_vignette == 1).all() and vignette[0, 0, 0, 0] < 0.25 and vignette[0, 0, 16, 16] > 0.49
     edge, m_edge = plant_shortcut(torch.zeros(2, 1, 32, 32), "edge")
     assert (edge[:, :, :, :3] == 0.5).all() and (edge[:, :, :, 3:] == 0).all() and m_edge.sum() == 2 * 96
+    logo, m_logo = plant_shortcut(x, "logo")   # a quarter of the side, top right, one pixel in
+    assert torch.equal(m_logo[:, 0, 1:9, 23:31], torch.ones(6, 8, 8)) and m_logo.sum() == 6 * 64
+    assert torch.equal(logo[0], logo[5]) and (logo[0, :, 1:9, 23:31] - 0.5).abs().amax() > 0.3
+    assert torch.equal(logo * (1 - m_logo), x * (1 - m_logo))   # nothing else changed
+    grey, _ = plant_shortcut(torch.full((1, 1, 64, 64), 0.5), "logo")
+    assert grey[0, 0, 1:17, 47:63].std() > 0.1   # the logo's brightness on one-channel images
 
 
 def test_the_stamp_side_sets_the_stamp_and_the_tags_and_the_datasets_keep_it():

@@ -25,7 +25,10 @@ shortcut). The kinds (:data:`SHORTCUT_KINDS`):
 * ``line``: a thin magenta line across the image at a random row (a scanner's line);
 * ``marker``: a yellow disc at a random place (a sticker, a marker pen);
 * ``vignette``: the corners darkened (a lens);
-* ``edge``: a grey bar along the left edge (a film or scanner border).
+* ``edge``: a grey bar along the left edge (a film or scanner border);
+* ``logo``: scikit-image's logo (on its white square), a quarter of the image side, in the top
+  right corner (a broadcaster's or an archive's logo: a real graphic, smooth and colourful, unlike
+  the checker).
 
 Every dataset keeps, per sample, the object mask, the artifact mask (where the shortcut is; the
 whole image for global kinds), and the same image without its shortcut (``clean_x``), so a
@@ -45,7 +48,7 @@ __all__ = ["SHORTCUT_KINDS", "PHOTO_CLASSES", "BACKGROUND_POOL", "STAMP_SIDE", "
            "make_shortcut_images", "plant_shortcut", "photo_crops"]
 
 SHORTCUT_KINDS = ("stamp", "tags", "patch", "frame", "colour", "watermark", "blur", "noise", "grey", "background",
-                  "caption", "line", "marker", "vignette", "edge")
+                  "caption", "line", "marker", "vignette", "edge", "logo")
 PHOTO_CLASSES = ("brick", "grass", "gravel", "moon", "coffee", "chelsea", "astronaut", "rocket")
 BACKGROUND_POOL = ("camera", "page", "text", "clock", "coins")
 SHORTCUT_BACKGROUND = "immunohistochemistry"
@@ -223,6 +226,10 @@ def plant_shortcut(x: torch.Tensor, kind: str, object_mask: torch.Tensor | None 
     elif kind == "edge":
         t = max(2, h // 10)
         x[:, :, :, :t], mask[:, :, :, :t] = 0.5, 1
+    elif kind == "logo":
+        side = max(4, h // 4)
+        x[:, :, 1:1 + side, w - side - 1:w - 1] = _logo(side, c)
+        mask[:, :, 1:1 + side, w - side - 1:w - 1] = 1
     else:  # background
         if object_mask is None:
             raise ValueError("the 'background' shortcut needs object_mask (N, 1, H, W): the object's disc")
@@ -232,6 +239,16 @@ def plant_shortcut(x: torch.Tensor, kind: str, object_mask: torch.Tensor | None 
         mask = 1 - object_mask.float()
         x = x * object_mask + background * mask
     return x.clamp(0, 1), mask
+
+
+def _logo(side: int, channels: int) -> torch.Tensor:
+    """(channels, side, side) in [0, 1]: ``skimage.data.logo()`` (opaque, on white) at ``side``
+    pixels, its channels' mean on one-channel images."""
+    import skimage.data
+
+    rgb = torch.tensor(np.asarray(skimage.data.logo())[..., :3], dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
+    rgb = F.interpolate(rgb, size=(side, side), mode="area")[0]
+    return rgb if channels == 3 else rgb.mean(0, keepdim=True)
 
 
 def _disc(size: int, radius: float) -> torch.Tensor:
