@@ -109,8 +109,8 @@ def cluster_suspicion(dist: np.ndarray, labels: np.ndarray) -> dict[str, np.ndar
 def mask_shares(heatmaps, masks: dict[str, object]) -> dict[str, np.ndarray]:
     """Share of each heatmap's positive relevance on each mask: ``{name: (N,) array}``; ``|R|``
     for a heatmap with no positive relevance (:func:`positive_part`), as the relevance
-    distributions do (an explanation of a class the model does not give, all negative where it
-    is, still shows where it looks).
+    distributions do: the explanation of a class the model does not give may be negative
+    everywhere and still shows where the model looks.
 
     Args:
         heatmaps: (N, C, H, W) or (N, H, W) relevance.
