@@ -291,7 +291,8 @@ def make_shortcut_images(kind: str = "stamp", base: str = "photos", classes: int
         stamp_side: the side of the ``stamp`` and the ``tags`` (see :func:`plant_shortcut`).
 
     Raises:
-        ValueError: for an unknown kind or base, a bad class count, prevalence, fraction or stamp side.
+        ValueError: for an unknown kind or base, a bad class count, prevalence or fraction, or a bad
+            stamp side where a shortcut is planted (``prevalence > 0``).
     """
     if kind not in SHORTCUT_KINDS:
         raise ValueError(f"unknown shortcut kind {kind!r}; valid: {SHORTCUT_KINDS}")

@@ -722,8 +722,8 @@ def held_out_separation(per_partner: np.ndarray, min_members: int = 5, max_share
     halves; the group is chosen on one half's excesses (each sample's median over those partners,
     :func:`separated_group`) and measured on the other's: the lower quartile of its members'
     excesses above the rest's upper quartile, in units of the rest's spread plus ``floor``. The
-    better of the two directions is returned; a direction where no group qualifies counts as ``-inf``, and with one
-    partner (no halves) the result is ``inf`` (nothing to hold out).
+    better of the two directions is returned; a direction where no group qualifies counts as
+    ``-inf``, and with one partner (no halves) the result is ``inf`` (nothing to hold out).
 
     The top of a graded tail (the crops of a class's own photo whose border transfers a little more
     than the rest) stands apart where one draw of partners happens to leave a gap; chosen anew on
