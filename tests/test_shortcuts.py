@@ -191,13 +191,13 @@ def test_evidence_on_an_analytic_shortcut_model(monkeypatch):
     # border, the checks whose stage-one group comes near a confirmed one; 8 class mates' content
     # through its region and its border only for the 8 samples whose excess reaches the rise (no
     # other can be confirmed); the controls (the class's other samples in the same partners) cost
-    # nothing more
-    assert ev.forward_passes == 2 * 40 + 3 * 40 * 4 + 40 * 2 + 2 * 20 * 4 + 2 * 8 * 8
-    # counted per sample: the 8 corners 40 each, the rest of class 1 24, class 0 16; a strategy sums its members'
-    assert ev.passes.tolist() == [40] * 8 + [24] * 12 + [16] * 20
+    # nothing more; class 1, with a confirmed region group, searched for its members' corner (8 each)
+    assert ev.forward_passes == 2 * 40 + 3 * 40 * 4 + 40 * 2 + 2 * 20 * 4 + 2 * 8 * 8 + 20 * 8
+    # counted per sample: the 8 corners 48 each, the rest of class 1 32, class 0 16; a strategy sums its members'
+    assert ev.passes.tolist() == [48] * 8 + [32] * 12 + [16] * 20
     # measuring every check with all 8 pastes decides the same, at 8 transfers per check
     full = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16, screen=0)
-    assert full.forward_passes == 2 * 40 + 4 * 40 * 8 + 2 * 8 * 8
+    assert full.forward_passes == 2 * 40 + 4 * 40 * 8 + 2 * 8 * 8 + 20 * 8
     assert full.confirmed.tolist() == shortcut.tolist() and np.array_equal(full.excess[:8], ev.excess[:8])
     # the model's probabilities, where the caller has them, spare the first pass and decide the same
     given = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16,
@@ -233,6 +233,44 @@ def test_evidence_on_an_analytic_shortcut_model(monkeypatch):
     with pytest.raises(ValueError, match="one heatmap and one class per sample"):
         sample_evidence(_Detector(), x, heat[:10], classes)
 
+
+
+class _TwoCorners(torch.nn.Module):
+    """Class 1 when the top-left 4x4 corner is bright; a bright bottom-right corner counts far less
+    (alone it gives class 1 a probability of 0.15), as ResNet-18 reads the bottom right of a small input."""
+
+    def forward(self, x):
+        top_left, bottom_right = x[:, :, :4, :4].mean((1, 2, 3)), x[:, :, -4:, -4:].mean((1, 2, 3))
+        logit = 40 * (top_left - 0.5) + 20 * (bottom_right - 0.5) + 0.3
+        return torch.stack([torch.zeros_like(logit), logit], 1)
+
+
+def test_the_search_finds_the_members_content_where_the_model_reads_it_weakly():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(70, 1, 16, 16, generator=gen) * 0.4
+    classes = np.array([1] * 40 + [0] * 30)
+    x[:8, :, :4, :4] = 1.0      # 8 samples of class 1 carry the mark at the top left ...
+    x[8:14, :, -4:, -4:] = 1.0  # ... 6 at the bottom right, where it moves a partner by 0.15 only
+    heat = torch.rand(70, 1, 16, 16, generator=gen) * 0.1
+    heat[:8, :, :4, :4] += 1.0
+    heat[8:14, :, -4:, -4:] += 1.0
+    heat[14:40, :, 6:10, 6:10] += 1.0
+    heat[40:, :, 2:6, 8:12] += 1.0
+    kw = dict(infiller="constant", area=1 / 16, screen=0)
+    plain = sample_evidence(_TwoCorners(), x, heat, classes, search=False, **kw)
+    assert plain.confirmed.tolist() == (np.arange(70) < 8).tolist()
+    assert (plain.excess[8:14] < 0.2).all(), "the bottom-right marks, where they are, transfer too little"
+    ev = sample_evidence(_TwoCorners(), x, heat, classes, **kw)
+    assert ev.confirmed.tolist() == (np.arange(70) < 14).tolist()
+    # the members keep their own check; the 6 are described by where their mark was found and what it did
+    assert np.array_equal(ev.excess[:8], plain.excess[:8]) and np.array_equal(ev.regions[:8], plain.regions[:8])
+    assert (ev.component[8:14] == "region").all() and (ev.excess[8:14] > 0.9).all()
+    assert ev.regions[8:14, -4:, -4:].all() and ev.regions[8:14].sum() == 6 * 16
+    own = _TwoCorners()(x[8:14]).softmax(1)[:, 1].numpy()
+    assert np.allclose(ev.drop[8:14], own, atol=1e-3), "removing the found place removes all the mark gave"
+    # class 1 searched (8 pastes a sample); class 0, with no confirmed group, not
+    assert ev.passes.tolist() == (plain.passes + 8 * (classes == 1)).tolist()
+    assert np.array_equal(ev.excess[14:], plain.excess[14:]) and not ev.confirmed[14:].any()
 
 def test_the_check_calls_the_model_with_channels_last_weights_and_leaves_its_own_as_they_are():
     from xai_callbacks.spray.evidence import _ChannelsLast

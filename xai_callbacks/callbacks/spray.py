@@ -125,7 +125,8 @@ class SpRAyCallback(ExplanationCallback):
             into the top-left sixteenth and miss a planted frame the model uses; gradient x
             input finds it, ``benchmarks/shortcuts.py``).
         evidence_options: keyword arguments of ``sample_evidence`` (``components``, ``area``,
-            ``pastes``, ``min_separation``, ``min_rise``, ``floor``, ``min_members``, ``max_share``, ``screen``).
+            ``pastes``, ``min_separation``, ``min_rise``, ``floor``, ``min_members``, ``max_share``, ``screen``,
+            ``search``).
         n_typical: typical members shown per strategy.
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``, and on the
             last epoch of ``fit`` (so the gate decides on the final model). The defaults (50 per

@@ -52,6 +52,14 @@ like the class far better than what the rest of the class carries. For each anal
    so the group must stand apart as far on partners it was not chosen on
    (:func:`held_out_separation`: chosen on half of the partners, its members' lower quartile
    against the rest's upper quartile on the other half).
+5. **Search.** A class with a confirmed region group is searched for more of the same
+   (``search``): in each of its samples the part that best matches a member's region content
+   (least squares over every circular shift of the sample) is pasted into the sample's partners
+   through that member's region, against the same done with the class's other samples. The group
+   this confirms (by the rules above) joins the class's confirmed samples where it holds at least
+   half of the members: a tag the model reads weakly where some samples have it (ResNet-18 reads
+   the bottom-right corner of a 32-pixel input weakly) or a stamp on a sample whose relevance lies
+   elsewhere is found by what it carries. It adds samples only to classes already confirmed.
    :meth:`~xai_callbacks.spray.core.SpRAyResult.confirm` makes a class's confirmed samples its
    flagged strategy.
 
@@ -67,14 +75,16 @@ Cost: ``passes`` counts the model evaluations per sample (``forward_passes`` the
 does), its removal, half of ``pastes`` transfers per check (the region at each area, the border, the detail; a
 quarter for the tone, the saturation and the shading), the rest for the checks of its class that come near a
 confirmed group (18 % over 98 benchmark models), and ``pastes`` place controls per area and for the border where
-its excess reaches ``min_rise`` (about 5 %); with the defaults 19-28 on the benchmark's clean controls and
-19-36 over its four-class models (as the callback counts them; up to 44 on two classes), one more without
-``probabilities``. All batched on the model's device under :func:`xai_callbacks.guard.model_guard`
+its excess reaches ``min_rise`` (about 5 %), and ``pastes`` for the search where its class has a confirmed region
+group; with the defaults 19-28 on the benchmark's clean controls and
+19-36 over its four-class models before the search (as the callback counts them; up to 44 on two classes), about 2
+more with it where a class has a confirmed region group, one more without ``probabilities``. All batched on the model's device under :func:`xai_callbacks.guard.model_guard`
 (and split across processes with ``shard``, as ``SpRAyCallback`` does across DDP ranks). No
 Lightning, no W&B here.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -246,7 +256,7 @@ def relevance_regions(heatmaps: torch.Tensor, reference: torch.Tensor, area: flo
 class SampleEvidence:
     """Per-sample causal evidence of N analysed samples (all classes together). Per sample, the
     fields describe its strongest component (the first confirmed one in ``params["components"]``,
-    else the one with the highest score).
+    then the search's, else the one with the highest score).
 
     Attributes:
         classes: (N,) the class each sample is analysed for.
@@ -275,7 +285,8 @@ class SampleEvidence:
             the rest by at least ``min_separation`` (:func:`separated_group`), on held-out partners
             as well (:func:`held_out_separation`).
         regions: (N, *S) bool region of each sample (where its relevance exceeds its class's median),
-            at the area of its strongest check (the first area for the global components).
+            at the area of its strongest check (the first area for the global components; for a
+            sample only the search confirms, where its members' region content was found in it).
         partners: (N, pastes) the other-class samples (indices into the N) transferred into, drawn
             from the class's pool of ``2 * pastes``.
         passes: (N,) model evaluations spent on each sample (:attr:`forward_passes`: all of them).
@@ -450,7 +461,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
                     pastes: int = 8, min_separation: float | Mapping[str, float] = MIN_SEPARATION,
                     min_rise: float = MIN_RISE,
                     floor: float = 0.01, min_members: int = 5, max_share: float = 0.5, screen: float = SCREEN,
-                    probabilities: torch.Tensor | None = None, batch_size: int = 256, seed: int = 0,
+                    search: bool = True, probabilities: torch.Tensor | None = None, batch_size: int = 256, seed: int = 0,
                     shard: Callable[[Callable[[torch.Tensor], torch.Tensor], int], torch.Tensor] | None = None
                     ) -> SampleEvidence:
     """Paired transfer evidence for every analysed sample (see the module docstring).
@@ -493,6 +504,10 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         screen: the stage-one separation, as a share of ``min_separation``, at which a class's check
             is measured with the rest of its pastes (see :data:`SCREEN`); 0 measures every check of
             every class with all ``pastes``.
+        search: in a class with a confirmed region group, look for the members' region content in
+            every sample of the class, wherever it sits, and confirm the samples whose found content
+            transfers as the members' does (:func:`_search`; ``pastes`` more passes per sample of
+            such a class).
         probabilities: (N, classes) the model's softmax of ``x`` where already computed (the
             callback has it from explaining): spares the first N forward passes.
         batch_size: inputs per forward pass.
@@ -565,7 +580,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
     fill = get_infiller(infiller)
     params = dict(components=components, infiller=getattr(fill, "name", type(fill).__name__), area=areas,
                   pastes=pastes, min_separation={c: separation_of[c] for c in components}, min_rise=min_rise,
-                  floor=floor, min_members=min_members, max_share=max_share, screen=screen, seed=seed)
+                  floor=floor, min_members=min_members, max_share=max_share, screen=screen, search=search,
+                  seed=seed)
     # a region is asked for a rise in proportion to its side (see MIN_RISE)
     rise_of = [min_rise * (np.sqrt(8 * areas[j]) if c == "region" else 1.0) for c, j in checks]
 
@@ -589,28 +605,51 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         x = x.detach().to(device, torch.float32, copy=True)   # on the model's device once, for every pass
         m = _measure(model, x, heatmaps.clone(), classes, checks, rise_of, areas, pastes, batch_size, seed, extend,
                      probabilities, class_probability, _black(x))
-    excess = m["excess"]
-    z, separation = np.zeros_like(excess), np.zeros_like(excess)
     ratio = np.zeros(len(classes))
-    for k, (component, _) in enumerate(checks):
-        centred = excess[:, k].copy()
+
+    def decide(excess: np.ndarray, per: np.ndarray, component: str, rise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) z and separation of one check's excesses (N,) and per-partner excesses (N, pastes), asking
+        each class the rise of its first sample (``rise`` (N,))."""
+        centred, separation = excess.copy(), np.zeros_like(excess)
         for c in values:
             centred[classes == c] -= np.median(centred[classes == c])
-        z[:, k] = centred / (_spread(centred) + floor)
         for c in values:
             rows = np.flatnonzero(classes == c)
-            group, score = separated_group(excess[rows, k], min_members, max_share, rise_of[k], floor)
+            group, score = separated_group(excess[rows], min_members, max_share, rise[rows[0]], floor)
             if score >= separation_of[component]:   # a group must stand apart on partners it was not chosen on too
-                score = min(score, held_out_separation(m["per"][rows, k], min_members, max_share, rise_of[k], floor))
+                score = min(score, held_out_separation(per[rows], min_members, max_share, rise[rows[0]], floor))
             ratio[rows] = np.maximum(ratio[rows], score / separation_of[component])
             if score >= separation_of[component]:
-                separation[rows[group], k] = score
+                separation[rows[group]] = score
+        return centred / (_spread(centred) + floor), separation
+    z, separation = (np.stack(d, 1) for d in zip(*(decide(m["excess"][:, k], m["per"][:, k], c,
+                                                          np.full(len(classes), rise_of[k]))
+                                                   for k, (c, _) in enumerate(checks))))
+    layer = [0 if j is None else j for _, j in checks]   # per check its regions in m["regions"]
+    found = [k for k, (c, _) in enumerate(checks) if c == "region" and separation[:, k].any()] if search else []
+    if found:   # the members' region content, wherever a sample of their class holds it
+        with torch.inference_mode(False), torch.no_grad():
+            f = _search(x, m, classes, [(separation[:, k] > 0, checks[k][1]) for k in found], class_probability)
+        rise = np.array([rise_of[k] for k in found])   # each class asked its members' area's rise
+        z_f, sep_f = decide(f["excess"], f["per"], "region", rise[f["group"]])
+        for c in values:   # a group that is not mostly the members' is something else
+            members = f["members"] & (classes == c)
+            if not members.any() or 2 * (sep_f[members] > 0).sum() < members.sum():
+                sep_f[classes == c] = 0
+        z_f[sep_f == 0] = -np.inf   # describes only the samples it confirms
+        checks.append(("region", None))
+        layer.append(len(m["regions"]))
+        z, separation = np.column_stack([z, z_f]), np.column_stack([separation, sep_f])
+        for key in ("rise", "excess", "flip"):
+            m[key] = np.column_stack([m[key], f[key]])
+        m["regions"] = torch.cat([m["regions"], f["regions"][None]])
+        m["passes"] = m["passes"] + f["passes"]
+    excess = m["excess"]
     confirmed = separation > 0
     best = np.where(confirmed.any(1), confirmed.argmax(1), z.argmax(1))   # the first confirmed check
     rows = np.arange(len(classes))
     # the region (and its removal) of the best check's area; the first area for the global components
-    area_of = np.array([0 if j is None else j for _, j in checks])[best]
-    regions = m["regions"][area_of, rows]
+    regions = m["regions"][np.array(layer)[best], rows]
     with torch.inference_mode(False), torch.no_grad():
         keep = (~regions).float()[:, None].to(device)
         removed = class_probability(lambda i: fill(x[i], keep[i]), torch.arange(len(x), device=device)).cpu().numpy()
@@ -842,8 +881,78 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
         eligible = (before < 0.5) & measured
         flip[:, k] = ((eligible & (with_own >= 0.5)).float().sum(1) / eligible.float().sum(1).clamp_min(1)
                       ).cpu().numpy()
-    return dict(rise=rise, excess=excess, per=per, flip=flip, own=probs[np.arange(n), classes],
+    return dict(rise=rise, excess=excess, per=per, flip=flip, own=probs[np.arange(n), classes], before=before,
                 regions=regions.cpu(), partners=partners, passes=passes)
+
+
+
+def _search(x: torch.Tensor, m: dict, classes: np.ndarray, groups: list[tuple[np.ndarray, int]],
+            class_probability: Callable) -> dict:
+    """The members' region content wherever a sample of their class holds it.
+
+    In each class with a confirmed region group (the first of ``groups``, each an (N,) confirmed
+    mask and the layer of its regions in ``m["regions"]``, that has members in the class), per
+    sample and partner: the shift of the sample that matches a member's region content best (least
+    squares within the member's region over every circular shift, by FFT; the members in turn over
+    the partners), and the sample so shifted pasted into the partner through that member's region.
+    A stamp or tag the model reads more weakly where a sample has it (ResNet-18 reads the bottom
+    right of a 32-pixel input weakly) transfers at the members' place as theirs does, and so does a
+    stamp where a sample's relevance lies elsewhere; what the class's other samples hold is their own
+    content, as the controls'. Returns the search as :func:`_measure` returns a check (``excess``,
+    ``per``, ``rise``, ``flip``, ``passes``; zero outside the searched classes), ``regions`` (N, *S):
+    where in each sample the content was found (for its first partner), ``members`` (N,) bool and
+    ``group`` (N,), the position in ``groups`` each sample's class was searched with (0 where it was not).
+    """
+    n, pastes = m["partners"].shape
+    device, size = x.device, tuple(x.shape[2:])
+    dims = tuple(range(-len(size), 0))
+    members_of, layer_of, group_of = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    pairs, shifts = [], []   # per transfer (sample, partner slot, member); its shift
+    for c in np.unique(classes):
+        rows = np.flatnonzero(classes == c)
+        k = next((k for k, (confirmed, _) in enumerate(groups) if confirmed[rows].any()), None)
+        if k is None:
+            continue
+        members, j = rows[groups[k][0][rows]], groups[k][1]
+        members_of[members], layer_of[rows], group_of[rows] = True, j, k
+        region = m["regions"][j, members].to(device, torch.float32)   # (M, *S)
+        g = (np.arange(len(rows))[:, None] + np.arange(pastes)) % len(members)   # (rows, pastes) into members
+        # sum_p r(p) (x_i(p - s) - x_g(p))^2 = corr(r, |x_i|^2)(s) - 2 corr(r x_g, x_i)(s) + const, per shift s
+        fft = functools.partial(torch.fft.rfftn, dim=dims)
+        r, rx = fft(region), fft(region[:, None] * x[members])
+        for part in np.array_split(np.arange(len(rows)), max(1, len(rows) // 8)):   # 8 samples' spectra at a time
+            i = rows[part]
+            spectrum = (r[g[part]] * fft(x[i].pow(2).sum(1))[:, None].conj()
+                        - 2 * (rx[g[part]] * fft(x[i])[:, None].conj()).sum(2))
+            best = torch.fft.irfftn(spectrum, s=size, dim=dims).flatten(2).argmin(2).reshape(-1)
+            shifts += torch.stack(torch.unravel_index(best, size), 1).tolist()
+        pairs.append(np.stack([np.repeat(rows, pastes), np.tile(np.arange(pastes), len(rows)),
+                               members[g].reshape(-1)], 1))
+    pairs = np.concatenate(pairs)
+    src = torch.from_numpy(pairs[:, 0]).to(device)
+    into = torch.from_numpy(m["partners"][pairs[:, 0], pairs[:, 1]]).to(device)
+    masks = m["regions"][torch.from_numpy(layer_of[pairs[:, 0]]), torch.from_numpy(pairs[:, 2])]   # (T, *S)
+
+    def make(idx: torch.Tensor) -> torch.Tensor:
+        keep = masks[idx.cpu()].to(device, torch.float32)[:, None]
+        moved = torch.stack([x[i].roll(shifts[t], dims) for t, i in zip(idx.tolist(), src[idx].tolist())])
+        return x[into[idx]] * (1 - keep) + moved * keep
+    with_found = torch.zeros(n, pastes, device=device)
+    with_found[pairs[:, 0], pairs[:, 1]] = class_probability(make, src)
+    searched = np.isin(classes, classes[members_of])
+    excess, per = _excess(with_found, np.full(n, pastes), [np.flatnonzero(classes == c)
+                                                            for c in np.unique(classes[searched])], m["partners"])
+    before = m["before"]
+    eligible = before < 0.5
+    flip = (eligible & (with_found >= 0.5)).float().sum(1) / eligible.float().sum(1).clamp_min(1)
+    first = pairs[:, 1] == 0   # where each sample's content was found for its first partner
+    regions = torch.zeros(n, *size, dtype=torch.bool)
+    regions[pairs[first, 0]] = torch.stack([masks[t].roll([-d for d in shifts[t]], dims)
+                                            for t in np.flatnonzero(first).tolist()])
+    zero = ~torch.from_numpy(searched).to(device)
+    return dict(excess=excess, per=per, rise=(with_found - before).mean(1).masked_fill(zero, 0).cpu().numpy(),
+                flip=flip.masked_fill(zero, 0).cpu().numpy(), passes=np.where(searched, pastes, 0),
+                regions=regions, members=members_of, group=group_of)
 
 
 def _excess(with_own: torch.Tensor, used: np.ndarray, members: list[np.ndarray], partners: np.ndarray
