@@ -236,37 +236,47 @@ def test_evidence_on_an_analytic_shortcut_model(monkeypatch):
 
 
 class _TwoCorners(torch.nn.Module):
-    """Class 1 when the top-left 4x4 corner is bright; a bright bottom-right corner counts far less
-    (alone it gives class 1 a probability of 0.15), as ResNet-18 reads the bottom right of a small input."""
+    """Class 1 when the first ``span`` positions of each spatial dimension (the top-left corner of
+    an image, the start of a signal) are bright; the last ``span`` count far less (alone they give
+    class 1 a probability of 0.15), as ResNet-18 reads the bottom right of a small input."""
+
+    def __init__(self, span: int):
+        super().__init__()
+        self.span = span
 
     def forward(self, x):
-        top_left, bottom_right = x[:, :, :4, :4].mean((1, 2, 3)), x[:, :, -4:, -4:].mean((1, 2, 3))
-        logit = 40 * (top_left - 0.5) + 20 * (bottom_right - 0.5) + 0.3
+        k = x.dim() - 2
+        first, last = x[(..., *[slice(0, self.span)] * k)], x[(..., *[slice(-self.span, None)] * k)]
+        logit = 40 * (first.flatten(1).mean(1) - 0.5) + 20 * (last.flatten(1).mean(1) - 0.5) + 0.3
         return torch.stack([torch.zeros_like(logit), logit], 1)
 
 
-def test_the_search_finds_the_members_content_where_the_model_reads_it_weakly():
+@pytest.mark.parametrize("size,span", [((16, 16), 4), ((64,), 16)], ids=["image", "signal"])
+def test_the_search_finds_the_members_content_where_the_model_reads_it_weakly(size, span):
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(70, 1, 16, 16, generator=gen) * 0.4
+    first, last, middle = ((..., *[slice(0, span)] * len(size)), (..., *[slice(-span, None)] * len(size)),
+                           (..., *[slice(size[0] * 3 // 8, size[0] * 5 // 8)] * len(size)))
+    x = torch.rand(70, 1, *size, generator=gen) * 0.4
     classes = np.array([1] * 40 + [0] * 30)
-    x[:8, :, :4, :4] = 1.0      # 8 samples of class 1 carry the mark at the top left ...
-    x[8:14, :, -4:, -4:] = 1.0  # ... 6 at the bottom right, where it moves a partner by 0.15 only
-    heat = torch.rand(70, 1, 16, 16, generator=gen) * 0.1
-    heat[:8, :, :4, :4] += 1.0
-    heat[8:14, :, -4:, -4:] += 1.0
-    heat[14:40, :, 6:10, 6:10] += 1.0
-    heat[40:, :, 2:6, 8:12] += 1.0
-    kw = dict(infiller="constant", area=1 / 16, screen=0)
-    plain = sample_evidence(_TwoCorners(), x, heat, classes, search=False, **kw)
+    x[:8][first] = 1.0      # 8 samples of class 1 carry the mark at the start (the top left) ...
+    x[8:14][last] = 1.0     # ... 6 at the end, where it moves a partner by 0.15 only
+    heat = torch.rand(70, 1, *size, generator=gen) * 0.1
+    heat[:8][first] += 1.0
+    heat[8:14][last] += 1.0
+    heat[14:40][middle] += 1.0
+    heat[40:, :, 2:6] += 1.0
+    model = _TwoCorners(span)
+    kw = dict(infiller="constant", area=span ** len(size) / np.prod(size), screen=0)
+    plain = sample_evidence(model, x, heat, classes, search=False, **kw)
     assert plain.confirmed.tolist() == (np.arange(70) < 8).tolist()
-    assert (plain.excess[8:14] < 0.2).all(), "the bottom-right marks, where they are, transfer too little"
-    ev = sample_evidence(_TwoCorners(), x, heat, classes, **kw)
+    assert (plain.excess[8:14] < 0.2).all(), "the marks at the end, where they are, transfer too little"
+    ev = sample_evidence(model, x, heat, classes, **kw)
     assert ev.confirmed.tolist() == (np.arange(70) < 14).tolist()
     # the members keep their own check; the 6 are described by where their mark was found and what it did
     assert np.array_equal(ev.excess[:8], plain.excess[:8]) and np.array_equal(ev.regions[:8], plain.regions[:8])
     assert (ev.component[8:14] == "region").all() and (ev.excess[8:14] > 0.9).all()
-    assert ev.regions[8:14, -4:, -4:].all() and ev.regions[8:14].sum() == 6 * 16
-    own = _TwoCorners()(x[8:14]).softmax(1)[:, 1].numpy()
+    assert ev.regions[8:14][last].all() and ev.regions[8:14].sum() == 6 * span ** len(size)
+    own = model(x[8:14]).softmax(1)[:, 1].numpy()
     assert np.allclose(ev.drop[8:14], own, atol=1e-3), "removing the found place removes all the mark gave"
     # class 1 searched (8 pastes a sample); class 0, with no confirmed group, not
     assert ev.passes.tolist() == (plain.passes + 8 * (classes == 1)).tolist()
