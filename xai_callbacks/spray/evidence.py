@@ -76,11 +76,11 @@ does), its removal, half of ``pastes`` transfers per check (the region at each a
 quarter for the tone, the saturation and the shading), the rest for the checks of its class that come near a
 confirmed group (18 % over 98 benchmark models), and ``pastes`` place controls per area and for the border where
 its excess reaches ``min_rise`` (about 5 %), and ``pastes`` for the search where its class has a confirmed region
-group; with the defaults 19-28 on the benchmark's clean controls and
-19-36 over its four-class models before the search (as the callback counts them; up to 44 on two classes), about 2
-more with it where a class has a confirmed region group, one more without ``probabilities``. All batched on the model's device under :func:`xai_callbacks.guard.model_guard`
-(and split across processes with ``shard``, as ``SpRAyCallback`` does across DDP ranks). No
-Lightning, no W&B here.
+group; with the defaults 19-28 on the benchmark's clean controls and 19-36 over its four-class models before the
+search (as the callback counts them; up to 44 on two classes), about 2 more with it where a class has a confirmed
+region group, one more without ``probabilities``. All batched on the model's device under
+:func:`xai_callbacks.guard.model_guard` (and split across processes with ``shard``, as ``SpRAyCallback`` does
+across DDP ranks). No Lightning, no W&B here.
 """
 from __future__ import annotations
 
@@ -461,7 +461,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
                     pastes: int = 8, min_separation: float | Mapping[str, float] = MIN_SEPARATION,
                     min_rise: float = MIN_RISE,
                     floor: float = 0.01, min_members: int = 5, max_share: float = 0.5, screen: float = SCREEN,
-                    search: bool = True, probabilities: torch.Tensor | None = None, batch_size: int = 256, seed: int = 0,
+                    search: bool = True, probabilities: torch.Tensor | None = None, batch_size: int = 256,
+                    seed: int = 0,
                     shard: Callable[[Callable[[torch.Tensor], torch.Tensor], int], torch.Tensor] | None = None
                     ) -> SampleEvidence:
     """Paired transfer evidence for every analysed sample (see the module docstring).
@@ -883,7 +884,6 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
                       ).cpu().numpy()
     return dict(rise=rise, excess=excess, per=per, flip=flip, own=probs[np.arange(n), classes], before=before,
                 regions=regions.cpu(), partners=partners, passes=passes)
-
 
 
 def _search(x: torch.Tensor, m: dict, classes: np.ndarray, groups: list[tuple[np.ndarray, int]],
