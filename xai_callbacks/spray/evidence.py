@@ -323,7 +323,9 @@ class SampleEvidence:
 
     def example(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """(4, C, *S): sample ``i``, it with its region removed, its first partner, and the partner
-        with the sample's strongest component transferred into it (``x`` the N analysed inputs)."""
+        with the sample's strongest component transferred into it (``x`` the N analysed inputs). For
+        a sample only the search confirms, its found content is pasted where it was found (the
+        search measured it pasted at a member's place)."""
         keep = (~self.regions[i]).to(torch.float32)[None, None].cpu()
         j = int(self.partners[i, 0])
         xi, xj = x[i:i + 1].detach().float().cpu(), x[j:j + 1].detach().float().cpu()
