@@ -37,6 +37,7 @@ samples with :func:`plant_shortcut`.
 """
 from __future__ import annotations
 
+import functools
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -241,9 +242,10 @@ def plant_shortcut(x: torch.Tensor, kind: str, object_mask: torch.Tensor | None 
     return x.clamp(0, 1), mask
 
 
+@functools.lru_cache(maxsize=8)
 def _logo(side: int, channels: int) -> torch.Tensor:
     """(channels, side, side) in [0, 1]: ``skimage.data.logo()`` (opaque, on white) at ``side``
-    pixels, its channels' mean on one-channel images."""
+    pixels, its channels' mean on one-channel images; read once per size (callers copy it)."""
     import skimage.data
 
     rgb = torch.tensor(np.asarray(skimage.data.logo())[..., :3], dtype=torch.float32).permute(2, 0, 1)[None] / 255.0

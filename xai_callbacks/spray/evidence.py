@@ -880,10 +880,7 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
             excess[rows, k] = np.minimum(excess[rows, k], place.quantile(0.75, dim=1).cpu().numpy())
             passes[rows] += m
         measured = torch.arange(pastes, device=device)[None] < torch.from_numpy(used).to(device)[:, None]
-        rise[:, k] = (((with_own - before) * measured).sum(1) / measured.sum(1)).cpu().numpy()
-        eligible = (before < 0.5) & measured
-        flip[:, k] = ((eligible & (with_own >= 0.5)).float().sum(1) / eligible.float().sum(1).clamp_min(1)
-                      ).cpu().numpy()
+        rise[:, k], flip[:, k] = _rise_and_flip(with_own, before, measured)
     return dict(rise=rise, excess=excess, per=per, flip=flip, own=probs[np.arange(n), classes], before=before,
                 regions=regions.cpu(), partners=partners, passes=passes)
 
@@ -910,6 +907,7 @@ def _search(x: torch.Tensor, m: dict, classes: np.ndarray, groups: list[tuple[np
     dims = tuple(range(-len(size), 0))
     members_of, layer_of, group_of = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     pairs, shifts = [], []   # per transfer (sample, partner slot, member); its shift
+    fft = functools.partial(torch.fft.rfftn, dim=dims)
     for c in np.unique(classes):
         rows = np.flatnonzero(classes == c)
         k = next((k for k, (confirmed, _) in enumerate(groups) if confirmed[rows].any()), None)
@@ -920,7 +918,6 @@ def _search(x: torch.Tensor, m: dict, classes: np.ndarray, groups: list[tuple[np
         region = m["regions"][j, members].to(device, torch.float32)   # (M, *S)
         g = (np.arange(len(rows))[:, None] + np.arange(pastes)) % len(members)   # (rows, pastes) into members
         # sum_p r(p) (x_i(p - s) - x_g(p))^2 = corr(r, |x_i|^2)(s) - 2 corr(r x_g, x_i)(s) + const, per shift s
-        fft = functools.partial(torch.fft.rfftn, dim=dims)
         r, rx = fft(region), fft(region[:, None] * x[members])
         for part in np.array_split(np.arange(len(rows)), max(1, len(rows) // 8)):   # 8 samples' spectra at a time
             i = rows[part]
@@ -944,17 +941,24 @@ def _search(x: torch.Tensor, m: dict, classes: np.ndarray, groups: list[tuple[np
     searched = np.isin(classes, classes[members_of])
     excess, per = _excess(with_found, np.full(n, pastes), [np.flatnonzero(classes == c)
                                                             for c in np.unique(classes[searched])], m["partners"])
-    before = m["before"]
-    eligible = before < 0.5
-    flip = (eligible & (with_found >= 0.5)).float().sum(1) / eligible.float().sum(1).clamp_min(1)
+    rise, flip = _rise_and_flip(with_found, m["before"], torch.from_numpy(searched).to(device)[:, None])
     first = pairs[:, 1] == 0   # where each sample's content was found for its first partner
     regions = torch.zeros(n, *size, dtype=torch.bool)
     regions[pairs[first, 0]] = torch.stack([masks[t].roll([-d for d in shifts[t]], dims)
                                             for t in np.flatnonzero(first).tolist()])
-    zero = ~torch.from_numpy(searched).to(device)
-    return dict(excess=excess, per=per, rise=(with_found - before).mean(1).masked_fill(zero, 0).cpu().numpy(),
-                flip=flip.masked_fill(zero, 0).cpu().numpy(), passes=np.where(searched, pastes, 0),
-                regions=regions, members=members_of, group=group_of)
+    return dict(excess=excess, per=per, rise=rise, flip=flip, passes=np.where(searched, pastes, 0), regions=regions,
+                members=members_of, group=group_of)
+
+
+def _rise_and_flip(with_p: torch.Tensor, before: torch.Tensor, measured: torch.Tensor) -> tuple[np.ndarray, ...]:
+    """(N,) mean rise of the partners' class probability (``with_p - before``, both (N, pastes)) over
+    the ``measured`` ones (N, pastes) or (N, 1) bool, and the share of those the model did not give
+    the class (below 0.5) that it does with the transfer; 0 for a sample with none measured."""
+    measured = measured.expand_as(with_p)
+    rise = ((with_p - before) * measured).sum(1) / measured.sum(1).clamp_min(1)
+    eligible = (before < 0.5) & measured
+    flip = (eligible & (with_p >= 0.5)).float().sum(1) / eligible.float().sum(1).clamp_min(1)
+    return rise.cpu().numpy(), flip.cpu().numpy()
 
 
 def _excess(with_own: torch.Tensor, used: np.ndarray, members: list[np.ndarray], partners: np.ndarray
