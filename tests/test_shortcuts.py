@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import make_trainer
 from xai_callbacks.attribution import explain
@@ -634,3 +634,72 @@ def test_a_group_that_may_be_the_majority_of_its_class_must_stand_further_apart(
     assert not ev.confirmed[:8].any()
     with pytest.raises(ValueError, match="max_share in"):
         sample_evidence(_Detector(), x, x, [1] * 8 + [0] * 20, max_share=0)
+
+
+class _BagOfTokens(torch.nn.Module):
+    """Logits: the sum over tokens of a row of ``table`` (V, classes) per token id."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = torch.nn.Embedding.from_pretrained(table, freeze=False)
+
+    def forward(self, tokens):
+        return self.table(tokens).sum(1)
+
+
+def _rows(kind: str, planted: bool):
+    """60 rows of 3 classes: token ids (N, 16), three of their class's ten words among neutral ones, or
+    features (N, 12), three of their class's four raised. Class 0's rows ``i % 9 == 0`` (7 of 20) carry
+    the shortcut: token 59 at a random place, or feature 11 (a leak column) at 1; the analytic model
+    reads it as four of the class's own words or features."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 3
+    has = (torch.arange(60) % 9 == 0) & planted
+    if kind == "tokens":
+        x = torch.randint(31, 59, (60, 16), generator=gen)
+        table = torch.zeros(60, 3)
+        for i in range(60):
+            place = torch.randperm(16, generator=gen)[:4]
+            x[i, place[:3]] = 1 + 10 * y[i] + torch.randint(0, 10, (3,), generator=gen)
+            if has[i]:
+                x[i, place[3]] = 59
+        for c in range(3):
+            table[1 + 10 * c: 11 + 10 * c, c] = 1.0
+        table[59, 0] = 4.0
+        return _BagOfTokens(table), x, y, has
+    x = torch.rand(60, 12, generator=gen) * 0.1
+    linear = torch.nn.Linear(12, 3, bias=False)
+    with torch.no_grad():
+        linear.weight.zero_()
+        for i in range(60):
+            x[i, 4 * y[i] + torch.randperm(4, generator=gen)[:3]] += 1.0
+        for c in range(3):
+            linear.weight[c, 4 * c: 4 * c + 4] = 1.0
+        linear.weight[0, 11] = 4.0
+        x[has, 11] = 1.0
+    return linear, x, y, has
+
+
+@pytest.mark.parametrize("kind", ["tokens", "tabular"])
+def test_a_shortcut_in_token_ids_or_tabular_rows_is_confirmed_and_gated(kind, tmp_path):
+    """Rows (N, L) get the causal check with ROW_EVIDENCE: the shortcut's rows are exactly the
+    flagged strategy, described by the shortcut's position, and the gate fails; the same rows
+    without the shortcut flag nothing and pass."""
+    for planted in (True, False):
+        model, x, y, has = _rows(kind, planted)
+        cb = SpRAyCallback(method="input_x_gradient", max_per_class=20, spray_options={"visualisation": None},
+                           save_virelay=False)
+        gate = ExplanationGate(action="warn")
+        folder = tmp_path / str(planted)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # the gate's failure warning
+            make_trainer(folder, [cb, gate]).validate(Classifier(model), DataLoader(TensorDataset(x, y), 16),
+                                                      verbose=False)
+        idx = np.array(cb.sample_indices)
+        r = cb.results[0]
+        flagged = np.isin(r.labels, np.flatnonzero(r.flagged))
+        assert flagged.tolist() == has[idx[y[idx] == 0]].tolist()
+        assert not any(cb.results[c].flagged.any() for c in (1, 2))
+        assert (main(["gate", str(folder)]) == 1) == planted
+        if planted:
+            assert r.evidence.component[r.flagged].tolist() == ["region"]

@@ -219,8 +219,8 @@ def test_bad_arguments_and_sample_selection():
 def test_tabular_rows_and_token_ids_are_analysed_as_one_channel_signals(tmp_path):
     """(N, F) rows: a linear model at the defaults, two planted strategies in class 0 (its
     evidence on feature 2 or on feature 9); token ids (N, L): a small text transformer at the
-    defaults. No causal check (it transfers parts of images and signals): a warning says so and
-    SpRAy still runs."""
+    defaults. The causal check runs on the rows with ROW_EVIDENCE: the two strategies of class 0
+    carry it alike, so neither stands apart and nothing is confirmed."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from test_architectures import TextTransformer
@@ -236,18 +236,18 @@ def test_tabular_rows_and_token_ids_are_analysed_as_one_channel_signals(tmp_path
         linear.weight.copy_(torch.stack([torch.ones(12), -torch.ones(12)]))
         linear.weight[1, 5] = 3.0
     cb = SpRAyCallback(max_per_class=24, save_virelay=False, on_error="raise")   # the model's LRP: lrp.epsilon_plus
-    with pytest.warns(UserWarning, match=r"not of token ids or tabular rows \(N, L\), so the heatmap-shape"):
-        make_trainer(tmp_path, [cb]).validate(Classifier(linear), DataLoader(TensorDataset(x, y), 16), verbose=False)
+    make_trainer(tmp_path, [cb]).validate(Classifier(linear), DataLoader(TensorDataset(x, y), 16), verbose=False)
     r = cb.results[0]
-    assert cb.method == "lrp.epsilon_plus" and r.evidence is None
+    assert cb.method == "lrp.epsilon_plus" and not r.flagged.any()
+    assert set(r.evidence.component) == {"region"}   # the one component of ROW_EVIDENCE
     assert r.n_clusters == 2 and r.prototypes.shape[1:] == (1, 1, 12)
     idx = np.array(cb.sample_indices)
     first = (x[idx[y[idx].numpy() == 0], 2] > 0.5).numpy()   # class 0's rows in the analysed order
     assert {frozenset(r.labels[first]), frozenset(r.labels[~first])} == {frozenset({0}), frozenset({1})}
     tokens = torch.randint(0, 50, (48, 10), generator=gen)
     cb = SpRAyCallback(max_per_class=24, save_virelay=False, on_error="raise")
-    with pytest.warns(UserWarning, match="not of token ids"):
-        make_trainer(tmp_path, [cb]).validate(Classifier(TextTransformer()), DataLoader(TensorDataset(tokens, y), 16),
-                                              verbose=False)
+    make_trainer(tmp_path, [cb]).validate(Classifier(TextTransformer()), DataLoader(TensorDataset(tokens, y), 16),
+                                          verbose=False)
     assert cb.method == "lrp.attn" and sorted(cb.results) == [0, 1] and cb.errors == 0
+    assert all(set(r.evidence.component) == {"region"} for r in cb.results.values())
     assert cb.results[1].prototypes.shape[1:] == (1, 1, 10) and np.isfinite(cb.results[1].prototypes).all()

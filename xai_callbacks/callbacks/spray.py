@@ -14,7 +14,7 @@ from ..attribution.transformer import model_lrp
 from ..concepts import concept_relevance, find_concept_layer
 from ..guard import model_guard, unwrap_model
 from ..spray import SpRAyResult, StrategyTracker, check_heatmaps, spray, write_virelay
-from ..spray.evidence import SampleEvidence, sample_evidence
+from ..spray.evidence import ROW_EVIDENCE, SampleEvidence, sample_evidence
 from ..spray.report import (class_scalars, clusters_table, embedding_table, evidence_caption, prototype_caption,
                             sample_strategies, suspicious_share, usable_rows)
 from .base import ExplanationCallback, Probe, read_samples, select_per_class, shard_map, val_dataloader
@@ -210,7 +210,7 @@ class SpRAyCallback(ExplanationCallback):
         self._regions = evidence_regions if evidence else None
         self.asynchronous = bool(asynchronous)
         self.sample_indices: list[int] | None = None
-        self._signals = self._rows = False
+        self._signals, self._rows = False, None
         self.trackers: dict[int, StrategyTracker] = {}
         self.results: dict[int, SpRAyResult] = {}
         self.strategy_ids: dict[int, list[int]] = {}
@@ -258,8 +258,11 @@ class SpRAyCallback(ExplanationCallback):
             raise ValueError(f"the validation set has no samples of classes {self.classes}")
         dev = pl_module.device
 
+        dtypes = []   # the inputs' own type (token ids are integers), as x is gathered as float
+
         def explain_share(idx: torch.Tensor) -> dict[str, torch.Tensor]:
             x, y, masks = read_samples(loader, idx.tolist())
+            dtypes.append(x.dtype)
             if y is None:
                 raise ValueError("SpRAy needs labels: batches must be (x, y, ...) or dicts with 'y'")
             x, y, masks = x.to(dev), torch.as_tensor(y).to(dev), {k: v.to(dev) for k, v in masks.items()}
@@ -271,7 +274,7 @@ class SpRAyCallback(ExplanationCallback):
                 "batch_size": self.batch_size,
                 **self.resolve_infillers(trainer, self.method_options, method_options(self.method))})
             out = {"x": x.float(), "heatmaps": heat, "labels": y, "scores": scores.detach(), "indices": idx}
-            if self.evidence_regions and x.dim() > 2:   # rows (N, L) get no causal check (see _evidence)
+            if self.evidence_regions:
                 out["regions"] = explain(pl_module, x, target, method=self.evidence_regions,
                                          batch_size=self.batch_size)
             if self.features == "concepts":
@@ -291,8 +294,9 @@ class SpRAyCallback(ExplanationCallback):
             return {k: v.unsqueeze(dim) if k in ("x", "heatmaps", "regions") or k.startswith("mask:") else v
                     for k, v in d.items()}
 
-        self._rows = data["x"].dim() == 2   # token ids or tabular rows (N, L): one-channel signals here
-        if self._rows:
+        # token ids or tabular rows (N, L): one-channel signals here; the model gets them in their own type
+        self._rows = dtypes[0] if data["x"].dim() == 2 else None
+        if self._rows is not None:
             data = new_axis(data, 1)
         self._signals = data["x"].dim() == 3
         if self._signals:  # one-row images (N, C, 1, L) for the 2-D analysis
@@ -325,13 +329,6 @@ class SpRAyCallback(ExplanationCallback):
     def _evidence(self, trainer, data: dict[str, torch.Tensor]) -> tuple[SampleEvidence, np.ndarray] | None:
         """Causal evidence for the usable analysed samples and their rows (None with one class only,
         or for token ids and tabular rows)."""
-        if self._rows:
-            warnings.warn("SpRAyCallback: the causal check transfers parts of images (N, C, H, W) or signals "
-                          "(N, C, L) into other samples, not of token ids or tabular rows (N, L), so the "
-                          "heatmap-shape suspicion alone flags strategies; it caught none of the shortcuts planted "
-                          "in token and tabular test sets, so a gate that passes says nothing about shortcuts here "
-                          "(evidence=False says so without this warning)", stacklevel=2)
-            return None
         labels, classes, usable = self._usable(data)
         rows = np.flatnonzero(usable & np.isin(labels, classes))
         values, counts = np.unique(labels[rows], return_counts=True)
@@ -342,14 +339,17 @@ class SpRAyCallback(ExplanationCallback):
                           stacklevel=2)
             return None
         self.progress.update(status=f"causal evidence for {len(rows)} samples")
-        model = _OneRow(trainer.lightning_module) if self._signals else trainer.lightning_module
+        model = _OneRow(trainer.lightning_module, self._rows) if self._signals else trainer.lightning_module
+        rows_in = self._rows is not None   # a row's most relevant tokens or features, removed with 0 (ROW_EVIDENCE)
+        options = {"seed": self.seed, **(ROW_EVIDENCE if rows_in else {}), **self.evidence_options}
+        infiller = "constant" if rows_in and self.infiller == "blur" else self.infiller
         scores = data["scores"][rows].float()   # the explanation's forward pass: the check's first
         device = trainer.lightning_module.device
         return sample_evidence(model, data["x"][rows], data.get("regions", data["heatmaps"])[rows], labels[rows],
-                               infiller=self.infiller, batch_size=self.batch_size or 256,
+                               infiller=infiller, batch_size=self.batch_size or 256,
                                probabilities=scores.softmax(1) if scores.dim() == 2 else None,
                                shard=lambda fn, n: shard_map(trainer, fn, torch.arange(n, device=device)),
-                               **{"seed": self.seed, **self.evidence_options}), rows
+                               **options), rows
 
     def _analyse(self, trainer, data: dict[str, torch.Tensor], evidence, trackers: dict[int, StrategyTracker]
                  ) -> tuple:
@@ -483,11 +483,15 @@ class SpRAyCallback(ExplanationCallback):
 
 
 class _OneRow(torch.nn.Module):
-    """The model on one-row images (N, C, 1, L): it is called with the signals (N, C, L)."""
+    """The model on one-row images (N, C, 1, L): it is called with the signals (N, C, L), or with
+    the rows (N, L) in their ``dtype`` (token ids rounded) where one is given."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.dtype = model, dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x[:, :, 0])
+        if self.dtype is None:
+            return self.model(x[:, :, 0])
+        x = x[:, 0, 0]
+        return self.model(x.to(self.dtype) if self.dtype.is_floating_point else x.round().to(self.dtype))

@@ -102,7 +102,8 @@ from .suspicion import positive_part
 
 __all__ = ["SampleEvidence", "StrategyEvidence", "sample_evidence", "separated_group", "held_out_separation",
            "group_sizes", "relevance_regions", "transfer", "AREAS", "COMPONENTS", "DEFAULT_COMPONENTS",
-           "MIN_SEPARATION", "MIN_RISE", "SCREEN", "WHOLE", "SHARE_Z", "MAJORITY_SEPARATION", "BORDER", "border_mask"]
+           "MIN_SEPARATION", "MIN_RISE", "SCREEN", "WHOLE", "SHARE_Z", "MAJORITY_SEPARATION", "BORDER", "border_mask",
+           "ROW_EVIDENCE"]
 
 #: What the evidence can transfer from a sample into other classes' samples (see :func:`transfer`).
 COMPONENTS = ("region", "detail", "tone", "saturation", "shading", "border")
@@ -141,6 +142,21 @@ AREAS = (1 / 8, 1 / 32)
 #: region's: it is a region, of a fixed place.
 MIN_SEPARATION = MappingProxyType({"region": 4.0, "detail": 3.0, "tone": 10.0, "saturation": 10.0, "shading": 10.0,
                                    "border": 4.0})
+#: The check's settings for tabular rows and token ids (N, L) (``SpRAyCallback`` uses them unless its
+#: ``evidence_options`` say otherwise): the region alone, as fine detail, tone, saturation, shading
+#: and a border mean nothing for a row of features or tokens; every position on its own
+#: (``smooth`` 1), as neighbouring features are unrelated and a single token may decide; no search,
+#: as a row shifted no longer holds the same features; and a region's group must stand apart 2.5
+#: times as far as on images. Calibrated on ``benchmarks/row_shortcuts.py`` (three seeds; an MLP on
+#: scikit-learn's breast-cancer table and on its digits as rows of 64 pixels, a leak column and a
+#: sentinel value; two models on NumPy's docstrings, a tag word and a trigger word): with the
+#: images' threshold, natural groups of the clean digits rows (a few 7s whose top stroke carries
+#: the class into other digits) stood at up to 1.86 of it and flagged two of the three controls; the
+#: leaks and sentinels caught stood at 2.86 (the weakest) to 24. The callback removes a row's region
+#: with 0 (``constant``: the padding id of most tokenizers, the mean of standardised features) where
+#: its infiller is the default blur.
+ROW_EVIDENCE = MappingProxyType({"components": ("region",), "smooth": 1, "search": False,
+                                 "min_separation": {"region": 2.5 * MIN_SEPARATION["region"]}})
 #: Excess every member of a confirmed group reaches (probability units), for an eighth of the input
 #: and the global components; a region of share ``a`` is asked ``MIN_RISE * sqrt(8 a)`` (in
 #: proportion to its side: 0.1 for a thirty-second), as less of the input carries less of a class.
@@ -214,17 +230,22 @@ def border_mask(size: tuple[int, ...]) -> torch.Tensor:
     return mask
 
 
-def relevance_regions(heatmaps: torch.Tensor, reference: torch.Tensor, area: float = 1 / 8) -> torch.Tensor:
+def relevance_regions(heatmaps: torch.Tensor, reference: torch.Tensor, area: float = 1 / 8, smooth: int = 3
+                      ) -> torch.Tensor:
     """(N, *S) bool: per heatmap, the ``area`` share of positions where its relevance distribution,
-    smoothed over 3 positions, most exceeds ``reference``.
+    averaged over ``smooth`` positions along each dimension, most exceeds ``reference``.
 
     Args:
         heatmaps: (N, C, *S) or (N, *S) relevance; ``S`` is (H, W) for images, (L,) for signals.
         reference: (*S) the distribution to compare with (e.g. the median of the class).
         area: the region's share of the positions, in (0, 1].
+        smooth: an odd number of positions: 3 favours a connected region (a stamp, not a few
+            scattered pixels); 1 takes every position on its own, as where neighbours are unrelated
+            (the features of a tabular row) or a single position may decide (a token).
 
     Raises:
-        ValueError: for an area outside (0, 1] or a reference of another shape.
+        ValueError: for an area outside (0, 1], an even or non-positive ``smooth`` or a reference of
+            another shape.
 
     Example:
         >>> heat = torch.zeros(2, 32, 32)
@@ -233,8 +254,8 @@ def relevance_regions(heatmaps: torch.Tensor, reference: torch.Tensor, area: flo
         >>> regions.sum((1, 2)).tolist(), regions[:, :4, :4].all().item()
         ([16, 16], True)
     """
-    if not 0 < area <= 1:
-        raise ValueError(f"area must be in (0, 1], got {area}")
+    if not 0 < area <= 1 or smooth < 1 or smooth % 2 == 0:
+        raise ValueError(f"need area in (0, 1] and smooth an odd number >= 1, got area={area}, smooth={smooth}")
     spatial = reference.dim()
     if spatial not in (1, 2) or heatmaps.dim() not in (spatial + 1, spatial + 2):
         raise ValueError(f"reference must be (L,) or (H, W) and heatmaps (N, [C,] *reference.shape); got reference "
@@ -244,7 +265,7 @@ def relevance_regions(heatmaps: torch.Tensor, reference: torch.Tensor, area: flo
         raise ValueError(f"reference must have shape {tuple(p.shape[1:])} like the heatmaps, "
                          f"got {tuple(reference.shape)}")
     pool = F.avg_pool2d if spatial == 2 else F.avg_pool1d
-    diff = pool((p - reference.to(p))[:, None], 3, stride=1, padding=1, count_include_pad=False)[:, 0]
+    diff = pool((p - reference.to(p))[:, None], smooth, stride=1, padding=smooth // 2, count_include_pad=False)[:, 0]
     flat = diff.flatten(1)
     k = max(1, round(area * flat.shape[1]))
     region = torch.zeros_like(flat, dtype=torch.bool)
@@ -459,7 +480,7 @@ def transfer(component: str, into: torch.Tensor, source: torch.Tensor, keep: tor
 
 def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Tensor, classes, *,
                     components: tuple[str, ...] = DEFAULT_COMPONENTS, infiller: str | Infiller = "blur",
-                    area: float | tuple[float, ...] = AREAS,
+                    area: float | tuple[float, ...] = AREAS, smooth: int = 3,
                     pastes: int = 8, min_separation: float | Mapping[str, float] = MIN_SEPARATION,
                     min_rise: float = MIN_RISE,
                     floor: float = 0.01, min_members: int = 5, max_share: float = 0.5, screen: float = SCREEN,
@@ -485,6 +506,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
             ``gan``) or an :class:`~xai_callbacks.infill.Infiller` instance (e.g. a trained GAN).
         area: each region's share of the input, in (0, 1], or several shares, each checked as a
             region of its own (default :data:`AREAS`: an eighth and a thirty-second).
+        smooth: positions the relevance is averaged over before a region is chosen
+            (:func:`relevance_regions`): 3 for images and signals, 1 for tabular rows and token ids.
         pastes: other-class samples each component of each sample is transferred into, a seeded
             draw from the class's pool of ``2 * pastes`` (samples the model does not give the
             class); the class's other samples transferred into the same partner are the controls.
@@ -565,6 +588,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
                      else dict.fromkeys(COMPONENTS, float(min_separation)))
     if set(components) - set(separation_of):
         raise ValueError(f"min_separation needs a value for every component {components}, got {min_separation}")
+    if smooth < 1 or smooth % 2 == 0:
+        raise ValueError(f"smooth must be an odd number >= 1, got {smooth}")
     if pastes < 1 or min_members < 1 or not 0 <= screen <= 1 or not 0 < max_share <= 1:
         raise ValueError(f"pastes and min_members must be >= 1, screen in [0, 1] and max_share in (0, 1], got "
                          f"{pastes}, {min_members}, {screen}, {max_share}")
@@ -582,9 +607,9 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
                          f"{tuple(probabilities.shape)}")
     fill = get_infiller(infiller)
     params = dict(components=components, infiller=getattr(fill, "name", type(fill).__name__), area=areas,
-                  pastes=pastes, min_separation={c: separation_of[c] for c in components}, min_rise=min_rise,
-                  floor=floor, min_members=min_members, max_share=max_share, screen=screen, search=search,
-                  seed=seed)
+                  smooth=smooth, pastes=pastes, min_separation={c: separation_of[c] for c in components},
+                  min_rise=min_rise, floor=floor, min_members=min_members, max_share=max_share, screen=screen,
+                  search=search, seed=seed)
     # a region is asked for a rise in proportion to its side (see MIN_RISE)
     rise_of = [min_rise * (np.sqrt(8 * areas[j]) if c == "region" else 1.0) for c, j in checks]
 
@@ -606,8 +631,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         return part(torch.arange(len(sample_of), device=device)) if shard is None else shard(part, len(sample_of))
     with torch.inference_mode(False), torch.no_grad():  # inputs may be inference tensors (Trainer.validate)
         x = x.detach().to(device, torch.float32, copy=True)   # on the model's device once, for every pass
-        m = _measure(model, x, heatmaps.clone(), classes, checks, rise_of, areas, pastes, batch_size, seed, extend,
-                     probabilities, class_probability, _black(x))
+        m = _measure(model, x, heatmaps.clone(), classes, checks, rise_of, areas, smooth, pastes, batch_size, seed,
+                     extend, probabilities, class_probability, _black(x))
     ratio = np.zeros(len(classes))
 
     def decide(excess: np.ndarray, per: np.ndarray, component: str, rise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -792,7 +817,7 @@ def held_out_separation(per_partner: np.ndarray, min_members: int = 5, max_share
     return best
 
 
-def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_size, seed, extend,
+def _measure(model, x, heatmaps, classes, checks, rise_of, areas, smooth, pastes, batch_size, seed, extend,
              probs, class_probability, low) -> dict:
     device = x.device   # sample_evidence put x on the model's device
     heatmaps = heatmaps.detach().to(device, torch.float32)
@@ -831,7 +856,7 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, pastes, batch_
         idx = torch.from_numpy(rows).to(device)
         reference = _median(_distribution(heatmaps[idx], spatial), 0)
         for j, area in enumerate(areas):
-            regions[j, idx] = relevance_regions(heatmaps[idx], reference, area)
+            regions[j, idx] = relevance_regions(heatmaps[idx], reference, area, smooth)
         for r in rows:   # the region's place control: per partner another sample of the class
             others_c = rows[rows != r]
             mates[r] = others_c[draw(len(others_c), 1)[0]]
