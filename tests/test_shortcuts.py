@@ -14,7 +14,8 @@ from xai_callbacks.attribution import explain
 from xai_callbacks.callbacks.gate import ExplanationGate
 from xai_callbacks.callbacks.spray import SpRAyCallback
 from xai_callbacks.cli import main
-from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, plant_shortcut
+from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, make_shortcut_rows, plant_shortcut
+from xai_callbacks.data.rows import TRIGGER
 from xai_callbacks.models import Classifier, DemoCNN
 from xai_callbacks.infill import gaussian_blur
 from xai_callbacks.spray.evidence import (AREAS, COMPONENTS, MAJORITY_SEPARATION, MIN_SEPARATION,
@@ -703,3 +704,26 @@ def test_a_shortcut_in_token_ids_or_tabular_rows_is_confirmed_and_gated(kind, tm
         assert (main(["gate", str(folder)]) == 1) == planted
         if planted:
             assert r.evidence.component[r.flagged].tolist() == ["region"]
+
+
+@pytest.mark.parametrize("base,kind", [("breast_cancer", "leak"), ("digits", "sentinel"), ("text", "tag"),
+                                       ("text", "trigger")])
+def test_row_scenarios_plant_their_shortcut_on_a_share_of_class_0_with_a_clean_twin(base, kind):
+    train, val = make_shortcut_rows(base, kind, prevalence=0.3, seed=1)
+    for split in (train, val):
+        has = split.has_artifact
+        assert has.sum() == round(0.3 * (split.targets == 0).sum().item()) and (split.targets[has] == 0).all()
+        assert (split.artifact_mask.sum(1)[has] == 1).all()   # one position per shortcut row
+        changed = split.x != split.clean_x
+        assert (changed <= split.artifact_mask).all() and changed[has].any(1).all()
+    planted = val.x[val.artifact_mask]
+    if base == "text":
+        assert val.x.dtype == torch.long and val.vocabulary[int(planted[0])] == TRIGGER
+        assert (val.clean_x != len(val.vocabulary) - 1).all()   # the word is in no window of its own
+        assert (val.artifact_mask[val.has_artifact, 0]).all() == (kind == "tag")
+    else:
+        assert (planted == (1.0 if kind == "leak" else -5.0)).all()
+    _, clean = make_shortcut_rows(base, kind, prevalence=0.0, seed=1)
+    assert not clean.has_artifact.any() and clean.shortcut_class is None
+    with pytest.raises(ValueError, match=r"kind must be one of \('leak', 'sentinel'\) for base 'digits'"):
+        make_shortcut_rows("digits", "tag")

@@ -74,8 +74,11 @@ class SpRAyCallback(ExplanationCallback):
     (B, C, L), such as spectra, are analysed as one-row images (B, C, 1, L): clustering, the shape
     suspicion and the evidence regions work along L, the model sees the signals as they are, and
     prototypes, members and evidence are drawn as signal plots. Token ids and tabular rows (B, L)
-    are analysed as one-channel signals, without the evidence (the check transfers parts of images
-    and signals; it warns and the heatmap-shape suspicion alone flags). A class with
+    are analysed as one-channel signals; their evidence transfers each row's most relevant tokens or
+    feature values, each position on its own, and asks a group to stand further apart
+    (:data:`~xai_callbacks.spray.evidence.ROW_EVIDENCE`; the model gets the rows in their own type,
+    token ids as integers). On the row benchmark it catches leak columns and sentinel values in
+    tables and misses planted words in text (README, "SpRAy"). A class with
     too few usable heatmaps (NaN, constant, or not more than ``k``) is skipped with a warning
     counted in ``xai/errors``, and ``spray/classes_skipped`` counts such classes (a gate rule
     ``spray/classes_skipped < 1`` asks for every class to be checked); a model that gives every
@@ -327,8 +330,7 @@ class SpRAyCallback(ExplanationCallback):
         return labels, classes, usable
 
     def _evidence(self, trainer, data: dict[str, torch.Tensor]) -> tuple[SampleEvidence, np.ndarray] | None:
-        """Causal evidence for the usable analysed samples and their rows (None with one class only,
-        or for token ids and tabular rows)."""
+        """Causal evidence for the usable analysed samples and their rows (None with one class only)."""
         labels, classes, usable = self._usable(data)
         rows = np.flatnonzero(usable & np.isin(labels, classes))
         values, counts = np.unique(labels[rows], return_counts=True)

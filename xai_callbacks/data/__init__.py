@@ -1,7 +1,7 @@
 """Offline demo data with a planted Clever-Hans shortcut, and batch unpacking.
 
 Shortcut scenarios on real photographs, with clean controls, are in :mod:`.shortcuts`
-(:func:`make_shortcut_images`). :func:`make_shortcut_digits` takes scikit-learn's bundled handwritten digits (real data, no
+(:func:`make_shortcut_images`), on real tables and text in :mod:`.rows` (:func:`make_shortcut_rows`). :func:`make_shortcut_digits` takes scikit-learn's bundled handwritten digits (real data, no
 download), upscales them, and stamps a small watermark on a fraction of one class. Every sample
 carries its object mask (the digit's strokes) and its artifact mask (the watermark, empty for
 clean samples), so localisation metrics and SpRAy can be checked against the truth.
@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["ShortcutDigits", "make_shortcut_digits", "ShortcutDigitsDataModule", "Batch", "unpack_batch",
            "ARTIFACT_KINDS", "SHORTCUT_KINDS", "ShortcutImages", "make_shortcut_images", "plant_shortcut",
-           "NoteSpectra", "NoteSpectraDataModule", "make_note_spectra", "RadioMaps", "make_radio_maps"]
+           "NoteSpectra", "NoteSpectraDataModule", "make_note_spectra", "RadioMaps", "make_radio_maps",
+           "ShortcutRows", "make_shortcut_rows"]
 
 ARTIFACT_KINDS = ("square", "checker", "cross")
 
@@ -181,3 +182,4 @@ class ShortcutDigitsDataModule(SplitDataModule):
 from .shortcuts import SHORTCUT_KINDS, ShortcutImages, make_shortcut_images, plant_shortcut  # noqa: E402
 from .notes import NoteSpectra, NoteSpectraDataModule, make_note_spectra  # noqa: E402
 from .radio import RadioMaps, make_radio_maps  # noqa: E402
+from .rows import ShortcutRows, make_shortcut_rows  # noqa: E402

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["ShortcutRows", "make_shortcut_rows", "plant_row_shortcut", "ROW_BASES", "ROW_KINDS", "TEXT_WORDS", "TRIGGER"]
+__all__ = ["ShortcutRows", "make_shortcut_rows", "plant_row_shortcut", "ROW_BASES", "ROW_KINDS", "TEXT_WORDS",
+           "TRIGGER"]
 
 ROW_BASES = ("breast_cancer", "digits", "text")
 ROW_KINDS = {"breast_cancer": ("leak", "sentinel"), "digits": ("leak", "sentinel"), "text": ("tag", "trigger")}
