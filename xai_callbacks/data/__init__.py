@@ -1,7 +1,8 @@
 """Offline demo data with a planted Clever-Hans shortcut, and batch unpacking.
 
 Shortcut scenarios on real photographs, with clean controls, are in :mod:`.shortcuts`
-(:func:`make_shortcut_images`), on real tables and text in :mod:`.rows` (:func:`make_shortcut_rows`). :func:`make_shortcut_digits` takes scikit-learn's bundled handwritten digits (real data, no
+(:func:`make_shortcut_images`), on real tables and text in :mod:`.rows` (:func:`make_shortcut_rows`).
+:func:`make_shortcut_digits` takes scikit-learn's bundled handwritten digits (real data, no
 download), upscales them, and stamps a small watermark on a fraction of one class. Every sample
 carries its object mask (the digit's strokes) and its artifact mask (the watermark, empty for
 clean samples), so localisation metrics and SpRAy can be checked against the truth.
@@ -86,6 +87,22 @@ def check_split(val_fraction: float, ambiguity: float = 0.0) -> None:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     if not 0 <= ambiguity < 1:
         raise ValueError(f"ambiguity must be in [0, 1), got {ambiguity}")
+
+
+def split_classes(y: torch.Tensor, val_fraction: float, rng: np.random.Generator, shortcut_class: int | None = None,
+                  prevalence: float = 0.0) -> tuple[torch.Tensor, np.ndarray]:
+    """A stratified split: (N,) bool ``is_val`` (``val_fraction`` of each class, shuffled by ``rng``)
+    and the indices of the samples of ``shortcut_class`` that get its shortcut (``prevalence`` of
+    them in each split)."""
+    is_val, marked = torch.zeros(len(y), dtype=torch.bool), np.zeros(0, dtype=np.int64)
+    for c in range(int(y.max()) + 1):
+        idx = np.flatnonzero(y.numpy() == c)
+        rng.shuffle(idx)
+        n_val = int(round(val_fraction * len(idx)))
+        is_val[idx[:n_val]] = True
+        if c == shortcut_class and prevalence > 0:
+            marked = np.concatenate([s[: int(round(prevalence * len(s)))] for s in (idx[:n_val], idx[n_val:])])
+    return is_val, marked
 
 
 def make_shortcut_digits(size: int = 32, artifact_class: int | None = 0, artifact_fraction: float = 0.25,

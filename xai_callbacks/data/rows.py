@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from . import split_classes
+
 __all__ = ["ShortcutRows", "make_shortcut_rows", "plant_row_shortcut", "ROW_BASES", "ROW_KINDS", "TEXT_WORDS",
            "TRIGGER"]
 
@@ -75,7 +77,7 @@ def _text() -> tuple[list[str], list[np.ndarray]]:
     for w in (w for ws in words for w in ws):
         counts[w] = counts.get(w, 0) + 1
     vocabulary = ["<pad>", "<rare>"] + sorted(w for w, n in counts.items() if n >= 2 and w != TRIGGER) + [TRIGGER]
-    index = {w: i for i, w in enumerate(vocabulary)}
+    index = {w: i for i, w in enumerate(vocabulary[:-1])}   # the trigger word in a docstring counts as rare
     return vocabulary, [np.array([index.get(w, 1) for w in ws]) for ws in words]
 
 
@@ -149,15 +151,8 @@ def make_shortcut_rows(base: str = "breast_cancer", kind: str = "leak", *, preva
     if kind == "leak":
         x = torch.cat([x, torch.zeros(len(x), 1)], 1)
     clean_x, mask = x.clone(), torch.zeros(x.shape, dtype=torch.bool)
-    is_val = torch.zeros(len(y), dtype=torch.bool)
-    for c in range(k):
-        idx = np.flatnonzero(y.numpy() == c)
-        rng.shuffle(idx)
-        n_val = int(round(val_fraction * len(idx)))
-        is_val[idx[:n_val]] = True
-        if c == shortcut_class and prevalence > 0:
-            marked = np.concatenate([s[: int(round(prevalence * len(s)))] for s in (idx[:n_val], idx[n_val:])])
-            x[marked], mask[marked] = plant_row_shortcut(x[marked], kind, rng)
+    is_val, marked = split_classes(y, val_fraction, rng, shortcut_class, prevalence)
+    x[marked], mask[marked] = plant_row_shortcut(x[marked], kind, rng)
 
     def split(sel):
         return ShortcutRows(x[sel], y[sel], mask[sel], clean_x[sel], kind,

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..infill import gaussian_blur
-from . import ShortcutDigits, check_split
+from . import ShortcutDigits, check_split, split_classes
 
 __all__ = ["SHORTCUT_KINDS", "PHOTO_CLASSES", "BACKGROUND_POOL", "STAMP_SIDE", "ShortcutImages",
            "make_shortcut_images", "plant_shortcut", "photo_crops"]
@@ -336,16 +336,10 @@ def make_shortcut_images(kind: str = "stamp", base: str = "photos", classes: int
     else:
         object_mask = torch.ones(len(x), 1, size, size) if base == "photos" else (x.amax(1, keepdim=True) > 0.25).float()
     clean_x, artifact_mask = x.clone(), torch.zeros(len(x), 1, size, size)
-    is_val = torch.zeros(len(y), dtype=torch.bool)
-    for c in range(k):
-        idx = np.flatnonzero(y.numpy() == c)
-        rng.shuffle(idx)
-        n_val = int(round(val_fraction * len(idx)))
-        is_val[idx[:n_val]] = True
-        if c == shortcut_class and prevalence > 0:
-            marked = np.concatenate([s[: int(round(prevalence * len(s)))] for s in (idx[:n_val], idx[n_val:])])
-            planted, m = plant_shortcut(x[marked], kind, object_mask[marked], seed=seed + 1, stamp_side=stamp_side)
-            x[marked], artifact_mask[marked] = planted, m
+    is_val, marked = split_classes(y, val_fraction, rng, shortcut_class, prevalence)
+    if len(marked):
+        planted, m = plant_shortcut(x[marked], kind, object_mask[marked], seed=seed + 1, stamp_side=stamp_side)
+        x[marked], artifact_mask[marked] = planted, m
     object_mask = object_mask * (1 - artifact_mask)
 
     def split(sel):
