@@ -68,7 +68,8 @@ controls on textures, scenes and digits; the small CNN over three seeds, ResNet-
 32 and 64 pixels), not on one scenario; the README gives the figures, what is missed (colour
 shifts on varied photos, class-specific backgrounds) and what is flagged though nothing was planted
 (natural groups of a class's own crops on weak ShuffleNetV2 and DenseNet-121 models, architectures
-the calibration never saw).
+the calibration never saw). Token ids and tabular rows have settings of their own
+(:data:`ROW_EVIDENCE`, calibrated on ``benchmarks/row_shortcuts.py``).
 
 Cost: ``passes`` counts the model evaluations per sample (``forward_passes`` their sum): itself
 (all classes' probabilities at once; none where ``probabilities`` are given, as the callback
