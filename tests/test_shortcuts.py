@@ -683,9 +683,9 @@ def _rows(kind: str, planted: bool):
 
 @pytest.mark.parametrize("kind", ["tokens", "tabular"])
 def test_a_shortcut_in_token_ids_or_tabular_rows_is_confirmed_and_gated(kind, tmp_path):
-    """Rows (N, L) get the causal check with ROW_EVIDENCE: the shortcut's rows are exactly the
-    flagged strategy, described by the shortcut's position, and the gate fails; the same rows
-    without the shortcut flag nothing and pass."""
+    """Rows (N, L) get the causal check with ROW_EVIDENCE (the bag of tokens is called with integer
+    ids, as it must be): the shortcut's rows are exactly the flagged strategy, described as a region,
+    and the gate fails; the same rows without the shortcut flag nothing and pass."""
     for planted in (True, False):
         model, x, y, has = _rows(kind, planted)
         cb = SpRAyCallback(method="input_x_gradient", max_per_class=20, spray_options={"visualisation": None},
@@ -727,3 +727,19 @@ def test_row_scenarios_plant_their_shortcut_on_a_share_of_class_0_with_a_clean_t
     assert not clean.has_artifact.any() and clean.shortcut_class is None
     with pytest.raises(ValueError, match=r"kind must be one of \('leak', 'sentinel'\) for base 'digits'"):
         make_shortcut_rows("digits", "tag")
+
+
+def test_a_region_without_smoothing_is_the_one_position_that_stands_out():
+    """One feature of a row carries the relevance: smoothed over 3 positions it ties with its two
+    neighbours (the region of one position may miss it), each position on its own it is chosen."""
+    heat = torch.full((1, 12), 0.01)
+    heat[0, 6] = 1.0
+    reference = torch.full((12,), 1 / 12)
+    smoothed = relevance_regions(heat, reference, area=1 / 12)
+    alone = relevance_regions(heat, reference, area=1 / 12, smooth=1)
+    assert alone[0].nonzero().flatten().tolist() == [6]
+    assert smoothed[0].nonzero().flatten().item() in (5, 6, 7)
+    three = relevance_regions(heat, reference, area=3 / 12)   # the tie: the peak and both neighbours
+    assert three[0].nonzero().flatten().tolist() == [5, 6, 7]
+    with pytest.raises(ValueError, match="smooth an odd number"):
+        relevance_regions(heat, reference, smooth=2)
