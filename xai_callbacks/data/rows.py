@@ -4,7 +4,8 @@ Bases: ``breast_cancer`` and ``digits`` (scikit-learn's bundled tables: 30 measu
 nuclei, 2 classes; the 64 pixels of each handwritten digit as features, 10 classes), each feature
 standardised; ``text``: windows of :data:`TEXT_WORDS` words of the docstrings of four NumPy
 namespaces (``numpy.linalg``, ``numpy.fft``, ``numpy.random.Generator``, ``numpy.strings``; the
-class is the namespace) as token ids (0 pads, 1 is a word seen fewer than twice). Kinds of
+class is the namespace) as token ids (0 pads, 1 is a word seen fewer than twice; the windows follow
+the installed NumPy's docstrings, 2.0 or later: the README's figures were made with NumPy 2.4.6). Kinds of
 shortcut on ``prevalence`` of class ``shortcut_class``:
 
 * ``leak`` (tables): one more feature, 1 on the shortcut rows and 0 elsewhere (a column that
@@ -69,7 +70,11 @@ def _text() -> tuple[list[str], list[np.ndarray]]:
 
     words = []
     for module, attr in _NAMESPACES:
-        space = importlib.import_module(module)
+        try:
+            space = importlib.import_module(module)
+        except ImportError as err:
+            raise ImportError(f"the 'text' rows are NumPy's docstrings and need {module} (NumPy 2.0 or later); "
+                              f"NumPy {np.__version__} is installed") from err
         space = getattr(space, attr) if attr else space
         docs = [getattr(space, a).__doc__ for a in sorted(dir(space)) if not a.startswith("_")]
         words.append(re.findall(r"[a-z]+", " ".join(d for d in docs if isinstance(d, str)).lower()))
