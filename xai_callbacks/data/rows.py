@@ -115,7 +115,7 @@ def plant_row_shortcut(x: torch.Tensor, kind: str, rng: np.random.Generator) -> 
         column = torch.full((n,), x.shape[1] - 1 if kind == "leak" else 0)
     else:
         column = torch.from_numpy(rng.integers(0, x.shape[1], n))
-    value = {"leak": 1.0, "sentinel": -5.0}.get(kind, len(_text()[0]) - 1)
+    value = {"leak": 1.0, "sentinel": -5.0}[kind] if kind in ("leak", "sentinel") else len(_text()[0]) - 1
     x[torch.arange(n), column] = torch.tensor(value, dtype=x.dtype)
     return x, torch.nn.functional.one_hot(column, x.shape[1]).bool()
 
