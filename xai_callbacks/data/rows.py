@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from . import split_classes
+from . import check_split, split_classes
 
 __all__ = ["ShortcutRows", "make_shortcut_rows", "plant_row_shortcut", "ROW_BASES", "ROW_KINDS", "TEXT_WORDS",
            "TRIGGER"]
@@ -142,9 +142,9 @@ def make_shortcut_rows(base: str = "breast_cancer", kind: str = "leak", *, preva
         raise ValueError(f"base must be one of {ROW_BASES}, got {base!r}")
     if kind not in ROW_KINDS[base]:
         raise ValueError(f"kind must be one of {ROW_KINDS[base]} for base {base!r}, got {kind!r}")
-    if not (0 <= prevalence <= 1 and 0 <= ambiguity < 1 and 0 < val_fraction < 1):
-        raise ValueError(f"need prevalence in [0, 1], ambiguity in [0, 1), val_fraction in (0, 1); got "
-                         f"{prevalence}, {ambiguity}, {val_fraction}")
+    if not 0 <= prevalence <= 1:
+        raise ValueError(f"prevalence must be in [0, 1], got {prevalence}")
+    check_split(val_fraction, ambiguity)
     rng = np.random.default_rng(seed)
     x, y, vocabulary = _base(base, n_per_class, rng)
     k = int(y.max()) + 1
