@@ -386,26 +386,54 @@ def test_lrp_conserves_relevance_through_a_models_own_functional_additions_and_p
     assert_conserved(rel, model, x, 1, rtol=1e-4)
 
 
-def test_token_lrp_through_a_mean_of_embeddings_follows_the_tokens():
-    """A bag of embeddings (the mean over tokens, then a dense layer): the mean's norm rule gives
-    each token its share; its gradient gave every token the same relevance."""
+@pytest.mark.parametrize("pool", ["mean", "sum", "bag-sum", "bag-mean", "bag-max", "bag-weighted"])
+def test_token_lrp_through_a_pooling_of_embeddings_follows_the_tokens(pool):
+    """A bag of embeddings (a mean, a sum or an ``nn.EmbeddingBag`` with padding 0 over the tokens,
+    then a dense layer): the pooling's norm rule gives each token its share of the linear logit (a
+    bag's max the token that wins each dimension); the gradient gave every token the same relevance."""
     class Bag(nn.Module):
         def __init__(self):
             super().__init__()
             torch.manual_seed(0)
-            self.embedding, self.head = nn.Embedding(20, 6), nn.Linear(6, 2, bias=False)
+            mode = pool.removeprefix("bag-").replace("weighted", "sum")
+            self.embedding = nn.EmbeddingBag(20, 6, mode=mode, padding_idx=0) if pool.startswith("bag") \
+                else nn.Embedding(20, 6)
+            self.head = nn.Linear(6, 2, bias=False)
 
         def forward(self, tokens):
-            return self.head(self.embedding(tokens).mean(1))
+            if pool == "bag-weighted":
+                return self.head(self.embedding(tokens, per_sample_weights=tokens.float() / 10))
+            e = self.embedding(tokens)
+            return self.head(e if pool.startswith("bag") else getattr(e, pool)(1))
 
-    model, tokens = Bag().eval(), torch.tensor([[1, 2, 3, 4], [5, 5, 6, 7]])
+    model, tokens = Bag().eval(), torch.tensor([[1, 2, 3, 4], [5, 7, 6, 0]])
     rel = explain(model, tokens, 0, method="lrp.epsilon_plus")
     with torch.no_grad():
-        e, logit = model.embedding(tokens), model(tokens)[:, 0]
-        want = (e * model.head.weight[0]).sum(2) / e.shape[1]   # token i's part of the linear logit
-    # up to the dense layer's epsilon stabiliser (the first logit is -0.002)
+        e, logit, w = model.embedding.weight[tokens], model(tokens)[:, 0], model.head.weight[0]
+        if pool == "bag-max":   # per dimension the winning token's value (no ties here)
+            e = e * (e == e.masked_fill(tokens[..., None] == 0, -torch.inf).amax(1, keepdim=True))
+        if pool.startswith("bag"):
+            e = e * (tokens > 0)[..., None]   # the padding is left out
+        if pool == "bag-weighted":
+            e = e * tokens[..., None] / 10
+        count = (tokens > 0).sum(1, keepdim=True) if pool.startswith("bag") else tokens.shape[1]
+        want = (e * w).sum(2) / (count if pool.endswith("mean") else 1)   # token i's part of the linear logit
+    # up to the dense layer's epsilon stabiliser
     torch.testing.assert_close(rel, want, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(rel.sum(1), logit, rtol=1e-3, atol=1e-5)
+
+
+def test_an_embedding_bag_given_offsets_is_refused_by_name():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(20, 3)
+
+        def forward(self, tokens):
+            return self.bag(tokens.flatten(), torch.arange(0, tokens.numel(), tokens.shape[1]))
+
+    with pytest.raises(ValueError, match=r"EmbeddingBag was called with 1-D ids and offsets.*\(batch, length\)"):
+        explain(Flat(), torch.tensor([[1, 2], [3, 4]]), 0, method="input_x_gradient")
 
 
 def test_excitation_backprop_through_a_functional_residual_addition_is_a_distribution():

@@ -638,25 +638,29 @@ def test_a_group_that_may_be_the_majority_of_its_class_must_stand_further_apart(
 
 
 class _BagOfTokens(torch.nn.Module):
-    """Logits: the sum over tokens of a row of ``table`` (V, classes) per token id."""
+    """Logits: the sum over tokens of a row of ``table`` (V, classes) per token id, by ``.sum`` over
+    an ``nn.Embedding``'s output or by an ``nn.EmbeddingBag``."""
 
-    def __init__(self, table: torch.Tensor):
+    def __init__(self, table: torch.Tensor, bag: bool):
         super().__init__()
-        self.table = torch.nn.Embedding.from_pretrained(table, freeze=False)
+        self.bag = bag
+        embedding = torch.nn.EmbeddingBag.from_pretrained(table, mode="sum") if bag else \
+            torch.nn.Embedding.from_pretrained(table)
+        self.table = embedding.requires_grad_(True)
 
     def forward(self, tokens):
-        return self.table(tokens).sum(1)
+        return self.table(tokens) if self.bag else self.table(tokens).sum(1)
 
 
 def _rows(kind: str, planted: bool):
-    """60 rows of 3 classes: token ids (N, 16), three of their class's ten words among neutral ones, or
-    features (N, 12), three of their class's four raised. Class 0's rows ``i % 9 == 0`` (7 of 20) carry
+    """60 rows of 3 classes: token ids (N, 16; ``tokens`` or ``bag``), three of their class's ten words
+    among neutral ones, or features (N, 12), three of their class's four raised. Class 0's rows ``i % 9 == 0`` (7 of 20) carry
     the shortcut: token 59 at a random place, or feature 11 (a leak column) at 1; the analytic model
     reads it as four of the class's own words or features."""
     gen = torch.Generator().manual_seed(0)
     y = torch.arange(60) % 3
     has = (torch.arange(60) % 9 == 0) & planted
-    if kind == "tokens":
+    if kind in ("tokens", "bag"):
         x = torch.randint(31, 59, (60, 16), generator=gen)
         table = torch.zeros(60, 3)
         for i in range(60):
@@ -667,7 +671,7 @@ def _rows(kind: str, planted: bool):
         for c in range(3):
             table[1 + 10 * c: 11 + 10 * c, c] = 1.0
         table[59, 0] = 4.0
-        return _BagOfTokens(table), x, y, has
+        return _BagOfTokens(table, kind == "bag"), x, y, has
     x = torch.rand(60, 12, generator=gen) * 0.1
     linear = torch.nn.Linear(12, 3, bias=False)
     with torch.no_grad():
@@ -681,15 +685,16 @@ def _rows(kind: str, planted: bool):
     return linear, x, y, has
 
 
-@pytest.mark.parametrize("kind", ["tokens", "tabular"])
+@pytest.mark.parametrize("kind", ["tokens", "bag", "tabular"])
 def test_a_shortcut_in_token_ids_or_tabular_rows_is_confirmed_and_gated(kind, tmp_path):
     """Rows (N, L) get the causal check with ROW_EVIDENCE (the bag of tokens is called with integer
-    ids, as it must be): the shortcut's rows are exactly the flagged strategy, described as a region,
-    and the gate fails; the same rows without the shortcut flag nothing and pass."""
+    ids, as it must be), with the model's own LRP (a sum of the tokens' rows, as ``.sum`` or an
+    ``nn.EmbeddingBag``: the norm rule, where the gradient gave every token the whole logit): the
+    shortcut's rows are exactly the flagged strategy, described as a region, and the gate fails;
+    the same rows without the shortcut flag nothing and pass."""
     for planted in (True, False):
         model, x, y, has = _rows(kind, planted)
-        cb = SpRAyCallback(method="input_x_gradient", max_per_class=20, spray_options={"visualisation": None},
-                           save_virelay=False)
+        cb = SpRAyCallback(max_per_class=20, spray_options={"visualisation": None}, save_virelay=False)
         gate = ExplanationGate(action="warn")
         folder = tmp_path / str(planted)
         with warnings.catch_warnings():

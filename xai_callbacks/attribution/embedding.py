@@ -3,11 +3,14 @@
 A batch of token ids (B, L) cannot be differentiated; the explained input is the embedding
 output (B, L, D) instead. :func:`explain_tokens` runs any registered method on
 :class:`EmbeddingInput` (the model with its embedding output replaced by the method's input) and
-sums the relevance over the embedding dimension: one relevance per token, (B, L).
+sums the relevance over the embedding dimension: one relevance per token, (B, L). An
+``nn.EmbeddingBag`` (called with the ids (B, L)) is explained through its tokens' vectors (B, L, D),
+which :class:`EmbeddingInput` reduces as the bag does (their sum, mean or max, padding left out).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["EmbeddingInput", "find_embedding", "explain_tokens", "token_methods"]
@@ -22,24 +25,54 @@ def token_methods(model: nn.Module) -> list[str]:
     return applicable_methods(model, tokens=True)
 
 
-def find_embedding(model: nn.Module) -> nn.Embedding:
-    """The model's first ``nn.Embedding`` (in module order); ``ValueError`` if it has none."""
+def find_embedding(model: nn.Module) -> nn.Embedding | nn.EmbeddingBag:
+    """The model's first ``nn.Embedding`` or ``nn.EmbeddingBag`` (in module order); ``ValueError``
+    if it has none."""
     for m in model.modules():
-        if isinstance(m, nn.Embedding):
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             return m
-    raise ValueError(f"x holds integer token ids, so the model must embed them with an nn.Embedding; "
-                     f"{type(model).__name__} has none: pass floating-point inputs (a floating-point tensor)")
+    raise ValueError(f"x holds integer token ids, so the model must embed them with an nn.Embedding or "
+                     f"nn.EmbeddingBag; {type(model).__name__} has none: pass floating-point inputs "
+                     f"(a floating-point tensor)")
+
+
+def token_vectors(embedding: nn.Embedding | nn.EmbeddingBag, tokens: torch.Tensor) -> torch.Tensor:
+    """Each token's vector (B, L, D): the embedding's output, or for a bag its vectors before the
+    bag reduces them."""
+    if isinstance(embedding, nn.Embedding):
+        return embedding(tokens)
+    return F.embedding(tokens, embedding.weight, None, embedding.max_norm, embedding.norm_type)
+
+
+def _reduce_bag(bag: nn.EmbeddingBag, e: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """What ``bag``, called with ``args`` and ``kwargs``, makes of the token vectors ``e`` (B, L, D) of
+    its ids (B, L): their sum (weighted by ``per_sample_weights`` where given), mean or max over the
+    ids that are not its padding. Products with constants and a sum, so that the LRP rules see a sum
+    pooling."""
+    tokens, offsets, weights = (*args, *[None] * 3)[:3]
+    offsets, weights = kwargs.get("offsets", offsets), kwargs.get("per_sample_weights", weights)
+    if tokens.dim() != 2 or offsets is not None:
+        raise ValueError(f"{type(bag).__name__} was called with {tokens.dim()}-D ids and offsets; token ids are "
+                         f"explained per sample: call the bag with the ids as a (batch, length) tensor")
+    keep = torch.ones_like(tokens, dtype=e.dtype) if bag.padding_idx is None else (tokens != bag.padding_idx).to(e)
+    if weights is not None:
+        keep = keep * weights.to(e)
+    if bag.mode == "max":
+        return (e + (keep[..., None] - 1) * torch.finfo(e.dtype).max).amax(1) * keep.amax(1, keepdim=True)
+    out = (e * keep[..., None]).sum(1)
+    return out / keep.sum(1, keepdim=True).clamp(min=1) if bag.mode == "mean" else out
 
 
 class EmbeddingInput(nn.Module):
     """``model`` as a function of its embedding output: ``forward(e)`` runs ``model(tokens)`` with
     ``embedding``'s output replaced by ``e``. When ``e`` holds k copies of the batch (SmoothGrad's
     noisy copies, integrated gradients' steps, stacked along the batch axis), the tokens are
-    repeated k times to match; a smaller ``e`` is taken as the first samples (a check forward).
+    repeated k times to match; a smaller ``e`` is taken as the first samples (a check forward). An
+    ``nn.EmbeddingBag``'s output is replaced by its reduction of ``e``.
 
     Args:
         model: the token model.
-        embedding: the ``nn.Embedding`` inside ``model`` whose output is replaced.
+        embedding: the ``nn.Embedding`` or ``nn.EmbeddingBag`` inside ``model`` whose output is replaced.
         tokens: the token ids (B, L) being explained.
     """
 
@@ -57,7 +90,9 @@ class EmbeddingInput(nn.Module):
         else:
             raise ValueError(f"embedding input batch {e.shape[0]} is neither a multiple of the token batch {b} "
                              "nor a prefix of it")
-        handle = self.embedding.register_forward_hook(lambda m, i, o: e.to(o.dtype))
+        bag = isinstance(self.embedding, nn.EmbeddingBag)
+        handle = self.embedding.register_forward_hook(
+            lambda m, args, kwargs, o: (_reduce_bag(m, e, args, kwargs) if bag else e).to(o.dtype), with_kwargs=True)
         try:
             return self.model(tokens)
         finally:
@@ -95,7 +130,7 @@ def explain_tokens(model: nn.Module, tokens: torch.Tensor, target, method: str, 
     for i in range(0, tokens.shape[0], step):
         chunk = tokens[i:i + step]
         with torch.inference_mode(False), torch.no_grad():
-            e = embedding(chunk).detach().clone()
+            e = token_vectors(embedding, chunk).detach().clone()
         t = target[i:i + step] if isinstance(target, torch.Tensor) and target.numel() > 1 else target
         rel = explain(EmbeddingInput(module, embedding, chunk), e, t, method=method, **options)
         parts.append(rel.sum(dim=-1))

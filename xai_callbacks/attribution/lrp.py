@@ -237,7 +237,7 @@ class _NormAdd(torch.autograd.Function):
 
 
 class _NormPool(torch.autograd.Function):
-    """``pool(x)`` forward (a mean over positions); backward the norm rule: the relevance above
+    """``pool(x)`` forward (a mean or a sum over positions); backward the norm rule: the relevance above
     over the output, through the pooling's gradient, times the input."""
 
     @staticmethod
@@ -297,10 +297,11 @@ class FunctionalRules(TorchFunctionMode):
     functions, which no zennit rule sees, passes relevance as LRP would:
 
     - an addition of two activations of one shape (``a + b``, ``a += b``, ``torch.add``,
-      ``a.add_(b)``) and an average pooling (``x.mean(...)``, ``F.adaptive_avg_pool2d``, ...): the
-      norm rule of zennit's ``Sum`` and pooling layers (the gradient passed the full relevance into
-      both addends, doubling a residual network's relevance at each block, and a mean spread it
-      evenly);
+      ``a.add_(b)``) and an average or sum pooling (``x.mean(...)``, ``x.sum(...)``,
+      ``F.adaptive_avg_pool2d``, ...): the norm rule of zennit's ``Sum`` and pooling layers (the
+      gradient passed the full relevance into both addends, doubling a residual network's relevance
+      at each block, and a mean or a sum spread it evenly, a sum of tokens' embeddings the whole
+      logit to every token);
     - a product of two activations where one is a gate (a sigmoid's output or a reshape of one,
       else the factor that broadcasts over the other: squeeze-and-excitation, spatial attention):
       the gate is a constant and the gated signal takes all of the relevance (the gradient scaled
@@ -315,8 +316,8 @@ class FunctionalRules(TorchFunctionMode):
 
     _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__}
     _MUL = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.__imul__}
-    _POOL = {torch.mean, torch.Tensor.mean, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
-             F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
+    _POOL = {torch.mean, torch.Tensor.mean, torch.sum, torch.Tensor.sum, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+             F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
     _DIV = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.Tensor.__itruediv__}
     _IN_PLACE = {torch.Tensor.mul_, torch.Tensor.div_}
     _SIGMOID = {torch.sigmoid, torch.Tensor.sigmoid, F.hardsigmoid, torch.special.expit}
