@@ -423,7 +423,9 @@ def test_token_lrp_through_a_pooling_of_embeddings_follows_the_tokens(pool):
     torch.testing.assert_close(rel.sum(1), logit, rtol=1e-3, atol=1e-5)
 
 
-def test_an_embedding_bag_given_offsets_is_refused_by_name():
+def test_a_model_that_embeds_other_ids_than_the_explained_ones_is_refused_by_name():
+    """A bag given the flat ids and offsets, a model that puts a [CLS] id before the ids: the error
+    names the shapes and what to do, where it was a shape mismatch deep inside the model."""
     class Flat(nn.Module):
         def __init__(self):
             super().__init__()
@@ -432,8 +434,20 @@ def test_an_embedding_bag_given_offsets_is_refused_by_name():
         def forward(self, tokens):
             return self.bag(tokens.flatten(), torch.arange(0, tokens.numel(), tokens.shape[1]))
 
-    with pytest.raises(ValueError, match=r"EmbeddingBag was called with 1-D ids and offsets.*\(batch, length\)"):
-        explain(Flat(), torch.tensor([[1, 2], [3, 4]]), 0, method="input_x_gradient")
+    class Cls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding, self.head = nn.Embedding(20, 3), nn.Linear(3, 2)
+
+        def forward(self, tokens):
+            return self.head(self.embedding(torch.cat([torch.zeros_like(tokens[:, :1]), tokens], 1)).mean(1))
+
+    tokens = torch.tensor([[1, 2], [3, 4]])
+    with pytest.raises(ValueError, match=r"EmbeddingBag was called with ids of shape \(4,\), not the explained ones "
+                                         r"\(2, 2\) \(an nn.EmbeddingBag given 1-D ids and offsets"):
+        explain(Flat(), tokens, 0, method="input_x_gradient")
+    with pytest.raises(ValueError, match=r"shape \(\d, 3\), not the explained ones \(\d, 2\): .*\[CLS\] token"):
+        explain(Cls(), tokens, 0, method="lrp.epsilon_plus")
 
 
 def test_excitation_backprop_through_a_functional_residual_addition_is_a_distribution():

@@ -49,11 +49,8 @@ def _reduce_bag(bag: nn.EmbeddingBag, e: torch.Tensor, args: tuple, kwargs: dict
     its ids (B, L): their sum (weighted by ``per_sample_weights`` where given), mean or max over the
     ids that are not its padding. Products with constants and a sum, so that the LRP rules see a sum
     pooling."""
-    tokens, offsets, weights = (*args, *[None] * 3)[:3]
-    offsets, weights = kwargs.get("offsets", offsets), kwargs.get("per_sample_weights", weights)
-    if tokens.dim() != 2 or offsets is not None:
-        raise ValueError(f"{type(bag).__name__} was called with {tokens.dim()}-D ids and offsets; token ids are "
-                         f"explained per sample: call the bag with the ids as a (batch, length) tensor")
+    tokens, _, weights = (*args, *[None] * 3)[:3]
+    weights = kwargs.get("per_sample_weights", weights)
     keep = torch.ones_like(tokens, dtype=e.dtype) if bag.padding_idx is None else (tokens != bag.padding_idx).to(e)
     if weights is not None:
         keep = keep * weights.to(e)
@@ -90,9 +87,17 @@ class EmbeddingInput(nn.Module):
         else:
             raise ValueError(f"embedding input batch {e.shape[0]} is neither a multiple of the token batch {b} "
                              "nor a prefix of it")
-        bag = isinstance(self.embedding, nn.EmbeddingBag)
-        handle = self.embedding.register_forward_hook(
-            lambda m, args, kwargs, o: (_reduce_bag(m, e, args, kwargs) if bag else e).to(o.dtype), with_kwargs=True)
+        def replace(m, args, kwargs, out):
+            if args[0].shape != e.shape[:-1]:
+                bag = " (an nn.EmbeddingBag given 1-D ids and offsets: give it the (batch, length) ids)" \
+                    if args[0].dim() == 1 else ""
+                raise ValueError(f"the model's {type(m).__name__} was called with ids of shape {tuple(args[0].shape)}, "
+                                 f"not the explained ones {tuple(e.shape[:-1])}{bag}: token ids are explained where "
+                                 f"the model embeds the ids it is given (a model that adds ids, such as a [CLS] "
+                                 f"token, must get them in its input)")
+            return (_reduce_bag(m, e, args, kwargs) if isinstance(m, nn.EmbeddingBag) else e).to(out.dtype)
+
+        handle = self.embedding.register_forward_hook(replace, with_kwargs=True)
         try:
             return self.model(tokens)
         finally:
