@@ -5,7 +5,10 @@ its digits as rows of 64 features (a leak column, a sentinel value) and windows 
 NumPy's docstrings (a tag word first, a trigger word anywhere), the shortcut on ``--prevalence`` of
 class 0, each with its clean control. Models trained from scratch: an MLP on the tables (two
 hidden layers of 64 ReLU units); on the text a bag of embeddings (their mean, then an MLP) and a
-small transformer (2 layers, learnt positions; SpRAy explains it with AttnLRP). Per scenario and
+small transformer (2 layers, learnt positions; SpRAy explains it with AttnLRP); with ``--text-models``
+also ``bert``, a HuggingFace ``BertForSequenceClassification`` (2 layers of width 32, untrained
+weights; ``transformers`` of the ``reference`` extra), whose rows begin with a ``[CLS]`` id as its
+tokenizer's would (its classifier reads the first position). Per scenario and
 model, as ``benchmarks/shortcuts.py`` does for images: the intervention (paste the shortcut into
 other classes' validation rows; remove it from the shortcut rows; void below 0.2 both), then
 ``SpRAyCallback`` and ``ExplanationGate`` at their defaults in ``Trainer.validate`` and
@@ -14,6 +17,7 @@ forward passes per sample, separation ratios).
 
     nice -n 10 python benchmarks/row_shortcuts.py                      # every base, seed 0 (~1.5 min on 2 cores)
     nice -n 10 python benchmarks/row_shortcuts.py --seeds 0 1 2        # the README's table (~5 min)
+    nice -n 10 python benchmarks/row_shortcuts.py --bases text --text-models bert --seeds 0 1 2 3 4 5
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from shortcuts import SHORTCUT_CLASS, analyse, predict, score, summary, train  # noqa: E402
 
-from xai_callbacks.data.rows import ROW_BASES, ROW_KINDS, make_shortcut_rows, plant_row_shortcut  # noqa: E402
+from xai_callbacks.data.rows import (ROW_BASES, ROW_KINDS, ShortcutRows, make_shortcut_rows,  # noqa: E402
+                                     plant_row_shortcut)
 
 MODELS = {"breast_cancer": ("mlp",), "digits": ("mlp",), "text": ("bag", "transformer")}
 
@@ -62,9 +67,50 @@ class Transformer(torch.nn.Module):
         return self.head(self.encoder(self.embedding(tokens) + self.position).mean(1))
 
 
+class Bert(torch.nn.Module):
+    """transformers' ``BertForSequenceClassification`` on rows that begin with a ``[CLS]`` id (the
+    last of the vocabulary, :func:`with_cls`), padding (id 0) masked; returns the logits."""
+
+    def __init__(self, vocabulary: int, classes: int, length: int, dim: int = 32):
+        super().__init__()
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(vocab_size=vocabulary + 1, hidden_size=dim, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=2 * dim, max_position_embeddings=length + 1, num_labels=classes,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
+        self.bert = BertForSequenceClassification(config)
+
+    def forward(self, tokens):
+        return self.bert(input_ids=tokens, attention_mask=(tokens != 0).long()).logits
+
+
+class WithoutCls(torch.nn.Module):
+    """``model`` on rows without the ``[CLS]`` id: puts it first (to train and intervene on the
+    scenario's own rows; SpRAy gets the rows of :func:`with_cls`, whose ids the model embeds)."""
+
+    def __init__(self, model: torch.nn.Module, cls: int):
+        super().__init__()
+        self.model, self.cls = model, cls
+
+    def forward(self, tokens):
+        return self.model(torch.cat([torch.full_like(tokens[:, :1], self.cls), tokens], 1))
+
+
+def with_cls(split: ShortcutRows) -> ShortcutRows:
+    """``split`` with a ``[CLS]`` id (one past its vocabulary) before each row."""
+    def first(t, value):
+        return torch.cat([torch.full_like(t[:, :1], value), t], 1)
+
+    cls = len(split.vocabulary)
+    return ShortcutRows(first(split.x, cls), split.targets, first(split.artifact_mask, False),
+                        first(split.clean_x, cls), split.kind, split.shortcut_class, [*split.vocabulary, "[CLS]"])
+
+
 def build(arch: str, data, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     classes = int(data.targets.max()) + 1
+    if arch == "bert":
+        return WithoutCls(Bert(len(data.vocabulary), classes, data.x.shape[1]), len(data.vocabulary))
     if arch == "mlp":
         return torch.nn.Sequential(torch.nn.Linear(data.x.shape[1], 64), torch.nn.ReLU(), torch.nn.Linear(64, 64),
                                    torch.nn.ReLU(), torch.nn.Linear(64, classes))
@@ -92,6 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prevalence", type=float, default=0.3)
     ap.add_argument("--ambiguity", type=float, default=0.4)
     ap.add_argument("--epochs", type=int, default=None, help="default: 60 on the tables, 20 on the text")
+    ap.add_argument("--text-models", nargs="+", default=list(MODELS["text"]), choices=("bag", "transformer", "bert"))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     for name in ("lightning.pytorch", "xai_callbacks"):
@@ -105,7 +152,7 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             for kind, prev in [(k, args.prevalence) for k in ROW_KINDS[base]] + [(ROW_KINDS[base][0], 0.0)]:
                 train_set, val = make_shortcut_rows(base, kind, prevalence=prev, ambiguity=args.ambiguity, seed=seed)
-                for arch in MODELS[base]:
+                for arch in args.text_models if base == "text" else MODELS[base]:
                     start = time.perf_counter()
                     model = build(arch, train_set, seed)
                     train(model, train_set, args.epochs or (20 if base == "text" else 60), 2e-3, seed)
@@ -113,7 +160,8 @@ def main(argv=None) -> int:
                     shortcut = prev > 0
                     paste, removal = intervention(model, val, seed) if shortcut else (np.nan, np.nan)
                     with tempfile.TemporaryDirectory() as folder:
-                        res = analyse(model, val, folder)
+                        res = analyse(model.model, with_cls(val), folder) if arch == "bert" else \
+                            analyse(model, val, folder)
                     s = score(res["cb"], val, shortcut)
                     used = ("yes" if max(paste, removal) >= 0.2 else "VOID") if shortcut else "-"
                     row = dict(used=used, gate=res["gate"], **s)
