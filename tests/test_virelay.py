@@ -249,3 +249,44 @@ def test_causal_evidence_is_kept_in_the_analysis_file(tmp_path):
         assert list(e["flagged"][:]) == list(r.flagged) and e["region"].shape == (n, SIZE, SIZE)
         assert e["component"][flagged] == b"region"
         assert list(f["00000000/cluster/flagged"][:]) == list(np.isin(r.labels, np.flatnonzero(r.flagged)))
+
+
+def test_token_rows_and_signals_open_in_virelay(tmp_path):
+    """ViRelAy takes a picture's shortest axis for its channels: a one-row picture (token ids or
+    tabular rows (N, L) through SpRAyCallback, a two-channel signal (N, 2, L)) failed in its server
+    (500 on every sample). Now each is a strip of 8 x L pixels whose heatmap sums to the relevance
+    (the channel sum for the signal), and every answer is 200."""
+    from conftest import make_trainer
+    from test_architectures import TextTransformer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from xai_callbacks import SpRAyCallback
+    from xai_callbacks.models import Classifier
+
+    gen = torch.Generator().manual_seed(0)
+    tokens, y = torch.randint(0, 50, (32, 10), generator=gen), torch.arange(32) % 2
+    cb = SpRAyCallback(max_per_class=16, spray_options={"visualisation": None}, evidence=False, on_error="raise")
+    make_trainer(tmp_path / "tokens", [cb]).validate(Classifier(TextTransformer()),
+                                                     DataLoader(TensorDataset(tokens, y), 16), verbose=False)
+    (project_yaml,) = sorted((tmp_path / "tokens").rglob("project.yaml"))
+    rng = np.random.default_rng(0)
+    heat = rng.normal(size=(24, 2, 1, 20)).astype(np.float32)   # a two-channel signal's relevance
+    labels = np.repeat([0, 1], 12)
+    results = {c: (np.flatnonzero(labels == c), spray(heat[labels == c].sum(1), k=4, visualisation=None,
+                                                      max_clusters=3)) for c in range(2)}
+    signal = write_virelay(tmp_path / "signal", heat, labels, results, inputs=rng.random(heat.shape),
+                           predictions=rng.normal(size=(24, 2)))["project"]
+    for path, length, relevance in ((project_yaml, 10, None), (signal, 20, heat.sum(1)[:, 0])):
+        project = virelay_model.Project(str(path))
+        try:
+            for i in (0, 5):
+                assert project.get_sample(i).data.shape == (8, length, 3)
+                drawn = project.get_attribution(i).data.sum(-1)
+                assert drawn.shape == (8, length) and (drawn == drawn[:1]).all()   # the row, 8 times
+                if relevance is not None:
+                    np.testing.assert_allclose(drawn[0], relevance[i], rtol=1e-5, atol=1e-6)
+        finally:
+            project.close()
+        with serve(path) as base:
+            seen = check_rest(base, every=4)
+        assert seen["samples"] > 0 and seen["heatmaps"] == seen["samples"] * 16

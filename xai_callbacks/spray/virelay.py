@@ -2,16 +2,19 @@
 
 One directory per call holds:
 
-* ``input.h5``: ``data`` uint8 (N, H, W, 3), each input rendered as an RGB picture (ViRelAy
+* ``input.h5``: ``data`` uint8 (N, H', W', 3), each input rendered as an RGB picture (ViRelAy
   moves a leading channel axis last and hands the array to Pillow, which rejects one-channel
   (H, W, 1) arrays and rescales floats by guessing their range); ``label`` uint32 (N,); and,
   outside ViRelAy's keys, ``input`` float32 (N, C, H, W), the model inputs as given;
-* ``attribution.h5``: ``attribution`` float32 (N, C', H, W) for ViRelAy's heatmap renderer
-  (C' = C for multi-channel relevance; one-channel relevance is written as three equal
-  channels of a third each, so their sum, which ViRelAy draws, is the relevance), ``label``
+* ``attribution.h5``: ``attribution`` float32 (N, 3, H', W') for ViRelAy's heatmap renderer
+  (three-channel relevance as it is; any other as three equal channels of a third of its
+  channel sum, so their sum, which ViRelAy draws, is the relevance), ``label``
   uint32 (N,), ``index`` uint32 (N,) (row in ``input.h5``), ``prediction`` float32
   (N, classes), and outside ViRelAy's keys ``relevance`` float32 (N, C, H, W) as given and
-  ``dataset_index`` (each sample's index in the validation dataset);
+  ``dataset_index`` (each sample's index in the validation dataset). ViRelAy takes the shortest
+  axis of a picture or heatmap for its channels, so a side shorter than :data:`MIN_SIDE` (a
+  signal's or a row's one-row picture: (N, C, 1, L)) is repeated to at least that many pixels
+  (H', W'): a row of L tokens is shown as a strip of 8 x L;
 * ``analysis.h5``: one group per class, named by its 8-digit id (``00000003``), with ``index``
   (uint32, rows of ``attribution.h5``), ``embedding/spectral`` (N_c x m, attribute
   ``eigenvalue``), ``embedding/<visualisation>`` (N_c x 2, e.g. ``tsne``), and the same
@@ -40,10 +43,13 @@ import numpy as np
 from ..render import input_rgb
 from .core import SpRAyResult
 
-__all__ = ["write_virelay", "category_name", "clusterings", "TARGETS"]
+__all__ = ["write_virelay", "category_name", "clusterings", "TARGETS", "MIN_SIDE"]
 
 # the callback's ``target`` -> ViRelAy's ``attribution_strategy``
 TARGETS = {"label": "true_label", "prediction": "predicted_label"}
+
+#: the shortest side, in pixels, of the pictures and heatmaps ViRelAy shows (see the module's doc)
+MIN_SIDE = 8
 
 
 def category_name(class_id: int) -> str:
@@ -154,12 +160,18 @@ def write_virelay(directory, heatmaps, labels, results: Mapping[int, tuple[Seque
         ks = range(2, top + 1)
     paths = {"input": out / "input.h5", "attribution": out / "attribution.h5", "analysis": out / "analysis.h5",
              "label_map": out / "label-map.json", "project": out / "project.yaml"}
+    fh, fw = -(-MIN_SIDE // h), -(-MIN_SIDE // w)   # each side repeated to at least MIN_SIDE pixels
+
+    def shown(a: np.ndarray, axis: int) -> np.ndarray:
+        return a.repeat(fh, axis).repeat(fw, axis + 1)
+
     with h5py.File(paths["input"], "w") as f:
-        f["data"] = np.array([input_rgb(a) for a in inputs], np.uint8).reshape(n, *inputs.shape[2:], 3)
+        f["data"] = shown(np.array([input_rgb(a) for a in inputs], np.uint8).reshape(n, h, w, 3), 1)
         f["label"] = labels
         f["input"] = inputs
     with h5py.File(paths["attribution"], "w") as f:
-        f["attribution"] = np.repeat(heatmaps / 3, 3, axis=1) if heatmaps.shape[1] == 1 else heatmaps
+        three = heatmaps if heatmaps.shape[1] == 3 else np.repeat(heatmaps.sum(1, keepdims=True) / 3, 3, axis=1)
+        f["attribution"] = shown(three, 2)
         f["relevance"] = heatmaps
         f["label"] = labels
         f["index"] = np.arange(n, dtype=np.uint32)
@@ -177,7 +189,8 @@ def write_virelay(directory, heatmaps, labels, results: Mapping[int, tuple[Seque
     paths["project"].write_text(
         f"project:\n  name: {json.dumps(project_name)}\n  model: model\n  label_map: label-map.json\n"
         f"  dataset:\n    name: inputs\n    type: hdf5\n    path: input.h5\n"
-        f"    input_width: {w}\n    input_height: {h}\n    up_sampling_method: none\n    down_sampling_method: none\n"
+        f"    input_width: {w * fw}\n    input_height: {h * fh}\n    up_sampling_method: none\n"
+        f"    down_sampling_method: none\n"
         f"  attributions:\n    attribution_method: {json.dumps(attribution_method)}\n"
         f"    attribution_strategy: {TARGETS[target]}\n    sources:\n      - attribution.h5\n"
         f"  analyses:\n    - analysis_method: spray\n      sources:\n        - analysis.h5\n")
