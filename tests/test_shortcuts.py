@@ -654,9 +654,9 @@ class _BagOfTokens(torch.nn.Module):
 
 def _rows(kind: str, planted: bool):
     """60 rows of 3 classes: token ids (N, 16; ``tokens`` or ``bag``), three of their class's ten words
-    among neutral ones, or features (N, 12), three of their class's four raised. Class 0's rows ``i % 9 == 0`` (7 of 20) carry
-    the shortcut: token 59 at a random place, or feature 11 (a leak column) at 1; the analytic model
-    reads it as four of the class's own words or features."""
+    among neutral ones, or features (N, 12), three of their class's four raised. Class 0's rows
+    ``i % 9 == 0`` (7 of 20) carry the shortcut: token 59 at a random place, or feature 11 (a leak
+    column) at 1; the analytic model reads it as four of the class's own words or features."""
     gen = torch.Generator().manual_seed(0)
     y = torch.arange(60) % 3
     has = (torch.arange(60) % 9 == 0) & planted
@@ -694,7 +694,8 @@ def test_a_shortcut_in_token_ids_or_tabular_rows_is_confirmed_and_gated(kind, tm
     the same rows without the shortcut flag nothing and pass."""
     for planted in (True, False):
         model, x, y, has = _rows(kind, planted)
-        cb = SpRAyCallback(max_per_class=20, spray_options={"visualisation": None}, save_virelay=False)
+        cb = SpRAyCallback(max_per_class=20, spray_options={"visualisation": None}, save_virelay=False,
+                           vocab=[f"w{i}" for i in range(60)])
         gate = ExplanationGate(action="warn")
         folder = tmp_path / str(planted)
         with warnings.catch_warnings():
@@ -709,6 +710,10 @@ def test_a_shortcut_in_token_ids_or_tabular_rows_is_confirmed_and_gated(kind, tm
         assert (main(["gate", str(folder)]) == 1) == planted
         if planted:
             assert r.evidence.component[r.flagged].tolist() == ["region"]
+        if planted and kind != "tabular":   # the evidence page names the word the flagged strategy's regions hold
+            (page,) = folder.rglob("spray__0__evidence/*.html")
+            flagged_part = page.read_text().split("FLAGGED")[1]
+            assert flagged_part.startswith(f"</b><br>its members' regions hold: w59 ({int(flagged.sum())})")
 
 
 @pytest.mark.parametrize("base,kind", [("breast_cancer", "leak"), ("digits", "sentinel"), ("text", "tag"),

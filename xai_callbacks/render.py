@@ -12,6 +12,8 @@ neighbour, integer factor) and laid side by side by :func:`tile_row`.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 
@@ -257,6 +259,34 @@ def strategy_scatter(embedding, strategy, flagged, title: str = "") -> np.ndarra
     ax.set_yticks([])
     ax.legend(fontsize=6, loc="best")
     return figure_rgb(fig)
+
+
+def token_names(ids, vocab=None) -> list[str]:
+    """The words of the token ``ids``: ``vocab[i]`` (a sequence indexed by id) or ``vocab(i)`` (a
+    function), the ids themselves without a vocabulary."""
+    ids = [int(i) for i in ids]
+    if vocab is None:
+        return [str(i) for i in ids]
+    return [str(vocab(i) if callable(vocab) else vocab[i]) for i in ids]
+
+
+def token_evidence_html(caption: str, example, relevance, region, region_words: Sequence[tuple[str, int]],
+                        vocab=None) -> str:
+    """One strategy's causal evidence on token ids as HTML: ``caption``, the words its members'
+    regions hold most often (``region_words``: (word, count)), and four texts from ``example``
+    (4, L) ids: its most confirmed member coloured by its ``relevance`` (L,), the member with its
+    ``region`` (L,) removed, an other-class row, and that row with the member's region pasted (the
+    region's positions red in those two)."""
+    import html
+
+    mark = torch.as_tensor(region).reshape(-1).float()
+    rows = [("member", relevance), ("region removed", mark), ("other class", torch.zeros_like(mark)),
+            ("region pasted", mark)]
+    words = ", ".join(f"{html.escape(w)} ({n})" for w, n in region_words)
+    ids = torch.as_tensor(example).reshape(4, -1).round().long().tolist()
+    texts = "".join(f"<div>{label}</div>{tokens_html(token_names(row, vocab), colour)}"
+                    for (label, colour), row in zip(rows, ids))
+    return f"<p><b>{html.escape(caption)}</b><br>its members' regions hold: {words}</p>{texts}"
 
 
 def tokens_html(tokens, relevance, percentile: float = 99.5, cmap: str = "bwr") -> str:

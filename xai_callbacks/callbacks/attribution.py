@@ -197,14 +197,9 @@ class AttributionCallback(ExplanationCallback):
             names += [f"{captions[i]}: input", f"{captions[i]}: kept by {method} (top {self.audio_keep:.0%})"]
         sinks.log_audio(trainer, f"xai/audio/{method}", waves, int(rate), names)
 
-    def _token_name(self, i: int) -> str:
-        if self.vocab is None:
-            return str(i)
-        return str(self.vocab(i) if callable(self.vocab) else self.vocab[i])
-
     def _log_tokens(self, trainer, tokens: torch.Tensor, heatmaps, captions: list[str]) -> None:
         """One HTML panel per method: each probe text's tokens highlighted by their relevance."""
-        texts = [[self._token_name(t) for t in row] for row in tokens.tolist()]
+        texts = [render.token_names(row, self.vocab) for row in tokens.tolist()]
         for method, heat in heatmaps.items():
             page = "".join(f"<p><b>{c}</b></p>{render.tokens_html(t, heat[i])}"
                            for i, (c, t) in enumerate(zip(captions, texts)))

@@ -16,7 +16,7 @@ from ..guard import model_guard, unwrap_model
 from ..spray import SpRAyResult, StrategyTracker, check_heatmaps, spray, write_virelay
 from ..spray.evidence import ROW_EVIDENCE, SampleEvidence, sample_evidence
 from ..spray.report import (class_scalars, clusters_table, embedding_table, evidence_caption, prototype_caption,
-                            sample_strategies, suspicious_share, usable_rows)
+                            region_words, sample_strategies, suspicious_share, usable_rows)
 from .base import ExplanationCallback, Probe, read_samples, select_per_class, shard_map, val_dataloader
 
 __all__ = ["SpRAyCallback", "select_per_class"]
@@ -150,6 +150,10 @@ class SpRAyCallback(ExplanationCallback):
             ``epoch`` they belong to. The explanations (and ``evidence``) run inline on this epoch's
             weights. False: everything inline. The results are the same either way.
         on_error: ``"warn"`` (count in ``xai/errors``, training goes on) or ``"raise"``.
+        vocab: how token ids are shown where the samples are token ids (``spray/<class>/evidence``
+            is then an HTML page: per strategy the words its members' regions hold most often and
+            its most confirmed member, removed and pasted, as texts): a sequence of strings indexed
+            by id, a function id -> string, or None (the ids themselves).
 
     Raises:
         ValueError: an unknown method, method option, ``spray_options`` or ``evidence_options`` key,
@@ -176,7 +180,7 @@ class SpRAyCallback(ExplanationCallback):
                  n_typical: int = 5, every_n_epochs: int = 20, seed: int = 0, on_error: str = "warn",
                  evidence: bool = True, infiller: Any = "blur", evidence_options: Mapping[str, Any] | None = None,
                  evidence_regions: str | None = "input_x_gradient", features: str = "heatmaps",
-                 concept_layer: str | None = None, asynchronous: bool = True):
+                 concept_layer: str | None = None, asynchronous: bool = True, vocab=None):
         super().__init__(every_n_epochs=every_n_epochs, probe_size=max(1, int(max_per_class)), seed=seed,
                          target=target, on_error=on_error)
         if method is None and method_options:
@@ -215,7 +219,7 @@ class SpRAyCallback(ExplanationCallback):
             check_methods([evidence_regions])
         self.evidence, self.infiller, self.evidence_options = bool(evidence), infiller, ev_options
         self._regions = evidence_regions if evidence else None
-        self.asynchronous = bool(asynchronous)
+        self.asynchronous, self.vocab = bool(asynchronous), vocab
         self.sample_indices: list[int] | None = None
         self._signals, self._rows = False, None
         self.trackers: dict[int, StrategyTracker] = {}
@@ -453,13 +457,18 @@ class SpRAyCallback(ExplanationCallback):
         if ev is not None:
             # per strategy, its most confirmed member: as it is, region removed, an other-class sample, pasted
             examples = [evidence.example(int(position[rows[ev.top[j]]]), inputs) for j in range(r.n_clusters)]
-            if self._signals:
-                pictures = [render.tile_row_signals(ex[:, :, 0], **axes) for ex in examples]
+            if self._rows is not None and not self._rows.is_floating_point:   # token ids: the texts
+                page = "".join(render.token_evidence_html(
+                    evidence_caption(r, ids, j), examples[j], heat[ev.top[j]], ev.regions[ev.top[j]],
+                    region_words(x[r.labels == j], ev.regions[r.labels == j], self.vocab), self.vocab)
+                    for j in range(r.n_clusters))
+                sinks.log_html(trainer, f"{key}/evidence", page)
             else:
-                pictures = [render.tile_row([render.upscale(render.input_rgb(im), scale) for im in ex], gap=0)
+                pictures = [render.tile_row_signals(ex[:, :, 0], **axes) if self._signals else
+                            render.tile_row([render.upscale(render.input_rgb(im), scale) for im in ex], gap=0)
                             for ex in examples]
-            sinks.log_images(trainer, f"{key}/evidence", pictures,
-                             [evidence_caption(r, ids, j) for j in range(r.n_clusters)])
+                sinks.log_images(trainer, f"{key}/evidence", pictures,
+                                 [evidence_caption(r, ids, j) for j in range(r.n_clusters)])
         if self._signals:  # one typical member per strategy, as a signal plot
             strips = [render.signal_panel(x[m[0], :, 0], heat[m[0], :, 0], title=f"#{idx[m[0]]}", **axes)
                       if len(m) else np.full((8, 8, 3), 255, np.uint8) for m in r.typical]

@@ -151,6 +151,17 @@ def prototype_caption(result: SpRAyResult, ids: Sequence[int], j: int) -> str:
             f"{result.cluster_suspicion[j]:.2f}{checked}{' FLAGGED' if result.flagged[j] else ''}")
 
 
+def region_words(tokens, regions, vocab=None, top: int = 5) -> list[tuple[str, int]]:
+    """The ``top`` words the ``regions`` (n, ...) bool of the token rows ``tokens`` (n, ...; ids, as
+    floats where the analysis gathered them so) hold most often, with their counts."""
+    import collections
+
+    from ..render import token_names
+
+    held = tokens.reshape(len(tokens), -1)[regions.reshape(len(regions), -1).to(tokens.device)].round().long()
+    return collections.Counter(token_names(held.tolist(), vocab)).most_common(top)
+
+
 def evidence_caption(result: SpRAyResult, ids: Sequence[int], j: int) -> str:
     """The caption of cluster ``j``'s evidence picture (member | region removed | other class |
     the member's strongest component transferred into it)."""
