@@ -6,9 +6,11 @@ NumPy's docstrings (a tag word first, a trigger word anywhere), the shortcut on 
 class 0, each with its clean control. Models trained from scratch: an MLP on the tables (two
 hidden layers of 64 ReLU units); on the text a bag of embeddings (their mean, then an MLP) and a
 small transformer (2 layers, learnt positions; SpRAy explains it with AttnLRP); with ``--text-models``
-also ``bert``, a HuggingFace ``BertForSequenceClassification`` (2 layers of width 32, untrained
-weights; ``transformers`` of the ``reference`` extra), whose rows begin with a ``[CLS]`` id as its
-tokenizer's would (its classifier reads the first position). Per scenario and
+also ``embeddingbag``, the model of PyTorch's text classification tutorial (an ``nn.EmbeddingBag``
+mean of 64 dimensions, then one linear layer), and ``bert``, a HuggingFace
+``BertForSequenceClassification`` (2 layers of width 32, untrained weights; ``transformers`` of the
+``reference`` extra), whose rows begin with a ``[CLS]`` id as its tokenizer's would (its classifier
+reads the first position). Per scenario and
 model, as ``benchmarks/shortcuts.py`` does for images: the intervention (paste the shortcut into
 other classes' validation rows; remove it from the shortcut rows; void below 0.2 both), then
 ``SpRAyCallback`` and ``ExplanationGate`` at their defaults in ``Trainer.validate`` and
@@ -50,6 +52,19 @@ class Bag(torch.nn.Module):
 
     def forward(self, tokens):
         return self.head(self.embedding(tokens).mean(1))
+
+
+class EmbeddingBagLinear(torch.nn.Module):
+    """PyTorch's text classification tutorial's model: an ``nn.EmbeddingBag`` mean (padding left
+    out), then one linear layer."""
+
+    def __init__(self, vocabulary: int, classes: int, dim: int = 64):
+        super().__init__()
+        self.embedding = torch.nn.EmbeddingBag(vocabulary, dim, mode="mean", padding_idx=0)
+        self.fc = torch.nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        return self.fc(self.embedding(tokens))
 
 
 class Transformer(torch.nn.Module):
@@ -116,6 +131,8 @@ def build(arch: str, data, seed: int) -> torch.nn.Module:
                                    torch.nn.ReLU(), torch.nn.Linear(64, classes))
     if arch == "bag":
         return Bag(len(data.vocabulary), classes)
+    if arch == "embeddingbag":
+        return EmbeddingBagLinear(len(data.vocabulary), classes)
     return Transformer(len(data.vocabulary), classes, data.x.shape[1])
 
 
@@ -138,7 +155,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prevalence", type=float, default=0.3)
     ap.add_argument("--ambiguity", type=float, default=0.4)
     ap.add_argument("--epochs", type=int, default=None, help="default: 60 on the tables, 20 on the text")
-    ap.add_argument("--text-models", nargs="+", default=list(MODELS["text"]), choices=("bag", "transformer", "bert"))
+    ap.add_argument("--text-models", nargs="+", default=list(MODELS["text"]),
+                    choices=("bag", "embeddingbag", "transformer", "bert"))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     for name in ("lightning.pytorch", "xai_callbacks"):
