@@ -42,7 +42,8 @@ The run ends with a summary line over its rows (the counts of the README's table
 ``--features heatmaps concepts`` analyses each trained model twice: SpRAy on the pixel heatmaps
 and on the concept relevances of ``CONCEPT_LAYERS[arch]`` (``SpRAyCallback(features="concepts")``).
 ``--cache DIR`` keeps the trained weights, so a second run skips training. ``--photos`` takes the
-classes from other photographs (the calibration used the default four). ``--stamp-side`` sets the
+classes from other photographs (the calibration used the default four; scikit-learn's ``china`` and
+``flower`` as well as scikit-image's). ``--stamp-side`` sets the
 side of the stamp and the tags (a share of the image side; 3/16 by default). ``--evidence-options JSON``
 replaces the callback's default ``evidence_options`` (e.g. ``'{"area": 0.125}'``: the eighth alone).
 
@@ -327,7 +328,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--photos", nargs="+", default=None, metavar="NAME",
                     help="skimage.data photos of the classes (default: brick grass gravel moon), e.g. coffee chelsea "
-                         "astronaut rocket: other real images for the same scenarios")
+                         "astronaut rocket, or scikit-learn's china and flower: other real images for the same "
+                         "scenarios")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where the models are trained and analysed (the cached weights are the same on either)")

@@ -130,6 +130,22 @@ def test_the_kinds_not_calibrated_on_plant_where_they_say():
     assert grey[0, 0, 1:17, 47:63].std() > 0.1   # the logo's brightness on one-channel images
 
 
+def test_scikit_learns_two_photos_are_class_photos_too():
+    """``china`` and ``flower`` (scikit-learn's sample photos) give crops of their own photo; a name
+    neither library has is refused naming both."""
+    from sklearn.datasets import load_sample_image
+
+    train, _ = make_shortcut_images("stamp", classes=("china", "flower"), n_per_class=20, prevalence=0.0, seed=0,
+                                    ambiguity=0.0)
+    colours = [torch.tensor(load_sample_image(f"{name}.jpg"), dtype=torch.float32).mean((0, 1)) / 255
+               for name in ("china", "flower")]
+    for c in range(2):   # each class's crops take the colour of its own photo rather than the other's
+        crops = train.x[train.targets == c].mean((0, 2, 3))
+        assert (crops - colours[c]).norm() < (crops - colours[1 - c]).norm()
+    with pytest.raises(ValueError, match=r"no image 'tulip' \(nor is it one of scikit-learn's \('china', 'flower'\)\)"):
+        make_shortcut_images("stamp", classes=("tulip", "china"), n_per_class=4, prevalence=0.0)
+
+
 def test_the_stamp_side_sets_the_stamp_and_the_tags_and_the_datasets_keep_it():
     x = torch.full((4, 3, 32, 32), 0.5)
     for side, pixels in ((3 / 16, 6), (1 / 8, 4), (1 / 64, 2)):   # at least 2 pixels

@@ -87,6 +87,7 @@ class EmbeddingInput(nn.Module):
         else:
             raise ValueError(f"embedding input batch {e.shape[0]} is neither a multiple of the token batch {b} "
                              "nor a prefix of it")
+
         def replace(m, args, kwargs, out):
             if args[0].shape != e.shape[:-1]:
                 bag = " (an nn.EmbeddingBag given 1-D ids and offsets: give it the (batch, length) ids)" \

@@ -52,6 +52,8 @@ SHORTCUT_KINDS = ("stamp", "tags", "patch", "frame", "colour", "watermark", "blu
                   "caption", "line", "marker", "vignette", "edge", "logo")
 PHOTO_CLASSES = ("brick", "grass", "gravel", "moon", "coffee", "chelsea", "astronaut", "rocket")
 BACKGROUND_POOL = ("camera", "page", "text", "clock", "coins")
+#: scikit-learn's sample photos (``sklearn.datasets.load_sample_image``), usable as class photos too
+SKLEARN_PHOTOS = ("china", "flower")
 SHORTCUT_BACKGROUND = "immunohistochemistry"
 #: The default side of the ``stamp`` and the ``tags``, a share of the image side (6 pixels at 32).
 STAMP_SIDE = 3 / 16
@@ -83,12 +85,18 @@ class ShortcutImages(ShortcutDigits):
 
 
 def _photo(name: str) -> torch.Tensor:
-    """(3, H, W) float photo in [0, 1] from ``skimage.data``."""
+    """(3, H, W) float photo in [0, 1] from ``skimage.data``, or one of scikit-learn's two sample
+    photos (:data:`SKLEARN_PHOTOS`)."""
     import skimage.data
 
     fn = getattr(skimage.data, name, None)
+    if name in SKLEARN_PHOTOS:
+        from sklearn.datasets import load_sample_image
+
+        fn = functools.partial(load_sample_image, f"{name}.jpg")
     if fn is None:
-        raise ValueError(f"skimage.data has no image {name!r}; valid class photos: {PHOTO_CLASSES}")
+        raise ValueError(f"skimage.data has no image {name!r} (nor is it one of scikit-learn's {SKLEARN_PHOTOS}); "
+                         f"valid class photos: {PHOTO_CLASSES}")
     img = np.asarray(fn())
     if img.dtype == bool:
         img = img.astype(np.float32) * 255
@@ -103,7 +111,7 @@ def photo_crops(name: str, n: int, size: int, rng: np.random.Generator) -> torch
     horizontal flips) of the photo ``name``, resized to ``size``.
 
     Args:
-        name: a ``skimage.data`` image.
+        name: a ``skimage.data`` image or one of :data:`SKLEARN_PHOTOS`.
         n: number of crops.
         size: side of the output images.
         rng: numpy generator of the crop positions.
