@@ -86,7 +86,7 @@ def test_gate_names_class_strategy_and_evidence(report, capsys):
     assert code == 1
     assert "spray/7/max_suspicion" in out and "FAIL" in out and "1 failed" in out
     assert "class 7, strategy 4: max_suspicion = 0.6" in out
-    assert "evidence: panels spray/7/clusters" in out and f"report: {report}" in out
+    assert "evidence: panels spray/7/evidence, spray/7/clusters" in out and f"report: {report}" in out
 
 
 def test_gate_imports_no_torch_lightning_or_wandb(report):

@@ -127,7 +127,8 @@ def evidence(key: str, run_dir: str | Path | None = None, epoch: int | None = No
     parts = key.split("/")
     where = []
     if parts[0] == "spray" and len(parts) > 2:
-        where.append(f"panels spray/{parts[1]}/clusters, spray/{parts[1]}/prototypes, spray/{parts[1]}/scatter")
+        where.append(f"panels spray/{parts[1]}/evidence, spray/{parts[1]}/clusters, spray/{parts[1]}/prototypes, "
+                     f"spray/{parts[1]}/scatter")
         if run_dir is not None:
             found = sorted(Path(run_dir).glob("spray/epoch_*/project.yaml"))
             mine = [p for p in found if epoch is not None and p.parent.name == f"epoch_{epoch:04d}"]
