@@ -252,9 +252,9 @@ def test_causal_evidence_is_kept_in_the_analysis_file(tmp_path):
 
 
 def test_token_rows_and_signals_open_in_virelay(tmp_path):
-    """ViRelAy takes a picture's shortest axis for its channels: a one-row picture (token ids or
-    tabular rows (N, L) through SpRAyCallback, a two-channel signal (N, 2, L)) failed in its server
-    (500 on every sample). Now each is a strip of 8 x L pixels whose heatmap sums to the relevance
+    """ViRelAy takes a picture's shortest axis for its channels: a one-row picture (token ids (N, L)
+    through SpRAyCallback, as tabular rows are analysed; a two-channel signal (N, 2, L)) failed in its
+    server (500 on every sample). Now each is a strip of 8 x L pixels whose heatmap sums to the relevance
     (the channel sum for the signal), and every answer is 200."""
     from conftest import make_trainer
     from test_architectures import TextTransformer
