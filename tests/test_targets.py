@@ -259,3 +259,14 @@ def test_label_target_with_non_class_labels_names_the_fix(tmp_path):
     loader = DataLoader(Tensors(x, y), batch_size=16)
     with pytest.raises(ValueError, match="needs class ids.*regression_target"):
         make_trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1).fit(module, loader, loader)
+
+
+def test_a_huggingface_dict_batch_is_refused_with_what_to_rename():
+    from xai_callbacks.data import unpack_batch
+
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4), "labels": [0, 1]}
+    with pytest.raises(ValueError, match=r"missing \['x', 'y'\]\); got keys \['attention_mask', 'input_ids', "
+                                         r"'labels'\]; a HuggingFace batch .* renamed in the DataLoader's collate_fn"):
+        unpack_batch(batch)
+    with pytest.raises(ValueError, match=r"missing \['y'\]\); got keys \['x'\]$"):
+        unpack_batch({"x": torch.zeros(2)})

@@ -36,7 +36,11 @@ def unpack_batch(batch: Any) -> Batch:
     if isinstance(batch, dict):
         missing = [k for k in ("x", "y") if k not in batch]
         if missing:
-            raise ValueError(f"a dict batch needs keys 'x' and 'y' (missing {missing}); got keys {sorted(batch)}")
+            huggingface = {"input_ids", "pixel_values", "labels"} & set(batch)
+            hint = ("; a HuggingFace batch (input_ids / pixel_values, labels) needs them renamed in the "
+                    "DataLoader's collate_fn, and the model called with x alone") if huggingface else ""
+            raise ValueError(f"a dict batch needs keys 'x' and 'y' (missing {missing}); got keys {sorted(batch)}"
+                             f"{hint}")
         masks = {k: v for k, v in batch.items() if k.endswith("_mask")}
         return Batch(batch["x"], batch["y"], masks)
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
