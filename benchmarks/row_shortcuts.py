@@ -99,6 +99,11 @@ class Bert(torch.nn.Module):
         return self.bert(input_ids=tokens, attention_mask=(tokens != 0).long()).logits
 
 
+def first(t: torch.Tensor, value) -> torch.Tensor:
+    """``t`` (N, L) with a column of ``value`` before its first."""
+    return torch.cat([torch.full_like(t[:, :1], value), t], 1)
+
+
 class WithoutCls(torch.nn.Module):
     """``model`` on rows without the ``[CLS]`` id: puts it first (to train and intervene on the
     scenario's own rows; SpRAy gets the rows of :func:`with_cls`, whose ids the model embeds)."""
@@ -108,14 +113,11 @@ class WithoutCls(torch.nn.Module):
         self.model, self.cls = model, cls
 
     def forward(self, tokens):
-        return self.model(torch.cat([torch.full_like(tokens[:, :1], self.cls), tokens], 1))
+        return self.model(first(tokens, self.cls))
 
 
 def with_cls(split: ShortcutRows) -> ShortcutRows:
     """``split`` with a ``[CLS]`` id (one past its vocabulary) before each row."""
-    def first(t, value):
-        return torch.cat([torch.full_like(t[:, :1], value), t], 1)
-
     cls = len(split.vocabulary)
     return ShortcutRows(first(split.x, cls), split.targets, first(split.artifact_mask, False),
                         first(split.clean_x, cls), split.kind, split.shortcut_class, [*split.vocabulary, "[CLS]"])
