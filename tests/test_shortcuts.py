@@ -130,6 +130,32 @@ def test_the_kinds_not_calibrated_on_plant_where_they_say():
     assert grey[0, 0, 1:17, 47:63].std() > 0.1   # the logo's brightness on one-channel images
 
 
+def test_every_kind_plants_on_images_that_are_not_square():
+    """A user's own photos need not be square: sizes scale with the shorter side, places with each
+    side (24x40 here: a stamp of 4 pixels, a frame of 1, a marker of radius 2.4, an edge bar of 4)."""
+    h, w = 24, 40
+    x = torch.rand(8, 3, h, w, generator=torch.Generator().manual_seed(0))
+    disc = torch.zeros(8, 1, h, w)
+    disc[:, :, 8:16, 16:24] = 1
+    for kind in SHORTCUT_KINDS:
+        planted, mask = plant_shortcut(x, kind, disc, seed=2)
+        assert planted.shape == x.shape and mask.shape == (8, 1, h, w), kind
+        assert torch.equal(planted * (1 - mask), x * (1 - mask)), f"{kind}: changed outside its mask"
+        assert ((planted - x).abs() * mask).flatten(1).amax(1).gt(0).all(), f"{kind}: nothing planted"
+    _, tags = plant_shortcut(x, "tags", seed=1)
+    corners = {(int(m[0, :h // 2].any()), int(m[0, :, :w // 2].any())) for m in tags}
+    assert corners == {(1, 1), (1, 0), (0, 1), (0, 0)} and (tags.flatten(1).sum(1) == 16).all()
+    _, frame = plant_shortcut(x, "frame")
+    assert frame[0, 0].sum() == 2 * w + 2 * h - 4
+    _, marker = plant_shortcut(x, "marker", seed=3)
+    cols = torch.stack([torch.nonzero(m[0])[:, 1].float().mean() for m in marker])
+    assert cols.max() > h   # the marker's places span the longer side
+    _, edge = plant_shortcut(x, "edge")
+    assert torch.equal(edge[0, 0], (torch.arange(w) < 4).float().expand(h, w))
+    background, m_background = plant_shortcut(x, "background", disc)
+    assert torch.equal(m_background, 1 - disc) and background[0, :, 0].std() > 0   # a photo behind the object
+
+
 def test_scikit_learns_two_photos_are_class_photos_too():
     """``china`` and ``flower`` (scikit-learn's sample photos) give crops of their own photo; a name
     neither library has is refused naming both."""

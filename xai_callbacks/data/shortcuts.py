@@ -148,29 +148,29 @@ def plant_shortcut(x: torch.Tensor, kind: str, object_mask: torch.Tensor | None 
     """Plant the shortcut ``kind`` on images ``x``; returns the images and the artifact masks.
 
     Args:
-        x: (N, C, H, W) images in [0, 1], C = 1 or 3, H = W.
+        x: (N, C, H, W) images in [0, 1], C = 1 or 3; sizes (stamp, patch, frame, caption, line,
+            marker, logo, blur) scale with the shorter side ``min(H, W)``.
         kind: one of :data:`SHORTCUT_KINDS`.
         object_mask: (N, 1, H, W) the object's disc, needed for ``background`` (everything else
             becomes the shortcut background).
         seed: seeds the per-sample draws (positions, phases, background crops).
-        stamp_side: the side of the ``stamp`` and the ``tags`` as a share of the image side (at least
-            2 pixels), in (0, 0.5).
+        stamp_side: the side of the ``stamp`` and the ``tags`` as a share of the image's shorter side
+            (at least 2 pixels), in (0, 0.5).
 
     Raises:
-        ValueError: for an unknown kind, a missing object mask, images that are not square, a
-            ``stamp_side`` outside (0, 0.5), or ``grey`` on images that are not RGB.
+        ValueError: for an unknown kind, a missing object mask, a ``stamp_side`` outside (0, 0.5), or
+            ``grey`` on images that are not RGB.
     """
     if kind not in SHORTCUT_KINDS:
         raise ValueError(f"unknown shortcut kind {kind!r}; valid: {SHORTCUT_KINDS}")
     if not 0 < stamp_side < 0.5:
         raise ValueError(f"stamp_side must be in (0, 0.5) (a share of the image side), got {stamp_side}")
     n, c, h, w = x.shape
-    if h != w:
-        raise ValueError(f"shortcut images must be square, got {h}x{w}")
+    short = min(h, w)   # what sizes scale with
     rng = np.random.default_rng(seed)
     x, mask = x.clone(), torch.zeros(n, 1, h, w)
     if kind in ("stamp", "tags"):
-        side = max(2, round(stamp_side * h))
+        side = max(2, round(stamp_side * short))
         stamp = _checker(side, c)
         corners = [(1, 1), (1, w - side - 1), (h - side - 1, 1), (h - side - 1, w - side - 1)]
         where = np.zeros(n, int) if kind == "stamp" else rng.integers(0, 4, n)
@@ -179,16 +179,16 @@ def plant_shortcut(x: torch.Tensor, kind: str, object_mask: torch.Tensor | None 
             x[i, :, r:r + side, q:q + side] = stamp
             mask[i, :, r:r + side, q:q + side] = 1
     elif kind == "patch":
-        side = max(4, h // 4)
+        side = max(4, short // 4)
         yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
         for i in range(n):
             phase = rng.integers(0, 3)
             stripes = ((yy + xx + phase) % 3 == 0).float()
-            r, q = rng.integers(0, h - side + 1, 2)
+            r, q = rng.integers(0, (h - side + 1, w - side + 1))
             x[i, :, r:r + side, q:q + side] = stripes
             mask[i, :, r:r + side, q:q + side] = 1
     elif kind == "frame":
-        width = max(1, h // 16)
+        width = max(1, short // 16)
         mask[:, :, :width], mask[:, :, -width:], mask[:, :, :, :width], mask[:, :, :, -width:] = 1, 1, 1, 1
         colour = _colour(_FRAME_COLOUR, c)
         x = x * (1 - mask) + colour * mask
@@ -196,11 +196,10 @@ def plant_shortcut(x: torch.Tensor, kind: str, object_mask: torch.Tensor | None 
         shift = torch.tensor(_COLOUR_SHIFT if c == 3 else (0.15,)).view(1, c, 1, 1)
         x, mask = (x + shift).clamp(0, 1), torch.ones_like(mask)
     elif kind == "watermark":
-        i = torch.arange(h)
-        board = ((i[:, None] + i[None, :]) % 2).float() * 2 - 1
+        board = ((torch.arange(h)[:, None] + torch.arange(w)[None, :]) % 2).float() * 2 - 1
         x, mask = (x + 0.06 * board).clamp(0, 1), torch.ones_like(mask)
     elif kind == "blur":
-        x, mask = gaussian_blur(x, h / 32), torch.ones_like(mask)
+        x, mask = gaussian_blur(x, short / 32), torch.ones_like(mask)
     elif kind == "noise":
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(rng.integers(2 ** 31))))
         x, mask = x + 0.06 * noise, torch.ones_like(mask)
@@ -209,23 +208,23 @@ def plant_shortcut(x: torch.Tensor, kind: str, object_mask: torch.Tensor | None 
             raise ValueError(f"the 'grey' shortcut removes colour and needs RGB images, got {c} channel(s)")
         x, mask = x.mean(1, keepdim=True).expand_as(x), torch.ones_like(mask)
     elif kind == "caption":
-        scale = max(1, h // 32)
+        scale = max(1, short // 32)
         box = F.pad(_CAPTION, (1, 1, 1, 1)).repeat_interleave(scale, 0).repeat_interleave(scale, 1)
         bh, bw = box.shape
         r, q = h - bh - 1, w - bw - 1
         x[:, :, r:r + bh, q:q + bw] = 0.05 + 0.95 * box
         mask[:, :, r:r + bh, q:q + bw] = 1
     elif kind == "line":
-        t = max(1, h // 32)
+        t = max(1, short // 32)
         colour = _colour(_LINE_COLOUR, c)
         for i, r in enumerate(rng.integers(2, h - t - 1, n)):
             x[i, :, r:r + t] = colour
             mask[i, :, r:r + t] = 1
     elif kind == "marker":
-        radius = h / 10
+        radius = short / 10
         yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
         colour = _colour(_MARKER_COLOUR, c)
-        for i, (cy, cx) in enumerate(rng.uniform(radius + 1, h - radius - 1, (n, 2))):
+        for i, (cy, cx) in enumerate(rng.uniform(radius + 1, (h - radius - 1, w - radius - 1), (n, 2))):
             disc = (((yy - cy) ** 2 + (xx - cx) ** 2) <= radius ** 2).float()
             x[i] = x[i] * (1 - disc) + colour * disc
             mask[i, 0] = disc
@@ -233,16 +232,16 @@ def plant_shortcut(x: torch.Tensor, kind: str, object_mask: torch.Tensor | None 
         yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
         x, mask = x * (1 - 0.6 * ((yy ** 2 + xx ** 2) / 2) ** 1.5), torch.ones_like(mask)
     elif kind == "edge":
-        t = max(2, h // 10)
+        t = max(2, w // 10)
         x[:, :, :, :t], mask[:, :, :, :t] = 0.5, 1
     elif kind == "logo":
-        side = max(4, h // 4)
+        side = max(4, short // 4)
         x[:, :, 1:1 + side, w - side - 1:w - 1] = _logo(side, c)
         mask[:, :, 1:1 + side, w - side - 1:w - 1] = 1
     else:  # background
         if object_mask is None:
             raise ValueError("the 'background' shortcut needs object_mask (N, 1, H, W): the object's disc")
-        background = photo_crops(SHORTCUT_BACKGROUND, n, h, rng)
+        background = photo_crops(SHORTCUT_BACKGROUND, n, max(h, w), rng)[:, :, :h, :w]
         if c == 1:
             background = background.mean(1, keepdim=True)
         mask = 1 - object_mask.float()
