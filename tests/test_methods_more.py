@@ -344,17 +344,22 @@ def test_lrp_composite_errors_name_what_is_valid():
 # ------------------------------------------------------------------------------ target functions
 @pytest.mark.parametrize("method", NEW_METHODS)
 def test_a_regression_target_function_gives_the_class_index_explanation(method):
-    """A one-output regressor explained through regression_target() equals explaining its
-    output 0 as a class (the methods see the target function's score as that output)."""
+    """A one-output regressor explained through regression_target() equals explaining class 0 of
+    a classifier whose logit 0 is that output (the methods see the target function's score as that
+    output). Class ids on a one-output model itself would read it as a binary classifier."""
     from xai_callbacks.scoring import regression_target
 
     torch.manual_seed(0)
     reg = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                         nn.Linear(16, 1)).eval()
+    two = nn.Sequential(*reg[:-1], nn.Linear(16, 2)).eval()   # logit 0: the regressor's output; logit 1: 0
+    with torch.no_grad():
+        two[-1].weight.copy_(torch.cat([reg[-1].weight, torch.zeros_like(reg[-1].weight)]))
+        two[-1].bias.copy_(torch.cat([reg[-1].bias, torch.zeros_like(reg[-1].bias)]))
     x = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     opts = {**FAST.get(method, {}), **({"alpha": 0.0} if method == "lime" else {})}
     by_function = explain(reg, x, regression_target(), method=method, **opts)
-    torch.testing.assert_close(by_function, explain(reg, x, 0, method=method, **opts))
+    torch.testing.assert_close(by_function, explain(two, x, 0, method=method, **opts))
 
 
 def test_deeplift_runs_under_deterministic_algorithms_and_leaves_the_flag_on():

@@ -12,6 +12,7 @@ from xai_callbacks.guard import hook_count
 from xai_callbacks.infill import get_infiller
 from xai_callbacks.infill.gan import GANInpainter
 from xai_callbacks.metrics import available_metrics, get_metric, pixel_flipping
+from xai_callbacks.scoring import regression_target
 
 CHEAP = {"integrated_gradients": {"n_steps": 4}, "smoothgrad": {"n_samples": 2}, "occlusion": {"window": 2},
          "rise": {"n_masks": 8}, "meaningful_perturbation": {"steps": 2, "mask_size": 4},
@@ -52,7 +53,7 @@ def test_occlusion_of_a_linear_signal_model_is_the_windows_contribution():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(2 * 8, 1, bias=False))
     x = torch.randn(2, 2, 8)
-    r = explain(model, x, 0, method="occlusion", window=2)
+    r = explain(model, x, regression_target(), method="occlusion", window=2)   # the one output itself
     contrib = (model[1].weight.view(1, 2, 8) * x).sum(1)                  # per time step, channels summed
     per_window = contrib.view(2, 4, 2).sum(-1).repeat_interleave(2, 1)   # each step: its window's drop
     assert torch.allclose(r, per_window[:, None].expand_as(x), atol=1e-5)

@@ -278,6 +278,26 @@ def test_evidence_on_an_analytic_shortcut_model(monkeypatch):
 
 
 
+class _OneLogitDetector(_Detector):
+    """The same detector as a binary classifier with one logit (trained with BCEWithLogitsLoss)."""
+
+    def forward(self, x):
+        return super().forward(x)[:, 1:]
+
+
+def test_evidence_reads_a_binary_classifier_with_one_logit_as_its_two_classes():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, 16, 16, generator=gen) * 0.4
+    classes = np.array([1] * 20 + [0] * 20)
+    x[:8, :, :4, :4] = 1.0
+    heat = torch.rand(40, 1, 16, 16, generator=gen) * 0.1
+    heat[:8, :, :4, :4] += 1.0
+    two = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16)
+    one = sample_evidence(_OneLogitDetector(), x, heat, classes, infiller="constant", area=1 / 16)
+    assert one.confirmed.tolist() == (np.arange(40) < 8).tolist()   # softmax(0, z) is sigmoid(z): the same check
+    assert np.allclose(one.excess, two.excess, atol=1e-6) and np.allclose(one.drop, two.drop, atol=1e-6)
+
+
 class _TwoCorners(torch.nn.Module):
     """Class 1 when the first ``span`` positions of each spatial dimension (the top-left corner of
     an image, the start of a signal) are bright; the last ``span`` count far less (alone they give

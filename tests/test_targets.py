@@ -270,3 +270,97 @@ def test_a_huggingface_dict_batch_is_refused_with_what_to_rename():
         unpack_batch(batch)
     with pytest.raises(ValueError, match=r"missing \['y'\]\); got keys \['x'\]$"):
         unpack_batch({"x": torch.zeros(2)})
+
+
+# --------------------------------------------------------------------------- binary classifiers with one logit
+class _OneLogit(nn.Module):
+    """A binary classifier with one logit per sample, (N, 1), or squeezed to (N,)."""
+
+    def __init__(self, squeeze: bool = False, n_out: int = 1):
+        super().__init__()
+        self.conv, self.relu, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Linear(4 * 8 * 8, n_out)
+        self.squeeze = squeeze
+
+    def forward(self, x):
+        out = self.fc(self.relu(self.conv(x)).flatten(1))
+        return out[:, 0] if self.squeeze else out
+
+
+def _two_class_twin(model: _OneLogit) -> _OneLogit:
+    """The same network with two outputs, -z / 2 and z / 2: the two-class classifier it stands for."""
+    twin = _OneLogit(n_out=2)
+    twin.conv.load_state_dict(model.conv.state_dict())
+    with torch.no_grad():
+        twin.fc.weight.copy_(torch.cat([model.fc.weight * -0.5, model.fc.weight * 0.5]))
+        twin.fc.bias.copy_(torch.cat([model.fc.bias * -0.5, model.fc.bias * 0.5]))
+    return twin.eval()
+
+
+@pytest.mark.parametrize("squeeze", [False, True], ids=["(N, 1)", "(N,)"])
+def test_a_binary_classifier_with_one_logit_is_explained_as_its_two_class_twin(squeeze):
+    torch.manual_seed(0)
+    model = _OneLogit(squeeze).eval()
+    twin = _two_class_twin(model)
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 0, 1, 1, 0])
+    for method, options in [("saliency", {}), ("integrated_gradients", {}), ("lrp.epsilon_plus_flat", {}),
+                            ("occlusion", {"window": 2}), ("gradcam", {"layer": "conv"})]:
+        got, want = (explain(m, x, y, method=method, **options) for m in (model, twin))
+        assert want.abs().max() > 0 and torch.allclose(got, want, atol=1e-6), method
+    z = model(x).detach().reshape(-1)
+    assert torch.equal(explain(model, x, None, method="saliency"), explain(model, x, (z > 0).long(), method="saliency"))
+    # probabilities are the sigmoid the model was trained for: sigmoid(z) for class 1, 1 - sigmoid(z) for class 0
+    p = score_perturbed(model, lambda idx: x[idx], torch.arange(6), y, output="probability")
+    assert torch.allclose(p, torch.where(y == 1, z.sigmoid(), 1 - z.sigmoid()), atol=1e-6)
+    # a target function sees the model's own output: the logit itself
+    r = explain(model, x, regression_target(), method="input_x_gradient")
+    assert torch.allclose(r, 2 * explain(twin, x, torch.ones(6, dtype=torch.long), method="input_x_gradient"),
+                          atol=1e-6)
+    assert hook_count(model) == 0
+
+
+def test_callbacks_read_a_binary_classifier_with_one_logit_and_float_labels(tmp_path):
+    """A classifier trained with BCEWithLogitsLoss: one logit, float labels 0. / 1."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(96, 1, 8, 8, generator=g)
+    y = (x[:, 0, :4].mean((1, 2)) > x[:, 0, 4:].mean((1, 2))).float()
+    module = Module(1, lambda out, t: nn.functional.binary_cross_entropy_with_logits(out[:, 0], t))
+    loader = DataLoader(Tensors(x, y), batch_size=32)
+    callbacks = [AttributionCallback(methods=["input_x_gradient"], probe_size=8, on_error="raise"),
+                 ExplanationMetricsCallback(methods=["saliency"], probe_size=8, on_error="raise",
+                                            metrics=[{"name": "pixel_flipping", "n_steps": 4}]),
+                 SpRAyCallback(method="saliency", max_per_class=40, save_virelay=False,
+                               spray_options={"k": 3, "visualisation": None}, on_error="raise")]
+    make_trainer(tmp_path, callbacks, max_epochs=1).fit(module, loader, loader)
+    assert all(cb.errors == 0 for cb in callbacks)
+    probe = callbacks[0].probe(None, module)
+    assert probe.y.dtype == torch.float32 and set(probe.y.tolist()) == {0.0, 1.0}
+    twin = nn.Sequential(module.net, nn.Linear(1, 2)).eval()   # -z / 2, z / 2 as an explicit layer
+    with torch.no_grad():
+        twin[1].weight.copy_(torch.tensor([[-0.5], [0.5]]))
+        twin[1].bias.zero_()
+    want = explain(twin, probe.x, probe.y.long(), method="input_x_gradient")
+    assert torch.allclose(callbacks[0].heatmaps["input_x_gradient"], want, atol=1e-6)
+    assert torch.isfinite(torch.tensor(callbacks[1].values["xai/saliency/pixel_flipping_morf_aopc.constant0"]))
+    spray = callbacks[2]
+    assert sorted(spray.results) == [0, 1] and spray.results[0].evidence is not None
+
+
+def test_a_binary_token_classifier_with_one_logit_is_explained_per_token_as_two_classes():
+    class Bag(nn.Module):   # one logit from the mean of its tokens' vectors (a binary sentiment model)
+        def __init__(self, n_out):
+            super().__init__()
+            self.embedding, self.head = nn.Embedding(30, 4), nn.Linear(4, n_out)
+
+        def forward(self, tokens):
+            return self.head(self.embedding(tokens).mean(1))
+
+    torch.manual_seed(0)
+    model, twin = Bag(1).eval(), Bag(2).eval()
+    twin.embedding.load_state_dict(model.embedding.state_dict())
+    with torch.no_grad():
+        twin.head.weight.copy_(torch.cat([model.head.weight * -0.5, model.head.weight * 0.5]))
+        twin.head.bias.copy_(torch.cat([model.head.bias * -0.5, model.head.bias * 0.5]))
+    tokens, y = torch.randint(0, 30, (4, 6)), torch.tensor([0, 1, 1, 0])
+    for method in ("input_x_gradient", "lrp.epsilon_plus_flat"):
+        got, want = explain(model, tokens, y, method=method), explain(twin, tokens, y, method=method)
+        assert got.shape == (4, 6) and want.abs().max() > 0 and torch.allclose(got, want, atol=1e-6), method

@@ -8,8 +8,9 @@ from torch import nn
 from zennit.layer import Sum
 
 from .data import unpack_batch
+from .scoring import class_scores, one_logit
 
-__all__ = ["DemoCNN", "SpectrumCNN", "RadioUNet", "ResidualBlock", "Classifier"]
+__all__ = ["DemoCNN", "SpectrumCNN", "RadioUNet", "ResidualBlock", "Classifier", "classification_loss"]
 
 
 class ResidualBlock(nn.Module):
@@ -125,8 +126,17 @@ class RadioUNet(nn.Module):
         return self.out(x)
 
 
+def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of class ids ``y``; for a binary classifier with one logit ((N,) or (N, 1)),
+    the binary cross-entropy of its logit."""
+    if one_logit(logits):
+        return F.binary_cross_entropy_with_logits(logits.reshape(-1), y.float())
+    return F.cross_entropy(logits, y)
+
+
 class Classifier(pl.LightningModule):
-    """Trains ``model`` with cross-entropy and Adam; logs ``train/loss``, ``val/loss``, ``val/acc``."""
+    """Trains ``model`` with :func:`classification_loss` and Adam (a model with one output is a
+    binary classifier of its logit); logs ``train/loss``, ``val/loss``, ``val/acc``."""
 
     def __init__(self, model: nn.Module | None = None, lr: float = 1e-3):
         super().__init__()
@@ -138,15 +148,15 @@ class Classifier(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y, _ = unpack_batch(batch)
-        loss = F.cross_entropy(self(x), y)
+        loss = classification_loss(self(x), y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
         x, y, _ = unpack_batch(batch)
         logits = self(x)
-        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
-        self.log("val/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, sync_dist=True)
+        self.log("val/loss", classification_loss(logits, y), sync_dist=True)
+        self.log("val/acc", (class_scores(logits).argmax(1) == y).float().mean(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.lr)

@@ -5,6 +5,8 @@
   target function ``fn(output, batch) -> (N,)`` for any other output (regression, multi-label,
   segmentation; see :func:`regression_target`, :func:`multilabel_target`,
   :func:`segmentation_target`).
+* :func:`class_scores` reads a binary classifier with one logit (output (N,) or (N, 1)) as the two
+  classes it stands for, wherever class indices meet a model's output.
 * :func:`score_perturbed` is the one function that scores stacked perturbed inputs: it builds
   them in chunks of ``batch_size`` on the model's device and scores each with
   :func:`target_scores`, inside the do-no-harm :func:`~xai_callbacks.guard.model_guard`.
@@ -28,7 +30,8 @@ import torch
 from torch import nn
 
 __all__ = ["OUTPUTS", "Target", "TargetFn", "as_target", "select", "target_scores", "check_class_target",
-           "score_perturbed", "index_batch", "regression_target", "multilabel_target", "segmentation_target"]
+           "score_perturbed", "index_batch", "regression_target", "multilabel_target", "segmentation_target",
+           "one_logit", "class_scores"]
 
 #: How a class-index target reads a (N, n_classes) output: the logit, the softmax probability, or
 #: its log. A target function's score is used as it is.
@@ -151,6 +154,31 @@ def select(target: torch.Tensor | Target, rows: torch.Tensor) -> torch.Tensor | 
     return target[rows.to(target.device)]
 
 
+def one_logit(output: Any) -> bool:
+    """Whether ``output`` is one score per sample, (N,) or (N, 1): with class indices, a binary
+    classifier's logit (see :func:`class_scores`)."""
+    return isinstance(output, torch.Tensor) and output.is_floating_point() and (
+        output.dim() == 1 or (output.dim() == 2 and output.shape[1] == 1))
+
+
+def class_scores(output: Any) -> Any:
+    """A classifier's (N, n_classes) scores. A binary classifier with one logit ``z`` per sample
+    ((N,) or (N, 1), trained with ``BCEWithLogitsLoss``) is read as two classes with logits
+    ``(-z / 2, z / 2)``: their softmax is ``(1 - sigmoid(z), sigmoid(z))``, the probabilities it was
+    trained to give, class 1's score grows with ``z`` and class 0's falls. Written as products
+    with constants, which LRP passes relevance through unchanged
+    (:class:`~xai_callbacks.attribution.lrp.FunctionalRules`). Any other output is returned as it is.
+
+    Example:
+        >>> class_scores(torch.tensor([[2.0], [-1.0]])).softmax(1)[:, 1]   # sigmoid(z)
+        tensor([0.8808, 0.2689])
+    """
+    if not one_logit(output):
+        return output
+    z = output.reshape(-1, 1)
+    return torch.cat([z * -0.5, z * 0.5], 1)
+
+
 def logits_hint(output: Any) -> str:
     """A hint for an output that carries its scores as ``.logits`` (HuggingFace's ModelOutput)."""
     if isinstance(getattr(output, "logits", None), torch.Tensor):
@@ -215,7 +243,8 @@ def score_perturbed(model: nn.Module, make_inputs: Callable[[torch.Tensor], torc
             (a LongTensor on the model's device).
         sample_of: LongTensor (n,): the sample each perturbed input was made from; its target is
             ``select(target, sample_of[idx])``.
-        target: the samples' targets: LongTensor (B,) of classes or a :class:`Target`.
+        target: the samples' targets: LongTensor (B,) of classes (a model with one logit is read
+            by :func:`class_scores`) or a :class:`Target`.
         output: ``logit``, ``probability`` or ``log_probability`` (class-index targets).
         batch_size: perturbed inputs per forward pass.
 
@@ -242,6 +271,8 @@ def score_perturbed(model: nn.Module, make_inputs: Callable[[torch.Tensor], torc
         for start in range(0, n, batch_size):
             idx = torch.arange(start, min(n, start + batch_size), device=device)
             out = _forward(module, make_inputs(idx), layout)
+            if not isinstance(target, Target) and not getattr(module, "selects_score", False):
+                out = class_scores(out)   # a binary classifier's one logit as two classes
             scores[start:start + len(idx)] = target_scores(out, select(target, sample_of[idx]), output,
                                                            check=start == 0)
     return scores

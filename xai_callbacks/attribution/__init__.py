@@ -14,16 +14,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import weakref
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..guard import model_guard, unwrap_model
-from ..scoring import Target, as_target, check_class_target, logits_hint, select, target_scores
+from ..scoring import Target, as_target, check_class_target, class_scores, logits_hint, one_logit, select, target_scores
 
 __all__ = ["explain", "available_methods", "register_method", "method_options", "check_methods", "model_scores",
-           "ExplainerFn", "TargetModel"]
+           "checked_scores", "ExplainerFn", "TargetModel", "TwoClassModel"]
 
 ExplainerFn = Callable[..., torch.Tensor]
 _METHODS: dict[str, ExplainerFn] = {}
@@ -98,11 +99,17 @@ def _lookup(method: str) -> ExplainerFn:
 
 
 def model_scores(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Forward ``x`` and check the output is a (B, n_classes) tensor of scores."""
-    out = model(x)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+    """Forward ``x`` and check the output is a (B, n_classes) tensor of scores (see :func:`checked_scores`)."""
+    return checked_scores(model(x), x.shape[0])
+
+
+def checked_scores(output, n: int) -> torch.Tensor:
+    """``output`` of ``n`` inputs as (n, n_classes) class scores (a binary classifier's one logit
+    read as two classes, :func:`~xai_callbacks.scoring.class_scores`), or a ValueError naming its shape."""
+    out = class_scores(output)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != n:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"the model must return scores of shape (batch, n_classes) = ({x.shape[0]}, K); "
+        raise ValueError(f"the model must return scores of shape (batch, n_classes) = ({n}, K); "
                          f"got {shape}{logits_hint(out)}; for other outputs pass target=<function (output, batch) "
                          "-> (B,) scores>")
     return out
@@ -143,15 +150,13 @@ def output_checked(model: nn.Module, target: torch.Tensor):
         handle.remove()
 
 
-class TargetModel(nn.Module):
-    """``model`` followed by a target function: outputs the selected score as (N, 1), so methods
-    written for class indices explain any target with class 0. Its submodules are the model's
-    own, under the model's own names (hooks, canonizers and layer names see the model)."""
+class _OutputView(nn.Module):
+    """``model`` with its output changed by :meth:`forward`. Its submodules are the model's own,
+    under the model's own names (hooks, canonizers and layer names see the model)."""
 
-    def __init__(self, model: nn.Module, target: Target):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.__dict__["inner"] = model  # not registered: named_modules below yields the model's own
-        self.target = target
 
     def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
         return self.inner.named_modules(memo, prefix, remove_duplicate)
@@ -159,8 +164,43 @@ class TargetModel(nn.Module):
     def named_children(self):  # children() and apply() (captum's hooks) reach the model's own layers
         return self.inner.named_children()
 
+
+class TargetModel(_OutputView):
+    """``model`` followed by a target function: outputs the selected score as (N, 1), so methods
+    written for class indices explain any target with class 0."""
+    selects_score = True   # its one output column is the target's score, not a binary classifier's logit
+
+    def __init__(self, model: nn.Module, target: Target):
+        super().__init__(model)
+        self.target = target
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return target_scores(self.inner(x), self.target)[:, None]
+
+
+class TwoClassModel(_OutputView):
+    """A binary classifier with one logit as two classes (:func:`~xai_callbacks.scoring.class_scores`),
+    so methods written for class indices explain class 0 and class 1 alike."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return class_scores(self.inner(x))
+
+
+#: per model, whether it outputs one logit per sample (a binary classifier): learnt from one sample's forward
+#: pass the first time the model is explained with class indices, not on every call
+_ONE_LOGIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _outputs_one_logit(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module`` outputs one logit per sample (see :data:`_ONE_LOGIT`). A forward pass that
+    raises tells nothing: the method's own forward pass reports the error, on the whole batch."""
+    if module not in _ONE_LOGIT:
+        try:
+            with torch.no_grad():
+                _ONE_LOGIT[module] = one_logit(module(x[:1]))
+        except Exception:
+            return False
+    return _ONE_LOGIT[module]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -177,7 +217,9 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "salie
 
     Args:
         model: the explained model; DDP / compiled wrappers are unwrapped. With class-index
-            targets it must return scores of shape (batch, n_classes).
+            targets it must return scores of shape (batch, n_classes), or one logit per sample
+            ((batch,) or (batch, 1)): a binary classifier, explained as two classes with logits
+            ``-z / 2`` and ``z / 2`` (:func:`~xai_callbacks.scoring.class_scores`).
         x: a batch of inputs (B, ...); must be finite. Integer token ids (B, L) are explained
             through the model's ``nn.Embedding`` and give one relevance per token, (B, L).
         target: the explained class: an int, a LongTensor (B,), or None for the predicted class;
@@ -225,7 +267,11 @@ def explain(model: nn.Module, x: torch.Tensor, target=None, method: str = "salie
         x = x.detach().to(device=device, dtype=torch.float32).clone()
         if target is None:
             with torch.no_grad():
-                target = model_scores(module, x).argmax(dim=1)
+                out = module(x)
+            _ONE_LOGIT[module] = one_logit(out)
+            target = checked_scores(out, x.shape[0]).argmax(dim=1)
+        if not (isinstance(target, Target) or callable(target)) and _outputs_one_logit(module, x):
+            module = TwoClassModel(module)   # class indices of a binary classifier with one logit
         target = as_target(target, x.shape[0], x.device, batch=x)
         step = min(batch_size or x.shape[0], x.shape[0])
         parts = []

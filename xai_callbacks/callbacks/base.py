@@ -25,7 +25,7 @@ from ..guard import model_guard, rng_guard
 from .progress import Progress, task
 from .worker import AnalysisWorker, TrainerAt
 from ..infill import get_infiller
-from ..scoring import Target
+from ..scoring import Target, class_scores
 
 __all__ = ["ExplanationCallback", "Probe", "select_probe", "select_per_class", "dataset_labels", "val_dataloader",
            "read_samples", "shard_map", "shard_indices", "average_gradients", "on_last_epoch", "TARGETS"]
@@ -89,9 +89,15 @@ def dataset_labels(dataset, candidates: np.ndarray) -> tuple[np.ndarray, bool]:
     if labels is None:
         labels = [torch.as_tensor(unpack_batch(default_collate([dataset[int(i)]])).y)[0] for i in candidates]
         labels = torch.stack(labels) if labels else torch.zeros(0, dtype=torch.long)
-    class_ids = labels.dim() == 1 and not labels.is_floating_point()
+    class_ids = labels.dim() == 1 and (not labels.is_floating_point() or binary_labels(labels))
     first = labels.reshape(len(labels), -1)[:, 0] if len(labels) else labels.reshape(-1)
     return first.cpu().numpy(), class_ids
+
+
+def binary_labels(labels: torch.Tensor) -> bool:
+    """Float labels (B,) that are all 0 or 1: a binary classifier's (``BCEWithLogitsLoss`` takes
+    float targets), read as class ids."""
+    return labels.dim() == 1 and labels.is_floating_point() and bool(((labels == 0) | (labels == 1)).all())
 
 
 _SAID: set = set()
@@ -589,11 +595,14 @@ class ExplanationCallback(pl.Callback):
         if self.target == "prediction":
             with model_guard(pl_module) as model, torch.no_grad():
                 out = model(probe.x.clone())
+            out = class_scores(out)
             if not isinstance(out, torch.Tensor) or out.dim() != 2:
                 raise ValueError(f"target='prediction' needs a classifier's (B, n_classes) scores, got output of "
                                  f"shape {tuple(getattr(out, 'shape', ()))}; pass a target function")
             return out.argmax(1)
         y = probe.y
+        if binary_labels(y):
+            y = y.long()
         if y.dim() != 1 or y.is_floating_point():
             raise ValueError(f"target='label' needs class ids (B,), but the labels have shape {tuple(y.shape)} and "
                              f"dtype {y.dtype}; pass target=<function (output, batch) -> (B,)>, e.g. "

@@ -12,6 +12,7 @@ from ..guard import model_guard
 from ..infill import Infiller, get_infiller
 from ..infill.gan import GANInfiller, GANInpainter, MaskSampler, save_generator
 from ..infill.quality import fill_quality
+from ..scoring import class_scores
 from .base import ExplanationCallback, average_gradients
 
 __all__ = ["InpainterCallback"]
@@ -176,7 +177,7 @@ class InpainterCallback(ExplanationCallback):
         fills = [self.inpainter.infiller(seed=self.seed)] + self.baselines
         values, filled = {}, {}
         with model_guard(pl_module) as model, torch.no_grad():
-            predicted = model(x.clone()).argmax(dim=1)
+            predicted = class_scores(model(x.clone())).argmax(dim=1)
             for i, f in enumerate(fills):
                 self.progress.update(advance=int(i > 0), status=f"evaluating the {f.name} infill",
                                      total=len(fills) if i == 0 else None)

@@ -13,6 +13,7 @@ from ..attribution import check_methods, explain, method_options
 from ..attribution.transformer import model_lrp
 from ..concepts import concept_relevance, find_concept_layer
 from ..guard import model_guard, unwrap_model
+from ..scoring import class_scores
 from ..spray import SpRAyResult, StrategyTracker, check_heatmaps, spray, write_virelay
 from ..spray.evidence import ROW_EVIDENCE, SampleEvidence, sample_evidence
 from ..spray.report import (class_scalars, clusters_table, embedding_table, evidence_caption, prototype_caption,
@@ -353,7 +354,7 @@ class SpRAyCallback(ExplanationCallback):
         rows_in = self._rows is not None   # a row's most relevant tokens or features, removed with 0 (ROW_EVIDENCE)
         options = {"seed": self.seed, **(ROW_EVIDENCE if rows_in else {}), **self.evidence_options}
         infiller = "constant" if rows_in and self.infiller == "blur" else self.infiller
-        scores = data["scores"][rows].float()   # the explanation's forward pass: the check's first
+        scores = class_scores(data["scores"][rows].float())   # the explanation's forward pass: the check's first
         device = trainer.lightning_module.device
         return sample_evidence(model, data["x"][rows], data.get("regions", data["heatmaps"])[rows], labels[rows],
                                infiller=infiller, batch_size=self.batch_size or 256,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..scoring import class_scores
 from . import Infiller
 from .gan import masked_l1
 
@@ -66,5 +67,5 @@ def fill_quality(model: nn.Module, x: torch.Tensor, keep: torch.Tensor, infiller
     filled = infiller(x, keep)
     hole = (1 - keep).expand_as(x)
     scores = {"l1": float(masked_l1(filled, x, hole)), "psnr": float(masked_psnr(filled, x, hole, span)),
-              "agreement": float((model(filled).argmax(dim=1) == predicted).float().mean())}
+              "agreement": float((class_scores(model(filled)).argmax(dim=1) == predicted).float().mean())}
     return filled, scores
