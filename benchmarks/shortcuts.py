@@ -46,12 +46,15 @@ classes from other photographs (the calibration used the default four; scikit-le
 ``flower`` as well as scikit-image's). ``--stamp-side`` sets the
 side of the stamp and the tags (a share of the image side; 3/16 by default). ``--evidence-options JSON``
 replaces the callback's default ``evidence_options`` (e.g. ``'{"area": 0.125}'``: the eighth alone).
+``--one-logit`` (two classes) trains binary classifiers with one logit and ``BCEWithLogitsLoss``,
+which the callbacks read as two classes (``xai_callbacks.scoring.class_scores``).
 
     nice -n 10 python benchmarks/shortcuts.py                         # everything (~25 min on 2 cores)
     nice -n 10 python benchmarks/shortcuts.py --archs cnn --kinds stamp clean
     nice -n 10 python benchmarks/shortcuts.py --cost                  # + default SpRAy epoch time with / without the check
     nice -n 10 python benchmarks/shortcuts.py --archs cnn --features heatmaps concepts --cache /tmp/shortcut-models
     nice -n 10 python benchmarks/shortcuts.py --archs cnn --photos coffee chelsea astronaut rocket
+    nice -n 10 python benchmarks/shortcuts.py --archs cnn resnet18 --photos coffee chelsea --one-logit --kinds stamp clean
 """
 from __future__ import annotations
 
@@ -66,7 +69,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
@@ -74,6 +76,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, plant_shortcut  # noqa: E402
 from xai_callbacks.data.shortcuts import STAMP_SIDE  # noqa: E402
+from xai_callbacks.models import classification_loss  # noqa: E402
+from xai_callbacks.scoring import class_scores  # noqa: E402
 
 # torchvision models as torchvision builds them (grey inputs through a 1x1 convolution), never calibrated on
 AS_BUILT = ("shufflenet", "densenet", "efficientnet", "mobilenetv2", "regnet", "convnext", "squeezenet")
@@ -149,7 +153,7 @@ def train(model, data, epochs: int, lr: float, seed: int, batch_size: int = 64) 
         for idx in torch.randperm(len(data), generator=gen).split(batch_size):
             if len(idx) < 2:
                 continue
-            loss = F.cross_entropy(model(data.x[idx].to(device)), data.targets[idx].to(device))
+            loss = classification_loss(model(data.x[idx].to(device)), data.targets[idx].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -160,7 +164,7 @@ def train(model, data, epochs: int, lr: float, seed: int, batch_size: int = 64) 
 @torch.no_grad()
 def predict(model, x: torch.Tensor) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(part.to(_device(model))).argmax(1).cpu() for part in x.split(256)])
+    return torch.cat([class_scores(model(part.to(_device(model)))).argmax(1).cpu() for part in x.split(256)])
 
 
 def intervention(model, val) -> tuple[float, float]:
@@ -330,6 +334,8 @@ def main(argv=None) -> int:
                     help="skimage.data photos of the classes (default: brick grass gravel moon), e.g. coffee chelsea "
                          "astronaut rocket, or scikit-learn's china and flower: other real images for the same "
                          "scenarios")
+    ap.add_argument("--one-logit", action="store_true",
+                    help="two classes only: binary classifiers with one logit, trained with BCEWithLogitsLoss")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where the models are trained and analysed (the cached weights are the same on either)")
@@ -363,12 +369,16 @@ def main(argv=None) -> int:
             continue
         for arch in args.archs:
             start = time.perf_counter()
-            model = build(arch, train_set.x.shape[1], int(train_set.targets.max()) + 1, args.seed, args.size
+            classes = int(train_set.targets.max()) + 1
+            if args.one_logit and classes != 2:
+                raise SystemExit(f"--one-logit needs two classes (e.g. --photos coffee chelsea), got {classes}")
+            model = build(arch, train_set.x.shape[1], 1 if args.one_logit else classes, args.seed, args.size
                           ).to(args.device)
             other = "-" + "_".join(args.photos) if args.photos and base == "photos" else ""
             other += f"-{args.size}px" if args.size != 32 else ""
             small = args.stamp_side != STAMP_SIDE and kind in ("stamp", "tags") and prev > 0
             other += f"-side{args.stamp_side:g}" if small else ""
+            other += "-onelogit" if args.one_logit else ""
             cached = args.cache and os.path.join(args.cache, f"{name}{other}-{arch}-p{prev}-a{args.ambiguity}"
                                                              f"-n{args.n_per_class}-e{args.epochs}-lr{args.lr}"
                                                              f"-s{args.seed}.pt")
