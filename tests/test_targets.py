@@ -14,6 +14,7 @@ from xai_callbacks.callbacks.attribution import AttributionCallback
 from xai_callbacks.callbacks.base import select_probe
 from xai_callbacks.callbacks.metrics import ExplanationMetricsCallback
 from xai_callbacks.callbacks.spray import SpRAyCallback
+from xai_callbacks.concepts import concept_relevance, conditional_heatmaps
 from xai_callbacks.guard import hook_count
 from xai_callbacks.metrics import pixel_flipping
 from xai_callbacks.scoring import (Target, multilabel_target, regression_target, score_perturbed, segmentation_target,
@@ -311,6 +312,12 @@ def test_a_binary_classifier_with_one_logit_is_explained_as_its_two_class_twin(s
     # probabilities are the sigmoid the model was trained for: sigmoid(z) for class 1, 1 - sigmoid(z) for class 0
     p = score_perturbed(model, lambda idx: x[idx], torch.arange(6), y, output="probability")
     assert torch.allclose(p, torch.where(y == 1, z.sigmoid(), 1 - z.sigmoid()), atol=1e-6)
+    # concept relevance (LRP at a layer) reads it the same way
+    got, want = (concept_relevance(m, x, y, "conv") for m in (model, twin))
+    assert torch.allclose(got.relevance, want.relevance, atol=1e-6) and torch.allclose(got.heatmap, want.heatmap,
+                                                                                       atol=1e-6)
+    assert torch.allclose(conditional_heatmaps(model, x, y, "conv", torch.tensor([0, 2])),
+                          conditional_heatmaps(twin, x, y, "conv", torch.tensor([0, 2])), atol=1e-6)
     # a target function sees the model's own output: the logit itself
     r = explain(model, x, regression_target(), method="input_x_gradient")
     assert torch.allclose(r, 2 * explain(twin, x, torch.ones(6, dtype=torch.long), method="input_x_gradient"),
