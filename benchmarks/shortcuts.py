@@ -54,7 +54,7 @@ which the callbacks read as two classes (``xai_callbacks.scoring.class_scores``)
     nice -n 10 python benchmarks/shortcuts.py --cost                  # + default SpRAy epoch time with / without the check
     nice -n 10 python benchmarks/shortcuts.py --archs cnn --features heatmaps concepts --cache /tmp/shortcut-models
     nice -n 10 python benchmarks/shortcuts.py --archs cnn --photos coffee chelsea astronaut rocket
-    nice -n 10 python benchmarks/shortcuts.py --archs cnn resnet18 --photos coffee chelsea --one-logit --kinds stamp clean
+    nice -n 10 python benchmarks/shortcuts.py --archs cnn --photos coffee chelsea --one-logit --kinds stamp clean
 """
 from __future__ import annotations
 

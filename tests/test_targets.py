@@ -308,7 +308,9 @@ def test_a_binary_classifier_with_one_logit_is_explained_as_its_two_class_twin(s
         got, want = (explain(m, x, y, method=method, **options) for m in (model, twin))
         assert want.abs().max() > 0 and torch.allclose(got, want, atol=1e-6), method
     z = model(x).detach().reshape(-1)
-    assert torch.equal(explain(model, x, None, method="saliency"), explain(model, x, (z > 0).long(), method="saliency"))
+    predicted = explain(model, x, None, method="input_x_gradient")   # the predicted class: the sign of z
+    assert torch.equal(predicted, explain(model, x, (z > 0).long(), method="input_x_gradient"))
+    assert not torch.allclose(predicted, explain(model, x, (z <= 0).long(), method="input_x_gradient"))
     # probabilities are the sigmoid the model was trained for: sigmoid(z) for class 1, 1 - sigmoid(z) for class 0
     p = score_perturbed(model, lambda idx: x[idx], torch.arange(6), y, output="probability")
     assert torch.allclose(p, torch.where(y == 1, z.sigmoid(), 1 - z.sigmoid()), atol=1e-6)
