@@ -18,6 +18,7 @@ from xai_callbacks.data import SHORTCUT_KINDS, make_shortcut_images, make_shortc
 from xai_callbacks.data.rows import TRIGGER
 from xai_callbacks.models import Classifier, DemoCNN
 from xai_callbacks.infill import gaussian_blur
+from xai_callbacks.scoring import score_perturbed
 from xai_callbacks.spray.evidence import (AREAS, COMPONENTS, MAJORITY_SEPARATION, MIN_SEPARATION,
                                           border_mask, group_sizes, held_out_separation, relevance_regions,
                                           sample_evidence, separated_group, transfer)
@@ -296,6 +297,29 @@ def test_evidence_reads_a_binary_classifier_with_one_logit_as_its_two_classes():
     one = sample_evidence(_OneLogitDetector(), x, heat, classes, infiller="constant", area=1 / 16)
     assert one.confirmed.tolist() == (np.arange(40) < 8).tolist()   # softmax(0, z) is sigmoid(z): the same check
     assert np.allclose(one.excess, two.excess, atol=1e-6) and np.allclose(one.drop, two.drop, atol=1e-6)
+
+
+class _SoftmaxDetector(_Detector):
+    """The same detector ending in a softmax: its outputs are probabilities."""
+
+    def forward(self, x):
+        return super().forward(x).softmax(1)
+
+
+def test_evidence_takes_the_probabilities_of_a_model_that_ends_in_a_softmax_as_they_are():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, 16, 16, generator=gen) * 0.4
+    classes = np.array([1] * 20 + [0] * 20)
+    x[:8, :, :4, :4] = 1.0
+    heat = torch.rand(40, 1, 16, 16, generator=gen) * 0.1
+    heat[:8, :, :4, :4] += 1.0
+    logits = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16)
+    probabilities = sample_evidence(_SoftmaxDetector(), x, heat, classes, infiller="constant", area=1 / 16)
+    assert probabilities.confirmed.tolist() == (np.arange(40) < 8).tolist()   # not a softmax of probabilities
+    assert np.allclose(probabilities.excess, logits.excess, atol=1e-6)
+    y = torch.from_numpy(classes)
+    p = score_perturbed(_SoftmaxDetector(), lambda idx: x[idx], torch.arange(40), y, output="probability")
+    assert torch.allclose(p, _Detector()(x).softmax(1).gather(1, y[:, None])[:, 0].detach(), atol=1e-6)
 
 
 class _TwoCorners(torch.nn.Module):

@@ -31,7 +31,7 @@ from torch import nn
 
 __all__ = ["OUTPUTS", "Target", "TargetFn", "as_target", "select", "target_scores", "check_class_target",
            "score_perturbed", "index_batch", "regression_target", "multilabel_target", "segmentation_target",
-           "one_logit", "class_scores"]
+           "one_logit", "class_scores", "is_probability", "class_probabilities"]
 
 #: How a class-index target reads a (N, n_classes) output: the logit, the softmax probability, or
 #: its log. A target function's score is used as it is.
@@ -179,6 +179,20 @@ def class_scores(output: Any) -> Any:
     return torch.cat([z * -0.5, z * 0.5], 1)
 
 
+def is_probability(scores: torch.Tensor) -> bool:
+    """Whether (N, n_classes) class scores already are probabilities: every row non-negative and
+    summing to 1, as from a model that ends in a softmax (logits practically never are)."""
+    with torch.no_grad():
+        return scores.shape[1] > 1 and bool((scores >= 0).all()) and bool(((scores.sum(1) - 1).abs() < 1e-4).all())
+
+
+def class_probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """(N, n_classes) probabilities of class scores: their softmax, or the scores themselves where
+    they already are probabilities (:func:`is_probability`; a softmax would squeeze them towards
+    uniform, 0.17-0.48 for four classes)."""
+    return scores if is_probability(scores) else scores.softmax(dim=1)
+
+
 def logits_hint(output: Any) -> str:
     """A hint for an output that carries its scores as ``.logits`` (HuggingFace's ModelOutput)."""
     if isinstance(getattr(output, "logits", None), torch.Tensor):
@@ -211,7 +225,8 @@ def target_scores(output: Any, target: torch.Tensor | Target, output_kind: str =
         target: a LongTensor (N,) of class indices (or (n,) with N = k * n stacked copies), or a
             :class:`Target`.
         output_kind: for class indices, read the ``logit``, the softmax ``probability`` or the
-            ``log_probability``; a target function's score is used as it is.
+            ``log_probability`` (of a model that ends in a softmax, its output and the output's log);
+            a target function's score is used as it is.
         check: validate the output's shape and the class range (first call of a loop suffices).
 
     Raises:
@@ -226,7 +241,9 @@ def target_scores(output: Any, target: torch.Tensor | Target, output_kind: str =
         check_class_target(output, target)
     if output.shape[0] != target.shape[0]:
         target = target.repeat(output.shape[0] // target.shape[0])
-    if output_kind == "probability":
+    if output_kind != "logit" and is_probability(output):   # a model that ends in a softmax
+        output = output if output_kind == "probability" else output.clamp_min(1e-30).log()
+    elif output_kind == "probability":
         output = output.softmax(dim=1)
     elif output_kind == "log_probability":
         output = output.log_softmax(dim=1)

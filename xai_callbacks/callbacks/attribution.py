@@ -11,7 +11,7 @@ from .. import render, sinks
 from ..attribution import check_methods, explain, method_options
 from ..attribution.transformer import model_lrp
 from ..guard import model_guard
-from ..scoring import class_scores, select
+from ..scoring import class_probabilities, class_scores, select
 from .base import ExplanationCallback, Probe, shard_map, val_dataloader
 
 __all__ = ["AttributionCallback", "explanation_kept"]
@@ -134,8 +134,8 @@ class AttributionCallback(ExplanationCallback):
             out = model(probe.x.clone())
         # class scores: the prediction and its probability; other outputs (regression, maps): none
         out = class_scores(out) if not callable(self.target) else out
-        score, pred = out.softmax(dim=1).max(dim=1) if out.dim() == 2 else (out.new_full((len(out),), float("nan")),
-                                                                            out.new_full((len(out),), -1))
+        score, pred = class_probabilities(out).max(dim=1) if out.dim() == 2 else (
+            out.new_full((len(out),), float("nan")), out.new_full((len(out),), -1))
         target = self.targets(pl_module, probe)
 
         def explain_share(method, rows):

@@ -13,7 +13,7 @@ from ..attribution import check_methods, explain, method_options
 from ..attribution.transformer import model_lrp
 from ..concepts import concept_relevance, find_concept_layer
 from ..guard import model_guard, unwrap_model
-from ..scoring import class_scores
+from ..scoring import class_probabilities, class_scores
 from ..spray import SpRAyResult, StrategyTracker, check_heatmaps, spray, write_virelay
 from ..spray.evidence import ROW_EVIDENCE, SampleEvidence, sample_evidence
 from ..spray.report import (class_scalars, clusters_table, embedding_table, evidence_caption, prototype_caption,
@@ -358,7 +358,7 @@ class SpRAyCallback(ExplanationCallback):
         device = trainer.lightning_module.device
         return sample_evidence(model, data["x"][rows], data.get("regions", data["heatmaps"])[rows], labels[rows],
                                infiller=infiller, batch_size=self.batch_size or 256,
-                               probabilities=scores.softmax(1) if scores.dim() == 2 else None,
+                               probabilities=class_probabilities(scores) if scores.dim() == 2 else None,
                                shard=lambda fn, n: shard_map(trainer, fn, torch.arange(n, device=device)),
                                **options), rows
 

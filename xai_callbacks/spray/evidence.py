@@ -98,7 +98,7 @@ import torch.nn.functional as F
 from ..attribution import model_device
 from ..guard import model_guard, unwrap_model
 from ..infill import Infiller, gaussian_blur, get_infiller
-from ..scoring import check_class_target, class_scores, score_perturbed
+from ..scoring import check_class_target, class_probabilities, class_scores, score_perturbed
 from .suspicion import positive_part
 
 __all__ = ["SampleEvidence", "StrategyEvidence", "sample_evidence", "separated_group", "held_out_separation",
@@ -843,7 +843,7 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, smooth, pastes
     passes = np.zeros(n, dtype=np.int64)   # per sample
     if probs is None:   # every class's probability of every sample
         with model_guard(model) as module, torch.no_grad():
-            probs = torch.cat([class_scores(module(part)).softmax(1) for part in x.split(batch_size)])
+            probs = torch.cat([class_probabilities(class_scores(module(part))) for part in x.split(batch_size)])
         passes += 1
     check_class_target(probs, torch.from_numpy(classes).to(probs.device))
     probs = probs.detach().float().cpu().numpy()
