@@ -286,19 +286,6 @@ class _OneLogitDetector(_Detector):
         return super().forward(x)[:, 1:]
 
 
-def test_evidence_reads_a_binary_classifier_with_one_logit_as_its_two_classes():
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(40, 1, 16, 16, generator=gen) * 0.4
-    classes = np.array([1] * 20 + [0] * 20)
-    x[:8, :, :4, :4] = 1.0
-    heat = torch.rand(40, 1, 16, 16, generator=gen) * 0.1
-    heat[:8, :, :4, :4] += 1.0
-    two = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16)
-    one = sample_evidence(_OneLogitDetector(), x, heat, classes, infiller="constant", area=1 / 16)
-    assert one.confirmed.tolist() == (np.arange(40) < 8).tolist()   # softmax(0, z) is sigmoid(z): the same check
-    assert np.allclose(one.excess, two.excess, atol=1e-6) and np.allclose(one.drop, two.drop, atol=1e-6)
-
-
 class _SoftmaxDetector(_Detector):
     """The same detector ending in a softmax: its outputs are probabilities."""
 
@@ -306,7 +293,10 @@ class _SoftmaxDetector(_Detector):
         return super().forward(x).softmax(1)
 
 
-def test_evidence_takes_the_probabilities_of_a_model_that_ends_in_a_softmax_as_they_are():
+@pytest.mark.parametrize("variant", [_OneLogitDetector, _SoftmaxDetector], ids=["one logit", "softmax"])
+def test_evidence_reads_a_one_logit_or_a_softmax_model_with_the_probabilities_it_stands_for(variant):
+    """Softmax(0, z) is sigmoid(z), the one-logit model's class 1; a softmax's output is taken as it
+    is, not squeezed by a second softmax: the check decides as on the logit detector."""
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(40, 1, 16, 16, generator=gen) * 0.4
     classes = np.array([1] * 20 + [0] * 20)
@@ -314,11 +304,11 @@ def test_evidence_takes_the_probabilities_of_a_model_that_ends_in_a_softmax_as_t
     heat = torch.rand(40, 1, 16, 16, generator=gen) * 0.1
     heat[:8, :, :4, :4] += 1.0
     logits = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16)
-    probabilities = sample_evidence(_SoftmaxDetector(), x, heat, classes, infiller="constant", area=1 / 16)
-    assert probabilities.confirmed.tolist() == (np.arange(40) < 8).tolist()   # not a softmax of probabilities
-    assert np.allclose(probabilities.excess, logits.excess, atol=1e-6)
+    ev = sample_evidence(variant(), x, heat, classes, infiller="constant", area=1 / 16)
+    assert ev.confirmed.tolist() == (np.arange(40) < 8).tolist()
+    assert np.allclose(ev.excess, logits.excess, atol=1e-6) and np.allclose(ev.drop, logits.drop, atol=1e-6)
     y = torch.from_numpy(classes)
-    p = score_perturbed(_SoftmaxDetector(), lambda idx: x[idx], torch.arange(40), y, output="probability")
+    p = score_perturbed(variant(), lambda idx: x[idx], torch.arange(40), y, output="probability")
     assert torch.allclose(p, _Detector()(x).softmax(1).gather(1, y[:, None])[:, 0].detach(), atol=1e-6)
 
 
