@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .attribution import model_device
+from .attribution import model_device, model_scores
 from .attribution.lrp import FunctionalRules, default_canonizers, epsilon_plus_flat_composite
 from .guard import input_gradient, model_guard, preserve_values, unwrap_model
 from .scoring import as_target, check_class_target, class_scores
@@ -101,7 +101,7 @@ def concept_relevance(model: nn.Module, x: torch.Tensor, target, layer: str, mak
     x = x.detach().to(model_device(unwrap_model(model)), torch.float32)
     if target is None:
         with model_guard(model) as module, torch.no_grad():
-            target = class_scores(module(x)).argmax(1)
+            target = model_scores(module, x).argmax(1)
     target = as_target(target, x.shape[0], x.device)
     heat, rel = _lrp_at_layer(model, x, target, layer, None, make_composite)
     return ConceptResult(rel.flatten(2).sum(2) if rel.dim() > 2 else rel, heat)

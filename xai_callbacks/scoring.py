@@ -31,7 +31,7 @@ from torch import nn
 
 __all__ = ["OUTPUTS", "Target", "TargetFn", "as_target", "select", "target_scores", "check_class_target",
            "score_perturbed", "index_batch", "regression_target", "multilabel_target", "segmentation_target",
-           "one_logit", "class_scores", "is_probability", "class_probabilities"]
+           "one_logit", "class_scores", "class_probabilities"]
 
 #: How a class-index target reads a (N, n_classes) output: the logit, the softmax probability, or
 #: its log. A target function's score is used as it is.
@@ -179,18 +179,18 @@ def class_scores(output: Any) -> Any:
     return torch.cat([z * -0.5, z * 0.5], 1)
 
 
-def is_probability(scores: torch.Tensor) -> bool:
-    """Whether (N, n_classes) class scores already are probabilities: every row non-negative and
-    summing to 1, as from a model that ends in a softmax (logits practically never are)."""
+def class_probabilities(scores: torch.Tensor, log: bool = False) -> torch.Tensor:
+    """(N, n_classes) probabilities of class scores (their logs with ``log``): their softmax, or the
+    scores themselves where they already are probabilities, every row non-negative and summing to 1,
+    as from a model that ends in a softmax (a second softmax would squeeze them towards uniform,
+    0.17-0.48 for four classes; logits practically never are). Decided on the device, without
+    waiting for it (this runs in optimisation loops)."""
+    soft = scores.log_softmax(dim=1) if log else scores.softmax(dim=1)
+    if scores.shape[1] < 2:
+        return soft
     with torch.no_grad():
-        return scores.shape[1] > 1 and bool((scores >= 0).all()) and bool(((scores.sum(1) - 1).abs() < 1e-4).all())
-
-
-def class_probabilities(scores: torch.Tensor) -> torch.Tensor:
-    """(N, n_classes) probabilities of class scores: their softmax, or the scores themselves where
-    they already are probabilities (:func:`is_probability`; a softmax would squeeze them towards
-    uniform, 0.17-0.48 for four classes)."""
-    return scores if is_probability(scores) else scores.softmax(dim=1)
+        already = (scores >= 0).all() & ((scores.sum(1) - 1).abs() < 1e-4).all()
+    return torch.where(already, scores.clamp_min(1e-30).log() if log else scores, soft)
 
 
 def logits_hint(output: Any) -> str:
@@ -241,12 +241,8 @@ def target_scores(output: Any, target: torch.Tensor | Target, output_kind: str =
         check_class_target(output, target)
     if output.shape[0] != target.shape[0]:
         target = target.repeat(output.shape[0] // target.shape[0])
-    if output_kind != "logit" and is_probability(output):   # a model that ends in a softmax
-        output = output if output_kind == "probability" else output.clamp_min(1e-30).log()
-    elif output_kind == "probability":
-        output = output.softmax(dim=1)
-    elif output_kind == "log_probability":
-        output = output.log_softmax(dim=1)
+    if output_kind != "logit":
+        output = class_probabilities(output, log=output_kind == "log_probability")
     return output.gather(1, target[:, None])[:, 0]
 
 
