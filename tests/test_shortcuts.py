@@ -87,6 +87,28 @@ def test_photo_stamp_is_flagged_and_gated_its_clean_control_passes(tmp_path):
     assert gate.passed is True and main(["gate", str(tmp_path / "clean")]) == 0
 
 
+def test_photo_stamp_on_all_of_a_class_is_flagged_and_gated(tmp_path):
+    """The stamp on every sample of class 0: part of the class's median, so every comparison with
+    class mates cancels it; the class's own region carries class 0 into the other classes' samples
+    far better than their content there, and the class is flagged."""
+    module, val = trained(1.0, tmp_path)
+    cb, gate = analyse(module, val, tmp_path)
+    r = cb.results[0]
+    in_flagged = np.isin(r.labels, np.flatnonzero(r.flagged))
+    print("all of class 0 stamped: flagged", in_flagged.mean(), "separation ratios",
+          [cb.results[c].evidence.separation_ratio for c in range(4)])
+    assert in_flagged.mean() >= 0.9 and r.evidence.component[r.flagged].tolist() == ["region"]
+    assert r.evidence.separation_ratio >= 1 > max(cb.results[c].evidence.separation_ratio for c in (1, 2, 3))
+    assert gate.passed is False and main(["gate", str(tmp_path)]) == 1
+    # without the class's region the class mates' check alone misses it
+    module.eval()
+    idx = np.array(cb.sample_indices)
+    x, y = val.x[idx], val.targets[idx]
+    heat = explain(module, x, y, method="input_x_gradient")
+    alone = sample_evidence(module, x, heat, y.numpy(), class_area=0)
+    assert alone.confirmed[y.numpy() == 0].mean() < 0.5
+
+
 def test_scenarios_plant_each_kind_at_its_prevalence_with_a_clean_twin():
     for kind in SHORTCUT_KINDS:
         photos = ("coffee", "chelsea", "astronaut") if kind == "grey" else 4   # the textures have no colour
@@ -235,13 +257,15 @@ def test_evidence_on_an_analytic_shortcut_model(monkeypatch):
     # border, the checks whose stage-one group comes near a confirmed one; 8 class mates' content
     # through its region and its border only for the 8 samples whose excess reaches the rise (no
     # other can be confirmed); the controls (the class's other samples in the same partners) cost
-    # nothing more; class 1, with a confirmed region group, searched for its members' corner (8 each)
-    assert ev.forward_passes == 2 * 40 + 3 * 40 * 4 + 40 * 2 + 2 * 20 * 4 + 2 * 8 * 8 + 20 * 8
-    # counted per sample: the 8 corners 48 each, the rest of class 1 32, class 0 16; a strategy sums its members'
-    assert ev.passes.tolist() == [48] * 8 + [32] * 12 + [16] * 20
+    # nothing more; class 1, with a confirmed region group, searched for its members' corner (8 each); and
+    # for what most of a class carries, each sample's content in its class's region and in the border
+    # into its first partner (no class's median sample comes near: none goes on)
+    assert ev.forward_passes == 2 * 40 + 3 * 40 * 4 + 40 * 2 + 2 * 20 * 4 + 2 * 8 * 8 + 20 * 8 + 2 * 40
+    # counted per sample: the 8 corners 50 each, the rest of class 1 34, class 0 18; a strategy sums its members'
+    assert ev.passes.tolist() == [50] * 8 + [34] * 12 + [18] * 20
     # measuring every check with all 8 pastes decides the same, at 8 transfers per check
     full = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16, screen=0)
-    assert full.forward_passes == 2 * 40 + 4 * 40 * 8 + 2 * 8 * 8 + 20 * 8
+    assert full.forward_passes == 2 * 40 + 4 * 40 * 8 + 2 * 8 * 8 + 20 * 8 + 2 * 40 * 8
     assert full.confirmed.tolist() == shortcut.tolist() and np.array_equal(full.excess[:8], ev.excess[:8])
     # the model's probabilities, where the caller has them, spare the first pass and decide the same
     given = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16,
@@ -427,13 +451,13 @@ def test_a_region_that_holds_the_class_content_hides_the_shortcut_a_smaller_one_
     # removing the corner leaves the content, which still carries the class: removal alone would miss it
     assert ev.drop[:8].max() < 0.01
     # with every check measured in full: per sample itself, its removal, its 8 transfers per check
-    # (two areas, detail, tone, border: one-channel images have no saturation) and 8 place controls
-    # per area and for the border where its excess reaches the rise: at least the 8 corners, far
-    # from all 120 (sample, region) pairs
+    # (two areas, detail, tone, border: one-channel images have no saturation; the class's region and
+    # the border for what most of a class carries) and 8 place controls per area and for the border
+    # where its excess reaches the rise: at least the 8 corners, far from all 120 (sample, region) pairs
     assert ev.params["components"] == ("region", "detail", "tone", "border")
     full = sample_evidence(model, x, heat, classes, area=(1 / 2, 1 / 16), screen=0)
     assert full.confirmed.tolist() == ev.confirmed.tolist()
-    controlled, rest = divmod(full.forward_passes - 2 * 40 - 5 * 40 * 8, 8)
+    controlled, rest = divmod(full.forward_passes - 2 * 40 - 7 * 40 * 8, 8)
     assert rest == 0 and 8 <= controlled < 60
     assert ev.forward_passes < full.forward_passes   # the default goes on only where a group comes near
     with pytest.raises(ValueError, match="saturation needs RGB"):
@@ -661,6 +685,38 @@ def test_a_shortcut_on_half_of_a_class_is_confirmed_end_to_end():
     # the same group counted fully (the rest's excesses here are of each sample's own best check)
     whole = separated_group(ev.excess[:20], max_share=1)[1]
     assert ev.separation[:10].max() == pytest.approx(whole / MAJORITY_SEPARATION, rel=1e-3)
+
+
+@pytest.mark.parametrize("carriers", [16, 20])
+def test_a_shortcut_on_most_or_all_of_a_class_is_confirmed_by_the_class_region(carriers):
+    """The analytic corner shortcut on 16 or all 20 samples of class 1: the class's majority, which
+    the comparison with class mates cancels. The class's region (where its median relevance most
+    exceeds the other class's) is the corner, and its content carries class 1 into class 0's samples,
+    where class-0 content in the same place carries nothing."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, 16, 16, generator=gen) * 0.4
+    x[:carriers, :, :4, :4] = 1.0
+    heat = torch.rand(40, 1, 16, 16, generator=gen) * 0.1
+    heat[:carriers, :, :4, :4] += 1.0
+    heat[carriers:20, :, 6:10, 6:10] += 1.0
+    heat[20:, :, 12:, 12:] += 1.0
+    classes = np.array([1] * 20 + [0] * 20)
+    kept = dict(infiller="constant", area=1 / 16, class_area=1 / 16)
+    alone = sample_evidence(_Detector(), x, heat, classes, **{**kept, "class_area": 0}).confirmed
+    assert alone[:carriers].sum() < carriers / 2 and not alone[carriers:].any(), "against class mates: a few at most"
+    ev = sample_evidence(_Detector(), x, heat, classes, **kept)
+    assert ev.confirmed.tolist() == (np.arange(40) < carriers).tolist()
+    corner = torch.zeros(16, 16, dtype=torch.bool)
+    corner[:4, :4] = True
+    # described by their first confirmed check: those the class mates' check did not confirm by the class's region
+    by_class = np.flatnonzero(~alone[:carriers])
+    assert (ev.component[:carriers] == "region").all() and (ev.regions[by_class] == corner).all()
+    assert ev.excess[by_class].min() > 0.9 and (ev.flip_rate[by_class] == 1).all()
+    # the class's median excess over the rise asked of an eighth (0.2 sqrt(8 / 16)): class 1 far above, class 0 not
+    assert ev.separation_ratio[0] > 0.9 / (0.2 * np.sqrt(0.5)) and ev.separation_ratio[20] < 1
+    # class 1 went on into all 8 partners of each sample, against the next partner's content in the place
+    shown, j = ev.example(0, x), int(ev.partners[0, 0])
+    assert _Detector()(shown[3:]).argmax(1).item() == 1 and torch.equal(shown[3][:, ~corner], x[j][:, ~corner])
 
 
 def test_a_group_must_stand_apart_on_partners_it_was_not_chosen_on():

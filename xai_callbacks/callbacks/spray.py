@@ -118,7 +118,9 @@ class SpRAyCallback(ExplanationCallback):
             ``components``, also its shading) into other classes' analysed samples, against the
             same transfer from other samples of its class; a group of the class whose component
             carries the class far better than the rest's, separated from the rest by a gap,
-            forms the class's flagged strategy. False: the heatmap-shape suspicion decides (no
+            forms the class's flagged strategy; and, for what most of a class carries at one
+            place, each sample's content in its class's region and its border against other
+            classes' content there. False: the heatmap-shape suspicion decides (no
             model calls after the explanations).
         infiller: how the evidence removes a region: ``"blur"`` (default), any
             :mod:`xai_callbacks.infill` name, or an infiller instance such as the trained GAN.
@@ -134,7 +136,7 @@ class SpRAyCallback(ExplanationCallback):
             gradients first in all 72.
         evidence_options: keyword arguments of ``sample_evidence`` (``components``, ``area``,
             ``pastes``, ``min_separation``, ``min_rise``, ``floor``, ``min_members``, ``max_share``, ``screen``,
-            ``search``).
+            ``search``, ``class_area``).
         n_typical: typical members shown per strategy.
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``, and on the
             last epoch of ``fit`` (so the gate decides on the final model). The defaults (50 per
