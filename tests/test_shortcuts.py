@@ -258,14 +258,16 @@ def test_evidence_on_an_analytic_shortcut_model(monkeypatch):
     # through its region and its border only for the 8 samples whose excess reaches the rise (no
     # other can be confirmed); the controls (the class's other samples in the same partners) cost
     # nothing more; class 1, with a confirmed region group, searched for its members' corner (8 each); and
-    # for what most of a class carries, each sample's content in its class's region and in the border
-    # into its first partner (no class's median sample comes near: none goes on)
-    assert ev.forward_passes == 2 * 40 + 3 * 40 * 4 + 40 * 2 + 2 * 20 * 4 + 2 * 8 * 8 + 20 * 8 + 2 * 40
-    # counted per sample: the 8 corners 50 each, the rest of class 1 34, class 0 18; a strategy sums its members'
-    assert ev.passes.tolist() == [50] * 8 + [34] * 12 + [18] * 20
+    # for what most of a class carries, every other sample's content in its class's region and in the
+    # border into its first partner, against another class's content there (no class comes near: none
+    # goes on)
+    assert ev.forward_passes == 2 * 40 + 3 * 40 * 4 + 40 * 2 + 2 * 20 * 4 + 2 * 8 * 8 + 20 * 8 + 4 * 20
+    # counted per sample: the 8 corners 48 each, the rest of class 1 32, class 0 16, and 4 more for every
+    # other sample; a strategy sums its members'
+    assert ev.passes.tolist() == (np.array([48] * 8 + [32] * 12 + [16] * 20) + np.tile([4, 0], 20)).tolist()
     # measuring every check with all 8 pastes decides the same, at 8 transfers per check
     full = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16, screen=0)
-    assert full.forward_passes == 2 * 40 + 4 * 40 * 8 + 2 * 8 * 8 + 20 * 8 + 2 * 40 * 8
+    assert full.forward_passes == 2 * 40 + 4 * 40 * 8 + 2 * 8 * 8 + 20 * 8 + 2 * 2 * 20 * 8
     assert full.confirmed.tolist() == shortcut.tolist() and np.array_equal(full.excess[:8], ev.excess[:8])
     # the model's probabilities, where the caller has them, spare the first pass and decide the same
     given = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16,
