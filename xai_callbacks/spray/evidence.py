@@ -726,7 +726,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         places.append(("border", border_mask(x.shape[2:]).to(device).expand(len(x), *x.shape[2:]), min_rise))
     for component, regions, rise in places:
         with torch.inference_mode(False), torch.no_grad():
-            w = _whole_class(x, regions, m, classes, rise, min_members, CLASS_SCREEN if screen else pastes,
+            w = _whole_class(x, regions, m, classes, rise, max_share, CLASS_SCREEN if screen else pastes,
                              seed, class_probability)
         checks.append((component, None))
         layer.append(len(m["regions"]))
@@ -1057,23 +1057,25 @@ def _class_regions(heatmaps: torch.Tensor, classes: np.ndarray, area: float, smo
 
 
 def _whole_class(x: torch.Tensor, regions: torch.Tensor, m: dict, classes: np.ndarray, rise: float,
-                 min_members: int, first: int, seed: int, class_probability: Callable) -> dict:
+                 max_share: float, first: int, seed: int, class_probability: Callable) -> dict:
     """What most of a class carries at one place: a stamp or a frame on most or all of its samples.
 
     The other checks compare a sample with its class mates, so what most of a class carries
     cancels there. Here each sample's content in ``regions`` (N, *S) bool (its class's region, or
-    the border) is pasted into its partners. Stage one: every other sample of a class into the
-    ``first`` of them (:data:`CLASS_SCREEN`), each against the place's control; a class whose
-    median sample comes to half of ``rise`` goes on with every sample into all of them (``first``
-    ``pastes``: every class does). The place's control: per partner the
-    content of a sample of another class drawn at random (``seed``) through the same region, what a
-    sample that is not of the class has there (not another partner: the partners may share what
-    keeps the model from giving them the class, such as another class's shortcut in that place).
-    A sample's ``excess`` is its median over partners (NaN where not measured); the class is
-    confirmed, where it went on, where its median
-    sample's excess reaches ``rise`` and at least ``min_members`` samples' do, and those samples are
-    its confirmed ones. Returns ``excess``, ``rise``, ``flip``, ``passes``, ``confirmed`` and
-    ``ratio`` (N,): the class's median excess over ``rise``.
+    the border) is pasted into its partners, against the place's control: per partner the content
+    of a sample of another class drawn at random (``seed``) through the same region, what a sample
+    that is not of the class has there (not another partner: the partners may share what keeps the
+    model from giving them the class, such as another class's shortcut in that place). A sample's
+    ``excess`` is its median over partners (NaN where not measured). The class's level is the
+    excess its top group credibly more than ``max_share`` of it reaches (the
+    ``group_sizes(n)[1] + 1``-th largest: 28 of 50, the complement of the groups the class mates'
+    check confirms): a cue on most of the class, not a graded tail of it (the benchmark's logo on
+    30 % of a class made the median sample of a ResNet-18's class transfer by 0.22-0.25, the 28th
+    by 0.05-0.11). Stage one: every other sample of a class into the ``first`` of its partners
+    (:data:`CLASS_SCREEN`); a class whose level comes to half of ``rise`` goes on with every sample
+    into all of them (``first`` ``pastes``: every class does). Where its level then reaches
+    ``rise``, its samples that reach it are its confirmed ones. Returns ``excess``, ``rise``,
+    ``flip``, ``passes``, ``confirmed`` and ``ratio`` (N,): the class's level over ``rise``.
     """
     n, pastes = m["partners"].shape
     device = x.device
@@ -1108,14 +1110,18 @@ def _whole_class(x: torch.Tensor, regions: torch.Tensor, m: dict, classes: np.nd
     passes[screened], used[screened] = 2 * first, first
     excess[screened] = _median(with_own[screened, :first] - placed[screened, :first], 1).cpu().numpy()
     ratio, confirmed = np.zeros(n), np.zeros(n, dtype=bool)
+
+    def level(values: np.ndarray) -> float:   # what a group credibly more than max_share of the class reaches
+        v = np.sort(values[np.isfinite(values)])[::-1]
+        return float(v[min(group_sizes(len(v), max_share)[1], len(v) - 1)])
     for rows in members:
-        if np.nanmedian(excess[rows]) >= rise / 2:   # stage two: every sample into every partner
+        if level(excess[rows]) >= rise / 2:   # stage two: every sample into every partner
             with_own[rows], placed[rows] = (scores(rows, every, control) for control in (False, True))
             excess[rows] = _median(with_own[rows] - placed[rows], 1).cpu().numpy()
             passes[rows] += 2 * pastes
             used[rows] = pastes
-        ratio[rows] = np.nanmedian(excess[rows]) / rise
-        if used[rows[0]] == pastes and ratio[rows[0]] >= 1 and (excess[rows] >= rise).sum() >= min_members:
+        ratio[rows] = level(excess[rows]) / rise
+        if ratio[rows[0]] >= 1:   # only where it went on: the screen asks half of it
             confirmed[rows] = excess[rows] >= rise
     rise_of, flip = _rise_and_flip(with_own, m["before"], every[None] < torch.from_numpy(used).to(device)[:, None])
     return dict(excess=excess, rise=rise_of, flip=flip, passes=passes, confirmed=confirmed, ratio=ratio)
