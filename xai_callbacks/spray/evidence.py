@@ -65,8 +65,8 @@ like the class far better than what the rest of the class carries. For each anal
    own, where its mean relevance most exceeds the other classes' (:data:`CLASS_AREA`, an
    eighth), and each sample's content there, and in its border, is pasted into its partners
    against the content of a sample of another class in the same place. A class is confirmed where
-   its median sample's excess reaches the rise asked, its samples that reach it being the
-   confirmed ones (:func:`_whole_class`). What a class shows in the same place in every sample for
+   a group of its samples credibly more than half of it reaches the rise asked, those samples
+   being the confirmed ones (:func:`_whole_class`). What a class shows in the same place in every sample for
    its own sake (an aligned object) transfers so too, where it fits in an eighth: the check
    cannot tell it from a stamp, and tabular rows and token ids go without it (:data:`ROW_EVIDENCE`).
    :meth:`~xai_callbacks.spray.core.SpRAyResult.confirm` makes a class's confirmed samples its
@@ -331,16 +331,17 @@ class SampleEvidence:
             (centred) excesses of that component: the per-sample suspicion.
         separation: (N,) the separation of the confirmed group the sample belongs to, at most its
             :func:`held_out_separation` (0 if none); for a sample confirmed by what most of its
-            class carries (``class_area``), its class's median excess over the rise asked.
+            class carries (``class_area``), the excess that group reaches over the rise asked.
         separation_ratio: (N,) per sample, its class's best-separated group (over every check)
             as a share of that check's ``min_separation`` (for a group that reaches it, the smaller of
-            its separation and its :func:`held_out_separation`), or its class's median excess in
-            the class's region or border over the rise asked, where higher: >= 1 where the class has a
+            its separation and its :func:`held_out_separation`), or the excess a group credibly
+            more than half of the class reaches in its class's region or border over the rise
+            asked, where higher: >= 1 where the class has a
             confirmed group, how close it came where not; 0 when no group reaches ``min_rise``.
         confirmed: (N,) bool: in a class's top group of some component that is separated from
             the rest by at least ``min_separation`` (:func:`separated_group`), on held-out partners
-            as well (:func:`held_out_separation`); or, in a class whose median sample's content in
-            the class's region or border carries it (``class_area``), carrying it itself.
+            as well (:func:`held_out_separation`); or its content in its class's region or border
+            carrying the class, as a group credibly more than half of the class does (``class_area``).
         regions: (N, *S) bool region of each sample (where its relevance exceeds its class's median;
             its class's region, or the border, where what most of the class carries describes it),
             at the area of its strongest check (the first area for the global components; for a
@@ -576,9 +577,9 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
             one place, which the comparison with class mates cancels (:func:`_whole_class`): each
             sample's content in its class's region (where the class's mean relevance most exceeds
             the other classes') and, with the ``border`` component, in its border, transferred into
-            its partners against other-class content there; a class is confirmed where its median
-            sample's excess reaches the rise asked of a region of that share (:data:`CLASS_AREA`;
-            0: not checked).
+            its partners against other-class content there; a class is confirmed where a group of
+            its samples credibly more than half of it reaches the rise asked of a region of that
+            share (:data:`CLASS_AREA`; 0: not checked).
         probabilities: (N, classes) the model's softmax of ``x`` where already computed (the
             callback has it from explaining): spares the first N forward passes.
         batch_size: inputs per forward pass.
