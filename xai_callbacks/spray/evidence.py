@@ -703,6 +703,18 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
                                                           np.full(len(classes), rise_of[k]))
                                                    for k, (c, _) in enumerate(checks))))
     layer = [0 if j is None else j for _, j in checks]   # per check its regions in m["regions"]
+
+    def add_check(component: str, found: dict, regions: torch.Tensor, z_k: np.ndarray, sep_k: np.ndarray):
+        """A check measured after the others (the search, a class's own place) as one more column."""
+        nonlocal z, separation
+        checks.append((component, None))
+        layer.append(len(m["regions"]))
+        z, separation = np.column_stack([z, z_k]), np.column_stack([separation, sep_k])
+        for key in ("rise", "excess", "flip"):
+            m[key] = np.column_stack([m[key], found[key]])
+        m["regions"] = torch.cat([m["regions"], regions.cpu()[None]])
+        m["passes"] = m["passes"] + found["passes"]
+
     found = [k for k, (c, _) in enumerate(checks) if c == "region" and separation[:, k].any()] if search else []
     if found:   # the members' region content, wherever a sample of their class holds it
         with torch.inference_mode(False), torch.no_grad():
@@ -714,13 +726,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
             if not members.any() or 2 * (sep_f[members] > 0).sum() < members.sum():
                 sep_f[classes == c] = 0
         z_f[sep_f == 0] = -np.inf   # describes only the samples it confirms
-        checks.append(("region", None))
-        layer.append(len(m["regions"]))
-        z, separation = np.column_stack([z, z_f]), np.column_stack([separation, sep_f])
-        for key in ("rise", "excess", "flip"):
-            m[key] = np.column_stack([m[key], f[key]])
-        m["regions"] = torch.cat([m["regions"], f["regions"][None]])
-        m["passes"] = m["passes"] + f["passes"]
+        add_check("region", f, f["regions"], z_f, sep_f)
     places = []   # what most of a class carries at one place: its class's region, the border
     if class_area and "region" in components:
         places.append(("region", _class_regions(heatmaps.to(device), classes, class_area, smooth, x.dim() - 2),
@@ -731,15 +737,9 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         with torch.inference_mode(False), torch.no_grad():
             w = _whole_class(x, regions, m, classes, rise, max_share, CLASS_SCREEN if screen else pastes,
                              seed, class_probability)
-        checks.append((component, None))
-        layer.append(len(m["regions"]))
         spread = _spread(w["excess"][np.isfinite(w["excess"])])
-        z = np.column_stack([z, np.where(w["confirmed"], w["excess"] / (spread + floor), -np.inf)])
-        separation = np.column_stack([separation, np.where(w["confirmed"], w["ratio"], 0.0)])
-        for key in ("rise", "excess", "flip"):
-            m[key] = np.column_stack([m[key], w[key]])
-        m["regions"] = torch.cat([m["regions"], regions.cpu()[None]])
-        m["passes"] = m["passes"] + w["passes"]
+        add_check(component, w, regions, np.where(w["confirmed"], w["excess"] / (spread + floor), -np.inf),
+                  np.where(w["confirmed"], w["ratio"], 0.0))
         ratio = np.maximum(ratio, w["ratio"])
     excess = m["excess"]
     confirmed = separation > 0
