@@ -690,11 +690,11 @@ def test_a_shortcut_on_half_of_a_class_is_confirmed_end_to_end():
 
 
 @pytest.mark.parametrize("carriers", [16, 20])
-def test_a_shortcut_on_most_or_all_of_a_class_is_confirmed_by_the_class_region(carriers):
+def test_a_shortcut_on_most_or_all_of_a_class_is_confirmed_by_the_region_over_other_classes(carriers):
     """The analytic corner shortcut on 16 or all 20 samples of class 1: the class's majority, which
-    the comparison with class mates cancels. The class's region (where its median relevance most
-    exceeds the other class's) is the corner, and its content carries class 1 into class 0's samples,
-    where class-0 content in the same place carries nothing."""
+    the comparison with class mates cancels. Each carrier's region over the other class (where its
+    relevance most exceeds class 0's mean) is the corner, and its content carries class 1 into class
+    0's samples, where class-0 content in the same place carries nothing."""
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(40, 1, 16, 16, generator=gen) * 0.4
     x[:carriers, :, :4, :4] = 1.0
@@ -710,7 +710,7 @@ def test_a_shortcut_on_most_or_all_of_a_class_is_confirmed_by_the_class_region(c
     assert ev.confirmed.tolist() == (np.arange(40) < carriers).tolist()
     corner = torch.zeros(16, 16, dtype=torch.bool)
     corner[:4, :4] = True
-    # described by their first confirmed check: those the class mates' check did not confirm by the class's region
+    # described by their first confirmed check: those the class mates' check did not confirm by that region
     by_class = np.flatnonzero(~alone[:carriers])
     assert (ev.component[:carriers] == "region").all() and (ev.regions[by_class] == corner).all()
     assert ev.excess[by_class].min() > 0.9 and (ev.flip_rate[by_class] == 1).all()
@@ -719,6 +719,40 @@ def test_a_shortcut_on_most_or_all_of_a_class_is_confirmed_by_the_class_region(c
     # class 1 went on into all 8 partners of each sample, against the next partner's content in the place
     shown, j = ev.example(0, x), int(ev.partners[0, 0])
     assert _Detector()(shown[3:]).argmax(1).item() == 1 and torch.equal(shown[3][:, ~corner], x[j][:, ~corner])
+
+
+class _AnywhereDetector(torch.nn.Module):
+    """Class 1 where a bright 4x4 square sits anywhere in the image, else class 0."""
+
+    def forward(self, x):
+        found = torch.nn.functional.avg_pool2d(x.mean(1, keepdim=True), 4, stride=1).amax((1, 2, 3))
+        return torch.stack([torch.zeros_like(found), 40 * (found - 0.7)], 1)
+
+
+def test_a_patch_anywhere_on_all_of_a_class_is_confirmed_where_each_sample_holds_it():
+    """A bright square at a random place in every sample of class 1, read wherever it sits: the class
+    mates carry it too, and no one place of the class holds it. Each sample's region over the other
+    class is its own square, whose content carries class 1 into class 0's samples; class-0 content
+    there carries nothing."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, 16, 16, generator=gen) * 0.4
+    heat = torch.rand(40, 1, 16, 16, generator=gen) * 0.1
+    heat[20:, :, 12:, 12:] += 1.0                 # class 0 at the bottom right
+    square = torch.zeros(20, 16, 16, dtype=torch.bool)
+    for i, (r, c) in enumerate(torch.randint(0, 9, (20, 2), generator=gen).tolist()):
+        square[i, r:r + 4, c:c + 4] = True
+    x[:20][square[:, None]] = 1.0
+    heat[:20][square[:, None]] += 1.0
+    classes = np.array([1] * 20 + [0] * 20)
+    kept = dict(infiller="constant", area=1 / 16, class_area=1 / 16)
+    alone = sample_evidence(_AnywhereDetector(), x, heat, classes, **{**kept, "class_area": 0}).confirmed
+    assert alone[:20].sum() < 10 and not alone[20:].any(), "against class mates: a few at most"
+    ev = sample_evidence(_AnywhereDetector(), x, heat, classes, **kept)
+    assert ev.confirmed.tolist() == (np.arange(40) < 20).tolist()
+    by_own = np.flatnonzero(~alone[:20])
+    assert ((ev.regions[by_own] & square[by_own]).sum((1, 2)) >= 12).all()   # its own square (16 positions)
+    assert (ev.component[:20] == "region").all() and ev.excess[by_own].min() > 0.9
+    assert ev.separation_ratio[0] > 0.9 / (0.2 * np.sqrt(0.5)) and ev.separation_ratio[20] < 1
 
 
 def test_a_group_must_stand_apart_on_partners_it_was_not_chosen_on():

@@ -118,9 +118,9 @@ class SpRAyCallback(ExplanationCallback):
             ``components``, also its shading) into other classes' analysed samples, against the
             same transfer from other samples of its class; a group of the class whose component
             carries the class far better than the rest's, separated from the rest by a gap,
-            forms the class's flagged strategy; and, for what most of a class carries at one
-            place, each sample's content in its class's region and its border against other
-            classes' content there. False: the heatmap-shape suspicion decides (no
+            forms the class's flagged strategy; and, for what most of a class carries, each
+            sample's content where its relevance most exceeds the other classes' and in its border,
+            against other classes' content there. False: the heatmap-shape suspicion decides (no
             model calls after the explanations).
         infiller: how the evidence removes a region: ``"blur"`` (default), any
             :mod:`xai_callbacks.infill` name, or an infiller instance such as the trained GAN.
