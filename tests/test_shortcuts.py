@@ -20,8 +20,8 @@ from xai_callbacks.models import Classifier, DemoCNN
 from xai_callbacks.infill import gaussian_blur
 from xai_callbacks.scoring import score_perturbed
 from xai_callbacks.spray.evidence import (AREAS, COMPONENTS, MAJORITY_SEPARATION, MIN_SEPARATION,
-                                          border_mask, group_sizes, held_out_separation, relevance_regions,
-                                          sample_evidence, separated_group, transfer)
+                                          OVER_OTHERS_RISE, border_mask, group_sizes, held_out_separation,
+                                          relevance_regions, sample_evidence, separated_group, transfer)
 
 OPTIONS = dict(kind="stamp", n_per_class=200, ambiguity=0.4, seed=0)
 
@@ -714,8 +714,8 @@ def test_a_shortcut_on_most_or_all_of_a_class_is_confirmed_by_the_region_over_ot
     by_class = np.flatnonzero(~alone[:carriers])
     assert (ev.component[:carriers] == "region").all() and (ev.regions[by_class] == corner).all()
     assert ev.excess[by_class].min() > 0.9 and (ev.flip_rate[by_class] == 1).all()
-    # the class's median excess over the rise asked of an eighth (0.2 sqrt(8 / 16)): class 1 far above, class 0 not
-    assert ev.separation_ratio[0] > 0.9 / (0.2 * np.sqrt(0.5)) and ev.separation_ratio[20] < 1
+    # the class's level over the rise asked (0.2 sqrt(8 / 16) OVER_OTHERS_RISE): class 1 far above, class 0 not
+    assert ev.separation_ratio[0] > 0.9 / (0.2 * np.sqrt(0.5) * OVER_OTHERS_RISE) and ev.separation_ratio[20] < 1
     # class 1 went on into all 8 partners of each sample, against the next partner's content in the place
     shown, j = ev.example(0, x), int(ev.partners[0, 0])
     assert _Detector()(shown[3:]).argmax(1).item() == 1 and torch.equal(shown[3][:, ~corner], x[j][:, ~corner])
@@ -752,7 +752,7 @@ def test_a_patch_anywhere_on_all_of_a_class_is_confirmed_where_each_sample_holds
     by_own = np.flatnonzero(~alone[:20])
     assert ((ev.regions[by_own] & square[by_own]).sum((1, 2)) >= 12).all()   # its own square (16 positions)
     assert (ev.component[:20] == "region").all() and ev.excess[by_own].min() > 0.9
-    assert ev.separation_ratio[0] > 0.9 / (0.2 * np.sqrt(0.5)) and ev.separation_ratio[20] < 1
+    assert ev.separation_ratio[0] > 0.9 / (0.2 * np.sqrt(0.5) * OVER_OTHERS_RISE) and ev.separation_ratio[20] < 1
 
 
 def test_a_group_must_stand_apart_on_partners_it_was_not_chosen_on():
