@@ -89,8 +89,8 @@ def test_photo_stamp_is_flagged_and_gated_its_clean_control_passes(tmp_path):
 
 def test_photo_stamp_on_all_of_a_class_is_flagged_and_gated(tmp_path):
     """The stamp on every sample of class 0: part of the class's median, so every comparison with
-    class mates cancels it; the class's own region carries class 0 into the other classes' samples
-    far better than their content there, and the class is flagged."""
+    class mates cancels it; each sample's region over the other classes carries class 0 into the
+    other classes' samples far better than their content there, and the class is flagged."""
     module, val = trained(1.0, tmp_path)
     cb, gate = analyse(module, val, tmp_path)
     r = cb.results[0]
@@ -100,7 +100,7 @@ def test_photo_stamp_on_all_of_a_class_is_flagged_and_gated(tmp_path):
     assert in_flagged.mean() >= 0.9 and r.evidence.component[r.flagged].tolist() == ["region"]
     assert r.evidence.separation_ratio >= 1 > max(cb.results[c].evidence.separation_ratio for c in (1, 2, 3))
     assert gate.passed is False and main(["gate", str(tmp_path)]) == 1
-    # without the class's region the class mates' check alone misses it
+    # without that region the class mates' check alone misses it
     module.eval()
     idx = np.array(cb.sample_indices)
     x, y = val.x[idx], val.targets[idx]
@@ -258,9 +258,9 @@ def test_evidence_on_an_analytic_shortcut_model(monkeypatch):
     # through its region and its border only for the 8 samples whose excess reaches the rise (no
     # other can be confirmed); the controls (the class's other samples in the same partners) cost
     # nothing more; class 1, with a confirmed region group, searched for its members' corner (8 each); and
-    # for what most of a class carries, every other sample's content in its class's region and in the
-    # border into its first partner, against another class's content there (no class comes near: none
-    # goes on)
+    # for what most of a class carries, every other sample's content in its region over the other class
+    # and in the border into its first partner, against another class's content there (no class comes
+    # near: none goes on)
     assert ev.forward_passes == 2 * 40 + 3 * 40 * 4 + 40 * 2 + 2 * 20 * 4 + 2 * 8 * 8 + 20 * 8 + 4 * 20
     # counted per sample: the 8 corners 48 each, the rest of class 1 32, class 0 16, and 4 more for every
     # other sample; a strategy sums its members'
@@ -453,8 +453,8 @@ def test_a_region_that_holds_the_class_content_hides_the_shortcut_a_smaller_one_
     # removing the corner leaves the content, which still carries the class: removal alone would miss it
     assert ev.drop[:8].max() < 0.01
     # with every check measured in full: per sample itself, its removal, its 8 transfers per check
-    # (two areas, detail, tone, border: one-channel images have no saturation; the class's region and
-    # the border for what most of a class carries) and 8 place controls per area and for the border
+    # (two areas, detail, tone, border: one-channel images have no saturation; the region over the
+    # other class and the border for what most of a class carries) and 8 place controls per area and for the border
     # where its excess reaches the rise: at least the 8 corners, far from all 120 (sample, region) pairs
     assert ev.params["components"] == ("region", "detail", "tone", "border")
     full = sample_evidence(model, x, heat, classes, area=(1 / 2, 1 / 16), screen=0)

@@ -223,11 +223,10 @@ OVER_OTHERS_RISE = 1.5
 #: The partners every other sample of a class goes into first through its region over the other
 #: classes and its border (:func:`_whole_class`), each with the place's control; their median
 #: decides whether the class goes on, every sample into all of them (where it reaches half the rise
-#: asked). Without the
-#: control, classes of two ResNet-18s without a shortcut (a clean one's, a stamp model's other
-#: class) came to 0.84-0.95 of the rise, with it to 0.25-0.39 (pasting anything there takes
-#: evidence from a partner); they went on, and the check cost 5.8 passes per sample more instead
-#: of 2 (the benchmark's cost runs, 2026-12-06).
+#: asked). Without the control, classes of two ResNet-18s without a shortcut (a clean one's, a
+#: stamp model's other class) came to 0.84-0.95 of the rise, with it to 0.25-0.39 (pasting anything
+#: there takes evidence from a partner); they went on, and the check cost 5.8 passes per sample
+#: more instead of 2 (the benchmark's cost runs, 2026-12-06).
 CLASS_SCREEN = 1
 #: z of the one-sided bounds :func:`group_sizes` puts on a group's share of its class (the
 #: normal's upper quartile). With few analysed samples a class's own majority can fall below half
