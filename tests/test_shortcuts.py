@@ -454,12 +454,14 @@ def test_a_region_that_holds_the_class_content_hides_the_shortcut_a_smaller_one_
     assert ev.drop[:8].max() < 0.01
     # with every check measured in full: per sample itself, its removal, its 8 transfers per check
     # (two areas, detail, tone, border: one-channel images have no saturation; the region over the
-    # other class and the border for what most of a class carries) and 8 place controls per area and for the border
-    # where its excess reaches the rise: at least the 8 corners, far from all 120 (sample, region) pairs
+    # other class and the border for what most of a class carries), one class's check that comes near
+    # its threshold (RECHECK) into the other 8 partners of its pool, and 8 place controls per area and
+    # for the border where its excess reaches the rise: at least the 8 corners, far from all 120
+    # (sample, region) pairs
     assert ev.params["components"] == ("region", "detail", "tone", "border")
     full = sample_evidence(model, x, heat, classes, area=(1 / 2, 1 / 16), screen=0)
     assert full.confirmed.tolist() == ev.confirmed.tolist()
-    controlled, rest = divmod(full.forward_passes - 2 * 40 - 7 * 40 * 8, 8)
+    controlled, rest = divmod(full.forward_passes - 2 * 40 - 7 * 40 * 8 - 20 * 8, 8)
     assert rest == 0 and 8 <= controlled < 60
     assert ev.forward_passes < full.forward_passes   # the default goes on only where a group comes near
     with pytest.raises(ValueError, match="saturation needs RGB"):
