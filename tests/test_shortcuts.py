@@ -338,6 +338,37 @@ def test_evidence_reads_a_one_logit_or_a_softmax_model_with_the_probabilities_it
     assert torch.allclose(p, _Detector()(x).softmax(1).gather(1, y[:, None])[:, 0].detach(), atol=1e-6)
 
 
+def test_a_check_near_its_threshold_is_decided_on_every_partner_of_its_pool(monkeypatch):
+    """Stage three (RECHECK): a class's check whose group comes near its threshold on its 8 partners
+    goes on into the other 8 of its class's pool; a class whose pool holds fewer has none to go to."""
+    import xai_callbacks.spray.evidence as evidence
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, 16, 16, generator=gen) * 0.4
+    classes = np.array([1] * 20 + [0] * 20)
+    x[:8, :, :4, :4] = 1.0
+    heat = torch.rand(40, 1, 16, 16, generator=gen) * 0.1
+    heat[:8, :, :4, :4] += 1.0
+    heat[8:20, :, 6:10, 6:10] += 1.0
+    heat[20:, :, 12:, 12:] += 1.0
+    kw = dict(infiller="constant", area=1 / 16)
+    plain = sample_evidence(_Detector(), x, heat, classes, **kw)   # the corner group stands far apart: no stage three
+    monkeypatch.setattr(evidence, "RECHECK", (0.0, np.inf))        # every check that went on counts as near
+    near = sample_evidence(_Detector(), x, heat, classes, **kw)
+    assert near.confirmed.tolist() == plain.confirmed.tolist() == (np.arange(40) < 8).tolist()
+    assert (near.excess[:8] > 0.9).all() and (near.rise[:8] > 0.9).all() and (near.flip_rate[:8] == 1).all()
+    # class 1's region and border went on to 8 partners: 8 more each, and for the 8 corners 8 more
+    # place controls each; class 0 has 8 partners in its pool (the corners, the only class-1
+    # samples it can raise), none to spare
+    extra = np.array([32] * 8 + [16] * 12 + [0] * 20)
+    assert (near.passes - plain.passes).tolist() == extra.tolist()
+    # every check of both classes measured on its 8 partners: class 1's go on, class 0's cannot
+    everything = sample_evidence(_Detector(), x, heat, classes, screen=0, **kw)
+    monkeypatch.setattr(evidence, "RECHECK", (np.inf, np.inf))     # no check is near
+    eight = sample_evidence(_Detector(), x, heat, classes, screen=0, **kw)
+    assert (everything.passes[20:] == eight.passes[20:]).all()
+    assert (everything.passes[:20] - eight.passes[:20] == 8 * 4 + 16 * (np.arange(20) < 8)).all()
+
+
 class _TwoCorners(torch.nn.Module):
     """Class 1 when the first ``span`` positions of each spatial dimension (the top-left corner of
     an image, the start of a signal) are bright; the last ``span`` count far less (alone they give
