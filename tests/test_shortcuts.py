@@ -233,7 +233,8 @@ class _Detector(torch.nn.Module):
         return torch.stack([torch.zeros_like(corner), 40 * self.w * (corner - 0.5)], 1)
 
 
-def test_evidence_on_an_analytic_shortcut_model(monkeypatch):
+def _corner_samples() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """x, heatmaps and classes for :class:`_Detector`: 20 samples of class 1, then 20 of class 0."""
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(40, 1, 16, 16, generator=gen) * 0.4
     classes = np.array([1] * 20 + [0] * 20)
@@ -242,6 +243,11 @@ def test_evidence_on_an_analytic_shortcut_model(monkeypatch):
     heat[:8, :, :4, :4] += 1.0                    # ... and their relevance sits on it
     heat[8:20, :, 6:10, 6:10] += 1.0              # the rest of class 1 looks at the middle
     heat[20:, :, 12:, 12:] += 1.0                 # class 0 at the bottom right
+    return x, heat, classes
+
+
+def test_evidence_on_an_analytic_shortcut_model(monkeypatch):
+    x, heat, classes = _corner_samples()
     ev = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16)
     shortcut = np.arange(40) < 8
     assert ev.confirmed.tolist() == shortcut.tolist()
@@ -342,14 +348,7 @@ def test_a_check_near_its_threshold_is_decided_on_every_partner_of_its_pool(monk
     """Stage three (RECHECK): a class's check whose group comes near its threshold on its 8 partners
     goes on into the other 8 of its class's pool; a class whose pool holds fewer has none to go to."""
     import xai_callbacks.spray.evidence as evidence
-    gen = torch.Generator().manual_seed(0)
-    x = torch.rand(40, 1, 16, 16, generator=gen) * 0.4
-    classes = np.array([1] * 20 + [0] * 20)
-    x[:8, :, :4, :4] = 1.0
-    heat = torch.rand(40, 1, 16, 16, generator=gen) * 0.1
-    heat[:8, :, :4, :4] += 1.0
-    heat[8:20, :, 6:10, 6:10] += 1.0
-    heat[20:, :, 12:, 12:] += 1.0
+    x, heat, classes = _corner_samples()
     kw = dict(infiller="constant", area=1 / 16)
     plain = sample_evidence(_Detector(), x, heat, classes, **kw)   # the corner group stands far apart: no stage three
     monkeypatch.setattr(evidence, "RECHECK", (0.0, np.inf))        # every check that went on counts as near

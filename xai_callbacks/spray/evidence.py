@@ -1010,15 +1010,15 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, smooth, pastes
                 passes[rows] += pastes - stage_one
         # stage three: a class's check that comes near its threshold on all pastes goes on into the
         # rest of its pool, and is decided on every partner (see RECHECK)
-        full = _excess(with_own, used, members, partners)
+        excess[:, k], per[:, k] = _excess(with_own, used, members, partners)
         close = [rows for rows in members if used[rows[0]] == pastes and spare[rows[0]]
-                 and near(full[0][rows], full[1][rows], k)]
+                 and near(excess[rows, k], per[rows, k], k)]
         if close:
             rows = np.concatenate(close)
             with_own[rows, pastes:] = scores(src, rows, torch.arange(pastes, wide, device=device))
             used[rows] = wide
             passes[rows] += wide - pastes
-        excess[:, k], per[:, k] = _excess(with_own, used, members, partners)
+            excess[:, k], per[:, k] = _excess(with_own, used, members, partners)
         # per partner a class mate's content through the sample's own region: what any sample of the
         # class has at that place (the upper quartile over partners stays high while up to three
         # quarters of the mates share the shortcut). Measured only where the excess reaches the
