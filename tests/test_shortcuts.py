@@ -368,6 +368,24 @@ def test_a_check_near_its_threshold_is_decided_on_every_partner_of_its_pool(monk
     assert (everything.passes[:20] - eight.passes[:20] == 8 * 4 + 16 * (np.arange(20) < 8)).all()
 
 
+def test_stage_three_reads_a_check_with_its_place_controls_applied(monkeypatch):
+    """A group that stands far apart before its place controls and not after them is near its
+    threshold: what decides the class is the controlled excess."""
+    import xai_callbacks.spray.evidence as evidence
+    x, heat, classes = _corner_samples()
+    x[8:20, :, :4, :4] = 1.0   # every class-1 sample carries the corner; the relevance of 8 sits on it
+    kw = dict(infiller="constant", area=1 / 16)
+    monkeypatch.setattr(evidence, "RECHECK", (np.inf, np.inf))   # no stage three
+    plain = sample_evidence(_Detector(), x, heat, classes, **kw)
+    # the 8 corners' region excesses stand far apart from their class mates' regions (the middle),
+    # but a class mate's content at their place raises a partner as much: controlled, no group is left
+    monkeypatch.setattr(evidence, "RECHECK", (0.0, 1.0))
+    near = sample_evidence(_Detector(), x, heat, classes, **kw)
+    assert near.confirmed.tolist() == plain.confirmed.tolist()
+    # class 1's region check went on into 8 more partners, and the 8 corners' place controls with it
+    assert (near.passes - plain.passes).tolist() == [16] * 8 + [8] * 12 + [0] * 20
+
+
 class _TwoCorners(torch.nn.Module):
     """Class 1 when the first ``span`` positions of each spatial dimension (the top-left corner of
     an image, the start of a signal) are bright; the last ``span`` count far less (alone they give
