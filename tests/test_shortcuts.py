@@ -258,8 +258,10 @@ def test_evidence_on_an_analytic_shortcut_model(monkeypatch):
     assert np.abs(ev.excess[8:]).max() < 0.05 and ev.z[:8].min() > ev.z[8:].max()
     # per sample its class's best group over the threshold: class 1's confirmed group, class 0 none
     assert (ev.separation_ratio[:20] == ev.separation[:8].max() / 4).all() and (ev.separation_ratio[20:] < 1).all()
-    # each sample as is and removed; its first 4 transfers of the region, the detail and the border
-    # (which holds part of the corner) and 2 of the tone, the other 4 only for class 1's region and
+    # each sample as is and removed; its first transfers of the region, the detail and the border
+    # (which holds part of the corner): 4 for class 1, 3 for class 0, whose pool is the 8 class-1 samples the
+    # detector does not give class 1 (3 of them per sample give each 7.5 of class 0's 20 samples, STAGE_MATES),
+    # and 2 of the tone; the rest of 8 only for class 1's region and
     # border, the checks whose stage-one group comes near a confirmed one; 8 class mates' content
     # through its region and its border only for the 8 samples whose excess reaches the rise (no
     # other can be confirmed); the controls (the class's other samples in the same partners) cost
@@ -267,10 +269,10 @@ def test_evidence_on_an_analytic_shortcut_model(monkeypatch):
     # for what most of a class carries, every other sample's content in its region over the other class
     # and in the border into its first partner, against another class's content there (no class comes
     # near: none goes on)
-    assert ev.forward_passes == 2 * 40 + 3 * 40 * 4 + 40 * 2 + 2 * 20 * 4 + 2 * 8 * 8 + 20 * 8 + 4 * 20
-    # counted per sample: the 8 corners 48 each, the rest of class 1 32, class 0 16, and 4 more for every
+    assert ev.forward_passes == 2 * 40 + 3 * 20 * (4 + 3) + 40 * 2 + 2 * 20 * 4 + 2 * 8 * 8 + 20 * 8 + 4 * 20
+    # counted per sample: the 8 corners 48 each, the rest of class 1 32, class 0 13, and 4 more for every
     # other sample; a strategy sums its members'
-    assert ev.passes.tolist() == (np.array([48] * 8 + [32] * 12 + [16] * 20) + np.tile([4, 0], 20)).tolist()
+    assert ev.passes.tolist() == (np.array([48] * 8 + [32] * 12 + [13] * 20) + np.tile([4, 0], 20)).tolist()
     # measuring every check with all 8 pastes decides the same, at 8 transfers per check
     full = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16, screen=0)
     assert full.forward_passes == 2 * 40 + 4 * 40 * 8 + 2 * 8 * 8 + 20 * 8 + 2 * 2 * 20 * 8
