@@ -1064,9 +1064,8 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, smooth, pastes
                  and near(excess[rows, k], per[rows, k], k)]
         if close:
             rows = np.concatenate(close)
-            with_own[rows, pastes:] = scores(src, rows, torch.arange(pastes, wide, device=device))
+            measure(rows, pastes, wide)
             used[rows] = wide
-            passes[rows] += wide - pastes
             excess[:, k], per[:, k] = controlled()
         measured = torch.arange(wide, device=device)[None] < torch.from_numpy(used).to(device)[:, None]
         rise[:, k], flip[:, k] = _rise_and_flip(with_own, before, measured)
