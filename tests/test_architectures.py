@@ -229,6 +229,28 @@ def test_zplus_passes_on_the_relevance_of_units_without_positive_contributions(m
     assert_conserved(explain(model, x, target, method="lrp.epsilon_plus_flat"), model, x, target, rtol=0.05)
 
 
+def test_zplus_is_zennits_bit_for_bit_where_no_unit_lacks_a_positive_contribution():
+    """Where a layer's input has no negative value (after a ReLU; here both convolutions of the
+    non-negative input, the second of the input with negative values) our ZPlus skips zennit's pass
+    of negative inputs through negative weights, which adds exactly 0: the same relevance, bit for bit."""
+    from zennit.attribution import Gradient
+    from zennit.composites import LayerMapComposite
+    from zennit.rules import ZPlus as ZennitZPlus
+    from zennit.types import Convolution
+
+    from xai_callbacks.attribution.lrp import ZPlus
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 8 * 8, 3)).eval()
+    for x in (torch.rand(4, 3, 8, 8), torch.randn(4, 3, 8, 8)):
+        relevance = []
+        for rule in (ZPlus(), ZennitZPlus()):
+            with Gradient(model, LayerMapComposite([(Convolution, rule)])) as attributor:
+                relevance.append(attributor(x, torch.eye(3)[[0, 1, 2, 0]])[1])
+        assert relevance[0].abs().sum() > 0 and torch.equal(relevance[0], relevance[1])
+
+
 class _StandardisedConv(nn.Conv2d):
     """Weight standardisation as BiT / NF-ResNets write it: the forward convolves with a weight
     computed from the stored one."""

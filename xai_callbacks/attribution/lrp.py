@@ -181,8 +181,10 @@ class ZPlus(zrules.ZPlus):
     by the next layer without a ReLU between (a depthwise convolution feeding the next convolution,
     a branch of a sum): zennit's z+ loses its relevance (ShuffleNetV2 kept 0.30-0.48 of the logit)
     or, where a sum gave it negative relevance, inflates the total (MobileOne-S0 up to 13x).
-    Elsewhere the same relevance as zennit's ``ZPlus``, at the same cost (the epsilon pass runs
-    only for a layer that has such units)."""
+    Elsewhere the same relevance as zennit's ``ZPlus``, bit for bit; where a layer's input has no
+    negative value (it follows a ReLU) zennit's second pass, of negative inputs through negative
+    weights, adds exactly 0 and is skipped (``benchmarks/attribution.py`` compares with zennit's).
+    The epsilon pass runs only for a layer that has such units."""
 
     def __init__(self, stabilizer: float = 1e-6, zero_params=None):
         super().__init__(stabilizer=stabilizer, zero_params=zero_params)
@@ -199,7 +201,17 @@ class ZPlus(zrules.ZPlus):
         return ZPlus(self.stabilizer, self.zero_params)
 
     def backward(self, module, grad_input, grad_output):
-        result = super().backward(module, grad_input, grad_output)
+        x = self.stored_tensors["input"][0]
+        if (x < 0).any():
+            result = super().backward(module, grad_input, grad_output)
+        else:   # zennit's first pass alone: positive inputs through positive weights
+            x = x.clone().requires_grad_()
+            with zcore.ParamMod.ensure(self.param_modifiers[0])(module) as modified, torch.enable_grad():
+                z = modified.forward(x)
+            grad_z = self.gradient_mapper(grad_output[0], [z])[0]
+            (grad,) = torch.autograd.grad(z, x, grad_z, create_graph=grad_output[0].requires_grad)
+            relevance = x * grad
+            result = tuple(relevance if g.shape == relevance.shape else None for g in grad_input)
         unexplained, self.unexplained = self.unexplained, None
         if not unexplained.any():
             return result
