@@ -230,9 +230,10 @@ def test_zplus_passes_on_the_relevance_of_units_without_positive_contributions(m
 
 
 def test_zplus_is_zennits_bit_for_bit_where_no_unit_lacks_a_positive_contribution():
-    """Where a layer's input has no negative value (after a ReLU; here both convolutions of the
-    non-negative input, the second of the input with negative values) our ZPlus skips zennit's pass
-    of negative inputs through negative weights, which adds exactly 0: the same relevance, bit for bit."""
+    """Where a layer's input has no negative value (after a ReLU; here both convolutions on the
+    non-negative input, the second one on the input with negative values) our ZPlus skips zennit's
+    pass of negative inputs through negative weights, which adds exactly 0: the same relevance, bit
+    for bit."""
     from zennit.attribution import Gradient
     from zennit.composites import LayerMapComposite
     from zennit.rules import ZPlus as ZennitZPlus

@@ -183,7 +183,7 @@ class ZPlus(zrules.ZPlus):
     or, where a sum gave it negative relevance, inflates the total (MobileOne-S0 up to 13x).
     Elsewhere the same relevance as zennit's ``ZPlus``, bit for bit; where a layer's input has no
     negative value (it follows a ReLU) zennit's second pass, of negative inputs through negative
-    weights, adds exactly 0 and is skipped (``benchmarks/attribution.py`` compares with zennit's).
+    weights, adds exactly 0 and is skipped (``benchmarks/attribution.py`` times it against zennit's).
     The epsilon pass runs only for a layer that has such units."""
 
     def __init__(self, stabilizer: float = 1e-6, zero_params=None):
