@@ -19,7 +19,7 @@ from xai_callbacks.data.rows import TRIGGER
 from xai_callbacks.models import Classifier, DemoCNN
 from xai_callbacks.infill import gaussian_blur
 from xai_callbacks.scoring import score_perturbed
-from xai_callbacks.spray.evidence import (AREAS, COMPONENTS, MAJORITY_SEPARATION, MIN_SEPARATION,
+from xai_callbacks.spray.evidence import (AREAS, COMPONENTS, CONTROL, MAJORITY_SEPARATION, MIN_SEPARATION,
                                           OVER_OTHERS_RISE, border_mask, group_sizes, held_out_separation,
                                           relevance_regions, sample_evidence, separated_group, transfer)
 
@@ -639,6 +639,27 @@ def test_evidence_confirms_a_shortcut_without_a_place(kind):
         sample_evidence(model, x, heat, classes, components=("region", "edges"))
     with pytest.raises(ValueError, match="min_separation needs a value for every component"):
         sample_evidence(model, x, heat, classes, min_separation={"region": 3})
+
+
+def test_the_control_is_the_asked_quantile_of_the_class_own_transfers():
+    """A partner's control is the ``control`` quantile of what the class's samples that went into it
+    give it with their same component. 12 of class 1's 20 samples carry its tone, 8 show class 0's
+    content: the lower quartile (the default) is those 8's, and the 12 stand a whole probability
+    above it; the upper quartile is the 12's own, and they stand above nothing."""
+    gen = torch.Generator().manual_seed(3)
+    x = 0.2 + 0.2 * gaussian_blur(torch.rand(40, 3, 16, 16, generator=gen), 1.0)
+    x[:12, 0] += 0.5
+    classes = np.array([1] * 20 + [0] * 20)
+    heat = torch.rand(40, 3, 16, 16, generator=gen)
+    model = _GlobalDetector("tone")
+
+    def excess(**options):
+        return sample_evidence(model, x, heat, classes, components=("tone",), screen=0, **options).excess
+    assert excess()[:12].min() > 0.9 and CONTROL == 0.25
+    assert np.abs(excess(control=0.75)[:12]).max() < 0.05
+    for bad in (0, 1):
+        with pytest.raises(ValueError, match="control in"):
+            excess(control=bad)
 
 
 def test_transfer_takes_one_component_from_the_source():

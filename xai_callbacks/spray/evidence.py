@@ -21,9 +21,10 @@ like the class far better than what the rest of the class carries. For each anal
    Detail, tone, saturation and shading have no region: the heatmaps cannot point at them, the
    intervention can.
 2. **Control.** As the class's samples go into the same pool, each partner has its control at no
-   further cost: the lower quartile of the class probability that the class's samples that went
-   into it (about half of the class) give it with their same component (for the region each
-   sample's own region, the most relevant part of a sample of the class as well), and ``excess``
+   further cost: the lower quartile (:data:`CONTROL`) of the class probability that the class's
+   samples that went into it (about half of the class) give it with their same component (for
+   the region each sample's own region, the most relevant part of a sample of the class as
+   well), and ``excess``
    is the median over ``i``'s partners of the class probability with ``i``'s component minus
    that. The lower quartile stays typical of the class while up to three quarters of those
    samples share ``i``'s shortcut. The region (and the border) has a second control, for its place:
@@ -119,7 +120,7 @@ from .suspicion import positive_part
 __all__ = ["SampleEvidence", "StrategyEvidence", "sample_evidence", "separated_group", "held_out_separation",
            "group_sizes", "relevance_regions", "transfer", "AREAS", "COMPONENTS", "DEFAULT_COMPONENTS",
            "MIN_SEPARATION", "MIN_RISE", "SCREEN", "STAGE_MATES", "RECHECK", "WHOLE", "SHARE_Z",
-           "MAJORITY_SEPARATION", "BORDER", "border_mask", "ROW_EVIDENCE"]
+           "MAJORITY_SEPARATION", "BORDER", "border_mask", "ROW_EVIDENCE", "CONTROL"]
 
 #: What the evidence can transfer from a sample into other classes' samples (see :func:`transfer`).
 COMPONENTS = ("region", "detail", "tone", "saturation", "shading", "border")
@@ -186,6 +187,11 @@ ROW_EVIDENCE = MappingProxyType({"components": ("region",), "smooth": 1, "search
 #: At 0.1 for an eighth, six 3s of a clean digits ResNet-18 were confirmed (0.17 to 0.46): their
 #: region makes other digits 3s, a natural group an intervention cannot tell from a stamp.
 MIN_RISE = 0.2
+#: The quantile of what a class's samples that went into a partner give it with their same component
+#: that is the partner's control (``control``): the lower quartile, typical of the class while up to
+#: three quarters of its samples share a shortcut. Every threshold here was calibrated with it.
+#: DRAFT.
+CONTROL = 0.25
 #: The evidence is measured in two stages: every sample's components go into the first of its
 #: ``pastes`` partners (half of them until 2026-12-06, now :data:`STAGE_MATES`); a class's check
 #: goes on into the others only where the best-separated group of those stage-one excesses
@@ -575,7 +581,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
                     components: tuple[str, ...] = DEFAULT_COMPONENTS, infiller: str | Infiller = "blur",
                     area: float | tuple[float, ...] = AREAS, smooth: int = 3,
                     pastes: int = 8, min_separation: float | Mapping[str, float] = MIN_SEPARATION,
-                    min_rise: float = MIN_RISE,
+                    min_rise: float = MIN_RISE, control: float = CONTROL,
                     floor: float = 0.01, min_members: int = 5, max_share: float = 0.5, screen: float = SCREEN,
                     search: bool = True, class_area: float = CLASS_AREA, probabilities: torch.Tensor | None = None,
                     batch_size: int = 256,
@@ -613,6 +619,9 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
             detail, 10 for the tone, the saturation and the shading).
         min_rise: excess (probability units) every confirmed sample reaches; for a region of share
             ``a`` it is scaled by ``sqrt(8 a)`` (the same for an eighth, half for a thirty-second).
+        control: the quantile of what the class's samples that went into a partner give it with
+            their same component that is the partner's control, in (0, 1) (default :data:`CONTROL`,
+            the lower quartile).
         floor: added to the spreads (probability units), so that a model whose transfers move
             nothing does not turn tiny differences into large scores.
         min_members: the smallest confirmed group: a strategy, not a few odd samples (5 is 10 % of
@@ -694,9 +703,9 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         raise ValueError(f"min_separation needs a value for every component {components}, got {min_separation}")
     if smooth < 1 or smooth % 2 == 0:
         raise ValueError(f"smooth must be an odd number >= 1, got {smooth}")
-    if pastes < 1 or min_members < 1 or not 0 <= screen <= 1 or not 0 < max_share <= 1:
-        raise ValueError(f"pastes and min_members must be >= 1, screen in [0, 1] and max_share in (0, 1], got "
-                         f"{pastes}, {min_members}, {screen}, {max_share}")
+    if pastes < 1 or min_members < 1 or not 0 <= screen <= 1 or not 0 < max_share <= 1 or not 0 < control < 1:
+        raise ValueError(f"pastes and min_members must be >= 1, screen in [0, 1], max_share in (0, 1] and control in "
+                         f"(0, 1), got {pastes}, {min_members}, {screen}, {max_share}, {control}")
     small = [int(v) for v, n in zip(values, counts) if group_sizes(n, max_share)[1] < min_members]
     if small:
         need = next((n for n in range(min_members, 100 * min_members) if group_sizes(n, max_share)[1] >= min_members),
@@ -712,8 +721,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
     fill = get_infiller(infiller)
     params = dict(components=components, infiller=getattr(fill, "name", type(fill).__name__), area=areas,
                   smooth=smooth, pastes=pastes, min_separation={c: separation_of[c] for c in components},
-                  min_rise=min_rise, floor=floor, min_members=min_members, max_share=max_share, screen=screen,
-                  search=search, class_area=class_area, seed=seed)
+                  min_rise=min_rise, control=control, floor=floor, min_members=min_members, max_share=max_share,
+                  screen=screen, search=search, class_area=class_area, seed=seed)
     # a region is asked for a rise in proportion to its side (see MIN_RISE)
     rise_of = [min_rise * (np.sqrt(8 * areas[j]) if c == "region" else 1.0) for c, j in checks]
 
@@ -741,7 +750,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
     with torch.inference_mode(False), torch.no_grad():  # inputs may be inference tensors (Trainer.validate)
         x = x.detach().to(device, torch.float32, copy=True)   # on the model's device once, for every pass
         m = _measure(model, x, heatmaps.clone(), classes, checks, rise_of, areas, smooth, pastes, batch_size, seed,
-                     extend, near, probabilities, class_probability, _black(x))
+                     extend, near, probabilities, class_probability, _black(x), control)
     ratio = np.zeros(len(classes))
 
     def decide(excess: np.ndarray, per: np.ndarray, component: str, rise: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -777,7 +786,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
     found = [k for k, (c, _) in enumerate(checks) if c == "region" and separation[:, k].any()] if search else []
     if found:   # the members' region content, wherever a sample of their class holds it
         with torch.inference_mode(False), torch.no_grad():
-            f = _search(x, m, classes, [(separation[:, k] > 0, checks[k][1]) for k in found], class_probability)
+            f = _search(x, m, classes, [(separation[:, k] > 0, checks[k][1]) for k in found], class_probability,
+                        control)
         rise = np.array([rise_of[k] for k in found])   # each class asked its members' area's rise
         z_f, sep_f = decide(f["excess"], f["per"], "region", rise[f["group"]])
         for c in values:   # a group that is not mostly the members' is something else
@@ -958,7 +968,7 @@ def _class_group(excess: np.ndarray, per: np.ndarray, threshold: float, min_memb
 
 
 def _measure(model, x, heatmaps, classes, checks, rise_of, areas, smooth, pastes, batch_size, seed, extend,
-             near, probs, class_probability, low) -> dict:
+             near, probs, class_probability, low, control) -> dict:
     device = x.device   # sample_evidence put x on the model's device
     heatmaps = heatmaps.detach().to(device, torch.float32)
     spatial = x.dim() - 2
@@ -1033,7 +1043,7 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, smooth, pastes
         for size in np.unique(used):
             measure(np.flatnonzero(used == size), 0, int(size))
         if (used < pastes).any():
-            first = _excess(with_own, used, members, partners)[0]
+            first = _excess(with_own, used, members, partners, control)[0]
             for rows in members:
                 if used[rows[0]] < pastes and extend(first[rows], k):
                     measure(rows, int(used[rows[0]]), pastes)
@@ -1047,7 +1057,7 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, smooth, pastes
         placed = np.zeros(n, dtype=np.int64)                        # partners with a place control
 
         def controlled() -> tuple[np.ndarray, np.ndarray]:   # the check's excesses, its place controls applied
-            out, per_k = _excess(with_own, used, members, partners)
+            out, per_k = _excess(with_own, used, members, partners, control)
             need = np.flatnonzero(out >= rise_of[k]) if j is not None else np.zeros(0, int)
             for done, m in sorted({(placed[r], used[r]) for r in need}):
                 rows = need[(placed[need] == done) & (used[need] == m)]
@@ -1074,7 +1084,7 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, smooth, pastes
 
 
 def _search(x: torch.Tensor, m: dict, classes: np.ndarray, groups: list[tuple[np.ndarray, int]],
-            class_probability: Callable) -> dict:
+            class_probability: Callable, control: float) -> dict:
     """The members' region content wherever a sample of their class holds it.
 
     In each class with a confirmed region group (the first of ``groups``, each an (N,) confirmed
@@ -1128,7 +1138,8 @@ def _search(x: torch.Tensor, m: dict, classes: np.ndarray, groups: list[tuple[np
     with_found[pairs[:, 0], pairs[:, 1]] = class_probability(make, src)
     searched = np.isin(classes, classes[members_of])
     excess, per = _excess(with_found, np.full(n, pastes), [np.flatnonzero(classes == c)
-                                                            for c in np.unique(classes[searched])], m["partners"])
+                                                            for c in np.unique(classes[searched])], m["partners"],
+                          control)
     rise, flip = _rise_and_flip(with_found, m["before"], torch.from_numpy(searched).to(device)[:, None])
     first = pairs[:, 1] == 0   # where each sample's content was found for its first partner
     regions = torch.zeros(n, *size, dtype=torch.bool)
@@ -1240,20 +1251,20 @@ def _rise_and_flip(with_p: torch.Tensor, before: torch.Tensor, measured: torch.T
     return rise.cpu().numpy(), flip.cpu().numpy()
 
 
-def _excess(with_own: torch.Tensor, used: np.ndarray, members: list[np.ndarray], partners: np.ndarray
-            ) -> tuple[np.ndarray, np.ndarray]:
+def _excess(with_own: torch.Tensor, used: np.ndarray, members: list[np.ndarray], partners: np.ndarray,
+            control: float) -> tuple[np.ndarray, np.ndarray]:
     """Per sample and partner, its component's class probability minus the partner's control: the
-    lower quartile of what the class's samples that went into the same partner give it with their
-    same component (typical of the class while up to three quarters of them share the sample's
-    shortcut). Returns the (N,) median over each sample's first ``used`` partners and the (N, pastes)
-    differences (NaN for the partners not measured). ``used`` is the same within a class."""
+    ``control`` quantile of what the class's samples that went into the same partner give it with
+    their same component (:data:`CONTROL`). Returns the (N,) median over each sample's first
+    ``used`` partners and the (N, pastes) differences (NaN for the partners not measured). ``used``
+    is the same within a class."""
     out, per = np.zeros(len(with_own)), np.full(tuple(with_own.shape), np.nan)
     for rows in members:
         m = int(used[rows[0]])
         got, into = with_own[rows, :m], torch.from_numpy(partners[rows, :m]).to(with_own.device)
         low = torch.empty_like(got)
         for q in into.unique():
-            low[into == q] = got[into == q].quantile(0.25)
+            low[into == q] = got[into == q].quantile(control)
         diff = got - low
         out[rows] = _median(diff, 1).cpu().numpy()
         per[rows, :m] = diff.cpu().numpy()
