@@ -24,10 +24,9 @@ like the class far better than what the rest of the class carries. For each anal
    further cost: the lower quartile (:data:`CONTROL`) of the class probability that the class's
    samples that went into it (about half of the class) give it with their same component (for
    the region each sample's own region, the most relevant part of a sample of the class as
-   well), and ``excess``
-   is the median over ``i``'s partners of the class probability with ``i``'s component minus
-   that. The lower quartile stays typical of the class while up to three quarters of those
-   samples share ``i``'s shortcut. The region (and the border) has a second control, for its place:
+   well), and ``excess`` is the median over ``i``'s partners of the class probability with
+   ``i``'s component minus that. The lower quartile stays typical of the class while up to three
+   quarters of those samples share ``i``'s shortcut. The region (and the border) has a second control, for its place:
    per partner a class mate's content through ``i``'s region (the upper quartile over partners of
    the difference), and its ``excess`` is the smaller of the two; it is measured only where the
    first excess reaches ``min_rise``, as no other sample can be confirmed. What all of the class carries
