@@ -8,13 +8,13 @@ their clean controls (the same images without the shortcut: one for plain crops,
 object-on-background composites); plus the digits with a stamp and their clean control.
 Architectures, trained from scratch (on ``--device``: a GPU where there is one): a small CNN
 (``DemoCNN``), torchvision's ResNet-18, VGG-11-BN (its classifier replaced by one linear layer: at
-32x32 the features end at 1x1) and MobileNetV3-small (the calibration's, the default), and ten the
+32x32 the features end at 1x1) and MobileNetV3-small (the calibration's, the default), and eleven the
 check was not calibrated on: ``resnet18-cifar`` (the usual 32-pixel ResNet-18: a 3x3 stem at stride 1, no max-pool), ``vit``
 (a torchvision VisionTransformer of 4 layers on 4x4 patches; SpRAy explains it with AttnLRP),
 ``mlp`` (no convolution: two hidden layers of 256 and 128 ReLU units on the flattened image), and
 torchvision's ``shufflenet`` (ShuffleNetV2 x1.0), ``densenet`` (DenseNet-121), ``efficientnet``
 (EfficientNet-B0), ``mobilenetv2`` (MobileNetV2), ``regnet`` (RegNetY-400MF), ``convnext``
-(ConvNeXt-T) and ``squeezenet`` (SqueezeNet 1.1) as they come (at 32 pixels they learn the photos
+(ConvNeXt-T), ``squeezenet`` (SqueezeNet 1.1) and ``resnet50`` (ResNet-50) as they come (at 32 pixels they learn the photos
 poorly in a few epochs: see "Architectures the check never saw" in docs/shortcut-benchmark.md).
 
 For each scenario x architecture:
@@ -81,7 +81,8 @@ from xai_callbacks.models import classification_loss  # noqa: E402
 from xai_callbacks.scoring import class_scores  # noqa: E402
 
 # torchvision models as torchvision builds them (grey inputs through a 1x1 convolution), never calibrated on
-AS_BUILT = ("shufflenet", "densenet", "efficientnet", "mobilenetv2", "regnet", "convnext", "squeezenet")
+AS_BUILT = ("shufflenet", "densenet", "efficientnet", "mobilenetv2", "regnet", "convnext", "squeezenet",
+            "resnet50")
 ARCHS = ("cnn", "resnet18", "vgg11", "mobilenet", "resnet18-cifar", "vit", "mlp", *AS_BUILT)
 CALIBRATED = ARCHS[:4]   # the architectures the check's thresholds were calibrated on (the default)
 FEATURES = ("heatmaps", "concepts")
@@ -135,7 +136,7 @@ def build(arch: str, channels: int, classes: int, seed: int, size: int = 32) -> 
         make = {"shufflenet": torchvision.models.shufflenet_v2_x1_0, "densenet": torchvision.models.densenet121,
                 "efficientnet": torchvision.models.efficientnet_b0, "mobilenetv2": torchvision.models.mobilenet_v2,
                 "regnet": torchvision.models.regnet_y_400mf, "convnext": torchvision.models.convnext_tiny,
-                "squeezenet": torchvision.models.squeezenet1_1}[arch]
+                "squeezenet": torchvision.models.squeezenet1_1, "resnet50": torchvision.models.resnet50}[arch]
         model = make(num_classes=classes)
         return model if channels == 3 else torch.nn.Sequential(torch.nn.Conv2d(channels, 3, 1), model)
     raise ValueError(f"unknown architecture {arch!r}; valid: {ARCHS}")
