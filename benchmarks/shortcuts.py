@@ -80,9 +80,11 @@ from xai_callbacks.data.shortcuts import STAMP_SIDE  # noqa: E402
 from xai_callbacks.models import classification_loss  # noqa: E402
 from xai_callbacks.scoring import class_scores  # noqa: E402
 
-# torchvision models as torchvision builds them (grey inputs through a 1x1 convolution), never calibrated on
-AS_BUILT = ("shufflenet", "densenet", "efficientnet", "mobilenetv2", "regnet", "convnext", "squeezenet",
-            "resnet50")
+# torchvision models as torchvision builds them (grey inputs through a 1x1 convolution), never calibrated on:
+# name -> its builder in torchvision.models
+AS_BUILT = {"shufflenet": "shufflenet_v2_x1_0", "densenet": "densenet121", "efficientnet": "efficientnet_b0",
+            "mobilenetv2": "mobilenet_v2", "regnet": "regnet_y_400mf", "convnext": "convnext_tiny",
+            "squeezenet": "squeezenet1_1", "resnet50": "resnet50"}
 ARCHS = ("cnn", "resnet18", "vgg11", "mobilenet", "resnet18-cifar", "vit", "mlp", *AS_BUILT)
 CALIBRATED = ARCHS[:4]   # the architectures the check's thresholds were calibrated on (the default)
 FEATURES = ("heatmaps", "concepts")
@@ -133,11 +135,7 @@ def build(arch: str, channels: int, classes: int, seed: int, size: int = 32) -> 
             model.features[0][0] = torch.nn.Conv2d(channels, 16, 3, 2, 1, bias=False)
         return model
     if arch in AS_BUILT:
-        make = {"shufflenet": torchvision.models.shufflenet_v2_x1_0, "densenet": torchvision.models.densenet121,
-                "efficientnet": torchvision.models.efficientnet_b0, "mobilenetv2": torchvision.models.mobilenet_v2,
-                "regnet": torchvision.models.regnet_y_400mf, "convnext": torchvision.models.convnext_tiny,
-                "squeezenet": torchvision.models.squeezenet1_1, "resnet50": torchvision.models.resnet50}[arch]
-        model = make(num_classes=classes)
+        model = getattr(torchvision.models, AS_BUILT[arch])(num_classes=classes)
         return model if channels == 3 else torch.nn.Sequential(torch.nn.Conv2d(channels, 3, 1), model)
     raise ValueError(f"unknown architecture {arch!r}; valid: {ARCHS}")
 
