@@ -313,6 +313,49 @@ def test_evidence_on_an_analytic_shortcut_model(monkeypatch):
 
 
 
+class _Extent(torch.nn.Module):
+    """Class 1 when the top half of the image is bright on average: the class carried by an extent
+    (a sky), not by a small thing (a stamp)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        top = x[:, :, : x.shape[2] // 2].mean((1, 2, 3))
+        return torch.stack([torch.zeros_like(top), 40 * self.w * (top - 0.35)], 1)
+
+
+def test_a_region_group_is_confirmed_only_where_its_evidence_is_concentrated():
+    """Through an eighth of the input, a bright top half and a bright corner both make other samples
+    class 1; only the corner's thirty-second does too (as much per unit of area), so only the corner
+    group is confirmed; the extent's class comes to well under its threshold, and is confirmed where
+    the concentration is not asked (``compact=0``)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, 32, 32, generator=gen) * 0.4
+    classes = np.array([1] * 20 + [0] * 20)
+    heat = torch.rand(40, 1, 32, 32, generator=gen) * 0.1
+    heat[8:20, :, 20:26, 12:18] += 1.0            # the rest of class 1 looks at the middle
+    heat[20:, :, 24:, 24:] += 1.0                 # class 0 at the bottom right
+    shortcut = np.arange(40) < 8
+    corner, extent = x.clone(), x.clone()
+    corner[:8, :, :4, :4] = 1.0                   # 8 samples of class 1 carry a bright corner (16 positions)
+    extent[:8, :, :16] = 1.0                      # ... or a bright top half
+    heat_corner, heat_extent = heat.clone(), heat.clone()
+    heat_corner[:8, :, :4, :4] += 1.0
+    heat_extent[:8, :, :16] += 1.0
+    options = dict(infiller="constant", components=("region",))
+    small = sample_evidence(_Detector(), corner, heat_corner, classes, **options)
+    assert small.confirmed.tolist() == shortcut.tolist() and (small.separation_ratio[:20] >= 1).all()
+    wide = sample_evidence(_Extent(), extent, heat_extent, classes, **options)
+    assert (wide.excess[:8] > 0.5).all(), "through an eighth the top half carries class 1 into other samples"
+    assert not wide.confirmed.any() and (wide.separation_ratio < 0.5).all()
+    asked = sample_evidence(_Extent(), extent, heat_extent, classes, compact=0, **options)
+    assert asked.confirmed.tolist() == shortcut.tolist() and np.array_equal(asked.excess, wide.excess)
+    with pytest.raises(ValueError, match="compact must be >= 0"):
+        sample_evidence(_Extent(), extent, heat_extent, classes, compact=-1)
+
+
 class _OneLogitDetector(_Detector):
     """The same detector as a binary classifier with one logit (trained with BCEWithLogitsLoss)."""
 

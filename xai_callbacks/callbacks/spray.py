@@ -135,8 +135,8 @@ class SpRAyCallback(ExplanationCallback):
             token in 40 of the 72 rows that hold it, AttnLRP (the model's LRP there) and integrated
             gradients first in all 72.
         evidence_options: keyword arguments of ``sample_evidence`` (``components``, ``area``,
-            ``pastes``, ``min_separation``, ``min_rise``, ``floor``, ``min_members``, ``max_share``, ``screen``,
-            ``search``, ``class_area``).
+            ``pastes``, ``min_separation``, ``min_rise``, ``control``, ``floor``, ``min_members``, ``max_share``,
+            ``screen``, ``search``, ``class_area``, ``compact``).
         n_typical: typical members shown per strategy.
         every_n_epochs: run on epochs where ``current_epoch % every_n_epochs == 0``, and on the
             last epoch of ``fit`` (so the gate decides on the final model). The defaults (50 per
