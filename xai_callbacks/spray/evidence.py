@@ -792,9 +792,9 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
             p = class_probability(lambda i: transfer("region", x[into[i]], x[by[i]], keep[i]), by)
         m["passes"][members] += pastes
         before = m["before"][torch.from_numpy(members).to(device)].cpu().numpy()
-        halves = p.view(len(members), pastes).cpu().numpy() - before
-        wholes = m["with_own"][members, k, :pastes] - before
-        return float(np.median(halves.mean(1)) / max(np.median(wholes.mean(1)), floor))
+        wholes = m["transferred"][members, k] - before
+        halves = np.where(np.isnan(wholes), np.nan, p.view(len(members), pastes).cpu().numpy() - before)
+        return float(np.median(np.nanmean(halves, 1)) / max(np.median(np.nanmean(wholes, 1)), floor))
 
     def decide(excess: np.ndarray, per: np.ndarray, component: str, rise: np.ndarray, k: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -1073,7 +1073,8 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, smooth, pastes
     mate = torch.from_numpy(mates.reshape(-1)).to(device)
     before = torch.from_numpy(probs[partners, classes[:, None]]).to(device)   # (N, wide)
     rise, flip, excess = (np.zeros((n, len(checks))) for _ in range(3))
-    own = np.zeros((n, len(checks), pastes))   # per check the class probability with the sample's component
+    # per check each of the first pastes partners' class probability with the sample's component (NaN: not measured)
+    transferred = np.full((n, len(checks), pastes), np.nan)
     per = np.full((n, len(checks), wide), np.nan)   # per partner, before the place control (replication)
     for k, (component, j) in enumerate(checks):
         keep = keeps[j] if j is not None else None
@@ -1133,10 +1134,10 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, smooth, pastes
             excess[:, k], per[:, k] = controlled()
         measured = torch.arange(wide, device=device)[None] < torch.from_numpy(used).to(device)[:, None]
         rise[:, k], flip[:, k] = _rise_and_flip(with_own, before, measured)
-        own[:, k] = with_own[:, :pastes].cpu().numpy()
+        transferred[:, k] = with_own.masked_fill(~measured, torch.nan)[:, :pastes].cpu().numpy()
     return dict(rise=rise, excess=excess, per=per, flip=flip, own=probs[np.arange(n), classes],
                 before=before[:, :pastes], regions=regions.cpu(), partners=partners[:, :pastes],
-                passes=passes, with_own=own, halves={j: h.cpu() for j, h in halves.items()})
+                passes=passes, transferred=transferred, halves={j: h.cpu() for j, h in halves.items()})
 
 
 def _search(x: torch.Tensor, m: dict, classes: np.ndarray, groups: list[tuple[np.ndarray, int]],
