@@ -328,9 +328,9 @@ class _Extent(torch.nn.Module):
 
 def test_a_region_group_is_confirmed_only_where_its_evidence_is_concentrated():
     """Through an eighth of the input, a bright top half and a bright corner both make other samples
-    class 1; only the corner's thirty-second does too (as much per unit of area), so only the corner
-    group is confirmed; the extent's class comes to well under its threshold, and is confirmed where
-    the concentration is not asked (``compact=0``)."""
+    class 1; only the corner does so through the most relevant half of that eighth too (as much per
+    unit of area), so only the corner group is confirmed; the extent's class comes to well under its
+    threshold, and is confirmed where the concentration is not asked (``compact=0``)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(40, 1, 32, 32, generator=gen) * 0.4
     classes = np.array([1] * 20 + [0] * 20)
