@@ -784,7 +784,7 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
     def concentration(k: int, members: np.ndarray) -> float:
         """What the most relevant half of the members' regions of check ``k`` raises their first ``pastes``
         partners by, over what their whole regions do (the medians over the members; see ``compact``)."""
-        half = m["halves"][checks[k][1]].to(device)
+        half = m["halves"][checks[k][1]]
         by = torch.from_numpy(np.repeat(members, pastes)).to(device)
         into = torch.from_numpy(m["partners"][members].reshape(-1)).to(device)
         keep = (~half[by]).float()[:, None]
@@ -1025,7 +1025,8 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, smooth, pastes
     regions = torch.zeros(len(areas) + border, n, *x.shape[2:], dtype=torch.bool, device=device)   # per area, border
     if border:
         regions[len(areas)] = border_mask(x.shape[2:]).to(device)
-    # per region area but the smallest, each sample's most relevant half of its region (see compact)
+    # per region area but the smallest, each sample's most relevant half of its region (see compact; on the
+    # model's device, where the concentration pastes it)
     halves = {j: torch.zeros(n, *x.shape[2:], dtype=torch.bool, device=device)
               for j, area in enumerate(areas) if compact and area > min(areas)}
     wide = 2 * pastes   # the first pastes partners of each sample, then the rest of its class's pool (see RECHECK)
@@ -1137,7 +1138,7 @@ def _measure(model, x, heatmaps, classes, checks, rise_of, areas, smooth, pastes
         transferred[:, k] = with_own.masked_fill(~measured, torch.nan)[:, :pastes].cpu().numpy()
     return dict(rise=rise, excess=excess, per=per, flip=flip, own=probs[np.arange(n), classes],
                 before=before[:, :pastes], regions=regions.cpu(), partners=partners[:, :pastes],
-                passes=passes, transferred=transferred, halves={j: h.cpu() for j, h in halves.items()})
+                passes=passes, transferred=transferred, halves=halves)
 
 
 def _search(x: torch.Tensor, m: dict, classes: np.ndarray, groups: list[tuple[np.ndarray, int]],
