@@ -19,9 +19,10 @@ from xai_callbacks.data.rows import TRIGGER
 from xai_callbacks.models import Classifier, DemoCNN
 from xai_callbacks.infill import gaussian_blur
 from xai_callbacks.scoring import score_perturbed
-from xai_callbacks.spray.evidence import (AREAS, COMPONENTS, CONTROL, MAJORITY_SEPARATION, MIN_SEPARATION,
-                                          OVER_OTHERS_RISE, border_mask, group_sizes, held_out_separation,
-                                          relevance_regions, sample_evidence, separated_group, transfer)
+from xai_callbacks.spray.evidence import (AREAS, COMPONENTS, CONTROL, DEFAULT_COMPONENTS, MAJORITY_SEPARATION,
+                                          MIN_SEPARATION, OVER_OTHERS_RISE, border_mask, group_sizes,
+                                          held_out_separation, relevance_regions, sample_evidence,
+                                          separated_group, transfer)
 
 OPTIONS = dict(kind="stamp", n_per_class=200, ambiguity=0.4, seed=0)
 
@@ -260,8 +261,8 @@ def test_evidence_on_an_analytic_shortcut_model(monkeypatch):
     assert (ev.separation_ratio[:20] == ev.separation[:8].max() / 4).all() and (ev.separation_ratio[20:] < 1).all()
     # each sample as is and removed; its first transfers of the region, the detail and the border
     # (which holds part of the corner): 4 for class 1, 3 for class 0, whose pool is the 8 class-1 samples the
-    # detector does not give class 1 (3 of them per sample give each 7.5 of class 0's 20 samples, STAGE_MATES),
-    # and 2 of the tone; the rest of 8 only for class 1's region and
+    # detector does not give class 1 (3 of them per sample give each 7.5 of class 0's 20 samples, STAGE_MATES);
+    # the rest of 8 only for class 1's region and
     # border, the checks whose stage-one group comes near a confirmed one; 8 class mates' content
     # through its region and its border only for the 8 samples whose excess reaches the rise (no
     # other can be confirmed); the controls (the class's other samples in the same partners) cost
@@ -269,13 +270,13 @@ def test_evidence_on_an_analytic_shortcut_model(monkeypatch):
     # for what most of a class carries, every other sample's content in its region over the other class
     # and in the border into its first partner, against another class's content there (no class comes
     # near: none goes on)
-    assert ev.forward_passes == 2 * 40 + 3 * 20 * (4 + 3) + 40 * 2 + 2 * 20 * 4 + 2 * 8 * 8 + 20 * 8 + 4 * 20
-    # counted per sample: the 8 corners 48 each, the rest of class 1 32, class 0 13, and 4 more for every
+    assert ev.forward_passes == 2 * 40 + 3 * 20 * (4 + 3) + 2 * 20 * 4 + 2 * 8 * 8 + 20 * 8 + 4 * 20
+    # counted per sample: the 8 corners 46 each, the rest of class 1 30, class 0 11, and 4 more for every
     # other sample; a strategy sums its members'
-    assert ev.passes.tolist() == (np.array([48] * 8 + [32] * 12 + [13] * 20) + np.tile([4, 0], 20)).tolist()
+    assert ev.passes.tolist() == (np.array([46] * 8 + [30] * 12 + [11] * 20) + np.tile([4, 0], 20)).tolist()
     # measuring every check with all 8 pastes decides the same, at 8 transfers per check
     full = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16, screen=0)
-    assert full.forward_passes == 2 * 40 + 4 * 40 * 8 + 2 * 8 * 8 + 20 * 8 + 2 * 2 * 20 * 8
+    assert full.forward_passes == 2 * 40 + 3 * 40 * 8 + 2 * 8 * 8 + 20 * 8 + 2 * 2 * 20 * 8
     assert full.confirmed.tolist() == shortcut.tolist() and np.array_equal(full.excess[:8], ev.excess[:8])
     # the model's probabilities, where the caller has them, spare the first pass and decide the same
     given = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16,
@@ -405,12 +406,13 @@ def test_a_check_near_its_threshold_is_decided_on_every_partner_of_its_pool(monk
     # samples it can raise), none to spare
     extra = np.array([32] * 8 + [16] * 12 + [0] * 20)
     assert (near.passes - plain.passes).tolist() == extra.tolist()
-    # every check of both classes measured on its 8 partners: class 1's go on, class 0's cannot
+    # every check of both classes (region, detail, border) measured on its 8 partners: class 1's go on,
+    # 8 more each, class 0's cannot
     everything = sample_evidence(_Detector(), x, heat, classes, screen=0, **kw)
     monkeypatch.setattr(evidence, "RECHECK", (np.inf, np.inf))     # no check is near
     eight = sample_evidence(_Detector(), x, heat, classes, screen=0, **kw)
     assert (everything.passes[20:] == eight.passes[20:]).all()
-    assert (everything.passes[:20] - eight.passes[:20] == 8 * 4 + 16 * (np.arange(20) < 8)).all()
+    assert (everything.passes[:20] - eight.passes[:20] == 8 * 3 + 16 * (np.arange(20) < 8)).all()
 
 
 def test_stage_three_reads_a_check_with_its_place_controls_applied(monkeypatch):
@@ -546,15 +548,15 @@ def test_a_region_that_holds_the_class_content_hides_the_shortcut_a_smaller_one_
     # removing the corner leaves the content, which still carries the class: removal alone would miss it
     assert ev.drop[:8].max() < 0.01
     # with every check measured in full: per sample itself, its removal, its 8 transfers per check
-    # (two areas, detail, tone, border: one-channel images have no saturation; the region over the
+    # (two areas, detail, border: one-channel images have no saturation; the region over the
     # other class and the border for what most of a class carries), one class's check that comes near
     # its threshold (RECHECK) into the other 8 partners of its pool, and 8 place controls per area and
     # for the border where its excess reaches the rise: at least the 8 corners, far from all 120
     # (sample, region) pairs
-    assert ev.params["components"] == ("region", "detail", "tone", "border")
+    assert ev.params["components"] == ("region", "detail", "border")
     full = sample_evidence(model, x, heat, classes, area=(1 / 2, 1 / 16), screen=0)
     assert full.confirmed.tolist() == ev.confirmed.tolist()
-    controlled, rest = divmod(full.forward_passes - 2 * 40 - 7 * 40 * 8 - 20 * 8, 8)
+    controlled, rest = divmod(full.forward_passes - 2 * 40 - 6 * 40 * 8 - 20 * 8, 8)
     assert rest == 0 and 8 <= controlled < 60
     assert ev.forward_passes < full.forward_passes   # the default goes on only where a group comes near
     with pytest.raises(ValueError, match="saturation needs RGB"):
@@ -594,7 +596,7 @@ def test_border_mask_is_the_outer_sixteenth_of_each_side():
     # on inputs without one the default check skips it (as the saturation on grey inputs); asked alone, it says why
     x, classes = torch.rand(20, 1, 8, 8), np.array([0, 1] * 10)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
-    assert sample_evidence(model, x, x[:, 0], classes).params["components"] == ("region", "detail", "tone")
+    assert sample_evidence(model, x, x[:, 0], classes).params["components"] == ("region", "detail")
     with pytest.raises(ValueError, match=r"border needs a side of at least 16 positions, got inputs of size \(8, 8\)"):
         sample_evidence(model, x, x[:, 0], classes, components=("border",))
 
@@ -635,8 +637,8 @@ def test_the_border_confirms_a_frame_the_relevance_regions_miss():
 def test_evidence_confirms_a_shortcut_without_a_place(kind):
     """A colour shift, a fine checker, grey or a vignette on 8 of 20 samples of class 1 has no region
     in the heatmaps; its transfer against the class's other samples' confirms exactly those 8 (the
-    shading when asked for: it is not among the default components; their border holds the
-    vignette's darkest part)."""
+    tone and the shading when asked for: they are not among the default components; the default
+    border holds the vignette's darkest part, and nothing of the defaults the colour shift)."""
     gen = torch.Generator().manual_seed(1)
     x = 0.2 + 0.2 * gaussian_blur(torch.rand(40, 3, 16, 16, generator=gen), 1.0)   # smooth, dim images
     i = torch.arange(16)
@@ -659,6 +661,8 @@ def test_evidence_confirms_a_shortcut_without_a_place(kind):
         assert default.confirmed.tolist() == (np.arange(40) < 8).tolist() and (default.component[:8] == "border").all()
         assert not sample_evidence(model, x, heat, classes, components=("region", "detail", "tone", "saturation")
                                    ).confirmed.any()   # nothing else of the defaults holds it
+    if kind == "tone":
+        assert "tone" not in DEFAULT_COMPONENTS and not sample_evidence(model, x, heat, classes).confirmed.any()
     ev = sample_evidence(model, x, heat, classes, components=COMPONENTS)
     assert ev.confirmed.tolist() == (np.arange(40) < 8).tolist()
     assert (ev.component[:8] == kind).all() and (ev.extent()[:8] == 1).all()

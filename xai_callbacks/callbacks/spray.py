@@ -114,8 +114,8 @@ class SpRAyCallback(ExplanationCallback):
         save_virelay: write the ViRelAy databases each time.
         evidence: confirm shortcuts causally (:func:`~xai_callbacks.spray.evidence.sample_evidence`):
             transfer each analysed sample's region (where its relevance exceeds its class's
-            median), fine detail, tone, (RGB) saturation and border (with ``evidence_options``
-            ``components``, also its shading) into other classes' analysed samples, against the
+            median), fine detail, (RGB) saturation and border (with ``evidence_options``
+            ``components``, also its tone and shading) into other classes' analysed samples, against the
             same transfer from other samples of its class; a group of the class whose component
             carries the class far better than the rest's, separated from the rest by a gap,
             forms the class's flagged strategy; and, for what most of a class carries, each
