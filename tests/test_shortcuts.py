@@ -660,7 +660,7 @@ def test_evidence_confirms_a_shortcut_without_a_place(kind):
         default = sample_evidence(model, x, heat, classes)
         assert default.confirmed.tolist() == (np.arange(40) < 8).tolist() and (default.component[:8] == "border").all()
         assert not sample_evidence(model, x, heat, classes, components=("region", "detail", "tone", "saturation")
-                                   ).confirmed.any()   # nothing else of the defaults holds it
+                                   ).confirmed.any()   # nor do the other defaults, nor the tone
     if kind == "tone":
         assert "tone" not in DEFAULT_COMPONENTS and not sample_evidence(model, x, heat, classes).confirmed.any()
     ev = sample_evidence(model, x, heat, classes, components=COMPONENTS)
