@@ -20,9 +20,9 @@ from xai_callbacks.models import Classifier, DemoCNN
 from xai_callbacks.infill import gaussian_blur
 from xai_callbacks.scoring import score_perturbed
 from xai_callbacks.spray.evidence import (AREAS, COMPONENTS, CONTROL, DEFAULT_COMPONENTS, MAJORITY_SEPARATION,
-                                          MIN_SEPARATION, OVER_OTHERS_RISE, border_mask, group_sizes,
+                                          MIN_SEPARATION, OVER_OTHERS_RISE, SHARED, border_mask, group_sizes,
                                           held_out_separation, relevance_regions, sample_evidence,
-                                          separated_group, transfer)
+                                          separated_group, shared_detail, transfer)
 
 OPTIONS = dict(kind="stamp", n_per_class=200, ambiguity=0.4, seed=0)
 
@@ -686,6 +686,36 @@ def test_evidence_confirms_a_shortcut_without_a_place(kind):
         sample_evidence(model, x, heat, classes, components=("region", "edges"))
     with pytest.raises(ValueError, match="min_separation needs a value for every component"):
         sample_evidence(model, x, heat, classes, min_separation={"region": 3})
+
+
+def test_a_detail_group_is_confirmed_only_where_its_members_share_one_fine_pattern():
+    """A model that gives class 1 to any input with much fine detail: 8 of 20 samples of class 1 with
+    a fine checker (one pattern, as a watermark) are confirmed by their detail; 8 with fine noise of
+    their own each (as a class's own texture, cropped anywhere) transfer as well, but share no
+    pattern, and are confirmed only where ``shared`` is not asked."""
+    gen = torch.Generator().manual_seed(1)
+    x = 0.2 + 0.2 * gaussian_blur(torch.rand(40, 3, 16, 16, generator=gen), 1.0)
+    i = torch.arange(16)
+    board = 0.25 * ((i[:, None] + i[None, :]) % 2).float()
+    noise = 0.5 * (torch.rand(8, 3, 16, 16, generator=gen) > 0.5).float()
+    classes, heat = np.array([1] * 20 + [0] * 20), torch.rand(40, 3, 16, 16, generator=gen)
+    model = _GlobalDetector("detail")
+    planted = np.arange(40) < 8
+    for fine, alike in ((board, True), (noise, False)):
+        y = x.clone()
+        y[:8] += fine
+        assert (model(y).argmax(1) == torch.from_numpy(planted).long()).all()
+        assert (shared_detail(y[:8]) > 0.9) if alike else (abs(shared_detail(y[:8])) < 0.1)
+        ev = sample_evidence(model, y, heat, classes)
+        assert ev.params["shared"] == SHARED
+        assert ev.confirmed.tolist() == (planted if alike else np.zeros(40, bool)).tolist()
+        # the noise's transfers stand apart as the checker's do: only what the members share tells them apart
+        loose = sample_evidence(model, y, heat, classes, shared=0)
+        assert loose.confirmed.tolist() == planted.tolist() and (loose.component[:8] == "detail").all()
+        if not alike:
+            assert ev.separation_ratio[:20].max() < 1 <= loose.separation_ratio[:20].max()
+    with pytest.raises(ValueError, match="shared in \\[0, 1\\)"):
+        sample_evidence(model, x, heat, classes, shared=1.5)
 
 
 def test_the_control_is_the_asked_quantile_of_the_class_own_transfers():
