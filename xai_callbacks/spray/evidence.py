@@ -219,7 +219,7 @@ COMPACT = 1.0
 #: How alike the fine detail of a group confirmed by its ``detail`` must be (``shared``): the median
 #: over the members of the cosine between a member's fine detail and the mean of the others'
 #: (:func:`shared_detail`). A watermark, a caption, a stamp, any pattern added at one place or a few
-#: is the same in each image it is on (0.34-0.87 over the benchmark's planted groups confirmed by
+#: is the same in each image it is on (0.30-0.97 over the benchmark's planted groups confirmed by
 #: their detail, tags at four corners the lowest). A class's own texture is not: crops of a photo
 #: taken anywhere share no pattern (-0.11 to 0.03 over the natural groups the detail flagged in clean
 #: ShuffleNetV2, DenseNet-121, RegNetY-400MF and ResNet-18 controls), though a model that reads
