@@ -690,22 +690,24 @@ def test_evidence_confirms_a_shortcut_without_a_place(kind):
 
 def test_a_detail_group_is_confirmed_only_where_its_members_share_one_fine_pattern():
     """A model that gives class 1 to any input with much fine detail: 8 of 20 samples of class 1 with
-    a fine checker (one pattern, as a watermark) are confirmed by their detail; 8 with fine noise of
-    their own each (as a class's own texture, cropped anywhere) transfer as well, but share no
-    pattern, and are confirmed only where ``shared`` is not asked."""
+    a fine checker (one pattern, as a watermark), or with a patch of it at a new place in each (as a
+    stripe patch anywhere), are confirmed by their detail; 8 with fine noise of their own each (as a
+    class's own texture, cropped anywhere) transfer as well, but share no pattern that their class
+    mates do not, and are confirmed only where ``shared`` is not asked."""
     gen = torch.Generator().manual_seed(1)
     x = 0.2 + 0.2 * gaussian_blur(torch.rand(40, 3, 16, 16, generator=gen), 1.0)
     i = torch.arange(16)
     board = 0.25 * ((i[:, None] + i[None, :]) % 2).float()
+    anywhere = torch.stack([torch.roll(2 * board * (i[:, None] < 8), (3 * k, 5 * k), (0, 1)) for k in range(8)])
     noise = 0.5 * (torch.rand(8, 3, 16, 16, generator=gen) > 0.5).float()
     classes, heat = np.array([1] * 20 + [0] * 20), torch.rand(40, 3, 16, 16, generator=gen)
     model = _GlobalDetector("detail")
     planted = np.arange(40) < 8
-    for fine, alike in ((board, True), (noise, False)):
+    for fine, alike in ((board, True), (anywhere[:, None], True), (noise, False)):
         y = x.clone()
         y[:8] += fine
         assert (model(y).argmax(1) == torch.from_numpy(planted).long()).all()
-        assert (shared_detail(y[:8]) > 0.9) if alike else (abs(shared_detail(y[:8])) < 0.1)
+        assert (shared_detail(y[:8], y[8:20]) > 0.5) if alike else (shared_detail(y[:8], y[8:20]) < SHARED / 2)
         ev = sample_evidence(model, y, heat, classes)
         assert ev.params["shared"] == SHARED
         assert ev.confirmed.tolist() == (planted if alike else np.zeros(40, bool)).tolist()
