@@ -718,6 +718,10 @@ def test_a_detail_group_is_confirmed_only_where_its_members_share_one_fine_patte
             assert ev.separation_ratio[:20].max() < 1 <= loose.separation_ratio[:20].max()
     with pytest.raises(ValueError, match="shared in \\[0, 1\\)"):
         sample_evidence(model, x, heat, classes, shared=1.5)
+    # of a larger set, 64 samples evenly spaced are compared (its pairs grow with its square)
+    many = torch.rand(100, 3, 8, 8, generator=gen)
+    assert shared_detail(many, x) == shared_detail(many[torch.linspace(0, 99, 64).round().long()], x)
+    assert shared_detail(many, x) != shared_detail(many[:64], x)
 
 
 def test_the_control_is_the_asked_quantile_of_the_class_own_transfers():

@@ -961,7 +961,8 @@ def _shift_share(x: torch.Tensor) -> float:
     """The median over the samples ``x`` (m >= 2, C, *S; (m, F) rows; at most 64 of them, evenly spaced,
     are compared) of the median over the others of the largest circular cross-correlation of their
     unit fine details (see :func:`shared_detail`)."""
-    x = (x[:, None] if x.dim() == 2 else x)[torch.linspace(0, len(x) - 1, min(len(x), 64)).round().long()].float()
+    x = x[:, None] if x.dim() == 2 else x
+    x = x[torch.linspace(0, len(x) - 1, min(len(x), 64), device=x.device).round().long()].float()
     d = (x - gaussian_blur(x, 1.0)).flatten(1)
     d = d - d.mean(1, keepdim=True)
     f = torch.fft.rfftn((d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)).view_as(x), dim=tuple(range(2, x.dim())))
