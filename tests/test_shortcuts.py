@@ -257,8 +257,12 @@ def test_evidence_on_an_analytic_shortcut_model(monkeypatch):
     assert (ev.rise[:8] > 0.9).all() and (ev.flip_rate[:8] == 1).all() and (ev.drop[:8] > 0.9).all()
     assert (ev.excess[:8] > 0.9).all() and ev.separation[:8].min() >= 3 and (ev.separation[8:] == 0).all()
     assert np.abs(ev.excess[8:]).max() < 0.05 and ev.z[:8].min() > ev.z[8:].max()
-    # per sample its class's best group over the threshold: class 1's confirmed group, class 0 none
-    assert (ev.separation_ratio[:20] == ev.separation[:8].max() / 4).all() and (ev.separation_ratio[20:] < 1).all()
+    # per sample its class's best group over the threshold: class 1's confirmed group, class 0 none; the region
+    # group's separation over its threshold where its shared fine pattern (the corner's edges) is not asked
+    assert ev.separation_ratio[0] >= 1 and (ev.separation_ratio[:20] == ev.separation_ratio[0]).all()
+    assert (ev.separation_ratio[20:] < 1).all()
+    loose = sample_evidence(_Detector(), x, heat, classes, infiller="constant", area=1 / 16, shared=0)
+    assert (loose.separation_ratio[:20] == ev.separation[:8].max() / 4).all()
     # each sample as is and removed; its first transfers of the region, the detail and the border
     # (which holds part of the corner): 4 for class 1, 3 for class 0, whose pool is the 8 class-1 samples the
     # detector does not give class 1 (3 of them per sample give each 7.5 of class 0's 20 samples, STAGE_MATES);
@@ -722,6 +726,30 @@ def test_a_detail_group_is_confirmed_only_where_its_members_share_one_fine_patte
     many = torch.rand(100, 3, 8, 8, generator=gen)
     assert shared_detail(many, x) == shared_detail(many[torch.linspace(0, 99, 64).round().long()], x)
     assert shared_detail(many, x) != shared_detail(many[:64], x)
+
+
+def test_a_region_group_is_confirmed_only_where_its_members_share_a_fine_pattern_there():
+    """The corner detector's 8 samples carry its bright corner as a smooth rise of light over a fine
+    texture of their own (as a pale sky that only some of a class's photos have): their regions
+    transfer the class as a stamp's would, but hold no fine pattern that their class mates' content
+    there does not, and are confirmed only where ``shared`` is not asked. The white square of
+    :func:`_corner_samples` has edges, the same in each member: confirmed either way."""
+    _, heat, classes = _corner_samples()
+    i = torch.arange(16.0)
+    light = 0.9 * torch.exp(-(i[:, None] ** 2 + i[None, :] ** 2) / 32)   # brightest in the corner
+    y = 0.3 * torch.rand(40, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    y[:8] += light
+    planted = np.arange(40) < 8
+    assert (_Detector()(y).argmax(1) == torch.from_numpy(planted).long()).all()
+    options = dict(components=("region",), infiller="constant", area=1 / 16)
+    ev, loose = (sample_evidence(_Detector(), y, heat, classes, shared=s, **options) for s in (SHARED, 0))
+    assert loose.confirmed.tolist() == planted.tolist() and not ev.confirmed.any()
+    assert ev.separation_ratio[:20].max() < 1 <= loose.separation_ratio[:20].max()
+    members = torch.as_tensor(loose.regions[:8])
+    assert shared_detail(y[:8], y[8:20], where=members) < SHARED
+    x, _, _ = _corner_samples()
+    assert shared_detail(x[:8], x[8:20], where=members) > 0.5
+    assert sample_evidence(_Detector(), x, heat, classes, **options).confirmed.tolist() == planted.tolist()
 
 
 def test_the_control_is_the_asked_quantile_of_the_class_own_transfers():

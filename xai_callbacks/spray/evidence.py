@@ -57,7 +57,10 @@ like the class far better than what the rest of the class carries. For each anal
    against the rest's upper quartile on the other half). A group found through a region larger
    than the smallest must also be concentrated (:data:`COMPACT`): the most relevant half of its
    members' regions transfers at least half of what the whole does. A stamp is a small thing; a
-   pale sky that only one class's photo has carries the class by its extent.
+   pale sky that only one class's photo has carries the class by its extent. A group found through
+   its region or its fine detail must share one fine pattern there, more than its class mates do
+   (:data:`SHARED`, :func:`shared_detail`): a stamp, a caption or a watermark is the same pattern in
+   each image it is on, a class's own texture or sky is not.
 5. **Search.** A class with a confirmed region group is searched for more of the same
    (``search``): in each of its samples the part that best matches a member's region content
    (least squares over every circular shift of the sample) is pasted into the sample's partners
@@ -177,7 +180,8 @@ MIN_SEPARATION = MappingProxyType({"region": 4.0, "detail": 3.0, "tone": 10.0, "
                                    "border": 4.0})
 #: The check's settings for tabular rows and token ids (N, L) (``SpRAyCallback`` uses them unless its
 #: ``evidence_options`` say otherwise): the region alone, as fine detail, tone, saturation, shading
-#: and a border mean nothing for a row of features or tokens; every position on its own
+#: and a border mean nothing for a row of features or tokens (nor does a region's shared fine
+#: pattern, ``shared`` 0); every position on its own
 #: (``smooth`` 1), as neighbouring features are unrelated and a single token may decide; no search,
 #: as a row shifted no longer holds the same features; no check of what most of a class carries
 #: (``class_area`` 0), as a class's most relevant features carry it into other rows for their own
@@ -196,7 +200,7 @@ MIN_SEPARATION = MappingProxyType({"region": 4.0, "detail": 3.0, "tone": 10.0, "
 #: (``constant``: the padding id of most tokenizers, the mean of standardised features) where its
 #: infiller is the default blur.
 ROW_EVIDENCE = MappingProxyType({"components": ("region",), "smooth": 1, "search": False, "class_area": 0,
-                                 "min_separation": {"region": 3 * MIN_SEPARATION["region"]}})
+                                 "shared": 0, "min_separation": {"region": 3 * MIN_SEPARATION["region"]}})
 #: Excess every member of a confirmed group reaches (probability units), for an eighth of the input
 #: and the global components; a region of share ``a`` is asked ``MIN_RISE * sqrt(8 a)`` (in
 #: proportion to its side: 0.1 for a thirty-second), as less of the input carries less of a class.
@@ -216,17 +220,19 @@ MIN_RISE = 0.2
 #: too (0.10): the ``border`` component pastes it whole. 0: not asked. See
 #: docs/causal-evidence.md, "Concentrated evidence".
 COMPACT = 1.0
-#: How much more the fine detail of a group confirmed by its ``detail`` must share one pattern than
-#: its class mates share (``shared``; :func:`shared_detail`: the largest cross-correlation of two
-#: samples' fine details over every shift, the members' median less the class mates'). A watermark,
-#: a caption, a stamp, a stripe patch, any pattern added at one place or anywhere, is the same pattern
-#: in each image it is on (0.34-0.84 over the 117 planted groups that the benchmark's detail check
-#: confirmed in 52 commands). A class's own texture is not, or no more than its class mates share it
-#: (-0.06 to 0.01 over the 6 natural groups the detail flagged there, in clean ShuffleNetV2,
-#: DenseNet-121, RegNetY-400MF and ResNet-18 controls and two shortcut models), though a model that
-#: reads texture gives the class to any sample with the members' kind of detail, as it would for a
-#: watermark. 0: not asked. See docs/causal-evidence.md, "A shared fine pattern".
-SHARED = 0.1
+#: How much more a group confirmed by its ``detail`` or its ``region`` must share one fine pattern (in
+#: its members' regions, for a region) than its class mates do (``shared``; :func:`shared_detail`: the
+#: largest cross-correlation of two samples' fine details over every shift, the members' median less
+#: the class mates'). A watermark, a caption, a stamp, a stripe patch, a marker, any pattern added at
+#: one place or anywhere, is the same pattern in each image it is on: 0.09-0.85 over the 616 planted
+#: groups asked in the benchmark's 52 replayed commands (a marker, a disc among the photo's own
+#: texture, the lowest). A class's own texture or sky is not, or no more than its class mates'
+#: content (-0.06 to 0.02 over 13 natural groups there), though a model that reads it gives the class
+#: to any sample with the members' kind of detail or content, as it would for a watermark or a stamp.
+#: A shortcut without fine detail or edges (a soft blob of light on textured photos) is then missed:
+#: the fine detail in its region is the photo's. 0: not asked (token ids and tabular rows,
+#: :data:`ROW_EVIDENCE`). See docs/causal-evidence.md, "A shared fine pattern".
+SHARED = 0.05
 #: The quantile of what a class's samples that went into a partner give it with their same component
 #: that is the partner's control (``control``): the lower quartile, typical of the class while up to
 #: three quarters of its samples share a shortcut; every threshold here was calibrated with it. Where
@@ -696,9 +702,10 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
             smallest of ``area`` must be: the most relevant half of its members' regions transfers at
             least ``compact / 2`` times what the whole regions do (:data:`COMPACT`, 1: as much per unit
             of area); 0: not asked.
-        shared: how much more than its class mates a group confirmed by its ``detail`` must share one
-            fine pattern: its :func:`shared_detail` against them at least ``shared`` (:data:`SHARED`;
-            against the other analysed samples where the class has fewer than 2 others); 0: not asked.
+        shared: how much more than its class mates a group confirmed by its ``detail`` or its ``region``
+            must share one fine pattern (within the members' regions, for a region): its
+            :func:`shared_detail` against them at least ``shared`` (:data:`SHARED`; against the other
+            analysed samples where the class has fewer than 2 others); 0: not asked.
         probabilities: (N, classes) the model's softmax of ``x`` where already computed (the
             callback has it from explaining): spares the first N forward passes.
         batch_size: inputs per forward pass.
@@ -824,12 +831,21 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         halves = np.where(np.isnan(wholes), np.nan, p.view(len(members), pastes).cpu().numpy() - before)
         return float(np.median(np.nanmean(halves, 1)) / max(np.median(np.nanmean(wholes, 1)), floor))
 
+    def shared_pattern(k: int, rows: np.ndarray, members: np.ndarray) -> float:
+        """:func:`shared_detail` of check ``k``'s group ``members`` of the class ``rows`` against its class mates
+        (the other analysed samples where the class has fewer than 2 others); of a region, within the members'
+        regions (the class mates through them in turn)."""
+        mates = np.setdiff1d(rows, members)
+        mates = mates if len(mates) >= 2 else np.setdiff1d(np.arange(len(classes)), members)
+        where = m["regions"][checks[k][1], members].to(device) if checks[k][0] == "region" else None
+        return shared_detail(*(x[torch.from_numpy(r).to(device)] for r in (members, mates)), where=where)
+
     def decide(excess: np.ndarray, per: np.ndarray, component: str, rise: np.ndarray, k: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
         """(N,) z and separation of one check's excesses (N,) and per-partner excesses (N, pastes), asking
         each class the rise of its first sample (``rise`` (N,)); a group of check ``k`` through a region larger
-        than the smallest must be concentrated (see ``compact``), a group of the fine detail share one pattern
-        (``shared``)."""
+        than the smallest must be concentrated (see ``compact``), a group of the region or the fine detail share
+        one fine pattern (``shared``)."""
         centred, separation = excess.copy(), np.zeros_like(excess)
         for c in values:
             centred[classes == c] -= np.median(centred[classes == c])
@@ -840,11 +856,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
             level = score / separation_of[component]
             if level >= 1 and k is not None and checks[k][1] in m["halves"]:
                 level = min(level, concentration(k, rows[group]) / (compact / 2))
-            if level >= 1 and component == "detail" and shared:
-                mates = np.setdiff1d(rows, rows[group])
-                mates = mates if len(mates) >= 2 else np.setdiff1d(np.arange(len(classes)), rows[group])
-                level = min(level, shared_detail(*(x[torch.from_numpy(r).to(device)] for r in (rows[group], mates)))
-                            / shared)
+            if level >= 1 and shared and k is not None and component in ("detail", "region"):   # not the search
+                level = min(level, shared_pattern(k, rows, rows[group]) / shared)
             ratio[rows] = np.maximum(ratio[rows], level)
             if level >= 1:
                 separation[rows[group]] = score
@@ -936,13 +949,15 @@ class _ChannelsLast(torch.nn.Module):
         return self.model(x)
 
 
-def shared_detail(members: torch.Tensor, others: torch.Tensor) -> float:
+def shared_detail(members: torch.Tensor, others: torch.Tensor, where: torch.Tensor | None = None) -> float:
     """How much more the samples ``members`` (m >= 2, C, *S) share one fine pattern, wherever it lies in
     each, than ``others`` (>= 2 samples, the members' class mates) share among themselves. A sample's
     fine detail is its input less its Gaussian blur (sigma 1 position, the ``detail`` of
-    :func:`transfer`), less its mean, to unit length; two samples share it by the largest
-    cross-correlation of their fine details over every circular shift (their cosine where the pattern
-    lies at one place in both); a set by the median over its samples of the median over the others.
+    :func:`transfer`), less its mean, to unit length; with ``where`` ((m, *S) bool: each member's
+    region) only within the member's region, and within the members' regions in turn for ``others``.
+    Two samples share it by the largest cross-correlation of their fine details over every circular
+    shift (their cosine where the pattern lies at one place in both); a set by the median over its
+    samples of the median over the others.
 
     Example:
         >>> i = torch.arange(16)
@@ -953,18 +968,28 @@ def shared_detail(members: torch.Tensor, others: torch.Tensor) -> float:
         (True, True)
         >>> abs(shared_detail(smooth[:6] + anywhere, smooth[6:] + anywhere.flip(0))) < 0.1  # as the class's own texture
         True
+        >>> where = torch.stack([torch.roll((i < 8).expand(16, 16), (3 * k, 5 * k), (0, 1)) for k in range(6)])
+        >>> shared_detail(smooth[:6] + anywhere, smooth[6:], where=where) > 0.5  # within each patch's half
+        True
     """
-    return _shift_share(members) - _shift_share(others)
+    if where is None:
+        return _shift_share(members) - _shift_share(others)
+    in_turn = where[torch.arange(len(others), device=where.device) % len(where)]
+    return _shift_share(members, where) - _shift_share(others, in_turn)
 
 
-def _shift_share(x: torch.Tensor) -> float:
+def _shift_share(x: torch.Tensor, where: torch.Tensor | None = None) -> float:
     """The median over the samples ``x`` (m >= 2, C, *S; (m, F) rows; at most 64 of them, evenly spaced,
     are compared) of the median over the others of the largest circular cross-correlation of their
-    unit fine details (see :func:`shared_detail`)."""
+    unit fine details, each within its region ``where`` ((m, *S) bool) where given (see
+    :func:`shared_detail`)."""
     x = x[:, None] if x.dim() == 2 else x
-    x = x[torch.linspace(0, len(x) - 1, min(len(x), 64), device=x.device).round().long()].float()
-    d = (x - gaussian_blur(x, 1.0)).flatten(1)
-    d = d - d.mean(1, keepdim=True)
+    inside = torch.ones_like(x[:, :1]) if where is None else where.view(len(x), 1, *x.shape[2:])
+    pick = torch.linspace(0, len(x) - 1, min(len(x), 64), device=x.device).round().long()
+    x, inside = x[pick].float(), inside[pick].expand_as(x[pick]).float()
+    d = (x - gaussian_blur(x, 1.0)) * inside
+    d = ((d - d.flatten(1).sum(1).div(inside.flatten(1).sum(1).clamp_min(1)).view(-1, *[1] * (x.dim() - 1)))
+         * inside).flatten(1)
     f = torch.fft.rfftn((d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)).view_as(x), dim=tuple(range(2, x.dim())))
     # sample i against all: the cross-correlation over every shift, its channels summed (in frequency: fewer inverses)
     positions = tuple(range(1, x.dim() - 1))
