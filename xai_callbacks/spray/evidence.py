@@ -986,10 +986,11 @@ def _shift_share(x: torch.Tensor, where: torch.Tensor | None = None) -> float:
     x = x[:, None] if x.dim() == 2 else x
     inside = torch.ones_like(x[:, :1]) if where is None else where.view(len(x), 1, *x.shape[2:])
     pick = torch.linspace(0, len(x) - 1, min(len(x), 64), device=x.device).round().long()
-    x, inside = x[pick].float(), inside[pick].expand_as(x[pick]).float()
+    x = x[pick].float()
+    inside = inside[pick].expand_as(x).float()
     d = (x - gaussian_blur(x, 1.0)) * inside
-    d = ((d - d.flatten(1).sum(1).div(inside.flatten(1).sum(1).clamp_min(1)).view(-1, *[1] * (x.dim() - 1)))
-         * inside).flatten(1)
+    mean = d.flatten(1).sum(1).div(inside.flatten(1).sum(1).clamp_min(1))   # within the region
+    d = ((d - mean.view(-1, *[1] * (x.dim() - 1))) * inside).flatten(1)
     f = torch.fft.rfftn((d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)).view_as(x), dim=tuple(range(2, x.dim())))
     # sample i against all: the cross-correlation over every shift, its channels summed (in frequency: fewer inverses)
     positions = tuple(range(1, x.dim() - 1))
