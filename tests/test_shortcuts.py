@@ -605,6 +605,19 @@ def test_border_mask_is_the_outer_sixteenth_of_each_side():
         sample_evidence(model, x, x[:, 0], classes, components=("border",))
 
 
+class _FrameDetector(torch.nn.Module):
+    """Class 1 for a 16x16 input whose border is brighter than the rest by more than 0.3."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        ring = border_mask(x.shape[2:])
+        signal = x[:, :, ring].mean((1, 2)) - x[:, :, ~ring].mean((1, 2)) - 0.3
+        return torch.stack([torch.zeros_like(signal), 60 * self.w * signal], 1)
+
+
 def test_the_border_confirms_a_frame_the_relevance_regions_miss():
     """A bright frame one position wide on 8 of 20 samples of class 1, relevance everywhere: no
     region of the heatmaps holds the frame, the border does (the sharp frame's fine detail
@@ -615,17 +628,7 @@ def test_the_border_confirms_a_frame_the_relevance_regions_miss():
     x[:8, :, ring] = 0.9
     classes = np.array([1] * 20 + [0] * 20)
     heat = torch.rand(40, 3, 16, 16, generator=gen)
-
-    class FrameDetector(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(1))
-
-        def forward(self, x):
-            signal = x[:, :, ring].mean((1, 2)) - x[:, :, ~ring].mean((1, 2)) - 0.3   # a frame brighter than the rest
-            return torch.stack([torch.zeros_like(signal), 60 * self.w * signal], 1)
-
-    model = FrameDetector()
+    model = _FrameDetector()
     assert (model(x).argmax(1) == torch.from_numpy(np.arange(40) < 8).long()).all()
     assert not sample_evidence(model, x, heat, classes, components=("region",)).confirmed.any()
     ev = sample_evidence(model, x, heat, classes, components=("region", "border"))
@@ -635,6 +638,30 @@ def test_the_border_confirms_a_frame_the_relevance_regions_miss():
     shown, j = ev.example(0, x), int(ev.partners[0, 0])
     torch.testing.assert_close(shown[3], transfer("border", x[j:j + 1], x[:1])[0])
     assert model(shown[3:]).argmax(1).item() == 1 and torch.equal(shown[1][:, ~ring], x[0][:, ~ring])
+
+
+def test_a_border_group_is_confirmed_only_where_its_members_share_a_fine_pattern_there():
+    """8 of class 1's samples grow brighter towards their border smoothly, over a fine texture of
+    their own (as a pale sky around some of a class's photos): their borders give other samples the
+    class as a frame's would, but hold no fine pattern that their class mates' borders do not, and
+    are confirmed only where ``shared`` is not asked. A sharp frame is confirmed either way
+    (:func:`test_the_border_confirms_a_frame_the_relevance_regions_miss`)."""
+    gen = torch.Generator().manual_seed(2)
+    texture = 0.3 * torch.rand(40, 3, 16, 16, generator=gen)
+    y = texture.clone()
+    to_edge = torch.minimum(torch.arange(16.0), 15 - torch.arange(16.0))
+    y[:8] += 0.9 * torch.exp(-torch.minimum(to_edge[:, None], to_edge[None]) ** 2 / 18)   # brightest at the edge
+    classes, heat = np.array([1] * 20 + [0] * 20), torch.rand(40, 3, 16, 16, generator=gen)
+    planted, model = np.arange(40) < 8, _FrameDetector()
+    assert (model(y).argmax(1) == torch.from_numpy(planted).long()).all()
+    options = dict(components=("region", "border"), class_area=0)
+    ev, loose = (sample_evidence(model, y, heat, classes, shared=s, **options) for s in (SHARED, 0))
+    assert loose.confirmed.tolist() == planted.tolist() and (loose.component[:8] == "border").all()
+    assert not ev.confirmed.any() and ev.separation_ratio[:20].max() < 1 <= loose.separation_ratio[:20].max()
+    ring = border_mask((16, 16)).expand(8, 16, 16)
+    assert shared_detail(y[:8], y[8:20], where=ring) < SHARED
+    texture[:8, :, ring[0]] = 0.9   # a frame over the same textures: its inner edge the same in every member
+    assert shared_detail(texture[:8], texture[8:20], where=ring) > 0.5
 
 
 @pytest.mark.parametrize("kind", ["tone", "detail", "saturation", "shading"])

@@ -58,9 +58,9 @@ like the class far better than what the rest of the class carries. For each anal
    than the smallest must also be concentrated (:data:`COMPACT`): the most relevant half of its
    members' regions transfers at least half of what the whole does. A stamp is a small thing; a
    pale sky that only one class's photo has carries the class by its extent. A group found through
-   its region or its fine detail must share one fine pattern there, more than its class mates do
-   (:data:`SHARED`, :func:`shared_detail`): a stamp, a caption or a watermark is the same pattern in
-   each image it is on, a class's own texture or sky is not.
+   its region, its fine detail or its border must share one fine pattern there, more than its class
+   mates do (:data:`SHARED`, :func:`shared_detail`): a stamp, a caption, a frame or a watermark is
+   the same pattern in each image it is on, a class's own texture or sky is not.
 5. **Search.** A class with a confirmed region group is searched for more of the same
    (``search``): in each of its samples the part that best matches a member's region content
    (least squares over every circular shift of the sample) is pasted into the sample's partners
@@ -220,8 +220,8 @@ MIN_RISE = 0.2
 #: too (0.10): the ``border`` component pastes it whole. 0: not asked. See
 #: docs/causal-evidence.md, "Concentrated evidence".
 COMPACT = 1.0
-#: How much more a group confirmed by its ``detail`` or its ``region`` must share one fine pattern (in
-#: its members' regions, for a region) than its class mates do (``shared``; :func:`shared_detail`: the
+#: How much more a group confirmed by its ``detail``, its ``region`` or its ``border`` must share one fine
+#: pattern (in its members' regions, or in the border) than its class mates do (``shared``; :func:`shared_detail`: the
 #: largest cross-correlation of two samples' fine details over every shift, the members' median less
 #: the class mates'). A watermark, a caption, a stamp, a stripe patch, a marker, any pattern added at
 #: one place or anywhere, is the same pattern in each image it is on: 0.09-0.85 over the 616 planted
@@ -702,8 +702,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
             smallest of ``area`` must be: the most relevant half of its members' regions transfers at
             least ``compact / 2`` times what the whole regions do (:data:`COMPACT`, 1: as much per unit
             of area); 0: not asked.
-        shared: how much more than its class mates a group confirmed by its ``detail`` or its ``region``
-            must share one fine pattern (within the members' regions, for a region): its
+        shared: how much more than its class mates a group confirmed by its ``detail``, its ``region``
+            or its ``border`` must share one fine pattern (within the members' regions, or the border): its
             :func:`shared_detail` against them at least ``shared`` (:data:`SHARED`; against the other
             analysed samples where the class has fewer than 2 others); 0: not asked.
         probabilities: (N, classes) the model's softmax of ``x`` where already computed (the
@@ -833,19 +833,19 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
 
     def shared_pattern(k: int, rows: np.ndarray, members: np.ndarray) -> float:
         """:func:`shared_detail` of check ``k``'s group ``members`` of the class ``rows`` against its class mates
-        (the other analysed samples where the class has fewer than 2 others); of a region, within the members'
-        regions (the class mates through them in turn)."""
+        (the other analysed samples where the class has fewer than 2 others); of a region or the border, within
+        the members' regions (the class mates through them in turn)."""
         mates = np.setdiff1d(rows, members)
         mates = mates if len(mates) >= 2 else np.setdiff1d(np.arange(len(classes)), members)
-        where = m["regions"][checks[k][1], members].to(device) if checks[k][0] == "region" else None
+        where = m["regions"][checks[k][1], members].to(device) if checks[k][0] != "detail" else None
         return shared_detail(*(x[torch.from_numpy(r).to(device)] for r in (members, mates)), where=where)
 
     def decide(excess: np.ndarray, per: np.ndarray, component: str, rise: np.ndarray, k: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
         """(N,) z and separation of one check's excesses (N,) and per-partner excesses (N, pastes), asking
         each class the rise of its first sample (``rise`` (N,)); a group of check ``k`` through a region larger
-        than the smallest must be concentrated (see ``compact``), a group of the region or the fine detail share
-        one fine pattern (``shared``)."""
+        than the smallest must be concentrated (see ``compact``), a group of the region, the fine detail or the
+        border share one fine pattern (``shared``)."""
         centred, separation = excess.copy(), np.zeros_like(excess)
         for c in values:
             centred[classes == c] -= np.median(centred[classes == c])
@@ -856,7 +856,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
             level = score / separation_of[component]
             if level >= 1 and k is not None and checks[k][1] in m["halves"]:
                 level = min(level, concentration(k, rows[group]) / (compact / 2))
-            if level >= 1 and shared and k is not None and component in ("detail", "region"):   # not the search
+            # the search (k None) adds to a class already confirmed: not asked
+            if level >= 1 and shared and k is not None and component in ("detail", "region", "border"):
                 level = min(level, shared_pattern(k, rows, rows[group]) / shared)
             ratio[rows] = np.maximum(ratio[rows], level)
             if level >= 1:
