@@ -932,6 +932,27 @@ def test_a_shortcut_on_most_or_all_of_a_class_is_confirmed_by_the_region_over_ot
     assert _Detector()(shown[3:]).argmax(1).item() == 1 and torch.equal(shown[3][:, ~corner], x[j][:, ~corner])
 
 
+def test_what_most_of_a_class_carries_is_confirmed_only_where_it_shares_a_fine_pattern_there():
+    """Every sample of class 1 carries the corner detector's corner as a smooth rise of light over a
+    fine texture of its own (as a pale sky every photo of a class has): each sample's region over the
+    other class carries class 1 into class 0's samples as the white square above does, but holds no
+    fine pattern that class 0's content there does not, and is confirmed only where ``shared`` is
+    not asked."""
+    i = torch.arange(16.0)
+    x = 0.3 * torch.rand(40, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    x[:20] += 0.9 * torch.exp(-(i[:, None] ** 2 + i[None, :] ** 2) / 32)   # brightest in the corner
+    heat = 0.1 * torch.rand(40, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    heat[:20, :, :4, :4] += 1.0
+    heat[20:, :, 12:, 12:] += 1.0
+    classes = np.array([1] * 20 + [0] * 20)
+    assert (_Detector()(x).argmax(1) == torch.from_numpy(classes)).all()
+    kept = dict(infiller="constant", area=1 / 16, class_area=1 / 16)
+    ev, loose = (sample_evidence(_Detector(), x, heat, classes, shared=s, **kept) for s in (SHARED, 0))
+    assert loose.confirmed[:20].all() and not loose.confirmed[20:].any()
+    assert not ev.confirmed.any() and ev.separation_ratio[:20].max() < 1 <= loose.separation_ratio[:20].max()
+    assert shared_detail(x[:20], x[20:], where=torch.as_tensor(loose.regions[:20])) < SHARED
+
+
 class _AnywhereDetector(torch.nn.Module):
     """Class 1 where a bright 4x4 square sits anywhere in the image, else class 0."""
 

@@ -75,10 +75,11 @@ like the class far better than what the rest of the class carries. For each anal
    eighth), and its content there, and in its border, is pasted into its partners against the
    content of a sample of another class in the same place. A class is confirmed where a group of
    its samples credibly more than half of it reaches the rise asked (:data:`OVER_OTHERS_RISE`),
-   those samples being the confirmed ones (:func:`_whole_class`). What a class shows in the same
-   place in every sample for its own sake (an aligned object) transfers so too, where it fits in an
-   eighth: the check cannot tell it from a stamp, and tabular rows and token ids go without it
-   (:data:`ROW_EVIDENCE`).
+   those samples being the confirmed ones (:func:`_whole_class`), where they share one fine pattern
+   there more than the other classes' samples do (:data:`SHARED`: a pale sky on all of a class's
+   photos does not). What a class shows in the same place in every sample for its own sake (an
+   aligned object) transfers so too, where it fits in an eighth: the check cannot tell it from a
+   stamp, and tabular rows and token ids go without it (:data:`ROW_EVIDENCE`).
    :meth:`~xai_callbacks.spray.core.SpRAyResult.confirm` makes a class's confirmed samples its
    flagged strategy.
 
@@ -705,7 +706,8 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         shared: how much more than its class mates a group confirmed by its ``detail``, its ``region``
             or its ``border`` must share one fine pattern (within the members' regions, or the border): its
             :func:`shared_detail` against them at least ``shared`` (:data:`SHARED`; against the other
-            analysed samples where the class has fewer than 2 others); 0: not asked.
+            analysed samples where the class has fewer than 2 others); for what most of a class carries
+            (``class_area``), against the other classes' samples; 0: not asked.
         probabilities: (N, classes) the model's softmax of ``x`` where already computed (the
             callback has it from explaining): spares the first N forward passes.
         batch_size: inputs per forward pass.
@@ -831,14 +833,11 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         halves = np.where(np.isnan(wholes), np.nan, p.view(len(members), pastes).cpu().numpy() - before)
         return float(np.median(np.nanmean(halves, 1)) / max(np.median(np.nanmean(wholes, 1)), floor))
 
-    def shared_pattern(k: int, rows: np.ndarray, members: np.ndarray) -> float:
-        """:func:`shared_detail` of check ``k``'s group ``members`` of the class ``rows`` against its class mates
-        (the other analysed samples where the class has fewer than 2 others); of a region or the border, within
-        the members' regions (the class mates through them in turn)."""
-        mates = np.setdiff1d(rows, members)
-        mates = mates if len(mates) >= 2 else np.setdiff1d(np.arange(len(classes)), members)
-        where = m["regions"][checks[k][1], members].to(device) if checks[k][0] != "detail" else None
-        return shared_detail(*(x[torch.from_numpy(r).to(device)] for r in (members, mates)), where=where)
+    def shared_pattern(members: np.ndarray, others: np.ndarray, regions: torch.Tensor | None) -> float:
+        """:func:`shared_detail` of the samples ``members`` against ``others`` (indices), within the members'
+        ``regions`` ((N, *S) bool; None: everywhere)."""
+        where = None if regions is None else regions[torch.from_numpy(members).to(regions.device)].to(device)
+        return shared_detail(*(x[torch.from_numpy(r).to(device)] for r in (members, others)), where=where)
 
     def decide(excess: np.ndarray, per: np.ndarray, component: str, rise: np.ndarray, k: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -856,9 +855,13 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
             level = score / separation_of[component]
             if level >= 1 and k is not None and checks[k][1] in m["halves"]:
                 level = min(level, concentration(k, rows[group]) / (compact / 2))
-            # the search (k None) adds to a class already confirmed: not asked
+            # against the class mates (the other analysed samples where the class has fewer than 2 others), in
+            # the members' regions; the search (k None) adds to a class already confirmed: not asked
             if level >= 1 and shared and k is not None and component in ("detail", "region", "border"):
-                level = min(level, shared_pattern(k, rows, rows[group]) / shared)
+                mates = np.setdiff1d(rows, rows[group])
+                mates = mates if len(mates) >= 2 else np.setdiff1d(np.arange(len(classes)), rows[group])
+                where = None if component == "detail" else m["regions"][checks[k][1]]
+                level = min(level, shared_pattern(rows[group], mates, where) / shared)
             ratio[rows] = np.maximum(ratio[rows], level)
             if level >= 1:
                 separation[rows[group]] = score
@@ -902,6 +905,12 @@ def sample_evidence(model: torch.nn.Module, x: torch.Tensor, heatmaps: torch.Ten
         with torch.inference_mode(False), torch.no_grad():
             w = _whole_class(x, regions, m, classes, rise, max_share, CLASS_SCREEN if screen else pastes,
                              seed, class_probability)
+        for c in values if shared else ():   # what most of a class carries, against the other classes' samples
+            rows = np.flatnonzero(classes == c)
+            if w["ratio"][rows[0]] >= 1:
+                share = shared_pattern(rows[w["confirmed"][rows]], np.flatnonzero(classes != c), regions)
+                w["ratio"][rows] = min(w["ratio"][rows[0]], share / shared)
+                w["confirmed"][rows] &= share >= shared
         spread = _spread(w["excess"][np.isfinite(w["excess"])])
         add_check(component, w, regions, np.where(w["confirmed"], w["excess"] / (spread + floor), -np.inf),
                   np.where(w["confirmed"], w["ratio"], 0.0))
