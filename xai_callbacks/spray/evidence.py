@@ -964,10 +964,11 @@ class _ChannelsLast(torch.nn.Module):
 
 def shared_detail(members: torch.Tensor, others: torch.Tensor, where: torch.Tensor | None = None) -> float:
     """How much more the samples ``members`` (m >= 2, C, *S) share one fine pattern, wherever it lies in
-    each, than ``others`` (>= 2 samples, the members' class mates) share among themselves. A sample's
-    fine detail is its input less its Gaussian blur (sigma 1 position, the ``detail`` of
-    :func:`transfer`), less its mean, to unit length; with ``where`` ((m, *S) bool: each member's
-    region) only within the member's region, and within the members' regions in turn for ``others``.
+    each, than ``others`` (>= 2 samples: the members' class mates, or the other classes' samples)
+    share among themselves. A sample's fine detail is its input less its Gaussian blur (sigma 1
+    position, the ``detail`` of :func:`transfer`), less its mean, to unit length; with ``where``
+    ((m, *S) bool: each member's region) only within the member's region, and within the members'
+    regions in turn for ``others``.
     Two samples share it by the largest cross-correlation of their fine details over every circular
     shift (their cosine where the pattern lies at one place in both); a set by the median over its
     samples of the median over the others.
