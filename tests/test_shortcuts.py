@@ -721,6 +721,32 @@ def test_evidence_confirms_a_shortcut_without_a_place(kind):
         sample_evidence(model, x, heat, classes, min_separation={"region": 3})
 
 
+def test_a_change_of_the_whole_input_is_judged_among_the_samples_no_placed_check_confirms():
+    """Class 1's own look is grey: 13 of its 30 samples are (its other samples are colourful, as crops of other
+    photos), and a bright frame the model reads as well sits on 10 of the colourful ones. The frame is
+    confirmed (by its fine detail and by the border); the grey samples are then most of the 20 that no placed check confirms, the
+    class's own look, and are not confirmed by their saturation. Where the border is not checked, nothing
+    is placed (the frame is confirmed by its fine detail alone) and the 13 grey samples, a minority of 30,
+    are confirmed."""
+    gen = torch.Generator().manual_seed(1)
+    x = 0.5 + 5 * (0.2 * gaussian_blur(torch.rand(60, 3, 16, 16, generator=gen), 1.0) - 0.1)
+    x[:13] = x[:13].mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    ring = border_mask((16, 16))
+    x[13:23, :, ring] = 0.98
+    grey, frame = _GlobalDetector("saturation"), _FrameDetector()
+
+    class Either(torch.nn.Module):
+        def forward(self, x):
+            return torch.maximum(grey(x), frame(x))
+    classes, heat = np.array([1] * 30 + [0] * 30), torch.rand(60, 3, 16, 16, generator=gen)
+    assert (Either()(x).argmax(1) == torch.from_numpy(np.arange(60) < 23).long()).all()
+    ev = sample_evidence(Either(), x, heat, classes)
+    assert ev.confirmed.tolist() == ((np.arange(60) >= 13) & (np.arange(60) < 23)).tolist()
+    unplaced = sample_evidence(Either(), x, heat, classes, components=("region", "detail", "saturation"))
+    assert unplaced.confirmed.tolist() == (np.arange(60) < 23).tolist()
+    assert (unplaced.component[:13] == "saturation").all()
+
+
 def test_a_detail_group_is_confirmed_only_where_its_members_share_one_fine_pattern():
     """A model that gives class 1 to any input with much fine detail: 8 of 20 samples of class 1 with
     a fine checker (one pattern, as a watermark), or with a patch of it at a new place in each (as a
