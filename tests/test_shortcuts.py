@@ -722,12 +722,12 @@ def test_evidence_confirms_a_shortcut_without_a_place(kind):
 
 
 def test_a_change_of_the_whole_input_is_judged_among_the_samples_no_placed_check_confirms():
-    """Class 1's own look is grey: 13 of its 30 samples are (its other samples are colourful, as crops of other
-    photos), and a bright frame the model reads as well sits on 10 of the colourful ones. The frame is
-    confirmed (by its fine detail and by the border); the grey samples are then most of the 20 that no placed check confirms, the
-    class's own look, and are not confirmed by their saturation. Where the border is not checked, nothing
-    is placed (the frame is confirmed by its fine detail alone) and the 13 grey samples, a minority of 30,
-    are confirmed."""
+    """Class 1's own look is grey: 13 of its 30 samples are (its other samples are colourful, as crops of
+    other photos), and a bright frame the model reads as well sits on 10 of the colourful ones. The frame
+    is confirmed (by its fine detail and by the border); the grey samples are then most of the 20 that no
+    placed check confirms, the class's own look, and are not confirmed by their saturation. Where the
+    border is not checked, nothing is placed (the frame is confirmed by its fine detail alone) and the 13
+    grey samples, a minority of 30, are confirmed."""
     gen = torch.Generator().manual_seed(1)
     x = 0.5 + 5 * (0.2 * gaussian_blur(torch.rand(60, 3, 16, 16, generator=gen), 1.0) - 0.1)
     x[:13] = x[:13].mean(1, keepdim=True).expand(-1, 3, -1, -1)

@@ -459,10 +459,12 @@ class SampleEvidence:
             class carries (``class_area``), the excess that group reaches over the rise asked.
         separation_ratio: (N,) per sample, its class's best-separated group (over every check)
             as a share of that check's ``min_separation`` (for a group that reaches it, the smaller of
-            its separation and its :func:`held_out_separation`), or the excess a group credibly
-            more than half of the class reaches in its regions over the other classes or its border
-            over the rise asked, where higher: >= 1 where the class has a confirmed group, how close
-            it came where not; 0 when no group reaches ``min_rise``.
+            its separation and its :func:`held_out_separation`; at most what its concentration, its
+            shared fine pattern and, for the tone, the saturation and the shading, its share of the
+            samples no placed group confirms allow: ``compact``, ``shared``, :data:`WHOLE`), or the
+            excess a group credibly more than half of the class reaches in its regions over the other
+            classes or its border over the rise asked, where higher: >= 1 where the class has a
+            confirmed group, how close it came where not; 0 when no group reaches ``min_rise``.
         confirmed: (N,) bool: in a class's top group of some component that is separated from
             the rest by at least ``min_separation`` (:func:`separated_group`), on held-out partners
             as well (:func:`held_out_separation`); or its content in its region over the other
