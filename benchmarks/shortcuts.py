@@ -45,7 +45,9 @@ and on the concept relevances of ``CONCEPT_LAYERS[arch]`` (``SpRAyCallback(featu
 classes from other photographs (the calibration used the default four; scikit-learn's ``china`` and
 ``flower`` as well as scikit-image's). ``--stamp-side`` sets the
 side of the stamp and the tags (a share of the image side; 3/16 by default). ``--evidence-options JSON``
-replaces the callback's default ``evidence_options`` (e.g. ``'{"area": 0.125}'``: the eighth alone).
+replaces the callback's default ``evidence_options`` (e.g. ``'{"area": 0.125}'``: the eighth alone),
+``--evidence-regions METHOD`` its ``evidence_regions`` (the method whose relevance locates each
+sample's region; ``heatmaps``: the heatmaps SpRAy clusters).
 ``--one-logit`` (two classes) trains binary classifiers with one logit and ``BCEWithLogitsLoss``,
 which the callbacks read as two classes (``xai_callbacks.scoring.class_scores``).
 
@@ -203,9 +205,11 @@ def reliance(model, val, rows: np.ndarray, partners: int = 32, seed: int = 0) ->
 
 
 def analyse(model, val, folder: str, evidence: bool = True, concept_layer: str | None = None,
-            evidence_options: dict | None = None, pictures: bool = False) -> dict:
+            evidence_options: dict | None = None, pictures: bool = False, evidence_regions: str | None = None
+            ) -> dict:
     """SpRAyCallback + ExplanationGate (defaults) in Trainer.validate; the CLI gate's exit code.
-    Without ``pictures`` the t-SNE embedding and the ViRelAy files, which decide nothing, are skipped."""
+    Without ``pictures`` the t-SNE embedding and the ViRelAy files, which decide nothing, are skipped;
+    ``evidence_regions``, where given, replaces the callback's (``heatmaps``: None, its method's heatmaps)."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
@@ -215,6 +219,8 @@ def analyse(model, val, folder: str, evidence: bool = True, concept_layer: str |
     from xai_callbacks.models import Classifier
 
     skip = {} if pictures else {"spray_options": {"visualisation": None}, "save_virelay": False}
+    if evidence_regions is not None:
+        skip["evidence_regions"] = None if evidence_regions == "heatmaps" else evidence_regions
     cb = SpRAyCallback(**skip, evidence=evidence,
                        evidence_options=evidence_options, features="concepts" if concept_layer else "heatmaps",
                        concept_layer=concept_layer)
@@ -348,6 +354,9 @@ def main(argv=None) -> int:
                     help="what SpRAy clusters; several: each trained model is analysed once per choice")
     ap.add_argument("--evidence-options", type=json.loads, default=None, metavar="JSON",
                     help='SpRAyCallback evidence_options instead of the defaults, e.g. \'{"area": [0.125, 0.03125]}\'')
+    ap.add_argument("--evidence-regions", default=None, metavar="METHOD",
+                    help="SpRAyCallback evidence_regions instead of its default (input_x_gradient): an attribution "
+                         "method, or 'heatmaps' for the heatmaps SpRAy clusters")
     args = ap.parse_args(argv)
     for name in ("lightning.pytorch", "xai_callbacks"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -401,7 +410,8 @@ def main(argv=None) -> int:
                     print(f"{name:<17} {arch:<11} concepts skipped: no concept layer for {arch}", flush=True)
                     continue
                 with tempfile.TemporaryDirectory() as folder:
-                    res = analyse(model, val, folder, concept_layer=layer, evidence_options=args.evidence_options)
+                    res = analyse(model, val, folder, concept_layer=layer, evidence_options=args.evidence_options,
+                                  evidence_regions=args.evidence_regions)
                     s = score(res["cb"], val, shortcut, model)
                     if args.cost:  # the default SpRAy epoch (t-SNE, ViRelAy files) with / without the check,
                         # alternately; the fastest of each: a shared machine only ever adds time
@@ -410,7 +420,8 @@ def main(argv=None) -> int:
                             for check in seconds:
                                 seconds[check].append(analyse(model, val, f"{folder}/{r}-{check}", evidence=check,
                                                               concept_layer=layer, pictures=True,
-                                                              evidence_options=args.evidence_options)["seconds"])
+                                                              evidence_options=args.evidence_options,
+                                                              evidence_regions=args.evidence_regions)["seconds"])
                         s["cost"] = min(seconds[True]) / min(seconds[False])
                 row = dict(scenario=name, arch=arch, features=features, acc=acc, paste=paste, removal=removal,
                            used=("yes" if used else "VOID") if shortcut else "-", gate=res["gate"],
