@@ -218,10 +218,10 @@ def analyse(model, val, folder: str, evidence: bool = True, concept_layer: str |
     from xai_callbacks.cli import main
     from xai_callbacks.models import Classifier
 
-    skip = {} if pictures else {"spray_options": {"visualisation": None}, "save_virelay": False}
+    options = {} if pictures else {"spray_options": {"visualisation": None}, "save_virelay": False}
     if evidence_regions is not None:
-        skip["evidence_regions"] = None if evidence_regions == "heatmaps" else evidence_regions
-    cb = SpRAyCallback(**skip, evidence=evidence,
+        options["evidence_regions"] = None if evidence_regions == "heatmaps" else evidence_regions
+    cb = SpRAyCallback(**options, evidence=evidence,
                        evidence_options=evidence_options, features="concepts" if concept_layer else "heatmaps",
                        concept_layer=concept_layer)
     gate = ExplanationGate(action="warn")
